@@ -1,0 +1,94 @@
+"""`edgefleet cluster up | down | status | kubeconfig | build`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import cluster as dc
+from . import components
+from .fleet import FleetError
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(1)
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group()
+def cluster() -> None:
+    """A local Kubernetes control plane with a kwok edge fleet and an OCI registry (no containers)."""
+
+
+@cluster.command()
+@click.option("--name", default="default", show_default=True, help="Cluster name (state directory).")
+@click.option(
+    "--fleet", "fleet_file", type=click.Path(dir_okay=False), help="Fleet file (default: examples/fleets/default.yaml)."
+)
+@click.option("--scale", type=click.IntRange(min=0), help="Nodes per device class (overrides each count).")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for each step.")
+def up(name: str, fleet_file: str | None, scale: int | None, timeout: float) -> None:
+    """Build (once) and start the cluster, create the fleet, wait until every node is Ready."""
+    try:
+        c = dc.up(name, fleet=fleet_file, scale=scale, echo=_echo, timeout=timeout)
+    except (dc.ClusterError, components.BuildError, FleetError) as err:
+        _fail(err)
+    click.echo(f"export KUBECONFIG={c.kubeconfig}")
+
+
+@cluster.command()
+@click.option("--name", default="default", show_default=True)
+def down(name: str) -> None:
+    """Stop every process `up` started and remove the cluster's state (also after a crashed `up`)."""
+    dc.down(name, echo=_echo)
+
+
+@cluster.command()
+@click.option("--name", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(name: str, as_json: bool) -> None:
+    """Components, versions, ports and node counts."""
+    st = dc.status(name)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    if not st["running"] and "components" not in st:
+        click.echo(f"cluster {name!r}: not running")
+        sys.exit(3)
+    click.echo(f"cluster {name!r}: {'running' if st['running'] else 'DEGRADED'}  kubeconfig {st['kubeconfig']}")
+    for comp, c in st["components"].items():
+        state = "up" if c["running"] else "DOWN"
+        click.echo(f"  {comp:<24} {c['version']:<9} port {c['port'] or '-':<6} pid {c['pid'] or '-':<8} {state}")
+    if "nodes" in st:
+        click.echo(f"  nodes: {st['nodes']['ready']}/{st['nodes']['total']} Ready")
+    if not st["running"]:
+        sys.exit(3)
+
+
+@cluster.command()
+@click.option("--name", default="default", show_default=True)
+def kubeconfig(name: str) -> None:
+    """Print the path of the cluster's kubeconfig."""
+    path = dc.state_dir(name) / "kubeconfig"
+    if not path.exists():
+        _fail(dc.ClusterError(f"cluster {name!r} is not running; start it with `edgefleet cluster up`"))
+    click.echo(str(path))
+
+
+@cluster.command()
+def build() -> None:
+    """Build every component that is not cached yet (no-op when all are)."""
+    try:
+        timings = components.build_all(echo=_echo)
+    except components.BuildError as err:
+        _fail(err)
+    for name, secs in timings.items():
+        click.echo(f"{name}: {secs / 60:.1f} min")
+    if not timings:
+        click.echo(f"all components cached in {components.cache_dir() / 'bin'}")

@@ -1,0 +1,442 @@
+"""Start, inspect and stop a loopback control plane with a kwok fleet and an OCI registry.
+
+Every process is started detached with a pid file under the cluster's state directory, so `down`
+(or a later `up` after a crash) can find and stop exactly what `up` started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import components
+from .fleet import load_fleet
+from .pki import CertificateAuthority, service_account_key
+
+STAGES = Path(__file__).resolve().parent / "stages.yaml"
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.1/16"
+# start order; each entry waits for the ones before it
+PROCESSES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "registry"]
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started or reached; the message says what to do."""
+
+
+def state_dir(name: str = "default") -> Path:
+    return components.cache_dir() / "clusters" / name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    """A handle on a running (or starting) dev cluster."""
+
+    state: Path
+
+    @property
+    def info(self) -> dict:
+        return json.loads((self.state / "cluster.json").read_text())
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state / "kubeconfig"
+
+    @property
+    def registry(self) -> str:
+        return f"127.0.0.1:{self.info['ports']['registry']}"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.info['ports']['kube-apiserver']}"
+
+    def bin(self, name: str) -> Path:
+        return components.binary_path(name)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120):
+        cmd = [str(self.bin("kubectl")), "--kubeconfig", str(self.kubeconfig), *args]
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def helm(self, *args: str, check: bool = True, timeout: float = 300):
+        cmd = [str(self.bin("helm")), "--kubeconfig", str(self.kubeconfig), *args]
+        env = {**os.environ, "HELM_CACHE_HOME": str(self.state / "helm" / "cache"),
+               "HELM_CONFIG_HOME": str(self.state / "helm" / "config"),
+               "HELM_DATA_HOME": str(self.state / "helm" / "data")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if check and proc.returncode != 0:
+            raise ClusterError(f"helm {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def env(self) -> dict[str, str]:
+        """Environment for child processes: kubectl and helm on PATH, KUBECONFIG set."""
+        bindir = self.state / "bin"
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+    def running(self) -> dict[str, bool]:
+        return {name: _alive(self.state, name) for name in PROCESSES}
+
+    def nodes_ready(self) -> tuple[int, int]:
+        out = self.kubectl(
+            "get", "nodes", "-o",
+            'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}',
+            check=False,
+        ).stdout.split()
+        return sum(1 for s in out if s == "True"), len(out)
+
+
+# ---------------------------------------------------------------- process bookkeeping
+
+
+def _pidfile(state: Path, name: str) -> Path:
+    return state / "pids" / f"{name}.pid"
+
+
+def _alive(state: Path, name: str) -> bool:
+    pid = _read_pid(state, name)
+    return pid is not None and _pid_runs(pid, components.binary_path(name))
+
+
+def _read_pid(state: Path, name: str) -> int | None:
+    try:
+        return int(_pidfile(state, name).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_runs(pid: int, binary: Path) -> bool:
+    """True when pid is alive and runs our binary (a recycled pid is not ours)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    return cmdline == str(binary)
+
+
+def _start(state: Path, name: str, args: list[str], env: dict | None = None) -> None:
+    log = state / "logs" / f"{name}.log"
+    binary = components.binary_path(name)
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [str(binary), *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=state, start_new_session=True, env={**os.environ, **(env or {})},
+        )
+    _pidfile(state, name).write_text(f"{proc.pid}\n")
+
+
+def _stop(state: Path, name: str, grace: float = 5.0) -> bool:
+    pid = _read_pid(state, name)
+    if pid is None or not _pid_runs(pid, components.binary_path(name)):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _pid_runs(pid, components.binary_path(name)):
+        time.sleep(0.1)
+    if _pid_runs(pid, components.binary_path(name)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return True
+
+
+# ---------------------------------------------------------------- waiting
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, state: Path, log: str | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log and not _alive(state, log):
+            raise ClusterError(f"{log} exited while starting; see {state / 'logs' / (log + '.log')}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)
+    hint = f"; see {state / 'logs' / (log + '.log')}" if log else ""
+    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{hint}")
+
+
+def _https_ok(url: str, state: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(state / "pki" / "ca.crt"))
+    ctx.load_cert_chain(state / "pki" / "admin.crt", state / "pki" / "admin.key")
+    with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
+        return resp.status == 200
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return resp.status == 200
+
+
+# ---------------------------------------------------------------- configuration files
+
+
+def _kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "edgefleet", "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")}}
+        ],
+        "users": [{"name": user, "user": {"client-certificate": str(pki / f"{user}.crt"),
+                                          "client-key": str(pki / f"{user}.key")}}],
+        "contexts": [{"name": "edgefleet", "context": {"cluster": "edgefleet", "user": user}}],
+        "current-context": "edgefleet",
+    }
+    path.write_text(yaml.safe_dump(doc))
+    path.chmod(0o600)
+
+
+def _write_pki(state: Path) -> Path:
+    pki = state / "pki"
+    pki.mkdir(parents=True)
+    ca = CertificateAuthority(pki)
+    ca.issue("apiserver", "kube-apiserver", server=True)
+    ca.issue("admin", "edgefleet-admin", org="system:masters")
+    ca.issue("controller-manager", "system:kube-controller-manager")
+    ca.issue("scheduler", "system:kube-scheduler")
+    service_account_key(pki / "sa.key")
+    return pki
+
+
+def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+    pki = state / "pki"
+    etcd_url = f"http://127.0.0.1:{ports['etcd']}"
+    peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+    (state / "scheduler.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kubescheduler.config.k8s.io/v1",
+        "kind": "KubeSchedulerConfiguration",
+        "clientConnection": {"kubeconfig": str(state / "scheduler.kubeconfig"), "qps": 300, "burst": 600},
+        "leaderElection": {"leaderElect": False},
+    }))
+    (state / "registry.yaml").write_text(yaml.safe_dump({
+        "version": 0.1,
+        "log": {"level": "warn"},
+        "storage": {"filesystem": {"rootdirectory": str(state / "registry")}, "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{ports['registry']}"},
+    }))
+    return {
+        "etcd": [
+            "--name=default", f"--data-dir={state / 'etcd'}", f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}", f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}", f"--initial-cluster=default={peer_url}",
+            "--unsafe-no-fsync=true", "--log-level=warn", "--quota-backend-bytes=4294967296",
+        ],
+        "kube-apiserver": [
+            f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={ports['kube-apiserver']}", f"--cert-dir={pki}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}", "--authorization-mode=RBAC",
+            f"--service-account-key-file={pki / 'sa.key'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
+            "--endpoint-reconciler-type=none", "--max-requests-inflight=1000",
+            "--max-mutating-requests-inflight=500", "--profiling=false", "--event-ttl=1h",
+        ],
+        "kube-controller-manager": [
+            f"--kubeconfig={state / 'controller-manager.kubeconfig'}",
+            f"--authentication-kubeconfig={state / 'controller-manager.kubeconfig'}",
+            f"--authorization-kubeconfig={state / 'controller-manager.kubeconfig'}",
+            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
+            "--use-service-account-credentials=true", "--controllers=*", "--leader-elect=false",
+            "--bind-address=127.0.0.1", f"--secure-port={ports['kube-controller-manager']}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--kube-api-qps=300", "--kube-api-burst=600",
+            "--concurrent-daemonset-syncs=4", "--concurrent-deployment-syncs=10",
+        ],
+        "kube-scheduler": [
+            f"--config={state / 'scheduler.yaml'}", "--bind-address=127.0.0.1",
+            f"--secure-port={ports['kube-scheduler']}",
+            f"--authentication-kubeconfig={state / 'scheduler.kubeconfig'}",
+            f"--authorization-kubeconfig={state / 'scheduler.kubeconfig'}",
+        ],
+        "kwok": [
+            f"--kubeconfig={state / 'kubeconfig'}", f"--config={STAGES}", "--manage-all-nodes=true",
+            f"--cidr={POD_CIDR}", "--node-ip=10.240.0.1", "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{ports['kwok']}",
+        ],
+        "registry": ["serve", str(state / "registry.yaml")],
+    }
+
+
+# ---------------------------------------------------------------- up / down / status
+
+
+@contextlib.contextmanager
+def _up_lock(state: Path) -> Iterator[None]:
+    state.mkdir(parents=True, exist_ok=True)
+    with (state.parent / f".{state.name}.lock").open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise ClusterError(
+                f"another `edgefleet cluster up` is in progress for {state} (pid {fh.read().strip() or '?'}); "
+                "wait for it, or stop it with `edgefleet cluster down`"
+            ) from None
+        fh.truncate(0)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+
+
+def is_running(name: str = "default") -> bool:
+    state = state_dir(name)
+    return (state / "cluster.json").exists() and all(Cluster(state).running().values())
+
+
+def up(name: str = "default", fleet: str | Path | None = None, scale: int | None = None,
+       echo: Callable[[str], None] = print, timeout: float = 180) -> Cluster:
+    """Build what is missing, start the control plane, create the fleet, wait until every node is Ready."""
+    state = state_dir(name)
+    nodes = load_fleet(fleet).nodes(scale)  # validate before touching anything
+    with _up_lock(state):
+        if is_running(name):
+            echo(f"cluster {name!r} is already running (kubeconfig {state / 'kubeconfig'}); "
+                 "`edgefleet cluster down` stops it")
+            return Cluster(state)
+        if any(_pidfile(state, p).exists() for p in PROCESSES):
+            echo(f"cleaning up a cluster {name!r} that did not stop cleanly")
+            _teardown(state)
+        components.build_all(echo=echo)
+        started = time.monotonic()
+        try:
+            cluster = _start_all(state, echo, timeout)
+            _create_fleet(cluster, nodes, echo, timeout)
+        except BaseException:
+            echo(f"start failed; logs are in {state / 'logs'}")
+            _teardown(state, keep_logs=True)
+            raise
+        echo(f"cluster {name!r} ready in {time.monotonic() - started:.1f}s: {len(nodes)} nodes, "
+             f"kubeconfig {cluster.kubeconfig}, registry {cluster.registry}")
+        return cluster
+
+
+def _start_all(state: Path, echo, timeout: float) -> Cluster:
+    for sub in ("pids", "logs", "bin", "registry"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    pki = _write_pki(state)
+    ports = {k: free_port() for k in [*PROCESSES, "etcd-peer"]}
+    server = f"https://127.0.0.1:{ports['kube-apiserver']}"
+    _kubeconfig(state / "kubeconfig", server, pki, "admin")
+    _kubeconfig(state / "controller-manager.kubeconfig", server, pki, "controller-manager")
+    _kubeconfig(state / "scheduler.kubeconfig", server, pki, "scheduler")
+    for tool in ("kubectl", "helm"):
+        (state / "bin" / tool).symlink_to(components.binary_path(tool))
+    versions = {n: components.COMPONENTS[n].version for n in components.COMPONENTS}
+    (state / "cluster.json").write_text(json.dumps({"ports": ports, "versions": versions}, indent=2))
+    args = _args(state, ports)
+    echo("starting etcd")
+    _start(state, "etcd", args["etcd"])
+    _wait("etcd /health", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"), timeout, state, "etcd")
+    echo("starting kube-apiserver")
+    _start(state, "kube-apiserver", args["kube-apiserver"])
+    _wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", state), timeout, state, "kube-apiserver")
+    echo("starting kube-controller-manager, kube-scheduler, kwok and the OCI registry")
+    for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
+        _start(state, name, args[name])
+    _start(state, "registry", args["registry"], env={"OTEL_TRACES_EXPORTER": "none"})
+    _wait("the OCI registry", lambda: _http_ok(f"http://127.0.0.1:{ports['registry']}/v2/"), timeout, state,
+          "registry")
+    return Cluster(state)
+
+
+def _create_fleet(cluster: Cluster, nodes: list[dict], echo, timeout: float) -> None:
+    echo(f"creating {len(nodes)} kwok nodes")
+    for i in range(0, len(nodes), 500):
+        batch = {"apiVersion": "v1", "kind": "List", "items": nodes[i:i + 500]}
+        cluster.kubectl("create", "-f", "-", input=json.dumps(batch), timeout=300)
+    last = [-1]
+
+    def all_ready() -> bool:
+        ready, total = cluster.nodes_ready()
+        if ready != last[0]:
+            echo(f"nodes Ready: {ready}/{len(nodes)}")
+            last[0] = ready
+        return total == len(nodes) and ready == total
+
+    _wait("all nodes Ready", all_ready, timeout, cluster.state, "kwok")
+    _wait("the default service account", lambda: cluster.kubectl("get", "sa", "default").returncode == 0,
+          timeout, cluster.state, "kube-controller-manager")
+
+
+def _teardown(state: Path, keep_logs: bool = False) -> list[str]:
+    stopped = [name for name in reversed(PROCESSES) if _stop(state, name)]
+    for path in sorted(state.glob("*")) if state.exists() else []:
+        if keep_logs and path.name == "logs":
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stopped
+
+
+def down(name: str = "default", echo: Callable[[str], None] = print) -> None:
+    state = state_dir(name)
+    if not state.exists():
+        echo(f"cluster {name!r} is not running")
+        return
+    stopped = _teardown(state)
+    with contextlib.suppress(OSError):
+        state.rmdir()
+    echo(f"cluster {name!r} stopped ({', '.join(stopped) or 'no processes were running'}); state removed")
+
+
+def status(name: str = "default") -> dict:
+    state = state_dir(name)
+    if not (state / "cluster.json").exists():
+        return {"name": name, "running": False}
+    cluster = Cluster(state)
+    info = cluster.info
+    running = cluster.running()
+    result = {
+        "name": name,
+        "running": all(running.values()),
+        "kubeconfig": str(cluster.kubeconfig),
+        "components": {
+            p: {"version": info["versions"][p], "port": info["ports"].get(p), "running": running[p],
+                "pid": _read_pid(state, p)}
+            for p in PROCESSES
+        },
+    }
+    if running["kube-apiserver"]:
+        ready, total = cluster.nodes_ready()
+        result["nodes"] = {"total": total, "ready": ready}
+    return result
+
+
+@contextlib.contextmanager
+def session_cluster() -> Iterator[Cluster]:
+    """For test sessions: reuse the cluster named by EDGEFLEET_CLUSTER (default 'default') when it runs,
+    else start one and stop it afterwards."""
+    name = os.environ.get("EDGEFLEET_CLUSTER", "default")
+    if is_running(name):
+        yield Cluster(state_dir(name))
+        return
+    cluster = up(name)
+    try:
+        yield cluster
+    finally:
+        down(name)
