@@ -1,0 +1,389 @@
+"""The inference application: model slot with atomic hot swap, OIP v2 routes, Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import __version__
+from .backends import Backend, ModelLoadError, TensorSpec, open_backend
+from .digest import DigestError, blob_path, digest_from_cache_path, parse_digest, verify_file
+from .protocol import RequestError, decode_infer_request, encode_infer_response
+
+log = logging.getLogger("edgefleet_runtime")
+
+JSON = [("Content-Type", "application/json")]
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "edgefleet_runtime_requests", "HTTP requests answered", ["endpoint", "code"], registry=r
+        )
+        self.errors = Counter("edgefleet_runtime_errors", "Requests answered with 4xx/5xx", ["code"], registry=r)
+        self.latency = Histogram(
+            "edgefleet_runtime_inference_seconds",
+            "Infer request latency inside the server (decode + run + encode)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "edgefleet_runtime_batch_size", "First dimension of the first input", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.load_seconds = Gauge(
+            "edgefleet_runtime_model_load_seconds",
+            "Seconds the last model load took (verify + load + warmup)",
+            registry=r,
+        )
+        self.reloads = Counter("edgefleet_runtime_reloads", "Model (re)load attempts", ["result"], registry=r)
+        self.info = Info("edgefleet_runtime_model", "The model variant being served", registry=r)
+        self.ready = Gauge(
+            "edgefleet_runtime_ready", "1 when a model is loaded and the server not draining", registry=r
+        )
+        self._children: dict = {}
+
+    def count(self, endpoint: str, code: int) -> None:
+        key = (endpoint, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(endpoint, str(code))
+        child.inc()
+        if code >= 400:
+            self.errors.labels(str(code)).inc()
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    digest: str
+    path: str
+    backend: Backend
+    load_seconds: float
+    inputs: dict[str, TensorSpec] = field(init=False)
+    outputs: dict[str, TensorSpec] = field(init=False)
+    metadata_json: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = {t.name: t for t in self.backend.inputs}
+        self.outputs = {t.name: t for t in self.backend.outputs}
+        self.metadata_json = orjson.dumps(
+            {
+                "name": self.name,
+                "versions": [self.version],
+                "platform": self.backend.platform,
+                "inputs": [t.metadata() for t in self.backend.inputs],
+                "outputs": [t.metadata() for t in self.backend.outputs],
+            }
+        )
+
+
+def _warmup(backend: Backend) -> None:
+    feeds = {}
+    for t in backend.inputs:
+        if t.datatype == "BYTES":
+            return
+        feeds[t.name] = np.zeros([d if d >= 0 else 1 for d in t.shape], dtype=t.dtype)
+    backend.run(feeds, [t.name for t in backend.outputs])
+
+
+class ModelSlot:
+    """Holds the served model. ``load`` verifies, loads and warms a new variant beside the current one
+    and then swaps one reference: requests that already hold the old model finish on it."""
+
+    def __init__(
+        self,
+        name: str,
+        metrics: Metrics,
+        *,
+        backend: str = "auto",
+        threads: int = 0,
+        execution_provider: str = "auto",
+        delegate: str | None = None,
+        cache_dir: str | None = None,
+        allowed_roots: list[str] | None = None,
+    ):
+        self.name = name
+        self.metrics = metrics
+        self.backend_kind = backend
+        self.threads = threads
+        self.execution_provider = execution_provider
+        self.delegate = delegate
+        self.cache_dir = cache_dir
+        self.allowed_roots = [os.path.realpath(p) for p in (allowed_roots or [])]
+        self.current: LoadedModel | None = None
+        self._lock = threading.Lock()
+        self.watch_path: str | None = None
+        self._watch_target: tuple | None = None
+
+    def load(self, path: str, digest: str) -> LoadedModel:
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                digest = verify_file(path, digest)
+                backend = open_backend(path, self.backend_kind, self.threads, self.execution_provider, self.delegate)
+                try:
+                    _warmup(backend)
+                except Exception as e:
+                    raise ModelLoadError(f"warm-up inference failed on {path}: {e}") from e
+            except (DigestError, ModelLoadError, OSError):
+                self.metrics.reloads.labels("failed").inc()
+                raise
+            seconds = time.perf_counter() - t0
+            model = LoadedModel(self.name, parse_digest(digest)[:12], digest, os.fspath(path), backend, seconds)
+            previous = self.current
+            self.current = model  # the atomic swap
+            self.metrics.reloads.labels("loaded").inc()
+            self.metrics.load_seconds.set(seconds)
+            self.metrics.info.info({"name": self.name, "digest": digest, "backend": backend.name, "path": model.path})
+            log.info(
+                "model loaded",
+                extra={
+                    "model": self.name,
+                    "digest": digest,
+                    "path": model.path,
+                    "backend": backend.name,
+                    "load_seconds": round(seconds, 4),
+                    "previous_digest": previous and previous.digest,
+                    **backend.describe(),
+                },
+            )
+            return model
+
+    # ------------------------------------------------------------------ hot reload sources
+    def watch(self, path: str) -> None:
+        self.watch_path = path
+        self._watch_target = self._target(path)
+
+    @staticmethod
+    def _target(path: str):
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except OSError:
+            return (real, None)
+        return (real, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def check_watch(self, force: bool = False) -> bool:
+        """Reload when the watched path now points at another file. Returns True if a swap happened."""
+        if not self.watch_path:
+            return False
+        target = self._target(self.watch_path)
+        if not force and target == self._watch_target:
+            return False
+        self._watch_target = target
+        if target[1] is None:
+            log.warning("watched model path is missing; keeping the current model", extra={"path": self.watch_path})
+            return False
+        digest = digest_from_cache_path(self.watch_path)
+        if digest is None:
+            log.error(
+                "watched path changed but does not resolve into a content-addressed cache (…/sha256/<hex>); "
+                "use POST /v2/repository/models/{name}/load with a digest instead",
+                extra={"path": self.watch_path, "target": target[0]},
+            )
+            self.metrics.reloads.labels("failed").inc()
+            return False
+        cur = self.current
+        if cur is not None and cur.digest == digest:
+            return False
+        try:
+            self.load(self.watch_path, digest)
+            return True
+        except (DigestError, ModelLoadError, OSError) as e:
+            log.error("reload refused; keeping the current model", extra={"path": self.watch_path, "error": str(e)})
+            return False
+
+    def resolve_load_path(self, path: str | None, digest: str) -> str:
+        if path is None:
+            if not self.cache_dir:
+                raise RequestError(400, "parameters.path is required (this server has no --cache)")
+            return str(blob_path(self.cache_dir, digest))
+        real = os.path.realpath(path)
+        if not any(real == root or real.startswith(root + os.sep) for root in self.allowed_roots):
+            raise RequestError(403, f"parameters.path {path!r} is outside the directories this server may load from")
+        return path
+
+
+class App:
+    def __init__(self, slot: ModelSlot, metrics: Metrics, server_name: str = "edgefleet-runtime"):
+        self.slot = slot
+        self.metrics = metrics
+        self.draining = False
+        self.server_meta = orjson.dumps(
+            {"name": server_name, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+        )
+        self._ok = orjson.dumps({"live": True})
+
+    @property
+    def ready(self) -> bool:
+        return self.slot.current is not None and not self.draining
+
+    # The HTTP server calls this for every request.
+    def __call__(self, method: str, path: str, headers: dict, body: bytes):
+        path = path.split("?", 1)[0]
+        parts = path.strip("/").split("/")
+        endpoint = "other"
+        try:
+            if len(parts) >= 4 and parts[0] == "v2" and parts[1] == "models":
+                name = parts[2]
+                rest = parts[3:]
+                version = None
+                if len(rest) >= 2 and rest[0] == "versions":
+                    version, rest = rest[1], rest[2:]
+                if rest == ["infer"]:
+                    endpoint = "infer"
+                    self._method(method, "POST")
+                    return self._infer(name, version, headers, body)
+                endpoint = "model"
+                model = self._model(name, version)
+                self._method(method, "GET", "HEAD")
+                if rest == ["ready"]:
+                    return self._reply(
+                        endpoint, 200 if self.ready else 503, orjson.dumps({"name": model.name, "ready": self.ready})
+                    )
+                if rest == []:
+                    return self._reply(endpoint, 200, model.metadata_json)
+            elif len(parts) == 3 and parts[:2] == ["v2", "models"]:
+                endpoint = "model"
+                self._method(method, "GET", "HEAD")
+                return self._reply(endpoint, 200, self._model(parts[2], None).metadata_json)
+            elif parts[:2] == ["v2", "health"] and len(parts) == 3:
+                endpoint = "health"
+                self._method(method, "GET", "HEAD")
+                if parts[2] == "live":
+                    return self._reply(endpoint, 200, self._ok)
+                if parts[2] == "ready":
+                    return self._reply(endpoint, 200 if self.ready else 503, orjson.dumps({"ready": self.ready}))
+            elif parts == ["v2"]:
+                endpoint = "server"
+                self._method(method, "GET", "HEAD")
+                return self._reply(endpoint, 200, self.server_meta)
+            elif parts == ["metrics"]:
+                self._method(method, "GET", "HEAD")
+                self.metrics.ready.set(1 if self.ready else 0)
+                out = generate_latest(self.metrics.registry)
+                return 200, [("Content-Type", CONTENT_TYPE_LATEST)], out
+            elif parts[:2] == ["v2", "repository"]:
+                endpoint = "repository"
+                return self._repository(method, parts[2:], body)
+            raise RequestError(404, f"no route for {method} {path}")
+        except RequestError as e:
+            return self._reply(endpoint, e.status, orjson.dumps({"error": e.message}))
+
+    def _reply(self, endpoint: str, status: int, body: bytes, headers=JSON):
+        self.metrics.count(endpoint, status)
+        return status, headers, body
+
+    @staticmethod
+    def _method(method: str, *allowed: str) -> None:
+        if method not in allowed:
+            raise RequestError(405, f"method {method} is not allowed here; use {' or '.join(allowed)}")
+
+    def _model(self, name: str, version: str | None) -> LoadedModel:
+        model = self.slot.current
+        if model is None or name != model.name:
+            served = model.name if model else self.slot.name
+            raise RequestError(404, f"unknown model '{name}'; this server serves '{served}'")
+        if version not in (None, "", model.version):
+            raise RequestError(
+                404, f"model '{name}' has no version '{version}'; the served version is '{model.version}'"
+            )
+        return model
+
+    def _infer(self, name, version, headers, body):
+        t0 = time.perf_counter()
+        model = self._model(name, version)  # one reference for the whole request: safe across a swap
+        hl = headers.get("inference-header-content-length")
+        header_length = None
+        if hl is not None:
+            if not hl.isdigit():
+                raise RequestError(400, f"header Inference-Header-Content-Length {hl!r} is not an integer")
+            header_length = int(hl)
+        enc = headers.get("content-encoding")
+        if enc and enc.lower() != "identity":
+            raise RequestError(415, f"Content-Encoding {enc!r} is not supported")
+        req_id, feeds, wanted = decode_infer_request(body, header_length, model.name, model.inputs, model.outputs)
+        try:
+            results = model.backend.run(feeds, [n for n, _ in wanted])
+        except Exception as e:  # the backend refused inputs that passed metadata checks
+            msg = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+            status = 400 if "INVALID_ARGUMENT" in msg or "InvalidArgument" in type(e).__name__ else 500
+            if status == 500:
+                log.error("inference failed", extra={"model": model.name, "error": msg})
+            raise RequestError(status, f"inference failed: {msg}") from None
+        out, json_len = encode_infer_response(model.name, model.version, req_id, results, wanted)
+        first = next(iter(feeds.values()))
+        self.metrics.batch.observe(first.shape[0] if first.ndim else 1)
+        self.metrics.latency.observe(time.perf_counter() - t0)
+        if json_len is None:
+            return self._reply("infer", 200, out)
+        return self._reply(
+            "infer",
+            200,
+            out,
+            [("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", str(json_len))],
+        )
+
+    def _repository(self, method: str, rest: list[str], body: bytes):
+        self._method(method, "POST")
+        if rest == ["index"]:
+            m = self.slot.current
+            index = (
+                []
+                if m is None
+                else [
+                    {
+                        "name": m.name,
+                        "version": m.version,
+                        "state": "READY" if self.ready else "UNAVAILABLE",
+                        "reason": "",
+                    }
+                ]
+            )
+            return self._reply("repository", 200, orjson.dumps(index))
+        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            name = rest[1]
+            if name != self.slot.name:
+                raise RequestError(404, f"unknown model '{name}'; this server serves '{self.slot.name}'")
+            if rest[2] == "unload":
+                raise RequestError(400, "unload is not supported: this server always serves one model")
+            try:
+                req = orjson.loads(body) if body else {}
+            except orjson.JSONDecodeError as e:
+                raise RequestError(400, f"malformed JSON in request body: {e}") from None
+            params = req.get("parameters") if isinstance(req, dict) else None
+            if not isinstance(params, dict) or not isinstance(params.get("digest"), str):
+                raise RequestError(400, 'load needs {"parameters": {"digest": "sha256:...", "path": ...}}')
+            try:
+                parse_digest(params["digest"])
+            except DigestError as e:
+                raise RequestError(400, f"parameters.digest: {e}") from None
+            path = params.get("path")
+            if path is not None and not isinstance(path, str):
+                raise RequestError(400, "parameters.path must be a string")
+            path = self.slot.resolve_load_path(path, params["digest"])
+            if not Path(path).exists():
+                raise RequestError(404, f"parameters.path {path!r} does not exist")
+            try:
+                model = self.slot.load(path, params["digest"])
+            except DigestError as e:
+                raise RequestError(409, str(e)) from None
+            except ModelLoadError as e:
+                raise RequestError(422, str(e)) from None
+            return self._reply(
+                "repository", 200, orjson.dumps({"name": model.name, "version": model.version, "digest": model.digest})
+            )
+        raise RequestError(404, f"no repository route /v2/repository/{'/'.join(rest)}")

@@ -1,0 +1,323 @@
+"""Model backends: ONNX Runtime, LiteRT (ai-edge-litert) and OpenVINO behind one small interface.
+
+A backend exposes tensor metadata in Open Inference Protocol terms (name, datatype, shape with -1
+for dynamic dimensions) and ``run(feeds, output_names) -> {name: ndarray}``. Heavy or optional
+libraries are imported lazily so that an image without them still starts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Open Inference Protocol datatype <-> numpy dtype
+OIP_TO_NP: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+NP_TO_OIP: dict[np.dtype, str] = {v: k for k, v in OIP_TO_NP.items()}
+
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+BACKENDS = ("auto", "onnxruntime", "litert", "openvino")
+EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "openvino")
+
+
+class ModelLoadError(RuntimeError):
+    """The file could not be loaded by the chosen backend."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # OIP datatype the client must send / will receive
+    shape: tuple[int, ...]  # -1 = any size
+
+    @property
+    def dtype(self) -> np.dtype:
+        return OIP_TO_NP[self.datatype]
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class Backend:
+    name = "base"
+    platform = "unknown"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {}
+
+    def close(self) -> None:  # pragma: no cover - default no-op
+        pass
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Sniff the file: TFLite flatbuffers carry ``TFL3`` at offset 4; OpenVINO IR is XML; else ONNX."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    stripped = head.lstrip()
+    if stripped.startswith(b"<?xml") or stripped.startswith(b"<net"):
+        return "openvino-ir"
+    return "onnx"
+
+
+def _dims(shape) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+_EP_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, path: str, threads: int = 0, execution_provider: str = "auto"):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if execution_provider == "auto":
+            providers = [_EP_NAMES[k] for k in ("tensorrt", "cuda", "openvino") if _EP_NAMES[k] in available]
+        else:
+            want = _EP_NAMES[execution_provider]
+            if want not in available:
+                raise ModelLoadError(
+                    f"execution provider {execution_provider!r} ({want}) is not available in this "
+                    f"onnxruntime build; available: {', '.join(available)}"
+                )
+            providers = [want] if want != "CPUExecutionProvider" else []
+        providers.append("CPUExecutionProvider")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(path, sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime raises several private exception types
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {e}") from e
+        self.providers = self.session.get_providers()
+        self.inputs = [
+            TensorSpec(i.name, _ORT_TYPES.get(i.type, "BYTES"), _dims(i.shape)) for i in self.session.get_inputs()
+        ]
+        self.outputs = [
+            TensorSpec(o.name, _ORT_TYPES.get(o.type, "BYTES"), _dims(o.shape)) for o in self.session.get_outputs()
+        ]
+        self._run = self.session.run
+
+    def run(self, feeds, output_names):
+        values = self._run(output_names, feeds)
+        return dict(zip(output_names, values, strict=True))
+
+    def describe(self):
+        return {"execution_providers": self.providers}
+
+
+# --------------------------------------------------------------------------- LiteRT
+class LiteRTBackend(Backend):
+    """LiteRT interpreter. Quantized (int8/uint8) tensors are exposed to clients as FP32: inputs are
+    quantized with the model's scale and zero point, outputs dequantized."""
+
+    name = "litert"
+    platform = "tensorflow_lite"
+
+    def __init__(self, path: str, threads: int = 0, delegate: str | None = None):
+        try:
+            from ai_edge_litert.interpreter import Interpreter, load_delegate
+        except ImportError as e:  # pragma: no cover - depends on the image
+            raise ModelLoadError(f"LiteRT is not installed in this image (ai-edge-litert): {e}") from e
+        delegates = []
+        if delegate:
+            try:
+                delegates.append(load_delegate(delegate))
+            except (ValueError, OSError) as e:
+                raise ModelLoadError(f"cannot load LiteRT delegate {delegate!r}: {e}") from e
+        try:
+            self.interpreter = Interpreter(
+                model_path=path, num_threads=threads or None, experimental_delegates=delegates or None
+            )
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"LiteRT cannot load {path}: {e}") from e
+        self.delegate = delegate
+        self._lock = threading.Lock()
+        self._in = self.interpreter.get_input_details()
+        self._out = self.interpreter.get_output_details()
+        self.inputs = [self._spec(d) for d in self._in]
+        self.outputs = [self._spec(d) for d in self._out]
+        self._in_by_name = {d["name"]: d for d in self._in}
+
+    @staticmethod
+    def _quant(d) -> tuple[float, int] | None:
+        scale, zero = d.get("quantization", (0.0, 0))
+        if np.dtype(d["dtype"]) in (np.int8, np.uint8, np.int16) and scale:
+            return float(scale), int(zero)
+        return None
+
+    def _spec(self, d) -> TensorSpec:
+        shape = d.get("shape_signature")
+        if shape is None or len(shape) == 0:
+            shape = d["shape"]
+        dtype = np.dtype(np.float32) if self._quant(d) else np.dtype(d["dtype"])
+        return TensorSpec(d["name"], NP_TO_OIP.get(dtype, "BYTES"), _dims([int(x) for x in shape]))
+
+    def run(self, feeds, output_names):
+        it = self.interpreter
+        with self._lock:
+            resized = False
+            for name, arr in feeds.items():
+                d = self._in_by_name[name]
+                if tuple(it.get_input_details()[self._in.index(d)]["shape"]) != arr.shape:
+                    it.resize_tensor_input(d["index"], list(arr.shape))
+                    resized = True
+            if resized:
+                it.allocate_tensors()
+            for name, arr in feeds.items():
+                d = self._in_by_name[name]
+                q = self._quant(d)
+                if q:
+                    scale, zero = q
+                    info = np.iinfo(d["dtype"])
+                    arr = np.clip(np.round(arr / scale) + zero, info.min, info.max).astype(d["dtype"])
+                it.set_tensor(d["index"], arr)
+            it.invoke()
+            out = {}
+            for d in self._out:
+                if d["name"] not in output_names:
+                    continue
+                val = it.get_tensor(d["index"])
+                q = self._quant(d)
+                if q:
+                    scale, zero = q
+                    val = ((val.astype(np.float32) - zero) * scale).astype(np.float32)
+                out[d["name"]] = val
+        return out
+
+    def describe(self):
+        return {"delegate": self.delegate}
+
+
+# --------------------------------------------------------------------------- OpenVINO
+_OV_TYPES = {
+    "boolean": "BOOL",
+    "u8": "UINT8",
+    "u16": "UINT16",
+    "u32": "UINT32",
+    "u64": "UINT64",
+    "i8": "INT8",
+    "i16": "INT16",
+    "i32": "INT32",
+    "i64": "INT64",
+    "f16": "FP16",
+    "f32": "FP32",
+    "f64": "FP64",
+}
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    platform = "openvino"
+
+    def __init__(self, path: str, threads: int = 0, device: str = "CPU"):
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise ModelLoadError(f"OpenVINO is not installed in this image: {e}") from e
+        core = ov.Core()
+        weights = None
+        if detect_format(path) == "openvino-ir":
+            for cand in (path + ".bin", str(Path(path).with_suffix(".bin"))):
+                if os.path.exists(cand):
+                    weights = cand
+                    break
+        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        try:
+            model = core.read_model(path, weights) if weights else core.read_model(path)
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as e:
+            raise ModelLoadError(f"OpenVINO cannot load {path}: {e}") from e
+        self.device = device
+
+        def spec(port) -> TensorSpec:
+            ps = port.get_partial_shape()
+            shape = tuple(d.get_length() if d.is_static else -1 for d in ps)
+            oip = _OV_TYPES.get(port.get_element_type().get_type_name(), "BYTES")
+            return TensorSpec(port.get_any_name(), oip, shape)
+
+        self.inputs = [spec(p) for p in self.compiled.inputs]
+        self.outputs = [spec(p) for p in self.compiled.outputs]
+        self._out_ports = {p.get_any_name(): p for p in self.compiled.outputs}
+        self._local = threading.local()
+
+    def run(self, feeds, output_names):
+        req = getattr(self._local, "req", None)
+        if req is None:
+            req = self._local.req = self.compiled.create_infer_request()
+        res = req.infer(feeds)
+        return {n: np.asarray(res[self._out_ports[n]]) for n in output_names}
+
+    def describe(self):
+        return {"device": self.device}
+
+
+def open_backend(
+    path: str,
+    backend: str = "auto",
+    threads: int = 0,
+    execution_provider: str = "auto",
+    delegate: str | None = None,
+) -> Backend:
+    fmt = detect_format(path)
+    if backend == "auto":
+        backend = {"tflite": "litert", "openvino-ir": "openvino"}.get(fmt, "onnxruntime")
+    if backend == "onnxruntime":
+        return OnnxRuntimeBackend(path, threads, execution_provider)
+    if backend == "litert":
+        return LiteRTBackend(path, threads, delegate)
+    if backend == "openvino":
+        return OpenVINOBackend(path, threads)
+    raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

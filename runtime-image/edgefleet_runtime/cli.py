@@ -1,0 +1,206 @@
+"""``edgefleet-runtime``: ``serve`` a model over the Open Inference Protocol, or ``fetch`` one into the cache."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from . import logs
+from .backends import BACKENDS, EXECUTION_PROVIDERS
+
+log = logging.getLogger("edgefleet_runtime")
+
+EXIT_USAGE = 2
+EXIT_DIGEST = 3
+EXIT_LOAD = 4
+EXIT_FETCH = 5
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgefleet-runtime", description=__doc__)
+    p.add_argument("--log-level", default=os.environ.get("EDGEFLEET_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve one model variant over KServe Open Inference Protocol v2 (REST)")
+    s.add_argument("--model", required=True, help="model file, or a cache pointer such as CACHE/current/NAME")
+    s.add_argument(
+        "--digest",
+        help="expected sha256:<hex> of the model bytes; may be omitted only when "
+        "--model resolves into CACHE/sha256/<hex>",
+    )
+    s.add_argument("--name", default="model", help="model name in URLs (default: model)")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=_env_int("EDGEFLEET_PORT", 8080))
+    s.add_argument("--threads", type=int, default=0, help="intra-op threads per inference (0 = backend default)")
+    s.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto picks from the file: .tflite -> litert, OpenVINO IR -> openvino, else onnxruntime",
+    )
+    s.add_argument(
+        "--execution-provider",
+        choices=EXECUTION_PROVIDERS,
+        default="auto",
+        help="onnxruntime execution provider (auto = TensorRT/CUDA/OpenVINO when present, then CPU)",
+    )
+    s.add_argument(
+        "--delegate",
+        default=os.environ.get("EDGEFLEET_DELEGATE") or None,
+        help="LiteRT external delegate library, e.g. libedgetpu.so.1",
+    )
+    s.add_argument("--max-body-bytes", type=int, default=64 << 20)
+    s.add_argument("--max-connections", type=int, default=256)
+    s.add_argument(
+        "--watch",
+        action="store_true",
+        help="poll --model (e.g. CACHE/current/NAME) and hot-swap when it points at a new blob",
+    )
+    s.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch polls")
+    s.add_argument("--cache", help="node cache dir: lets the load API take just a digest")
+    s.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=0.0,
+        help="on SIGTERM, report not-ready but keep serving this many seconds before draining",
+    )
+    s.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to wait for in-flight requests after SIGTERM"
+    )
+
+    f = sub.add_parser("fetch", help="pull and verify an artifact into the node-local cache (init container)")
+    f.add_argument("--ref", required=True, help="oci://host/repo@sha256:..., file:///path or https://...")
+    f.add_argument("--digest", required=True, help="sha256:<hex> of the model bytes")
+    f.add_argument("--cache", required=True, help="cache dir; the blob lands in DIR/sha256/<hex>")
+    f.add_argument("--name", help="also point DIR/current/NAME at the blob")
+    f.add_argument("--insecure", action="store_true", help="allow plain http to a non-loopback registry")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level)
+    if args.command == "fetch":
+        return _fetch(args)
+    return _serve(args)
+
+
+def _fetch(args) -> int:
+    from .digest import DigestError
+    from .fetch import FetchError, fetch
+
+    try:
+        path = fetch(args.ref, args.digest, args.cache, name=args.name, insecure=args.insecure)
+    except DigestError as e:
+        log.error("fetch refused", extra={"error": str(e)})
+        print(f"edgefleet-runtime fetch: {e}", file=sys.stderr)
+        return EXIT_DIGEST
+    except (FetchError, OSError) as e:
+        log.error("fetch failed", extra={"error": str(e)})
+        print(f"edgefleet-runtime fetch: {e}", file=sys.stderr)
+        return EXIT_FETCH
+    print(path)
+    return 0
+
+
+def _serve(args) -> int:
+    from .app import App, Metrics, ModelSlot
+    from .backends import ModelLoadError
+    from .digest import DigestError, digest_from_cache_path
+    from .httpserver import HTTPServer
+
+    def die(code: int, msg: str) -> int:
+        log.error(msg)
+        print(f"edgefleet-runtime serve: {msg}", file=sys.stderr)
+        return code
+
+    if not os.path.exists(args.model):
+        return die(EXIT_USAGE, f"--model {args.model}: no such file")
+    digest = args.digest or digest_from_cache_path(args.model)
+    if not digest:
+        return die(EXIT_USAGE, "--digest is required unless --model resolves into CACHE/sha256/<hex>")
+    metrics = Metrics()
+    roots = [os.path.dirname(os.path.realpath(args.model)), os.path.dirname(os.path.abspath(args.model))]
+    if args.cache:
+        roots.append(args.cache)
+    slot = ModelSlot(
+        args.name,
+        metrics,
+        backend=args.backend,
+        threads=args.threads,
+        execution_provider=args.execution_provider,
+        delegate=args.delegate,
+        cache_dir=args.cache,
+        allowed_roots=roots,
+    )
+    try:
+        slot.load(args.model, digest)
+    except DigestError as e:
+        return die(EXIT_DIGEST, f"refusing to serve: {e}")
+    except (ModelLoadError, OSError) as e:
+        return die(EXIT_LOAD, f"cannot load model: {e}")
+    slot.watch(args.model)
+
+    app = App(slot, metrics)
+    try:
+        server = HTTPServer(
+            app, args.host, args.port, max_body_bytes=args.max_body_bytes, max_connections=args.max_connections
+        )
+    except OSError as e:
+        return die(EXIT_USAGE, f"cannot listen on {args.host}:{args.port}: {e}")
+    server.start()
+    log.info(
+        "listening",
+        extra={
+            "host": args.host,
+            "port": server.port,
+            "model": args.name,
+            "digest": slot.current.digest,
+            "watch": args.watch,
+        },
+    )
+
+    stop = threading.Event()
+    hup = threading.Event()
+
+    def on_term(signum, _frame):
+        log.info("signal received; shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    def on_hup(_signum, _frame):
+        hup.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+
+    interval = args.watch_interval if args.watch else 0.5
+    while not stop.wait(interval):
+        if hup.is_set():
+            hup.clear()
+            threading.Thread(target=slot.check_watch, kwargs={"force": True}, daemon=True).start()
+        elif args.watch:
+            slot.check_watch()
+
+    app.draining = True
+    if args.shutdown_delay > 0:
+        time.sleep(args.shutdown_delay)
+    drained = server.shutdown(args.drain_timeout)
+    log.info("stopped", extra={"drained": drained})
+    return 0 if drained else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Open Inference Protocol v2 (REST) request decoding and response encoding.
+
+Supports JSON tensors (flat or nested ``data``) and the binary tensor data extension: the body is
+a JSON header of ``Inference-Header-Content-Length`` bytes followed by raw little-endian tensor
+bytes, in input order, for each input that declares ``parameters.binary_data_size``.
+Every rejection is a :class:`RequestError` whose message names the offending field.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import orjson
+
+from .backends import NP_TO_OIP, OIP_TO_NP, TensorSpec
+
+MAX_ELEMENTS = 1 << 28
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _bad(msg: str) -> RequestError:
+    return RequestError(400, msg)
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _decode_bytes_tensor(buf: memoryview, count: int, name: str) -> np.ndarray:
+    out, pos = [], 0
+    for _ in range(count):
+        if pos + 4 > len(buf):
+            raise _bad(f"input '{name}': BYTES binary data is truncated")
+        (n,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if pos + n > len(buf):
+            raise _bad(f"input '{name}': BYTES element of {n} bytes runs past the binary data")
+        out.append(bytes(buf[pos : pos + n]))
+        pos += n
+    if pos != len(buf):
+        raise _bad(f"input '{name}': binary_data_size does not match its BYTES elements")
+    return np.array(out, dtype=object)
+
+
+def decode_infer_request(
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    inputs: dict[str, TensorSpec],
+    outputs: dict[str, TensorSpec],
+):
+    """Return ``(request_id, feeds, [(output_name, binary)])`` or raise RequestError."""
+    if header_length is None:
+        json_part, binary = body, memoryview(b"")
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise _bad(f"header Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
+        view = memoryview(body)
+        json_part, binary = view[:header_length], view[header_length:]
+    try:
+        req = orjson.loads(json_part)
+    except orjson.JSONDecodeError as e:
+        raise _bad(f"malformed JSON in request body: {e}") from None
+    if not isinstance(req, dict):
+        raise _bad("request body must be a JSON object with an 'inputs' list")
+    req_id = req.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise _bad("field 'id' must be a string")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("field 'parameters' must be an object")
+    raw_inputs = req.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _bad("field 'inputs' must be a non-empty list of tensors")
+
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, t in enumerate(raw_inputs):
+        if not isinstance(t, dict):
+            raise _bad(f"inputs[{i}] must be an object with name, shape, datatype and data")
+        name = t.get("name")
+        if not isinstance(name, str):
+            raise _bad(f"inputs[{i}].name must be a string")
+        spec = inputs.get(name)
+        if spec is None:
+            raise _bad(f"unexpected input '{name}' for model '{model_name}'; expected inputs: {', '.join(inputs)}")
+        if name in feeds:
+            raise _bad(f"input '{name}' is given more than once")
+        datatype = t.get("datatype")
+        if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
+            raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
+        if datatype != spec.datatype:
+            raise _bad(f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _bad(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+        if len(shape) != len(spec.shape) or any(m != -1 and d != m for d, m in zip(shape, spec.shape, strict=True)):
+            raise _bad(
+                f"input '{name}': shape {_fmt_shape(shape)} does not match the model's {_fmt_shape(spec.shape)}"
+                " (-1 = any size)"
+            )
+        count = math.prod(shape)
+        if count > MAX_ELEMENTS:
+            raise RequestError(413, f"input '{name}': {count} elements is more than this server accepts")
+        dtype = spec.dtype
+        tparams = t.get("parameters") or {}
+        if not isinstance(tparams, dict):
+            raise _bad(f"input '{name}': parameters must be an object")
+        bsize = tparams.get("binary_data_size")
+        if bsize is not None:
+            if type(bsize) is not int or bsize < 0:
+                raise _bad(f"input '{name}': parameters.binary_data_size must be a non-negative integer")
+            if offset + bsize > len(binary):
+                raise _bad(
+                    f"input '{name}': binary_data_size {bsize} runs past the binary data "
+                    f"({len(binary) - offset} bytes left)"
+                )
+            chunk = binary[offset : offset + bsize]
+            offset += bsize
+            if datatype == "BYTES":
+                arr = _decode_bytes_tensor(chunk, count, name)
+            else:
+                if bsize != count * dtype.itemsize:
+                    raise _bad(
+                        f"input '{name}': binary_data_size {bsize} does not match shape {_fmt_shape(shape)} "
+                        f"of {datatype} ({count * dtype.itemsize} bytes)"
+                    )
+                arr = np.frombuffer(chunk, dtype=dtype.newbyteorder("<"))
+        else:
+            data = t.get("data")
+            if data is None:
+                raise _bad(f"input '{name}': needs 'data' or parameters.binary_data_size")
+            if not isinstance(data, list):
+                data = [data]
+            try:
+                arr = np.asarray(data, dtype=dtype if datatype != "BYTES" else object)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise _bad(f"input '{name}': data is not a valid {datatype} list: {e}") from None
+            if datatype != "BYTES" and arr.dtype != dtype:
+                raise _bad(f"input '{name}': data is not a valid {datatype} list")
+            if arr.size != count:
+                raise _bad(f"input '{name}': data has {arr.size} values but shape {_fmt_shape(shape)} needs {count}")
+        feeds[name] = arr.reshape(shape)
+    if offset != len(binary):
+        raise _bad(f"binary tensor data has {len(binary) - offset} bytes that no input claims")
+    missing = [n for n in inputs if n not in feeds]
+    if missing:
+        raise _bad(f"missing input(s) for model '{model_name}': {', '.join(missing)}")
+
+    default_binary = params.get("binary_data_output", False) is True
+    raw_outputs = req.get("outputs")
+    wanted: list[tuple[str, bool]] = []
+    if raw_outputs is None or raw_outputs == []:
+        wanted = [(n, default_binary) for n in outputs]
+    else:
+        if not isinstance(raw_outputs, list):
+            raise _bad("field 'outputs' must be a list")
+        for i, o in enumerate(raw_outputs):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise _bad(f"outputs[{i}] must be an object with a string 'name'")
+            oname = o["name"]
+            if oname not in outputs:
+                raise _bad(f"unknown output '{oname}' for model '{model_name}'; outputs: {', '.join(outputs)}")
+            oparams = o.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise _bad(f"outputs[{i}].parameters must be an object")
+            binary_flag = oparams.get("binary_data", default_binary)
+            wanted.append((oname, binary_flag is True))
+    return req_id, feeds, wanted
+
+
+def _bytes_tensor_to_binary(arr: np.ndarray) -> bytes:
+    parts = []
+    for item in arr.ravel():
+        b = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def encode_infer_response(
+    model_name: str, model_version: str, req_id, results: dict[str, np.ndarray], wanted
+) -> tuple[bytes, int | None]:
+    """Return ``(body, json_header_length or None)``."""
+    outs = []
+    blobs: list[bytes] = []
+    for name, binary in wanted:
+        arr = results[name]
+        datatype = NP_TO_OIP.get(arr.dtype, "BYTES")
+        entry = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            if datatype == "BYTES":
+                blob = _bytes_tensor_to_binary(arr)
+            else:
+                blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif datatype == "BYTES":
+            entry["data"] = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.ravel()]
+        elif datatype == "FP16":
+            entry["data"] = arr.astype(np.float32).ravel()
+        else:
+            entry["data"] = np.ascontiguousarray(arr).ravel()
+        outs.append(entry)
+    resp = {"model_name": model_name, "model_version": model_version, "outputs": outs}
+    if req_id is not None:
+        resp["id"] = req_id
+    head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
+    if blobs:
+        return head + b"".join(blobs), len(head)
+    return head, None
