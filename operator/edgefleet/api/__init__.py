@@ -1,1 +1,94 @@
-"""edgefleet.api."""
+"""edgefleet.api: the edgefleet.io/v1alpha1 kinds as pydantic models (the source of truth for the CRDs).
+
+Public helpers:
+- `load(obj)`: a manifest dict -> HardwareProfile | EdgeModel | EdgeDeployment (by kind).
+- `label_selector_matches(selector, labels)`: metav1.LabelSelector semantics, pure.
+- `builtin_profiles()`: the HardwareProfiles edgefleet ships (operator/edgefleet/profiles/*.yaml).
+Dump any model to its wire form with `model.to_dict()`.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from .base import (
+    API_VERSION,
+    AVAILABLE,
+    DEGRADED,
+    GROUP,
+    PROGRESSING,
+    READY,
+    VERSION,
+    Condition,
+    LabelSelector,
+    LabelSelectorRequirement,
+    Model,
+    Rule,
+    label_selector_matches,
+)
+from .models import (
+    KINDS,
+    AccuracyBudget,
+    Budget,
+    ClassStatus,
+    ConfigMapKeyRef,
+    DataRef,
+    DeviceMount,
+    EdgeDeployment,
+    EdgeDeploymentSpec,
+    EdgeDeploymentStatus,
+    EdgeModel,
+    EdgeModelSpec,
+    EdgeModelStatus,
+    HardwareProfile,
+    HardwareProfileSpec,
+    HardwareProfileStatus,
+    HealthGate,
+    ModelRef,
+    ObjectBase,
+    Optimization,
+    Rollout,
+    RuntimeSettings,
+    ServiceSettings,
+    Source,
+    Target,
+    TargetProfiles,
+    Toleration,
+    Variant,
+)
+
+Resource = HardwareProfile | EdgeModel | EdgeDeployment
+
+
+def load(obj: dict[str, Any]) -> Resource:
+    """Validate a manifest (dict) into the model for its kind; raises ValueError for another
+    apiVersion or kind and pydantic.ValidationError for an invalid object."""
+    if obj.get("apiVersion") != API_VERSION:
+        raise ValueError(f"apiVersion must be {API_VERSION}, got {obj.get('apiVersion')!r}")
+    cls = KINDS.get(obj.get("kind", ""))
+    if cls is None:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {obj.get('kind')!r}")
+    return cls.model_validate(obj)
+
+
+def builtin_profiles() -> list[HardwareProfile]:
+    """The built-in HardwareProfiles (cpu-amd64, cpu-arm64, nvidia-jetson, nvidia-gpu,
+    coral-edgetpu, intel-openvino), sorted by name."""
+    folder = resources.files("edgefleet") / "profiles"
+    files = sorted(f for f in folder.iterdir() if f.name.endswith(".yaml"))
+    profiles = [HardwareProfile.model_validate(yaml.safe_load(f.read_text())) for f in files]
+    return sorted(profiles, key=lambda p: p.metadata["name"])
+
+
+__all__ = [
+    "API_VERSION", "AVAILABLE", "DEGRADED", "GROUP", "KINDS", "PROGRESSING", "READY", "VERSION",
+    "AccuracyBudget", "Budget", "ClassStatus", "Condition", "ConfigMapKeyRef", "DataRef", "DeviceMount",
+    "EdgeDeployment", "EdgeDeploymentSpec", "EdgeDeploymentStatus", "EdgeModel", "EdgeModelSpec",
+    "EdgeModelStatus", "HardwareProfile", "HardwareProfileSpec", "HardwareProfileStatus", "HealthGate",
+    "LabelSelector", "LabelSelectorRequirement", "Model", "ModelRef", "ObjectBase", "Optimization",
+    "Resource", "Rollout", "Rule", "RuntimeSettings", "ServiceSettings", "Source", "Target",
+    "TargetProfiles", "Toleration", "Variant", "builtin_profiles", "label_selector_matches", "load",
+]

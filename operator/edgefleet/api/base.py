@@ -1,0 +1,184 @@
+"""Shared building blocks: the base model, validation rules, label selectors, conditions.
+
+A `Rule` is one cross-field check written twice, once in CEL for the API server
+(`x-kubernetes-validations`) and once in Python for pydantic, with one message for both, so a user
+gets the same explanation from `kubectl apply` and from `edgefleet` tooling.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "edgefleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class Rule(NamedTuple):
+    """A cross-field rule: CEL for the API server, `check` for pydantic, one message for both."""
+
+    rule: str
+    message: str
+    check: Callable[[Any], bool]
+    field_path: str | None = None  # CEL fieldPath relative to the object, e.g. ".replicas"
+
+
+def checked(rule: Rule) -> tuple[Rule, AfterValidator]:
+    """Annotated metadata that applies `rule` to a single value (CRD and pydantic alike)."""
+
+    def _validate(value: Any) -> Any:
+        if not rule.check(value):
+            raise ValueError(rule.message)
+        return value
+
+    return rule, AfterValidator(_validate)
+
+
+class Model(BaseModel):
+    """Base of every API type: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=False,
+    )
+    cel_rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Model:
+        for rule in type(self).cel_rules:
+            if not rule.check(self):
+                raise ValueError(rule.message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, JSON types, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ---- strings with the bounds the API server needs (CEL cost estimates need maxLength) ----
+
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+DIGEST = r"^sha256:[a-f0-9]{64}$"
+PERCENT = r"^(100|[1-9]?[0-9])%$"
+ABSOLUTE_PATH = r"^/[^\x00]*$"
+
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+Digest = Annotated[str, Field(max_length=71, pattern=DIGEST)]
+ShortText = Annotated[str, Field(max_length=1024)]
+ConditionType = Annotated[str, Field(min_length=1, max_length=316)]
+Reason = Annotated[str, Field(max_length=1024)]
+Message = Annotated[str, Field(max_length=32768)]
+
+
+# ---- label selectors ----
+
+class LabelSelectorRequirement(Model):
+    """One selector expression: a label key, an operator and, for In and NotIn, the values."""
+
+    key: LabelKey
+    """The label key the expression applies to, e.g. `kubernetes.io/arch`."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    """How the key relates to the values: In, NotIn, Exists or DoesNotExist."""
+    values: Annotated[list[LabelValue], Field(max_length=64)] | None = None
+    """The values for In and NotIn (at least one). Must be empty for Exists and DoesNotExist."""
+
+    cel_rules = (
+        Rule(
+            "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0)"
+            " : (!has(self.values) || size(self.values) == 0)",
+            "matchExpressions[].values: operators In and NotIn need at least one value;"
+            " Exists and DoesNotExist take no values (remove values)",
+            lambda s: bool(s.values) if s.operator in ("In", "NotIn") else not s.values,
+            ".values",
+        ),
+    )
+
+
+class LabelSelector(Model):
+    """A label selector (as metav1.LabelSelector): matchLabels and matchExpressions are ANDed.
+    An empty selector matches every object."""
+
+    match_labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=64)] | None = None
+    """Labels that must all be present with exactly these values."""
+    match_expressions: Annotated[list[LabelSelectorRequirement], Field(max_length=32)] | None = None
+    """Expressions that must all hold."""
+
+
+def label_selector_matches(selector: LabelSelector | dict | None, labels: dict[str, str]) -> bool:
+    """Whether `labels` satisfy `selector` (metav1.LabelSelector semantics).
+
+    matchLabels and matchExpressions are ANDed; an empty selector matches everything, and so does
+    None (an omitted selector in this API means "no restriction"). NotIn and DoesNotExist match
+    objects that lack the key.
+    """
+    if selector is None:
+        return True
+    if isinstance(selector, dict):
+        selector = LabelSelector.model_validate(selector)
+    for key, value in (selector.match_labels or {}).items():
+        if labels.get(key) != value:
+            return False
+    for req in selector.match_expressions or []:
+        present = req.key in labels
+        if req.operator == "In" and not (present and labels[req.key] in (req.values or [])):
+            return False
+        if req.operator == "NotIn" and present and labels[req.key] in (req.values or []):
+            return False
+        if req.operator == "Exists" and not present:
+            return False
+        if req.operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+# ---- status building blocks ----
+
+class Condition(Model):
+    """The state of one aspect of the object (metav1.Condition)."""
+
+    type: ConditionType
+    """The condition type in CamelCase, e.g. Ready, Available, Progressing, Degraded."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds: True, False or Unknown."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The .metadata.generation the condition was computed from."""
+    last_transition_time: datetime
+    """When the status last changed (RFC 3339)."""
+    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")]
+    """A machine-readable CamelCase reason for the last transition."""
+    message: Message = ""
+    """A human-readable explanation of the last transition."""
+
+
+def list_map(*keys: str) -> dict[str, Any]:
+    """Schema extras for a list merged by key (x-kubernetes-list-type: map), e.g. conditions by type."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
+
+
+Conditions = Annotated[list[Condition], Field(max_length=16, json_schema_extra=list_map("type"))]
+
+# Condition types the operator sets.
+READY = "Ready"  # EdgeModel: every wanted variant is compiled and stored
+AVAILABLE = "Available"  # EdgeDeployment: every class serves the wanted digest on enough nodes
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+
+
+def is_percent(value: str) -> bool:
+    return re.fullmatch(PERCENT, value) is not None

@@ -1,0 +1,545 @@
+"""The edgefleet.io/v1alpha1 kinds: HardwareProfile, EdgeModel and EdgeDeployment.
+
+These classes are the single source of truth: `edgefleet crds` turns them into the CRDs (field
+docstrings become `kubectl explain` text, `cel_rules` become `x-kubernetes-validations`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from .base import (
+    ABSOLUTE_PATH,
+    API_VERSION,
+    PERCENT,
+    Conditions,
+    Digest,
+    LabelSelector,
+    Model,
+    Name,
+    Reason,
+    Rule,
+    ShortText,
+    checked,
+    is_percent,
+    list_map,
+)
+
+Format = Literal["onnx", "tflite", "openvino", "coreml"]
+Precision = Literal["fp32", "fp16", "int8"]
+Quantization = Literal["auto", "none", "fp16", "dynamic-int8", "static-int8"]
+Image = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^\S+$")]
+Path = Annotated[str, Field(min_length=1, max_length=4096, pattern=ABSOLUTE_PATH)]
+
+
+class ObjectBase(Model):
+    """Common top level of every kind."""
+
+    api_version: str = API_VERSION
+    """edgefleet.io/v1alpha1"""
+    kind: str = ""
+    """The kind of the object."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Standard object metadata (name, namespace, labels, ...), kept as the API server returns it."""
+
+
+# ======================= HardwareProfile =======================
+
+class Target(Model):
+    """What a model is compiled to for this hardware: file format, numeric precision and runtime."""
+
+    format: Format
+    """Model file format the runtime loads: onnx, tflite, openvino or coreml."""
+    precision: Precision
+    """Numeric precision of the compiled variant: fp32, fp16 or int8."""
+    runtime: Literal["onnxruntime", "litert", "openvino", "coreml"]
+    """Inference engine in the runtime image: onnxruntime, litert (TensorFlow Lite), openvino or coreml."""
+    execution_provider: Literal["cpu", "cuda", "tensorrt", "openvino"] | None = None
+    """ONNX Runtime execution provider (onnxruntime only): cpu, cuda, tensorrt or openvino."""
+    delegate: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    """LiteRT delegate library (litert only), e.g. libedgetpu.so.1 for a Coral Edge TPU."""
+
+    cel_rules = (
+        Rule(
+            "(self.format == 'tflite') == (self.runtime == 'litert')",
+            "target.runtime: format tflite runs only on runtime litert, and litert runs only tflite;"
+            " make target.format and target.runtime agree",
+            lambda s: (s.format == "tflite") == (s.runtime == "litert"),
+            ".runtime",
+        ),
+        Rule(
+            "!has(self.executionProvider) || self.runtime == 'onnxruntime'",
+            "target.executionProvider applies to runtime onnxruntime only; remove it or use runtime onnxruntime",
+            lambda s: s.execution_provider is None or s.runtime == "onnxruntime",
+            ".executionProvider",
+        ),
+        Rule(
+            "!has(self.delegate) || self.runtime == 'litert'",
+            "target.delegate applies to runtime litert only; remove it or use runtime litert",
+            lambda s: s.delegate is None or s.runtime == "litert",
+            ".delegate",
+        ),
+    )
+
+
+class Toleration(Model):
+    """A pod toleration (core/v1 Toleration) added to the inference pods of this class."""
+
+    key: Annotated[str, Field(max_length=317)] | None = None
+    """The taint key to tolerate; empty with operator Exists tolerates every taint."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal (Kubernetes' default is Equal)."""
+    value: Annotated[str, Field(max_length=63)] | None = None
+    """The taint value to match with operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """The taint effect to tolerate; empty tolerates every effect."""
+    toleration_seconds: int | None = None
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class DeviceMount(Model):
+    """A host device or directory mounted into the inference container, e.g. /dev/apex_0."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    """Volume name (a DNS label), unique within the profile."""
+    host_path: Path
+    """Absolute path on the node."""
+    mount_path: Path
+    """Absolute path inside the container."""
+    read_only: bool = False
+    """Mount read-only."""
+
+
+class Budget(Model):
+    """Resource limits a compiled variant must fit on this hardware."""
+
+    max_model_size_bytes: Annotated[int, Field(ge=1)] | None = None
+    """Largest model file, in bytes, the device can hold; larger variants fail to compile."""
+    max_memory_bytes: Annotated[int, Field(ge=1)] | None = None
+    """Memory limit, in bytes, for the inference container."""
+
+
+class HardwareProfileSpec(Model):
+    """One class of edge hardware: which nodes belong to it and how models run there."""
+
+    node_selector: LabelSelector
+    """Nodes of this class, by their labels (Node Feature Discovery, GPU feature discovery,
+    KubeEdge, kubernetes.io/arch)."""
+    priority: Annotated[int, Field(ge=0, le=1000)] = 0
+    """When a node matches several profiles, the highest priority wins (0..1000)."""
+    target: Target
+    """What models are compiled to for this hardware."""
+    runtime_image: Image
+    """The inference server image for this hardware, e.g. ghcr.io/edgefleet/runtime-cpu:0.1.0."""
+    extended_resources: Annotated[
+        dict[Annotated[str, Field(max_length=253)], Annotated[str, Field(max_length=16, pattern=r"^[1-9][0-9]*$")]],
+        Field(max_length=16),
+    ] = Field(default_factory=dict)
+    """Extended resources requested and limited per pod, name to whole-number quantity,
+    e.g. {"nvidia.com/gpu": "1"}."""
+    runtime_class_name: Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None = None
+    """RuntimeClass for the inference pods, e.g. nvidia."""
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
+    """Tolerations for the taints of these nodes (e.g. node-role.kubernetes.io/edge:NoSchedule)."""
+    device_mounts: Annotated[
+        list[DeviceMount],
+        Field(max_length=16, json_schema_extra=list_map("name")),
+    ] = Field(default_factory=list)
+    """Host devices mounted into the inference container."""
+    privileged: bool = False
+    """Run the inference container privileged (some USB accelerators need it to reach /dev/bus/usb)."""
+    budget: Budget | None = None
+    """Optional model-size and memory limits of this hardware."""
+
+
+class HardwareProfileStatus(Model):
+    """What the operator observed about this profile."""
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The .metadata.generation this status describes."""
+    conditions: Conditions = Field(default_factory=list)
+    """Latest observations of the profile's state."""
+    matched_nodes: Annotated[int, Field(ge=0)] | None = None
+    """Nodes for which this profile is the winning match."""
+
+
+class HardwareProfile(ObjectBase):
+    """A class of edge hardware (cluster-scoped): node selector, compile target, runtime image,
+    accelerator resources, tolerations and device mounts."""
+
+    api_version: Literal["edgefleet.io/v1alpha1"] = API_VERSION
+    kind: Literal["HardwareProfile"] = "HardwareProfile"
+    spec: HardwareProfileSpec
+    status: HardwareProfileStatus | None = None
+
+
+# ======================= EdgeModel =======================
+
+class ConfigMapKeyRef(Model):
+    """A key of a ConfigMap in the object's namespace."""
+
+    name: Name
+    """ConfigMap name."""
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+    """Key within the ConfigMap (binaryData or data)."""
+
+
+Uri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^(oci|https|pvc)://\S+$")]
+
+
+class DataRef(Model):
+    """Where a data set lives: a URI or a ConfigMap key (an .npz archive keyed by model input name)."""
+
+    uri: Uri | None = None
+    """oci://, https:// or pvc://<claim>/<path> location of the data."""
+    config_map: ConfigMapKeyRef | None = None
+    """A ConfigMap key holding the data (small data sets only)."""
+
+    cel_rules = (
+        Rule(
+            "has(self.uri) != has(self.configMap)",
+            "data reference: set exactly one of uri or configMap",
+            lambda s: (s.uri is None) != (s.config_map is None),
+        ),
+    )
+
+
+class Source(Model):
+    """Where the trained model is and, optionally, its expected digest."""
+
+    uri: Uri | None = None
+    """oci://registry/repo:tag, https://host/path or pvc://<claim>/<path> of the model file."""
+    config_map: ConfigMapKeyRef | None = None
+    """A ConfigMap key holding the model (tiny models only; ConfigMaps are limited to 1 MiB)."""
+    digest: Digest | None = None
+    """Expected sha256 of the model file, "sha256:" + 64 lowercase hex digits; the operator refuses
+    a source whose bytes do not match."""
+
+    cel_rules = (
+        Rule(
+            "has(self.uri) != has(self.configMap)",
+            "source: set exactly one of source.uri or source.configMap",
+            lambda s: (s.uri is None) != (s.config_map is None),
+        ),
+    )
+
+
+class AccuracyBudget(Model):
+    """How much accuracy an optimized variant may lose against the original model."""
+
+    max_accuracy_drop: Annotated[float, Field(ge=0, le=100)] | None = None
+    """Largest allowed drop in top-1 accuracy, in percentage points (0..100), measured on the
+    evaluation data."""
+    min_cosine: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Smallest allowed mean cosine similarity (0..1) between the outputs of the original and the
+    optimized model."""
+
+    cel_rules = (
+        Rule(
+            "has(self.maxAccuracyDrop) || has(self.minCosine)",
+            "accuracyBudget: set maxAccuracyDrop, minCosine or both (or remove accuracyBudget)",
+            lambda s: s.max_accuracy_drop is not None or s.min_cosine is not None,
+        ),
+    )
+
+
+class Optimization(Model):
+    """How the model may be optimized per hardware class: quantization, calibration data, pruning
+    and the accuracy the result must keep. Variants that break the accuracy budget are rejected
+    and the next less aggressive option is tried."""
+
+    quantization: Quantization = "auto"
+    """auto (pick per target and model), none, fp16, dynamic-int8 or static-int8
+    (static-int8 needs calibration data)."""
+    calibration: DataRef | None = None
+    """Representative inputs for static int8 calibration."""
+    sparsity: Annotated[float, Field(ge=0, le=0.95)] = 0.0
+    """Fraction of weights to prune by magnitude, 0 (none) to 0.95."""
+    accuracy_budget: AccuracyBudget | None = None
+    """The accuracy a variant must keep; checked on the evaluation data."""
+    evaluation: DataRef | None = None
+    """Held-out inputs (with labels under `y` for accuracy) used to measure each variant."""
+
+    cel_rules = (
+        Rule(
+            "self.quantization != 'static-int8' || has(self.calibration)",
+            "optimization.calibration is required when optimization.quantization is static-int8:"
+            " add calibration data (uri or configMap) or choose dynamic-int8",
+            lambda s: s.quantization != "static-int8" or s.calibration is not None,
+            ".calibration",
+        ),
+    )
+
+
+class TargetProfiles(Model):
+    """Which HardwareProfiles to compile for: a list of names or a label selector."""
+
+    names: Annotated[
+        list[Name], Field(min_length=1, max_length=32, json_schema_extra={"x-kubernetes-list-type": "set"})
+    ] | None = None
+    """HardwareProfile names."""
+    selector: LabelSelector | None = None
+    """HardwareProfile labels."""
+
+    cel_rules = (
+        Rule(
+            "has(self.names) != has(self.selector)",
+            "targetProfiles: set exactly one of targetProfiles.names or targetProfiles.selector",
+            lambda s: (s.names is None) != (s.selector is None),
+        ),
+    )
+
+
+class EdgeModelSpec(Model):
+    """A trained model and how to optimize it for each class of edge hardware."""
+
+    source: Source
+    """Where the trained model is (exactly one of uri or configMap) and its expected digest."""
+    format: Literal["onnx", "tflite"]
+    """Format of the source model: onnx or tflite."""
+    optimization: Optimization = Field(default_factory=Optimization)
+    """How the model may be optimized per hardware class: quantization (auto picks per target),
+    calibration data for static int8, magnitude pruning, and the accuracy budget every variant must
+    keep, measured on the evaluation data. A variant that breaks the budget is rejected and the
+    next less aggressive option is tried."""
+    target_profiles: TargetProfiles | None = None
+    """HardwareProfiles to compile for; omitted means every profile that matches at least one node."""
+
+
+class Variant(Model):
+    """One compiled variant of the model, for one HardwareProfile."""
+
+    profile: Name
+    """The HardwareProfile this variant is for."""
+    format: Format | None = None
+    """File format of the variant."""
+    precision: Precision | None = None
+    """Numeric precision of the variant."""
+    quantization: Quantization | None = None
+    """The quantization actually applied (never auto)."""
+    artifact: ShortText | None = None
+    """Where the variant is stored (OCI reference or store path)."""
+    digest: Digest | None = None
+    """sha256 of the variant file."""
+    size_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Size of the variant file in bytes."""
+    latency_p50_ms: Annotated[float, Field(ge=0)] | None = None
+    """Median single-input latency measured by the compiler, in milliseconds."""
+    accuracy_delta: float | None = None
+    """Accuracy change against the source model in percentage points (negative is a loss)."""
+    state: Literal["Pending", "Compiling", "Ready", "Failed"] = "Pending"
+    """Pending, Compiling, Ready or Failed."""
+    reason: Reason | None = None
+    """Machine-readable reason for the state."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """Human-readable detail, e.g. why compilation failed."""
+
+
+class EdgeModelStatus(Model):
+    """What the operator has compiled."""
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The .metadata.generation this status describes."""
+    conditions: Conditions = Field(default_factory=list)
+    """Latest observations; Ready is True when every wanted variant is Ready."""
+    variants: Annotated[
+        list[Variant],
+        Field(max_length=64, json_schema_extra=list_map("profile")),
+    ] = Field(default_factory=list)
+    """One entry per target HardwareProfile."""
+    variants_ready: Annotated[str, Field(max_length=16)] | None = None
+    """Ready variants out of wanted ones, e.g. "3/4" (shown by kubectl get)."""
+
+
+class EdgeModel(ObjectBase):
+    """A trained model (ONNX or TFLite) that edgefleet compiles into one optimized variant per
+    hardware class."""
+
+    api_version: Literal["edgefleet.io/v1alpha1"] = API_VERSION
+    kind: Literal["EdgeModel"] = "EdgeModel"
+    spec: EdgeModelSpec
+    status: EdgeModelStatus | None = None
+
+
+# ======================= EdgeDeployment =======================
+
+MAX_UNAVAILABLE = Rule(
+    "type(self) == int ? self >= 0 : self.matches('" + PERCENT + "')",
+    "rollout.maxUnavailable must be a whole number >= 0 or a percentage from 0% to 100%, e.g. 25%",
+    lambda v: v >= 0 if isinstance(v, int) else is_percent(v),
+)
+
+
+class ModelRef(Model):
+    """The EdgeModel to serve, in the same namespace."""
+
+    name: Name
+    """EdgeModel name."""
+
+
+class HealthGate(Model):
+    """When a wave counts as healthy."""
+
+    min_ready_seconds: Annotated[int, Field(ge=0, le=3600)] = 10
+    """Seconds a new pod must stay ready before it counts."""
+    timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = 600
+    """Seconds a wave may take to become healthy before the rollout is declared failed."""
+
+    cel_rules = (
+        Rule(
+            "self.timeoutSeconds > self.minReadySeconds",
+            "healthGate.timeoutSeconds must be greater than healthGate.minReadySeconds",
+            lambda s: s.timeout_seconds > s.min_ready_seconds,
+            ".timeoutSeconds",
+        ),
+    )
+
+
+Percent = Annotated[int, Field(ge=1, le=100)]
+
+
+class Rollout(Model):
+    """How a new model variant reaches the fleet."""
+
+    max_unavailable: Annotated[
+        int | str,
+        Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+        *checked(MAX_UNAVAILABLE),
+    ] = "25%"
+    """Pods per hardware class that may be unavailable during an update: a number or a percentage."""
+    waves: Annotated[
+        list[Percent], Field(min_length=1, max_length=10, json_schema_extra={"x-kubernetes-list-type": "set"})
+    ] | None = None
+    """Cumulative percentages of nodes updated per wave, ascending and ending at 100, e.g. [10, 50, 100].
+    Exclusive with canaryPercent."""
+    canary_percent: Annotated[int, Field(ge=1, le=99)] | None = None
+    """Update this percentage of nodes first, then the rest once healthy. Exclusive with waves."""
+    health_gate: HealthGate = Field(default_factory=HealthGate)
+    """When a wave counts as healthy."""
+    auto_rollback: bool = True
+    """Roll back to the last healthy variant when a wave fails its health gate."""
+
+    cel_rules = (
+        Rule(
+            "!(has(self.waves) && has(self.canaryPercent))",
+            "rollout.waves and rollout.canaryPercent are exclusive: set one of them",
+            lambda s: not (s.waves is not None and s.canary_percent is not None),
+        ),
+        Rule(
+            "!has(self.waves) || size(self.waves) == 0 ||"
+            " ([1, 2, 3, 4, 5, 6, 7, 8, 9].all(i, i >= size(self.waves) || self.waves[i - 1] < self.waves[i])"
+            " && self.waves[size(self.waves) - 1] == 100)",
+            "rollout.waves must be ascending and end at 100, e.g. [10, 50, 100]",
+            lambda s: not s.waves
+            or (all(a < b for a, b in zip(s.waves, s.waves[1:], strict=False)) and s.waves[-1] == 100),
+            ".waves",
+        ),
+    )
+
+
+class RuntimeSettings(Model):
+    """Settings of the inference server."""
+
+    threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    """Inference threads per pod; omitted means one per CPU the pod may use."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    """Container port of the Open Inference Protocol v2 REST API."""
+
+
+class ServiceSettings(Model):
+    """How the inference pods are exposed."""
+
+    enabled: bool = True
+    """Create a Service in front of the inference pods."""
+    type: Literal["ClusterIP", "NodePort"] = "ClusterIP"
+    """Service type: ClusterIP or NodePort."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    """Service port."""
+
+
+class EdgeDeploymentSpec(Model):
+    """Which nodes serve a model and how updates roll out."""
+
+    model_ref: ModelRef
+    """The EdgeModel to serve (same namespace)."""
+    node_selector: LabelSelector = Field(default_factory=LabelSelector)
+    """The fleet: nodes that should serve the model; empty selects every node."""
+    mode: Literal["PerNode", "Replicas"] = "PerNode"
+    """PerNode runs one server on every selected node (DaemonSet per class); Replicas runs
+    `replicas` servers per hardware class (Deployment per class)."""
+    replicas: Annotated[int, Field(ge=0, le=10000)] | None = None
+    """Servers per hardware class; required with mode Replicas, not allowed with PerNode."""
+    rollout: Rollout = Field(default_factory=Rollout)
+    """How a new model variant reaches the fleet."""
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    """Settings of the inference server."""
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    """How the inference pods are exposed."""
+
+    cel_rules = (
+        Rule(
+            "self.mode != 'Replicas' || has(self.replicas)",
+            "spec.replicas is required when mode is Replicas: set replicas or use mode PerNode",
+            lambda s: s.mode != "Replicas" or s.replicas is not None,
+            ".replicas",
+        ),
+        Rule(
+            "self.mode != 'PerNode' || !has(self.replicas)",
+            "spec.replicas is not allowed when mode is PerNode (one server per node): remove replicas"
+            " or use mode Replicas",
+            lambda s: s.mode != "PerNode" or s.replicas is None,
+            ".replicas",
+        ),
+    )
+
+
+class ClassStatus(Model):
+    """Rollout state of one hardware class."""
+
+    profile: Name
+    """The HardwareProfile of this class."""
+    desired: Annotated[int, Field(ge=0)] = 0
+    """Pods wanted."""
+    ready: Annotated[int, Field(ge=0)] = 0
+    """Pods ready."""
+    updated: Annotated[int, Field(ge=0)] = 0
+    """Pods serving the wanted variant."""
+    digest: Digest | None = None
+    """Digest of the variant this class serves."""
+
+
+class EdgeDeploymentStatus(Model):
+    """What the operator has rolled out."""
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The .metadata.generation this status describes."""
+    conditions: Conditions = Field(default_factory=list)
+    """Latest observations: Available, Progressing, Degraded."""
+    classes: Annotated[
+        list[ClassStatus],
+        Field(max_length=64, json_schema_extra=list_map("profile")),
+    ] = Field(default_factory=list)
+    """Per hardware class: desired, ready and updated pods and the digest served."""
+    unmatched_nodes: Annotated[int, Field(ge=0)] = 0
+    """Selected nodes that match no HardwareProfile (nothing is run there)."""
+    nodes_ready: Annotated[str, Field(max_length=32)] | None = None
+    """Ready pods out of desired ones over all classes, e.g. "7/8" (shown by kubectl get)."""
+
+
+class EdgeDeployment(ObjectBase):
+    """Serves an EdgeModel on a fleet of edge nodes: the right variant, runtime and accelerator per
+    hardware class, rolled out in health-gated waves."""
+
+    api_version: Literal["edgefleet.io/v1alpha1"] = API_VERSION
+    kind: Literal["EdgeDeployment"] = "EdgeDeployment"
+    spec: EdgeDeploymentSpec
+    status: EdgeDeploymentStatus | None = None
+
+
+KINDS: dict[str, type[ObjectBase]] = {
+    "HardwareProfile": HardwareProfile,
+    "EdgeModel": EdgeModel,
+    "EdgeDeployment": EdgeDeployment,
+}
