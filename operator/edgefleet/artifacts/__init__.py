@@ -1,1 +1,35 @@
-"""edgefleet.artifacts."""
+"""Content-addressed artifact stores for compiled model variants.
+
+Public API::
+
+    class ArtifactStore(Protocol):
+        def put(self, data: bytes, *, name: str, media_type: str,
+                annotations: dict[str, str] | None = None, filename: str = "model") -> ArtifactRef
+        def get(self, ref: str, digest: str) -> bytes        # verifies sha256, raises DigestError
+
+    LocalStore(root: Path)                                  # root/sha256/<hex> (+ <hex>.json metadata)
+    OCIStore(registry: str, repository: str = "edgefleet/models", insecure: bool = True)
+    open_store(spec: str) -> ArtifactStore                  # "oci://host:port/repo" or a directory
+    ArtifactRef(ref: str, digest: str, sizeBytes: int, mediaType: str)
+
+``digest`` is always ``sha256:<hex>`` of the model bytes (the OCI layer), so a node verifies the
+bytes it serves whatever store they came from. The OCI store pushes one manifest per variant with the
+compile report as manifest annotations (``io.edgefleet.*``) and refers to it by manifest digest.
+No Kubernetes imports here.
+"""
+
+from .store import (
+    ArtifactRef,
+    ArtifactStore,
+    DigestError,
+    LocalStore,
+    OCIStore,
+    StoreError,
+    open_store,
+    parse_digest,
+)
+
+__all__ = [
+    "ArtifactRef", "ArtifactStore", "DigestError", "LocalStore", "OCIStore", "StoreError", "open_store",
+    "parse_digest",
+]

@@ -1,0 +1,570 @@
+"""compile_model: fetch + verify, preflight, build candidates per target, measure, gate, publish, cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from . import litert, onnx_passes
+from .measure import bind, compare, default_threads, latency, load_arrays, open_runner, run_all, synthetic
+from .types import (
+    AccuracyBudget,
+    Candidate,
+    CompileError,
+    CompileRequest,
+    CompileResult,
+    Latency,
+    Metrics,
+    Policy,
+    Target,
+    VariantReport,
+    file_sha256,
+    sha256_hex,
+)
+
+COMPILER_VERSION = "1"
+Progress = Callable[[str], None]
+FASTER_MARGIN = 0.05  # candidates within 5 % of the fastest count as equally fast; the smaller wins
+TFLITE_MEDIA = litert.TFLITE_MEDIA
+OPENVINO_MEDIA = "application/vnd.edgefleet.model.openvino-ir+zip"
+
+
+def toolchain_versions() -> dict[str, str]:
+    out = {"edgefleet-compiler": COMPILER_VERSION}
+    for pkg in ("onnx", "onnxruntime", "numpy", "ai-edge-litert", "ai-edge-quantizer", "openvino", "nncf"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _has(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+# ----------------------------------------------------------------------------- source
+def fetch_source(request: CompileRequest, cache_dir: Path) -> tuple[bytes, str]:
+    """Source bytes and their ``sha256:`` digest, verified against ``request.digest`` when given."""
+    src = request.source
+    expected = request.digest
+    if expected:
+        from ..artifacts import DigestError, parse_digest
+
+        try:
+            parse_digest(expected)
+        except DigestError as e:
+            raise CompileError("InvalidRequest", str(e), "give the digest as sha256:<64 lowercase hex>") from e
+        cached = cache_dir / "sources" / expected.split(":")[1]
+        if "://" in src and cached.exists():
+            return cached.read_bytes(), expected
+    try:
+        if src.startswith(("https://", "http://")):
+            with urllib.request.urlopen(src, timeout=120) as r:  # noqa: S310 - user-given model URL
+                data = r.read()
+        elif src.startswith("oci://"):
+            from ..artifacts import StoreError, open_store
+
+            try:
+                data = open_store(src).get(src, expected or "")
+            except StoreError as e:
+                raise CompileError("SourceUnavailable", str(e), "check the oci:// reference and registry") from e
+        elif src.startswith("pvc://"):
+            raise CompileError("SourceUnavailable", f"{src}: pvc:// sources are read inside the compile Job",
+                               "mount the claim and pass the file path, or compile in a Job")
+        else:
+            p = Path(src[len("file://"):] if src.startswith("file://") else src)
+            if not p.is_file():
+                raise CompileError("SourceUnavailable", f"model file {p} does not exist", "check the path")
+            data = p.read_bytes()
+    except CompileError:
+        raise
+    except Exception as e:
+        raise CompileError("SourceUnavailable", f"could not read {src} ({type(e).__name__}: {e})",
+                           "check the URL/path and network access") from e
+    digest = "sha256:" + sha256_hex(data)
+    if expected and digest != expected:
+        raise CompileError(
+            "DigestMismatch", f"{src} has digest {digest}, but {expected} was expected",
+            "if this model is the one you want, update the expected digest; otherwise fix the source")
+    if "://" in src:
+        (cache_dir / "sources").mkdir(parents=True, exist_ok=True)
+        (cache_dir / "sources" / digest.split(":")[1]).write_bytes(data)
+    return data, digest
+
+
+def preflight_onnx(data: bytes) -> bytes:
+    """Validate the source ONNX and return it normalized; raises CompileError with a fix."""
+    import onnx
+
+    model = onnx_passes.load(data)
+    opset = onnx_passes.default_opset(model)
+    max_opset = onnx.defs.onnx_opset_version()
+    if opset > max_opset:
+        raise CompileError("UnsupportedOpset",
+                           f"the model uses ONNX opset {opset}; this toolchain (onnx {onnx.__version__}) and its "
+                           f"runtimes support opset <= {max_opset}",
+                           f"re-export the model with opset <= {max_opset} (e.g. torch.onnx.export(opset_version=17))")
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+            raise CompileError("UnsupportedOperator", f"operator {node.op_type!r} is not an ONNX operator",
+                               "re-export with standard ONNX operators")
+    for inp in model.graph.input:
+        t = inp.type.tensor_type
+        if not t.HasField("shape"):
+            raise CompileError("InvalidModel", f"input {inp.name!r} has no shape (rank unknown)",
+                               "re-export the model with input shapes (dynamic axes are fine)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise CompileError("InvalidModel", f"the ONNX checker rejects the model: {str(e).splitlines()[0]}",
+                           "re-export the model; check it with onnx.checker.check_model") from e
+    norm = onnx_passes.normalize(data)
+    try:  # every op must have a kernel: a session with optimizations off loads each one
+        from .measure import OrtRunner
+
+        OrtRunner(norm, 1, optimize=False)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = "UnsupportedOpset" if "opset" in msg.lower() else (
+            "UnsupportedOperator" if "implementation" in msg.lower() or "not a registered" in msg.lower()
+            else "InvalidModel")
+        raise CompileError(reason, f"ONNX Runtime cannot load the model: {msg}",
+                           "re-export with operators and an opset that ONNX Runtime supports") from e
+    return norm
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclass
+class Spec:
+    name: str
+    format: str
+    precision: str
+    quantization: str
+    runtime: str
+    build: str  # key into the builder table
+
+
+_PREFERENCE = {"int8": ["static-int8", "dynamic-int8", "fp16", "none"], "fp16": ["fp16", "none"],
+               "fp32": ["none"]}
+_PRECISION = {"none": "fp32", "fp16": "fp16", "dynamic-int8": "int8", "static-int8": "int8"}
+
+
+def plan(target: Target, source_format: str, policy: Policy) -> tuple[list[Spec], str | None, str]:
+    """Candidates for a target, or ([], reason, message) when the target cannot be served."""
+    prec_ok = _PREFERENCE.get(target.precision, ["none"])
+    q = policy.quantization
+    wanted = prec_ok if q == "auto" else [q]
+    if q != "auto" and q not in prec_ok:
+        return [], "PrecisionNotSupported", (
+            f"quantization {q} gives {_PRECISION[q]}, but the profile's target precision is {target.precision}")
+    if target.format == "coreml" or target.runtime == "coreml":
+        return [], "ToolchainUnavailable", ("Core ML export is not built into this compiler yet (needs coremltools "
+                                            "on a supported host); compile in a macOS Job")
+    if source_format == "onnx":
+        if target.format == "tflite" or target.runtime == "litert":
+            return [], "ConversionUnavailable", (
+                "ONNX -> .tflite needs onnx2tf + TensorFlow 2.19, which only the isolated compile-Job image "
+                "carries; run the compile Job, or give a .tflite source for this profile")
+        if target.format == "openvino" or target.runtime == "openvino":
+            if not (_has("openvino") and _has("nncf")):
+                return [], "MissingExtra", ("the OpenVINO target needs openvino and nncf; "
+                                            "fix: pip install 'edgefleet[openvino]'")
+            specs = [Spec("openvino-fp32", "openvino", "fp32", "none", "openvino", "ov-fp32")]
+            if any(w.endswith("int8") for w in wanted):
+                specs.append(Spec("openvino-int8", "openvino", "int8", "static-int8", "openvino", "ov-int8"))
+            if q == "none":
+                specs = specs[:1]
+            elif q != "auto":
+                specs = [s for s in specs if s.precision == _PRECISION[q]] or specs[:1]
+            return specs, None, ""
+        if target.format != "onnx" or target.runtime != "onnxruntime":
+            return [], "UnsupportedTarget", f"no ONNX path to format {target.format} / runtime {target.runtime}"
+        specs = [Spec(w if w != "none" else "fp32", "onnx", _PRECISION[w], w, "onnxruntime", w) for w in
+                 ["none", "fp16", "dynamic-int8", "static-int8"] if w in wanted]
+        return specs, None, ""
+    # tflite source
+    if target.format != "tflite" or target.runtime != "litert":
+        return [], "ConversionUnavailable", (
+            f".tflite -> {target.format} conversion is not supported; give an ONNX source for this profile")
+    if target.delegate:
+        return [], "ToolchainUnavailable", (
+            f"delegate {target.delegate} needs a fully-int8 model compiled by edgetpu_compiler, which this "
+            "host lacks; run the compile Job with the Edge TPU image")
+    specs = []
+    if "none" in wanted or "fp16" in wanted:
+        specs.append(Spec("source", "tflite", "as-source", "none", "litert", "tfl-source"))
+    if "dynamic-int8" in wanted:
+        specs.append(Spec("litert-dynamic-int8", "tflite", "int8", "dynamic-int8", "litert", "tfl-dynamic"))
+    if "static-int8" in wanted:
+        specs.append(Spec("litert-static-int8", "tflite", "int8", "static-int8", "litert", "tfl-static"))
+    return specs, None, ""
+
+
+def measurable(target: Target) -> tuple[bool, str]:
+    if target.runtime == "onnxruntime" and target.executionProvider not in (None, "cpu"):
+        return False, f"{target.executionProvider} is not on this host: latency measured on CPU as a stand-in"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------- the compiler
+class _Session:
+    """State shared by every profile of one compile_model call (built candidates, measurements)."""
+
+    def __init__(self, request: CompileRequest, data: bytes, fmt: str, progress: Progress, tmp: Path):
+        self.request, self.policy, self.fmt, self.say, self.tmp = request, request.policy, fmt, progress, tmp
+        self.source = data
+        self.built: dict[str, tuple[bytes, str] | CompileError] = {}
+        self.measured: dict[tuple[str, str], Candidate] = {}
+        self.work = 0
+        if fmt == "onnx":
+            self.say("preflight: ONNX checker, opset, operator kernels, input shapes")
+            self.normalized = preflight_onnx(data)
+            self.ref_runtime = "onnxruntime"
+        else:
+            self.say("preflight: LiteRT op listing and load")
+            litert.preflight(data)
+            self.normalized = data
+            self.ref_runtime = "litert"
+        ref = open_runner(self.ref_runtime, self.source, default_threads())
+        self.inputs = ref.inputs
+        pol = self.policy
+        # data: validated before anything is built or published
+        self.calib_feeds = None
+        if pol.calibration:
+            feeds, _ = bind(load_arrays(pol.calibration), self.inputs, "calibration")
+            self.calib_feeds = feeds
+        if pol.evaluation:
+            self.eval_feeds, self.labels = bind(load_arrays(pol.evaluation), self.inputs, "evaluation")
+            self.synthetic = False
+        else:
+            self.eval_feeds, self.labels, self.synthetic = synthetic(self.inputs), None, True
+        if pol.quantization == "static-int8" and self.calib_feeds is None:
+            raise CompileError("InvalidRequest", "quantization static-int8 needs calibration data",
+                               "pass --calibration DATA (.npz or a directory of .npy, ~100 samples)")
+        if not 0 <= pol.sparsity <= 0.95:
+            raise CompileError("InvalidRequest", f"sparsity {pol.sparsity} is outside 0..0.95",
+                               "pass a fraction such as 0.3")
+        self.say(f"reference: source model in {self.ref_runtime} on {len(next(iter(self.eval_feeds.values())))}"
+                 f" {'synthetic ' if self.synthetic else ''}evaluation samples")
+        self.ref_out = run_all(ref, self.eval_feeds)
+        self.feed1 = {k: v[:1] for k, v in self.eval_feeds.items()}
+        budget = pol.accuracyBudget
+        if budget.maxAccuracyDrop is None and budget.minCosine is None:
+            budget = AccuracyBudget(maxAccuracyDrop=1.0) if self.labels is not None else AccuracyBudget(
+                minCosine=0.99)
+        self.budget = budget
+        self._base: bytes | None = None
+
+    # -- building
+    def calib_batches(self, size: int = 1) -> list[dict[str, np.ndarray]]:
+        feeds = self.calib_feeds
+        n = len(next(iter(feeds.values())))
+        return [{k: v[i : i + size] for k, v in feeds.items()} for i in range(0, n, size)]
+
+    def base(self) -> bytes:
+        if self._base is None:
+            self.say("pass: ONNX Runtime graph optimization (fp32 baseline)")
+            b = onnx_passes.optimize(self.normalized)
+            if self.policy.sparsity > 0:
+                self.say(f"pass: magnitude pruning to {self.policy.sparsity:.0%} sparsity")
+                b = onnx_passes.prune(b, self.policy.sparsity)
+            self._base = b
+        return self._base
+
+    def build(self, spec: Spec) -> tuple[bytes, str]:
+        if spec.build in self.built:
+            r = self.built[spec.build]
+            if isinstance(r, CompileError):
+                raise r
+            return r
+        try:
+            r = self._build(spec)
+        except CompileError as e:
+            self.built[spec.build] = e
+            raise
+        except Exception as e:
+            err = CompileError("PassFailed", f"{spec.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            self.built[spec.build] = err
+            raise err from e
+        self.built[spec.build] = r
+        return r
+
+    def _build(self, spec: Spec) -> tuple[bytes, str]:
+        b = spec.build
+        self.say(f"build: {spec.name}")
+        if b == "tfl-source":
+            return self.source, TFLITE_MEDIA
+        if b == "tfl-dynamic":
+            return litert.quantize(self.source, "dynamic_wi8_afp32"), TFLITE_MEDIA
+        if b == "tfl-static":
+            if self.calib_feeds is None:
+                raise CompileError("NoCalibrationData", "static int8 needs calibration data")
+            if not litert.has_signatures(self.source):
+                raise CompileError("NeedsSignatures", "ai-edge-quantizer's static recipes need a model with "
+                                   "signatures; this .tflite has none")
+            return litert.quantize(self.source, "static_wi8_ai8", self.calib_batches()), TFLITE_MEDIA
+        if b in ("ov-fp32", "ov-int8"):
+            from . import openvino_passes
+
+            calib = self.calib_batches() if self.calib_feeds is not None else None
+            if b == "ov-int8" and calib is None:
+                raise CompileError("NoCalibrationData", "NNCF int8 needs calibration data")
+            return openvino_passes.build(self.base(), calib if b == "ov-int8" else None), OPENVINO_MEDIA
+        base = self.base()
+        if b == "none":
+            out = base
+        elif b == "fp16":
+            out = onnx_passes.to_fp16(base)
+        elif b == "dynamic-int8":
+            out = onnx_passes.dynamic_int8(base)
+        elif b == "static-int8":
+            if self.calib_feeds is None:
+                raise CompileError("NoCalibrationData", "static int8 needs calibration data (--calibration)")
+            out = onnx_passes.static_int8(base, self.calib_batches())
+        else:  # pragma: no cover
+            raise CompileError("PassFailed", f"unknown pass {b}")
+        if self.policy.sparsity > 0:
+            return onnx_passes.compress(out), onnx_passes.GZIP_MEDIA
+        return out, onnx_passes.ONNX_MEDIA
+
+    # -- measuring
+    def candidate(self, spec: Spec) -> Candidate:
+        key = (spec.build, spec.runtime)
+        if key in self.measured:
+            return replace(self.measured[key], latency=replace(self.measured[key].latency),
+                           metrics=replace(self.measured[key].metrics))
+        name = spec.name if self.policy.sparsity == 0 or self.fmt != "onnx" else (
+            f"pruned{int(self.policy.sparsity * 100)}-{spec.name}")
+        c = Candidate(name=name, format=spec.format, precision=spec.precision, quantization=spec.quantization,
+                      runtime=spec.runtime)
+        try:
+            data, media = self.build(spec)
+            self.work += 1
+            if spec.precision == "as-source":
+                c.precision = litert.weights_precision(data)
+            c.sha256, c.sizeBytes, c.mediaType = "sha256:" + sha256_hex(data), len(data), media
+            self.say(f"measure: {c.name} ({c.sizeBytes} bytes) in {spec.runtime}")
+            out = run_all(open_runner(spec.runtime, data, default_threads()), self.eval_feeds)
+            c.metrics = compare(self.ref_out, out, self.labels, self.synthetic)
+            threads = self.policy.threads or default_threads()
+            c.latency = latency(spec.runtime, data, self.feed1, self.policy.timingRuns, threads)
+            c.latency.measuredOn = f"{spec.runtime} CPU on this host"
+            c.withinBudget, c.budgetFailure = self.gate(c.metrics)
+        except CompileError as e:
+            c.state, c.reason, c.why = "Failed", e.reason, e.message + (f" Fix: {e.fix}" if e.fix else "")
+        except Exception as e:
+            c.state, c.reason = "Failed", "RunFailed"
+            c.why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        self.measured[key] = c
+        return replace(c, latency=replace(c.latency), metrics=replace(c.metrics))
+
+    def gate(self, m: Metrics) -> tuple[bool, str | None]:
+        b = self.budget
+        if b.maxAccuracyDrop is not None and m.accuracy is not None:
+            drop = (m.referenceAccuracy - m.accuracy) * 100
+            if drop > b.maxAccuracyDrop + 1e-9:
+                return False, (f"accuracy dropped {drop:.2f} points ({m.referenceAccuracy:.4f} -> {m.accuracy:.4f})"
+                               f" > maxAccuracyDrop {b.maxAccuracyDrop}")
+        elif b.maxAccuracyDrop is not None and b.minCosine is None and m.cosine is not None and m.cosine < 0.99:
+            return False, f"no labels to measure accuracy; cosine {m.cosine:.4f} < 0.99"
+        if b.minCosine is not None and m.cosine is not None and m.cosine < b.minCosine:
+            return False, f"cosine vs source {m.cosine:.4f} < minCosine {b.minCosine}"
+        return True, None
+
+
+def _select(cands: list[Candidate], target: Target, on_target: bool) -> Candidate | None:
+    ok = [c for c in cands if c.state != "Failed" and c.withinBudget]
+    if not ok:
+        return None
+    if on_target:
+        fastest = min(c.latency.p50Ms1 for c in ok)
+        near = [c for c in ok if c.latency.p50Ms1 <= fastest * (1 + FASTER_MARGIN)]
+        return min(near, key=lambda c: (c.sizeBytes, c.latency.p50Ms1))
+    order = _PREFERENCE.get(target.precision, ["none"])
+    return min(ok, key=lambda c: (order.index(c.quantization) if c.quantization in order else 99, c.sizeBytes))
+
+
+def _explain(cands: list[Candidate], chosen: Candidate | None, on_target: bool) -> None:
+    for c in cands:
+        if c is chosen:
+            c.state = "Chosen"
+            continue
+        if c.state == "Failed":
+            continue
+        c.state = "Lost"
+        if not c.withinBudget:
+            c.why = f"outside the accuracy budget: {c.budgetFailure}"
+        elif chosen is None:
+            c.why = "not chosen"
+        elif not on_target:
+            c.why = f"the target precision prefers {chosen.name}"
+        elif c.latency.p50Ms1 > chosen.latency.p50Ms1 * (1 + FASTER_MARGIN):
+            c.why = (f"slower: p50 {c.latency.p50Ms1:.3f} ms vs {chosen.latency.p50Ms1:.3f} ms "
+                     f"({c.latency.p50Ms1 / chosen.latency.p50Ms1:.2f}x)")
+        else:
+            c.why = f"as fast but larger: {c.sizeBytes} vs {chosen.sizeBytes} bytes"
+
+
+def _cache_key(src_digest: str, request: CompileRequest, target: Target, versions: dict[str, str],
+               data_digests: dict[str, str | None]) -> str:
+    pol = asdict(request.policy)
+    pol["calibration"] = data_digests.get("calibration")
+    pol["evaluation"] = data_digests.get("evaluation")
+    blob = json.dumps({"source": src_digest, "policy": pol, "target": target.to_dict(), "toolchain": versions},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _data_digest(p: Path | None) -> str | None:
+    if p is None:
+        return None
+    p = Path(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p.glob("*.npy")):
+            h.update(f.name.encode() + file_sha256(f).encode())
+        return h.hexdigest()
+    return file_sha256(p) if p.exists() else f"missing:{p}"
+
+
+def _annotations(v: VariantReport) -> dict[str, str]:
+    m = v.metrics or Metrics()
+    lat = v.latency or Latency()
+    ann = {
+        "org.opencontainers.image.title": f"{v.profile}.{v.format}",
+        "io.edgefleet.profile": v.profile, "io.edgefleet.format": str(v.format),
+        "io.edgefleet.precision": str(v.precision), "io.edgefleet.quantization": str(v.quantization),
+        "io.edgefleet.candidate": str(v.chosen), "io.edgefleet.sizeBytes": str(v.sizeBytes),
+        "io.edgefleet.latencyP50Ms": str(lat.p50Ms1), "io.edgefleet.latencyP95Ms": str(lat.p95Ms1),
+        "io.edgefleet.loadSeconds": str(lat.loadSeconds), "io.edgefleet.accuracyDelta": str(m.accuracyDelta),
+        "io.edgefleet.cosine": str(m.cosine), "io.edgefleet.target": json.dumps(v.target.to_dict(), sort_keys=True),
+    }
+    return {k: v for k, v in ann.items() if v != "None"}
+
+
+def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | None = None,
+                  progress: Progress | None = None) -> CompileResult:
+    """Compile ``request.source`` for every target; see the package docstring for the contract."""
+    say: Progress = progress or (lambda _m: None)
+    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("EDGEFLEET_CACHE", "~/.cache/edgefleet/compile"))
+    cache = cache.expanduser()
+    (cache / "variants").mkdir(parents=True, exist_ok=True)
+    if request.policy.quantization not in ("auto", "none", "fp16", "dynamic-int8", "static-int8"):
+        raise CompileError("InvalidRequest", f"unknown quantization {request.policy.quantization!r}",
+                           "use auto, none, fp16, dynamic-int8 or static-int8")
+    if not request.targets:
+        raise CompileError("InvalidRequest", "no target profiles", "pass at least one --profile")
+    versions = toolchain_versions()
+    say(f"source: {request.source}")
+    data, digest = fetch_source(request, cache)
+    fmt = "tflite" if litert.is_tflite(data) else "onnx"
+    data_digests = {"calibration": _data_digest(request.policy.calibration),
+                    "evaluation": _data_digest(request.policy.evaluation)}
+    name = request.name or Path(request.source.split("@")[0].rstrip("/")).stem or "model"
+    result = CompileResult(source=request.source, sourceDigest=digest, sourceFormat=fmt, sourceSizeBytes=len(data),
+                           variants={}, toolchain=versions)
+    todo: dict[str, tuple[Target, str]] = {}
+    for profile, target in sorted(request.targets.items()):
+        key = _cache_key(digest, request, target, versions, data_digests)
+        entry = cache / "variants" / key
+        if (entry / "report.json").exists():
+            v = VariantReport.from_dict(json.loads((entry / "report.json").read_text()))
+            v.profile, v.cacheHit = profile, True
+            say(f"{profile}: cache hit ({key[:12]})")
+            result.variants[profile] = v
+        else:
+            todo[profile] = (target, key)
+    session = None
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
+            session = _Session(request, data, fmt, say, Path(tmp))
+            for profile, (target, key) in todo.items():
+                say(f"{profile}: target {target.to_dict()}")
+                result.variants[profile] = _compile_one(session, profile, target, key, len(data), cache)
+    # publish (Ready variants only; the bytes come from the cache entry)
+    for profile, v in sorted(result.variants.items()):
+        if v.state != "Ready":
+            continue
+        blob = (cache / "variants" / v.cacheKey / "artifact").read_bytes()
+        if store is not None:
+            ref = store.put(blob, name=f"{name}-{profile}", media_type=v.mediaType or "application/octet-stream",
+                            annotations=_annotations(v), filename=f"model.{_ext(v)}")
+            v.artifact = ref.ref
+            say(f"{profile}: published {ref.ref}")
+        else:
+            v.artifact = (cache / "variants" / v.cacheKey / "artifact").as_uri()
+    result.workDone = session.work if session else 0
+    result.cacheHit = not todo
+    return result
+
+
+def _ext(v: VariantReport) -> str:
+    return {"onnx": "onnx.gz" if (v.mediaType or "").endswith("gzip") else "onnx", "tflite": "tflite",
+            "openvino": "ovzip"}.get(v.format or "", "bin")
+
+
+def _compile_one(s: _Session, profile: str, target: Target, key: str, src_size: int, cache: Path) -> VariantReport:
+    v = VariantReport(profile=profile, target=target, state="Failed", cacheKey=key, sourceSizeBytes=src_size)
+    specs, reason, message = plan(target, s.fmt, s.policy)
+    if reason:
+        v.reason, v.message = reason, message
+        s.say(f"{profile}: Failed {reason}: {message}")
+        return v
+    on_target, note = measurable(target)
+    cands = [s.candidate(sp) for sp in specs]
+    chosen = _select(cands, target, on_target)
+    _explain(cands, chosen, on_target)
+    v.candidates = cands
+    if chosen is None:
+        failed = [c for c in cands if c.state == "Failed"]
+        if len(failed) == len(cands):
+            v.reason = failed[0].reason or "PassFailed"
+            v.message = "; ".join(f"{c.name}: {c.why}" for c in cands)
+        else:
+            v.reason = "AccuracyBudgetExceeded"
+            v.message = "no candidate is inside the accuracy budget: " + "; ".join(
+                f"{c.name}: {c.budgetFailure or c.why}" for c in cands)
+        s.say(f"{profile}: Failed {v.reason}: {v.message}")
+        return v
+    v.state, v.chosen = "Ready", chosen.name
+    v.format, v.precision, v.quantization = chosen.format, chosen.precision, chosen.quantization
+    v.digest, v.sizeBytes, v.mediaType = chosen.sha256, chosen.sizeBytes, chosen.mediaType
+    v.latency, v.metrics, v.loadSeconds = chosen.latency, chosen.metrics, chosen.latency.loadSeconds
+    m = chosen.metrics
+    quality = (f"accuracy {m.accuracy:.4f} ({m.accuracyDelta:+.2f} points)" if m.accuracy is not None
+               else f"cosine {m.cosine:.4f}")
+    v.message = (f"{chosen.name}: {src_size / chosen.sizeBytes:.2f}x smaller than the source, p50 "
+                 f"{chosen.latency.p50Ms1:.3f} ms @1 thread, {quality}" + (f"; {note}" if note else ""))
+    # cache entry: artifact + report, written atomically (rename of a complete directory)
+    entry = cache / "variants" / key
+    tmp = cache / "variants" / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    data, _ = s.build(next(sp for sp in plan(target, s.fmt, s.policy)[0] if _name_of(s, sp) == chosen.name))
+    (tmp / "artifact").write_bytes(data)
+    (tmp / "report.json").write_text(json.dumps(v.to_dict(), indent=2, sort_keys=True, default=str))
+    if entry.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, entry)
+    s.say(f"{profile}: Ready {v.message}")
+    return v
+
+
+def _name_of(s: _Session, spec: Spec) -> str:
+    if s.policy.sparsity and s.fmt == "onnx":
+        return f"pruned{int(s.policy.sparsity * 100)}-{spec.name}"
+    return spec.name

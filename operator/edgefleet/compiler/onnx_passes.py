@@ -1,0 +1,182 @@
+"""ONNX passes: normalize, graph-optimize (fp32 baseline), fp16, dynamic/static int8, magnitude pruning.
+
+Each pass takes and returns serialized model bytes, so candidates are independent and hashable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .types import CompileError
+
+MIN_QUANT_OPSET = 13  # per-channel QDQ needs opset >= 13
+GZIP_MEDIA = "application/vnd.edgefleet.model.onnx+gzip"
+ONNX_MEDIA = "application/vnd.edgefleet.model.onnx"
+
+
+def load(data: bytes) -> onnx.ModelProto:
+    try:
+        return onnx.load_from_string(data)
+    except Exception as e:
+        raise CompileError(
+            "InvalidModel", f"the source is not a readable ONNX or TFLite model ({type(e).__name__}: {e})",
+            "check that the file is complete (not truncated) and is an .onnx or .tflite model",
+        ) from e
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 0
+
+
+def normalize(data: bytes) -> bytes:
+    """Constant-node weights -> initializers; opset upgraded to >= 13 where needed; validated."""
+    model = load(data)
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    keep = []
+    moved = 0
+    for node in g.node:
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+                and node.attribute[0].name == "value" and node.output[0] not in outputs):
+            t = onnx.TensorProto()
+            t.CopyFrom(node.attribute[0].t)
+            t.name = node.output[0]
+            g.initializer.append(t)
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del g.node[:]
+        g.node.extend(keep)
+    # initializers that are also graph inputs (old exporters) make them overridable: drop from inputs
+    init_names = {i.name for i in g.initializer}
+    if any(i.name in init_names for i in g.input) and model.ir_version >= 4:
+        real = [i for i in g.input if i.name not in init_names]
+        del g.input[:]
+        g.input.extend(real)
+    opset = default_opset(model)
+    if opset < MIN_QUANT_OPSET:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, MIN_QUANT_OPSET)
+        except Exception as e:
+            raise CompileError(
+                "UnsupportedOpset",
+                f"opset {opset} could not be upgraded to {MIN_QUANT_OPSET} ({e})",
+                f"re-export the model with opset >= {MIN_QUANT_OPSET}",
+            ) from e
+    return model.SerializeToString()
+
+
+def optimize(data: bytes, level: str = "basic") -> bytes:
+    """ONNX Runtime offline graph optimization (constant folding, redundant node removal).
+
+    ``basic`` keeps only standard ONNX ops, so the result runs on every ONNX runtime and EP.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
+    so.intra_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "opt.onnx"
+        so.optimized_model_filepath = str(out)
+        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(out))
+    model.producer_name = "edgefleet"
+    model.producer_version = ""
+    return model.SerializeToString()
+
+
+def to_fp16(data: bytes) -> bytes:
+    """fp16 weights and compute, fp32 inputs/outputs (onnxruntime.transformers' converter)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    m = OnnxModel(onnx.load_from_string(data))
+    m.convert_float_to_float16(keep_io_types=True)
+    return m.model.SerializeToString()
+
+
+def dynamic_int8(data: bytes) -> bytes:
+    """Dynamic int8: int8 per-channel weights, activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        src.write_bytes(data)
+        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+        return dst.read_bytes()
+
+
+class _Reader:
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self._it: Iterator[dict[str, np.ndarray]] = iter(batches)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def static_int8(data: bytes, calib: list[dict[str, np.ndarray]]) -> bytes:
+    """Static QDQ int8 (per-channel weights, MinMax calibration on the user's data)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        src.write_bytes(data)
+        quantize_static(
+            src, dst, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
+        return dst.read_bytes()
+
+
+def prune(data: bytes, sparsity: float) -> bytes:
+    """Magnitude pruning: zero the smallest |w| fraction of each Conv/Gemm/MatMul weight tensor."""
+    model = onnx.load_from_string(data)
+    weight_inputs = set()
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(node.input) > 1:
+            weight_inputs.add(node.input[1])
+    for i, init in enumerate(model.graph.initializer):
+        if init.name not in weight_inputs or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(init).copy()
+        if w.ndim < 2 or w.size < 16:
+            continue
+        k = int(w.size * sparsity)
+        if k == 0:
+            continue
+        thresh = np.partition(np.abs(w).ravel(), k - 1)[k - 1]
+        w[np.abs(w) <= thresh] = 0.0
+        model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, init.name))
+    return model.SerializeToString()
+
+
+def compress(data: bytes) -> bytes:
+    """gzip with a fixed header (mtime 0), so equal bytes give equal digests."""
+    return gzip.compress(data, compresslevel=9, mtime=0)
+
+
+def decompress_if_gzip(data: bytes) -> bytes:
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+PASSES: dict[str, Callable[..., bytes]] = {
+    "fp16": to_fp16, "dynamic-int8": dynamic_int8, "static-int8": static_int8,
+}

@@ -1,0 +1,59 @@
+"""HardwareProfile targets from YAML: the built-in set or a user file (dicts only; no API import)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from .types import CompileError, Target
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+# Used only while operator/edgefleet/profiles/*.yaml does not exist yet; same names as the chart.
+FALLBACK = {
+    "cpu-amd64": Target("onnx", "int8", "onnxruntime", "cpu"),
+    "cpu-arm64": Target("onnx", "int8", "onnxruntime", "cpu"),
+    "nvidia-gpu": Target("onnx", "fp16", "onnxruntime", "cuda"),
+    "nvidia-jetson": Target("onnx", "int8", "onnxruntime", "tensorrt"),
+    "coral-edgetpu": Target("tflite", "int8", "litert", None, "libedgetpu.so.1"),
+    "intel-openvino": Target("openvino", "int8", "openvino", "openvino"),
+}
+
+
+def _docs(path: Path):
+    with open(path) as f:
+        yield from (d for d in yaml.safe_load_all(f) if d)
+
+
+def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Target]:
+    """Profile name -> Target from ``path`` (a YAML file or directory of them; multi-document and
+    ``kind: List`` allowed) or, when None, from the built-in ``edgefleet/profiles/*.yaml``."""
+    if path is None:
+        files = sorted(BUILTIN_DIR.glob("*.yaml")) if BUILTIN_DIR.is_dir() else []
+        if not files:
+            return dict(FALLBACK)
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise CompileError("InvalidRequest", f"profiles file {p} does not exist", "check --profiles-file")
+        files = sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")) if p.is_dir() else [p]
+    out: dict[str, Target] = {}
+    for f in files:
+        try:
+            docs = list(_docs(f))
+        except yaml.YAMLError as e:
+            raise CompileError("InvalidRequest", f"{f} is not valid YAML ({e})", "fix the YAML syntax") from e
+        for doc in docs:
+            items = doc.get("items", []) if doc.get("kind") == "List" else [doc]
+            for item in items:
+                if not isinstance(item, dict) or item.get("kind", "HardwareProfile") != "HardwareProfile":
+                    continue
+                name = (item.get("metadata") or {}).get("name")
+                target = (item.get("spec") or {}).get("target")
+                if not name or not isinstance(target, dict):
+                    raise CompileError("InvalidRequest", f"{f}: a HardwareProfile without metadata.name or "
+                                       "spec.target", "give every profile a name and a spec.target")
+                out[name] = Target.from_dict(target)
+    return out

@@ -1,0 +1,236 @@
+"""Request, policy, target and report types of the compiler (plain dataclasses, camelCase on the wire)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Quantization = Literal["auto", "none", "fp16", "dynamic-int8", "static-int8"]
+QUANTIZATIONS = ("auto", "none", "fp16", "dynamic-int8", "static-int8")
+
+
+class CompileError(Exception):
+    """A request-level problem: nothing was compiled or published.
+
+    ``reason`` is CamelCase (DigestMismatch, InvalidModel, UnsupportedOpset, InvalidData, MissingExtra,
+    SourceUnavailable, InvalidRequest), ``message`` names the cause and ``fix`` says what to do.
+    """
+
+    def __init__(self, reason: str, message: str, fix: str = ""):
+        super().__init__(f"{reason}: {message}" + (f" Fix: {fix}" if fix else ""))
+        self.reason = reason
+        self.message = message
+        self.fix = fix
+
+    def to_status_variant(self, profile: str) -> dict[str, Any]:
+        """The EdgeModel status variant for ``profile`` when the whole request failed."""
+        return {
+            "profile": profile, "format": None, "precision": None, "quantization": None, "artifact": None,
+            "digest": None, "sizeBytes": None, "latencyP50Ms": None, "accuracyDelta": None,
+            "state": "Failed", "reason": self.reason,
+            "message": self.message + (f" Fix: {self.fix}" if self.fix else ""),
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    """HardwareProfile.spec.target."""
+
+    format: str = "onnx"  # onnx | tflite | openvino | coreml
+    precision: str = "fp32"  # fp32 | fp16 | int8 (the lowest precision the hardware class accepts)
+    runtime: str = "onnxruntime"  # onnxruntime | litert | openvino | coreml
+    executionProvider: str | None = None  # cpu | cuda | tensorrt | openvino
+    delegate: str | None = None  # e.g. libedgetpu.so.1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Target:
+        known = {k: d.get(k) for k in ("format", "precision", "runtime", "executionProvider", "delegate")}
+        return cls(**{k: v for k, v in known.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """maxAccuracyDrop in percentage points of top-1 (needs labels), minCosine 0..1 vs the source outputs.
+
+    When neither is set: 1.0 point with labels, else cosine >= 0.99.
+    """
+
+    maxAccuracyDrop: float | None = None
+    minCosine: float | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """EdgeModel.spec.optimization, with data refs resolved to local paths."""
+
+    quantization: str = "auto"
+    sparsity: float = 0.0
+    calibration: Path | None = None  # .npz file, .npy file or a directory of .npy files
+    evaluation: Path | None = None
+    accuracyBudget: AccuracyBudget = field(default_factory=AccuracyBudget)
+    timingRuns: int = 50  # timed runs per thread setting (warm-up excluded)
+    threads: int | None = None  # "N threads" for the second latency figure; default os.cpu_count()
+
+
+@dataclass(frozen=True)
+class CompileRequest:
+    """source: a path, https:// URL or oci://host[:port]/repo(:tag|@sha256:..); digest: expected sha256."""
+
+    source: str
+    targets: dict[str, Target]
+    policy: Policy = field(default_factory=Policy)
+    digest: str | None = None
+    name: str | None = None  # model name used in artifact refs; default: source file stem
+
+
+@dataclass
+class Metrics:
+    samples: int = 0
+    synthetic: bool = False  # evaluated on generated inputs (no evaluation data given)
+    accuracy: float | None = None  # top-1 vs labels, 0..1
+    referenceAccuracy: float | None = None
+    accuracyDelta: float | None = None  # points, candidate - source (negative = drop)
+    agreement: float | None = None  # top-1 agreement with the source outputs
+    cosine: float | None = None  # mean per-sample cosine vs the source outputs
+    minCosine: float | None = None
+    maxAbsDiff: float | None = None
+
+
+@dataclass
+class Latency:
+    loadSeconds: float | None = None
+    p50Ms1: float | None = None
+    p95Ms1: float | None = None
+    threadsN: int | None = None
+    p50MsN: float | None = None
+    p95MsN: float | None = None
+    measuredOn: str = ""  # e.g. "onnxruntime CPUExecutionProvider on this host"
+
+
+@dataclass
+class Candidate:
+    name: str  # e.g. fp32, fp16, dynamic-int8, static-int8, litert-dynamic-int8, openvino-int8
+    format: str
+    precision: str
+    quantization: str
+    runtime: str
+    state: str = "Built"  # Built | Failed | Chosen | Lost
+    sha256: str | None = None
+    sizeBytes: int | None = None
+    mediaType: str | None = None
+    latency: Latency = field(default_factory=Latency)
+    metrics: Metrics = field(default_factory=Metrics)
+    withinBudget: bool | None = None
+    budgetFailure: str | None = None  # names the metric that failed
+    why: str | None = None  # why it lost / failed
+    reason: str | None = None  # CamelCase reason when it failed to build/run
+
+
+@dataclass
+class VariantReport:
+    profile: str
+    target: Target
+    state: str  # Ready | Failed
+    reason: str | None = None
+    message: str = ""
+    chosen: str | None = None
+    format: str | None = None
+    precision: str | None = None
+    quantization: str | None = None
+    artifact: str | None = None
+    digest: str | None = None
+    sizeBytes: int | None = None
+    mediaType: str | None = None
+    sourceSizeBytes: int | None = None
+    loadSeconds: float | None = None
+    latency: Latency | None = None
+    metrics: Metrics | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    cacheKey: str = ""
+    cacheHit: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target"] = self.target.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VariantReport:
+        d = dict(d)
+        d["target"] = Target.from_dict(d["target"])
+        d["latency"] = Latency(**d["latency"]) if d.get("latency") else None
+        d["metrics"] = Metrics(**d["metrics"]) if d.get("metrics") else None
+        cands = []
+        for c in d.get("candidates", []):
+            c = dict(c)
+            c["latency"] = Latency(**c["latency"])
+            c["metrics"] = Metrics(**c["metrics"])
+            cands.append(Candidate(**c))
+        d["candidates"] = cands
+        return cls(**d)
+
+    def to_status(self) -> dict[str, Any]:
+        """The EdgeModel ``status.variants[]`` entry (docs/api-contract.md), exactly those keys."""
+        return {
+            "profile": self.profile,
+            "format": self.format,
+            "precision": self.precision,
+            "quantization": self.quantization,
+            "artifact": self.artifact,
+            "digest": self.digest,
+            "sizeBytes": self.sizeBytes,
+            "latencyP50Ms": self.latency.p50Ms1 if self.latency else None,
+            "accuracyDelta": self.metrics.accuracyDelta if self.metrics else None,
+            "state": self.state,
+            "reason": self.reason,
+            "message": self.message,
+        }
+
+
+@dataclass
+class CompileResult:
+    source: str
+    sourceDigest: str
+    sourceFormat: str
+    sourceSizeBytes: int
+    variants: dict[str, VariantReport]
+    cacheHit: bool = False  # every variant came from the cache
+    workDone: int = 0  # candidates built and measured in this call (0 on a full cache hit)
+    toolchain: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(v.state == "Ready" for v in self.variants.values())
+
+    def to_status(self) -> list[dict[str, Any]]:
+        """EdgeModel ``status.variants`` (one entry per profile, sorted by profile name)."""
+        return [self.variants[k].to_status() for k in sorted(self.variants)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "sourceDigest": self.sourceDigest, "sourceFormat": self.sourceFormat,
+            "sourceSizeBytes": self.sourceSizeBytes, "cacheHit": self.cacheHit, "workDone": self.workDone,
+            "toolchain": self.toolchain,
+            "variants": {k: v.to_dict() for k, v in sorted(self.variants.items())},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
