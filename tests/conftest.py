@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator["edgefleet.devcluster.Cluster"]:  # noqa: F821
+def cluster() -> Iterator[edgefleet.devcluster.Cluster]:  # noqa: F821
     """The local control plane: reused when EDGEFLEET_KUBECONFIG names a running one, else started."""
     from edgefleet.devcluster import session_cluster
 

@@ -73,6 +73,10 @@ class Fleet(BaseModel):
         ]
 
 
+_NODE_INFO = ["machineID", "systemUUID", "bootID", "kernelVersion", "osImage", "containerRuntimeVersion",
+              "kubeletVersion", "kubeProxyVersion"]
+
+
 def _node(cls: NodeClass, index: int) -> dict:
     name = f"{cls.name}-{index}"
     labels = {"kubernetes.io/os": "linux", **cls.labels, "kubernetes.io/hostname": name, "type": "kwok"}
@@ -89,7 +93,7 @@ def _node(cls: NodeClass, index: int) -> dict:
         "status": {
             "capacity": cls.capacity,
             "allocatable": cls.capacity,
-            "nodeInfo": {"architecture": arch, "operatingSystem": "linux"},
+            "nodeInfo": {"architecture": arch, "operatingSystem": "linux", **dict.fromkeys(_NODE_INFO, "")},
         },
     }
 

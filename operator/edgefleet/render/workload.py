@@ -1,0 +1,209 @@
+"""Manifests for one hardware class of an EdgeDeployment: a DaemonSet (PerNode) or a Deployment
+(Replicas) that fetches the class's variant into the node cache and serves it, plus the Service."""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..api import EdgeDeployment, HardwareProfile, Variant
+from .placement import higher_priority, node_affinity
+
+RUNTIME_UID = 65532
+CACHE_MOUNT = "/var/lib/edgefleet/cache"
+DIGEST_ANNOTATION = "edgefleet.io/variant-digest"
+MANAGED_BY = "edgefleet"
+
+
+def child_name(deployment: str, profile: str) -> str:
+    """<deployment>-<profile>, shortened with a hash when it would pass 63 characters."""
+    name = f"{deployment}-{profile}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-')}-{digest}"
+
+
+def child_labels(deployment: str, profile: str | None = None) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/name": "edgefleet-runtime",
+        "app.kubernetes.io/instance": deployment,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "edgefleet.io/deployment": deployment,
+    }
+    if profile:
+        labels["app.kubernetes.io/component"] = profile
+        labels["edgefleet.io/profile"] = profile
+    return labels
+
+
+def owner_reference(ed: EdgeDeployment) -> dict:
+    return {
+        "apiVersion": ed.api_version,
+        "kind": ed.kind,
+        "name": ed.metadata["name"],
+        "uid": ed.metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(ed: EdgeDeployment, name: str, labels: dict[str, str]) -> dict:
+    return {
+        "name": name,
+        "namespace": ed.metadata["namespace"],
+        "labels": labels,
+        "ownerReferences": [owner_reference(ed)],
+    }
+
+
+def _restricted(privileged: bool) -> dict:
+    if privileged:  # stated by the profile: the device needs it
+        return {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUNTIME_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _resources(profile: HardwareProfile) -> dict:
+    extended = {k: str(v) for k, v in (profile.spec.extended_resources or {}).items()}
+    return {"requests": {"cpu": "100m", "memory": "128Mi", **extended}, "limits": {"memory": "1Gi", **extended}}
+
+
+def _blob(node_cache: str, digest: str) -> str:
+    return f"{CACHE_MOUNT}/sha256/{digest.split(':', 1)[1]}" if node_cache else digest
+
+
+def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, insecure: bool) -> tuple[list, list]:
+    model = ed.spec.model_ref.name
+    port = ed.spec.runtime.port
+    mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
+    device_mounts = [
+        {"name": f"dev-{m.name}", "mountPath": m.mount_path, "readOnly": m.read_only}
+        for m in profile.spec.device_mounts or []
+    ]
+    fetch_args = ["fetch", f"--ref={variant.artifact}", f"--digest={variant.digest}", f"--cache={CACHE_MOUNT}",
+                  f"--name={model}"]
+    if insecure:
+        fetch_args.append("--insecure")
+    init = {
+        "name": "fetch-model",
+        "image": profile.spec.runtime_image,
+        "command": ["edgefleet-runtime"],
+        "args": fetch_args,
+        "volumeMounts": mounts,
+        "securityContext": _restricted(False),
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+    }
+    serve_args = ["serve", f"--model={_blob(CACHE_MOUNT, variant.digest)}", f"--digest={variant.digest}",
+                  f"--name={model}", f"--port={port}"]
+    if ed.spec.runtime.threads:
+        serve_args.append(f"--threads={ed.spec.runtime.threads}")
+    probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
+    serve = {
+        "name": "runtime",
+        "image": profile.spec.runtime_image,
+        "command": ["edgefleet-runtime"],
+        "args": serve_args,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": "http"}, "failureThreshold": 6},
+        "resources": _resources(profile),
+        "volumeMounts": [{**m, "readOnly": True} for m in mounts] + device_mounts,
+        "securityContext": _restricted(profile.spec.privileged),
+        "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}],
+    }
+    return [init], [serve]
+
+
+def _volumes(profile: HardwareProfile, node_cache: str) -> list[dict]:
+    volumes = [{"name": "model-cache", "hostPath": {"path": node_cache, "type": "DirectoryOrCreate"}}]
+    volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.spec.device_mounts or []]
+    return volumes
+
+
+def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: bool) -> dict:
+    labels = child_labels(ed.metadata["name"], profile.metadata["name"])
+    init, containers = _containers(ed, profile, variant, insecure)
+    affinity = node_affinity(
+        [profile.spec.node_selector, ed.spec.node_selector],
+        [p.spec.node_selector for p in higher_priority(profile, profiles)],
+    )
+    spec = {
+        "initContainers": init,
+        "containers": containers,
+        "volumes": _volumes(profile, node_cache),
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in profile.spec.tolerations],
+        "securityContext": {"runAsNonRoot": not profile.spec.privileged, "fsGroup": RUNTIME_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if affinity is not None:
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": affinity}}
+    if profile.spec.runtime_class_name:
+        spec["runtimeClassName"] = profile.spec.runtime_class_name
+    return {"metadata": {"labels": labels, "annotations": {DIGEST_ANNOTATION: variant.digest}}, "spec": spec}
+
+
+def render_class(
+    ed: EdgeDeployment,
+    profile: HardwareProfile,
+    variant: Variant,
+    profiles: list[HardwareProfile],
+    node_cache: str,
+    replicas: int | None = None,
+    insecure: bool = False,
+) -> dict:
+    """The DaemonSet (PerNode) or Deployment (Replicas; `replicas` for this class) serving `variant`."""
+    name = child_name(ed.metadata["name"], profile.metadata["name"])
+    labels = child_labels(ed.metadata["name"], profile.metadata["name"])
+    template = _pod_template(ed, profile, variant, profiles, node_cache, insecure)
+    max_unavailable = ed.spec.rollout.max_unavailable
+    spec = {
+        "selector": {"matchLabels": labels},
+        "template": template,
+        "minReadySeconds": ed.spec.rollout.health_gate.min_ready_seconds,
+        "revisionHistoryLimit": 5,
+    }
+    if ed.spec.mode == "PerNode":
+        spec["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable}}
+        kind = "DaemonSet"
+    else:
+        spec["replicas"] = replicas if replicas is not None else 0
+        spec["strategy"] = {"type": "RollingUpdate",
+                            "rollingUpdate": {"maxUnavailable": max_unavailable, "maxSurge": 0}}
+        spec["progressDeadlineSeconds"] = ed.spec.rollout.health_gate.timeout_seconds
+        kind = "Deployment"
+    return {"apiVersion": "apps/v1", "kind": kind, "metadata": _metadata(ed, name, labels), "spec": spec}
+
+
+def render_service(ed: EdgeDeployment) -> dict:
+    name = ed.metadata["name"]
+    labels = child_labels(name)
+    spec = {
+        "type": ed.spec.service.type,
+        "selector": labels,
+        "ports": [{"name": "http", "port": ed.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+    }
+    if ed.spec.service.type == "ClusterIP":
+        spec["internalTrafficPolicy"] = "Local"  # serve on the node the request came from
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(ed, name, labels), "spec": spec}
+
+
+def split_replicas(total: int, nodes_per_class: dict[str, int]) -> dict[str, int]:
+    """Spread `total` replicas over classes in proportion to their node counts (largest remainder)."""
+    nodes = sum(nodes_per_class.values())
+    if nodes == 0:
+        return {c: 0 for c in nodes_per_class}
+    exact = {c: total * n / nodes for c, n in nodes_per_class.items()}
+    share = {c: int(v) for c, v in exact.items()}
+    left = total - sum(share.values())
+    for c in sorted(exact, key=lambda c: (share[c] - exact[c], c))[:left]:
+        share[c] += 1
+    return share

@@ -1,0 +1,45 @@
+"""Operator settings: one typed object, read once from EDGEFLEET_* environment variables at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_store() -> str:
+    return str(Path.home() / ".cache" / "edgefleet" / "artifacts")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="ignore")
+
+    namespace: str = "edgefleet-system"
+    """Namespace the operator runs in (its Secrets and compile Jobs live there)."""
+    artifact_store: str = Field(default_factory=_default_store)
+    """Where compiled variants go: `oci://host[:port]/repository` or a local directory."""
+    artifact_insecure: bool = False
+    """Talk plain HTTP to the OCI registry (loopback and lab registries)."""
+    artifact_username: str | None = None
+    artifact_password: str | None = None
+    compile_executor: Literal["inline", "job"] = "inline"
+    """`inline` compiles in the operator process; `job` runs `edgefleet compile` in a Kubernetes Job."""
+    compiler_image: str = "ghcr.io/edgefleet/compiler:0.1.0"
+    compile_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "edgefleet" / "compile")
+    node_cache: str = "/var/lib/edgefleet/cache"
+    """hostPath on every edge node where variants are cached by digest."""
+    watch_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Namespaces to watch (comma-separated in the environment); empty means all."""
+    resync_seconds: float = 60.0
+    """How often every object is reconciled even when nothing changed."""
+    settle_seconds: float = 0.5
+    """How long a burst of changes is collected before one reconcile runs."""
+    field_manager: str = "edgefleet"
+    log_level: str = "INFO"
+
+    @field_validator("watch_namespaces", mode="before")
+    @classmethod
+    def _split(cls, value):
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
