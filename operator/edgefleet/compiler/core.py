@@ -308,7 +308,13 @@ class _Session:
         if b == "tfl-source":
             return self.source, TFLITE_MEDIA
         if b == "tfl-dynamic":
-            return litert.quantize(self.source, "dynamic_wi8_afp32"), TFLITE_MEDIA
+            out = litert.quantize(self.source, "dynamic_wi8_afp32")
+            if len(out) > 0.9 * len(self.source):
+                raise CompileError("NothingQuantized", (
+                    f"ai-edge-quantizer quantized no weights ({len(self.source)} -> {len(out)} bytes): the float "
+                    f"weights are stored {litert.weights_precision(self.source)} behind DEQUANTIZE ops"),
+                    "give a float32 .tflite export to quantize")
+            return out, TFLITE_MEDIA
         if b == "tfl-static":
             if self.calib_feeds is None:
                 raise CompileError("NoCalibrationData", "static int8 needs calibration data")
