@@ -3,7 +3,9 @@
 Public helpers:
 - `load(obj)`: a manifest dict -> HardwareProfile | EdgeModel | EdgeDeployment (by kind).
 - `label_selector_matches(selector, labels)`: metav1.LabelSelector semantics, pure.
+- `best_profile(profiles, labels)`: the HardwareProfile a node belongs to (highest priority wins).
 - `builtin_profiles()`: the HardwareProfiles edgefleet ships (operator/edgefleet/profiles/*.yaml).
+- `format_errors(validation_error)`: pydantic errors worded like the API server's (`spec.x: message`).
 Dump any model to its wire form with `model.to_dict()`.
 """
 
@@ -27,6 +29,7 @@ from .base import (
     LabelSelectorRequirement,
     Model,
     Rule,
+    format_errors,
     label_selector_matches,
 )
 from .models import (
@@ -74,6 +77,15 @@ def load(obj: dict[str, Any]) -> Resource:
     return cls.model_validate(obj)
 
 
+def best_profile(profiles: list[HardwareProfile], labels: dict[str, str]) -> HardwareProfile | None:
+    """The profile a node with `labels` belongs to: the highest priority among the profiles whose
+    nodeSelector matches, ties broken by name (alphabetical first); None when none matches."""
+    matching = [p for p in profiles if label_selector_matches(p.spec.node_selector, labels)]
+    if not matching:
+        return None
+    return min(matching, key=lambda p: (-p.spec.priority, p.metadata.get("name", "")))
+
+
 def builtin_profiles() -> list[HardwareProfile]:
     """The built-in HardwareProfiles (cpu-amd64, cpu-arm64, nvidia-jetson, nvidia-gpu,
     coral-edgetpu, intel-openvino), sorted by name."""
@@ -90,5 +102,6 @@ __all__ = [
     "EdgeModelStatus", "HardwareProfile", "HardwareProfileSpec", "HardwareProfileStatus", "HealthGate",
     "LabelSelector", "LabelSelectorRequirement", "Model", "ModelRef", "ObjectBase", "Optimization",
     "Resource", "Rollout", "Rule", "RuntimeSettings", "ServiceSettings", "Source", "Target",
-    "TargetProfiles", "Toleration", "Variant", "builtin_profiles", "label_selector_matches", "load",
+    "TargetProfiles", "Toleration", "Variant", "best_profile", "builtin_profiles", "format_errors",
+    "label_selector_matches", "load",
 ]

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 GROUP = "edgefleet.io"
 VERSION = "v1alpha1"
@@ -29,12 +30,30 @@ class Rule(NamedTuple):
     field_path: str | None = None  # CEL fieldPath relative to the object, e.g. ".replicas"
 
 
+def rule_error(rule: Rule) -> PydanticCustomError:
+    """The pydantic error for a broken rule; `format_errors` adds its fieldPath to the location."""
+    return PydanticCustomError("edgefleet_rule", rule.message, {"field_path": rule.field_path or ""})
+
+
+def format_errors(error: ValidationError) -> list[str]:
+    """Pydantic errors as the API server words them: `spec.rollout.waves: <message>`, with list
+    indexes in brackets and a rule's fieldPath appended to the location."""
+    lines = []
+    for e in error.errors(include_url=False):
+        path = ""
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        path += (e.get("ctx") or {}).get("field_path", "")
+        lines.append(f"{path}: {e['msg']}" if path else e["msg"])
+    return lines
+
+
 def checked(rule: Rule) -> tuple[Rule, AfterValidator]:
     """Annotated metadata that applies `rule` to a single value (CRD and pydantic alike)."""
 
     def _validate(value: Any) -> Any:
         if not rule.check(value):
-            raise ValueError(rule.message)
+            raise rule_error(rule)
         return value
 
     return rule, AfterValidator(_validate)
@@ -56,7 +75,7 @@ class Model(BaseModel):
     def _check_rules(self) -> Model:
         for rule in type(self).cel_rules:
             if not rule.check(self):
-                raise ValueError(rule.message)
+                raise rule_error(rule)
         return self
 
     def to_dict(self) -> dict[str, Any]:
