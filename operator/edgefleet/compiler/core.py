@@ -528,6 +528,7 @@ def _compile_one(s: _Session, profile: str, target: Target, key: str, src_size: 
     if reason:
         v.reason, v.message = reason, message
         s.say(f"{profile}: Failed {reason}: {message}")
+        _store_failure(cache, key, v)
         return v
     on_target, note = measurable(target)
     cands = [s.candidate(sp) for sp in specs]
@@ -544,6 +545,8 @@ def _compile_one(s: _Session, profile: str, target: Target, key: str, src_size: 
             v.message = "no candidate is inside the accuracy budget: " + "; ".join(
                 f"{c.name}: {c.budgetFailure or c.why}" for c in cands)
         s.say(f"{profile}: Failed {v.reason}: {v.message}")
+        if v.reason not in ("RunFailed", "PassFailed"):  # deterministic outcomes only
+            _store_failure(cache, key, v)
         return v
     v.state, v.chosen = "Ready", chosen.name
     v.format, v.precision, v.quantization = chosen.format, chosen.precision, chosen.quantization
@@ -568,6 +571,14 @@ def _compile_one(s: _Session, profile: str, target: Target, key: str, src_size: 
         os.replace(tmp, entry)
     s.say(f"{profile}: Ready {v.message}")
     return v
+
+
+def _store_failure(cache: Path, key: str, v: VariantReport) -> None:
+    entry = cache / "variants" / key
+    entry.mkdir(parents=True, exist_ok=True)
+    tmp = entry / f".report-{os.getpid()}"
+    tmp.write_text(json.dumps(v.to_dict(), indent=2, sort_keys=True, default=str))
+    os.replace(tmp, entry / "report.json")
 
 
 def _name_of(s: _Session, spec: Spec) -> str:
