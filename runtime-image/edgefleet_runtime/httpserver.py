@@ -11,6 +11,7 @@ keep-alive connections, and wait for busy ones up to a deadline.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from http import HTTPStatus
 log = logging.getLogger("edgefleet_runtime.http")
 
 MAX_LINE = 8192
+_VERSION = re.compile(r"^HTTP/[0-9]\.[0-9]$")
 MAX_HEADERS = 100
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -257,6 +259,8 @@ class HTTPServer:
             method, path, version = line.decode("latin-1").rstrip("\r\n").split(" ")
         except ValueError:
             raise HTTPError(400, "malformed HTTP request line") from None
+        if not method.isalpha() or not path.startswith("/") or not _VERSION.match(version):
+            raise HTTPError(400, "malformed HTTP request line")
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise HTTPError(505, f"HTTP version {version!r} is not supported")
         headers: dict[str, str] = {}

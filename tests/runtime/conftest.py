@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
 
+REPO_FIXTURES = models.REPO / "tests" / "fixtures" / "models"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,8 +34,23 @@ class Server:
         self.port = free_port()
         self.name = name
         self.log_path = tmp / f"server-{self.port}.log"
-        args = [sys.executable, "-m", "edgefleet_runtime.cli", "serve", "--model", str(model),
-                "--name", name, "--host", "127.0.0.1", "--port", str(self.port), "--threads", "1", *extra]
+        args = [
+            sys.executable,
+            "-m",
+            "edgefleet_runtime.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--name",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--threads",
+            "1",
+            *extra,
+        ]
         if digest:
             args += ["--digest", digest]
         self._log = open(self.log_path, "wb")
@@ -70,7 +87,9 @@ class Server:
 
     def infer_json(self, payload: dict, name: str | None = None):
         status, headers, body = self.request(
-            "POST", f"/v2/models/{name or self.name}/infer", json.dumps(payload).encode(),
+            "POST",
+            f"/v2/models/{name or self.name}/infer",
+            json.dumps(payload).encode(),
             {"Content-Type": "application/json"},
         )
         return status, json.loads(body) if body else None

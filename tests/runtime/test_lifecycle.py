@@ -14,8 +14,9 @@ import onnxruntime as ort
 from conftest import make_cache
 
 X = np.random.default_rng(7).uniform(0, 16, (1, 1, 8, 8)).astype(np.float32)
-BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                               "data": X.ravel().tolist()}]}).encode()
+BODY = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": X.ravel().tolist()}]}
+).encode()
 
 
 def _expected(*variants):
@@ -99,14 +100,20 @@ def test_hot_reload_under_load_has_zero_failed_requests(start_server, tmp_path, 
         make_cache(cache, *digits_v1)  # the node cache now points at v1: the watcher swaps
         load.wait_for(v1)
         # the load API (repository extension) swaps back to v0 by digest from the cache
-        status, _, body = s.request("POST", "/v2/repository/models/digits/load",
-                                    json.dumps({"parameters": {"digest": digits[1]}}).encode())
+        status, _, body = s.request(
+            "POST", "/v2/repository/models/digits/load", json.dumps({"parameters": {"digest": digits[1]}}).encode()
+        )
         assert status == 200, body
         assert json.loads(body)["version"] == v0
         load.wait_for(v0)
         # a load whose bytes do not match the digest is refused and the old model keeps serving
-        status, _, body = s.request("POST", "/v2/repository/models/digits/load", json.dumps(
-            {"parameters": {"digest": digits[1], "path": str(cache / "sha256" / v1_hex(digits_v1))}}).encode())
+        status, _, body = s.request(
+            "POST",
+            "/v2/repository/models/digits/load",
+            json.dumps(
+                {"parameters": {"digest": digits[1], "path": str(cache / "sha256" / v1_hex(digits_v1))}}
+            ).encode(),
+        )
         assert status == 409 and "digest mismatch" in json.loads(body)["error"]
         load.wait_for(v0)
     finally:

@@ -50,13 +50,23 @@ def test_json_infer_matches_onnxruntime(server, reference):
 
 def test_binary_infer_matches_onnxruntime(server, reference):
     x = _x(3, seed=1)
-    header = json.dumps({
-        "inputs": [{"name": "input", "shape": [3, 1, 8, 8], "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes}}],
-        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [3, 1, 8, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     status, headers, body = server.request(
-        "POST", "/v2/models/digits/infer", header + x.tobytes(),
+        "POST",
+        "/v2/models/digits/infer",
+        header + x.tobytes(),
         {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
     )
     assert status == 200, body
@@ -157,10 +167,16 @@ def test_unknown_model(server):
 
 
 def test_binary_size_mismatch(server):
-    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 100}}]}).encode()
-    status, body = _raw(server, "/v2/models/digits/infer", header + b"\0" * 100,
-                        {"Inference-Header-Content-Length": str(len(header))})
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 100}}
+            ]
+        }
+    ).encode()
+    status, body = _raw(
+        server, "/v2/models/digits/infer", header + b"\0" * 100, {"Inference-Header-Content-Length": str(len(header))}
+    )
     assert status == 400 and "binary_data_size 100" in body["error"]
     status, body = _raw(server, "/v2/models/digits/infer", header, {"Inference-Header-Content-Length": "99999"})
     assert status == 400 and "Inference-Header-Content-Length" in body["error"]
