@@ -1,0 +1,86 @@
+"""``edgefleet compile``: the compiler on a laptop or in a compile Job (progress on stderr)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .types import QUANTIZATIONS, AccuracyBudget, CompileError, CompileRequest, Policy
+
+EXIT_VARIANT_FAILED = 1  # the request was fine, but at least one profile has no variant
+EXIT_BAD_INPUT = 2  # nothing was compiled or published
+
+
+@click.command("compile")
+@click.argument("source")
+@click.option("--profile", "profiles", multiple=True, help="Hardware profile name (repeatable). Default: all.")
+@click.option("--profiles-file", type=click.Path(dir_okay=True), default=None,
+              help="HardwareProfile YAML file or directory (default: the built-in profiles).")
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default="auto", show_default=True)
+@click.option("--sparsity", type=float, default=0.0, show_default=True, help="Magnitude pruning fraction 0..0.95.")
+@click.option("--calibration", type=click.Path(), default=None, help=".npz or directory of .npy for static int8.")
+@click.option("--eval", "evaluation", type=click.Path(), default=None,
+              help=".npz or directory of .npy (input names as keys, labels as y).")
+@click.option("--max-accuracy-drop", type=float, default=None, help="Accuracy budget in top-1 points.")
+@click.option("--min-cosine", type=float, default=None, help="Accuracy budget: cosine vs the source outputs.")
+@click.option("--digest", default=None, help="Expected sha256:<hex> of the source.")
+@click.option("--out", "out", required=True, help="Output directory or oci://HOST:PORT/REPO.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
+@click.option("--cache-dir", type=click.Path(), default=None, envvar="EDGEFLEET_CACHE",
+              help="Compile cache (default ~/.cache/edgefleet/compile).")
+@click.option("--timing-runs", type=int, default=50, show_default=True, help="Timed runs per latency figure.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def compile_command(source, profiles, profiles_file, quantization, sparsity, calibration, evaluation,
+                    max_accuracy_drop, min_cosine, digest, out, report, cache_dir, timing_runs, quiet):
+    """Compile SOURCE (.onnx/.tflite path, https:// or oci://) into one measured variant per profile."""
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice goes to the root logger
+    from ..artifacts import StoreError, open_store
+    from .core import compile_model
+    from .profiles import load_profiles
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[compile] {msg}", err=True)
+
+    try:
+        all_profiles = load_profiles(profiles_file)
+        names = list(profiles) or sorted(all_profiles)
+        unknown = [n for n in names if n not in all_profiles]
+        if unknown:
+            raise CompileError("InvalidRequest", f"unknown profile(s) {unknown}; known: {sorted(all_profiles)}",
+                               "pass --profiles-file with your HardwareProfile YAML or pick a built-in name")
+        for label, p in (("calibration", calibration), ("evaluation", evaluation)):
+            if p and not Path(p).exists():
+                raise CompileError("InvalidData", f"{label} data {p} does not exist", "check the path")
+        policy = Policy(
+            quantization=quantization, sparsity=sparsity,
+            calibration=Path(calibration) if calibration else None,
+            evaluation=Path(evaluation) if evaluation else None,
+            accuracyBudget=AccuracyBudget(maxAccuracyDrop=max_accuracy_drop, minCosine=min_cosine),
+            timingRuns=timing_runs,
+        )
+        request = CompileRequest(source=source, targets={n: all_profiles[n] for n in names}, policy=policy,
+                                 digest=digest)
+        store = open_store(out)
+        result = compile_model(request, store=store, cache_dir=cache_dir, progress=say)
+    except CompileError as e:
+        click.echo(f"error: {e.reason}: {e.message}", err=True)
+        if e.fix:
+            click.echo(f"  fix: {e.fix}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except StoreError as e:
+        click.echo(f"error: ArtifactStoreFailed: {e}", err=True)
+        click.echo("  fix: check --out (directory writable, or the registry reachable)", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    if report:
+        Path(report).write_text(result.to_json())
+    for name, v in sorted(result.variants.items()):
+        if v.state == "Ready":
+            click.echo(f"{name}\tReady\t{v.chosen}\t{v.digest}\t{v.sizeBytes}\t{v.artifact}"
+                       + ("\t(cached)" if v.cacheHit else ""))
+        else:
+            click.echo(f"{name}\tFailed\t{v.reason}\t{v.message}")
+    sys.exit(0 if result.ok else EXIT_VARIANT_FAILED)
