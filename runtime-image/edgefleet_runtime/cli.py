@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="auto",
+        default=os.environ.get("EDGEFLEET_BACKEND", "auto"),
         help="auto picks from the file: .tflite -> litert, OpenVINO IR -> openvino, else onnxruntime",
     )
     s.add_argument(
         "--execution-provider",
         choices=EXECUTION_PROVIDERS,
-        default="auto",
+        default=os.environ.get("EDGEFLEET_EXECUTION_PROVIDER", "auto"),
         help="onnxruntime execution provider (auto = TensorRT/CUDA/OpenVINO when present, then CPU)",
     )
     s.add_argument(
