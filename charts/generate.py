@@ -65,10 +65,15 @@ def _indent(text: str, n: int) -> str:
     return "".join(pad + line if line.strip() else line for line in text.splitlines(keepends=True))
 
 
+def _check_metadata(meta: dict, source: str) -> None:
+    extra = set(meta) - {"name", "labels", "annotations"}
+    if extra:
+        raise ValueError(f"{source}: unexpected metadata fields {sorted(extra)}")
+
+
 def crd_template(doc: dict, source: str) -> str:
     meta = doc["metadata"]
-    if set(meta) - {"name", "labels", "annotations"}:
-        raise ValueError(f"{source}: unexpected metadata fields {sorted(set(meta) - {'name', 'labels', 'annotations'})}")
+    _check_metadata(meta, source)
     body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
     annotations = meta.get("annotations") or {}
     out = [
@@ -105,8 +110,7 @@ PROFILE_HOOK = """\
 
 def profile_template(doc: dict, source: str) -> str:
     meta = doc["metadata"]
-    if set(meta) - {"name", "labels", "annotations"}:
-        raise ValueError(f"{source}: unexpected metadata fields {sorted(set(meta) - {'name', 'labels', 'annotations'})}")
+    _check_metadata(meta, source)
     body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
     api = doc["apiVersion"]
     annotations = meta.get("annotations") or {}

@@ -1,0 +1,375 @@
+"""The Helm chart: lint, render with default and non-default values, schema rejections, least-privilege
+RBAC, and the CRD/profile templates staying in sync with crds/ and operator/edgefleet/profiles/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from edgefleet.devcluster import components
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "edgefleet"
+KUBE_VERSION = components.KUBE_VERSION  # helm built from source defaults to v1.20; the chart needs >=1.28
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory) -> callable:
+    binary = components.binary_path("helm")
+    if not binary.exists():
+        pytest.skip(f"helm is not built yet ({binary} missing): run `edgefleet cluster build`")
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+           "HELM_DATA_HOME": str(home / "data")}
+    env.pop("KUBECONFIG", None)
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+def template(helm, *args: str, namespace: str = "edgefleet-system", check: bool = True):
+    return helm("template", "ef", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION,
+                *args, check=check)
+
+
+def render(helm, *args: str, namespace: str = "edgefleet-system") -> list[dict]:
+    return [d for d in yaml.safe_load_all(template(helm, *args, namespace=namespace).stdout) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def operator_container(docs: list[dict]) -> dict:
+    (dep,) = by_kind(docs, "Deployment")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container["env"]}
+
+
+# ---------------------------------------------------------------- lint and defaults
+
+
+def test_lint(helm):
+    out = helm("lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION)
+    assert "0 chart(s) failed" in out.stdout
+
+
+def test_lint_with_non_default_values(helm):
+    helm("lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION,
+         "--set", "compile.executor=job", "--set", "serviceMonitor.enabled=true",
+         "--set", "artifactStore.url=oci://registry.example/edgefleet", "--set", "artifactStore.credentialsSecret=reg")
+
+
+def test_defaults_render_everything(helm):
+    docs = render(helm)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds.count("CustomResourceDefinition") == 3
+    assert kinds.count("HardwareProfile") == 6
+    for kind in ("Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+                 "Service"):
+        assert kind in kinds, kind
+    assert "ServiceMonitor" not in kinds
+    for crd in by_kind(docs, "CustomResourceDefinition"):
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_operator_deployment_defaults(helm):
+    docs = render(helm)
+    (dep,) = by_kind(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = operator_container(docs)
+    assert dep["spec"]["replicas"] == 1
+    assert dep["metadata"]["namespace"] == "edgefleet-system"
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert c["image"] == f"ghcr.io/edgefleet/operator:{app_version}"
+    assert c["command"] == ["edgefleet"]
+    assert c["args"] == ["operator", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"healthz": 8080, "metrics": 9090}
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["runAsNonRoot"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert pod["serviceAccountName"] == "ef-edgefleet"
+    env = env_of(c)
+    assert env["EDGEFLEET_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["EDGEFLEET_COMPILE_EXECUTOR"]["value"] == "inline"
+    assert env["EDGEFLEET_WATCH_NAMESPACES"]["value"] == ""
+    assert env["EDGEFLEET_ARTIFACT_STORE"]["value"] == ""
+    assert env["EDGEFLEET_ARTIFACT_INSECURE"]["value"] == "false"
+    assert env["EDGEFLEET_NODE_CACHE"]["value"] == "/var/lib/edgefleet/cache"
+    assert env["EDGEFLEET_LOG_LEVEL"]["value"] == "INFO"
+    assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == c["image"]
+    assert json.loads(env["EDGEFLEET_COMPILE_RESOURCES"]["value"])["requests"]["memory"] == "2Gi"
+    assert "EDGEFLEET_ARTIFACT_USERNAME" not in env
+    # a read-only root filesystem needs writable scratch space
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp", "/var/lib/edgefleet"}
+
+
+def test_non_default_values(helm):
+    docs = render(
+        helm,
+        "--set", "replicaCount=2",
+        "--set", "image.tag=9.9.9",
+        "--set", "watchNamespaces={edge-a,edge-b}",
+        "--set", "artifactStore.url=oci://registry.example:5000/edgefleet/variants",
+        "--set", "artifactStore.insecure=true",
+        "--set", "artifactStore.credentialsSecret=registry-creds",
+        "--set", "compile.executor=job",
+        "--set", "compile.image.repository=ghcr.io/edgefleet/compiler",
+        "--set", "nodeCache.hostPath=/data/edgefleet",
+        "--set", "logLevel=DEBUG",
+        "--set", "serviceMonitor.enabled=true",
+        "--set", "serviceMonitor.labels.release=prom",
+        "--set", "crds.enabled=false",
+        "--set", "profiles.builtin.enabled=false",
+        "--set", "nodeSelector.role=infra",
+        "--set", "tolerations[0].key=dedicated",
+        "--set", "tolerations[0].operator=Exists",
+        namespace="ops",
+    )
+    kinds = [d["kind"] for d in docs]
+    assert "CustomResourceDefinition" not in kinds and "HardwareProfile" not in kinds
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    c = operator_container(docs)
+    assert c["image"] == "ghcr.io/edgefleet/operator:9.9.9"
+    env = env_of(c)
+    assert env["EDGEFLEET_WATCH_NAMESPACES"]["value"] == "edge-a,edge-b"
+    assert env["EDGEFLEET_ARTIFACT_STORE"]["value"] == "oci://registry.example:5000/edgefleet/variants"
+    assert env["EDGEFLEET_ARTIFACT_INSECURE"]["value"] == "true"
+    assert env["EDGEFLEET_ARTIFACT_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "registry-creds",
+                                                                               "key": "username"}
+    assert env["EDGEFLEET_ARTIFACT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "registry-creds",
+                                                                               "key": "password"}
+    assert env["EDGEFLEET_COMPILE_EXECUTOR"]["value"] == "job"
+    assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == "ghcr.io/edgefleet/compiler:0.1.0"
+    assert env["EDGEFLEET_NODE_CACHE"]["value"] == "/data/edgefleet"
+    assert env["EDGEFLEET_LOG_LEVEL"]["value"] == "DEBUG"
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "role": "infra"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["metadata"]["namespace"] == "ops"
+    (svc,) = by_kind(docs, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_rbac_and_service_account_can_be_turned_off(helm):
+    docs = render(helm, "--set", "rbac.create=false", "--set", "serviceAccount.create=false",
+                  "--set", "serviceAccount.name=my-operator")
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"}
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "my-operator"
+
+
+def test_crds_keep_can_be_turned_off(helm):
+    for crd in by_kind(render(helm, "--set", "crds.keep=false"), "CustomResourceDefinition"):
+        assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+
+
+def test_profiles_are_a_post_install_hook_until_the_kind_is_known(helm):
+    # Helm builds every object of a release before creating any: a HardwareProfile in the same first
+    # install as its CRD must be created after it (a hook), later upgrades adopt them.
+    for profile in by_kind(render(helm), "HardwareProfile"):
+        ann = profile["metadata"]["annotations"]
+        assert ann["helm.sh/hook"] == "post-install"
+        assert ann["meta.helm.sh/release-name"] == "ef"
+        assert ann["meta.helm.sh/release-namespace"] == "edgefleet-system"
+    known = render(helm, "--api-versions", "edgefleet.io/v1alpha1/HardwareProfile")
+    for profile in by_kind(known, "HardwareProfile"):
+        assert "helm.sh/hook" not in profile["metadata"]["annotations"]
+
+
+# ---------------------------------------------------------------- values.schema.json
+
+
+@pytest.mark.parametrize(
+    ("flag", "named", "says"),
+    [
+        ("compile.executor=docker", "compile/executor", "inline"),
+        ("replicaCount=-1", "replicaCount", "minimum"),
+        ("artifactStore.url=http://registry.example/x", "artifactStore/url", "pattern"),
+        ("logLevel=verbose", "logLevel", "DEBUG"),
+        ("watchNamespaces={Bad_NS}", "watchNamespaces", "pattern"),
+        ("nodeCache.hostPath=relative/path", "nodeCache/hostPath", "pattern"),
+        ("no.such.key=1", "additional properties 'no' not allowed", ""),
+    ],
+)
+def test_schema_rejects_bad_values(helm, flag, named, says):
+    proc = template(helm, "--set", flag, check=False)
+    assert proc.returncode != 0, f"--set {flag} was accepted"
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert named in proc.stderr and says in proc.stderr, proc.stderr
+
+
+def test_schema_rejects_non_integer_replicas(helm, tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text("replicaCount: 1.5\n")
+    proc = template(helm, "-f", str(values), check=False)
+    assert proc.returncode != 0
+    assert "replicaCount" in proc.stderr and "integer" in proc.stderr, proc.stderr
+
+
+def test_service_monitor_needs_the_metrics_service(helm):
+    proc = template(helm, "--set", "serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false",
+                    check=False)
+    assert proc.returncode != 0
+    assert "serviceMonitor.enabled needs metrics.service.enabled" in proc.stderr
+
+
+# ---------------------------------------------------------------- RBAC
+
+
+EXPECTED_CLUSTER_RULES = {
+    ("edgefleet.io", "hardwareprofiles"): {"get", "list", "watch", "patch", "update"},
+    ("edgefleet.io", "edgemodels"): {"get", "list", "watch", "patch", "update"},
+    ("edgefleet.io", "edgedeployments"): {"get", "list", "watch", "patch", "update"},
+    ("edgefleet.io", "hardwareprofiles/status"): {"get", "patch", "update"},
+    ("edgefleet.io", "edgemodels/status"): {"get", "patch", "update"},
+    ("edgefleet.io", "edgedeployments/status"): {"get", "patch", "update"},
+    ("edgefleet.io", "hardwareprofiles/finalizers"): {"update"},
+    ("edgefleet.io", "edgemodels/finalizers"): {"update"},
+    ("edgefleet.io", "edgedeployments/finalizers"): {"update"},
+    ("apps", "daemonsets"): {"get", "list", "watch", "create", "patch", "update", "delete"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "update", "delete"},
+    ("", "services"): {"get", "list", "watch", "create", "patch", "update", "delete"},
+    ("", "configmaps"): {"get", "list", "watch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("", "namespaces"): {"get", "list", "watch"},
+}
+EXPECTED_ROLE_RULES = {
+    ("", "secrets"): {"get", "list", "watch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+}
+
+
+def _grants(role: dict) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_rbac_has_no_wildcards(helm):
+    docs = render(helm)
+    roles = by_kind(docs, "ClusterRole") + by_kind(docs, "Role")
+    assert len(roles) == 2
+    for role in roles:
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                for item in rule.get(key, []):
+                    assert "*" not in item, f"{role['kind']} {role['metadata']['name']}: wildcard in {key}: {rule}"
+
+
+def test_rbac_is_exactly_what_the_operator_uses(helm):
+    docs = render(helm, namespace="ops")
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    (role,) = by_kind(docs, "Role")
+    assert _grants(cluster_role) == EXPECTED_CLUSTER_RULES
+    assert _grants(role) == EXPECTED_ROLE_RULES
+    assert role["metadata"]["namespace"] == "ops"
+    # Secrets only through the namespaced Role, never cluster-wide
+    assert not any(r == "secrets" for _, r in _grants(cluster_role))
+    (sa,) = by_kind(docs, "ServiceAccount")
+    for binding in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "ops"}]
+    (crb,) = by_kind(docs, "ClusterRoleBinding")
+    (rb,) = by_kind(docs, "RoleBinding")
+    assert crb["roleRef"]["name"] == cluster_role["metadata"]["name"] and crb["roleRef"]["kind"] == "ClusterRole"
+    assert rb["roleRef"]["name"] == role["metadata"]["name"] and rb["roleRef"]["kind"] == "Role"
+    assert rb["metadata"]["namespace"] == "ops"
+
+
+# ---------------------------------------------------------------- drift from crds/ and the profiles
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("chart_generate", REPO / "charts" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chart_crds_and_profiles_match_their_sources(tmp_path):
+    """Fails when crds/ or operator/edgefleet/profiles/ changed and `python charts/generate.py` was not run."""
+    proc = subprocess.run(["python", str(REPO / "charts" / "generate.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    templates = CHART / "templates"
+    for sub in ("crds", "profiles"):
+        generated = sorted(p.name for p in (tmp_path / sub).glob("*.yaml"))
+        in_chart = sorted(p.name for p in (templates / sub).glob("*.yaml"))
+        assert generated == in_chart, f"templates/{sub}: run `python charts/generate.py`"
+        for name in generated:
+            assert (templates / sub / name).read_text() == (tmp_path / sub / name).read_text(), (
+                f"charts/edgefleet/templates/{sub}/{name} drifted from its source: run `python charts/generate.py`"
+            )
+
+
+def test_chart_crds_render_to_exactly_the_generated_crds(helm):
+    """Rendered through Helm, each CRD equals crds/<file> apart from the release metadata."""
+    rendered = {d["metadata"]["name"]: d for d in by_kind(render(helm), "CustomResourceDefinition")}
+    sources = {p.name.removesuffix(".yaml"): yaml.safe_load(p.read_text()) for p in (REPO / "crds").glob("*.yaml")}
+    assert rendered.keys() == sources.keys()
+    for name, source in sources.items():
+        got = rendered[name]
+        assert got["spec"] == source["spec"], name
+        assert source["metadata"]["labels"].items() <= got["metadata"]["labels"].items()
+    profiles = {d["metadata"]["name"]: d["spec"] for d in by_kind(render(helm), "HardwareProfile")}
+    builtin = [yaml.safe_load(p.read_text()) for p in (REPO / "operator" / "edgefleet" / "profiles").glob("*.yaml")]
+    assert profiles == {d["metadata"]["name"]: d["spec"] for d in builtin}
+
+
+def test_drift_check_notices_a_change(tmp_path):
+    gen = _generator()
+    crds = tmp_path / "crds"
+    crds.mkdir()
+    for p in (REPO / "crds").glob("*.yaml"):
+        (crds / p.name).write_text(p.read_text())
+    first = next(iter(sorted(crds.glob("*.yaml"))))
+    doc = yaml.safe_load(first.read_text())
+    doc["spec"]["names"]["shortNames"].append("drifted")
+    first.write_text(yaml.safe_dump(doc))
+    problems = gen.drift(gen.render(crds=crds))
+    assert any(first.name in p for p in problems), problems
+    assert gen.drift(gen.render()) == []
+
+
+def test_templates_escape_go_template_braces():
+    gen = _generator()
+    text = gen.crd_template(
+        {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+         "metadata": {"name": "x.edgefleet.io"}, "spec": {"description": "use {{ .Values }}"}},
+        "test",
+    )
+    assert '{{ "{{" }} .Values }}' in text
