@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     """`inline` compiles in the operator process; `job` runs `edgefleet compile` in a Kubernetes Job."""
     compiler_image: str = "ghcr.io/edgefleet/compiler:0.1.0"
     compile_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "edgefleet" / "compile")
+    compile_timing_runs: int = 30
+    """Timed inference runs per candidate when the compiler measures latency."""
     node_cache: str = "/var/lib/edgefleet/cache"
     """hostPath on every edge node where variants are cached by digest."""
     watch_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -310,7 +310,8 @@ def up(name: str = "default", fleet: str | Path | None = None, scale: int | None
        echo: Callable[[str], None] = print, timeout: float = 180) -> Cluster:
     """Build what is missing, start the control plane, create the fleet, wait until every node is Ready."""
     state = state_dir(name)
-    nodes = load_fleet(fleet).nodes(scale)  # validate before touching anything
+    fleet_spec = load_fleet(fleet)  # validate before touching anything
+    nodes = fleet_spec.nodes(scale)
     with _up_lock(state):
         if is_running(name):
             echo(f"cluster {name!r} is already running (kubeconfig {state / 'kubeconfig'}); "
@@ -323,7 +324,7 @@ def up(name: str = "default", fleet: str | Path | None = None, scale: int | None
         started = time.monotonic()
         try:
             cluster = _start_all(state, echo, timeout)
-            _create_fleet(cluster, nodes, echo, timeout)
+            _create_fleet(cluster, fleet_spec.cluster_objects() + nodes, echo, timeout)
         except BaseException:
             echo(f"start failed; logs are in {state / 'logs'}")
             _teardown(state, keep_logs=True)
@@ -362,10 +363,11 @@ def _start_all(state: Path, echo, timeout: float) -> Cluster:
     return Cluster(state)
 
 
-def _create_fleet(cluster: Cluster, nodes: list[dict], echo, timeout: float) -> None:
+def _create_fleet(cluster: Cluster, objects: list[dict], echo, timeout: float) -> None:
+    nodes = [o for o in objects if o["kind"] == "Node"]
     echo(f"creating {len(nodes)} kwok nodes")
-    for i in range(0, len(nodes), 500):
-        batch = {"apiVersion": "v1", "kind": "List", "items": nodes[i:i + 500]}
+    for i in range(0, len(objects), 500):
+        batch = {"apiVersion": "v1", "kind": "List", "items": objects[i:i + 500]}
         cluster.kubectl("create", "-f", "-", input=json.dumps(batch), timeout=300)
     last = [-1]
 

@@ -60,11 +60,28 @@ class NodeClass(BaseModel):
         return check_labels(v)
 
 
+class RuntimeClass(BaseModel):
+    """A RuntimeClass the fleet's nodes offer (e.g. `nvidia`, installed by the NVIDIA GPU operator)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    handler: str
+
+
 class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid")
     apiVersion: Literal["edgefleet.io/v1alpha1"] = "edgefleet.io/v1alpha1"
     kind: Literal["Fleet"] = "Fleet"
     classes: list[NodeClass] = Field(min_length=1)
+    runtimeClasses: list[RuntimeClass] = []
+
+    def cluster_objects(self) -> list[dict]:
+        """Cluster-scoped objects the fleet brings besides its nodes."""
+        return [
+            {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": rc.name},
+             "handler": rc.handler}
+            for rc in self.runtimeClasses
+        ]
 
     def nodes(self, scale: int | None = None) -> list[dict]:
         """Node manifests; `scale` overrides every class's count."""

@@ -1,1 +1,115 @@
-"""edgefleet.handlers."""
+"""Kopf handlers: thin. Watch events mark objects dirty; the controller's workers reconcile them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from ..kube import GROUP, VERSION, Kube
+from ..reconcile import reconcile_deployment, reconcile_model
+from ..settings import Settings
+from .controller import Controller
+
+log = logging.getLogger("edgefleet.handlers")
+MANAGED = {"app.kubernetes.io/managed-by": "edgefleet"}
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    config = Settings()
+    logging.getLogger("edgefleet").setLevel(config.log_level.upper())
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="edgefleet.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="edgefleet.io")
+    settings.persistence.finalizer = "edgefleet.io/finalizer"
+    settings.posting.enabled = False  # we post our own events, on transitions only
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 120
+    kube = Kube.connect(config.field_manager)
+    ctl = Controller(kube, config)
+    ctl.add_queue("EdgeModel", lambda ns, name, world: reconcile_model(kube, config, ns, name, world), 2)
+    ctl.add_queue("EdgeDeployment", lambda ns, name, world: reconcile_deployment(kube, config, ns, name, world), 8)
+    memo.controller = ctl
+    memo.stopped = asyncio.Event()
+    memo.tasks = [asyncio.create_task(ctl.run(q, memo.stopped)) for q in ctl.queues.values()]
+    memo.tasks.append(asyncio.create_task(ctl.resync(memo.stopped)))
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_) -> None:
+    memo.stopped.set()
+    for task in memo.tasks:
+        task.cancel()
+
+
+def _track(queue, key, event_type: str) -> bool:
+    """Remember or forget an object; True when it still exists."""
+    if event_type == "DELETED":
+        queue.known.discard(key)
+        queue.dirty.discard(key)
+        return False
+    queue.known.add(key)
+    return True
+
+
+@kopf.on.event(GROUP, VERSION, "edgemodels")
+def model_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+    ctl: Controller = memo.controller
+    if _track(ctl.queues["EdgeModel"], (namespace, name), type):
+        ctl.queues["EdgeModel"].mark((namespace, name))
+    for key, model in ctl.model_of.items():
+        if key[0] == namespace and model == name:
+            ctl.queues["EdgeDeployment"].mark(key)
+
+
+@kopf.on.event(GROUP, VERSION, "edgedeployments")
+def deployment_event(type: str, name: str, namespace: str, spec, memo: kopf.Memo, **_) -> None:
+    ctl: Controller = memo.controller
+    key = (namespace, name)
+    if _track(ctl.queues["EdgeDeployment"], key, type):
+        ctl.model_of[key] = spec.get("modelRef", {}).get("name", "")
+        ctl.queues["EdgeDeployment"].mark(key)
+    else:
+        ctl.model_of.pop(key, None)
+
+
+@kopf.on.event(GROUP, VERSION, "hardwareprofiles")
+def profile_event(type: str, name: str, body, memo: kopf.Memo, **_) -> None:
+    ctl: Controller = memo.controller
+    if type == "DELETED":
+        ctl.profiles.pop(name, None)
+    else:
+        obj = dict(body)
+        if ctl.profiles.get(name, {}).get("spec") == obj.get("spec") and type is not None:
+            return
+        ctl.profiles[name] = obj
+    ctl.fleet_changed()
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(type: str, name: str, labels, memo: kopf.Memo, **_) -> None:
+    ctl: Controller = memo.controller
+    if type == "DELETED":
+        ctl.nodes.pop(name, None)
+    elif ctl.nodes.get(name) == dict(labels):
+        return  # a status or heartbeat update: nothing that places workloads changed
+    else:
+        ctl.nodes[name] = dict(labels)
+    ctl.fleet_changed()
+
+
+def _child_event(namespace: str, labels, memo: kopf.Memo) -> None:
+    owner = labels.get("edgefleet.io/deployment")
+    if owner:
+        memo.controller.queues["EdgeDeployment"].mark((namespace, owner))
+
+
+@kopf.on.event("apps", "v1", "daemonsets", labels=MANAGED)
+def daemonset_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
+    _child_event(namespace, labels, memo)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+def workload_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
+    _child_event(namespace, labels, memo)

@@ -1,1 +1,7 @@
-"""edgefleet.reconcile."""
+"""Level-based reconcilers: read the world, compute the desired state, apply the difference."""
+
+from .deployment import reconcile_deployment
+from .model import reconcile_model
+from .world import World
+
+__all__ = ["World", "reconcile_deployment", "reconcile_model"]

@@ -1,0 +1,102 @@
+"""Work queue between Kopf's watch events and the level-based reconcilers.
+
+Events only mark objects dirty; a worker per kind waits a short settle time (so a burst of node
+events causes one reconcile), then reconciles each dirty object in a thread. The same object is never
+reconciled twice at once, failures retry with backoff, and a resync marks everything now and then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..kube import Kube
+from ..reconcile import World
+from ..settings import Settings
+
+log = logging.getLogger("edgefleet.controller")
+Key = tuple[str, str]  # (namespace, name)
+MAX_BACKOFF = 60.0
+
+
+@dataclass
+class Queue:
+    name: str
+    reconcile: Callable[[str, str, World], None]
+    concurrency: int
+    dirty: set[Key] = field(default_factory=set)
+    known: set[Key] = field(default_factory=set)
+    running: set[Key] = field(default_factory=set)
+    failures: dict[Key, int] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def mark(self, key: Key) -> None:
+        self.dirty.add(key)
+        self.wake.set()
+
+    def mark_all(self) -> None:
+        for key in self.known:
+            self.mark(key)
+
+
+@dataclass
+class Controller:
+    kube: Kube
+    settings: Settings
+    nodes: dict[str, dict[str, str]] = field(default_factory=dict)
+    profiles: dict[str, dict] = field(default_factory=dict)
+    model_of: dict[Key, str] = field(default_factory=dict)  # EdgeDeployment -> its EdgeModel name
+    queues: dict[str, Queue] = field(default_factory=dict)
+
+    def world(self) -> World:
+        from ..reconcile.world import parse_profiles
+
+        return World(dict(self.nodes), parse_profiles(list(self.profiles.values())))
+
+    def add_queue(self, name: str, reconcile: Callable[[str, str, World], None], concurrency: int) -> Queue:
+        self.queues[name] = Queue(name, reconcile, concurrency)
+        return self.queues[name]
+
+    def fleet_changed(self) -> None:
+        for q in self.queues.values():
+            q.mark_all()
+
+    async def run(self, queue: Queue, stopped: asyncio.Event) -> None:
+        slots = asyncio.Semaphore(queue.concurrency)
+        tasks: set[asyncio.Task] = set()
+        while not stopped.is_set():
+            await queue.wake.wait()
+            await asyncio.sleep(self.settings.settle_seconds)
+            queue.wake.clear()
+            ready = queue.dirty - queue.running
+            queue.dirty -= ready
+            for key in sorted(ready):
+                await slots.acquire()
+                queue.running.add(key)
+                task = asyncio.create_task(self._one(queue, key, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        for task in tasks:
+            task.cancel()
+
+    async def _one(self, queue: Queue, key: Key, slots: asyncio.Semaphore) -> None:
+        try:
+            await asyncio.to_thread(queue.reconcile, key[0], key[1], self.world())
+            queue.failures.pop(key, None)
+        except Exception as err:  # noqa: BLE001 - any failure is retried, never fatal
+            count = queue.failures[key] = queue.failures.get(key, 0) + 1
+            delay = min(MAX_BACKOFF, 2.0 ** count)
+            log.warning("%s %s/%s failed (attempt %d, retry in %.0fs): %s", queue.name, *key, count, delay, err)
+            asyncio.get_running_loop().call_later(delay, queue.mark, key)
+        finally:
+            queue.running.discard(key)
+            slots.release()
+            if key in queue.dirty:
+                queue.wake.set()
+
+    async def resync(self, stopped: asyncio.Event) -> None:
+        while not stopped.is_set():
+            await asyncio.sleep(self.settings.resync_seconds)
+            self.fleet_changed()

@@ -1,0 +1,130 @@
+"""The one module that talks to the Kubernetes API: reads, server-side apply, status patches, events."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+
+GROUP, VERSION = "edgefleet.io", "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# kind -> (apiVersion, plural, namespaced)
+KINDS = {
+    "HardwareProfile": (API_VERSION, "hardwareprofiles", False),
+    "EdgeModel": (API_VERSION, "edgemodels", True),
+    "EdgeDeployment": (API_VERSION, "edgedeployments", True),
+    "DaemonSet": ("apps/v1", "daemonsets", True),
+    "Deployment": ("apps/v1", "deployments", True),
+    "Service": ("v1", "services", True),
+    "ConfigMap": ("v1", "configmaps", True),
+    "Node": ("v1", "nodes", False),
+    "Event": ("v1", "events", True),
+    "Job": ("batch/v1", "jobs", True),
+}
+
+
+class NotFound(LookupError):
+    pass
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, body: str):
+        try:
+            message = json.loads(body).get("message", body)
+        except ValueError:
+            message = body
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def _path(kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
+    api_version, plural, namespaced = KINDS[kind]
+    path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    if namespaced and namespace:
+        path += f"/namespaces/{namespace}"
+    path += f"/{plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+@dataclass
+class Kube:
+    api: client.ApiClient
+    field_manager: str = "edgefleet"
+
+    @classmethod
+    def connect(cls, field_manager: str = "edgefleet", kubeconfig: str | None = None) -> Kube:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config(config_file=kubeconfig)
+        return cls(client.ApiClient(), field_manager)
+
+    def _call(self, method: str, path: str, body: Any = None, query: list | None = None,
+              content_type: str = "application/json") -> Any:
+        _, url, headers, data, _ = self.api.param_serialize(
+            method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+        )
+        response = self.api.call_api(method, url, header_params=headers, body=data, _request_timeout=60)
+        payload = response.read()
+        if response.status == 404:
+            raise NotFound(path)
+        if response.status >= 400:
+            raise ApiError(response.status, payload.decode(errors="replace"))
+        return json.loads(payload) if payload else None
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
+        return self._call("GET", _path(kind, namespace, name))
+
+    def find(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        try:
+            return self.get(kind, name, namespace)
+        except NotFound:
+            return None
+
+    def list(self, kind: str, namespace: str | None = None, labels: dict[str, str] | None = None) -> list[dict]:
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items()))] if labels else []
+        return self._call("GET", _path(kind, namespace), query=query).get("items", [])
+
+    def apply(self, obj: dict) -> dict:
+        """Server-side apply with our field manager; we own every field we set."""
+        meta = obj["metadata"]
+        return self._call(
+            "PATCH", _path(obj["kind"], meta.get("namespace"), meta["name"]), body=obj,
+            query=[("fieldManager", self.field_manager), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        try:
+            self._call("DELETE", _path(kind, namespace, name), body={"propagationPolicy": "Background"})
+        except NotFound:
+            pass
+
+    def patch_status(self, kind: str, name: str, namespace: str | None, status: dict) -> dict:
+        return self._call("PATCH", _path(kind, namespace, name, "status"), body={"status": status},
+                          content_type="application/merge-patch+json")
+
+    def event(self, obj: dict, reason: str, message: str, type_: str = "Normal") -> None:
+        meta = obj["metadata"]
+        now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+        namespace = meta.get("namespace") or "default"
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": namespace},
+            "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
+                               "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+            "reason": reason, "message": message[:1024], "type": type_,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": "edgefleet-operator"}, "reportingComponent": "edgefleet.io/operator",
+        }
+        self._call("POST", _path("Event", namespace), body=body)

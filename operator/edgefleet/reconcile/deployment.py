@@ -1,0 +1,133 @@
+"""EdgeDeployment: one workload per hardware class that has matching nodes and a ready variant."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from ..api import EdgeDeployment, EdgeModel, Variant, label_selector_matches
+from ..kube import Kube
+from ..render import child_labels, render_class, render_service, resolve_nodes, split_replicas
+from ..settings import Settings
+from .conditions import flipped, set_condition, without_times
+from .world import World
+
+log = logging.getLogger(__name__)
+WORKLOAD_KINDS = ("DaemonSet", "Deployment")
+
+
+def _ready_variants(model: dict | None) -> dict[str, Variant]:
+    if model is None:
+        return {}
+    em = EdgeModel.model_validate(model)
+    variants = em.status.variants if em.status else []
+    return {v.profile: v for v in variants or [] if v.state == "Ready" and v.digest and v.artifact}
+
+
+def _class_counts(obj: dict) -> tuple[int, int, int]:
+    st = obj.get("status", {})
+    if obj["kind"] == "DaemonSet":
+        return st.get("desiredNumberScheduled", 0), st.get("numberReady", 0), st.get("updatedNumberScheduled", 0)
+    return obj["spec"].get("replicas", 0), st.get("readyReplicas", 0), st.get("updatedReplicas", 0)
+
+
+def _observed(obj: dict) -> bool:
+    return obj.get("status", {}).get("observedGeneration", 0) >= obj["metadata"].get("generation", 0)
+
+
+def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: str, world: World | None = None) -> None:
+    raw = kube.find("EdgeDeployment", name, namespace)
+    if raw is None or raw["metadata"].get("deletionTimestamp"):
+        return  # owner references let the garbage collector remove what we made
+    ed = EdgeDeployment.model_validate(raw)
+    world = world or World.read(kube)
+    model = kube.find("EdgeModel", ed.spec.model_ref.name, namespace)
+    variants = _ready_variants(model)
+
+    fleet = {n: labels for n, labels in world.nodes.items() if label_selector_matches(ed.spec.node_selector, labels)}
+    placement = resolve_nodes(fleet, world.profiles)
+    per_class = Counter(p for p in placement.values() if p)
+    unmatched = sum(1 for p in placement.values() if p is None)
+    profiles = {p.metadata["name"]: p for p in world.profiles}
+    replicas = split_replicas(ed.spec.replicas or 0, dict(per_class)) if ed.spec.mode == "Replicas" else {}
+
+    applied, missing = {}, []
+    for profile_name in sorted(per_class):
+        variant = variants.get(profile_name)
+        if variant is None:
+            missing.append(profile_name)
+            continue
+        manifest = render_class(ed, profiles[profile_name], variant, world.profiles, settings.node_cache,
+                                replicas.get(profile_name), settings.artifact_insecure)
+        applied[profile_name] = kube.apply(manifest)
+    _apply_service(kube, ed, namespace)
+    _prune(kube, namespace, name, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
+    _write_status(kube, raw, ed, applied, variants, missing, unmatched, model is not None)
+
+
+def _apply_service(kube: Kube, ed: EdgeDeployment, namespace: str) -> None:
+    if ed.spec.service.enabled:
+        kube.apply(render_service(ed))
+    else:
+        kube.delete("Service", ed.metadata["name"], namespace)
+
+
+def _prune(kube: Kube, namespace: str, name: str, keep: set[tuple[str, str]]) -> None:
+    """Delete workloads of classes that no longer have nodes (or a variant, or the mode changed)."""
+    for kind in WORKLOAD_KINDS:
+        for obj in kube.list(kind, namespace, child_labels(name)):
+            if (kind, obj["metadata"]["name"]) not in keep:
+                log.info("deleting %s %s/%s: its class has no nodes or variant now", kind, namespace,
+                         obj["metadata"]["name"])
+                kube.delete(kind, obj["metadata"]["name"], namespace)
+
+
+def _write_status(kube, raw, ed, applied, variants, missing, unmatched, model_found) -> None:
+    generation = raw["metadata"].get("generation")
+    old = raw.get("status") or {}
+    classes = []
+    for profile_name, obj in sorted(applied.items()):
+        desired, ready, updated = _class_counts(obj) if _observed(obj) else (0, 0, 0)
+        classes.append({"profile": profile_name, "desired": desired, "ready": ready, "updated": updated,
+                        "digest": variants[profile_name].digest})
+    desired = sum(c["desired"] for c in classes)
+    ready = sum(c["ready"] for c in classes)
+    settled = all(_observed(o) for o in applied.values())
+    complete = settled and all(c["ready"] == c["desired"] == c["updated"] for c in classes)
+    conds = old.get("conditions", [])
+    conds = set_condition(conds, "Available", bool(classes) and complete and desired > 0,
+                          "AllClassesReady" if complete and classes else "ClassesNotReady",
+                          f"{ready}/{desired} pods ready across {len(classes)} hardware classes", generation)
+    conds = set_condition(conds, "Progressing", not complete,
+                          "RollingOut" if not complete else "RolloutComplete",
+                          "waiting for pods to be updated and ready" if not complete else "every class is up to date",
+                          generation)
+    problem = _degraded(ed, missing, model_found)
+    conds = set_condition(conds, "Degraded", problem is not None, problem[0] if problem else "AsExpected",
+                          problem[1] if problem else "every matching node has a variant to serve", generation)
+    status = {"observedGeneration": generation, "conditions": conds, "classes": classes,
+              "unmatchedNodes": unmatched, "nodesReady": f"{ready}/{desired}"}
+    if unmatched and unmatched != old.get("unmatchedNodes", 0):
+        kube.event(raw, "NodesWithoutProfile",
+                   f"{unmatched} nodes match spec.nodeSelector but no HardwareProfile; they run nothing", "Warning")
+    if _same(old, status):
+        return
+    kube.patch_status("EdgeDeployment", ed.metadata["name"], ed.metadata["namespace"], status)
+    for c in flipped(old.get("conditions", []), conds):
+        if c["type"] in ("Available", "Degraded") and (c["type"] == "Available" or c["status"] == "True"):
+            kube.event(raw, c["reason"], c["message"], "Warning" if c["type"] == "Degraded" else "Normal")
+
+
+def _degraded(ed: EdgeDeployment, missing: list[str], model_found: bool) -> tuple[str, str] | None:
+    if not model_found:
+        return "ModelNotFound", f"EdgeModel {ed.spec.model_ref.name!r} does not exist in this namespace"
+    if missing:
+        return "VariantMissing", ("no Ready variant yet for hardware classes " + ", ".join(missing)
+                                  + "; see the EdgeModel's status.variants")
+    return None
+
+
+def _same(old: dict, new: dict) -> bool:
+    keys = ("observedGeneration", "classes", "unmatchedNodes", "nodesReady")
+    return all(old.get(k) == new.get(k) for k in keys) and without_times(old.get("conditions", [])) == without_times(
+        new["conditions"])

@@ -1,0 +1,162 @@
+"""EdgeModel: compile one variant per target hardware class and report them in status."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ..api import EdgeModel, label_selector_matches
+from ..artifacts import open_store
+from ..compiler import AccuracyBudget, CompileError, CompileRequest, Policy, Target, compile_model
+from ..kube import Kube
+from ..render import resolve_nodes
+from ..settings import Settings
+from .conditions import flipped, set_condition, without_times
+from .world import World
+
+log = logging.getLogger(__name__)
+FINAL = ("Ready", "Failed")
+
+
+def target_profiles(em: EdgeModel, world: World) -> tuple[list[str], list[str]]:
+    """(profiles to compile for, names asked for that do not exist)."""
+    known = {p.metadata["name"]: p for p in world.profiles}
+    chosen = em.spec.target_profiles
+    if chosen and chosen.names:
+        return [n for n in chosen.names if n in known], [n for n in chosen.names if n not in known]
+    if chosen and chosen.selector:
+        return sorted(n for n, p in known.items() if label_selector_matches(chosen.selector, p.metadata.get(
+            "labels", {}))), []
+    return sorted({p for p in resolve_nodes(world.nodes, world.profiles).values() if p}), []
+
+
+def _up_to_date(raw: dict, targets: list[str], missing: list[str]) -> bool:
+    status = raw.get("status") or {}
+    have = {v["profile"]: v.get("state") for v in status.get("variants", [])}
+    return (status.get("observedGeneration") == raw["metadata"].get("generation")
+            and set(have) == set(targets) | set(missing) and all(s in FINAL for s in have.values()))
+
+
+def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, world: World | None = None,
+                    progress: Callable[[str], None] | None = None) -> None:
+    raw = kube.find("EdgeModel", name, namespace)
+    if raw is None or raw["metadata"].get("deletionTimestamp"):
+        return
+    em = EdgeModel.model_validate(raw)
+    world = world or World.read(kube)
+    targets, missing = target_profiles(em, world)
+    if _up_to_date(raw, targets, missing):
+        return
+    generation = raw["metadata"].get("generation")
+    pending = [{"profile": p, "state": "Compiling"} for p in targets]
+    _write(kube, raw, pending, _conditions(raw, pending, generation, compiling=True))
+    variants = _compile(kube, settings, em, namespace, targets, world, progress)
+    variants += [{"profile": n, "state": "Failed", "reason": "ProfileNotFound",
+                  "message": f"HardwareProfile {n!r} does not exist; create it or remove it from "
+                             "spec.targetProfiles.names"} for n in missing]
+    raw = kube.find("EdgeModel", name, namespace) or raw
+    _write(kube, raw, variants, _conditions(raw, variants, generation, compiling=False))
+
+
+def _compile(kube, settings, em, namespace, targets, world, progress) -> list[dict]:
+    if not targets:
+        return []
+    profiles = {p.metadata["name"]: p for p in world.profiles}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
+        try:
+            source = _materialize(kube, namespace, em.spec.source, Path(tmp), "model")
+            opt = em.spec.optimization
+            budget = opt.accuracy_budget
+            policy = Policy(
+                quantization=opt.quantization, sparsity=opt.sparsity,
+                calibration=_data(kube, namespace, opt.calibration, Path(tmp), "calibration"),
+                evaluation=_data(kube, namespace, opt.evaluation, Path(tmp), "evaluation"),
+                accuracyBudget=AccuracyBudget(budget.max_accuracy_drop if budget else None,
+                                              budget.min_cosine if budget else None),
+                timingRuns=settings.compile_timing_runs,
+            )
+            request = CompileRequest(
+                source=str(source), digest=em.spec.source.digest, policy=policy, name=em.metadata["name"],
+                targets={t: Target.from_dict(profiles[t].spec.target.model_dump(by_alias=True, exclude_none=True))
+                         for t in targets},
+            )
+            result = compile_model(request, open_store(settings.artifact_store), settings.compile_cache, progress)
+        except CompileError as err:
+            return [err.to_status_variant(t) for t in targets]
+    return [{k: v for k, v in variant.items() if v is not None} for variant in result.to_status()]
+
+
+def _materialize(kube: Kube, namespace: str, ref, tmp: Path, stem: str) -> str | Path:
+    """A local path (ConfigMap data written out) or the URI for the compiler to fetch."""
+    if ref.config_map is not None:
+        cm = kube.find("ConfigMap", ref.config_map.name, namespace)
+        if cm is None:
+            raise CompileError("SourceUnavailable", f"ConfigMap {ref.config_map.name!r} not found in {namespace}",
+                               "create it, e.g. kubectl create configmap NAME --from-file=KEY=FILE")
+        key = ref.config_map.key
+        if key in (cm.get("binaryData") or {}):
+            data = base64.b64decode(cm["binaryData"][key])
+        elif key in (cm.get("data") or {}):
+            data = cm["data"][key].encode()
+        else:
+            raise CompileError("SourceUnavailable", f"ConfigMap {ref.config_map.name!r} has no key {key!r}",
+                               "point configMap.key at one of its keys")
+        path = tmp / f"{stem}-{Path(key).name}"
+        path.write_bytes(data)
+        return path
+    if ref.uri.startswith("pvc://"):
+        raise CompileError("SourceUnavailable", f"{ref.uri}: pvc:// sources are read by compile Jobs",
+                           "set the operator's compile executor to job, or use oci:// / https://")
+    return ref.uri
+
+
+def _data(kube, namespace, ref, tmp: Path, stem: str) -> Path | None:
+    if ref is None:
+        return None
+    found = _materialize(kube, namespace, ref, tmp, stem)
+    if isinstance(found, Path):
+        return found
+    raise CompileError("InvalidData", f"{stem} data {found}: only ConfigMap data refs are read by the inline "
+                       "compiler", f"put the {stem} .npz in a ConfigMap (binaryData) and reference it")
+
+
+def _conditions(raw: dict, variants: list[dict], generation, compiling: bool) -> list[dict]:
+    conds = (raw.get("status") or {}).get("conditions", [])
+    failed = [v for v in variants if v.get("state") == "Failed"]
+    ready = [v for v in variants if v.get("state") == "Ready"]
+    if compiling:
+        conds = set_condition(conds, "Compiled", False, "Compiling", f"compiling {len(variants)} variants",
+                              generation)
+        return set_condition(conds, "Ready", False, "Compiling", "variants are being compiled", generation)
+    conds = set_condition(conds, "Compiled", True, "CompileFinished",
+                          f"{len(ready)} variants ready, {len(failed)} failed", generation)
+    if not variants:
+        conds = set_condition(conds, "Ready", False, "NoTargetProfiles",
+                              "no HardwareProfile matches a node and none is named in spec.targetProfiles",
+                              generation)
+    else:
+        all_ready = len(ready) == len(variants)
+        conds = set_condition(conds, "Ready", all_ready, "VariantsReady" if all_ready else "VariantsFailed",
+                              f"{len(ready)}/{len(variants)} variants ready", generation)
+    first = failed[0] if failed else None
+    return set_condition(conds, "Degraded", bool(failed), first["reason"] if first else "AsExpected",
+                         f"{first['profile']}: {first.get('message', '')}" if first else "no variant failed",
+                         generation)
+
+
+def _write(kube: Kube, raw: dict, variants: list[dict], conditions: list[dict]) -> None:
+    old = raw.get("status") or {}
+    ready = sum(1 for v in variants if v.get("state") == "Ready")
+    status = {"observedGeneration": raw["metadata"].get("generation"), "conditions": conditions,
+              "variants": variants, "variantsReady": f"{ready}/{len(variants)}"}
+    if old.get("variants") == variants and without_times(old.get("conditions", [])) == without_times(conditions):
+        return
+    kube.patch_status("EdgeModel", raw["metadata"]["name"], raw["metadata"]["namespace"], status)
+    for c in flipped(old.get("conditions", []), conditions):
+        if c["type"] == "Degraded" and c["status"] == "True":
+            kube.event(raw, c["reason"], c["message"], "Warning")
+        elif c["type"] == "Ready" and c["status"] == "True":
+            kube.event(raw, c["reason"], c["message"])
