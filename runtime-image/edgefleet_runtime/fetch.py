@@ -76,6 +76,10 @@ def _oci_chunks(ref: str, digest: str, insecure: bool):
     plain_http = insecure or _is_loopback(host)
     registry = oras.provider.Registry(hostname=host, insecure=plain_http)
     container = oras.container.Container(target)
+    try:  # pull secrets mounted as a Docker config ($DOCKER_CONFIG or ~/.docker/config.json)
+        registry.auth.load_configs(container)
+    except Exception as e:  # noqa: BLE001 - anonymous pulls still work
+        log.debug("no registry credentials loaded", extra={"error": str(e)})
     layer = digest
     if container.digest != digest:
         try:

@@ -164,10 +164,7 @@ class HTTPServer:
                     return
                 if not line:
                     return
-                with conn.lock:
-                    if self.stopping:
-                        # the drain closed (or is closing) idle connections; serve this one request anyway
-                        pass
+                with conn.lock:  # a request has started: the drain must wait for it, not close it
                     conn.busy = True
                 with self._idle:
                     self._inflight += 1
