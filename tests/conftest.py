@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+CRDS = REPO / "crds"
+PROFILES = REPO / "operator" / "edgefleet" / "profiles"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for kube_helpers
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +36,19 @@ def namespace(cluster) -> Iterator[str]:
         time.sleep(0.2)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def edgefleet_api(cluster):
+    """The cluster with edgefleet's CRDs and built-in HardwareProfiles applied."""
+    result = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+    assert "Warning" not in result.stderr, result.stderr
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    *[f"crd/{p.name.removesuffix('.yaml')}" for p in CRDS.glob("*.yaml")])
+    deadline = time.monotonic() + 30
+    while cluster.kubectl("get", "hwp", check=False).returncode != 0:  # discovery lags behind Established
+        assert time.monotonic() < deadline, "the HardwareProfile kind never became servable"
+        time.sleep(0.5)
+    result = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(PROFILES))
+    assert "Warning" not in result.stderr, result.stderr
+    return cluster

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ class Kube:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config(config_file=kubeconfig)
+            config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"))
         return cls(client.ApiClient(), field_manager)
 
     def _call(self, method: str, path: str, body: Any = None, query: list | None = None,

@@ -49,19 +49,9 @@ FULL = [
 
 
 @pytest.fixture(scope="module")
-def api(cluster):
+def api(edgefleet_api):
     """The cluster with the CRDs and the built-in profiles applied."""
-    result = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
-    assert "Warning" not in result.stderr, result.stderr
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    *[f"crd/{p.name.removesuffix('.yaml')}" for p in CRDS.glob("*.yaml")])
-    for _ in range(30):  # discovery of the new kinds lags a moment behind Established
-        if cluster.kubectl("get", "hwp", check=False).returncode == 0:
-            break
-        time.sleep(1)
-    result = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(PROFILES))
-    assert "Warning" not in result.stderr, result.stderr
-    return cluster
+    return edgefleet_api
 
 
 @pytest.fixture(scope="module")

@@ -9,28 +9,11 @@ import sys
 import time
 
 import pytest
+from kube_helpers import apply, get, is_ready, wait_for
 
 pytestmark = pytest.mark.cluster
 
 EDGE_TOLERATION = {"key": "node-role.kubernetes.io/edge", "operator": "Exists", "effect": "NoSchedule"}
-
-
-def apply(cluster, namespace, obj):
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
-
-
-def get(cluster, namespace, *what):
-    return json.loads(cluster.kubectl("get", "-n", namespace, *what, "-o", "json").stdout)
-
-
-def wait_for(check, timeout=60, every=0.5, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def pod_template(labels, **spec):
@@ -66,14 +49,10 @@ def test_arm64_daemonset_runs_on_exactly_the_arm64_nodes(cluster, namespace):
 
     def ready_nodes():
         pods = get(cluster, namespace, "pods", "-l", "app=arm-only")["items"]
-        ready = {p["spec"].get("nodeName") for p in pods if _ready(p)}
+        ready = {p["spec"].get("nodeName") for p in pods if is_ready(p)}
         return ready if ready == arm and len(pods) == len(arm) else None
 
     wait_for(ready_nodes, what="one Ready pod per arm64 node")
-
-
-def _ready(pod):
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
 def _gpu_requests_elsewhere(cluster, namespace):
@@ -102,7 +81,7 @@ def test_gpu_pods_land_only_on_gpu_nodes_and_wait_when_gpus_run_out(cluster, nam
 
     def settled():
         pods = get(cluster, namespace, "pods", "-l", "app=gpu")["items"]
-        running = [p for p in pods if _ready(p)]
+        running = [p for p in pods if is_ready(p)]
         pending = [p for p in pods if p["status"].get("phase") == "Pending" and not p["spec"].get("nodeName")]
         return (running, pending) if len(running) == total and len(pending) == 1 else None
 
@@ -149,7 +128,7 @@ def test_deleting_an_owner_garbage_collects_its_children(cluster, namespace):
                  "template": pod_template(labels, nodeSelector={"kubernetes.io/arch": "amd64"},
                                           tolerations=[EDGE_TOLERATION])},
     })
-    wait_for(lambda: len([p for p in get(cluster, namespace, "pods", "-l", "app=gc")["items"] if _ready(p)]) == 2,
+    wait_for(lambda: len([p for p in get(cluster, namespace, "pods", "-l", "app=gc")["items"] if is_ready(p)]) == 2,
              what="two Ready pods")
     assert get(cluster, namespace, "replicasets", "-l", "app=gc")["items"]
     cluster.kubectl("delete", "-n", namespace, "deployment", "gc", "--wait=false")

@@ -135,6 +135,16 @@ def _pid_runs(pid: int, binary: Path) -> bool:
     return cmdline == str(binary)
 
 
+_children: dict[str, subprocess.Popen] = {}  # processes this `up` started, by component
+
+
+def _exited(state: Path, name: str) -> bool:
+    """True when a component we are starting has died (checked on the Popen: right after fork the
+    child's /proc cmdline is still Python's, so the pid-file check would misfire)."""
+    proc = _children.get(name)
+    return proc.poll() is not None if proc else not _alive(state, name)
+
+
 def _start(state: Path, name: str, args: list[str], env: dict | None = None) -> None:
     log = state / "logs" / f"{name}.log"
     binary = components.binary_path(name)
@@ -143,6 +153,7 @@ def _start(state: Path, name: str, args: list[str], env: dict | None = None) -> 
             [str(binary), *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=state, start_new_session=True, env={**os.environ, **(env or {})},
         )
+    _children[name] = proc
     _pidfile(state, name).write_text(f"{proc.pid}\n")
 
 
@@ -167,7 +178,7 @@ def _stop(state: Path, name: str, grace: float = 5.0) -> bool:
 def _wait(what: str, check: Callable[[], bool], timeout: float, state: Path, log: str | None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log and not _alive(state, log):
+        if log and _exited(state, log):
             raise ClusterError(f"{log} exited while starting; see {state / 'logs' / (log + '.log')}")
         with contextlib.suppress(Exception):
             if check():

@@ -72,7 +72,12 @@ COMPONENTS: dict[str, Component] = {
             HELM_VERSION,
             "helm",
             "helm.sh/helm/v3/cmd/helm",
-            [f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"],
+            [f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"]
+            + [  # the Kubernetes version `helm template` assumes without a cluster
+                f"-X helm.sh/helm/v3/pkg/{pkg}.k8sVersion{part}={value}"
+                for pkg in ("chartutil", "lint/rules")
+                for part, value in (("Major", "1"), ("Minor", KUBE_VERSION.split(".")[1]))
+            ],
         ),
     ]
 }

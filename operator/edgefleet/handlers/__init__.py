@@ -16,6 +16,12 @@ log = logging.getLogger("edgefleet.handlers")
 MANAGED = {"app.kubernetes.io/managed-by": "edgefleet"}
 
 
+@kopf.on.login()
+def login(**kwargs):
+    """In a pod: the service account; elsewhere: $KUBECONFIG (read now, not at import time)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     config = Settings()

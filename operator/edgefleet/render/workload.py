@@ -8,7 +8,7 @@ import hashlib
 from ..api import EdgeDeployment, HardwareProfile, Variant
 from .placement import higher_priority, node_affinity
 
-RUNTIME_UID = 65532
+RUNTIME_UID = 10001  # the runtime images run as this user
 CACHE_MOUNT = "/var/lib/edgefleet/cache"
 DIGEST_ANNOTATION = "edgefleet.io/variant-digest"
 MANAGED_BY = "edgefleet"

@@ -1,0 +1,188 @@
+"""The operator against the real control plane and kwok fleet: the quickstart converges, and so do
+relabelled nodes, new nodes, model changes and deletion."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+import yaml
+from edgefleet.api import HardwareProfile
+from edgefleet.render import resolve_nodes
+from kube_helpers import apply, condition, get, is_ready, items, wait_for
+
+pytestmark = pytest.mark.cluster
+QUICKSTART = "examples/quickstart"
+
+
+@pytest.fixture(scope="module")
+def operator(edgefleet_api, tmp_path_factory):
+    """The operator in a thread (kopf.testing.KopfRunner), storing variants in the cluster's registry."""
+    from kopf.testing import KopfRunner
+
+    env = {
+        "KUBECONFIG": str(edgefleet_api.kubeconfig),
+        "EDGEFLEET_ARTIFACT_STORE": f"oci://{edgefleet_api.registry}/edgefleet-test",
+        "EDGEFLEET_ARTIFACT_INSECURE": "true",
+        "EDGEFLEET_RESYNC_SECONDS": "20",
+        "EDGEFLEET_COMPILE_TIMING_RUNS": "10",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with KopfRunner(["run", "-A", "--standalone", "-m", "edgefleet.handlers"], timeout=60) as runner:
+            yield runner
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert runner.exit_code == 0, runner.output
+
+
+def quickstart_into(cluster, namespace: str) -> list[dict]:
+    """The quickstart's objects, moved into `namespace` (the example itself uses edgefleet-demo)."""
+    docs = [d for d in yaml.safe_load_all(cluster.kubectl("kustomize", QUICKSTART).stdout) if d]
+    docs = [d for d in docs if d["kind"] != "Namespace"]
+    for d in docs:
+        d["metadata"]["namespace"] = namespace
+    apply(cluster, namespace, docs)
+    return docs
+
+
+def placement(cluster) -> dict[str, str | None]:
+    nodes = {n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in items(cluster, None, "nodes")}
+    profiles = [HardwareProfile.model_validate(p) for p in items(cluster, None, "hardwareprofiles")]
+    return resolve_nodes(nodes, profiles)
+
+
+def ready_variants(cluster, namespace: str) -> dict[str, dict] | None:
+    """Ready variants once the model's current generation is compiled, else None."""
+    em = get(cluster, namespace, "edgemodel", "digits")
+    status = em.get("status", {})
+    variants = status.get("variants", [])
+    if status.get("observedGeneration") != em["metadata"]["generation"] or not variants:
+        return None
+    if any(v.get("state") not in ("Ready", "Failed") for v in variants):
+        return None
+    return {v["profile"]: v for v in variants if v.get("state") == "Ready"}
+
+
+def converged(cluster, namespace: str):
+    """The served state when it equals the desired state, else None."""
+    want = placement(cluster)
+    variants = ready_variants(cluster, namespace)
+    if not variants:
+        return None
+    pods = [p for p in items(cluster, namespace, "pods", "-l", "edgefleet.io/deployment=digits")
+            if not p["metadata"].get("deletionTimestamp")]
+    served = {p["spec"].get("nodeName"): p for p in pods}
+    expected = {node for node, prof in want.items() if prof in variants}
+    if len(pods) != len(served) or set(served) != expected or not all(is_ready(p) for p in pods):
+        return None
+    for node, pod in served.items():
+        labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
+        if labels["edgefleet.io/profile"] != want[node]:
+            return None
+        if annotations["edgefleet.io/variant-digest"] != variants[want[node]]["digest"]:
+            return None
+    ed = get(cluster, namespace, "edgedeployment", "digits")
+    status = ed.get("status", {})
+    if status.get("observedGeneration") != ed["metadata"]["generation"]:
+        return None
+    counts = Counter(p["metadata"]["labels"]["edgefleet.io/profile"] for p in pods)
+    classes = {c["profile"]: c for c in status.get("classes", [])}
+    if {k: (c["desired"], c["ready"]) for k, c in classes.items()} != {k: (n, n) for k, n in counts.items()}:
+        return None
+    return served, variants, ed
+
+
+def test_quickstart_serves_every_matching_node_with_its_class(operator, cluster, namespace):
+    quickstart_into(cluster, namespace)
+    served, variants, ed = wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    want = placement(cluster)
+    profiles = {p["metadata"]["name"]: p for p in items(cluster, None, "hardwareprofiles")}
+    assert {"cpu-arm64", "cpu-amd64", "nvidia-jetson", "nvidia-gpu", "intel-openvino"} <= set(variants)
+    for node, pod in served.items():
+        spec = profiles[want[node]]["spec"]
+        container = pod["spec"]["containers"][0]
+        assert container["image"] == spec["runtimeImage"]
+        limits = container["resources"].get("limits", {})
+        assert limits.get("nvidia.com/gpu") == spec.get("extendedResources", {}).get("nvidia.com/gpu")
+        assert {t["key"] for t in pod["spec"].get("tolerations", [])} >= {
+            t["key"] for t in spec.get("tolerations", [])}
+        assert container["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    gpu_nodes = {n for n, p in want.items() if p in ("nvidia-jetson", "nvidia-gpu")}
+    assert gpu_nodes <= set(served)
+    assert all(served[n]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1" for n in gpu_nodes)
+    unmatched = [n for n, p in want.items() if p is None]
+    assert unmatched and not set(unmatched) & set(served)
+    assert ed["status"]["unmatchedNodes"] == len(unmatched)
+    # coral needs a .tflite variant that only the compile Job can convert: reported, not hidden
+    degraded = condition(ed, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "VariantMissing"
+    assert "coral-edgetpu" in degraded["message"]
+    events = items(cluster, namespace, "events", "--field-selector", "involvedObject.kind=EdgeDeployment")
+    assert any(e["reason"] == "NodesWithoutProfile" for e in events)
+    assert get(cluster, namespace, "service", "digits")["spec"]["selector"]["edgefleet.io/deployment"] == "digits"
+
+
+def test_relabelled_node_moves_to_its_new_class(operator, cluster, namespace):
+    quickstart_into(cluster, namespace)
+    wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    node, label = "plain-amd64-0", "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI"
+    cluster.kubectl("label", "node", node, f"{label}=true")
+    try:
+        served, _, _ = wait_for(
+            lambda: (r := converged(cluster, namespace)) and r[0][node]["metadata"]["labels"][
+                "edgefleet.io/profile"] == "intel-openvino" and r, timeout=120, what="pod moved to intel-openvino")
+        # cpu-amd64 had only this node: its DaemonSet is removed
+        assert not items(cluster, namespace, "daemonsets", "-l", "edgefleet.io/profile=cpu-amd64")
+    finally:
+        cluster.kubectl("label", "node", node, f"{label}-")
+    wait_for(lambda: (r := converged(cluster, namespace)) and r[0][node]["metadata"]["labels"][
+        "edgefleet.io/profile"] == "cpu-amd64", timeout=120, what="pod back on cpu-amd64")
+
+
+def test_new_node_joins_and_is_served(operator, cluster, namespace):
+    quickstart_into(cluster, namespace)
+    wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    node = get(cluster, None, "node", "rpi4-0")
+    new = {"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": f"rpi4-{namespace}", "labels": {**node["metadata"]["labels"],
+                                                                 "kubernetes.io/hostname": f"rpi4-{namespace}"},
+                        "annotations": {"kwok.x-k8s.io/node": "fake"}},
+           "spec": {"taints": node["spec"].get("taints", [])},
+           "status": {k: node["status"][k] for k in ("capacity", "allocatable", "nodeInfo")}}
+    cluster.kubectl("create", "-f", "-", input=yaml.safe_dump(new))
+    try:
+        served, _, _ = wait_for(lambda: (r := converged(cluster, namespace)) and new["metadata"]["name"] in r[0] and r,
+                                timeout=120, what="the new node served")
+        assert served[new["metadata"]["name"]]["metadata"]["labels"]["edgefleet.io/profile"] == "cpu-arm64"
+    finally:
+        cluster.kubectl("delete", "node", new["metadata"]["name"], "--wait=false")
+    wait_for(lambda: (r := converged(cluster, namespace)) and new["metadata"]["name"] not in r[0],
+             timeout=120, what="the removed node no longer counted")
+
+
+def test_model_change_recompiles_and_rolls_out(operator, cluster, namespace):
+    quickstart_into(cluster, namespace)
+    _, before, _ = wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    assert before["cpu-arm64"]["precision"] == "int8"
+    cluster.kubectl("patch", "edgemodel", "digits", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"optimization": {"quantization": "none"}}}')
+    _, after, ed = wait_for(
+        lambda: (r := converged(cluster, namespace)) and r[1].get("cpu-arm64", {}).get("precision") == "fp32" and r,
+        timeout=180, what="fp32 variants rolled out")
+    assert after["cpu-arm64"]["digest"] != before["cpu-arm64"]["digest"]
+    digests = {c["profile"]: c["digest"] for c in ed["status"]["classes"]}
+    assert digests["cpu-arm64"] == after["cpu-arm64"]["digest"]
+
+
+def test_deleting_the_deployment_removes_everything_it_made(operator, cluster, namespace):
+    quickstart_into(cluster, namespace)
+    wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    assert items(cluster, namespace, "daemonsets", "-l", "edgefleet.io/deployment=digits")
+    cluster.kubectl("delete", "edgedeployment", "digits", "-n", namespace)
+    wait_for(lambda: not items(cluster, namespace, "daemonsets,services,pods", "-l", "edgefleet.io/deployment=digits"),
+             timeout=90, what="children garbage-collected")

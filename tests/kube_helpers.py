@@ -1,0 +1,42 @@
+"""Small helpers the cluster tests share."""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+def apply(cluster, namespace: str | None, obj: dict | list) -> None:
+    docs = obj if isinstance(obj, list) else [obj]
+    ns = ["-n", namespace] if namespace else []
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", *ns, "-f", "-",
+                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+
+
+def get(cluster, namespace: str | None, *what: str) -> dict:
+    ns = ["-n", namespace] if namespace else []
+    return json.loads(cluster.kubectl("get", *ns, *what, "-o", "json").stdout)
+
+
+def items(cluster, namespace: str | None, *what: str) -> list[dict]:
+    return get(cluster, namespace, *what)["items"]
+
+
+def wait_for(check, timeout: float = 60, every: float = 0.5, what: str = "condition"):
+    """Poll `check` until it returns something truthy; fail with `what` (and the last value) on timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def is_ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), None)
