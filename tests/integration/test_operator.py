@@ -4,16 +4,13 @@ relabelled nodes, new nodes, model changes and deletion."""
 from __future__ import annotations
 
 import os
-from collections import Counter
 
 import pytest
 import yaml
-from edgefleet.api import HardwareProfile
-from edgefleet.render import resolve_nodes
-from kube_helpers import apply, condition, get, is_ready, items, wait_for
+from kube_helpers import condition, get, items, wait_for
+from operator_helpers import converged, placement, quickstart_into
 
 pytestmark = pytest.mark.cluster
-QUICKSTART = "examples/quickstart"
 
 
 @pytest.fixture(scope="module")
@@ -37,63 +34,6 @@ def operator(edgefleet_api, tmp_path_factory):
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert runner.exit_code == 0, runner.output
-
-
-def quickstart_into(cluster, namespace: str) -> list[dict]:
-    """The quickstart's objects, moved into `namespace` (the example itself uses edgefleet-demo)."""
-    docs = [d for d in yaml.safe_load_all(cluster.kubectl("kustomize", QUICKSTART).stdout) if d]
-    docs = [d for d in docs if d["kind"] != "Namespace"]
-    for d in docs:
-        d["metadata"]["namespace"] = namespace
-    apply(cluster, namespace, docs)
-    return docs
-
-
-def placement(cluster) -> dict[str, str | None]:
-    nodes = {n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in items(cluster, None, "nodes")}
-    profiles = [HardwareProfile.model_validate(p) for p in items(cluster, None, "hardwareprofiles")]
-    return resolve_nodes(nodes, profiles)
-
-
-def ready_variants(cluster, namespace: str) -> dict[str, dict] | None:
-    """Ready variants once the model's current generation is compiled, else None."""
-    em = get(cluster, namespace, "edgemodel", "digits")
-    status = em.get("status", {})
-    variants = status.get("variants", [])
-    if status.get("observedGeneration") != em["metadata"]["generation"] or not variants:
-        return None
-    if any(v.get("state") not in ("Ready", "Failed") for v in variants):
-        return None
-    return {v["profile"]: v for v in variants if v.get("state") == "Ready"}
-
-
-def converged(cluster, namespace: str):
-    """The served state when it equals the desired state, else None."""
-    want = placement(cluster)
-    variants = ready_variants(cluster, namespace)
-    if not variants:
-        return None
-    pods = [p for p in items(cluster, namespace, "pods", "-l", "edgefleet.io/deployment=digits")
-            if not p["metadata"].get("deletionTimestamp")]
-    served = {p["spec"].get("nodeName"): p for p in pods}
-    expected = {node for node, prof in want.items() if prof in variants}
-    if len(pods) != len(served) or set(served) != expected or not all(is_ready(p) for p in pods):
-        return None
-    for node, pod in served.items():
-        labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
-        if labels["edgefleet.io/profile"] != want[node]:
-            return None
-        if annotations["edgefleet.io/variant-digest"] != variants[want[node]]["digest"]:
-            return None
-    ed = get(cluster, namespace, "edgedeployment", "digits")
-    status = ed.get("status", {})
-    if status.get("observedGeneration") != ed["metadata"]["generation"]:
-        return None
-    counts = Counter(p["metadata"]["labels"]["edgefleet.io/profile"] for p in pods)
-    classes = {c["profile"]: c for c in status.get("classes", [])}
-    if {k: (c["desired"], c["ready"]) for k, c in classes.items()} != {k: (n, n) for k, n in counts.items()}:
-        return None
-    return served, variants, ed
 
 
 def test_quickstart_serves_every_matching_node_with_its_class(operator, cluster, namespace):
