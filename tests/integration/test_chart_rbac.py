@@ -62,7 +62,7 @@ def test_operator_service_account_is_least_privilege(cluster, release):
     assert can_i(cluster, sa, "create", "events", namespace=elsewhere)
     assert can_i(cluster, sa, "list", "customresourcedefinitions.apiextensions.k8s.io")
     assert can_i(cluster, sa, "get", "secrets", namespace=ns)
-    assert can_i(cluster, sa, "update", "leases.coordination.k8s.io", namespace=ns)
+    assert not can_i(cluster, sa, "update", "leases.coordination.k8s.io", namespace=ns)  # no leader election
 
     # what it must not do
     assert not can_i(cluster, sa, "get", "secrets", namespace=elsewhere)

@@ -128,7 +128,7 @@ def test_operator_deployment_defaults(helm):
 def test_non_default_values(helm):
     docs = render(
         helm,
-        "--set", "replicaCount=2",
+        "--set", "replicaCount=0",
         "--set", "image.tag=9.9.9",
         "--set", "watchNamespaces={edge-a,edge-b}",
         "--set", "artifactStore.url=oci://registry.example:5000/edgefleet/variants",
@@ -150,7 +150,7 @@ def test_non_default_values(helm):
     kinds = [d["kind"] for d in docs]
     assert "CustomResourceDefinition" not in kinds and "HardwareProfile" not in kinds
     (dep,) = by_kind(docs, "Deployment")
-    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["replicas"] == 0
     c = operator_container(docs)
     assert c["image"] == "ghcr.io/edgefleet/operator:9.9.9"
     env = env_of(c)
@@ -211,6 +211,7 @@ def test_profiles_are_a_post_install_hook_until_the_kind_is_known(helm):
     [
         ("compile.executor=docker", "compile/executor", "inline"),
         ("replicaCount=-1", "replicaCount", "minimum"),
+        ("replicaCount=2", "replicaCount", "maximum"),
         ("artifactStore.url=http://registry.example/x", "artifactStore/url", "pattern"),
         ("logLevel=verbose", "logLevel", "DEBUG"),
         ("watchNamespaces={Bad_NS}", "watchNamespaces", "pattern"),
@@ -266,7 +267,6 @@ EXPECTED_CLUSTER_RULES = {
 }
 EXPECTED_ROLE_RULES = {
     ("", "secrets"): {"get", "list", "watch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
 }
 
 
