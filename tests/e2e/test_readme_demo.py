@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from edgefleet.demo import run_demo
 from edgefleet.devcluster import cluster as dc
 

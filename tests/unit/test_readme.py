@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from edgefleet.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
