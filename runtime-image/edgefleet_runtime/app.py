@@ -133,7 +133,9 @@ class ModelSlot:
             t0 = time.perf_counter()
             try:
                 digest = verify_file(path, digest)
-                backend = open_backend(path, self.backend_kind, self.threads, self.execution_provider, self.delegate)
+                backend = open_backend(
+                    path, self.backend_kind, self.threads, self.execution_provider, self.delegate, digest=digest
+                )
                 try:
                     _warmup(backend)
                 except Exception as e:

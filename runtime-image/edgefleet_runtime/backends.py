@@ -3,12 +3,25 @@
 A backend exposes tensor metadata in Open Inference Protocol terms (name, datatype, shape with -1
 for dynamic dimensions) and ``run(feeds, output_names) -> {name: ndarray}``. Heavy or optional
 libraries are imported lazily so that an image without them still starts.
+
+Artifact formats (what the compiler publishes; the digest always covers the stored bytes):
+
+- ``.onnx``; ``.tflite`` (``TFL3`` at offset 4); OpenVINO IR ``.xml`` with a sibling ``.bin``
+- gzip'd model (starts ``1f 8b``, application/vnd.edgefleet.model.onnx+gzip): decompressed in
+  memory after the stored bytes passed the digest check, then sniffed again
+- OpenVINO IR as a zip of ``model.xml`` + ``model.bin`` (application/vnd.edgefleet.model.openvino-ir+zip):
+  read from memory (``core.read_model(model=xml_bytes, weights=Tensor)``), nothing written to disk
+  (the serving container's root filesystem is read-only)
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import threading
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +65,10 @@ BACKENDS = ("auto", "onnxruntime", "litert", "openvino")
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "openvino")
 
 
+# Decompressed size limit for gzip'd / zipped artifacts (a guard against decompression bombs).
+MAX_MODEL_BYTES = int(os.environ.get("EDGEFLEET_MAX_MODEL_BYTES", 8 << 30))
+
+
 class ModelLoadError(RuntimeError):
     """The file could not be loaded by the chosen backend."""
 
@@ -86,16 +103,115 @@ class Backend:
         pass
 
 
-def detect_format(path: str | os.PathLike) -> str:
-    """Sniff the file: TFLite flatbuffers carry ``TFL3`` at offset 4; OpenVINO IR is XML; else ONNX."""
-    with open(path, "rb") as f:
-        head = f.read(64)
+def sniff(head: bytes) -> str:
+    """Format of a model from its first bytes: ``gzip``, ``openvino-zip``, ``tflite``, ``openvino-ir`` or ``onnx``."""
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"PK\x03\x04":
+        return "openvino-zip"
     if head[4:8] == b"TFL3":
         return "tflite"
     stripped = head.lstrip()
     if stripped.startswith(b"<?xml") or stripped.startswith(b"<net"):
         return "openvino-ir"
     return "onnx"
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Sniff the file (see ``sniff``)."""
+    with open(path, "rb") as f:
+        return sniff(f.read(64))
+
+
+@dataclass
+class ModelSource:
+    """What a backend loads: a file path, or bytes already in memory (unpacked from a gzip/zip artifact).
+
+    ``fmt`` is the inner model format (``onnx``, ``tflite``, ``openvino-ir``); ``packaging`` is how it
+    was stored (``file``, ``gzip``, ``openvino-zip``). For OpenVINO IR from memory ``data`` is model.xml
+    and ``weights`` model.bin."""
+
+    path: str
+    fmt: str
+    packaging: str = "file"
+    data: bytes | None = None
+    weights: bytes | None = None
+
+    def describe(self) -> dict:
+        return {"format": self.fmt, "packaging": self.packaging}
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    out = []
+    total = 0
+    while data:
+        d = zlib.decompressobj(wbits=31)  # one gzip member
+        while True:
+            chunk = d.decompress(data, limit + 1 - total)
+            total += len(chunk)
+            out.append(chunk)
+            if total > limit:
+                raise ModelLoadError(f"gzip'd model unpacks to more than {limit} bytes (EDGEFLEET_MAX_MODEL_BYTES)")
+            if d.eof or not d.unconsumed_tail:
+                break
+            data = d.unconsumed_tail
+        if not d.eof:
+            raise ModelLoadError("gzip'd model is truncated")
+        data = d.unused_data.lstrip(b"\x00")  # further members (gzip -c a b), trailing padding
+    return b"".join(out)
+
+
+def _unzip_ir(data: bytes, limit: int) -> tuple[bytes, bytes]:
+    """model.xml + model.bin from the compiler's OpenVINO IR zip (any single *.xml and its .bin)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = {i.filename: i for i in z.infolist() if not i.is_dir()}
+            xml = "model.xml" if "model.xml" in infos else None
+            if xml is None:
+                xmls = [n for n in infos if n.endswith(".xml")]
+                if len(xmls) != 1:
+                    raise ModelLoadError(f"OpenVINO IR zip must hold model.xml + model.bin; it holds {sorted(infos)}")
+                xml = xmls[0]
+            bin_name = xml[: -len(".xml")] + ".bin"
+            if sum(infos[n].file_size for n in (xml, bin_name) if n in infos) > limit:
+                raise ModelLoadError(f"OpenVINO IR zip unpacks to more than {limit} bytes (EDGEFLEET_MAX_MODEL_BYTES)")
+            return z.read(xml), (z.read(bin_name) if bin_name in infos else b"")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, OSError, EOFError, zlib.error) as e:
+        raise ModelLoadError(f"not a readable OpenVINO IR zip: {e}") from e
+
+
+def open_source(path: str, digest: str | None = None, limit: int | None = None) -> ModelSource:
+    """Sniff ``path``; unpack gzip'd / zipped artifacts in memory.
+
+    For packed artifacts the bytes read here are hashed again and compared with ``digest`` (when
+    given), so what is unpacked is exactly what passed the digest check; a mismatch raises
+    ``digest.DigestError``."""
+    path = os.fspath(path)
+    packaging = detect_format(path)
+    if packaging not in ("gzip", "openvino-zip"):
+        return ModelSource(path, packaging)
+    with open(path, "rb") as f:
+        stored = f.read()
+    if digest is not None:
+        from .digest import DigestError, parse_digest
+
+        got = hashlib.sha256(stored).hexdigest()
+        if got != parse_digest(digest):
+            raise DigestError(f"digest mismatch for {path}: expected {digest}, file has sha256:{got}")
+    limit = MAX_MODEL_BYTES if limit is None else limit
+    if packaging == "openvino-zip":
+        xml, weights = _unzip_ir(stored, limit)
+        return ModelSource(path, "openvino-ir", packaging, xml, weights)
+    try:
+        data = _gunzip(stored, limit)
+    except (zlib.error, EOFError) as e:
+        raise ModelLoadError(f"cannot decompress gzip'd model {path}: {e}") from e
+    fmt = sniff(data[:64])
+    if fmt in ("gzip", "openvino-zip"):
+        raise ModelLoadError(f"{path}: gzip'd {fmt} is not a model format (nested packaging)")
+    if fmt == "openvino-ir":
+        raise ModelLoadError(f"{path}: gzip'd OpenVINO IR XML lacks its weights; publish IR as a zip")
+    return ModelSource(path, fmt, packaging, data)
 
 
 def _dims(shape) -> tuple[int, ...]:
@@ -115,8 +231,12 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     platform = "onnxruntime_onnx"
 
-    def __init__(self, path: str, threads: int = 0, execution_provider: str = "auto"):
+    def __init__(self, path: str | ModelSource, threads: int = 0, execution_provider: str = "auto"):
         import onnxruntime as ort
+
+        src = path if isinstance(path, ModelSource) else ModelSource(os.fspath(path), "onnx")
+        path = src.path
+        self.source = src
 
         available = ort.get_available_providers()
         if execution_provider == "auto":
@@ -137,7 +257,8 @@ class OnnxRuntimeBackend(Backend):
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(path, sess_options=so, providers=providers)
+            model = src.data if src.data is not None else path
+            self.session = ort.InferenceSession(model, sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises several private exception types
             raise ModelLoadError(f"onnxruntime cannot load {path}: {e}") from e
         self.providers = self.session.get_providers()
@@ -154,7 +275,7 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(output_names, values, strict=True))
 
     def describe(self):
-        return {"execution_providers": self.providers}
+        return {"execution_providers": self.providers, **self.source.describe()}
 
 
 # --------------------------------------------------------------------------- LiteRT
@@ -165,7 +286,10 @@ class LiteRTBackend(Backend):
     name = "litert"
     platform = "tensorflow_lite"
 
-    def __init__(self, path: str, threads: int = 0, delegate: str | None = None):
+    def __init__(self, path: str | ModelSource, threads: int = 0, delegate: str | None = None):
+        src = path if isinstance(path, ModelSource) else ModelSource(os.fspath(path), "tflite")
+        path = src.path
+        self.source = src
         try:
             from ai_edge_litert.interpreter import Interpreter, load_delegate
         except ImportError as e:  # pragma: no cover - depends on the image
@@ -177,8 +301,9 @@ class LiteRTBackend(Backend):
             except (ValueError, OSError) as e:
                 raise ModelLoadError(f"cannot load LiteRT delegate {delegate!r}: {e}") from e
         try:
+            model = {"model_content": src.data} if src.data is not None else {"model_path": path}
             self.interpreter = Interpreter(
-                model_path=path, num_threads=threads or None, experimental_delegates=delegates or None
+                **model, num_threads=threads or None, experimental_delegates=delegates or None
             )
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
@@ -238,7 +363,7 @@ class LiteRTBackend(Backend):
         return out
 
     def describe(self):
-        return {"delegate": self.delegate}
+        return {"delegate": self.delegate, **self.source.describe()}
 
 
 # --------------------------------------------------------------------------- OpenVINO
@@ -262,21 +387,33 @@ class OpenVINOBackend(Backend):
     name = "openvino"
     platform = "openvino"
 
-    def __init__(self, path: str, threads: int = 0, device: str = "CPU"):
+    def __init__(self, path: str | ModelSource, threads: int = 0, device: str = "CPU"):
+        src = path if isinstance(path, ModelSource) else ModelSource(os.fspath(path), detect_format(path))
+        path = src.path
+        self.source = src
         try:
             import openvino as ov
         except ImportError as e:
             raise ModelLoadError(f"OpenVINO is not installed in this image: {e}") from e
         core = ov.Core()
-        weights = None
-        if detect_format(path) == "openvino-ir":
-            for cand in (path + ".bin", str(Path(path).with_suffix(".bin"))):
-                if os.path.exists(cand):
-                    weights = cand
-                    break
-        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        config: dict = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        if device == "CPU":
+            # The compiler measured (and gated accuracy on) f32 inference; OpenVINO's CPU default is
+            # bf16 where the CPU has it, which would serve other numbers than the report states.
+            config["INFERENCE_PRECISION_HINT"] = os.environ.get("EDGEFLEET_OPENVINO_PRECISION", "f32")
         try:
-            model = core.read_model(path, weights) if weights else core.read_model(path)
+            if src.data is not None:
+                # model.xml + model.bin from memory (IR zip), or an in-memory ONNX/TFLite model
+                weights = np.frombuffer(src.weights or b"", dtype=np.uint8)
+                model = core.read_model(model=src.data, weights=ov.Tensor(weights))
+            else:
+                bin_path = None
+                if src.fmt == "openvino-ir":
+                    for cand in (path + ".bin", str(Path(path).with_suffix(".bin"))):
+                        if os.path.exists(cand):
+                            bin_path = cand
+                            break
+                model = core.read_model(path, bin_path) if bin_path else core.read_model(path)
             self.compiled = core.compile_model(model, device, config)
         except Exception as e:
             raise ModelLoadError(f"OpenVINO cannot load {path}: {e}") from e
@@ -301,7 +438,7 @@ class OpenVINOBackend(Backend):
         return {n: np.asarray(res[self._out_ports[n]]) for n in output_names}
 
     def describe(self):
-        return {"device": self.device}
+        return {"device": self.device, **self.source.describe()}
 
 
 def open_backend(
@@ -310,14 +447,21 @@ def open_backend(
     threads: int = 0,
     execution_provider: str = "auto",
     delegate: str | None = None,
+    digest: str | None = None,
 ) -> Backend:
-    fmt = detect_format(path)
+    """Load ``path`` (any artifact format, see the module docstring). ``digest``: re-checked against the
+    bytes actually unpacked for gzip'd / zipped artifacts (raises ``digest.DigestError``)."""
+    src = open_source(path, digest)
     if backend == "auto":
-        backend = {"tflite": "litert", "openvino-ir": "openvino"}.get(fmt, "onnxruntime")
+        backend = {"tflite": "litert", "openvino-ir": "openvino"}.get(src.fmt, "onnxruntime")
     if backend == "onnxruntime":
-        return OnnxRuntimeBackend(path, threads, execution_provider)
+        if src.fmt == "openvino-ir":
+            raise ModelLoadError(f"{path} is OpenVINO IR ({src.packaging}); serve it with --backend openvino or auto")
+        return OnnxRuntimeBackend(src, threads, execution_provider)
     if backend == "litert":
-        return LiteRTBackend(path, threads, delegate)
+        if src.fmt != "tflite":
+            raise ModelLoadError(f"{path} is {src.fmt} ({src.packaging}), not a .tflite; LiteRT cannot load it")
+        return LiteRTBackend(src, threads, delegate)
     if backend == "openvino":
-        return OpenVINOBackend(path, threads)
+        return OpenVINOBackend(src, threads)
     raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
