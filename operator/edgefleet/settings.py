@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     compile_executor: Literal["inline", "job"] = "inline"
     """`inline` compiles in the operator process; `job` runs `edgefleet compile` in a Kubernetes Job."""
     compiler_image: str = "ghcr.io/edgefleet/compiler:0.1.0"
+    compile_resources: dict = Field(default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
+                                                             "limits": {"memory": "4Gi"}})
+    """Resources of each compile Job's container (JSON in EDGEFLEET_COMPILE_RESOURCES, as the chart sets it)."""
+    compile_deadline_seconds: int = 3600
+    """activeDeadlineSeconds of a compile Job: past it the Job fails and its variants are Failed."""
     compile_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "edgefleet" / "compile")
     compile_timing_runs: int = 30
     """Timed inference runs per candidate when the compiler measures latency."""

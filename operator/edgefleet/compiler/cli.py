@@ -12,6 +12,8 @@ from .types import QUANTIZATIONS, AccuracyBudget, CompileError, CompileRequest, 
 
 EXIT_VARIANT_FAILED = 1  # the request was fine, but at least one profile has no variant
 EXIT_BAD_INPUT = 2  # nothing was compiled or published
+EXIT_REPORT_FAILED = 3  # compiled and published, but the report could not be pushed (worth a retry)
+REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
 
 
 @click.command("compile")
@@ -28,13 +30,16 @@ EXIT_BAD_INPUT = 2  # nothing was compiled or published
 @click.option("--min-cosine", type=float, default=None, help="Accuracy budget: cosine vs the source outputs.")
 @click.option("--digest", default=None, help="Expected sha256:<hex> of the source.")
 @click.option("--out", "out", required=True, help="Output directory or oci://HOST:PORT/REPO.")
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
+@click.option("--report", default=None,
+              help="Write the full report as JSON to a file, or push it to oci://HOST:PORT/REPO:TAG (then a "
+                   "request-level failure is pushed too, as {\"error\": {reason, message, fix}}).")
+@click.option("--name", default=None, help="Artifact name prefix (default: the source file stem).")
 @click.option("--cache-dir", type=click.Path(), default=None, envvar="EDGEFLEET_CACHE",
               help="Compile cache (default ~/.cache/edgefleet/compile).")
 @click.option("--timing-runs", type=int, default=50, show_default=True, help="Timed runs per latency figure.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def compile_command(source, profiles, profiles_file, quantization, sparsity, calibration, evaluation,
-                    max_accuracy_drop, min_cosine, digest, out, report, cache_dir, timing_runs, quiet):
+                    max_accuracy_drop, min_cosine, digest, out, report, name, cache_dir, timing_runs, quiet):
     """Compile SOURCE (.onnx/.tflite path, https:// or oci://) into one measured variant per profile."""
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice goes to the root logger
     from ..artifacts import StoreError, open_store
@@ -45,6 +50,8 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         if not quiet:
             click.echo(f"[compile] {msg}", err=True)
 
+    if report and report.startswith("oci://") and ":" not in report.rsplit("/", 1)[-1]:
+        raise click.BadParameter("an oci:// report needs a tag: oci://HOST:PORT/REPO:TAG", param_hint="--report")
     try:
         all_profiles = load_profiles(profiles_file)
         names = list(profiles) or sorted(all_profiles)
@@ -63,19 +70,29 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
             timingRuns=timing_runs,
         )
         request = CompileRequest(source=source, targets={n: all_profiles[n] for n in names}, policy=policy,
-                                 digest=digest)
+                                 digest=digest, name=name)
         store = open_store(out)
         result = compile_model(request, store=store, cache_dir=cache_dir, progress=say)
     except CompileError as e:
         click.echo(f"error: {e.reason}: {e.message}", err=True)
         if e.fix:
             click.echo(f"  fix: {e.fix}", err=True)
+        _push_error(report, e.reason, e.message, e.fix)
         sys.exit(EXIT_BAD_INPUT)
     except StoreError as e:
+        fix = "check --out (directory writable, or the registry reachable)"
         click.echo(f"error: ArtifactStoreFailed: {e}", err=True)
-        click.echo("  fix: check --out (directory writable, or the registry reachable)", err=True)
+        click.echo(f"  fix: {fix}", err=True)
+        _push_error(report, "ArtifactStoreFailed", str(e), fix)
         sys.exit(EXIT_BAD_INPUT)
-    if report:
+    if report and report.startswith("oci://"):
+        try:
+            push_report(report, result.to_json().encode())
+        except StoreError as e:
+            click.echo(f"error: ReportPushFailed: {e}", err=True)
+            sys.exit(EXIT_REPORT_FAILED)
+        say(f"report: {report}")
+    elif report:
         Path(report).write_text(result.to_json())
     for name, v in sorted(result.variants.items()):
         if v.state == "Ready":
@@ -84,3 +101,42 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         else:
             click.echo(f"{name}\tFailed\t{v.reason}\t{v.message}")
     sys.exit(0 if result.ok else EXIT_VARIANT_FAILED)
+
+
+def push_report(uri: str, data: bytes) -> None:
+    """Push ``data`` as a one-file artifact to ``oci://HOST:PORT/REPO:TAG`` (read back with
+    ``OCIStore.get(uri, "")``); the registry and its plain-HTTP rule are those of ``--out``."""
+    import tempfile
+
+    from ..artifacts import StoreError, open_store
+    from ..artifacts.store import parse_oci
+
+    registry, repository, suffix = parse_oci(uri)
+    if not suffix.startswith(":"):
+        raise StoreError(f"{uri!r}: a report needs a tag, oci://HOST:PORT/REPO:TAG")
+    store = open_store(f"oci://{registry}/{repository}")
+    target = f"{registry}/{repository}{suffix}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "report.json"
+        path.write_bytes(data)
+        try:
+            resp = store._client.push(target=target, files=[f"{path}:{REPORT_MEDIA_TYPE}"],
+                                      disable_path_validation=True, quiet=True)
+        except Exception as e:  # requests / oras errors
+            raise StoreError(f"push of the report to {target} failed: {e}") from e
+    if getattr(resp, "status_code", 201) >= 300:
+        raise StoreError(f"push of the report to {target} failed: HTTP {resp.status_code} {resp.text[:200]}")
+
+
+def _push_error(report: str | None, reason: str, message: str, fix: str) -> None:
+    """A request-level failure, pushed where the report would go (oci:// reports only), best effort."""
+    if not (report and report.startswith("oci://")):
+        return
+    import json
+
+    from ..artifacts import StoreError
+
+    try:
+        push_report(report, json.dumps({"error": {"reason": reason, "message": message, "fix": fix}}).encode())
+    except StoreError as e:
+        click.echo(f"error: ReportPushFailed: {e}", err=True)

@@ -9,6 +9,7 @@ import kopf
 
 from ..kube import GROUP, VERSION, Kube
 from ..reconcile import reconcile_deployment, reconcile_model
+from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, WATCH_LABELS
 from ..settings import Settings
 from .controller import Controller
 
@@ -119,3 +120,10 @@ def daemonset_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 def workload_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
     _child_event(namespace, labels, memo)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=WATCH_LABELS)
+def compile_job_event(annotations, memo: kopf.Memo, **_) -> None:
+    """A compile Job (executor job) changed: its EdgeModel reads the outcome."""
+    if annotations.get(MODEL_NAMESPACE) and annotations.get(MODEL_NAME):
+        memo.controller.queues["EdgeModel"].mark((annotations[MODEL_NAMESPACE], annotations[MODEL_NAME]))

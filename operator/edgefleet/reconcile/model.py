@@ -14,6 +14,7 @@ from ..compiler import AccuracyBudget, CompileError, CompileRequest, Policy, Tar
 from ..kube import Kube
 from ..render import resolve_nodes
 from ..settings import Settings
+from .compile_job import compile_in_job
 from .conditions import flipped, set_condition, without_times
 from .world import World
 
@@ -51,19 +52,22 @@ def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, w
     if _up_to_date(raw, targets, missing):
         return
     generation = raw["metadata"].get("generation")
-    pending = [{"profile": p, "state": "Compiling"} for p in targets]
-    _write(kube, raw, pending, _conditions(raw, pending, generation, compiling=True))
-    variants = _compile(kube, settings, em, namespace, targets, world, progress)
-    variants += [{"profile": n, "state": "Failed", "reason": "ProfileNotFound",
+    not_found = [{"profile": n, "state": "Failed", "reason": "ProfileNotFound",
                   "message": f"HardwareProfile {n!r} does not exist; create it or remove it from "
                              "spec.targetProfiles.names"} for n in missing]
+    pending = [{"profile": p, "state": "Compiling"} for p in targets] + not_found
+    _write(kube, raw, pending, _conditions(raw, pending, generation, compiling=True))
+    variants = _compile(kube, settings, em, namespace, targets, world, progress) + not_found
+    compiling = any(v.get("state") == "Compiling" for v in variants)  # a compile Job still running
     raw = kube.find("EdgeModel", name, namespace) or raw
-    _write(kube, raw, variants, _conditions(raw, variants, generation, compiling=False))
+    _write(kube, raw, variants, _conditions(raw, variants, generation, compiling=compiling))
 
 
 def _compile(kube, settings, em, namespace, targets, world, progress) -> list[dict]:
     if not targets:
         return []
+    if settings.compile_executor == "job":  # a Kubernetes Job per compile; non-blocking (compile_job.py)
+        return compile_in_job(kube, settings, em, namespace, targets, world)
     profiles = {p.metadata["name"]: p for p in world.profiles}
     with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
         try:

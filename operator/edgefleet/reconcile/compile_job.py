@@ -1,0 +1,211 @@
+"""Compile executor ``job``: one Kubernetes Job per (model generation, inputs), results read back from the
+artifact store. Level-based and non-blocking: each reconcile looks at the Job and returns at once.
+
+- no Job: if its report is already in the store (the Job ran and its TTL removed it), use it; else apply the
+  Job and the ConfigMap of its inputs, and leave the variants Compiling.
+- Job running: Compiling (a Job watch event marks the EdgeModel dirty when it changes).
+- Job finished: the report pushed by ``edgefleet compile --report oci://...`` becomes the status variants.
+  A failed Job without a report -> every variant Failed, reason CompileJobFailed, the Job's message.
+  A complete Job without a report is given REPORT_GRACE_SECONDS before CompileReportMissing.
+
+The Job's name is a pure function of its inputs (render/compile_job.py), so a restarted operator finds the
+Job it started. Running Jobs of the same model with other inputs (an older generation) are deleted.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+from pathlib import Path
+
+from ..api import EdgeModel
+from ..artifacts import OCIStore, StoreError
+from ..artifacts.store import parse_oci
+from ..compiler import CompileError, VariantReport
+from ..kube import Kube
+from ..render.compile_job import (
+    MODEL_NAME,
+    MODEL_NAMESPACE,
+    CompileJobRequest,
+    compile_labels,
+    inputs_size,
+    render_compile_inputs,
+    render_compile_job,
+    report_ref,
+)
+from ..settings import Settings
+from .world import World
+
+log = logging.getLogger(__name__)
+REPORT_GRACE_SECONDS = 120.0
+MAX_INPUTS_BYTES = 1_000_000  # a ConfigMap holds at most 1 MiB
+
+
+def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, targets: list[str],
+                   world: World) -> list[dict]:
+    """Status variants for ``targets``: Compiling while the Job runs, else what its report says."""
+    profiles = {p.metadata["name"]: p for p in world.profiles}
+    try:
+        req = job_request(kube, settings, em, namespace, {
+            t: profiles[t].spec.target.model_dump(by_alias=True, exclude_none=True) for t in targets})
+    except CompileError as err:
+        return [_clean(err.to_status_variant(t)) for t in targets]
+    manifest = render_compile_job(req, settings)
+    name, ns = manifest["metadata"]["name"], settings.namespace
+    ref = report_ref(settings.artifact_store, name)
+    _delete_stale(kube, ns, req, name)
+    job = kube.find("Job", name, ns)
+    if job is None:
+        report = read_report(settings, ref)
+        if report is not None:  # finished earlier and removed by its TTL
+            return _from_report(report, targets, ref)
+        job = kube.apply(manifest)
+        kube.apply(render_compile_inputs(req, job))
+        log.info("EdgeModel %s/%s: compile Job %s/%s started for %s", namespace, req.model_name, ns, name, targets)
+        return _compiling(targets)
+    state, message, finished = job_state(job)
+    if state == "Running":
+        if kube.find("ConfigMap", name, ns) is None:  # the operator stopped between the two applies
+            kube.apply(render_compile_inputs(req, job))
+        return _compiling(targets)
+    report = read_report(settings, ref)
+    if report is not None:
+        return _from_report(report, targets, ref)
+    if state == "Failed":
+        return [_failed(t, "CompileJobFailed", f"compile Job {ns}/{name} failed: {message}. Fix: read its "
+                        f"logs (kubectl logs -n {ns} job/{name}) while it exists") for t in targets]
+    if finished and _age(finished) < REPORT_GRACE_SECONDS:
+        return _compiling(targets)  # retried by the next Job event or resync
+    return [_failed(t, "CompileReportMissing", f"compile Job {ns}/{name} completed but its report {ref} is not in "
+                    "the artifact store. Fix: check that the compiler image pushes --report and can reach the "
+                    "registry") for t in targets]
+
+
+def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
+                targets: dict[str, dict]) -> CompileJobRequest:
+    """The Job's request; ConfigMap sources and data are copied (the Job runs in the operator's namespace)."""
+    if not settings.artifact_store.startswith("oci://"):
+        raise CompileError("InvalidRequest", f"the job compile executor needs an oci:// artifact store, not "
+                           f"{settings.artifact_store!r}", "set EDGEFLEET_ARTIFACT_STORE (chart: artifactStore.url) "
+                           "to oci://HOST/REPO, or use the inline executor")
+    spec = em.spec
+    files: dict[str, bytes] = {}
+    names: dict[str, str | None] = {"source": None, "calibration": None, "evaluation": None}
+    if spec.source.config_map is not None:
+        names["source"] = _copy(kube, namespace, spec.source.config_map, "source", files)
+    elif spec.source.uri.startswith("pvc://"):
+        raise CompileError("SourceUnavailable", f"{spec.source.uri}: compile Jobs run in the operator's namespace "
+                           f"{settings.namespace} and cannot mount a claim of namespace {namespace}",
+                           "publish the model to oci:// (oras push) or https://, or put it in a ConfigMap")
+    opt = spec.optimization
+    for role in ("calibration", "evaluation"):
+        ref = getattr(opt, role)
+        if ref is None:
+            continue
+        if ref.config_map is None:
+            raise CompileError("InvalidData", f"{role} data {ref.uri}: the compile Job reads data from ConfigMaps "
+                               "only", f"put the {role} .npz in a ConfigMap (binaryData) and reference it")
+        names[role] = _copy(kube, namespace, ref.config_map, role, files)
+    budget = opt.accuracy_budget
+    req = CompileJobRequest(
+        model_namespace=namespace, model_name=em.metadata["name"], generation=em.metadata.get("generation") or 0,
+        targets=targets, source=None if names["source"] else spec.source.uri, digest=spec.source.digest,
+        quantization=opt.quantization, sparsity=opt.sparsity,
+        max_accuracy_drop=budget.max_accuracy_drop if budget else None,
+        min_cosine=budget.min_cosine if budget else None, files=files, source_file=names["source"],
+        calibration_file=names["calibration"], evaluation_file=names["evaluation"],
+    )
+    size = inputs_size(req)
+    if size > MAX_INPUTS_BYTES:
+        raise CompileError("InvalidRequest", f"the ConfigMap data the compile Job needs comes to {size} bytes "
+                           "(base64); its inputs ConfigMap holds at most 1 MiB",
+                           "publish the model with spec.source.uri (oci:// or https://)")
+    return req
+
+
+def _copy(kube: Kube, namespace: str, ref, role: str, files: dict[str, bytes]) -> str:
+    cm = kube.find("ConfigMap", ref.name, namespace)
+    if cm is None:
+        raise CompileError("SourceUnavailable", f"ConfigMap {ref.name!r} not found in {namespace}",
+                           "create it, e.g. kubectl create configmap NAME --from-file=KEY=FILE")
+    if ref.key in (cm.get("binaryData") or {}):
+        data = base64.b64decode(cm["binaryData"][ref.key])
+    elif ref.key in (cm.get("data") or {}):
+        data = cm["data"][ref.key].encode()
+    else:
+        raise CompileError("SourceUnavailable", f"ConfigMap {ref.name!r} has no key {ref.key!r}",
+                           "point configMap.key at one of its keys")
+    name = f"{role}-{Path(ref.key).name}"
+    files[name] = data
+    return name
+
+
+def _delete_stale(kube: Kube, ns: str, req: CompileJobRequest, keep: str) -> None:
+    """Running compile Jobs of this model with other inputs (an older generation) are no longer wanted."""
+    labels = compile_labels(req)
+    for job in kube.list("Job", ns, {MODEL_NAMESPACE: labels[MODEL_NAMESPACE], MODEL_NAME: labels[MODEL_NAME]}):
+        meta = job["metadata"]
+        if meta["name"] != keep and job_state(job)[0] == "Running" and not meta.get("deletionTimestamp"):
+            log.info("deleting stale compile Job %s/%s", ns, meta["name"])
+            kube.delete("Job", meta["name"], ns)
+
+
+def job_state(job: dict) -> tuple[str, str, str | None]:
+    """(Running | Complete | Failed, message, when it finished)."""
+    status = job.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond["type"] == "Complete":
+            return "Complete", cond.get("message", ""), status.get("completionTime") or cond.get("lastTransitionTime")
+        if cond["type"] == "Failed":
+            message = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".rstrip(": ")
+            return "Failed", message, cond.get("lastTransitionTime")
+    return "Running", "", None
+
+
+def read_report(settings: Settings, ref: str) -> dict | None:
+    """The Job's JSON report from the artifact store, or None when it is not there (yet)."""
+    registry, repository, _ = parse_oci(ref)
+    host = registry.rsplit(":", 1)[0]
+    store = OCIStore(registry, repository, insecure=settings.artifact_insecure
+                     or host in ("127.0.0.1", "localhost", "[::1]"))
+    try:
+        return json.loads(store.get(ref, ""))
+    except (StoreError, ValueError) as err:
+        log.debug("report %s not available: %s", ref, err)
+        return None
+
+
+def _from_report(report: dict, targets: list[str], ref: str) -> list[dict]:
+    if "error" in report:
+        e = report["error"]
+        err = CompileError(e.get("reason", "CompileFailed"), e.get("message", ""), e.get("fix", ""))
+        return [_clean(err.to_status_variant(t)) for t in targets]
+    variants = report.get("variants") or {}
+    out = []
+    for t in sorted(targets):
+        if t in variants:
+            out.append(_clean(VariantReport.from_dict(variants[t]).to_status()))
+        else:
+            out.append(_failed(t, "CompileReportIncomplete", f"the compile report {ref} has no variant for {t}"))
+    return out
+
+
+def _compiling(targets: list[str]) -> list[dict]:
+    return [{"profile": t, "state": "Compiling"} for t in targets]  # the same entries reconcile writes first
+
+
+def _failed(profile: str, reason: str, message: str) -> dict:
+    return {"profile": profile, "state": "Failed", "reason": reason, "message": message}
+
+
+def _clean(variant: dict) -> dict:
+    return {k: v for k, v in variant.items() if v is not None}
+
+
+def _age(timestamp: str) -> float:
+    when = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    return (datetime.datetime.now(datetime.UTC) - when).total_seconds()

@@ -1,0 +1,236 @@
+"""The compile Job (executor ``job``): a batch/v1 Job running ``edgefleet compile`` in the compiler image,
+plus the ConfigMap of its inputs. Pure: request + settings -> manifests; no I/O.
+
+Contract with the operator (reconcile/compile_job.py):
+
+- The Job lives in the operator's namespace (``settings.namespace``), not the model's, so it has no
+  owner reference (owners cannot cross namespaces); it is labelled and annotated with the model's
+  namespace and name, and garbage-collected by ``ttlSecondsAfterFinished``.
+- Its name is a pure function of everything the compile depends on (model namespace/name/generation,
+  source, policy, targets, input bytes, compiler image, artifact store): a restarted operator computes the
+  same name and finds the running Job instead of starting a second one.
+- Whatever the Job reads from the model's namespace (a ConfigMap source, calibration/evaluation data) is
+  copied by the operator into a ConfigMap of the same name in the operator's namespace, owned by the Job,
+  together with the targets as ``profiles.json``; it is mounted read-only at ``INPUTS_DIR``.
+  ``uri`` sources (oci://, https://) are passed to the compiler as they are; ``pvc://`` is not supported
+  (a claim cannot be mounted from another namespace).
+- Variants go to the artifact store (``--out``), and the JSON report is pushed there too, as a one-file
+  artifact tagged ``<job name>-report`` (``--report oci://...``): the operator reads the results back from
+  the store, never from pod logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from ..settings import Settings
+
+CONTAINER = "compile"
+INPUTS_DIR = "/var/run/edgefleet/inputs"
+WORK_DIR = "/tmp"  # an emptyDir: the root filesystem is read-only
+CACHE_DIR = f"{WORK_DIR}/edgefleet-cache"
+PROFILES_FILE = "profiles.json"
+COMPILER_UID = 10001
+BACKOFF_LIMIT = 2
+TTL_SECONDS_AFTER_FINISHED = 3600  # the report outlives the Job in the artifact store
+EXIT_NO_RETRY = [1, 2]  # edgefleet compile: 1 = a variant failed, 2 = bad input; both deterministic
+MANAGED_BY = "edgefleet"
+COMPILER_NAME = "edgefleet-compiler"
+MODEL_NAMESPACE = "edgefleet.io/model-namespace"
+MODEL_NAME = "edgefleet.io/model"
+COMPILE_KEY = "edgefleet.io/compile-key"
+REPORT_REF = "edgefleet.io/report"
+WATCH_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY, "app.kubernetes.io/name": COMPILER_NAME}
+
+
+@dataclass(frozen=True)
+class CompileJobRequest:
+    """What one compile Job compiles. ``source`` is the model URI, or None when the model bytes are the
+    ``source_file`` entry of ``files`` (copied from a ConfigMap). ``files`` are file name -> bytes for the
+    inputs ConfigMap (``profiles.json`` is added by ``inputs_files``)."""
+
+    model_namespace: str
+    model_name: str
+    generation: int
+    targets: dict[str, dict]  # profile name -> HardwareProfile.spec.target (camelCase)
+    source: str | None = None
+    digest: str | None = None
+    quantization: str = "auto"
+    sparsity: float = 0.0
+    max_accuracy_drop: float | None = None
+    min_cosine: float | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    source_file: str | None = None
+    calibration_file: str | None = None
+    evaluation_file: str | None = None
+
+
+def profiles_document(targets: dict[str, dict]) -> str:
+    """The targets as a HardwareProfile List that ``edgefleet compile --profiles-file`` reads (JSON is YAML)."""
+    items = [{"apiVersion": "edgefleet.io/v1alpha1", "kind": "HardwareProfile", "metadata": {"name": name},
+              "spec": {"target": targets[name]}} for name in sorted(targets)]
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, sort_keys=True, indent=1)
+
+
+def inputs_files(req: CompileJobRequest) -> dict[str, bytes]:
+    return {**req.files, PROFILES_FILE: profiles_document(req.targets).encode()}
+
+
+def compile_key(req: CompileJobRequest, settings: Settings) -> str:
+    """sha256 over everything the Job's outcome depends on (input bytes by digest)."""
+    blob = {
+        "v": 1,
+        "model": [req.model_namespace, req.model_name, req.generation],
+        "source": req.source, "digest": req.digest, "targets": req.targets,
+        "policy": [req.quantization, req.sparsity, req.max_accuracy_drop, req.min_cosine],
+        "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(req.files.items())},
+        "roles": [req.source_file, req.calibration_file, req.evaluation_file],
+        "image": settings.compiler_image, "store": settings.artifact_store,
+        "timingRuns": settings.compile_timing_runs,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def compile_job_name(req: CompileJobRequest, key: str) -> str:
+    """``compile-<model>-<12 hex of the key>``, a DNS label of at most 63 characters."""
+    stem = req.model_name.replace(".", "-")[:42].rstrip("-")
+    return f"compile-{stem}-{key[:12]}"
+
+
+def report_ref(artifact_store: str, job_name: str) -> str:
+    """Where the Job pushes its JSON report: the artifact store's repository, tag ``<job>-report``."""
+    return f"{artifact_store.rstrip('/')}:{job_name}-report"
+
+
+def _label_value(value: str) -> str:
+    if len(value) <= 63:
+        return value
+    return f"{value[:54].rstrip('-.')}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
+
+
+def compile_labels(req: CompileJobRequest) -> dict[str, str]:
+    return {
+        **WATCH_LABELS,
+        "app.kubernetes.io/component": "compile",
+        "app.kubernetes.io/instance": _label_value(req.model_name),
+        MODEL_NAMESPACE: req.model_namespace,
+        MODEL_NAME: _label_value(req.model_name),
+    }
+
+
+def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
+    source = req.source if req.source is not None else f"{INPUTS_DIR}/{req.source_file}"
+    args = [source, f"--profiles-file={INPUTS_DIR}/{PROFILES_FILE}"]
+    args += [f"--profile={p}" for p in sorted(req.targets)]
+    args += [f"--quantization={req.quantization}", f"--sparsity={req.sparsity}"]
+    if req.calibration_file:
+        args.append(f"--calibration={INPUTS_DIR}/{req.calibration_file}")
+    if req.evaluation_file:
+        args.append(f"--eval={INPUTS_DIR}/{req.evaluation_file}")
+    if req.max_accuracy_drop is not None:
+        args.append(f"--max-accuracy-drop={req.max_accuracy_drop}")
+    if req.min_cosine is not None:
+        args.append(f"--min-cosine={req.min_cosine}")
+    if req.digest:
+        args.append(f"--digest={req.digest}")
+    args += [f"--name={req.model_name}", f"--out={settings.artifact_store}",
+             f"--report={report_ref(settings.artifact_store, name)}", f"--cache-dir={CACHE_DIR}",
+             f"--timing-runs={settings.compile_timing_runs}"]
+    return args
+
+
+def _restricted() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": COMPILER_UID,
+        "runAsGroup": COMPILER_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict:
+    """The batch/v1 Job for ``req`` (its name from ``compile_key``)."""
+    key = compile_key(req, settings)
+    name = compile_job_name(req, key)
+    labels = compile_labels(req)
+    env = [{"name": "HOME", "value": WORK_DIR}, {"name": "TMPDIR", "value": WORK_DIR},
+           {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if settings.artifact_insecure:
+        env.append({"name": "EDGEFLEET_OCI_INSECURE", "value": "1"})
+    container = {
+        "name": CONTAINER,
+        "image": settings.compiler_image,
+        "command": ["edgefleet", "compile"],
+        "args": _args(req, settings, name),
+        "env": env,
+        "resources": settings.compile_resources,
+        "securityContext": _restricted(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True},
+                         {"name": "work", "mountPath": WORK_DIR}],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": labels,
+            "annotations": {MODEL_NAMESPACE: req.model_namespace, MODEL_NAME: req.model_name,
+                            "edgefleet.io/model-generation": str(req.generation), COMPILE_KEY: key,
+                            REPORT_REF: report_ref(settings.artifact_store, name)},
+        },
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT,
+            "activeDeadlineSeconds": settings.compile_deadline_seconds,
+            "ttlSecondsAfterFinished": TTL_SECONDS_AFTER_FINISHED,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                      "values": EXIT_NO_RETRY}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": COMPILER_UID,
+                                        "runAsGroup": COMPILER_UID, "fsGroup": COMPILER_UID,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{"name": "inputs", "configMap": {"name": name}},
+                                {"name": "work", "emptyDir": {"sizeLimit": "8Gi"}}],
+                },
+            },
+        },
+    }
+
+
+def render_compile_inputs(req: CompileJobRequest, job: dict) -> dict:
+    """The inputs ConfigMap: same name and namespace as ``job`` (an applied Job: it needs its uid), owned
+    by it so it goes when the Job's TTL removes the Job."""
+    meta = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": compile_labels(req),
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": False}],
+        },
+        "binaryData": {k: base64.b64encode(v).decode() for k, v in sorted(inputs_files(req).items())},
+    }
+
+
+def inputs_size(req: CompileJobRequest) -> int:
+    """Bytes the inputs ConfigMap will hold (ConfigMaps are limited to 1 MiB in all)."""
+    return sum(len(base64.b64encode(v)) for v in inputs_files(req).values())

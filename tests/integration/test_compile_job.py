@@ -1,0 +1,177 @@
+"""Compile executor `job` against the real control plane: the operator starts a compile Job, the test plays
+the kubelet (kwok runs no containers) by running that Job's command locally, and the operator reads the
+report the command pushed to the registry back into the EdgeModel's status."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from edgefleet.artifacts import OCIStore
+from edgefleet.render.compile_job import CACHE_DIR, INPUTS_DIR, WORK_DIR
+from kube_helpers import apply, get, items, wait_for
+
+pytestmark = pytest.mark.cluster
+MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
+TARGETS = ["cpu-amd64", "cpu-arm64"]
+
+
+@pytest.fixture
+def operator_namespace(cluster):
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def job_operator(edgefleet_api, namespace, operator_namespace):
+    """The operator with EDGEFLEET_COMPILE_EXECUTOR=job, watching only the test's two namespaces (so it
+    leaves other tests' models alone), its compile Jobs in `operator_namespace`."""
+    from kopf.testing import KopfRunner
+
+    env = {
+        "KUBECONFIG": str(edgefleet_api.kubeconfig),
+        "EDGEFLEET_COMPILE_EXECUTOR": "job",
+        "EDGEFLEET_NAMESPACE": operator_namespace,
+        "EDGEFLEET_COMPILER_IMAGE": "ghcr.io/edgefleet/compiler:test",
+        "EDGEFLEET_ARTIFACT_STORE": f"oci://{edgefleet_api.registry}/edgefleet-jobtest",
+        "EDGEFLEET_ARTIFACT_INSECURE": "true",
+        "EDGEFLEET_RESYNC_SECONDS": "3",
+        "EDGEFLEET_COMPILE_TIMING_RUNS": "5",
+        "EDGEFLEET_COMPILE_RESOURCES": json.dumps({"requests": {"cpu": "100m", "memory": "256Mi"}}),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with KopfRunner(["run", "--standalone", "-n", namespace, "-n", operator_namespace,
+                         "-m", "edgefleet.handlers"], timeout=60) as runner:
+            yield runner
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert runner.exit_code == 0, runner.output
+
+
+def run_like_kubelet(cluster, job: dict, tmp: Path) -> subprocess.CompletedProcess:
+    """Run the Job's container as a local process. Substitutions, and only these: `edgefleet` is this
+    interpreter's CLI; the mounted inputs ConfigMap is written out from the API into a local directory;
+    the emptyDir work directory (/tmp: cache, HOME, TMPDIR) is a local directory."""
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "inputs")
+    cm = get(cluster, job["metadata"]["namespace"], "configmap", volume["configMap"]["name"])
+    inputs, work = tmp / "inputs", tmp / "work"
+    inputs.mkdir()
+    work.mkdir()
+    for key, data in (cm.get("binaryData") or {}).items():
+        (inputs / key).write_bytes(base64.b64decode(data))
+
+    def local(arg: str) -> str:
+        return arg.replace(INPUTS_DIR, str(inputs)).replace(CACHE_DIR, str(work / "edgefleet-cache"))
+
+    assert container["command"] == ["edgefleet", "compile"]
+    argv = [sys.executable, "-m", "edgefleet.cli", "compile", *map(local, container["args"])]
+    env = {**os.environ, **{e["name"]: e["value"].replace(WORK_DIR, str(work)) for e in container["env"]},
+           "OMP_NUM_THREADS": "2"}  # keep CPU moderate on a shared machine
+    env.pop("EDGEFLEET_CACHE", None)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+
+def model_status(cluster, namespace: str) -> dict:
+    return get(cluster, namespace, "edgemodel", "digits").get("status", {})
+
+
+def push_source(cluster, namespace: str):
+    return OCIStore(cluster.registry, f"edgefleet-jobtest/{namespace}/source").put(
+        (MODELS / "digits_cnn.onnx").read_bytes(), name="digits", media_type="application/vnd.edgefleet.model.onnx",
+        filename="digits_cnn.onnx")
+
+
+def the_job(cluster, operator_namespace: str) -> dict:
+    jobs = wait_for(lambda: items(cluster, operator_namespace, "jobs", "-l", "edgefleet.io/model=digits"),
+                    timeout=60, what="the operator's compile Job")
+    assert len(jobs) == 1
+    return jobs[0]
+
+
+def test_compile_job_results_come_back_from_the_registry(job_operator, cluster, namespace, operator_namespace,
+                                                         tmp_path):
+    ref = push_source(cluster, namespace)
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "digits-data", "namespace": namespace},
+          "binaryData": {"digits_eval.npz": base64.b64encode((MODELS / "digits_eval.npz").read_bytes()).decode()}}
+    em = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+          "metadata": {"name": "digits", "namespace": namespace},
+          "spec": {"source": {"uri": ref.ref, "digest": ref.digest}, "format": "onnx",
+                   "optimization": {"quantization": "dynamic-int8",
+                                    "evaluation": {"configMap": {"name": "digits-data", "key": "digits_eval.npz"}},
+                                    "accuracyBudget": {"maxAccuracyDrop": 5.0}},
+                   "targetProfiles": {"names": TARGETS}}}
+    apply(cluster, namespace, [cm, em])
+
+    job = the_job(cluster, operator_namespace)
+    assert job["metadata"]["labels"]["edgefleet.io/model-namespace"] == namespace
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/edgefleet/compiler:test"
+    wait_for(lambda: items(cluster, operator_namespace, "configmaps", "-l", "edgefleet.io/model=digits"),
+             timeout=30, what="the compile Job's inputs ConfigMap")
+    status = model_status(cluster, namespace)
+    assert [v["state"] for v in status["variants"]] == ["Compiling"] * len(TARGETS)
+    assert next(c for c in status["conditions"] if c["type"] == "Compiled")["reason"] == "Compiling"
+
+    done = run_like_kubelet(cluster, job, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = {line.split("\t")[0]: line.split("\t") for line in done.stdout.splitlines() if "\t" in line}
+    assert set(printed) == set(TARGETS) and all(p[1] == "Ready" for p in printed.values()), done.stdout
+
+    wait_for(lambda: any(c["type"] == "Complete" and c["status"] == "True" for c in get(
+        cluster, operator_namespace, "job", job["metadata"]["name"]).get("status", {}).get("conditions", [])),
+        timeout=60, what="kwok completing the compile Job")
+
+    def ready():
+        st = model_status(cluster, namespace)
+        vs = st.get("variants", [])
+        return vs if vs and all(v["state"] == "Ready" for v in vs) else None
+
+    variants = {v["profile"]: v for v in wait_for(ready, timeout=60, what="variants Ready from the report")}
+    assert set(variants) == set(TARGETS)
+    for profile, v in variants.items():
+        assert v["digest"] == printed[profile][3]  # what the local "Job" produced, read back via the registry
+        assert v["artifact"] == printed[profile][5]
+        assert v["artifact"].startswith(f"oci://{cluster.registry}/edgefleet-jobtest@")
+        assert v["quantization"] == "dynamic-int8" and v["sizeBytes"] > 0
+    status = model_status(cluster, namespace)
+    compiled = next(c for c in status["conditions"] if c["type"] == "Compiled")
+    assert compiled["status"] == "True" and compiled["reason"] == "CompileFinished"
+    assert status["observedGeneration"] == get(cluster, namespace, "edgemodel", "digits")["metadata"]["generation"]
+    # one Job per generation: reconciles after it finished did not start another
+    assert len(items(cluster, operator_namespace, "jobs", "-l", "edgefleet.io/model=digits")) == 1
+
+
+def test_request_failure_in_the_job_reaches_status(job_operator, cluster, namespace, operator_namespace, tmp_path):
+    """A wrong source digest: the Job's command exits 2 and pushes an error report; the variants say why
+    (the reason the compiler printed, not a generic CompileJobFailed)."""
+    ref = push_source(cluster, namespace)
+    wrong = "sha256:" + "0" * 64
+    em = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+          "metadata": {"name": "digits", "namespace": namespace},
+          "spec": {"source": {"uri": ref.ref, "digest": wrong}, "format": "onnx",
+                   "targetProfiles": {"names": ["cpu-amd64", "no-such-profile"]}}}
+    apply(cluster, namespace, em)
+    done = run_like_kubelet(cluster, the_job(cluster, operator_namespace), tmp_path)
+    assert done.returncode == 2 and wrong in done.stderr, done.stderr[-2000:]
+    reason = next(line.split(":")[1].strip() for line in done.stderr.splitlines() if line.startswith("error: "))
+
+    def settled():
+        vs = model_status(cluster, namespace).get("variants", [])
+        return vs if vs and all(v["state"] == "Failed" for v in vs) else None
+
+    variants = {v["profile"]: v for v in wait_for(settled, timeout=60, what="variants Failed from the error report")}
+    assert variants["cpu-amd64"]["reason"] == reason and wrong in variants["cpu-amd64"]["message"]
+    assert variants["no-such-profile"]["reason"] == "ProfileNotFound"
+    degraded = next(c for c in model_status(cluster, namespace)["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True"
