@@ -26,6 +26,7 @@ KINDS = {
     "Node": ("v1", "nodes", False),
     "Event": ("v1", "events", True),
     "Job": ("batch/v1", "jobs", True),
+    "Pod": ("v1", "pods", True),
 }
 
 

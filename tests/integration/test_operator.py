@@ -71,7 +71,7 @@ def test_relabelled_node_moves_to_its_new_class(operator, cluster, namespace):
     quickstart_into(cluster, namespace)
     wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
     node, label = "plain-amd64-0", "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI"
-    cluster.kubectl("label", "node", node, f"{label}=true")
+    cluster.kubectl("label", "--overwrite", "node", node, f"{label}=true")
     try:
         served, _, _ = wait_for(
             lambda: (r := converged(cluster, namespace)) and r[0][node]["metadata"]["labels"][

@@ -413,9 +413,10 @@ class Rollout(Model):
         list[Percent], Field(min_length=1, max_length=10, json_schema_extra={"x-kubernetes-list-type": "set"})
     ] | None = None
     """Cumulative percentages of nodes updated per wave, ascending and ending at 100, e.g. [10, 50, 100].
-    Exclusive with canaryPercent."""
+    Exclusive with canaryPercent. PerNode mode only; Replicas mode rolls with maxUnavailable."""
     canary_percent: Annotated[int, Field(ge=1, le=99)] | None = None
-    """Update this percentage of nodes first, then the rest once healthy. Exclusive with waves."""
+    """Update this percentage of nodes first, then the rest once healthy. Exclusive with waves.
+    PerNode mode only."""
     health_gate: HealthGate = Field(default_factory=HealthGate)
     """When a wave counts as healthy."""
     auto_rollback: bool = True
@@ -508,6 +509,8 @@ class ClassStatus(Model):
     """Pods serving the wanted variant."""
     digest: Digest | None = None
     """Digest of the variant this class serves."""
+    rollout: ShortText | None = None
+    """Where a wave rollout stands: `wave 2/3`, `complete`, `rolled back` or `paused` (PerNode with waves)."""
 
 
 class EdgeDeploymentStatus(Model):

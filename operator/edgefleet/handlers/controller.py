@@ -24,7 +24,7 @@ MAX_BACKOFF = 60.0
 @dataclass
 class Queue:
     name: str
-    reconcile: Callable[[str, str, World], None]
+    reconcile: Callable[[str, str, World], float | None]  # returns seconds until the next look, if any
     concurrency: int
     dirty: set[Key] = field(default_factory=set)
     known: set[Key] = field(default_factory=set)
@@ -55,7 +55,7 @@ class Controller:
 
         return World(dict(self.nodes), parse_profiles(list(self.profiles.values())))
 
-    def add_queue(self, name: str, reconcile: Callable[[str, str, World], None], concurrency: int) -> Queue:
+    def add_queue(self, name: str, reconcile: Callable[[str, str, World], float | None], concurrency: int) -> Queue:
         self.queues[name] = Queue(name, reconcile, concurrency)
         return self.queues[name]
 
@@ -83,8 +83,10 @@ class Controller:
 
     async def _one(self, queue: Queue, key: Key, slots: asyncio.Semaphore) -> None:
         try:
-            await asyncio.to_thread(queue.reconcile, key[0], key[1], self.world())
+            again = await asyncio.to_thread(queue.reconcile, key[0], key[1], self.world())
             queue.failures.pop(key, None)
+            if again:
+                asyncio.get_running_loop().call_later(again, queue.mark, key)
         except Exception as err:  # noqa: BLE001 - any failure is retried, never fatal
             count = queue.failures[key] = queue.failures.get(key, 0) + 1
             delay = min(MAX_BACKOFF, 2.0 ** count)

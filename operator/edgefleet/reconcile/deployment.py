@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from ..api import EdgeDeployment, EdgeModel, Variant, label_selector_matches
 from ..kube import Kube
-from ..render import child_labels, render_class, render_service, resolve_nodes, split_replicas
+from ..render import child_labels, render_class, render_service, resolve_nodes, split_replicas, waves_of
 from ..settings import Settings
 from .conditions import flipped, set_condition, without_times
+from .rollout import Decision, decide
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,12 @@ def _observed(obj: dict) -> bool:
     return obj.get("status", {}).get("observedGeneration", 0) >= obj["metadata"].get("generation", 0)
 
 
-def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: str, world: World | None = None) -> None:
+def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: str,
+                         world: World | None = None) -> float | None:
+    """Converge one EdgeDeployment; returns seconds until it wants another look (a rollout in waves)."""
     raw = kube.find("EdgeDeployment", name, namespace)
     if raw is None or raw["metadata"].get("deletionTimestamp"):
-        return  # owner references let the garbage collector remove what we made
+        return None  # owner references let the garbage collector remove what we made
     ed = EdgeDeployment.model_validate(raw)
     world = world or World.read(kube)
     model = kube.find("EdgeModel", ed.spec.model_ref.name, namespace)
@@ -51,7 +55,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     profiles = {p.metadata["name"]: p for p in world.profiles}
     replicas = split_replicas(ed.spec.replicas or 0, dict(per_class)) if ed.spec.mode == "Replicas" else {}
 
-    applied, missing = {}, []
+    applied, missing, rollouts = {}, [], {}
     for profile_name in sorted(per_class):
         variant = variants.get(profile_name)
         if variant is None:
@@ -59,10 +63,28 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
             continue
         manifest = render_class(ed, profiles[profile_name], variant, world.profiles, settings.node_cache,
                                 replicas.get(profile_name), settings.artifact_insecure)
+        if waves_of(ed):
+            rollouts[profile_name] = decision = _decide(kube, ed, manifest)
+            manifest = decision.manifest
         applied[profile_name] = kube.apply(manifest)
+        for pod in rollouts[profile_name].delete if profile_name in rollouts else ():
+            log.info("rollout %s/%s %s: replacing pod %s", namespace, name, profile_name, pod)
+            kube.delete("Pod", pod, namespace)
     _apply_service(kube, ed, namespace)
     _prune(kube, namespace, name, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
-    _write_status(kube, raw, ed, applied, variants, missing, unmatched, model is not None)
+    _write_status(kube, raw, ed, applied, variants, missing, unmatched, model is not None, rollouts)
+    waits = [d.requeue for d in rollouts.values() if d.requeue]
+    return min(waits) if waits else None
+
+
+def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict) -> Decision:
+    meta = manifest["metadata"]
+    existing = kube.find("DaemonSet", meta["name"], meta["namespace"])
+    pods = kube.list("Pod", meta["namespace"], manifest["spec"]["selector"]["matchLabels"]) if existing else []
+    rollout = ed.spec.rollout
+    return decide(manifest, existing, pods, waves_of(ed), rollout.max_unavailable,
+                  rollout.health_gate.min_ready_seconds, rollout.health_gate.timeout_seconds,
+                  rollout.auto_rollback, time.time())
 
 
 def _apply_service(kube: Kube, ed: EdgeDeployment, namespace: str) -> None:
@@ -82,14 +104,21 @@ def _prune(kube: Kube, namespace: str, name: str, keep: set[tuple[str, str]]) ->
                 kube.delete(kind, obj["metadata"]["name"], namespace)
 
 
-def _write_status(kube, raw, ed, applied, variants, missing, unmatched, model_found) -> None:
+def _served_digest(obj: dict) -> str | None:
+    return obj["spec"]["template"]["metadata"].get("annotations", {}).get("edgefleet.io/variant-digest")
+
+
+def _write_status(kube, raw, ed, applied, variants, missing, unmatched, model_found, rollouts) -> None:
     generation = raw["metadata"].get("generation")
     old = raw.get("status") or {}
     classes = []
     for profile_name, obj in sorted(applied.items()):
         desired, ready, updated = _class_counts(obj) if _observed(obj) else (0, 0, 0)
-        classes.append({"profile": profile_name, "desired": desired, "ready": ready, "updated": updated,
-                        "digest": variants[profile_name].digest})
+        entry = {"profile": profile_name, "desired": desired, "ready": ready, "updated": updated,
+                 "digest": _served_digest(obj)}
+        if profile_name in rollouts:
+            entry["rollout"] = rollouts[profile_name].progress
+        classes.append(entry)
     desired = sum(c["desired"] for c in classes)
     ready = sum(c["ready"] for c in classes)
     settled = all(_observed(o) for o in applied.values())
@@ -102,7 +131,7 @@ def _write_status(kube, raw, ed, applied, variants, missing, unmatched, model_fo
                           "RollingOut" if not complete else "RolloutComplete",
                           "waiting for pods to be updated and ready" if not complete else "every class is up to date",
                           generation)
-    problem = _degraded(ed, missing, model_found)
+    problem = _degraded(ed, missing, model_found, rollouts)
     conds = set_condition(conds, "Degraded", problem is not None, problem[0] if problem else "AsExpected",
                           problem[1] if problem else "every matching node has a variant to serve", generation)
     status = {"observedGeneration": generation, "conditions": conds, "classes": classes,
@@ -118,7 +147,13 @@ def _write_status(kube, raw, ed, applied, variants, missing, unmatched, model_fo
             kube.event(raw, c["reason"], c["message"], "Warning" if c["type"] == "Degraded" else "Normal")
 
 
-def _degraded(ed: EdgeDeployment, missing: list[str], model_found: bool) -> tuple[str, str] | None:
+def _degraded(ed: EdgeDeployment, missing: list[str], model_found: bool, rollouts: dict) -> tuple[str, str] | None:
+    back = {p: d.rolled_back for p, d in rollouts.items() if d.rolled_back}
+    paused = {p: d.failed for p, d in rollouts.items() if d.failed}
+    if back:
+        return "RolledBack", "; ".join(f"{p}: {why}" for p, why in sorted(back.items()))
+    if paused:
+        return "RolloutFailed", "; ".join(f"{p}: {why}" for p, why in sorted(paused.items()))
     if not model_found:
         return "ModelNotFound", f"EdgeModel {ed.spec.model_ref.name!r} does not exist in this namespace"
     if missing:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 from ..api import EdgeDeployment, HardwareProfile, Variant
 from .placement import higher_priority, node_affinity
@@ -11,6 +12,7 @@ from .placement import higher_priority, node_affinity
 RUNTIME_UID = 10001  # the runtime images run as this user
 CACHE_MOUNT = "/var/lib/edgefleet/cache"
 DIGEST_ANNOTATION = "edgefleet.io/variant-digest"
+TEMPLATE_HASH = "edgefleet.io/template-hash"
 MANAGED_BY = "edgefleet"
 
 
@@ -90,6 +92,19 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
                   f"--name={model}"]
     if insecure:
         fetch_args.append("--insecure")
+    prepare = {  # hostPath directories are created root-owned: hand the cache to the runtime user
+        "name": "prepare-cache",
+        "image": profile.spec.runtime_image,
+        "command": ["sh", "-c", f"mkdir -p {CACHE_MOUNT}/sha256 {CACHE_MOUNT}/tmp {CACHE_MOUNT}/current && "
+                    f"chown -R {RUNTIME_UID}:{RUNTIME_UID} {CACHE_MOUNT}"],
+        "volumeMounts": mounts,
+        "securityContext": {
+            "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
     init = {
         "name": "fetch-model",
         "image": profile.spec.runtime_image,
@@ -117,7 +132,7 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}],
     }
-    return [init], [serve]
+    return [prepare, init], [serve]
 
 
 def _volumes(profile: HardwareProfile, node_cache: str) -> list[dict]:
@@ -138,8 +153,7 @@ def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: boo
         "containers": containers,
         "volumes": _volumes(profile, node_cache),
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in profile.spec.tolerations],
-        "securityContext": {"runAsNonRoot": not profile.spec.privileged, "fsGroup": RUNTIME_UID,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {"fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
@@ -148,7 +162,26 @@ def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: boo
         spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": affinity}}
     if profile.spec.runtime_class_name:
         spec["runtimeClassName"] = profile.spec.runtime_class_name
-    return {"metadata": {"labels": labels, "annotations": {DIGEST_ANNOTATION: variant.digest}}, "spec": spec}
+    template = {"metadata": {"labels": labels, "annotations": {DIGEST_ANNOTATION: variant.digest}}, "spec": spec}
+    template["metadata"]["annotations"][TEMPLATE_HASH] = template_hash(template)
+    return template
+
+
+def template_hash(template: dict) -> str:
+    """A short hash of a pod template (without its own hash annotation): which pods are up to date."""
+    annotations = {k: v for k, v in template["metadata"].get("annotations", {}).items() if k != TEMPLATE_HASH}
+    body = {**template, "metadata": {**template["metadata"], "annotations": annotations}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def waves_of(ed: EdgeDeployment) -> list[int] | None:
+    """The rollout waves of a PerNode deployment, or None for a plain rolling update."""
+    rollout = ed.spec.rollout
+    if ed.spec.mode != "PerNode":
+        return None
+    if rollout.waves:
+        return list(rollout.waves)
+    return [rollout.canary_percent, 100] if rollout.canary_percent else None
 
 
 def render_class(
@@ -171,7 +204,10 @@ def render_class(
         "minReadySeconds": ed.spec.rollout.health_gate.min_ready_seconds,
         "revisionHistoryLimit": 5,
     }
-    if ed.spec.mode == "PerNode":
+    if ed.spec.mode == "PerNode" and waves_of(ed):
+        spec["updateStrategy"] = {"type": "OnDelete"}  # the operator replaces pods wave by wave
+        kind = "DaemonSet"
+    elif ed.spec.mode == "PerNode":
         spec["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable}}
         kind = "DaemonSet"
     else:
