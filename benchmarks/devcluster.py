@@ -1,0 +1,252 @@
+"""Dev cluster benchmark: cold build per component, warm `up` to all nodes Ready, control-plane RSS.
+
+    python benchmarks/devcluster.py [--scale-large 125] [--repeat 1] [--cold] [--json PATH]
+
+1. Cold build minutes per component. By default nothing is rebuilt: the timings are read back from the
+   cache of the build that produced the cached binaries (``components.build_all`` builds the missing
+   components one after another, in ``COMPONENTS`` order, and writes ``logs/build-<name>-<ver>.log``
+   before each build and the binary at its end). Per component: start = the birth time (statx) of its
+   build log when that log still describes the build of the cached binary (log born before the binary),
+   else the end of the previous component (the first one: the birth of ``bin/``, made right before the
+   first build); end = the binary's mtime. The method used for each row is written next to it.
+   ``--cold`` instead rebuilds everything into a temporary EDGEFLEET_CACHE with an empty GOCACHE (the
+   module cache is kept: downloads are not what we measure) - slow: tens of minutes on 2 cores.
+2. Warm ``up`` (binaries cached) until every node is Ready, for: no nodes (``--scale 0``, the
+   baseline: the bare control plane), the default fleet, and ``--scale-large`` nodes per class (default 125 x 8
+   classes = 1,000 nodes). Ratios are against the baseline measured in the same run.
+3. RSS of the control plane: the sum of VmRSS of the processes in the cluster's pid files, read
+   from /proc after the fleet has been Ready for ``--settle`` seconds (and VmHWM, the peak).
+
+Clusters are named ``bench-*`` and always torn down (also on Ctrl-C or failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edgefleet.devcluster import cluster as dc
+from edgefleet.devcluster import components
+from edgefleet.devcluster.fleet import load_fleet
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GOAL_DEFAULT_S = 20.0
+GOAL_LARGE_S = 90.0
+
+
+# ---------------------------------------------------------------- cold build
+
+
+def _birth(path: Path) -> float | None:
+    """Birth time via statx (coreutils `stat -c %W`); None when the filesystem does not record it."""
+    out = subprocess.run(["stat", "-c", "%.9W", str(path)], capture_output=True, text=True, check=False).stdout.strip()
+    try:
+        value = float(out)
+    except ValueError:
+        return None
+    return value or None
+
+
+def build_times_from_cache() -> list[dict]:
+    """Per component: seconds of the build that produced the cached binary, and how it was inferred."""
+    cache = components.cache_dir()
+    prev_end = _birth(cache / "bin")
+    prev_how = "bin/ birth (made right before the first build)"
+    rows = []
+    for comp in components.COMPONENTS.values():
+        binary = components.binary_path(comp.name)
+        if not binary.exists():
+            rows.append({"component": comp.name, "version": comp.version, "seconds": None, "how": "not built"})
+            prev_end = None
+            continue
+        end = binary.stat().st_mtime
+        log = cache / "logs" / f"build-{comp.name}-{comp.version}.log"
+        log_born = _birth(log) if log.exists() else None
+        if log_born is not None and prev_end is not None and log_born - prev_end > 60 and log_born <= end:
+            # built on its own later (the Go build cache was warm by then): not a cold time
+            rows.append({"component": comp.name, "version": comp.version, "seconds": None,
+                         "rebuild_seconds": end - log_born, "log": str(log),
+                         "how": f"rebuilt alone later in {end - log_born:.0f}s (warm Go cache); cold time lost"})
+            prev_end = None
+            continue
+        if log_born is not None and log_born <= end and (prev_end is None or log_born >= prev_end - 1):
+            start, how = log_born, "build log birth -> binary mtime"
+        elif prev_end is not None and prev_end <= end:
+            start, how = prev_end, f"previous end ({prev_how}) -> binary mtime"
+        else:
+            start, how = None, "cannot infer (built out of order)"
+        seconds = end - start if start is not None else None
+        if log_born is not None and log_born > end:
+            how += "; its log is from a later rebuild"
+        rows.append({"component": comp.name, "version": comp.version, "seconds": seconds, "how": how,
+                     "log": str(log) if log.exists() else None})
+        prev_end, prev_how = end, f"{comp.name} binary mtime"
+    # a binary rebuilt later (e.g. a version bump) is not part of the sequential cold build
+    for row in rows:
+        if row["seconds"] is not None and row["seconds"] > 3600:
+            row["how"] += " (gap > 1 h: not part of one cold build)"
+            row["seconds"] = None
+    return rows
+
+
+def build_times_cold() -> list[dict]:
+    """Rebuild every component into a temporary cache with an empty Go build cache."""
+    with tempfile.TemporaryDirectory(prefix="edgefleet-cold-") as tmp:
+        saved = {k: os.environ.get(k) for k in ("EDGEFLEET_CACHE", "GOCACHE")}
+        os.environ["EDGEFLEET_CACHE"] = str(Path(tmp) / "cache")
+        os.environ["GOCACHE"] = str(Path(tmp) / "gocache")
+        try:
+            timings = components.build_all(echo=lambda m: print(m, file=sys.stderr))
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return [{"component": n, "version": components.COMPONENTS[n].version, "seconds": s,
+             "how": "--cold: rebuilt now, empty GOCACHE"} for n, s in timings.items()]
+
+
+# ---------------------------------------------------------------- warm up
+
+
+def _rss(state: Path) -> dict[str, dict[str, int]]:
+    """kB of VmRSS and VmHWM per component process, from /proc/<pid>/status."""
+    out = {}
+    for name in dc.PROCESSES:
+        try:
+            pid = int((state / "pids" / f"{name}.pid").read_text().split()[0])
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        out[name] = {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+    return out
+
+
+def timed_up(name: str, scale: int | None, settle: float, measure_rss: bool) -> dict:
+    dc.down(name, echo=lambda _m: None)  # leftovers of an interrupted run
+    marks: list[tuple[float, str]] = []
+    start = time.monotonic()
+
+    def echo(msg: str) -> None:
+        marks.append((time.monotonic() - start, msg))
+
+    try:
+        cluster = dc.up(name, scale=scale, echo=echo, timeout=600)
+        total = time.monotonic() - start
+        ready, nodes = cluster.nodes_ready()
+        result = {"scale": scale, "nodes": nodes, "ready": ready, "up_seconds": total}
+        t_fleet = next((t for t, m in marks if m.startswith("creating ")), None)
+        if t_fleet is not None:
+            result["control_plane_seconds"] = t_fleet
+            result["fleet_seconds"] = total - t_fleet
+        if measure_rss:
+            time.sleep(settle)
+            rss = _rss(cluster.state)
+            result["rss_kb"] = rss
+            result["rss_total_mb"] = sum(v["VmRSS"] for v in rss.values()) / 1024
+            result["hwm_total_mb"] = sum(v["VmHWM"] for v in rss.values()) / 1024
+            result["rss_after_settle_seconds"] = settle
+        return result
+    finally:
+        dc.down(name, echo=lambda _m: None)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    lines = [head, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)) for r in lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cold", action="store_true", help="rebuild everything into a temp cache (slow)")
+    ap.add_argument("--scale-large", type=int, default=None,
+                    help="nodes per class for the large fleet (default: 1,000 nodes in all)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per size (median reported)")
+    ap.add_argument("--settle", type=float, default=20.0, help="seconds after Ready before reading RSS")
+    ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--json", type=Path, default=RESULTS / "devcluster.json")
+    args = ap.parse_args()
+
+    builds = build_times_cold() if args.cold else build_times_from_cache()
+    missing = components.missing()
+    if missing:
+        sys.exit(f"not every component is built ({', '.join(c.name for c in missing)}): run `edgefleet cluster "
+                 "build` first; warm `up` timings need cached binaries")
+
+    classes = len(load_fleet().classes)
+    if args.scale_large is None:
+        args.scale_large = round(1000 / classes)
+    sizes = [("baseline: no nodes", 0, False), ("default fleet", None, True)]
+    if not args.skip_large:
+        sizes.append((f"{args.scale_large} per class", args.scale_large, True))
+    runs: dict[str, list[dict]] = {}
+    for label, scale, rss in sizes:
+        for i in range(args.repeat):
+            print(f"[up] {label} run {i + 1}/{args.repeat} ...", file=sys.stderr)
+            runs.setdefault(label, []).append(
+                timed_up(f"bench-dc-{scale if scale is not None else 'default'}", scale, args.settle, rss))
+
+    def med(label: str, key: str) -> float | None:
+        values = [r[key] for r in runs[label] if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    base = med("baseline: no nodes", "up_seconds")
+    build_rows = [[b["component"], b["version"], f"{b['seconds'] / 60:.1f}" if b["seconds"] is not None else "-",
+                   b["how"]] for b in builds]
+    known = [b["seconds"] for b in builds if b["seconds"] is not None]
+    build_rows.append(["total", "", f"{sum(known) / 60:.1f}", f"{len(known)}/{len(builds)} components known"])
+    up_rows = []
+    for label, scale, _ in sizes:
+        r = runs[label][-1]
+        secs = med(label, "up_seconds")
+        goal = {None: GOAL_DEFAULT_S, args.scale_large: GOAL_LARGE_S}.get(scale)
+        verdict = "-" if goal is None or scale == 0 else (
+            f"<= {goal:.0f}s ok" if secs <= goal else f"MISSED by {secs - goal:.1f}s")
+        up_rows.append([label, r["nodes"], f"{secs:.1f}", f"{med(label, 'control_plane_seconds') or 0:.1f}",
+                        f"{med(label, 'fleet_seconds') or 0:.1f}", f"{secs / base:.2f}x",
+                        f"{r['rss_total_mb']:.0f}" if "rss_total_mb" in r else "-",
+                        f"{r['hwm_total_mb']:.0f}" if "hwm_total_mb" in r else "-", verdict])
+    print(f"load at end: {os.getloadavg()}, pytest running: {_pytest_running()}")
+    print(f"\nmachine: {platform.node()} {os.cpu_count()} cpus; fleet classes: {classes}; "
+          f"repeat: {args.repeat} (median)\n")
+    print("cold build (minutes)")
+    print(_table(["component", "version", "min", "how"], build_rows))
+    print("\nwarm `up` to all nodes Ready (baseline = bare control plane, same run)")
+    print(_table(["fleet", "nodes", "up s", "ctl-plane s", "fleet s", "vs baseline", "RSS MB", "peak MB", "goal"],
+                 up_rows))
+    large = runs.get(sizes[-1][0], [{}])[-1]
+    if "rss_kb" in large:
+        print(f"\ncontrol-plane RSS at {large['nodes']} nodes, {args.settle:.0f}s after Ready (MB, VmRSS / VmHWM)")
+        print(_table(["process", "RSS MB", "peak MB"],
+                     [[k, f"{v['VmRSS'] / 1024:.0f}", f"{v['VmHWM'] / 1024:.0f}"] for k, v in large["rss_kb"].items()]
+                     + [["total", f"{large['rss_total_mb']:.0f}", f"{large['hwm_total_mb']:.0f}"]]))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "machine": {"host": platform.node(), "cpus": os.cpu_count()},
+        "cold_build": {"mode": "rebuilt" if args.cold else "inferred from cache", "components": builds},
+        "warm_up": runs, "baseline_up_seconds": base,
+        "goals": {"default_fleet_s": GOAL_DEFAULT_S, "large_fleet_s": GOAL_LARGE_S},
+        "load_during_run": {"pytest_running_at_end": _pytest_running(), "loadavg_at_end": os.getloadavg()},
+    }, indent=2))
+    print(f"\nwrote {args.json}", file=sys.stderr)
+
+
+def _pytest_running() -> bool:
+    with contextlib.suppress(OSError):
+        return subprocess.run(["pgrep", "-f", "pytest"], capture_output=True).returncode == 0
+    return False
+
+
+if __name__ == "__main__":
+    main()
