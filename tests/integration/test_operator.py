@@ -3,37 +3,12 @@ relabelled nodes, new nodes, model changes and deletion."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import yaml
 from kube_helpers import condition, get, items, wait_for
 from operator_helpers import converged, placement, quickstart_into
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def operator(edgefleet_api, tmp_path_factory):
-    """The operator in a thread (kopf.testing.KopfRunner), storing variants in the cluster's registry."""
-    from kopf.testing import KopfRunner
-
-    env = {
-        "KUBECONFIG": str(edgefleet_api.kubeconfig),
-        "EDGEFLEET_ARTIFACT_STORE": f"oci://{edgefleet_api.registry}/edgefleet-test",
-        "EDGEFLEET_ARTIFACT_INSECURE": "true",
-        "EDGEFLEET_RESYNC_SECONDS": "20",
-        "EDGEFLEET_COMPILE_TIMING_RUNS": "10",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with KopfRunner(["run", "-A", "--standalone", "-m", "edgefleet.handlers"], timeout=60) as runner:
-            yield runner
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    assert runner.exit_code == 0, runner.output
 
 
 def test_quickstart_serves_every_matching_node_with_its_class(operator, cluster, namespace):

@@ -46,8 +46,11 @@ def test_next_wave_waits_for_the_health_gate():
 def test_second_wave_respects_max_unavailable():
     result = plan(pods(updated_healthy=1, old=9), max_unavailable=2)
     assert result.wave == 2 and len(result.delete) == 2  # target 5: 4 more wanted, 2 allowed at once
+    # one old pod is down already: it is replaced first (free), then one serving pod (budget 2 - 1 down)
     busy = plan(pods(updated_healthy=1, old=9, old_unready=1), max_unavailable=2)
-    assert len(busy.delete) == 1
+    assert busy.delete == ("old-0", "old-1")
+    tight = plan(pods(updated_healthy=1, old=9, old_unready=2), max_unavailable=2)
+    assert tight.delete == ("old-0", "old-1")  # both down already; no serving pod may go
 
 
 def test_complete_when_every_node_is_updated_and_healthy():
@@ -63,3 +66,9 @@ def test_a_wave_that_stays_unhealthy_fails_after_the_timeout():
 def test_canary_is_two_waves():
     result = plan(pods(updated_healthy=2, old=8), waves=(20, 100), max_unavailable=10)
     assert result.wave == 2 and len(result.delete) == 8
+
+
+def test_outdated_pods_that_serve_nothing_are_replaced_without_waiting_for_the_budget():
+    view = [PodView("bad-0", "n00", "bad", None), PodView("ok-1", "n01", "new", NOW - 60)]
+    result = plan_wave(view, "new", 2, [100], 1, 10, 120, NOW - 5, NOW)
+    assert result.delete == ("bad-0",)

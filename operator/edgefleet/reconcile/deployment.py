@@ -8,7 +8,7 @@ from collections import Counter
 
 from ..api import EdgeDeployment, EdgeModel, Variant, label_selector_matches
 from ..kube import Kube
-from ..render import child_labels, render_class, render_service, resolve_nodes, split_replicas, waves_of
+from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
 from ..settings import Settings
 from .conditions import flipped, set_condition, without_times
 from .rollout import Decision, decide
@@ -60,6 +60,9 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
         variant = variants.get(profile_name)
         if variant is None:
             missing.append(profile_name)
+            kept = _existing_workload(kube, ed, profile_name)
+            if kept is not None:  # recompiling or failed: keep serving what the nodes have
+                applied[profile_name] = kept
             continue
         manifest = render_class(ed, profiles[profile_name], variant, world.profiles, settings.node_cache,
                                 replicas.get(profile_name), settings.artifact_insecure)
@@ -75,6 +78,11 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     _write_status(kube, raw, ed, applied, variants, missing, unmatched, model is not None, rollouts)
     waits = [d.requeue for d in rollouts.values() if d.requeue]
     return min(waits) if waits else None
+
+
+def _existing_workload(kube: Kube, ed: EdgeDeployment, profile: str) -> dict | None:
+    kind = "DaemonSet" if ed.spec.mode == "PerNode" else "Deployment"
+    return kube.find(kind, child_name(ed.metadata["name"], profile), ed.metadata["namespace"])
 
 
 def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict) -> Decision:

@@ -74,10 +74,14 @@ def plan_wave(pods: list[PodView], current: str, nodes: int, waves: list[int], m
             f"wave {wave + 1}/{len(waves)}: {len(healthy)}/{target} new pods healthy after "
             f"{now - wave_started:.0f}s (healthGate.timeoutSeconds {timeout_seconds:.0f})"))
     unavailable = sum(1 for p in pods if p.ready_since is None) + max(0, nodes - len(pods))
-    budget = max_unavailable - unavailable
-    outdated = sorted((p for p in pods if p.template_hash != current), key=lambda p: p.node)
-    need = target - len(updated)
-    delete = tuple(p.name for p in outdated[:max(0, min(need, budget))])
+    outdated = [p for p in pods if p.template_hash != current]
+    broken = sorted((p for p in outdated if p.ready_since is None), key=lambda p: p.node)
+    serving = sorted((p for p in outdated if p.ready_since is not None), key=lambda p: p.node)
+    need = max(0, target - len(updated))
+    # replacing a pod that serves nothing costs no availability; serving pods wait for the budget
+    delete = [p.name for p in broken[:need]]
+    delete += [p.name for p in serving[:max(0, min(need - len(delete), max_unavailable - unavailable))]]
+    delete = tuple(delete)
     return WavePlan(wave + 1, "InProgress", delete,
                     f"wave {wave + 1}/{len(waves)}: {len(healthy)}/{target} new pods healthy")
 
@@ -127,7 +131,8 @@ def decide(manifest: dict, existing: dict | None, pods: list[dict], waves: list[
     failed = None
     if plan.state == "Failed" and auto_rollback and stable and stable["metadata"]["annotations"][
             TEMPLATE_HASH] != current:
-        failed_hash, rolled_back = current, f"{plan.message}: rolled back to the last healthy template"
+        failed_hash = current
+        rolled_back = f"{plan.message}: failed the health gate, rolled back to the last healthy template"
         manifest = _with_template(manifest, stable)
         current = _hash(manifest)
         plan = _plan(views, current, nodes, [100], limit, min_ready, timeout, None, now)
