@@ -69,6 +69,7 @@ def test_operator_service_account_is_least_privilege(cluster, release):
     assert not can_i(cluster, sa, "list", "secrets", namespace=elsewhere)
     assert not can_i(cluster, sa, "list", "secrets")  # not cluster-wide either
     assert not can_i(cluster, sa, "update", "leases.coordination.k8s.io", namespace=elsewhere)
+    assert not can_i(cluster, sa, "create", "configmaps", namespace=elsewhere)  # only its own compile inputs
     assert not can_i(cluster, sa, "delete", "nodes")
     assert not can_i(cluster, sa, "patch", "nodes")
     assert not can_i(cluster, sa, "create", "pods", namespace=elsewhere)

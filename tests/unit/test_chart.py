@@ -261,12 +261,14 @@ EXPECTED_CLUSTER_RULES = {
     ("", "nodes"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "pods"): {"list", "delete"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"get", "list", "watch"},
 }
 EXPECTED_ROLE_RULES = {
     ("", "secrets"): {"get", "list", "watch"},
+    ("", "configmaps"): {"create", "patch", "delete"},
 }
 
 
