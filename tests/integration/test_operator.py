@@ -42,21 +42,27 @@ def test_quickstart_serves_every_matching_node_with_its_class(operator, cluster,
     assert get(cluster, namespace, "service", "digits")["spec"]["selector"]["edgefleet.io/deployment"] == "digits"
 
 
+def served_class(cluster, namespace, node) -> str | None:
+    """The class of the pod serving `node` once the fleet has converged, else None."""
+    state = converged(cluster, namespace)
+    pod = state[0].get(node) if state else None
+    return pod["metadata"]["labels"]["edgefleet.io/profile"] if pod else None
+
+
 def test_relabelled_node_moves_to_its_new_class(operator, cluster, namespace):
     quickstart_into(cluster, namespace)
     wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
     node, label = "plain-amd64-0", "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI"
     cluster.kubectl("label", "--overwrite", "node", node, f"{label}=true")
     try:
-        served, _, _ = wait_for(
-            lambda: (r := converged(cluster, namespace)) and r[0][node]["metadata"]["labels"][
-                "edgefleet.io/profile"] == "intel-openvino" and r, timeout=120, what="pod moved to intel-openvino")
+        wait_for(lambda: served_class(cluster, namespace, node) == "intel-openvino", timeout=120,
+                 what="pod moved to intel-openvino")
         # cpu-amd64 had only this node: its DaemonSet is removed
         assert not items(cluster, namespace, "daemonsets", "-l", "edgefleet.io/profile=cpu-amd64")
     finally:
         cluster.kubectl("label", "node", node, f"{label}-")
-    wait_for(lambda: (r := converged(cluster, namespace)) and r[0][node]["metadata"]["labels"][
-        "edgefleet.io/profile"] == "cpu-amd64", timeout=120, what="pod back on cpu-amd64")
+    wait_for(lambda: served_class(cluster, namespace, node) == "cpu-amd64", timeout=120,
+             what="pod back on cpu-amd64")
 
 
 def test_new_node_joins_and_is_served(operator, cluster, namespace):

@@ -50,20 +50,25 @@ async def stop(memo: kopf.Memo, **_) -> None:
         task.cancel()
 
 
-def _track(queue, key, event_type: str) -> bool:
-    """Remember or forget an object; True when it still exists."""
+def _track(queue, key, event_type: str, generation: int | None) -> bool:
+    """Remember or forget an object; True when it needs a reconcile: new, or its spec changed. Our own
+    status writes do not bump the generation, so they do not queue the object again."""
     if event_type == "DELETED":
         queue.known.discard(key)
         queue.dirty.discard(key)
+        queue.generations.pop(key, None)
         return False
     queue.known.add(key)
+    if queue.generations.get(key) == generation and event_type is not None:
+        return False
+    queue.generations[key] = generation
     return True
 
 
 @kopf.on.event(GROUP, VERSION, "edgemodels")
-def model_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+def model_event(type: str, name: str, namespace: str, meta, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
-    if _track(ctl.queues["EdgeModel"], (namespace, name), type):
+    if _track(ctl.queues["EdgeModel"], (namespace, name), type, meta.get("generation")):
         ctl.queues["EdgeModel"].mark((namespace, name))
     for key, model in ctl.model_of.items():
         if key[0] == namespace and model == name:
@@ -71,14 +76,15 @@ def model_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> N
 
 
 @kopf.on.event(GROUP, VERSION, "edgedeployments")
-def deployment_event(type: str, name: str, namespace: str, spec, memo: kopf.Memo, **_) -> None:
+def deployment_event(type: str, name: str, namespace: str, spec, meta, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     key = (namespace, name)
-    if _track(ctl.queues["EdgeDeployment"], key, type):
-        ctl.model_of[key] = spec.get("modelRef", {}).get("name", "")
-        ctl.queues["EdgeDeployment"].mark(key)
-    else:
+    if type == "DELETED":
         ctl.model_of.pop(key, None)
+    else:
+        ctl.model_of[key] = spec.get("modelRef", {}).get("name", "")
+    if _track(ctl.queues["EdgeDeployment"], key, type, meta.get("generation")):
+        ctl.queues["EdgeDeployment"].mark(key)
 
 
 @kopf.on.event(GROUP, VERSION, "hardwareprofiles")

@@ -30,6 +30,7 @@ class Queue:
     known: set[Key] = field(default_factory=set)
     running: set[Key] = field(default_factory=set)
     failures: dict[Key, int] = field(default_factory=dict)
+    generations: dict[Key, int | None] = field(default_factory=dict)  # last spec generation seen
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, key: Key) -> None:

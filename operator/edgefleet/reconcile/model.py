@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import logging
+import multiprocessing
 import tempfile
-from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..api import EdgeModel, label_selector_matches
@@ -41,8 +42,7 @@ def _up_to_date(raw: dict, targets: list[str], missing: list[str]) -> bool:
             and set(have) == set(targets) | set(missing) and all(s in FINAL for s in have.values()))
 
 
-def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, world: World | None = None,
-                    progress: Callable[[str], None] | None = None) -> None:
+def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, world: World | None = None) -> None:
     raw = kube.find("EdgeModel", name, namespace)
     if raw is None or raw["metadata"].get("deletionTimestamp"):
         return
@@ -57,13 +57,13 @@ def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, w
                              "spec.targetProfiles.names"} for n in missing]
     pending = [{"profile": p, "state": "Compiling"} for p in targets] + not_found
     _write(kube, raw, pending, _conditions(raw, pending, generation, compiling=True))
-    variants = _compile(kube, settings, em, namespace, targets, world, progress) + not_found
+    variants = _compile(kube, settings, em, namespace, targets, world) + not_found
     compiling = any(v.get("state") == "Compiling" for v in variants)  # a compile Job still running
     raw = kube.find("EdgeModel", name, namespace) or raw
     _write(kube, raw, variants, _conditions(raw, variants, generation, compiling=compiling))
 
 
-def _compile(kube, settings, em, namespace, targets, world, progress) -> list[dict]:
+def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
     if not targets:
         return []
     if settings.compile_executor == "job":  # a Kubernetes Job per compile; non-blocking (compile_job.py)
@@ -87,10 +87,28 @@ def _compile(kube, settings, em, namespace, targets, world, progress) -> list[di
                 targets={t: Target.from_dict(profiles[t].spec.target.model_dump(by_alias=True, exclude_none=True))
                          for t in targets},
             )
-            result = compile_model(request, open_store(settings.artifact_store), settings.compile_cache, progress)
+            variants = compile_isolated(request, settings.artifact_store, settings.compile_cache)
         except CompileError as err:
             return [err.to_status_variant(t) for t in targets]
-    return [{k: v for k, v in variant.items() if v is not None} for variant in result.to_status()]
+    return [{k: v for k, v in variant.items() if v is not None} for variant in variants]
+
+
+def compile_isolated(request: CompileRequest, store: str, cache_dir: Path) -> list[dict]:
+    """Compile in a short-lived child process: the toolchains' memory (ONNX Runtime, OpenVINO, calibration
+    data) goes back to the system when it exits instead of staying in the long-running operator."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        outcome = pool.submit(_compile_child, request, store, str(cache_dir)).result()
+    if isinstance(outcome, tuple):
+        raise CompileError(*outcome)
+    return outcome
+
+
+def _compile_child(request: CompileRequest, store: str, cache_dir: str) -> list[dict] | tuple[str, str, str]:
+    try:
+        return compile_model(request, open_store(store), cache_dir).to_status()
+    except CompileError as err:
+        return (err.reason, err.message, err.fix)
 
 
 def _materialize(kube: Kube, namespace: str, ref, tmp: Path, stem: str) -> str | Path:
