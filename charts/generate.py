@@ -71,14 +71,23 @@ def _check_metadata(meta: dict, source: str) -> None:
         raise ValueError(f"{source}: unexpected metadata fields {sorted(extra)}")
 
 
-def crd_template(doc: dict, source: str) -> str:
+KEEP = """\
+    {{- if .Values.crds.keep }}
+    helm.sh/resource-policy: keep
+    {{- end }}
+"""
+
+
+def _template(doc: dict, source: str, guard: str, preamble: str, extra_annotations: str) -> str:
+    """One chart template: `doc` behind `guard`, with its labels, its annotations, then `extra_annotations`."""
     meta = doc["metadata"]
     _check_metadata(meta, source)
     body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
     annotations = meta.get("annotations") or {}
     out = [
         HEADER.format(source=source),
-        "{{- if .Values.crds.enabled }}\n",
+        f"{{{{- if {guard} }}}}\n",
+        preamble,
         f"apiVersion: {doc['apiVersion']}\n",
         f"kind: {doc['kind']}\n",
         "metadata:\n",
@@ -89,14 +98,12 @@ def crd_template(doc: dict, source: str) -> str:
     ]
     if annotations:
         out.append(_escape(_indent(_dump(annotations), 4)))
-    out += [
-        "    {{- if .Values.crds.keep }}\n",
-        "    helm.sh/resource-policy: keep\n",
-        "    {{- end }}\n",
-        _escape(_dump(body)),
-        "{{- end }}\n",
-    ]
+    out += [extra_annotations, _escape(_dump(body)), "{{- end }}\n"]
     return "".join(out)
+
+
+def crd_template(doc: dict, source: str) -> str:
+    return _template(doc, source, ".Values.crds.enabled", "", KEEP)
 
 
 PROFILE_HOOK = """\
@@ -109,37 +116,12 @@ PROFILE_HOOK = """\
 
 
 def profile_template(doc: dict, source: str) -> str:
-    meta = doc["metadata"]
-    _check_metadata(meta, source)
-    body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
-    api = doc["apiVersion"]
-    annotations = meta.get("annotations") or {}
-    out = [
-        HEADER.format(source=source),
-        "{{- if .Values.profiles.builtin.enabled }}\n",
-        f'{{{{- $known := .Capabilities.APIVersions.Has "{api}/{doc["kind"]}" }}}}\n',
-        f"apiVersion: {api}\n",
-        f"kind: {doc['kind']}\n",
-        "metadata:\n",
-        f"  name: {meta['name']}\n",
-        "  labels:\n",
-        _labels(meta.get("labels") or {}, 4) + "\n",
-        "  annotations:\n",
-    ]
-    if annotations:
-        out.append(_escape(_indent(_dump(annotations), 4)))
-    out += [
-        # ownership metadata, so that `helm upgrade` adopts profiles first created by the hook
-        "    meta.helm.sh/release-name: {{ .Release.Name }}\n",
-        "    meta.helm.sh/release-namespace: {{ .Release.Namespace }}\n",
-        "    {{- if .Values.crds.keep }}\n",
-        "    helm.sh/resource-policy: keep\n",
-        "    {{- end }}\n",
-        PROFILE_HOOK,
-        _escape(_dump(body)),
-        "{{- end }}\n",
-    ]
-    return "".join(out)
+    known = f'{{{{- $known := .Capabilities.APIVersions.Has "{doc["apiVersion"]}/{doc["kind"]}" }}}}\n'
+    ownership = (  # so that `helm upgrade` adopts profiles first created by the hook
+        "    meta.helm.sh/release-name: {{ .Release.Name }}\n"
+        "    meta.helm.sh/release-namespace: {{ .Release.Namespace }}\n"
+    )
+    return _template(doc, source, ".Values.profiles.builtin.enabled", known, ownership + KEEP + PROFILE_HOOK)
 
 
 def _load(path: Path) -> dict:

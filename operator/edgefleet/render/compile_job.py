@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..settings import Settings
+from .workload import restricted_security_context
 
 CONTAINER = "compile"
 INPUTS_DIR = "/var/run/edgefleet/inputs"
@@ -142,18 +143,6 @@ def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
     return args
 
 
-def _restricted() -> dict:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": COMPILER_UID,
-        "runAsGroup": COMPILER_UID,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict:
     """The batch/v1 Job for ``req`` (its name from ``compile_key``)."""
     key = compile_key(req, settings)
@@ -170,7 +159,7 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict:
         "args": _args(req, settings, name),
         "env": env,
         "resources": settings.compile_resources,
-        "securityContext": _restricted(),
+        "securityContext": restricted_security_context(COMPILER_UID),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True},
                          {"name": "work", "mountPath": WORK_DIR}],

@@ -58,17 +58,23 @@ def _metadata(ed: EdgeDeployment, name: str, labels: dict[str, str]) -> dict:
     }
 
 
-def _restricted(privileged: bool) -> dict:
-    if privileged:  # stated by the profile: the device needs it
-        return {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
+def restricted_security_context(uid: int) -> dict:
+    """The restricted Pod Security Standard for a container running as `uid`."""
     return {
         "runAsNonRoot": True,
-        "runAsUser": RUNTIME_UID,
+        "runAsUser": uid,
+        "runAsGroup": uid,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def _restricted(privileged: bool) -> dict:
+    if privileged:  # stated by the profile: the device needs it
+        return {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
+    return restricted_security_context(RUNTIME_UID)
 
 
 def _resources(profile: HardwareProfile) -> dict:
