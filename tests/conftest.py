@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import uuid
@@ -55,6 +56,12 @@ def edgefleet_api(cluster):
     return cluster
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def operator(edgefleet_api, tmp_path_factory):
     """The operator in a thread (kopf.testing.KopfRunner), storing variants in the cluster's registry."""
@@ -66,11 +73,13 @@ def operator(edgefleet_api, tmp_path_factory):
         "EDGEFLEET_ARTIFACT_INSECURE": "true",
         "EDGEFLEET_RESYNC_SECONDS": "20",
         "EDGEFLEET_COMPILE_TIMING_RUNS": "10",
+        "EDGEFLEET_METRICS_PORT": str(_free_port()),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         with KopfRunner(["run", "-A", "--standalone", "-m", "edgefleet.handlers"], timeout=60) as runner:
+            runner.metrics_url = f"http://127.0.0.1:{env['EDGEFLEET_METRICS_PORT']}/metrics"
             yield runner
     finally:
         for k, v in saved.items():

@@ -3,6 +3,9 @@ relabelled nodes, new nodes, model changes and deletion."""
 
 from __future__ import annotations
 
+import re
+import urllib.request
+
 import pytest
 import yaml
 from kube_helpers import condition, get, items, wait_for
@@ -40,6 +43,10 @@ def test_quickstart_serves_every_matching_node_with_its_class(operator, cluster,
     events = items(cluster, namespace, "events", "--field-selector", "involvedObject.kind=EdgeDeployment")
     assert any(e["reason"] == "NodesWithoutProfile" for e in events)
     assert get(cluster, namespace, "service", "digits")["spec"]["selector"]["edgefleet.io/deployment"] == "digits"
+    metrics = urllib.request.urlopen(operator.metrics_url, timeout=5).read().decode()
+    ok = re.search(r'edgefleet_reconcile_total\{kind="EdgeDeployment",result="ok"\} (\d+)', metrics)
+    assert ok and float(ok.group(1)) >= 1
+    assert re.search(r"^edgefleet_fleet_nodes \d+", metrics, re.M)
 
 
 def served_class(cluster, namespace, node) -> str | None:

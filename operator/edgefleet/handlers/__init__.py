@@ -11,6 +11,7 @@ from ..kube import GROUP, VERSION, Kube
 from ..reconcile import reconcile_deployment, reconcile_model
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, WATCH_LABELS
 from ..settings import Settings
+from . import metrics
 from .controller import Controller
 
 log = logging.getLogger("edgefleet.handlers")
@@ -34,6 +35,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 120
     kube = Kube.connect(config.field_manager)
+    metrics.serve(config.metrics_port)
     ctl = Controller(kube, config)
     ctl.add_queue("EdgeModel", lambda ns, name, world: reconcile_model(kube, config, ns, name, world), 2)
     ctl.add_queue("EdgeDeployment", lambda ns, name, world: reconcile_deployment(kube, config, ns, name, world), 8)

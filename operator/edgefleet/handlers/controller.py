@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 from ..kube import Kube
 from ..reconcile import World
+from ..reconcile.world import parse_profiles
 from ..settings import Settings
+from .metrics import FLEET_NODES, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES
 
 log = logging.getLogger("edgefleet.controller")
 Key = tuple[str, str]  # (namespace, name)
@@ -52,8 +54,7 @@ class Controller:
     queues: dict[str, Queue] = field(default_factory=dict)
 
     def world(self) -> World:
-        from ..reconcile.world import parse_profiles
-
+        FLEET_NODES.set(len(self.nodes))
         return World(dict(self.nodes), parse_profiles(list(self.profiles.values())))
 
     def add_queue(self, name: str, reconcile: Callable[[str, str, World], float | None], concurrency: int) -> Queue:
@@ -73,6 +74,7 @@ class Controller:
             queue.wake.clear()
             ready = queue.dirty - queue.running
             queue.dirty -= ready
+            QUEUE_DEPTH.labels(queue.name).set(len(queue.dirty))
             for key in sorted(ready):
                 await slots.acquire()
                 queue.running.add(key)
@@ -84,11 +86,14 @@ class Controller:
 
     async def _one(self, queue: Queue, key: Key, slots: asyncio.Semaphore) -> None:
         try:
-            again = await asyncio.to_thread(queue.reconcile, key[0], key[1], self.world())
+            with RECONCILE_SECONDS.labels(queue.name).time():
+                again = await asyncio.to_thread(queue.reconcile, key[0], key[1], self.world())
+            RECONCILES.labels(queue.name, "ok").inc()
             queue.failures.pop(key, None)
             if again:
                 asyncio.get_running_loop().call_later(again, queue.mark, key)
         except Exception as err:  # noqa: BLE001 - any failure is retried, never fatal
+            RECONCILES.labels(queue.name, "error").inc()
             count = queue.failures[key] = queue.failures.get(key, 0) + 1
             delay = min(MAX_BACKOFF, 2.0 ** count)
             log.warning("%s %s/%s failed (attempt %d, retry in %.0fs): %s", queue.name, *key, count, delay, err)
