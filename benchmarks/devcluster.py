@@ -2,15 +2,10 @@
 
     python benchmarks/devcluster.py [--scale-large 125] [--repeat 1] [--cold] [--json PATH]
 
-1. Cold build minutes per component. By default nothing is rebuilt: the timings are read back from the
-   cache of the build that produced the cached binaries (``components.build_all`` builds the missing
-   components one after another, in ``COMPONENTS`` order, and writes ``logs/build-<name>-<ver>.log``
-   before each build and the binary at its end). Per component: start = the birth time (statx) of its
-   build log when that log still describes the build of the cached binary (log born before the binary),
-   else the end of the previous component (the first one: the birth of ``bin/``, made right before the
-   first build); end = the binary's mtime. The method used for each row is written next to it.
-   ``--cold`` instead rebuilds everything into a temporary EDGEFLEET_CACHE with an empty GOCACHE (the
-   module cache is kept: downloads are not what we measure) - slow: tens of minutes on 2 cores.
+1. Cold build minutes per component. By default nothing is rebuilt: ``components.build_all`` ends each
+   build log (``logs/build-<name>-<ver>.log``) with the seconds that build took, and those are read
+   back. ``--cold`` instead rebuilds everything into a temporary EDGEFLEET_CACHE with an empty GOCACHE
+   (the module cache is kept: downloads are not what we measure) - slow: tens of minutes on 2 cores.
 2. Warm ``up`` (binaries cached) until every node is Ready, for: no nodes (``--scale 0``, the
    baseline: the bare control plane), the default fleet, and ``--scale-large`` nodes per class (default 125 x 8
    classes = 1,000 nodes). Ratios are against the baseline measured in the same run.
@@ -27,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -46,55 +42,18 @@ GOAL_LARGE_S = 90.0
 # ---------------------------------------------------------------- cold build
 
 
-def _birth(path: Path) -> float | None:
-    """Birth time via statx (coreutils `stat -c %W`); None when the filesystem does not record it."""
-    out = subprocess.run(["stat", "-c", "%.9W", str(path)], capture_output=True, text=True, check=False).stdout.strip()
-    try:
-        value = float(out)
-    except ValueError:
-        return None
-    return value or None
-
-
 def build_times_from_cache() -> list[dict]:
-    """Per component: seconds of the build that produced the cached binary, and how it was inferred."""
+    """Per component: the seconds its cached binary took to build, as `build_all` wrote at the end of its
+    build log. Components share one Go build cache, so these are marginal times in build order."""
     cache = components.cache_dir()
-    prev_end = _birth(cache / "bin")
-    prev_how = "bin/ birth (made right before the first build)"
     rows = []
     for comp in components.COMPONENTS.values():
-        binary = components.binary_path(comp.name)
-        if not binary.exists():
-            rows.append({"component": comp.name, "version": comp.version, "seconds": None, "how": "not built"})
-            prev_end = None
-            continue
-        end = binary.stat().st_mtime
         log = cache / "logs" / f"build-{comp.name}-{comp.version}.log"
-        log_born = _birth(log) if log.exists() else None
-        if log_born is not None and prev_end is not None and log_born - prev_end > 60 and log_born <= end:
-            # built on its own later (the Go build cache was warm by then): not a cold time
-            rows.append({"component": comp.name, "version": comp.version, "seconds": None,
-                         "rebuild_seconds": end - log_born, "log": str(log),
-                         "how": f"rebuilt alone later in {end - log_born:.0f}s (warm Go cache); cold time lost"})
-            prev_end = None
-            continue
-        if log_born is not None and log_born <= end and (prev_end is None or log_born >= prev_end - 1):
-            start, how = log_born, "build log birth -> binary mtime"
-        elif prev_end is not None and prev_end <= end:
-            start, how = prev_end, f"previous end ({prev_how}) -> binary mtime"
-        else:
-            start, how = None, "cannot infer (built out of order)"
-        seconds = end - start if start is not None else None
-        if log_born is not None and log_born > end:
-            how += "; its log is from a later rebuild"
-        rows.append({"component": comp.name, "version": comp.version, "seconds": seconds, "how": how,
+        found = re.findall(r"^built in ([0-9.]+)s$", log.read_text(), re.M) if log.exists() else []
+        rows.append({"component": comp.name, "version": comp.version,
+                     "seconds": float(found[-1]) if found else None,
+                     "how": "its build log" if found else "no timing recorded (built before logs kept it)",
                      "log": str(log) if log.exists() else None})
-        prev_end, prev_how = end, f"{comp.name} binary mtime"
-    # a binary rebuilt later (e.g. a version bump) is not part of the sequential cold build
-    for row in rows:
-        if row["seconds"] is not None and row["seconds"] > 3600:
-            row["how"] += " (gap > 1 h: not part of one cold build)"
-            row["seconds"] = None
     return rows
 
 

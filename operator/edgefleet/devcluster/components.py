@@ -115,13 +115,15 @@ def build_all(echo=print) -> dict[str, float]:
     for i, comp in enumerate(todo, 1):
         echo(f"[build {i}/{len(todo)}] {comp.name} {comp.version} (cold builds take minutes) ...")
         start = time.monotonic()
-        _build_one(go, comp)
+        log = _build_one(go, comp)
         timings[comp.name] = time.monotonic() - start
+        with log.open("a") as fh:
+            fh.write(f"built in {timings[comp.name]:.1f}s\n")
         echo(f"[build {i}/{len(todo)}] {comp.name} done in {timings[comp.name]:.0f}s")
     return timings
 
 
-def _build_one(go: str, comp: Component) -> None:
+def _build_one(go: str, comp: Component) -> Path:
     out = binary_path(comp.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = cache_dir() / "logs" / f"build-{comp.name}-{comp.version}.log"
@@ -141,6 +143,7 @@ def _build_one(go: str, comp: Component) -> None:
             + "\n".join("    " + line for line in tail)
         )
     tmp.rename(out)
+    return log
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m`
