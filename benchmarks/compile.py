@@ -1,6 +1,6 @@
 """Compile benchmark: every candidate vs the fp32 baseline measured in the same run.
 
-    python benchmarks/compile.py [--runs 100] [--json benchmarks/compile-results.json]
+    python benchmarks/compile.py [--runs 100] [--json benchmarks/compile-results.json] [--models ppocr_det_v4,...]
 
 Per model and candidate: size ratio (baseline bytes / candidate bytes), latency ratio (baseline p50 /
 candidate p50 at 1 thread: > 1 means faster), accuracy delta vs the source in top-1 points (or cosine
@@ -29,6 +29,9 @@ CASES = [
      {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO}),
     ("tiny_encoder", "tiny_encoder.onnx", "encoder_eval.npz", "encoder_calib.npz", AccuracyBudget(minCosine=0.99),
      {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO}),
+    # PP-OCRv4 text detector (real weights, paddle2onnx export): a probability map, gated on cosine vs fp32
+    ("ppocr_det_v4", "ppocr_det_v4.onnx", "ppocr_eval.npz", "ppocr_calib.npz", AccuracyBudget(minCosine=0.99),
+     {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO}),
     ("palm_detection_lite", "palm_detection_lite.tflite", "palm_eval.npz", None, AccuracyBudget(minCosine=0.99),
      {"litert-int8": LITERT}),
 ]
@@ -38,18 +41,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=100, help="timed runs per latency figure")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/compile-results.json"))
+    ap.add_argument("--models", default="", help="comma-separated model names to run (default: all)")
     args = ap.parse_args()
+    only = {m for m in args.models.split(",") if m}
     logging.getLogger().setLevel(logging.ERROR)
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as cache:
         for model, src, ev, cal, budget, targets in CASES:
+            if only and model not in only:
+                continue
             policy = Policy(evaluation=M / ev, calibration=(M / cal) if cal else None, accuracyBudget=budget,
                             timingRuns=args.runs)
             res = compile_model(CompileRequest(str(M / src), targets, policy), None, Path(cache) / model)
             results[model] = res.to_dict()
             for prof, v in res.variants.items():
                 if not v.candidates:
-                    rows.append([model, prof, "-", "-", "-", "-", "-", "Failed", f"{v.reason}: {v.message}"[:90]])
+                    rows.append([model, prof, "-", "-", "-", "-", "-", "Failed", f"{v.reason}: {v.message}"[:140]])
                     continue
                 base = next((c for c in v.candidates if c.name in ("fp32", "source", "openvino-fp32")
                              and c.sizeBytes), None)
@@ -57,7 +64,7 @@ def main() -> None:
                                  if c["name"] == "fp32"), None)
                 for c in v.candidates:
                     if not c.sizeBytes:
-                        rows.append([model, prof, c.name, "-", "-", "-", "-", c.state, f"{c.reason}: {c.why}"[:90]])
+                        rows.append([model, prof, c.name, "-", "-", "-", "-", c.state, f"{c.reason}: {c.why}"[:140]])
                         continue
                     ref_size = ort_fp32["sizeBytes"] if ort_fp32 else base.sizeBytes
                     ref_lat = ort_fp32["latency"]["p50Ms1"] if ort_fp32 else base.latency.p50Ms1
@@ -65,7 +72,7 @@ def main() -> None:
                     quality = (f"{m.accuracyDelta:+.2f} pt" if m.accuracyDelta is not None else f"cos {m.cosine:.4f}")
                     rows.append([model, prof, c.name, f"{ref_size / c.sizeBytes:.2f}x",
                                  f"{ref_lat / c.latency.p50Ms1:.2f}x", f"{c.latency.p50Ms1:.3f}", quality,
-                                 c.state, (c.why or "")[:90]])
+                                 c.state, (c.why or "")[:140]])
     head = ["model", "profile", "candidate", "size ratio", "speedup p50@1", "p50 ms", "accuracy vs src", "auto",
             "why"]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]

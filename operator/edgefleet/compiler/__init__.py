@@ -36,8 +36,9 @@ PassFailed, RunFailed, NoCalibrationData.
 
 ``auto`` builds the candidates that fit the target (precision fp32 -> fp32; fp16 -> fp32, fp16; int8 -> also
 dynamic and static int8), runs each in the target runtime on the evaluation data (synthetic inputs when none
-are given, flagged in the metrics), gates each on the budget (default: 1 point of top-1 with labels, else cosine
->= 0.99 against the source's outputs) and publishes the fastest p50 at 1 thread; candidates within 5 % of the
+are given, flagged in the metrics; dynamic dims 8, retried at 64 and 224 for models that need larger
+inputs), gates each on the budget (default: 1 point of top-1 with labels, else cosine >= 0.99 against the
+source's outputs) and publishes the fastest p50 at 1 thread; candidates within 5 % of the
 fastest count as equally fast and the smallest wins. Targets not present on this host (CUDA/TensorRT) are
 measured on the CPU and chosen by the target precision's preference instead.
 

@@ -105,8 +105,10 @@ def fetch_source(request: CompileRequest, cache_dir: Path) -> tuple[bytes, str]:
     return data, digest
 
 
-def preflight_onnx(data: bytes) -> bytes:
-    """Validate the source ONNX and return it normalized; raises CompileError with a fix."""
+def preflight_onnx(data: bytes, stats: dict | None = None) -> bytes:
+    """Validate the source ONNX and return it normalized; raises CompileError with a fix.
+
+    ``stats`` (optional) receives what normalization did (see ``onnx_passes.normalize``)."""
     import onnx
 
     model = onnx_passes.load(data)
@@ -131,7 +133,7 @@ def preflight_onnx(data: bytes) -> bytes:
     except Exception as e:
         raise CompileError("InvalidModel", f"the ONNX checker rejects the model: {str(e).splitlines()[0]}",
                            "re-export the model; check it with onnx.checker.check_model") from e
-    norm = onnx_passes.normalize(data)
+    norm = onnx_passes.normalize(data, stats)
     try:  # every op must have a kernel: a session with optimizations off loads each one
         from .measure import OrtRunner
 
@@ -229,9 +231,14 @@ class _Session:
         self.built: dict[str, tuple[bytes, str] | CompileError] = {}
         self.measured: dict[tuple[str, str], Candidate] = {}
         self.work = 0
+        self.normalization: dict = {}
         if fmt == "onnx":
             self.say("preflight: ONNX checker, opset, operator kernels, input shapes")
-            self.normalized = preflight_onnx(data)
+            self.normalized = preflight_onnx(data, self.normalization)
+            n = self.normalization
+            if n.get("constantsMoved") or n.get("opsetFrom") != n.get("opsetTo"):
+                self.say(f"normalize: {n['constantsMoved']} Constant-node weights -> initializers "
+                         f"({n['initializers']} initializers), opset {n['opsetFrom']} -> {n['opsetTo']}")
             self.ref_runtime = "onnxruntime"
         else:
             self.say("preflight: LiteRT op listing and load")
@@ -257,9 +264,7 @@ class _Session:
         if not 0 <= pol.sparsity <= 0.95:
             raise CompileError("InvalidRequest", f"sparsity {pol.sparsity} is outside 0..0.95",
                                "pass a fraction such as 0.3")
-        self.say(f"reference: source model in {self.ref_runtime} on {len(next(iter(self.eval_feeds.values())))}"
-                 f" {'synthetic ' if self.synthetic else ''}evaluation samples")
-        self.ref_out = run_all(ref, self.eval_feeds)
+        self.ref_out = self._reference(ref)
         self.feed1 = {k: v[:1] for k, v in self.eval_feeds.items()}
         budget = pol.accuracyBudget
         if budget.maxAccuracyDrop is None and budget.minCosine is None:
@@ -267,6 +272,34 @@ class _Session:
                 minCosine=0.99)
         self.budget = budget
         self._base: bytes | None = None
+
+    def _reference(self, ref) -> list[np.ndarray]:
+        """The source's outputs on the evaluation data; a model that cannot run them is an InvalidData error.
+
+        Synthetic inputs first use 8 for every dynamic dim; models that need larger inputs (a stride-32
+        detector such as PP-OCR fails on 8x8) are retried at 64 and 224 before giving up."""
+        dynamic = any(d is None for i in self.inputs for d in i.shape[1:])
+        sizes = (8, 64, 224) if self.synthetic and dynamic else (None,)
+        errors = []
+        for size in sizes:
+            if size is not None and size != 8:
+                self.eval_feeds = synthetic(self.inputs, dynamic_size=size)
+            n = len(next(iter(self.eval_feeds.values())))
+            shapes = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in self.eval_feeds.items())
+            self.say(f"reference: source model in {self.ref_runtime} on {n} "
+                     f"{'synthetic ' if self.synthetic else ''}evaluation samples ({shapes})")
+            try:
+                return run_all(ref, self.eval_feeds)
+            except Exception as e:
+                msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                errors.append(f"{shapes}: {msg}")
+        if self.synthetic:
+            raise CompileError(
+                "InvalidData", "the source model does not run on synthetic inputs (dynamic dims tried as "
+                f"{', '.join(map(str, sizes))}): " + "; ".join(errors),
+                "pass --evaluation DATA with inputs in a shape the model takes")
+        raise CompileError("InvalidData", f"the source model fails on the evaluation data ({errors[0]})",
+                           "give evaluation data in a shape the model takes (e.g. an image size it supports)")
 
     # -- building
     def calib_batches(self, size: int = 1) -> list[dict[str, np.ndarray]]:
@@ -333,7 +366,7 @@ class _Session:
         if b == "none":
             out = base
         elif b == "fp16":
-            out = onnx_passes.to_fp16(base)
+            out = onnx_passes.to_fp16(base, {k: v.shape for k, v in self.feed1.items()})
         elif b == "dynamic-int8":
             out = onnx_passes.dynamic_int8(base)
         elif b == "static-int8":
@@ -413,6 +446,9 @@ def _explain(cands: list[Candidate], chosen: Candidate | None, on_target: bool) 
         c.state = "Lost"
         if not c.withinBudget:
             c.why = f"outside the accuracy budget: {c.budgetFailure}"
+            if chosen is not None and on_target and c.latency.p50Ms1 > chosen.latency.p50Ms1 * (1 + FASTER_MARGIN):
+                c.why += (f"; also slower: p50 {c.latency.p50Ms1:.3f} ms vs {chosen.latency.p50Ms1:.3f} ms "
+                          f"({c.latency.p50Ms1 / chosen.latency.p50Ms1:.2f}x)")
         elif chosen is None:
             c.why = "not chosen"
         elif not on_target:

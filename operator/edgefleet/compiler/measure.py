@@ -186,12 +186,14 @@ def bind(arrays: dict[str, np.ndarray], inputs: list[InputSpec], what: str
     return feeds, labels
 
 
-def synthetic(inputs: list[InputSpec], n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
-    """Stand-in evaluation inputs when none are given (uniform [0,1) floats, small ints)."""
+def synthetic(inputs: list[InputSpec], n: int = 16, seed: int = 0, dynamic_size: int = 8) -> dict[str, np.ndarray]:
+    """Stand-in evaluation inputs when none are given (uniform [0,1) floats, small ints).
+
+    Dynamic non-batch dims get ``dynamic_size``."""
     rng = np.random.default_rng(seed)
     out = {}
     for spec in inputs:
-        shape = [n] + [d if d is not None else 8 for d in spec.shape[1:]]
+        shape = [n] + [d if d is not None else dynamic_size for d in spec.shape[1:]]
         if np.issubdtype(np.dtype(spec.dtype), np.integer):
             out[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
         else:

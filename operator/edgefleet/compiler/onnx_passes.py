@@ -38,8 +38,13 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def normalize(data: bytes) -> bytes:
-    """Constant-node weights -> initializers; opset upgraded to >= 13 where needed; validated."""
+def normalize(data: bytes, stats: dict | None = None) -> bytes:
+    """Constant-node weights -> initializers; opset upgraded to >= 13 where needed; validated.
+
+    Exporters such as paddle2onnx (PP-OCR) store every weight as a ``Constant`` node; quantizers need
+    initializers (``Expected ... to be an initializer``) and per-channel QDQ needs opset >= 13.
+    ``stats`` (optional) receives ``constantsMoved``, ``opsetFrom``, ``opsetTo``, ``initializers``.
+    """
     model = load(data)
     g = model.graph
     outputs = {o.name for o in g.output}
@@ -65,6 +70,9 @@ def normalize(data: bytes) -> bytes:
         del g.input[:]
         g.input.extend(real)
     opset = default_opset(model)
+    if stats is not None:
+        stats.update(constantsMoved=moved, opsetFrom=opset, opsetTo=max(opset, MIN_QUANT_OPSET),
+                     initializers=len(g.initializer))
     if opset < MIN_QUANT_OPSET:
         from onnx import version_converter
 
@@ -102,12 +110,35 @@ def optimize(data: bytes, level: str = "basic") -> bytes:
     return model.SerializeToString()
 
 
-def to_fp16(data: bytes) -> bytes:
-    """fp16 weights and compute, fp32 inputs/outputs (onnxruntime.transformers' converter)."""
+def to_fp16(data: bytes, shapes: dict[str, tuple[int, ...]] | None = None) -> bytes:
+    """fp16 weights and compute, fp32 inputs/outputs (onnxruntime.transformers' converter).
+
+    The converter needs element types only, but gets them from ORT's symbolic shape inference, which
+    simplifies every dynamic dimension with sympy: on PP-OCR's Resize chain over dynamic H/W that takes
+    ~15 s. ``shapes`` (input name -> one sample's shape, e.g. the evaluation data's) pins the dynamic
+    input dims during the conversion only; the original (dynamic) input and output types are restored,
+    so the result still accepts every shape the source did.
+    """
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    m = OnnxModel(onnx.load_from_string(data))
+    model = onnx.load_from_string(data)
+    io = {vi.name: onnx.TypeProto() for vi in [*model.graph.input, *model.graph.output]}
+    for vi in [*model.graph.input, *model.graph.output]:
+        io[vi.name].CopyFrom(vi.type)
+    for vi in model.graph.input:
+        shape = (shapes or {}).get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        if shape is None or len(shape) != len(dims):
+            continue
+        for d, n in zip(dims, shape, strict=True):
+            if not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = int(n)
+    m = OnnxModel(model)
     m.convert_float_to_float16(keep_io_types=True)
+    for vi in [*m.model.graph.input, *m.model.graph.output]:
+        if vi.name in io:
+            vi.type.CopyFrom(io[vi.name])
     return m.model.SerializeToString()
 
 
