@@ -56,25 +56,29 @@ def _get(cluster, *args) -> dict:
 
 
 def install_chart(cluster, echo) -> None:
-    echo("installing the edgefleet chart with helm (CRDs, built-in HardwareProfiles, RBAC, operator)")
+    echo("installing the edgefleet chart with helm (CRDs, RBAC, the operator Deployment)")
     cluster.helm("upgrade", "--install", "edgefleet", str(CHART), "--namespace", "edgefleet-system",
                  "--create-namespace", "--set", f"artifactStore.url=oci://{cluster.registry}/edgefleet",
                  "--set", "artifactStore.insecure=true", "--wait=false")
 
+
+def start_operator(cluster, log: Path, echo) -> subprocess.Popen:
+    """kwok runs no containers, so the chart's operator pod is only scheduled; the real operator runs here,
+    with the chart's settings (it applies the built-in HardwareProfiles at start-up)."""
+    env = {**cluster.env(), "EDGEFLEET_ARTIFACT_STORE": f"oci://{cluster.registry}/edgefleet",
+           "EDGEFLEET_ARTIFACT_INSECURE": "true", "EDGEFLEET_BUILTIN_PROFILES": "true"}
+    echo(f"starting the operator on this machine (log: {log})")
+    operator = subprocess.Popen([sys.executable, "-m", "edgefleet.cli", "operator", "--liveness", ""], env=env,
+                                stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
     def profiles():
+        if operator.poll() is not None:
+            raise DemoError(f"the operator exited ({operator.returncode}); see {log}")
         found = cluster.kubectl("get", "hardwareprofiles", "-o", "name", check=False).stdout.split()
         return len(found) >= 6, f"{len(found)} HardwareProfiles"
 
     _wait("built-in profiles", profiles, 90, echo)
-
-
-def start_operator(cluster, log: Path) -> subprocess.Popen:
-    """kwok runs no containers, so the chart's operator pod is only scheduled; the real operator runs here."""
-    env = {**cluster.env(), "EDGEFLEET_ARTIFACT_STORE": f"oci://{cluster.registry}/edgefleet",
-           "EDGEFLEET_ARTIFACT_INSECURE": "true"}
-    fh = log.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "edgefleet.cli", "operator", "--liveness", ""], env=env,
-                            stdout=fh, stderr=subprocess.STDOUT)
+    return operator
 
 
 def wait_served(cluster, echo, timeout: float) -> tuple[dict, dict]:
@@ -215,7 +219,7 @@ def run_demo(name: str, echo, timeout: float = 600) -> tuple[list[dict], dict]:
     started = time.monotonic()
     cluster = dc.up(name, echo=echo)
     install_chart(cluster, echo)
-    operator = start_operator(cluster, cluster.state / "logs" / "operator.log")
+    operator = start_operator(cluster, cluster.state / "logs" / "operator.log", echo)
     try:
         echo("applying examples/quickstart/ (kubectl apply --server-side -k examples/quickstart/)")
         cluster.kubectl("apply", "--server-side", "-k", str(QUICKSTART))

@@ -97,12 +97,13 @@ class Kube:
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items()))] if labels else []
         return self._call("GET", _path(kind, namespace), query=query).get("items", [])
 
-    def apply(self, obj: dict) -> dict:
-        """Server-side apply with our field manager; we own every field we set."""
+    def apply(self, obj: dict, force: bool = True) -> dict:
+        """Server-side apply with our field manager. `force` takes over fields others set (our children);
+        without it a field someone else changed is a conflict (ApiError 409) and stays theirs."""
         meta = obj["metadata"]
         return self._call(
             "PATCH", _path(obj["kind"], meta.get("namespace"), meta["name"]), body=obj,
-            query=[("fieldManager", self.field_manager), ("force", "true")],
+            query=[("fieldManager", self.field_manager), ("force", "true" if force else "false")],
             content_type="application/apply-patch+yaml",
         )
 

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     """How often every object is reconciled even when nothing changed."""
     settle_seconds: float = 0.5
     """How long a burst of changes is collected before one reconcile runs."""
+    builtin_profiles: bool = False
+    """Apply the built-in HardwareProfiles at start-up (the chart turns this on)."""
     metrics_port: int = 0
     """Port of the operator's Prometheus /metrics endpoint (the chart sets 9090); 0 turns it off."""
     field_manager: str = "edgefleet"

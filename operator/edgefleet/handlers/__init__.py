@@ -7,7 +7,8 @@ import logging
 
 import kopf
 
-from ..kube import GROUP, VERSION, Kube
+from ..api import builtin_profiles
+from ..kube import GROUP, VERSION, ApiError, Kube
 from ..reconcile import reconcile_deployment, reconcile_model
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, WATCH_LABELS
 from ..settings import Settings
@@ -36,6 +37,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.networking.request_timeout = 120
     kube = Kube.connect(config.field_manager)
     metrics.serve(config.metrics_port)
+    if config.builtin_profiles:
+        await asyncio.to_thread(apply_builtin_profiles, kube)
     ctl = Controller(kube, config)
     ctl.add_queue("EdgeModel", lambda ns, name, world: reconcile_model(kube, config, ns, name, world), 2)
     ctl.add_queue("EdgeDeployment", lambda ns, name, world: reconcile_deployment(kube, config, ns, name, world), 8)
@@ -43,6 +46,17 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.stopped = asyncio.Event()
     memo.tasks = [asyncio.create_task(ctl.run(q, memo.stopped)) for q in ctl.queues.values()]
     memo.tasks.append(asyncio.create_task(ctl.resync(memo.stopped)))
+
+
+def apply_builtin_profiles(kube: Kube) -> None:
+    """Create or update the built-in HardwareProfiles; fields a user changed stay the user's."""
+    for profile in builtin_profiles():
+        try:
+            kube.apply(profile.to_dict(), force=False)
+        except ApiError as err:
+            if err.status != 409:
+                raise
+            log.info("HardwareProfile %s: keeping fields changed by someone else (%s)", profile.metadata["name"], err)
 
 
 @kopf.on.cleanup()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from itertools import product
 
-from ..api import HardwareProfile, LabelSelector, label_selector_matches
+from ..api import HardwareProfile, LabelSelector, best_profile
 
 MAX_TERMS = 64
 
@@ -23,16 +23,14 @@ class PlacementError(ValueError):
 
 
 def _rank(profile: HardwareProfile) -> tuple[int, str]:
+    """The order `best_profile` picks in: higher priority first, then the lower name."""
     return (-profile.spec.priority, profile.metadata["name"])
 
 
 def resolve_nodes(nodes: dict[str, dict[str, str]], profiles: list[HardwareProfile]) -> dict[str, str | None]:
-    """node name -> winning profile name, or None when no profile matches."""
-    ranked = sorted(profiles, key=_rank)
-    return {
-        name: next((p.metadata["name"] for p in ranked if label_selector_matches(p.spec.node_selector, labels)), None)
-        for name, labels in nodes.items()
-    }
+    """node name -> winning profile name (`best_profile`), or None when no profile matches."""
+    return {name: (p.metadata["name"] if (p := best_profile(profiles, labels)) else None)
+            for name, labels in nodes.items()}
 
 
 def higher_priority(profile: HardwareProfile, profiles: list[HardwareProfile]) -> list[HardwareProfile]:
