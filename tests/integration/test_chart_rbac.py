@@ -1,10 +1,12 @@
 """The chart's RBAC against the real API server: `helm install`, then `kubectl auth can-i --as` the
 operator's ServiceAccount proves what it can and cannot do, then `helm uninstall` leaves nothing behind.
 
-The release skips the CRDs and the built-in profiles (crds.enabled=false, profiles.builtin.enabled=false):
-other tests apply crds/ with `kubectl apply --server-side`, and Helm refuses to adopt objects another
-owner created. RBAC rules do not need the CRDs to exist. The release name is unique per test, so the
-ClusterRole/ClusterRoleBinding names never collide with another release.
+The release skips the CRDs (crds.enabled=false): other tests apply crds/ with `kubectl apply
+--server-side`, and Helm refuses to adopt objects another owner created. The chart never templates
+HardwareProfiles (the operator applies the built-in ones; profiles.builtin.enabled=false keeps this
+release's operator from touching the shared cluster's). RBAC rules do not need the CRDs to exist. The
+release name is unique per test, so the ClusterRole/ClusterRoleBinding names never collide with another
+release.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def test_operator_service_account_is_least_privilege(cluster, release):
     assert can_i(cluster, sa, "patch", "edgemodels.edgefleet.io", namespace=elsewhere, subresource="status")
     assert can_i(cluster, sa, "update", "edgedeployments.edgefleet.io", namespace=elsewhere, subresource="status")
     assert can_i(cluster, sa, "list", "hardwareprofiles.edgefleet.io")
+    # server-side apply of the built-in profiles: create when absent, patch when present
+    assert can_i(cluster, sa, "create", "hardwareprofiles.edgefleet.io")
+    assert can_i(cluster, sa, "patch", "hardwareprofiles.edgefleet.io")
     assert can_i(cluster, sa, "create", "daemonsets.apps", namespace=elsewhere)
     assert can_i(cluster, sa, "delete", "deployments.apps", namespace=elsewhere)
     assert can_i(cluster, sa, "create", "services", namespace=elsewhere)
@@ -96,7 +101,7 @@ def test_install_creates_the_operator_and_uninstall_removes_everything(cluster, 
         cluster.kubectl("get", kind, full)
     for kind in ("role", "rolebinding", "serviceaccount", "service"):
         cluster.kubectl("get", kind, full if kind != "service" else f"{full}-metrics", "-n", ns)
-    # the release skipped the CRDs and profiles: it owns none of them
+    # the release skipped the CRDs and the chart has no profiles: it owns none of them
     manifest = cluster.helm("get", "manifest", name, "--namespace", ns).stdout
     assert "kind: CustomResourceDefinition" not in manifest and "kind: HardwareProfile" not in manifest
 

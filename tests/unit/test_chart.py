@@ -1,5 +1,6 @@
 """The Helm chart: lint, render with default and non-default values, schema rejections, least-privilege
-RBAC, and the CRD/profile templates staying in sync with crds/ and operator/edgefleet/profiles/."""
+RBAC, and the CRD templates staying in sync with crds/. The chart templates no HardwareProfiles: the
+operator applies the built-in ones at start-up while profiles.builtin.enabled (EDGEFLEET_BUILTIN_PROFILES)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def test_defaults_render_everything(helm):
     docs = render(helm)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds.count("CustomResourceDefinition") == 3
-    assert kinds.count("HardwareProfile") == 6
+    assert "HardwareProfile" not in kinds  # the operator applies them (a first install cannot: no such kind yet)
     for kind in ("Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
                  "Service"):
         assert kind in kinds, kind
@@ -118,6 +119,7 @@ def test_operator_deployment_defaults(helm):
     assert env["EDGEFLEET_ARTIFACT_INSECURE"]["value"] == "false"
     assert env["EDGEFLEET_NODE_CACHE"]["value"] == "/var/lib/edgefleet/cache"
     assert env["EDGEFLEET_LOG_LEVEL"]["value"] == "INFO"
+    assert env["EDGEFLEET_BUILTIN_PROFILES"]["value"] == "true"
     assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == c["image"]
     assert json.loads(env["EDGEFLEET_COMPILE_RESOURCES"]["value"])["requests"]["memory"] == "2Gi"
     assert "EDGEFLEET_ARTIFACT_USERNAME" not in env
@@ -165,6 +167,7 @@ def test_non_default_values(helm):
     assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == "ghcr.io/edgefleet/compiler:0.1.0"
     assert env["EDGEFLEET_NODE_CACHE"]["value"] == "/data/edgefleet"
     assert env["EDGEFLEET_LOG_LEVEL"]["value"] == "DEBUG"
+    assert env["EDGEFLEET_BUILTIN_PROFILES"]["value"] == "false"
     pod = dep["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "role": "infra"}
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
@@ -190,17 +193,16 @@ def test_crds_keep_can_be_turned_off(helm):
         assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
 
 
-def test_profiles_are_a_post_install_hook_until_the_kind_is_known(helm):
-    # Helm builds every object of a release before creating any: a HardwareProfile in the same first
-    # install as its CRD must be created after it (a hook), later upgrades adopt them.
-    for profile in by_kind(render(helm), "HardwareProfile"):
-        ann = profile["metadata"]["annotations"]
-        assert ann["helm.sh/hook"] == "post-install"
-        assert ann["meta.helm.sh/release-name"] == "ef"
-        assert ann["meta.helm.sh/release-namespace"] == "edgefleet-system"
-    known = render(helm, "--api-versions", "edgefleet.io/v1alpha1/HardwareProfile")
-    for profile in by_kind(known, "HardwareProfile"):
-        assert "helm.sh/hook" not in profile["metadata"]["annotations"]
+@pytest.mark.parametrize(("flag", "expected"), [(None, "true"), ("true", "true"), ("false", "false")])
+def test_builtin_profiles_are_applied_by_the_operator(helm, flag, expected):
+    # Helm builds every object of a release before creating any, so a HardwareProfile cannot be in the
+    # same first install as its CRD: the operator applies the built-in ones itself when told to.
+    args = ("--set", f"profiles.builtin.enabled={flag}") if flag else ()
+    docs = render(helm, *args)
+    assert not by_kind(docs, "HardwareProfile")
+    env = env_of(operator_container(docs))
+    assert env["EDGEFLEET_BUILTIN_PROFILES"] == {"name": "EDGEFLEET_BUILTIN_PROFILES", "value": expected}
+    assert not (CHART / "templates" / "profiles").exists()
 
 
 # ---------------------------------------------------------------- values.schema.json
@@ -245,7 +247,7 @@ def test_service_monitor_needs_the_metrics_service(helm):
 
 
 EXPECTED_CLUSTER_RULES = {
-    ("edgefleet.io", "hardwareprofiles"): {"get", "list", "watch", "patch", "update"},
+    ("edgefleet.io", "hardwareprofiles"): {"get", "list", "watch", "create", "patch", "update"},  # built-ins
     ("edgefleet.io", "edgemodels"): {"get", "list", "watch", "patch", "update"},
     ("edgefleet.io", "edgedeployments"): {"get", "list", "watch", "patch", "update"},
     ("edgefleet.io", "hardwareprofiles/status"): {"get", "patch", "update"},
@@ -312,7 +314,7 @@ def test_rbac_is_exactly_what_the_operator_uses(helm):
     assert rb["metadata"]["namespace"] == "ops"
 
 
-# ---------------------------------------------------------------- drift from crds/ and the profiles
+# ---------------------------------------------------------------- drift from crds/
 
 
 def _generator():
@@ -322,20 +324,20 @@ def _generator():
     return module
 
 
-def test_chart_crds_and_profiles_match_their_sources(tmp_path):
-    """Fails when crds/ or operator/edgefleet/profiles/ changed and `python charts/generate.py` was not run."""
+def test_chart_crds_match_their_sources(tmp_path):
+    """Fails when crds/ changed and `python charts/generate.py` was not run."""
     proc = subprocess.run(["python", str(REPO / "charts" / "generate.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    templates = CHART / "templates"
-    for sub in ("crds", "profiles"):
-        generated = sorted(p.name for p in (tmp_path / sub).glob("*.yaml"))
-        in_chart = sorted(p.name for p in (templates / sub).glob("*.yaml"))
-        assert generated == in_chart, f"templates/{sub}: run `python charts/generate.py`"
-        for name in generated:
-            assert (templates / sub / name).read_text() == (tmp_path / sub / name).read_text(), (
-                f"charts/edgefleet/templates/{sub}/{name} drifted from its source: run `python charts/generate.py`"
-            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crds"]  # nothing but the CRDs is generated
+    templates = CHART / "templates" / "crds"
+    generated = sorted(p.name for p in (tmp_path / "crds").glob("*.yaml"))
+    in_chart = sorted(p.name for p in templates.glob("*.yaml"))
+    assert generated == in_chart, "templates/crds: run `python charts/generate.py`"
+    for name in generated:
+        assert (templates / name).read_text() == (tmp_path / "crds" / name).read_text(), (
+            f"charts/edgefleet/templates/crds/{name} drifted from its source: run `python charts/generate.py`"
+        )
 
 
 def test_chart_crds_render_to_exactly_the_generated_crds(helm):
@@ -347,9 +349,6 @@ def test_chart_crds_render_to_exactly_the_generated_crds(helm):
         got = rendered[name]
         assert got["spec"] == source["spec"], name
         assert source["metadata"]["labels"].items() <= got["metadata"]["labels"].items()
-    profiles = {d["metadata"]["name"]: d["spec"] for d in by_kind(render(helm), "HardwareProfile")}
-    builtin = [yaml.safe_load(p.read_text()) for p in (REPO / "operator" / "edgefleet" / "profiles").glob("*.yaml")]
-    assert profiles == {d["metadata"]["name"]: d["spec"] for d in builtin}
 
 
 def test_drift_check_notices_a_change(tmp_path):
@@ -365,6 +364,21 @@ def test_drift_check_notices_a_change(tmp_path):
     problems = gen.drift(gen.render(crds=crds))
     assert any(first.name in p for p in problems), problems
     assert gen.drift(gen.render()) == []
+
+
+def test_drift_check_notices_a_leftover_generated_template(tmp_path):
+    """A generated template the generator no longer writes (e.g. the old templates/profiles/) is drift."""
+    gen = _generator()
+    files = gen.render()
+    gen.write(files, tmp_path)
+    assert gen.drift(files, tmp_path) == []
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "cpu-amd64.yaml").write_text(gen.HEADER.format(source="x") + "kind: HardwareProfile\n")
+    (tmp_path / "deployment.yaml").write_text("kind: Deployment\n")  # hand-written templates are not drift
+    (problems,) = gen.drift(files, tmp_path)
+    assert problems.startswith("profiles/cpu-amd64.yaml: generated once"), problems
+    assert subprocess.run(["python", str(REPO / "charts" / "generate.py"), "--check", "--out", str(tmp_path)],
+                          capture_output=True, timeout=60).returncode == 1
 
 
 def test_templates_escape_go_template_braces():
