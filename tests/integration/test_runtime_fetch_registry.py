@@ -56,7 +56,8 @@ def _pod_args(ref: str, digest: str, profile_name: str) -> tuple[list[str], list
                         spec={"model_ref": {"name": "digits"}})
     variant = Variant(profile=profile_name, artifact=ref, digest=digest, state="Ready")
     pod = render_class(ed, profile, variant, profiles, CACHE_MOUNT)["spec"]["template"]["spec"]
-    (init,), (serve,) = pod["initContainers"], pod["containers"]
+    assert [c["name"] for c in pod["initContainers"]] == ["prepare-cache", "fetch-model"]
+    init, (serve,) = pod["initContainers"][1], pod["containers"]
     assert init["command"] == serve["command"] == ["edgefleet-runtime"]
     return init["args"], serve["args"]
 
