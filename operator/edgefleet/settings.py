@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,8 +10,12 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def _cache() -> Path:
+    return Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet")).expanduser()
+
+
 def _default_store() -> str:
-    return str(Path.home() / ".cache" / "edgefleet" / "artifacts")
+    return str(_cache() / "artifacts")
 
 
 class Settings(BaseSettings):
@@ -32,7 +37,7 @@ class Settings(BaseSettings):
     """Resources of each compile Job's container (JSON in EDGEFLEET_COMPILE_RESOURCES, as the chart sets it)."""
     compile_deadline_seconds: int = 3600
     """activeDeadlineSeconds of a compile Job: past it the Job fails and its variants are Failed."""
-    compile_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "edgefleet" / "compile")
+    compile_cache: Path = Field(default_factory=lambda: _cache() / "compile")
     compile_timing_runs: int = 30
     """Timed inference runs per candidate when the compiler measures latency."""
     node_cache: str = "/var/lib/edgefleet/cache"
