@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import urllib.request
+from collections import Counter
 
 import pytest
 import yaml
@@ -43,6 +44,14 @@ def test_quickstart_serves_every_matching_node_with_its_class(operator, cluster,
     events = items(cluster, namespace, "events", "--field-selector", "involvedObject.kind=EdgeDeployment")
     assert any(e["reason"] == "NodesWithoutProfile" for e in events)
     assert get(cluster, namespace, "service", "digits")["spec"]["selector"]["edgefleet.io/deployment"] == "digits"
+    per_class = Counter(p for p in want.values() if p)
+
+    def profile_counts():
+        found = {p["metadata"]["name"]: p.get("status", {}).get("matchedNodes")
+                 for p in items(cluster, None, "hardwareprofiles")}
+        return found == {name: per_class.get(name, 0) for name in found} and found
+
+    wait_for(profile_counts, timeout=60, what="HardwareProfile status.matchedNodes = nodes of each class")
     metrics = urllib.request.urlopen(operator.metrics_url, timeout=5).read().decode()
     ok = re.search(r'edgefleet_reconcile_total\{kind="EdgeDeployment",result="ok"\} (\d+)', metrics)
     assert ok and float(ok.group(1)) >= 1

@@ -9,7 +9,7 @@ import kopf
 
 from ..api import builtin_profiles
 from ..kube import GROUP, VERSION, ApiError, Kube
-from ..reconcile import reconcile_deployment, reconcile_model
+from ..reconcile import reconcile_deployment, reconcile_model, reconcile_profile
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, WATCH_LABELS
 from ..settings import Settings
 from . import metrics
@@ -42,6 +42,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     ctl = Controller(kube, config)
     ctl.add_queue("EdgeModel", lambda ns, name, world: reconcile_model(kube, config, ns, name, world), 2)
     ctl.add_queue("EdgeDeployment", lambda ns, name, world: reconcile_deployment(kube, config, ns, name, world), 8)
+    ctl.add_queue("HardwareProfile", lambda _, name, world: reconcile_profile(kube, name, world), 2)
     memo.controller = ctl
     memo.stopped = asyncio.Event()
     memo.tasks = [asyncio.create_task(ctl.run(q, memo.stopped)) for q in ctl.queues.values()]
@@ -106,6 +107,7 @@ def deployment_event(type: str, name: str, namespace: str, spec, meta, memo: kop
 @kopf.on.event(GROUP, VERSION, "hardwareprofiles")
 def profile_event(type: str, name: str, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
+    _track(ctl.queues["HardwareProfile"], ("", name), type, None)
     if type == "DELETED":
         ctl.profiles.pop(name, None)
     else:

@@ -1,0 +1,24 @@
+"""HardwareProfile status: how many nodes of the fleet belong to the profile (`kubectl get hwp`)."""
+
+from __future__ import annotations
+
+from ..kube import Kube
+from ..render import resolve_nodes
+from .conditions import set_condition, without_times
+from .world import World
+
+
+def reconcile_profile(kube: Kube, name: str, world: World) -> None:
+    raw = kube.find("HardwareProfile", name)
+    if raw is None:
+        return
+    matched = sum(1 for p in resolve_nodes(world.nodes, world.profiles).values() if p == name)
+    generation = raw["metadata"].get("generation")
+    old = raw.get("status") or {}
+    conditions = set_condition(old.get("conditions", []), "Ready", True, "Accepted",
+                               f"{matched} nodes belong to this hardware class", generation)
+    status = {"observedGeneration": generation, "matchedNodes": matched, "conditions": conditions}
+    if (old.get("matchedNodes"), old.get("observedGeneration")) == (matched, generation) and without_times(
+            old.get("conditions", [])) == without_times(conditions):
+        return
+    kube.patch_status("HardwareProfile", name, None, status)
