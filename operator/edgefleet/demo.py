@@ -11,8 +11,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -68,8 +66,9 @@ def start_operator(cluster, log: Path, echo) -> subprocess.Popen:
     env = {**cluster.env(), "EDGEFLEET_ARTIFACT_STORE": f"oci://{cluster.registry}/edgefleet",
            "EDGEFLEET_ARTIFACT_INSECURE": "true", "EDGEFLEET_BUILTIN_PROFILES": "true"}
     echo(f"starting the operator on this machine (log: {log})")
-    operator = subprocess.Popen([sys.executable, "-m", "edgefleet.cli", "operator", "--liveness", ""], env=env,
-                                stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    with log.open("ab") as out:
+        operator = subprocess.Popen([sys.executable, "-m", "edgefleet.cli", "operator", "--liveness", ""],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def profiles():
         if operator.poll() is not None:
@@ -77,7 +76,11 @@ def start_operator(cluster, log: Path, echo) -> subprocess.Popen:
         found = cluster.kubectl("get", "hardwareprofiles", "-o", "name", check=False).stdout.split()
         return len(found) >= 6, f"{len(found)} HardwareProfiles"
 
-    _wait("built-in profiles", profiles, 90, echo)
+    try:
+        _wait("built-in profiles", profiles, 90, echo)
+    except BaseException:
+        _stop(operator)
+        raise
     return operator
 
 
@@ -113,10 +116,13 @@ def host_labels() -> dict[str, str]:
     return labels
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def serve_here(cluster, em: dict, echo) -> dict:
@@ -135,20 +141,22 @@ def serve_here(cluster, em: dict, echo) -> dict:
         echo(f"  this machine is class {mine}; its variant is not ready, serving {chosen} instead")
     variant = variants[chosen]
     cache = Path(tempfile.mkdtemp(prefix="edgefleet-demo-cache-"))
-    port = _free_port()
+    port = dc.free_port()
     echo(f"  this machine is class {chosen}: fetching {variant['digest'][:19]}... and serving it on :{port}")
-    subprocess.run(["edgefleet-runtime", "fetch", f"--ref={variant['artifact']}", f"--digest={variant['digest']}",
-                    f"--cache={cache}", "--name=digits", "--insecure"], check=True, capture_output=True)
     log = cache / "runtime.log"
-    server = subprocess.Popen(["edgefleet-runtime", "serve", f"--model={cache}/current/digits",
-                               f"--digest={variant['digest']}", "--name=digits", f"--port={port}",
-                               "--host=127.0.0.1", "--threads=1"], stdout=log.open("wb"),
-                              stderr=subprocess.STDOUT)
     try:
-        return {"profile": chosen, **_score(port, server, log, echo)}
+        subprocess.run(["edgefleet-runtime", "fetch", f"--ref={variant['artifact']}",
+                        f"--digest={variant['digest']}", f"--cache={cache}", "--name=digits", "--insecure"],
+                       check=True, capture_output=True)
+        with log.open("wb") as out:
+            server = subprocess.Popen(["edgefleet-runtime", "serve", f"--model={cache}/current/digits",
+                                       f"--digest={variant['digest']}", "--name=digits", f"--port={port}",
+                                       "--host=127.0.0.1", "--threads=1"], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            return {"profile": chosen, **_score(port, server, log, echo)}
+        finally:
+            _stop(server)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
         shutil.rmtree(cache, ignore_errors=True)
 
 
@@ -228,8 +236,7 @@ def run_demo(name: str, echo, timeout: float = 600) -> tuple[list[dict], dict]:
         here = serve_here(cluster, em, echo)
         rows = class_tables(cluster, em, ed)
     finally:
-        operator.terminate()
-        operator.wait(30)
+        _stop(operator)
     echo(f"done in {time.monotonic() - started:.0f}s")
     return rows, here
 

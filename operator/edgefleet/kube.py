@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 
 from kubernetes import client, config
 
+log = logging.getLogger(__name__)
 GROUP, VERSION = "edgefleet.io", "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
@@ -118,6 +120,13 @@ class Kube:
                           content_type="application/merge-patch+json")
 
     def event(self, obj: dict, reason: str, message: str, type_: str = "Normal") -> None:
+        """Post an event; a failure is logged, never fatal (the state it reports is in status too)."""
+        try:
+            self._post_event(obj, reason, message, type_)
+        except (ApiError, NotFound) as err:
+            log.warning("could not post event %s on %s: %s", reason, obj["metadata"]["name"], err)
+
+    def _post_event(self, obj: dict, reason: str, message: str, type_: str) -> None:
         meta = obj["metadata"]
         now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
         namespace = meta.get("namespace") or "default"

@@ -8,15 +8,16 @@ import logging
 import kopf
 
 from ..api import builtin_profiles
-from ..kube import GROUP, VERSION, ApiError, Kube
+from ..kube import GROUP, VERSION, ApiError, Kube, NotFound
 from ..reconcile import reconcile_deployment, reconcile_model, reconcile_profile
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, WATCH_LABELS
+from ..render.workload import MANAGED_BY
 from ..settings import Settings
 from . import metrics
 from .controller import Controller
 
 log = logging.getLogger("edgefleet.handlers")
-MANAGED = {"app.kubernetes.io/managed-by": "edgefleet"}
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
 
 @kopf.on.login()
@@ -29,9 +30,7 @@ def login(**kwargs):
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     config = Settings()
     logging.getLogger("edgefleet").setLevel(config.log_level.upper())
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="edgefleet.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="edgefleet.io")
-    settings.persistence.finalizer = "edgefleet.io/finalizer"
+    # only on.event handlers: Kopf keeps no progress, diff-base or finalizer on our objects
     settings.posting.enabled = False  # we post our own events, on transitions only
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 120
@@ -40,6 +39,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     if config.builtin_profiles:
         await asyncio.to_thread(apply_builtin_profiles, kube)
     ctl = Controller(kube, config)
+    # know the fleet before the first reconcile: an empty cache would look like a fleet without nodes
+    nodes, profiles = await asyncio.to_thread(lambda: (kube.list("Node"), kube.list("HardwareProfile")))
+    ctl.nodes = {n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in nodes}
+    ctl.profiles = {p["metadata"]["name"]: p for p in profiles}
     ctl.add_queue("EdgeModel", lambda ns, name, world: reconcile_model(kube, config, ns, name, world), 2)
     ctl.add_queue("EdgeDeployment", lambda ns, name, world: reconcile_deployment(kube, config, ns, name, world), 8)
     ctl.add_queue("HardwareProfile", lambda _, name, world: reconcile_profile(kube, name, world), 2)
@@ -47,17 +50,30 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.stopped = asyncio.Event()
     memo.tasks = [asyncio.create_task(ctl.run(q, memo.stopped)) for q in ctl.queues.values()]
     memo.tasks.append(asyncio.create_task(ctl.resync(memo.stopped)))
+    for task in memo.tasks:
+        task.add_done_callback(_report_crash)
+
+
+def _report_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a controller task stopped: %r; the operator must be restarted", task.exception(),
+                  exc_info=task.exception())
 
 
 def apply_builtin_profiles(kube: Kube) -> None:
     """Create or update the built-in HardwareProfiles; fields a user changed stay the user's."""
     for profile in builtin_profiles():
+        name = profile.metadata["name"]
         try:
             kube.apply(profile.to_dict(), force=False)
         except ApiError as err:
             if err.status != 409:
-                raise
-            log.info("HardwareProfile %s: keeping fields changed by someone else (%s)", profile.metadata["name"], err)
+                log.warning("could not apply the built-in HardwareProfile %s: %s", name, err)
+                continue
+            log.info("HardwareProfile %s was changed by someone else; left as it is (%s)", name, err)
+        except NotFound:
+            log.warning("the HardwareProfile CRD is not installed: built-in profiles not applied")
+            return
 
 
 @kopf.on.cleanup()
@@ -71,9 +87,7 @@ def _track(queue, key, event_type: str, generation: int | None) -> bool:
     """Remember or forget an object; True when it needs a reconcile: new, or its spec changed. Our own
     status writes do not bump the generation, so they do not queue the object again."""
     if event_type == "DELETED":
-        queue.known.discard(key)
-        queue.dirty.discard(key)
-        queue.generations.pop(key, None)
+        queue.forget(key)
         return False
     queue.known.add(key)
     if queue.generations.get(key) == generation and event_type is not None:
@@ -83,7 +97,7 @@ def _track(queue, key, event_type: str, generation: int | None) -> bool:
 
 
 @kopf.on.event(GROUP, VERSION, "edgemodels")
-def model_event(type: str, name: str, namespace: str, meta, memo: kopf.Memo, **_) -> None:
+async def model_event(type: str, name: str, namespace: str, meta, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     if _track(ctl.queues["EdgeModel"], (namespace, name), type, meta.get("generation")):
         ctl.queues["EdgeModel"].mark((namespace, name))
@@ -93,7 +107,7 @@ def model_event(type: str, name: str, namespace: str, meta, memo: kopf.Memo, **_
 
 
 @kopf.on.event(GROUP, VERSION, "edgedeployments")
-def deployment_event(type: str, name: str, namespace: str, spec, meta, memo: kopf.Memo, **_) -> None:
+async def deployment_event(type: str, name: str, namespace: str, spec, meta, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     key = (namespace, name)
     if type == "DELETED":
@@ -105,21 +119,26 @@ def deployment_event(type: str, name: str, namespace: str, spec, meta, memo: kop
 
 
 @kopf.on.event(GROUP, VERSION, "hardwareprofiles")
-def profile_event(type: str, name: str, body, memo: kopf.Memo, **_) -> None:
+async def profile_event(type: str, name: str, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     _track(ctl.queues["HardwareProfile"], ("", name), type, None)
     if type == "DELETED":
         ctl.profiles.pop(name, None)
     else:
         obj = dict(body)
-        if ctl.profiles.get(name, {}).get("spec") == obj.get("spec") and type is not None:
-            return
+        old = ctl.profiles.get(name, {})
+        if _placement_fields(old) == _placement_fields(obj) and type is not None:
+            return  # a status write: nothing that places workloads changed
         ctl.profiles[name] = obj
     ctl.fleet_changed()
 
 
+def _placement_fields(profile: dict) -> tuple:
+    return profile.get("spec"), dict(profile.get("metadata", {}).get("labels") or {})
+
+
 @kopf.on.event("", "v1", "nodes")
-def node_event(type: str, name: str, labels, memo: kopf.Memo, **_) -> None:
+async def node_event(type: str, name: str, labels, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     if type == "DELETED":
         ctl.nodes.pop(name, None)
@@ -137,17 +156,17 @@ def _child_event(namespace: str, labels, memo: kopf.Memo) -> None:
 
 
 @kopf.on.event("apps", "v1", "daemonsets", labels=MANAGED)
-def daemonset_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
+async def daemonset_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
     _child_event(namespace, labels, memo)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
-def workload_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
+async def workload_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
     _child_event(namespace, labels, memo)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=WATCH_LABELS)
-def compile_job_event(annotations, memo: kopf.Memo, **_) -> None:
+async def compile_job_event(annotations, memo: kopf.Memo, **_) -> None:
     """A compile Job (executor job) changed: its EdgeModel reads the outcome."""
     if annotations.get(MODEL_NAMESPACE) and annotations.get(MODEL_NAME):
         memo.controller.queues["EdgeModel"].mark((annotations[MODEL_NAMESPACE], annotations[MODEL_NAME]))

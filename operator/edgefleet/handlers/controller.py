@@ -33,6 +33,7 @@ class Queue:
     running: set[Key] = field(default_factory=set)
     failures: dict[Key, int] = field(default_factory=dict)
     generations: dict[Key, int | None] = field(default_factory=dict)  # last spec generation seen
+    timers: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)  # one pending re-look per object
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, key: Key) -> None:
@@ -42,6 +43,29 @@ class Queue:
     def mark_all(self) -> None:
         for key in self.known:
             self.mark(key)
+
+    def mark_later(self, key: Key, delay: float) -> None:
+        """Look at `key` again in `delay` seconds; an earlier pending look wins over a later one."""
+        loop = asyncio.get_running_loop()
+        pending = self.timers.get(key)
+        if pending is not None and not pending.cancelled() and pending.when() <= loop.time() + delay:
+            return
+        if pending is not None:
+            pending.cancel()
+        self.timers[key] = loop.call_later(delay, self._fire, key)
+
+    def _fire(self, key: Key) -> None:
+        self.timers.pop(key, None)
+        self.mark(key)
+
+    def forget(self, key: Key) -> None:
+        self.known.discard(key)
+        self.dirty.discard(key)
+        self.generations.pop(key, None)
+        self.failures.pop(key, None)
+        timer = self.timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
 
 
 @dataclass
@@ -91,13 +115,13 @@ class Controller:
             RECONCILES.labels(queue.name, "ok").inc()
             queue.failures.pop(key, None)
             if again:
-                asyncio.get_running_loop().call_later(again, queue.mark, key)
+                queue.mark_later(key, again)
         except Exception as err:  # noqa: BLE001 - any failure is retried, never fatal
             RECONCILES.labels(queue.name, "error").inc()
             count = queue.failures[key] = queue.failures.get(key, 0) + 1
             delay = min(MAX_BACKOFF, 2.0 ** count)
             log.warning("%s %s/%s failed (attempt %d, retry in %.0fs): %s", queue.name, *key, count, delay, err)
-            asyncio.get_running_loop().call_later(delay, queue.mark, key)
+            queue.mark_later(key, delay)
         finally:
             queue.running.discard(key)
             slots.release()

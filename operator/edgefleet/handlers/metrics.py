@@ -11,6 +11,11 @@ QUEUE_DEPTH = Gauge("edgefleet_queue_dirty", "Objects waiting for a reconcile.",
 FLEET_NODES = Gauge("edgefleet_fleet_nodes", "Nodes the operator sees.")
 
 
+_serving: set[int] = set()
+
+
 def serve(port: int) -> None:
-    if port:
+    """Start the /metrics endpoint once per port (a retried start-up must not bind it twice)."""
+    if port and port not in _serving:
         start_http_server(port)
+        _serving.add(port)

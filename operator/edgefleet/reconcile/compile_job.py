@@ -14,7 +14,6 @@ Job it started. Running Jobs of the same model with other inputs (an older gener
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import logging
@@ -36,6 +35,7 @@ from ..render.compile_job import (
     report_ref,
 )
 from ..settings import Settings
+from .sources import config_map_bytes, without_none
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
         req = job_request(kube, settings, em, namespace, {
             t: profiles[t].spec.target.model_dump(by_alias=True, exclude_none=True) for t in targets})
     except CompileError as err:
-        return [_clean(err.to_status_variant(t)) for t in targets]
+        return [without_none(err.to_status_variant(t)) for t in targets]
     manifest = render_compile_job(req, settings)
     name, ns = manifest["metadata"]["name"], settings.namespace
     ref = report_ref(settings.artifact_store, name)
@@ -126,19 +126,8 @@ def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
 
 
 def _copy(kube: Kube, namespace: str, ref, role: str, files: dict[str, bytes]) -> str:
-    cm = kube.find("ConfigMap", ref.name, namespace)
-    if cm is None:
-        raise CompileError("SourceUnavailable", f"ConfigMap {ref.name!r} not found in {namespace}",
-                           "create it, e.g. kubectl create configmap NAME --from-file=KEY=FILE")
-    if ref.key in (cm.get("binaryData") or {}):
-        data = base64.b64decode(cm["binaryData"][ref.key])
-    elif ref.key in (cm.get("data") or {}):
-        data = cm["data"][ref.key].encode()
-    else:
-        raise CompileError("SourceUnavailable", f"ConfigMap {ref.name!r} has no key {ref.key!r}",
-                           "point configMap.key at one of its keys")
     name = f"{role}-{Path(ref.key).name}"
-    files[name] = data
+    files[name] = config_map_bytes(kube, namespace, ref)
     return name
 
 
@@ -183,12 +172,12 @@ def _from_report(report: dict, targets: list[str], ref: str) -> list[dict]:
     if "error" in report:
         e = report["error"]
         err = CompileError(e.get("reason", "CompileFailed"), e.get("message", ""), e.get("fix", ""))
-        return [_clean(err.to_status_variant(t)) for t in targets]
+        return [without_none(err.to_status_variant(t)) for t in targets]
     variants = report.get("variants") or {}
     out = []
     for t in sorted(targets):
         if t in variants:
-            out.append(_clean(VariantReport.from_dict(variants[t]).to_status()))
+            out.append(without_none(VariantReport.from_dict(variants[t]).to_status()))
         else:
             out.append(_failed(t, "CompileReportIncomplete", f"the compile report {ref} has no variant for {t}"))
     return out
@@ -200,10 +189,6 @@ def _compiling(targets: list[str]) -> list[dict]:
 
 def _failed(profile: str, reason: str, message: str) -> dict:
     return {"profile": profile, "state": "Failed", "reason": reason, "message": message}
-
-
-def _clean(variant: dict) -> dict:
-    return {k: v for k, v in variant.items() if v is not None}
 
 
 def _age(timestamp: str) -> float:

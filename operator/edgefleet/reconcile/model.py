@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import multiprocessing
 import tempfile
@@ -17,6 +16,7 @@ from ..render import resolve_nodes
 from ..settings import Settings
 from .compile_job import compile_in_job
 from .conditions import flipped, set_condition, without_times
+from .sources import config_map_bytes, without_none
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,23 @@ def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, w
     not_found = [{"profile": n, "state": "Failed", "reason": "ProfileNotFound",
                   "message": f"HardwareProfile {n!r} does not exist; create it or remove it from "
                              "spec.targetProfiles.names"} for n in missing]
-    pending = [{"profile": p, "state": "Compiling"} for p in targets] + not_found
-    _write(kube, raw, pending, _conditions(raw, pending, generation, compiling=True))
+    pending = [_keep_or_compile(raw, generation, p) for p in targets] + not_found
+    _write(kube, raw, generation, pending, _conditions(raw, pending, generation, compiling=True))
     variants = _compile(kube, settings, em, namespace, targets, world) + not_found
     compiling = any(v.get("state") == "Compiling" for v in variants)  # a compile Job still running
     raw = kube.find("EdgeModel", name, namespace) or raw
-    _write(kube, raw, variants, _conditions(raw, variants, generation, compiling=compiling))
+    _write(kube, raw, generation, variants, _conditions(raw, variants, generation, compiling=compiling))
+
+
+def _keep_or_compile(raw: dict, generation: int | None, profile: str) -> dict:
+    """While compiling: a variant of the same spec generation stays as it is (only a new target class
+    shows Compiling), so deployments keep serving it without flapping."""
+    status = raw.get("status") or {}
+    if status.get("observedGeneration") == generation:
+        for v in status.get("variants", []):
+            if v["profile"] == profile and v.get("state") in FINAL:
+                return v
+    return {"profile": profile, "state": "Compiling"}
 
 
 def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
@@ -90,7 +101,7 @@ def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
             variants = compile_isolated(request, settings.artifact_store, settings.compile_cache)
         except CompileError as err:
             return [err.to_status_variant(t) for t in targets]
-    return [{k: v for k, v in variant.items() if v is not None} for variant in variants]
+    return [without_none(variant) for variant in variants]
 
 
 def compile_isolated(request: CompileRequest, store: str, cache_dir: Path) -> list[dict]:
@@ -114,18 +125,8 @@ def _compile_child(request: CompileRequest, store: str, cache_dir: str) -> list[
 def _materialize(kube: Kube, namespace: str, ref, tmp: Path, stem: str) -> str | Path:
     """A local path (ConfigMap data written out) or the URI for the compiler to fetch."""
     if ref.config_map is not None:
-        cm = kube.find("ConfigMap", ref.config_map.name, namespace)
-        if cm is None:
-            raise CompileError("SourceUnavailable", f"ConfigMap {ref.config_map.name!r} not found in {namespace}",
-                               "create it, e.g. kubectl create configmap NAME --from-file=KEY=FILE")
         key = ref.config_map.key
-        if key in (cm.get("binaryData") or {}):
-            data = base64.b64decode(cm["binaryData"][key])
-        elif key in (cm.get("data") or {}):
-            data = cm["data"][key].encode()
-        else:
-            raise CompileError("SourceUnavailable", f"ConfigMap {ref.config_map.name!r} has no key {key!r}",
-                               "point configMap.key at one of its keys")
+        data = config_map_bytes(kube, namespace, ref.config_map)
         path = tmp / f"{stem}-{Path(key).name}"
         path.write_bytes(data)
         return path
@@ -169,12 +170,14 @@ def _conditions(raw: dict, variants: list[dict], generation, compiling: bool) ->
                          generation)
 
 
-def _write(kube: Kube, raw: dict, variants: list[dict], conditions: list[dict]) -> None:
+def _write(kube: Kube, raw: dict, generation: int | None, variants: list[dict], conditions: list[dict]) -> None:
+    """Status for the generation that was compiled (a spec change during the compile stays pending)."""
     old = raw.get("status") or {}
     ready = sum(1 for v in variants if v.get("state") == "Ready")
-    status = {"observedGeneration": raw["metadata"].get("generation"), "conditions": conditions,
+    status = {"observedGeneration": generation, "conditions": conditions,
               "variants": variants, "variantsReady": f"{ready}/{len(variants)}"}
-    if old.get("variants") == variants and without_times(old.get("conditions", [])) == without_times(conditions):
+    if (old.get("observedGeneration"), old.get("variants")) == (generation, variants) and without_times(
+            old.get("conditions", [])) == without_times(conditions):
         return
     kube.patch_status("EdgeModel", raw["metadata"]["name"], raw["metadata"]["namespace"], status)
     for c in flipped(old.get("conditions", []), conditions):
