@@ -72,3 +72,11 @@ def test_outdated_pods_that_serve_nothing_are_replaced_without_waiting_for_the_b
     view = [PodView("bad-0", "n00", "bad", None), PodView("ok-1", "n01", "new", NOW - 60)]
     result = plan_wave(view, "new", 2, [100], 1, 10, 120, NOW - 5, NOW)
     assert result.delete == ("bad-0",)
+
+
+def test_a_flapping_wave_keeps_its_clock():
+    from edgefleet.reconcile.rollout import _wave_record
+
+    assert _wave_record("h:2:100", "h", 1, NOW) == (2, 100.0)  # fell back from wave 2: same clock
+    assert _wave_record("h:2:100", "h", 3, NOW) == (3, NOW)  # progressed: a new wave, a new clock
+    assert _wave_record("old:2:100", "h", 1, NOW) == (1, NOW)  # a new template starts over

@@ -140,7 +140,8 @@ def decide(manifest: dict, existing: dict | None, pods: list[dict], waves: list[
         failed = f"{plan.message}; rollout paused (autoRollback is off)"
     if plan.state == "Complete" and nodes > 0:
         stable = manifest["spec"]["template"]
-    annotations = {WAVE: f"{current}:{plan.wave}:{_started(notes.get(WAVE), current, plan.wave, now):.0f}"}
+    reached, started = _wave_record(notes.get(WAVE), current, plan.wave, now)
+    annotations = {WAVE: f"{current}:{reached}:{started:.0f}"}
     if stable:
         annotations[STABLE] = json.dumps(stable, sort_keys=True, separators=(",", ":"))
     if failed_hash:
@@ -153,16 +154,17 @@ def decide(manifest: dict, existing: dict | None, pods: list[dict], waves: list[
                     requeue)
 
 
-def _started(stored: str | None, current: str, wave: int, now: float) -> float:
-    """When the current wave of the current template started (now, if it is a new one)."""
+def _wave_record(stored: str | None, current: str, wave: int, now: float) -> tuple[int, float]:
+    """(highest wave reached, when it started) for the current template. A wave falling back (a pod
+    flapping) keeps the clock of the wave already reached, so flapping cannot dodge the timeout."""
     if stored:
         hash_, wave_s, ts = stored.split(":")
-        if hash_ == current and int(wave_s) == wave:
-            return float(ts)
-    return now
+        if hash_ == current and wave <= int(wave_s):
+            return int(wave_s), float(ts)
+    return wave, now
 
 
 def _plan(views, current, nodes, waves, limit, min_ready, timeout, stored, now) -> WavePlan:
     plan = plan_wave(views, current, nodes, waves, limit, min_ready, timeout, now, now)
-    started = _started(stored, current, plan.wave, now)
+    _, started = _wave_record(stored, current, plan.wave, now)
     return plan_wave(views, current, nodes, waves, limit, min_ready, timeout, started, now)
