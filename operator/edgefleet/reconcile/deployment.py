@@ -55,39 +55,37 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     profiles = {p.metadata["name"]: p for p in world.profiles}
     replicas = split_replicas(ed.spec.replicas or 0, dict(per_class)) if ed.spec.mode == "Replicas" else {}
 
+    children = {(kind, o["metadata"]["name"]): {**o, "kind": kind}  # list items carry no kind
+                for kind in WORKLOAD_KINDS for o in kube.list(kind, namespace, child_labels(name))}
+    kind = "DaemonSet" if ed.spec.mode == "PerNode" else "Deployment"
     applied, missing, rollouts = {}, [], {}
     for profile_name in sorted(per_class):
         variant = variants.get(profile_name)
+        existing = children.get((kind, child_name(name, profile_name)))
         if variant is None:
             missing.append(profile_name)
-            kept = _existing_workload(kube, ed, profile_name)
-            if kept is not None:  # recompiling or failed: keep serving what the nodes have
-                applied[profile_name] = kept
+            if existing is not None:  # recompiling or failed: keep serving what the nodes have
+                applied[profile_name] = existing
             continue
         manifest = render_class(ed, profiles[profile_name], variant, world.profiles, settings.node_cache,
                                 replicas.get(profile_name), settings.artifact_insecure)
-        if waves_of(ed):
-            rollouts[profile_name] = decision = _decide(kube, ed, manifest)
+        decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
+        if decision is not None:
+            rollouts[profile_name] = decision
             manifest = decision.manifest
         applied[profile_name] = kube.apply(manifest)
-        for pod in rollouts[profile_name].delete if profile_name in rollouts else ():
+        for pod in decision.delete if decision else ():
             log.info("rollout %s/%s %s: replacing pod %s", namespace, name, profile_name, pod)
             kube.delete("Pod", pod, namespace)
     _apply_service(kube, ed, namespace)
-    _prune(kube, namespace, name, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
+    _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
     _write_status(kube, raw, ed, applied, variants, missing, unmatched, model is not None, rollouts)
     waits = [d.requeue for d in rollouts.values() if d.requeue]
     return min(waits) if waits else None
 
 
-def _existing_workload(kube: Kube, ed: EdgeDeployment, profile: str) -> dict | None:
-    kind = "DaemonSet" if ed.spec.mode == "PerNode" else "Deployment"
-    return kube.find(kind, child_name(ed.metadata["name"], profile), ed.metadata["namespace"])
-
-
-def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict) -> Decision:
+def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict, existing: dict | None) -> Decision:
     meta = manifest["metadata"]
-    existing = kube.find("DaemonSet", meta["name"], meta["namespace"])
     pods = kube.list("Pod", meta["namespace"], manifest["spec"]["selector"]["matchLabels"]) if existing else []
     rollout = ed.spec.rollout
     return decide(manifest, existing, pods, waves_of(ed), rollout.max_unavailable,
@@ -102,14 +100,12 @@ def _apply_service(kube: Kube, ed: EdgeDeployment, namespace: str) -> None:
         kube.delete("Service", ed.metadata["name"], namespace)
 
 
-def _prune(kube: Kube, namespace: str, name: str, keep: set[tuple[str, str]]) -> None:
+def _prune(kube: Kube, namespace: str, children: dict, keep: set[tuple[str, str]]) -> None:
     """Delete workloads of classes that no longer have nodes (or a variant, or the mode changed)."""
-    for kind in WORKLOAD_KINDS:
-        for obj in kube.list(kind, namespace, child_labels(name)):
-            if (kind, obj["metadata"]["name"]) not in keep:
-                log.info("deleting %s %s/%s: its class has no nodes or variant now", kind, namespace,
-                         obj["metadata"]["name"])
-                kube.delete(kind, obj["metadata"]["name"], namespace)
+    for kind, child in children:
+        if (kind, child) not in keep:
+            log.info("deleting %s %s/%s: its class has no nodes or variant now", kind, namespace, child)
+            kube.delete(kind, child, namespace)
 
 
 def _served_digest(obj: dict) -> str | None:
