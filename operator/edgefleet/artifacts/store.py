@@ -116,13 +116,16 @@ class OCIStore:
     Tags are ``<name>-<first 12 hex of the digest>`` so the same bytes always land on the same tag.
     """
 
-    def __init__(self, registry: str, repository: str = "edgefleet/models", insecure: bool = True):
+    def __init__(self, registry: str, repository: str = "edgefleet/models", insecure: bool = True,
+                 username: str | None = None, password: str | None = None):
         import oras.client
 
         self.registry = registry.rstrip("/")
         self.repository = repository.strip("/")
         self.insecure = insecure
         self._client = oras.client.OrasClient(hostname=self.registry, insecure=insecure)
+        if username:
+            self._client.login(username, password or "", tls_verify=not insecure, hostname=self.registry)
 
     def _target(self, suffix: str) -> str:
         return f"{self.registry}/{self.repository}{suffix}"
@@ -188,12 +191,15 @@ def parse_oci(uri: str) -> tuple[str, str, str]:
     return registry, path, suffix
 
 
-def open_store(spec: str | os.PathLike) -> ArtifactStore:
-    """``oci://host:port/repo`` -> OCIStore (plain http for loopback), anything else -> LocalStore."""
+def open_store(spec: str | os.PathLike, insecure: bool = False, username: str | None = None,
+               password: str | None = None) -> ArtifactStore:
+    """``oci://host:port/repo`` -> OCIStore (plain http when `insecure`, for loopback registries, or with
+    EDGEFLEET_OCI_INSECURE=1; logged in when `username` is given), anything else -> LocalStore."""
     s = str(spec)
     if s.startswith("oci://"):
         registry, repo, _ = parse_oci(s)
-        host = registry.split(":")[0]
-        insecure = host in ("127.0.0.1", "localhost", "::1") or os.environ.get("EDGEFLEET_OCI_INSECURE") == "1"
-        return OCIStore(registry, repo, insecure=insecure)
+        host = registry.rsplit(":", 1)[0] if ":" in registry.rsplit("]", 1)[-1] else registry  # without the port
+        insecure = (insecure or host in ("127.0.0.1", "localhost", "[::1]")
+                    or os.environ.get("EDGEFLEET_OCI_INSECURE") == "1")
+        return OCIStore(registry, repo, insecure=insecure, username=username, password=password)
     return LocalStore(s)

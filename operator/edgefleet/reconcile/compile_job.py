@@ -20,8 +20,7 @@ import logging
 from pathlib import Path
 
 from ..api import EdgeModel
-from ..artifacts import OCIStore, StoreError
-from ..artifacts.store import parse_oci
+from ..artifacts import StoreError, open_store
 from ..compiler import CompileError, VariantReport
 from ..kube import Kube
 from ..render.compile_job import (
@@ -157,10 +156,7 @@ def job_state(job: dict) -> tuple[str, str, str | None]:
 
 def read_report(settings: Settings, ref: str) -> dict | None:
     """The Job's JSON report from the artifact store, or None when it is not there (yet)."""
-    registry, repository, _ = parse_oci(ref)
-    host = registry.rsplit(":", 1)[0]
-    store = OCIStore(registry, repository, insecure=settings.artifact_insecure
-                     or host in ("127.0.0.1", "localhost", "[::1]"))
+    store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
     try:
         return json.loads(store.get(ref, ""))
     except (StoreError, ValueError) as err:

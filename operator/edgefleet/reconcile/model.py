@@ -98,26 +98,28 @@ def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
                 targets={t: Target.from_dict(profiles[t].spec.target.model_dump(by_alias=True, exclude_none=True))
                          for t in targets},
             )
-            variants = compile_isolated(request, settings.artifact_store, settings.compile_cache)
+            variants = compile_isolated(request, settings)
         except CompileError as err:
             return [err.to_status_variant(t) for t in targets]
     return [without_none(variant) for variant in variants]
 
 
-def compile_isolated(request: CompileRequest, store: str, cache_dir: Path) -> list[dict]:
+def compile_isolated(request: CompileRequest, settings: Settings) -> list[dict]:
     """Compile in a short-lived child process: the toolchains' memory (ONNX Runtime, OpenVINO, calibration
     data) goes back to the system when it exits instead of staying in the long-running operator."""
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
-        outcome = pool.submit(_compile_child, request, store, str(cache_dir)).result()
+        store = (settings.artifact_store, settings.artifact_insecure, settings.artifact_username,
+                 settings.artifact_password)
+        outcome = pool.submit(_compile_child, request, store, str(settings.compile_cache)).result()
     if isinstance(outcome, tuple):
         raise CompileError(*outcome)
     return outcome
 
 
-def _compile_child(request: CompileRequest, store: str, cache_dir: str) -> list[dict] | tuple[str, str, str]:
+def _compile_child(request: CompileRequest, store: tuple, cache_dir: str) -> list[dict] | tuple[str, str, str]:
     try:
-        return compile_model(request, open_store(store), cache_dir).to_status()
+        return compile_model(request, open_store(*store), cache_dir).to_status()
     except CompileError as err:
         return (err.reason, err.message, err.fix)
 
