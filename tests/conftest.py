@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 import uuid
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from edgefleet.devcluster.cluster import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
@@ -56,12 +56,6 @@ def edgefleet_api(cluster):
     return cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def operator(edgefleet_api, tmp_path_factory):
     """The operator in a thread (kopf.testing.KopfRunner), storing variants in the cluster's registry."""
@@ -73,7 +67,7 @@ def operator(edgefleet_api, tmp_path_factory):
         "EDGEFLEET_ARTIFACT_INSECURE": "true",
         "EDGEFLEET_RESYNC_SECONDS": "20",
         "EDGEFLEET_COMPILE_TIMING_RUNS": "10",
-        "EDGEFLEET_METRICS_PORT": str(_free_port()),
+        "EDGEFLEET_METRICS_PORT": str(free_port()),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

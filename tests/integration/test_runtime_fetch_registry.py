@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 from edgefleet.api import EdgeDeployment, Variant, builtin_profiles
 from edgefleet.artifacts import OCIStore
 from edgefleet.compiler import CompileRequest, Policy, Target, compile_model
+from edgefleet.devcluster.cluster import free_port
 from edgefleet.render import render_class
 from edgefleet.render.workload import CACHE_MOUNT
 
@@ -40,12 +40,6 @@ CASES = {
                               threads=1)),
 }
 MAGIC = {"cpu-amd64": b"\x1f\x8b", "intel-openvino": b"PK\x03\x04"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pod_args(ref: str, digest: str, profile_name: str) -> tuple[list[str], list[str]]:
@@ -103,7 +97,7 @@ def test_fetch_from_registry_with_rendered_args_then_serve(cluster, tmp_path, pr
     assert r.returncode == 0, r.stderr
     assert "already cached" in r.stderr and r.stdout.strip() == str(blob)
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*RUNTIME, *_local(serve_args, cache, port)], stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "serve.log", "wb"))
     try:
