@@ -7,7 +7,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -16,7 +15,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .backends import Backend, ModelLoadError, TensorSpec, open_backend
-from .digest import DigestError, blob_path, digest_from_cache_path, parse_digest, verify_file
+from .digest import DigestError, digest_from_cache_path, parse_digest, verify_file
+from .management import OFF_MESSAGE, Management
 from .protocol import RequestError, decode_infer_request, encode_infer_response
 
 log = logging.getLogger("edgefleet_runtime")
@@ -113,7 +113,6 @@ class ModelSlot:
         execution_provider: str = "auto",
         delegate: str | None = None,
         cache_dir: str | None = None,
-        allowed_roots: list[str] | None = None,
     ):
         self.name = name
         self.metrics = metrics
@@ -122,7 +121,6 @@ class ModelSlot:
         self.execution_provider = execution_provider
         self.delegate = delegate
         self.cache_dir = cache_dir
-        self.allowed_roots = [os.path.realpath(p) for p in (allowed_roots or [])]
         self.current: LoadedModel | None = None
         self._lock = threading.Lock()
         self.watch_path: str | None = None
@@ -193,7 +191,7 @@ class ModelSlot:
         if digest is None:
             log.error(
                 "watched path changed but does not resolve into a content-addressed cache (…/sha256/<hex>); "
-                "use POST /v2/repository/models/{name}/load with a digest instead",
+                "use the management API's load with a digest instead",
                 extra={"path": self.watch_path, "target": target[0]},
             )
             self.metrics.reloads.labels("failed").inc()
@@ -208,21 +206,18 @@ class ModelSlot:
             log.error("reload refused; keeping the current model", extra={"path": self.watch_path, "error": str(e)})
             return False
 
-    def resolve_load_path(self, path: str | None, digest: str) -> str:
-        if path is None:
-            if not self.cache_dir:
-                raise RequestError(400, "parameters.path is required (this server has no --cache)")
-            return str(blob_path(self.cache_dir, digest))
-        real = os.path.realpath(path)
-        if not any(real == root or real.startswith(root + os.sep) for root in self.allowed_roots):
-            raise RequestError(403, f"parameters.path {path!r} is outside the directories this server may load from")
-        return path
-
 
 class App:
-    def __init__(self, slot: ModelSlot, metrics: Metrics, server_name: str = "edgefleet-runtime"):
+    def __init__(
+        self,
+        slot: ModelSlot,
+        metrics: Metrics,
+        server_name: str = "edgefleet-runtime",
+        management: Management | None = None,
+    ):
         self.slot = slot
         self.metrics = metrics
+        self.management = management  # None: the repository routes are off on this port
         self.draining = False
         self.server_meta = orjson.dumps(
             {"name": server_name, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
@@ -280,7 +275,7 @@ class App:
                 return 200, [("Content-Type", CONTENT_TYPE_LATEST)], out
             elif parts[:2] == ["v2", "repository"]:
                 endpoint = "repository"
-                return self._repository(method, parts[2:], body)
+                return self._repository(method, parts[2:], headers, body)
             raise RequestError(404, f"no route for {method} {path}")
         except RequestError as e:
             return self._reply(endpoint, e.status, orjson.dumps({"error": e.message}))
@@ -339,53 +334,26 @@ class App:
             [("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", str(json_len))],
         )
 
-    def _repository(self, method: str, rest: list[str], body: bytes):
-        self._method(method, "POST")
-        if rest == ["index"]:
-            m = self.slot.current
-            index = (
-                []
-                if m is None
-                else [
-                    {
-                        "name": m.name,
-                        "version": m.version,
-                        "state": "READY" if self.ready else "UNAVAILABLE",
-                        "reason": "",
-                    }
-                ]
-            )
-            return self._reply("repository", 200, orjson.dumps(index))
-        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
-            name = rest[1]
-            if name != self.slot.name:
-                raise RequestError(404, f"unknown model '{name}'; this server serves '{self.slot.name}'")
-            if rest[2] == "unload":
-                raise RequestError(400, "unload is not supported: this server always serves one model")
-            try:
-                req = orjson.loads(body) if body else {}
-            except orjson.JSONDecodeError as e:
-                raise RequestError(400, f"malformed JSON in request body: {e}") from None
-            params = req.get("parameters") if isinstance(req, dict) else None
-            if not isinstance(params, dict) or not isinstance(params.get("digest"), str):
-                raise RequestError(400, 'load needs {"parameters": {"digest": "sha256:...", "path": ...}}')
-            try:
-                parse_digest(params["digest"])
-            except DigestError as e:
-                raise RequestError(400, f"parameters.digest: {e}") from None
-            path = params.get("path")
-            if path is not None and not isinstance(path, str):
-                raise RequestError(400, "parameters.path must be a string")
-            path = self.slot.resolve_load_path(path, params["digest"])
-            if not Path(path).exists():
-                raise RequestError(404, f"parameters.path {path!r} does not exist")
-            try:
-                model = self.slot.load(path, params["digest"])
-            except DigestError as e:
-                raise RequestError(409, str(e)) from None
-            except ModelLoadError as e:
-                raise RequestError(422, str(e)) from None
-            return self._reply(
-                "repository", 200, orjson.dumps({"name": model.name, "version": model.version, "digest": model.digest})
-            )
-        raise RequestError(404, f"no repository route /v2/repository/{'/'.join(rest)}")
+    def _repository(self, method: str, rest: list[str], headers: dict, body: bytes):
+        if self.management is None:
+            raise RequestError(404, OFF_MESSAGE)
+        status, out_headers, out = self.management.handle(method, rest, headers, body)
+        return self._reply("repository", status, out, out_headers)
+
+
+class ManagementApp:
+    """The app of the loopback-only management listener: the repository routes and nothing else."""
+
+    def __init__(self, app: App, management: Management):
+        self.app = app
+        self.management = management
+
+    def __call__(self, method: str, path: str, headers: dict, body: bytes):
+        parts = path.split("?", 1)[0].strip("/").split("/")
+        try:
+            if parts[:2] != ["v2", "repository"]:
+                raise RequestError(404, "the management port serves /v2/repository/... only")
+            status, out_headers, out = self.management.handle(method, parts[2:], headers, body)
+            return self.app._reply("repository", status, out, out_headers)
+        except RequestError as e:
+            return self.app._reply("repository", e.status, orjson.dumps({"error": e.message}))

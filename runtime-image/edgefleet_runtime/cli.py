@@ -69,7 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="poll --model (e.g. CACHE/current/NAME) and hot-swap when it points at a new blob",
     )
     s.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch polls")
-    s.add_argument("--cache", help="node cache dir: lets the load API take just a digest")
+    s.add_argument("--cache", help="node cache dir (CACHE/sha256/<hex>): the only place the management API loads from")
+    s.add_argument(
+        "--management-token-file",
+        default=os.environ.get("EDGEFLEET_MANAGEMENT_TOKEN_FILE") or None,
+        help="turn the management API (/v2/repository/...) on, on the serving port, for requests with "
+        "Authorization: Bearer <the token in this file>; needs --cache",
+    )
+    s.add_argument(
+        "--management-port",
+        type=int,
+        default=None,
+        help="turn the management API on, on a separate listener bound to 127.0.0.1 (also needs the token "
+        "when --management-token-file is given); needs --cache",
+    )
     s.add_argument(
         "--shutdown-delay",
         type=float,
@@ -116,10 +129,11 @@ def _fetch(args) -> int:
 
 
 def _serve(args) -> int:
-    from .app import App, Metrics, ModelSlot
+    from .app import App, ManagementApp, Metrics, ModelSlot
     from .backends import ModelLoadError
     from .digest import DigestError, digest_from_cache_path
     from .httpserver import HTTPServer
+    from .management import ManagementError
 
     def die(code: int, msg: str) -> int:
         log.error(msg)
@@ -132,9 +146,6 @@ def _serve(args) -> int:
     if not digest:
         return die(EXIT_USAGE, "--digest is required unless --model resolves into CACHE/sha256/<hex>")
     metrics = Metrics()
-    roots = [os.path.dirname(os.path.realpath(args.model)), os.path.dirname(os.path.abspath(args.model))]
-    if args.cache:
-        roots.append(args.cache)
     slot = ModelSlot(
         args.name,
         metrics,
@@ -143,8 +154,11 @@ def _serve(args) -> int:
         execution_provider=args.execution_provider,
         delegate=args.delegate,
         cache_dir=args.cache,
-        allowed_roots=roots,
     )
+    try:
+        management = _management(args, slot)
+    except ManagementError as e:
+        return die(EXIT_USAGE, str(e))
     try:
         slot.load(args.model, digest)
     except DigestError as e:
@@ -153,14 +167,21 @@ def _serve(args) -> int:
         return die(EXIT_LOAD, f"cannot load model: {e}")
     slot.watch(args.model)
 
-    app = App(slot, metrics)
+    app = App(slot, metrics, management=management if args.management_port is None else None)
+    servers = []
     try:
-        server = HTTPServer(
-            app, args.host, args.port, max_body_bytes=args.max_body_bytes, max_connections=args.max_connections
+        servers.append(
+            HTTPServer(
+                app, args.host, args.port, max_body_bytes=args.max_body_bytes, max_connections=args.max_connections
+            )
         )
+        if args.management_port is not None:
+            servers.append(HTTPServer(ManagementApp(app, management), "127.0.0.1", args.management_port))
     except OSError as e:
-        return die(EXIT_USAGE, f"cannot listen on {args.host}:{args.port}: {e}")
-    server.start()
+        return die(EXIT_USAGE, f"cannot listen: {e}")
+    server = servers[0]
+    for s in servers:
+        s.start()
     log.info(
         "listening",
         extra={
@@ -169,6 +190,7 @@ def _serve(args) -> int:
             "model": args.name,
             "digest": slot.current.digest,
             "watch": args.watch,
+            "management": "off" if management is None else ("port" if args.management_port else "token"),
         },
     )
 
@@ -198,8 +220,20 @@ def _serve(args) -> int:
     if args.shutdown_delay > 0:
         time.sleep(args.shutdown_delay)
     drained = server.shutdown(args.drain_timeout)
+    for s in servers[1:]:
+        s.shutdown(1.0)
     log.info("stopped", extra={"drained": drained})
     return 0 if drained else 1
+
+
+def _management(args, slot):
+    """The Management of this server, or None when it is off (the default)."""
+    from .management import Management, read_token
+
+    if args.management_token_file is None and args.management_port is None:
+        return None
+    token = read_token(args.management_token_file) if args.management_token_file else None
+    return Management(slot, token)
 
 
 if __name__ == "__main__":  # pragma: no cover

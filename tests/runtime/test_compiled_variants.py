@@ -239,18 +239,20 @@ def test_corrupt_packed_artifacts_fail_to_load(tmp_path, start_server, compiled)
         assert "cannot load model" in s.logs()
 
 
-def test_hot_swap_between_formats(compiled, start_server, store_root):
+def test_hot_swap_between_formats(compiled, start_server, store_root, tmp_path):
     """Load API: plain ONNX -> gzip'd ONNX -> OpenVINO zip, all from the store/cache layout."""
     pytest.importorskip("openvino")
     first, p1 = compiled("onnx-int8")
-    s = start_server(p1, first.digest, "--cache", str(store_root), name="m")
+    token = tmp_path / "token"
+    token.write_text("k" * 32)
+    s = start_server(p1, first.digest, "--cache", str(store_root), "--management-token-file", str(token), name="m")
     x = np.load(DIGITS_EVAL)["input"][:16].astype(np.float32)
     ref = _ort_reference(x).argmax(1)
     for case in ("onnx-pruned-gzip", "openvino-int8-zip"):
         v, _ = compiled(case)
         status, _, body = s.request(
             "POST", "/v2/repository/models/m/load", json.dumps({"parameters": {"digest": v.digest}}).encode(),
-            {"Content-Type": "application/json"},
+            {"Content-Type": "application/json", "Authorization": "Bearer " + "k" * 32},
         )
         assert status == 200, body
         assert json.loads(body)["digest"] == v.digest
