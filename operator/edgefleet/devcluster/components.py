@@ -17,6 +17,8 @@ ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 REGISTRY_VERSION = "v3.1.1"
 HELM_VERSION = "v3.22.0"
+CRANE_VERSION = "v0.22.1"
+PAUSE_VERSION = "v1.0.0"  # our own sandbox program, recipe/pause/main.go
 
 
 def _kube_ldflags() -> list[str]:
@@ -67,6 +69,14 @@ COMPONENTS: dict[str, Component] = {
             "github.com/distribution/distribution/v3/cmd/registry",
             [f"-X github.com/distribution/distribution/v3/version.version={REGISTRY_VERSION}"],
         ),
+        Component(
+            "crane",
+            CRANE_VERSION,
+            "crane",
+            "github.com/google/go-containerregistry/cmd/crane",
+            [f"-X github.com/google/go-containerregistry/cmd/crane/cmd.Version={CRANE_VERSION}"],
+        ),
+        Component("pause", PAUSE_VERSION, "pause", "edgefleet.io/devcluster/pause"),
         Component(
             "helm",
             HELM_VERSION,
