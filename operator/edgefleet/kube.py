@@ -37,13 +37,19 @@ class NotFound(LookupError):
 
 
 class ApiError(RuntimeError):
+    """The API server answered with an error status; `reason` is its Status reason (Invalid, Forbidden, ...)."""
+
     def __init__(self, status: int, body: str):
         try:
-            message = json.loads(body).get("message", body)
+            parsed = json.loads(body)
         except ValueError:
-            message = body
+            parsed = {}
+        parsed = parsed if isinstance(parsed, dict) else {}
+        message = parsed.get("message", body)
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.reason = str(parsed.get("reason", ""))
+        self.message = str(message)
 
 
 def _path(kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:

@@ -511,6 +511,9 @@ class ClassStatus(Model):
     """Digest of the variant this class serves."""
     rollout: ShortText | None = None
     """Where a wave rollout stands: `wave 2/3`, `complete`, `rolled back` or `paused` (PerNode with waves)."""
+    message: ShortText | None = None
+    """Why this class is not fully served: its pods' state (e.g. `2/2 pods Pending: Insufficient
+    nvidia.com/gpu`) or why its workload could not be applied; absent when nothing is wrong."""
 
 
 class EdgeDeploymentStatus(Model):

@@ -2,18 +2,23 @@
 
 Events only mark objects dirty; a worker per kind waits a short settle time (so a burst of node
 events causes one reconcile), then reconciles each dirty object in a thread. The same object is never
-reconciled twice at once, failures retry with backoff, and a resync marks everything now and then.
+reconciled twice at once, and a resync marks everything now and then. Failures are split as Kopf
+splits them: transient ones retry with exponential backoff and full jitter (so many objects failing
+together do not retry in lockstep); a PermanentError waits for the next change or resync
+(reconcilers report those in status themselves).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..kube import Kube
 from ..reconcile import World
+from ..reconcile.errors import PermanentError
 from ..reconcile.world import parse_profiles
 from ..settings import Settings
 from .metrics import FLEET_NODES, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES
@@ -21,6 +26,13 @@ from .metrics import FLEET_NODES, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES
 log = logging.getLogger("edgefleet.controller")
 Key = tuple[str, str]  # (namespace, name)
 MAX_BACKOFF = 60.0
+FIRST_BACKOFF = 1.0
+
+
+def retry_delay(failures: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds before retry number `failures` (1, 2, ...): exponential, capped, with jitter in its upper half."""
+    ceiling = min(MAX_BACKOFF, FIRST_BACKOFF * 2.0 ** failures)
+    return ceiling / 2 + rand() * ceiling / 2
 
 
 @dataclass
@@ -116,11 +128,15 @@ class Controller:
             queue.failures.pop(key, None)
             if again:
                 queue.mark_later(key, again)
-        except Exception as err:  # noqa: BLE001 - any failure is retried, never fatal
+        except PermanentError as err:
+            RECONCILES.labels(queue.name, "permanent").inc()
+            queue.failures.pop(key, None)
+            log.error("%s %s/%s failed; retried at the next change or resync: %s", queue.name, *key, err)
+        except Exception as err:  # noqa: BLE001 - anything else is transient: retried, never fatal
             RECONCILES.labels(queue.name, "error").inc()
             count = queue.failures[key] = queue.failures.get(key, 0) + 1
-            delay = min(MAX_BACKOFF, 2.0 ** count)
-            log.warning("%s %s/%s failed (attempt %d, retry in %.0fs): %s", queue.name, *key, count, delay, err)
+            delay = retry_delay(count)
+            log.warning("%s %s/%s failed (attempt %d, retry in %.1fs): %s", queue.name, *key, count, delay, err)
             queue.mark_later(key, delay)
         finally:
             queue.running.discard(key)

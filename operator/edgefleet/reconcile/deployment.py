@@ -5,17 +5,25 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 
-from ..api import EdgeDeployment, EdgeModel, Variant, label_selector_matches
-from ..kube import Kube
+from pydantic import ValidationError
+
+from ..api import EdgeDeployment, EdgeModel, Variant, format_errors, label_selector_matches
+from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
+from ..render.placement import PlacementError
 from ..settings import Settings
 from .conditions import flipped, set_condition, without_times
+from .errors import PermanentError, as_permanent
+from .pods import ClassHealth, class_health
 from .rollout import Decision, decide
 from .world import World
 
 log = logging.getLogger(__name__)
 WORKLOAD_KINDS = ("DaemonSet", "Deployment")
+RECHECK_SECONDS = 15.0  # while a class is not ready: pod problems change no workload, so look again
+PROFILE_LABEL = "edgefleet.io/profile"
 
 
 def _ready_variants(model: dict | None) -> dict[str, Variant]:
@@ -33,6 +41,16 @@ def _class_counts(obj: dict) -> tuple[int, int, int]:
     return obj["spec"].get("replicas", 0), st.get("readyReplicas", 0), st.get("updatedReplicas", 0)
 
 
+def _counts(obj: dict) -> tuple[int, int, int]:
+    return _class_counts(obj) if _observed(obj) else (0, 0, 0)
+
+
+def _behind(obj: dict) -> bool:
+    """Whether some pod of this workload is not yet updated and ready."""
+    desired, ready, updated = _counts(obj)
+    return not _observed(obj) or not desired == ready == updated
+
+
 def _observed(obj: dict) -> bool:
     return obj.get("status", {}).get("observedGeneration", 0) >= obj["metadata"].get("generation", 0)
 
@@ -43,7 +61,11 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     raw = kube.find("EdgeDeployment", name, namespace)
     if raw is None or raw["metadata"].get("deletionTimestamp"):
         return None  # owner references let the garbage collector remove what we made
-    ed = EdgeDeployment.model_validate(raw)
+    try:
+        ed = EdgeDeployment.model_validate(raw)
+    except ValidationError as err:  # admission should have refused it: report, do not retry
+        _report_invalid(kube, raw, err)
+        return None
     world = world or World.read(kube)
     model = kube.find("EdgeModel", ed.spec.model_ref.name, namespace)
     variants = _ready_variants(model)
@@ -58,7 +80,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     children = {(kind, o["metadata"]["name"]): {**o, "kind": kind}  # list items carry no kind
                 for kind in WORKLOAD_KINDS for o in kube.list(kind, namespace, child_labels(name))}
     kind = "DaemonSet" if ed.spec.mode == "PerNode" else "Deployment"
-    applied, missing, rollouts = {}, [], {}
+    applied, missing, rollouts, failures = {}, [], {}, {}
     for profile_name in sorted(per_class):
         variant = variants.get(profile_name)
         existing = children.get((kind, child_name(name, profile_name)))
@@ -67,21 +89,71 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
             if existing is not None:  # recompiling or failed: keep serving what the nodes have
                 applied[profile_name] = existing
             continue
-        manifest = render_class(ed, profiles[profile_name], variant, world.profiles, settings.node_cache,
-                                replicas.get(profile_name), settings.artifact_insecure)
-        decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
-        if decision is not None:
-            rollouts[profile_name] = decision
-            manifest = decision.manifest
-        applied[profile_name] = kube.apply(manifest)
-        for pod in decision.delete if decision else ():
-            log.info("rollout %s/%s %s: replacing pod %s", namespace, name, profile_name, pod)
-            kube.delete("Pod", pod, namespace)
-    _apply_service(kube, ed, namespace)
+        try:
+            applied[profile_name] = _apply_class(kube, settings, ed, profiles[profile_name], variant, world,
+                                                 replicas.get(profile_name), existing, rollouts)
+        except (PlacementError, ApiError) as err:
+            problem = as_permanent(err, f"{kind} {namespace}/{child_name(name, profile_name)}")
+            if problem is None:
+                raise
+            log.warning("EdgeDeployment %s/%s class %s: %s", namespace, name, profile_name, problem)
+            failures[profile_name] = problem
+            if existing is not None:  # keep serving what the nodes have
+                applied[profile_name] = existing
+    service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
-    _write_status(kube, raw, ed, applied, variants, missing, unmatched, model is not None, rollouts)
+    health = _health(kube, namespace, name, applied, time.time())
+    _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
+                                         service, health))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
+    waits += [h.recheck for h in health.values() if h.recheck]
+    if any(_behind(o) for o in applied.values()):
+        waits.append(RECHECK_SECONDS)
     return min(waits) if waits else None
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did and saw, for the status."""
+
+    applied: dict[str, dict]  # class -> its live workload
+    missing: list[str]  # classes without a Ready variant
+    unmatched: int  # selected nodes that match no profile
+    model_found: bool
+    rollouts: dict[str, Decision]
+    failures: dict[str, PermanentError]  # classes whose workload could not be applied
+    service: PermanentError | None
+    health: dict[str, ClassHealth]
+
+
+def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile, variant: Variant, world: World,
+                 replicas: int | None, existing: dict | None, rollouts: dict[str, Decision]) -> dict:
+    """Render and apply the workload of one class (a wave of a rollout); the live object."""
+    profile_name = profile.metadata["name"]
+    manifest = render_class(ed, profile, variant, world.profiles, settings.node_cache, replicas,
+                            settings.artifact_insecure)
+    decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
+    if decision is not None:
+        rollouts[profile_name] = decision
+        manifest = decision.manifest
+    live = kube.apply(manifest)
+    for pod in decision.delete if decision else ():
+        log.info("rollout %s/%s %s: replacing pod %s", ed.metadata["namespace"], ed.metadata["name"], profile_name,
+                 pod)
+        kube.delete("Pod", pod, ed.metadata["namespace"])
+    return live
+
+
+def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict], now: float) -> dict[str, ClassHealth]:
+    """Why the pods of each class that is not ready are not; one pod list, only when some class needs it."""
+    behind = [p for p, o in applied.items() if _behind(o)]
+    if not behind:
+        return {}
+    pods = kube.list("Pod", namespace, child_labels(name))
+    by_class: dict[str, list[dict]] = {}
+    for pod in pods:
+        by_class.setdefault(pod["metadata"].get("labels", {}).get(PROFILE_LABEL, ""), []).append(pod)
+    return {p: class_health(by_class.get(p, []), now) for p in behind}
 
 
 def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict, existing: dict | None) -> Decision:
@@ -93,11 +165,19 @@ def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict, existing: dict | Non
                   rollout.auto_rollback, time.time())
 
 
-def _apply_service(kube: Kube, ed: EdgeDeployment, namespace: str) -> None:
-    if ed.spec.service.enabled:
-        kube.apply(render_service(ed))
-    else:
-        kube.delete("Service", ed.metadata["name"], namespace)
+def _apply_service(kube: Kube, ed: EdgeDeployment, namespace: str) -> PermanentError | None:
+    """Apply (or remove) the Service; a refusal the user must fix is returned, not raised."""
+    try:
+        if ed.spec.service.enabled:
+            kube.apply(render_service(ed))
+        else:
+            kube.delete("Service", ed.metadata["name"], namespace)
+    except ApiError as err:
+        problem = as_permanent(err, f"Service {namespace}/{ed.metadata['name']}")
+        if problem is None:
+            raise
+        return problem
+    return None
 
 
 def _prune(kube: Kube, namespace: str, children: dict, keep: set[tuple[str, str]]) -> None:
@@ -112,37 +192,45 @@ def _served_digest(obj: dict) -> str | None:
     return obj["spec"]["template"]["metadata"].get("annotations", {}).get("edgefleet.io/variant-digest")
 
 
-def _write_status(kube, raw, ed, applied, variants, missing, unmatched, model_found, rollouts) -> None:
+def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> None:
     generation = raw["metadata"].get("generation")
     old = raw.get("status") or {}
     classes = []
-    for profile_name, obj in sorted(applied.items()):
-        desired, ready, updated = _class_counts(obj) if _observed(obj) else (0, 0, 0)
-        entry = {"profile": profile_name, "desired": desired, "ready": ready, "updated": updated,
-                 "digest": _served_digest(obj)}
-        if profile_name in rollouts:
-            entry["rollout"] = rollouts[profile_name].progress
+    for profile_name in sorted(set(out.applied) | set(out.failures)):
+        obj = out.applied.get(profile_name)
+        desired, ready, updated = _counts(obj) if obj else (0, 0, 0)
+        entry = {"profile": profile_name, "desired": desired, "ready": ready, "updated": updated}
+        digest = _served_digest(obj) if obj else None
+        if digest:
+            entry["digest"] = digest
+        if profile_name in out.rollouts:
+            entry["rollout"] = out.rollouts[profile_name].progress
+        message = _class_message(out, profile_name)
+        if message:
+            entry["message"] = message[:1024]
         classes.append(entry)
     desired = sum(c["desired"] for c in classes)
     ready = sum(c["ready"] for c in classes)
-    settled = all(_observed(o) for o in applied.values())
-    complete = settled and all(c["ready"] == c["desired"] == c["updated"] for c in classes)
+    settled = all(_observed(o) for o in out.applied.values())
+    complete = settled and not out.failures and all(c["ready"] == c["desired"] == c["updated"] for c in classes)
     conds = old.get("conditions", [])
     conds = set_condition(conds, "Available", bool(classes) and complete and desired > 0,
                           "AllClassesReady" if complete and classes else "ClassesNotReady",
                           f"{ready}/{desired} pods ready across {len(classes)} hardware classes", generation)
+    why = "; ".join(f"{c['profile']}: {c['message']}" for c in classes if c.get("message"))
     conds = set_condition(conds, "Progressing", not complete,
                           "RollingOut" if not complete else "RolloutComplete",
-                          "waiting for pods to be updated and ready" if not complete else "every class is up to date",
-                          generation)
-    problem = _degraded(ed, missing, model_found, rollouts)
+                          (why or "waiting for pods to be updated and ready") if not complete
+                          else "every class is up to date", generation)
+    problem = _degraded(ed, out)
     conds = set_condition(conds, "Degraded", problem is not None, problem[0] if problem else "AsExpected",
                           problem[1] if problem else "every matching node has a variant to serve", generation)
     status = {"observedGeneration": generation, "conditions": conds, "classes": classes,
-              "unmatchedNodes": unmatched, "nodesReady": f"{ready}/{desired}"}
-    if unmatched and unmatched != old.get("unmatchedNodes", 0):
+              "unmatchedNodes": out.unmatched, "nodesReady": f"{ready}/{desired}"}
+    if out.unmatched and out.unmatched != old.get("unmatchedNodes", 0):
         kube.event(raw, "NodesWithoutProfile",
-                   f"{unmatched} nodes match spec.nodeSelector but no HardwareProfile; they run nothing", "Warning")
+                   f"{out.unmatched} nodes match spec.nodeSelector but no HardwareProfile; they run nothing",
+                   "Warning")
     if _same(old, status):
         return
     kube.patch_status("EdgeDeployment", ed.metadata["name"], ed.metadata["namespace"], status)
@@ -151,17 +239,50 @@ def _write_status(kube, raw, ed, applied, variants, missing, unmatched, model_fo
             kube.event(raw, c["reason"], c["message"], "Warning" if c["type"] == "Degraded" else "Normal")
 
 
-def _degraded(ed: EdgeDeployment, missing: list[str], model_found: bool, rollouts: dict) -> tuple[str, str] | None:
-    back = {p: d.rolled_back for p, d in rollouts.items() if d.rolled_back}
-    paused = {p: d.failed for p, d in rollouts.items() if d.failed}
+def _report_invalid(kube: Kube, raw: dict, err: ValidationError) -> None:
+    generation = raw["metadata"].get("generation")
+    old = (raw.get("status") or {}).get("conditions", [])
+    message = "; ".join(format_errors(err)) + ". Fix: correct these fields of the EdgeDeployment"
+    conds = set_condition(old, "Degraded", True, "InvalidSpec", message, generation)
+    conds = set_condition(conds, "Available", False, "InvalidSpec", "the spec is invalid; nothing was changed",
+                          generation)
+    if without_times(old) == without_times(conds):
+        return
+    kube.patch_status("EdgeDeployment", raw["metadata"]["name"], raw["metadata"]["namespace"],
+                      {"observedGeneration": generation, "conditions": conds})
+    if any(c["type"] == "Degraded" for c in flipped(old, conds)):
+        kube.event(raw, "InvalidSpec", message, "Warning")
+
+
+def _class_message(out: Outcome, profile_name: str) -> str | None:
+    failure = out.failures.get(profile_name)
+    health = out.health.get(profile_name)
+    parts = [str(failure) if failure else None, health.message if health else None]
+    return "; ".join(p for p in parts if p) or None
+
+
+def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
+    """(reason, message with the fix) of what the user must act on first, or None."""
+    back = {p: d.rolled_back for p, d in out.rollouts.items() if d.rolled_back}
+    paused = {p: d.failed for p, d in out.rollouts.items() if d.failed}
+    stuck = {p: h.stuck for p, h in out.health.items() if h.stuck}
     if back:
         return "RolledBack", "; ".join(f"{p}: {why}" for p, why in sorted(back.items()))
     if paused:
         return "RolloutFailed", "; ".join(f"{p}: {why}" for p, why in sorted(paused.items()))
-    if not model_found:
+    if out.failures:
+        first = out.failures[min(out.failures)]
+        return first.reason, "; ".join(f"{p}: {err}" for p, err in sorted(out.failures.items()))
+    if out.service:
+        return out.service.reason, str(out.service)
+    if stuck:
+        first = stuck[min(stuck)]
+        reason = "PodsUnschedulable" if first.state == "Pending" else "PodsFailing"
+        return reason, "; ".join(f"{p}: {out.health[p].message}. Fix: {h.fix}" for p, h in sorted(stuck.items()))
+    if not out.model_found:
         return "ModelNotFound", f"EdgeModel {ed.spec.model_ref.name!r} does not exist in this namespace"
-    if missing:
-        return "VariantMissing", ("no Ready variant yet for hardware classes " + ", ".join(missing)
+    if out.missing:
+        return "VariantMissing", ("no Ready variant yet for hardware classes " + ", ".join(out.missing)
                                   + "; see the EdgeModel's status.variants")
     return None
 

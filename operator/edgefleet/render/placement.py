@@ -19,7 +19,12 @@ _OPPOSITE = {"In": "NotIn", "NotIn": "In", "Exists": "DoesNotExist", "DoesNotExi
 
 
 class PlacementError(ValueError):
-    """The profiles' selectors cannot be expressed as node affinity."""
+    """The profiles' selectors cannot be expressed as node affinity; `fix` says what the user can change."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(f"{message}; {fix}")
+        self.message = message
+        self.fix = fix
 
 
 def _rank(profile: HardwareProfile) -> tuple[int, str]:
@@ -104,8 +109,10 @@ def node_affinity(include: list[LabelSelector | None], exclude: list[LabelSelect
             terms.append(term)
         if len(terms) > MAX_TERMS:
             raise PlacementError(
-                f"the profiles' selectors expand to more than {MAX_TERMS} node affinity terms; "
-                "give overlapping HardwareProfiles distinct priorities or simpler selectors"
+                f"the node selectors of this profile and the {len(exclude)} HardwareProfiles that outrank it "
+                f"expand to more than {MAX_TERMS} node affinity terms",
+                "give overlapping HardwareProfiles distinct priorities or simpler selectors, or narrow "
+                "spec.nodeSelector",
             )
     terms = _absorb(terms)
     if terms == [[]]:

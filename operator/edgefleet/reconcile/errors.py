@@ -1,0 +1,48 @@
+"""Which failures a user must act on and which the controller retries (Kopf's permanent/temporary split).
+
+Permanent: retrying the same input gives the same answer, so the reconciler reports it in status (a
+`Degraded` condition with the reason and the fix, one Warning event on the transition) and carries on
+with what it can do. Everything else is transient: it propagates and the controller retries it with
+backoff and jitter.
+"""
+
+from __future__ import annotations
+
+from ..kube import ApiError
+from ..render.placement import PlacementError
+
+# 4xx answers that a retry can get past: timeout, conflict (an object being replaced), too early, throttled
+RETRIABLE_STATUSES = frozenset({408, 409, 425, 429})
+
+
+class PermanentError(Exception):
+    """A failure that retrying cannot fix: `reason` (CamelCase), what happened, and what the user can do."""
+
+    def __init__(self, reason: str, message: str, fix: str):
+        super().__init__(f"{message}. Fix: {fix}")
+        self.reason = reason
+        self.message = message
+        self.fix = fix
+
+
+def as_permanent(err: Exception, what: str) -> PermanentError | None:
+    """`err` as a PermanentError about `what` (e.g. "DaemonSet ns/name"), or None when it is transient."""
+    if isinstance(err, PermanentError):
+        return err
+    if isinstance(err, PlacementError):
+        return PermanentError("PlacementConflict", f"{what}: {err.message}", err.fix)
+    if isinstance(err, ApiError) and 400 <= err.status < 500 and err.status not in RETRIABLE_STATUSES:
+        return _refused(err, what)
+    return None
+
+
+def _refused(err: ApiError, what: str) -> PermanentError:
+    message = f"the API server refused {what} (HTTP {err.status}): {err.message}"
+    if err.status == 403:
+        return PermanentError("Forbidden", message, "grant the operator's ServiceAccount this permission "
+                              "(chart: rbac.create=true creates the ClusterRole it needs)")
+    if err.status == 422 or err.reason == "Invalid":
+        return PermanentError("InvalidManifest", message, "change the HardwareProfile or EdgeDeployment field "
+                              "named in the message (the manifest is rendered from them)")
+    return PermanentError("RequestRefused", message, "change the HardwareProfile or EdgeDeployment field named "
+                          "in the message, or report a bug if it names none")
