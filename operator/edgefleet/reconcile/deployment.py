@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from ..api import EdgeDeployment, EdgeModel, Variant, format_errors, label_selector_matches
+from ..api import EdgeDeployment, EdgeModel, Variant, label_selector_matches
 from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
 from ..render.placement import PlacementError
 from ..settings import Settings
 from .conditions import flipped, set_condition, without_times
-from .errors import PermanentError, as_permanent
+from .errors import PermanentError, as_permanent, report_invalid_spec
 from .pods import ClassHealth, class_health
 from .rollout import Decision, decide
 from .world import World
@@ -64,7 +64,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     try:
         ed = EdgeDeployment.model_validate(raw)
     except ValidationError as err:  # admission should have refused it: report, do not retry
-        _report_invalid(kube, raw, err)
+        report_invalid_spec(kube, raw, err, "Available")
         return None
     world = world or World.read(kube)
     model = kube.find("EdgeModel", ed.spec.model_ref.name, namespace)
@@ -237,21 +237,6 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
     for c in flipped(old.get("conditions", []), conds):
         if c["type"] in ("Available", "Degraded") and (c["type"] == "Available" or c["status"] == "True"):
             kube.event(raw, c["reason"], c["message"], "Warning" if c["type"] == "Degraded" else "Normal")
-
-
-def _report_invalid(kube: Kube, raw: dict, err: ValidationError) -> None:
-    generation = raw["metadata"].get("generation")
-    old = (raw.get("status") or {}).get("conditions", [])
-    message = "; ".join(format_errors(err)) + ". Fix: correct these fields of the EdgeDeployment"
-    conds = set_condition(old, "Degraded", True, "InvalidSpec", message, generation)
-    conds = set_condition(conds, "Available", False, "InvalidSpec", "the spec is invalid; nothing was changed",
-                          generation)
-    if without_times(old) == without_times(conds):
-        return
-    kube.patch_status("EdgeDeployment", raw["metadata"]["name"], raw["metadata"]["namespace"],
-                      {"observedGeneration": generation, "conditions": conds})
-    if any(c["type"] == "Degraded" for c in flipped(old, conds)):
-        kube.event(raw, "InvalidSpec", message, "Warning")
 
 
 def _class_message(out: Outcome, profile_name: str) -> str | None:

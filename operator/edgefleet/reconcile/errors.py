@@ -8,8 +8,12 @@ backoff and jitter.
 
 from __future__ import annotations
 
-from ..kube import ApiError
+from pydantic import ValidationError
+
+from ..api import format_errors
+from ..kube import ApiError, Kube
 from ..render.placement import PlacementError
+from .conditions import flipped, set_condition, without_times
 
 # 4xx answers that a retry can get past: timeout, conflict (an object being replaced), too early, throttled
 RETRIABLE_STATUSES = frozenset({408, 409, 425, 429})
@@ -46,3 +50,21 @@ def _refused(err: ApiError, what: str) -> PermanentError:
                               "named in the message (the manifest is rendered from them)")
     return PermanentError("RequestRefused", message, "change the HardwareProfile or EdgeDeployment field named "
                           "in the message, or report a bug if it names none")
+
+
+def report_invalid_spec(kube: Kube, raw: dict, err: ValidationError, main_condition: str) -> None:
+    """An object the models refuse (admission should have): Degraded InvalidSpec naming the fields, and
+    `main_condition` (Ready, Available) False; one Warning event when it turns Degraded."""
+    generation = raw["metadata"].get("generation")
+    old = (raw.get("status") or {}).get("conditions", [])
+    message = "; ".join(format_errors(err)) + f". Fix: correct these fields of the {raw['kind']}"
+    conds = set_condition(old, "Degraded", True, "InvalidSpec", message, generation)
+    conds = set_condition(conds, main_condition, False, "InvalidSpec", "the spec is invalid; nothing was changed",
+                          generation)
+    if without_times(old) == without_times(conds):
+        return
+    meta = raw["metadata"]
+    kube.patch_status(raw["kind"], meta["name"], meta.get("namespace"),
+                      {"observedGeneration": generation, "conditions": conds})
+    if any(c["type"] == "Degraded" for c in flipped(old, conds)):
+        kube.event(raw, "InvalidSpec", message, "Warning")

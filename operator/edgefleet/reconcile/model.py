@@ -8,14 +8,17 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from ..api import EdgeModel, label_selector_matches
 from ..artifacts import open_store
 from ..compiler import AccuracyBudget, CompileError, CompileRequest, Policy, Target, compile_model
-from ..kube import Kube
+from ..kube import ApiError, Kube
 from ..render import resolve_nodes
 from ..settings import Settings
 from .compile_job import compile_in_job
 from .conditions import flipped, set_condition, without_times
+from .errors import as_permanent, report_invalid_spec
 from .sources import config_map_bytes, without_none
 from .world import World
 
@@ -46,7 +49,11 @@ def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, w
     raw = kube.find("EdgeModel", name, namespace)
     if raw is None or raw["metadata"].get("deletionTimestamp"):
         return
-    em = EdgeModel.model_validate(raw)
+    try:
+        em = EdgeModel.model_validate(raw)
+    except ValidationError as err:  # admission should have refused it: report, do not retry
+        report_invalid_spec(kube, raw, err, "Ready")
+        return
     world = world or World.read(kube)
     targets, missing = target_profiles(em, world)
     if _up_to_date(raw, targets, missing):
@@ -78,7 +85,15 @@ def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
     if not targets:
         return []
     if settings.compile_executor == "job":  # a Kubernetes Job per compile; non-blocking (compile_job.py)
-        return compile_in_job(kube, settings, em, namespace, targets, world)
+        try:
+            return compile_in_job(kube, settings, em, namespace, targets, world)
+        except ApiError as err:
+            problem = as_permanent(err, f"the compile Job of EdgeModel {namespace}/{em.metadata['name']}")
+            if problem is None:
+                raise
+            log.warning("%s", problem)
+            return [{"profile": t, "state": "Failed", "reason": problem.reason, "message": str(problem)}
+                    for t in targets]
     profiles = {p.metadata["name"]: p for p in world.profiles}
     with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
         try:

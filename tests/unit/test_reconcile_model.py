@@ -1,0 +1,68 @@
+"""The EdgeModel reconciler against the in-memory fake of the one writer: refusals reach the user."""
+
+from __future__ import annotations
+
+import pytest
+from edgefleet.api import builtin_profiles
+from edgefleet.kube import ApiError
+from edgefleet.reconcile import World, reconcile_model
+from edgefleet.settings import Settings
+from fake_kube import FakeKube, api_error
+
+NS = "shop"
+
+
+@pytest.fixture
+def kube(monkeypatch) -> FakeKube:
+    # no report in the artifact store yet (the Job never ran), so the reconciler starts the Job
+    monkeypatch.setattr("edgefleet.reconcile.compile_job.read_report", lambda settings, ref: None)
+    fake = FakeKube()
+    fake.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+              "metadata": {"name": "digits", "namespace": NS},
+              "spec": {"source": {"uri": "https://models.local/digits.onnx"}, "format": "onnx",
+                       "targetProfiles": {"names": ["cpu-arm64", "nvidia-jetson"]}}})
+    return fake
+
+
+def job_settings() -> Settings:
+    return Settings(compile_executor="job", artifact_store="oci://registry.local:5000/edgefleet")
+
+
+def status(kube) -> dict:
+    return kube.stored("EdgeModel", "digits", NS)["status"]
+
+
+def condition(kube, type_: str) -> dict:
+    return next(c for c in status(kube)["conditions"] if c["type"] == type_)
+
+
+def test_a_refused_compile_job_fails_the_variants_with_the_reason(kube):
+    kube.fail("apply", "Job", api_error(422, 'Job.batch "compile-x" is invalid: spec.template.spec.containers[0]'
+                                             '.resources.requests: Invalid value: "2Gi": must be less than or '
+                                             'equal to memory limit of 1Gi', "Invalid"))
+    reconcile_model(kube, job_settings(), NS, "digits", World({}, builtin_profiles()))
+    variants = {v["profile"]: v for v in status(kube)["variants"]}
+    assert {v["state"] for v in variants.values()} == {"Failed"}
+    assert variants["cpu-arm64"]["reason"] == "InvalidManifest"
+    assert "must be less than or equal to memory limit" in variants["cpu-arm64"]["message"]
+    degraded = condition(kube, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidManifest")
+    assert "Fix:" in degraded["message"]
+    assert [e["reason"] for e in kube.warnings()] == ["InvalidManifest"]
+
+
+def test_a_transient_error_starting_the_job_is_retried(kube):
+    kube.fail("apply", "Job", api_error(503, "the server is currently unable to handle the request"))
+    with pytest.raises(ApiError):
+        reconcile_model(kube, job_settings(), NS, "digits", World({}, builtin_profiles()))
+    assert not kube.warnings()
+
+
+def test_spec_the_models_refuse_is_reported_not_retried(kube):
+    kube.stored("EdgeModel", "digits", NS)["spec"]["optimization"] = {"quantization": "int3"}
+    reconcile_model(kube, job_settings(), NS, "digits", World({}, builtin_profiles()))
+    degraded = condition(kube, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+    assert degraded["message"].startswith("spec.optimization.quantization: ")
+    assert condition(kube, "Ready")["status"] == "False"
+    assert not [c for c in kube.calls if c[0] == "apply"]
