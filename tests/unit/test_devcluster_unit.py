@@ -116,3 +116,106 @@ def test_down_cleans_up_after_a_crashed_up(tmp_path, monkeypatch):
     dc.down("crashed", echo=messages.append)
     assert not state.exists()
     assert "no processes were running" in messages[0]
+
+
+# ---------------------------------------------------------------- the real node (no cluster, no root needed)
+
+
+def test_machine_labels_follow_cpuinfo_and_the_profiles(tmp_path):
+    from edgefleet.devcluster import node
+
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""
+        spec:
+          nodeSelector:
+            matchLabels: {feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI: "true", kubernetes.io/arch: amd64}
+            matchExpressions: [{key: feature.node.kubernetes.io/cpu-cpuid.AMXBF16, operator: In, values: ["true"]}]
+    """))
+    with_vnni = node.machine_labels("flags\t\t: fpu sse avx512f avx512_vnni\n", tmp_path)
+    assert with_vnni["feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI"] == "true"
+    assert "feature.node.kubernetes.io/cpu-cpuid.AMXBF16" not in with_vnni
+    assert "kubernetes.io/arch" not in with_vnni  # the kubelet sets arch itself
+    without = node.machine_labels("flags\t\t: fpu sse avx512f\n", tmp_path)
+    assert not any(k.startswith(node.NFD_CPUID) for k in without)
+    assert fleet.check_labels(with_vnni) == with_vnni  # valid Kubernetes labels
+
+
+def test_oci_archive_is_a_consistent_image_layout(tmp_path):
+    import gzip
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    from edgefleet.devcluster import node
+
+    path = tmp_path / "img.tar"
+    digest = node.write_oci_archive(path, "example.test/app:1", {"app": b"\x7fELF-not-really"}, ["/app"])
+    with tarfile.open(path) as tar:
+        blob = lambda d: tar.extractfile(f"blobs/sha256/{d.split(':')[1]}").read()  # noqa: E731
+        index = json.load(tar.extractfile("index.json"))
+        assert index["manifests"][0]["digest"] == digest
+        assert index["manifests"][0]["annotations"]["io.containerd.image.name"] == "example.test/app:1"
+        manifest_bytes = blob(digest)
+        assert "sha256:" + hashlib.sha256(manifest_bytes).hexdigest() == digest
+        manifest = json.loads(manifest_bytes)
+        layer = blob(manifest["layers"][0]["digest"])
+        config = json.loads(blob(manifest["config"]["digest"]))
+    plain = gzip.decompress(layer)
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(plain).hexdigest()]
+    assert config["config"]["Entrypoint"] == ["/app"]
+    with tarfile.open(fileobj=io.BytesIO(plain)) as inner:
+        member = inner.getmember("app")
+        assert member.mode == 0o755 and member.uid == 0 and inner.extractfile(member).read() == b"\x7fELF-not-really"
+    again = node.write_oci_archive(tmp_path / "again.tar", "example.test/app:1", {"app": b"\x7fELF-not-really"},
+                                   ["/app"])
+    assert again == digest  # reproducible
+
+
+def test_missing_runc_names_the_install_command(tmp_path, monkeypatch):
+    from edgefleet.devcluster import node
+
+    monkeypatch.setattr(node.os, "geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    reason = node.cannot_run()
+    assert "runc" in reason and "iptables" in reason and node.INSTALL in reason
+
+
+def test_real_node_configs_avoid_the_known_traps(tmp_path):
+    import json
+    import tomllib
+
+    from edgefleet.devcluster import node
+
+    state = tmp_path / "clusters" / "x"
+    config = tomllib.loads(node._containerd_config(state, "ghcr.io/edgefleet/pause:1", 5000))
+    assert config["version"] == 3
+    runtime = config["plugins"]["io.containerd.cri.v1.runtime"]
+    assert runtime["restrict_oom_score_adj"] is True  # no CAP_SYS_RESOURCE: "can't get final child's PID"
+    assert runtime["netns_mounts_under_state_dir"] is True  # network namespaces go with the state directory
+    images = config["plugins"]["io.containerd.cri.v1.images"]
+    assert images["pinned_images"]["sandbox"] == "ghcr.io/edgefleet/pause:1"
+    assert images["registry"]["config_path"].startswith(str(state))
+    assert all(str(v).startswith(str(state)) for v in (config["root"], config["state"], config["grpc"]["address"]))
+    kubelet = node._kubelet_config(state, {"kubelet": 1, "kubelet-healthz": 2})
+    assert kubelet["failCgroupV1"] is False and kubelet["cgroupDriver"] == "cgroupfs"
+    assert kubelet["address"] == node.NODE_IP and kubelet["authentication"]["anonymous"]["enabled"] is False
+    cni = json.loads(node._cni_config(state))
+    assert cni["plugins"][0]["ipMasq"] is False  # pods reach the node and each other, nothing else
+
+
+def test_registry_hosts_make_the_dev_registry_plain_http(tmp_path):
+    from edgefleet.devcluster import node
+
+    node._write_registry_hosts(tmp_path, 5123)
+    for host in ("127.0.0.1:5123", f"{node.NODE_IP}:5123", "ghcr.io"):
+        text = (tmp_path / "certs.d" / host / "hosts.toml").read_text()
+        assert '[host."http://127.0.0.1:5123"]' in text
+
+
+def test_a_stale_claim_does_not_block_a_new_real_node(tmp_path, monkeypatch):
+    from edgefleet.devcluster import node
+
+    claim = tmp_path / "real-node"
+    claim.write_text(str(tmp_path / "gone"))
+    monkeypatch.setattr(node, "CLAIM", claim)
+    assert node.claim_holder() is None

@@ -17,6 +17,8 @@ ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 REGISTRY_VERSION = "v3.1.1"
 HELM_VERSION = "v3.22.0"
+CONTAINERD_VERSION = "v2.4.2"
+CNI_PLUGINS_VERSION = "v1.10.0"
 CRANE_VERSION = "v0.22.1"
 PAUSE_VERSION = "v1.0.0"  # our own sandbox program, recipe/pause/main.go
 
@@ -36,12 +38,27 @@ class Component:
     name: str
     version: str
     recipe: str  # folder under recipe/ holding the go.mod that pins it
-    package: str  # Go main package
+    package: str | tuple[str, ...]  # Go main package; several build into one folder, a binary each
     ldflags: list[str] = field(default_factory=list)
+    tags: tuple[str, ...] = ()  # Go build tags
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return (self.package,) if isinstance(self.package, str) else self.package
 
 
 def _kube(name: str) -> Component:
     return Component(name, KUBE_VERSION, "kubernetes", f"k8s.io/kubernetes/cmd/{name}", _kube_ldflags())
+
+
+def _containerd(name: str) -> Component:
+    module = "github.com/containerd/containerd/v2"
+    return Component(name, CONTAINERD_VERSION, "containerd", f"{module}/cmd/{name}",
+                     [f"-X {module}/version.Version={CONTAINERD_VERSION}"],
+                     tags=("no_btrfs", "no_devmapper", "no_zfs"))
+
+
+_CNI = "github.com/containernetworking/plugins"
 
 
 COMPONENTS: dict[str, Component] = {
@@ -89,8 +106,22 @@ COMPONENTS: dict[str, Component] = {
                 for part, value in (("Major", "1"), ("Minor", KUBE_VERSION.split(".")[1]))
             ],
         ),
+        # the real node (`edgefleet cluster up --real-node`); runc and iptables come from the host
+        _containerd("containerd"),
+        _containerd("containerd-shim-runc-v2"),
+        _containerd("ctr"),
+        Component(
+            "cni-plugins",
+            CNI_PLUGINS_VERSION,
+            "cni",
+            tuple(f"{_CNI}/plugins/{p}" for p in ("main/bridge", "ipam/host-local", "main/loopback", "meta/portmap")),
+            [f"-X {_CNI}/pkg/utils/buildversion.BuildVersion={CNI_PLUGINS_VERSION}"],
+        ),
     ]
 }
+
+# what `up --real-node` needs beyond the control plane (kubelet and kube-proxy join once the recipe has them)
+NODE_COMPONENTS = ("containerd", "containerd-shim-runc-v2", "ctr", "cni-plugins")
 
 
 class BuildError(RuntimeError):
@@ -106,13 +137,20 @@ def binary_path(name: str) -> Path:
     return cache_dir() / "bin" / f"{c.name}-{c.version}"
 
 
-def missing() -> list[Component]:
-    return [c for c in COMPONENTS.values() if not binary_path(c.name).exists()]
+def missing(names: list[str] | None = None) -> list[Component]:
+    chosen = [COMPONENTS[n] for n in names] if names is not None else list(COMPONENTS.values())
+    return [c for c in chosen if not binary_path(c.name).exists()]
 
 
-def build_all(echo=print) -> dict[str, float]:
-    """Build every missing component; returns seconds per component built. Builds nothing when cached."""
-    todo = missing()
+def control_plane() -> list[str]:
+    """Every component a plain `up` builds (all but the real node's)."""
+    return [n for n in COMPONENTS if n not in NODE_COMPONENTS]
+
+
+def build_all(echo=print, names: list[str] | None = None) -> dict[str, float]:
+    """Build every missing component (of `names`, default all); returns seconds per component built.
+    Builds nothing when cached."""
+    todo = missing(names)
     if not todo:
         return {}
     go = shutil.which("go")
@@ -139,14 +177,18 @@ def _build_one(go: str, comp: Component) -> Path:
     log = cache_dir() / "logs" / f"build-{comp.name}-{comp.version}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
-    cmd = [go, "build", "-trimpath", "-ldflags", " ".join(["-s", "-w", *comp.ldflags]), "-o", str(tmp), comp.package]
+    shutil.rmtree(tmp, ignore_errors=True)
+    target = f"{tmp}/" if len(comp.packages) > 1 else str(tmp)  # a folder: one binary per package
+    tags = ["-tags", ",".join(comp.tags)] if comp.tags else []
+    cmd = [go, "build", "-trimpath", *tags, "-ldflags", " ".join(["-s", "-w", *comp.ldflags]), "-o", target,
+           *comp.packages]
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false"}
     with log.open("w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
         proc = subprocess.run(cmd, cwd=RECIPE / comp.recipe, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         tail = log.read_text().splitlines()[-5:]
         raise BuildError(
             f"building {comp.name} {comp.version} failed (exit {proc.returncode}); full log: {log}\n"

@@ -64,8 +64,18 @@ class CertificateAuthority:
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(directory / "ca.key", self.key)
 
-    def issue(self, stem: str, common: str, org: str | None = None, server: bool = False) -> tuple[Path, Path]:
-        """Write <stem>.crt/.key signed by this CA; server certs cover localhost and 127.0.0.1."""
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        """The CA a cluster's `up` wrote, to issue more certificates with it."""
+        ca = cls.__new__(cls)
+        ca.dir, ca.cert_path = directory, directory / "ca.crt"
+        ca.key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        ca.name = x509.load_pem_x509_certificate(ca.cert_path.read_bytes()).subject
+        return ca
+
+    def issue(self, stem: str, common: str, org: str | None = None, server: bool = False,
+              ips: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> tuple[Path, Path]:
+        """Write <stem>.crt/.key signed by this CA; server certs cover localhost, 127.0.0.1 and `ips`/`names`."""
         key = _key()
         usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server else [ExtendedKeyUsageOID.CLIENT_AUTH]
         builder = _builder(_name(common, org), self.name, key.public_key()).add_extension(
@@ -76,6 +86,8 @@ class CertificateAuthority:
                 x509.DNSName("localhost"),
                 x509.DNSName("kubernetes.default.svc"),
                 x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips),
+                *(x509.DNSName(name) for name in names),
             ]
             builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
