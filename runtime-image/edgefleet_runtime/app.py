@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -52,7 +53,16 @@ class Metrics:
         self.ready = Gauge(
             "edgefleet_runtime_ready", "1 when a model is loaded and the server not draining", registry=r
         )
+        self.refused = Counter(
+            "edgefleet_runtime_refused",
+            "Requests and connections refused or closed by a limit, by reason",
+            ["reason"],
+            registry=r,
+        )
         self._children: dict = {}
+
+    def count_refused(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
 
     def count(self, endpoint: str, code: int) -> None:
         key = (endpoint, code)
@@ -64,6 +74,22 @@ class Metrics:
             self.errors.labels(str(code)).inc()
 
 
+JSON_BYTES_PER_VALUE = 40  # "-0.00012345678901234567, " plus brackets and indentation
+SMALL_BODY = 64 << 10  # headroom for the JSON around the tensors; also the limit of routes without tensors
+
+
+def request_limit(inputs: list[TensorSpec], max_batch: int) -> int | None:
+    """The largest infer body the model's inputs can need (JSON, at most ``max_batch`` along a dynamic
+    first dimension); None when an input is BYTES or has another dynamic dimension (no bound)."""
+    total = SMALL_BODY
+    for t in inputs:
+        if t.datatype == "BYTES" or any(d < 0 for d in t.shape[1:]):
+            return None
+        batch = (max_batch if t.shape[0] < 0 else t.shape[0]) if t.shape else 1
+        total += math.prod(t.shape[1:]) * batch * max(JSON_BYTES_PER_VALUE, t.dtype.itemsize)
+    return total
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -72,6 +98,7 @@ class LoadedModel:
     path: str
     backend: Backend
     load_seconds: float
+    max_batch: int = 256
     inputs: dict[str, TensorSpec] = field(init=False)
     outputs: dict[str, TensorSpec] = field(init=False)
     metadata_json: bytes = field(init=False)
@@ -79,6 +106,7 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.inputs = {t.name: t for t in self.backend.inputs}
         self.outputs = {t.name: t for t in self.backend.outputs}
+        self.body_limit = request_limit(self.backend.inputs, self.max_batch)
         self.metadata_json = orjson.dumps(
             {
                 "name": self.name,
@@ -113,6 +141,7 @@ class ModelSlot:
         execution_provider: str = "auto",
         delegate: str | None = None,
         cache_dir: str | None = None,
+        max_batch: int = 256,
     ):
         self.name = name
         self.metrics = metrics
@@ -121,6 +150,7 @@ class ModelSlot:
         self.execution_provider = execution_provider
         self.delegate = delegate
         self.cache_dir = cache_dir
+        self.max_batch = max_batch
         self.current: LoadedModel | None = None
         self._lock = threading.Lock()
         self.watch_path: str | None = None
@@ -142,7 +172,9 @@ class ModelSlot:
                 self.metrics.reloads.labels("failed").inc()
                 raise
             seconds = time.perf_counter() - t0
-            model = LoadedModel(self.name, parse_digest(digest)[:12], digest, os.fspath(path), backend, seconds)
+            model = LoadedModel(
+                self.name, parse_digest(digest)[:12], digest, os.fspath(path), backend, seconds, self.max_batch
+            )
             previous = self.current
             self.current = model  # the atomic swap
             self.metrics.reloads.labels("loaded").inc()
@@ -227,6 +259,13 @@ class App:
     @property
     def ready(self) -> bool:
         return self.slot.current is not None and not self.draining
+
+    def body_limit(self, method: str, path: str) -> int | None:
+        """The HTTP server asks before reading a body: infer bodies as large as the model's inputs can need."""
+        if path.endswith("/infer"):
+            model = self.slot.current
+            return model.body_limit if model is not None else SMALL_BODY
+        return SMALL_BODY
 
     # The HTTP server calls this for every request.
     def __call__(self, method: str, path: str, headers: dict, body: bytes):

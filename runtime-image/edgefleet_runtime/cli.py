@@ -61,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("EDGEFLEET_DELEGATE") or None,
         help="LiteRT external delegate library, e.g. libedgetpu.so.1",
     )
-    s.add_argument("--max-body-bytes", type=int, default=64 << 20)
-    s.add_argument("--max-connections", type=int, default=256)
+    _limit_arguments(s)
     s.add_argument(
         "--watch",
         action="store_true",
@@ -100,6 +99,58 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--name", help="also point DIR/current/NAME at the blob")
     f.add_argument("--insecure", action="store_true", help="allow plain http to a non-loopback registry")
     return p
+
+
+def _limit_arguments(s: argparse.ArgumentParser) -> None:
+    """Limits against slow, large and many clients; the defaults fit a 1 GiB pod."""
+    from .httpserver import Limits
+
+    d = Limits()
+    g = s.add_argument_group("limits (defaults fit a 1 GiB pod)")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body, any route")
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=256,
+        help="largest batch (dynamic first dimension) an infer body may carry: bodies larger than the model's "
+        "inputs can need at this batch are refused (413) before they are read",
+    )
+    g.add_argument(
+        "--body-budget-bytes",
+        type=int,
+        default=d.body_budget_bytes,
+        help="all request bodies in flight together (JSON counted 24x for parsing); beyond it 503 + Retry-After",
+    )
+    g.add_argument("--max-connections", type=int, default=d.max_connections)
+    g.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=d.max_concurrency,
+        help="requests with a body in the server at once (REST and gRPC each); beyond it 503 + Retry-After",
+    )
+    g.add_argument("--header-timeout", type=float, default=d.header_seconds, help="seconds for the whole head")
+    g.add_argument("--body-timeout", type=float, default=d.body_seconds, help="seconds for the whole body")
+    g.add_argument("--idle-timeout", type=float, default=d.idle_seconds, help="keep-alive idle seconds")
+
+
+def _limits(args):
+    from .httpserver import Limits
+
+    for name in ("max_body_bytes", "max_batch", "body_budget_bytes", "max_connections", "max_concurrency"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("header_timeout", "body_timeout", "idle_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    return Limits(
+        header_seconds=args.header_timeout,
+        body_seconds=args.body_timeout,
+        idle_seconds=args.idle_timeout,
+        max_connections=args.max_connections,
+        max_body_bytes=args.max_body_bytes,
+        body_budget_bytes=args.body_budget_bytes,
+        max_concurrency=args.max_concurrency,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +196,10 @@ def _serve(args) -> int:
     digest = args.digest or digest_from_cache_path(args.model)
     if not digest:
         return die(EXIT_USAGE, "--digest is required unless --model resolves into CACHE/sha256/<hex>")
+    try:
+        limits = _limits(args)
+    except ValueError as e:
+        return die(EXIT_USAGE, str(e))
     metrics = Metrics()
     slot = ModelSlot(
         args.name,
@@ -154,6 +209,7 @@ def _serve(args) -> int:
         execution_provider=args.execution_provider,
         delegate=args.delegate,
         cache_dir=args.cache,
+        max_batch=args.max_batch,
     )
     try:
         management = _management(args, slot)
@@ -168,15 +224,13 @@ def _serve(args) -> int:
     slot.watch(args.model)
 
     app = App(slot, metrics, management=management if args.management_port is None else None)
+    refused = metrics.count_refused
     servers = []
     try:
-        servers.append(
-            HTTPServer(
-                app, args.host, args.port, max_body_bytes=args.max_body_bytes, max_connections=args.max_connections
-            )
-        )
+        servers.append(HTTPServer(app, args.host, args.port, limits, refused))
         if args.management_port is not None:
-            servers.append(HTTPServer(ManagementApp(app, management), "127.0.0.1", args.management_port))
+            mapp = ManagementApp(app, management)
+            servers.append(HTTPServer(mapp, "127.0.0.1", args.management_port, limits, refused))
     except OSError as e:
         return die(EXIT_USAGE, f"cannot listen: {e}")
     server = servers[0]

@@ -1,8 +1,23 @@
-"""A lean threaded HTTP/1.1 server: one thread per keep-alive connection, no framework.
+"""A lean threaded HTTP/1.1 server (RFC 9112 framing) built to face hostile clients.
 
-Why not asyncio: onnxruntime releases the GIL in ``session.run``, so running inference directly on
-the connection's thread avoids an executor hand-off per request (measured in benchmarks/runtime.py);
-edge nodes see few concurrent clients, and a connection cap bounds the thread count.
+Why threads and no framework: onnxruntime releases the GIL in ``session.run``, so running inference
+on the connection's thread avoids an executor hand-off per request; benchmarks/runtime.py measures this
+server against granian and uvicorn+httptools serving the same app (it is the fastest of them at batch 1).
+
+Limits (``Limits``; defaults fit a 1 GiB pod), each refusal reported to ``refused(reason)``:
+
+* a whole-request deadline for the request line + headers and another for the body (a watchdog thread
+  closes sockets past their deadline: a byte now and then does not restart any clock);
+* a connection cap; when it is reached a new client evicts the longest-idle keep-alive connection (or
+  the slowest one still sending its headers) instead of being turned away;
+* a body limit per route (``body_limit(method, path)``, e.g. what the model's inputs can need) and an
+  in-flight budget for all bodies together, counted before the body is read; JSON counts
+  ``JSON_EXPANSION`` times its size, for what parsing it can cost;
+* a cap on requests with a body running in the app at once: 503 with Retry-After beyond it.
+
+Strict framing: CRLF line ends, token methods and header names, no obs-fold, exactly one Host on
+HTTP/1.1, Content-Length of ASCII digits only, chunk sizes of hex digits only, chunk data followed by
+CRLF; anything else is 400 and the connection closes.
 
 Graceful shutdown: stop accepting, answer in-flight requests (with ``Connection: close``), close idle
 keep-alive connections, and wait for busy ones up to a deadline.
@@ -11,29 +26,64 @@ keep-alive connections, and wait for busy ones up to a deadline.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 
 log = logging.getLogger("edgefleet_runtime.http")
 
-MAX_LINE = 8192
-_VERSION = re.compile(r"^HTTP/[0-9]\.[0-9]$")
-MAX_HEADERS = 100
 REASONS = {s.value: s.phrase for s in HTTPStatus}
+JSON_EXPANSION = 24  # parsed JSON can take this many times its text in memory (e.g. `[{},{},...]`)
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TARGET = re.compile(rb"^/[\x21-\x7e]*$")
+_VERSION = re.compile(rb"^HTTP/[0-9]\.[0-9]$")
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
+_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,15})(?:[ \t]*;[\x09\x20-\x7e\x80-\xff]*)?\r\n$")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_FRAMING = ("content-length", "transfer-encoding", "host", "inference-header-content-length")
 
 # app(method, path, headers(lowercase name -> value), body) -> (status, [(name, value)], body)
 App = Callable[[str, str, dict, bytes], tuple[int, list, bytes]]
 
 
+@dataclass(frozen=True)
+class Limits:
+    header_seconds: float = 10.0
+    """Deadline for the request line and all headers, from the first byte."""
+    body_seconds: float = 30.0
+    """Deadline for the whole body, from the end of the headers."""
+    idle_seconds: float = 75.0
+    """Keep-alive: close a connection that sends nothing for this long."""
+    write_seconds: float = 30.0
+    """Deadline for sending one response (a client that does not read)."""
+    max_connections: int = 256
+    max_body_bytes: int = 32 << 20
+    """No body is larger, whatever the route."""
+    body_budget_bytes: int = 256 << 20
+    """All bodies in flight together (JSON counted JSON_EXPANSION times)."""
+    max_concurrency: int = max(16, 4 * (os.cpu_count() or 1))
+    """Requests with a body in the app at once; more get 503 with Retry-After."""
+    max_line_bytes: int = 8192
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+
+
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reason: str = "bad_request", headers=()):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason
+        self.headers = list(headers)
+
+
+class _Closed(Exception):
+    """The client went away (or the watchdog closed it) mid-request."""
 
 
 def _error_body(message: str) -> bytes:
@@ -42,13 +92,32 @@ def _error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-class _Conn:
-    __slots__ = ("sock", "busy", "lock")
+IDLE, HEAD, BODY, APP, WRITE, DONE = range(6)
+_TIMEOUT_REASON = {IDLE: "idle_timeout", HEAD: "header_timeout", BODY: "body_timeout", WRITE: "write_timeout"}
 
-    def __init__(self, sock):
+
+class _Conn:
+    __slots__ = ("sock", "state", "since", "deadline", "closed_by")
+
+    def __init__(self, sock, idle_seconds: float):
         self.sock = sock
-        self.busy = False
-        self.lock = threading.Lock()
+        self.state = IDLE
+        self.since = time.monotonic()
+        self.deadline = self.since + idle_seconds
+        self.closed_by: str | None = None
+
+    def enter(self, state: int, seconds: float) -> None:
+        now = time.monotonic()
+        self.since, self.deadline, self.state = now, now + seconds, state
+
+    def close(self, why: str) -> None:
+        """Called from other threads: unblock the connection's thread, which then closes the socket."""
+        if self.closed_by is None:
+            self.closed_by = why
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class HTTPServer:
@@ -57,16 +126,14 @@ class HTTPServer:
         app: App,
         host: str = "0.0.0.0",
         port: int = 8080,
-        max_body_bytes: int = 64 << 20,
-        max_connections: int = 256,
-        keepalive_seconds: float = 75.0,
-        read_timeout_seconds: float = 30.0,
+        limits: Limits | None = None,
+        refused: Callable[[str], None] | None = None,
     ):
         self.app = app
-        self.max_body = max_body_bytes
-        self.max_connections = max_connections
-        self.keepalive = keepalive_seconds
-        self.read_timeout = read_timeout_seconds
+        self.limits = limits or Limits()
+        self.refused = refused or (lambda reason: None)
+        self.body_limit = getattr(app, "body_limit", None)  # (method, path) -> int | None
+        self.parser = RequestParser(self.limits)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -75,15 +142,16 @@ class HTTPServer:
         self.port = self.sock.getsockname()[1]
         self.stopping = False
         self._conns: set[_Conn] = set()
-        self._conns_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _conns, _budget_used, _running
+        self._budget_used = 0
+        self._running = 0
         self._inflight = 0
         self._idle = threading.Condition()
-        self._accept_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
-        self._accept_thread.start()
+        threading.Thread(target=self._accept_loop, name="http-accept", daemon=True).start()
+        threading.Thread(target=self._watchdog, name="http-watchdog", daemon=True).start()
 
     def _accept_loop(self) -> None:
         while not self.stopping:
@@ -94,20 +162,47 @@ class HTTPServer:
                     return
                 time.sleep(0.01)
                 continue
-            with self._conns_lock:
-                too_many = len(self._conns) >= self.max_connections
-                conn = _Conn(sock)
-                if not too_many:
+            conn = _Conn(sock, self.limits.idle_seconds)
+            with self._lock:
+                admitted = len(self._conns) < self.limits.max_connections or self._evict_one()
+                if admitted:
                     self._conns.add(conn)
-            if too_many:
-                self._reject(sock, 503, "too many connections")
+            if not admitted:
+                self.refused("connections")
+                self._reject(sock, 503, "too many connections; retry later")
                 continue
             threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
 
-    def _reject(self, sock, status, message):
+    def _evict_one(self) -> bool:
+        """At the cap: close the longest-idle keep-alive connection, else the oldest one still in its headers."""
+        idle = [c for c in self._conns if c.state == IDLE and c.closed_by is None]
+        slow = [c for c in self._conns if c.state == HEAD and c.closed_by is None]
+        for group, reason in ((idle, "evicted_idle"), (slow, "evicted_slow")):
+            if group:
+                victim = min(group, key=lambda c: c.since)
+                victim.close(reason)
+                self.refused(reason)
+                return True
+        return False
+
+    def _watchdog(self) -> None:
+        while not self.stopping:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c in self._conns if c.state in _TIMEOUT_REASON and now > c.deadline and not c.closed_by]
+            for c in late:
+                reason = _TIMEOUT_REASON[c.state]
+                if reason != "idle_timeout":
+                    self.refused(reason)
+                c.close(reason)
+
+    def _reject(self, sock, status, message, headers=()):
         try:
+            sock.settimeout(1.0)
             body = _error_body(message)
-            sock.sendall(self._head(status, [("Content-Type", "application/json")], len(body), False) + body)
+            head = self._head(status, [("Content-Type", "application/json"), *headers], len(body), False)
+            sock.sendall(head + body)
         except OSError:
             pass
         finally:
@@ -123,15 +218,11 @@ class HTTPServer:
         self.sock.close()
         deadline = time.monotonic() + timeout
         while True:
-            with self._conns_lock:
+            with self._lock:
                 conns = list(self._conns)
             for c in conns:
-                with c.lock:
-                    if not c.busy:
-                        try:
-                            c.sock.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
+                if c.state in (IDLE, DONE):
+                    c.close("shutdown")
             with self._idle:
                 if self._inflight == 0 and not conns:
                     return True
@@ -156,30 +247,26 @@ class HTTPServer:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             rfile = sock.makefile("rb", 65536)
-            while not self.stopping:
-                sock.settimeout(self.keepalive)
+            keep = True
+            while keep and not self.stopping:
+                conn.enter(IDLE, self.limits.idle_seconds)
                 try:
-                    line = rfile.readline(MAX_LINE + 1)
-                except (TimeoutError, OSError):
+                    if not rfile.peek(1):
+                        return
+                except OSError:
                     return
-                if not line:
-                    return
-                with conn.lock:  # a request has started: the drain must wait for it, not close it
-                    conn.busy = True
+                conn.enter(HEAD, self.limits.header_seconds)
                 with self._idle:
                     self._inflight += 1
                 try:
-                    keep = self._one_request(sock, rfile, line)
+                    keep = self._one_request(conn, rfile)
                 finally:
                     with self._idle:
                         self._inflight -= 1
                         self._idle.notify_all()
-                    with conn.lock:
-                        conn.busy = False
-                if not keep:
-                    return
         finally:
-            with self._conns_lock:
+            conn.state = DONE
+            with self._lock:
                 self._conns.discard(conn)
             try:
                 sock.close()
@@ -188,40 +275,64 @@ class HTTPServer:
             with self._idle:
                 self._idle.notify_all()
 
-    def _one_request(self, sock, rfile, line: bytes) -> bool:
-        """Read one request (request line already read), answer it; return keep-alive."""
-        sock.settimeout(self.read_timeout)
+    def _one_request(self, conn: _Conn, rfile) -> bool:
+        """Read one request, answer it; return keep-alive."""
+        reserved = 0
         try:
-            method, path, version, headers, body = self._read_request(sock, rfile, line)
-        except HTTPError as e:
-            self._send(sock, e.status, [("Content-Type", "application/json")], _error_body(e.message), False)
-            self._linger(sock)
-            return False
-        except (TimeoutError, OSError, ValueError):
-            return False
+            try:
+                method, path, version, headers = self.parser.read_head(rfile)
+                reserved, limit = self._admit_body(method, path, version, headers)
+                body = self._read_body(conn, rfile, headers, limit)
+            except HTTPError as e:
+                self.refused(e.reason)
+                hdrs = [("Content-Type", "application/json"), *e.headers]
+                self._send(conn, e.status, hdrs, _error_body(e.message), False)
+                self._linger(conn.sock)
+                return False
+            except (_Closed, OSError, ValueError):
+                return False
+            return self._answer(conn, method, path, version, headers, body)
+        finally:
+            if reserved:
+                with self._lock:
+                    self._budget_used -= reserved
+
+    def _answer(self, conn, method, path, version, headers, body) -> bool:
         conn_hdr = headers.get("connection", "").lower()
-        keep = (version == "HTTP/1.1" and "close" not in conn_hdr) or (
-            version == "HTTP/1.0" and "keep-alive" in conn_hdr
+        keep = (version == b"HTTP/1.1" and "close" not in conn_hdr) or (
+            version == b"HTTP/1.0" and "keep-alive" in conn_hdr
         )
+        limited = method == "POST"
+        if limited:
+            with self._lock:
+                over = self._running >= self.limits.max_concurrency
+                if not over:
+                    self._running += 1
+            if over:
+                self.refused("concurrency")
+                self._send(conn, 503, [("Content-Type", "application/json"), ("Retry-After", "1")],
+                           _error_body("the server is at its concurrency limit; retry after 1 s"), keep)
+                return keep
+        conn.state = APP
         try:
             status, out_headers, out_body = self.app(method, path, headers, body)
         except Exception:  # the app turns expected errors into responses; this is a bug
             log.exception("unhandled error", extra={"path": path})
-            status, out_headers, out_body = (
-                500,
-                [("Content-Type", "application/json")],
-                _error_body("internal server error"),
-            )
+            status, out_headers, out_body = 500, [("Content-Type", "application/json")], _error_body("internal error")
+        finally:
+            if limited:
+                with self._lock:
+                    self._running -= 1
         keep = keep and not self.stopping
         if method == "HEAD":
-            self._send(sock, status, out_headers, b"", keep, length=len(out_body))
+            self._send(conn, status, out_headers, b"", keep, length=len(out_body))
         else:
-            self._send(sock, status, out_headers, out_body, keep)
+            self._send(conn, status, out_headers, out_body, keep)
         return keep
 
     @staticmethod
-    def _linger(sock, seconds: float = 1.0, limit: int = 256 << 20) -> None:
-        """Discard what the client is still sending so that it reads our error instead of a reset."""
+    def _linger(sock, seconds: float = 1.0, limit: int = 1 << 20) -> None:
+        """Discard a little of what the client is still sending so that it reads our error, not a reset."""
         try:
             sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + seconds
@@ -238,100 +349,185 @@ class HTTPServer:
         except OSError:
             pass
 
-    def _send(self, sock, status, headers, body, keep, length=None):
+    def _send(self, conn: _Conn, status, headers, body, keep, length=None):
+        conn.enter(WRITE, self.limits.write_seconds)
         head = self._head(status, headers, len(body) if length is None else length, keep)
         try:
             if len(body) < 65536:
-                sock.sendall(head + body)
+                conn.sock.sendall(head + body)
             else:
-                sock.sendall(head)
-                sock.sendall(body)
+                conn.sock.sendall(head)
+                conn.sock.sendall(body)
         except OSError:
             pass
 
-    def _read_request(self, sock, rfile, line: bytes):
-        if len(line) > MAX_LINE:
-            raise HTTPError(414, "request line too long")
-        try:
-            method, path, version = line.decode("latin-1").rstrip("\r\n").split(" ")
-        except ValueError:
-            raise HTTPError(400, "malformed HTTP request line") from None
-        if not method.isalpha() or not path.startswith("/") or not _VERSION.match(version):
-            raise HTTPError(400, "malformed HTTP request line")
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise HTTPError(505, f"HTTP version {version!r} is not supported")
-        headers: dict[str, str] = {}
-        for _ in range(MAX_HEADERS + 1):
-            h = rfile.readline(MAX_LINE + 1)
-            if not h:
-                raise ValueError("connection closed in headers")
-            if len(h) > MAX_LINE:
-                raise HTTPError(431, "header line too long")
-            if h in (b"\r\n", b"\n"):
-                break
-            name, sep, value = h.decode("latin-1").partition(":")
-            if not sep or not name or name != name.strip():
-                raise HTTPError(400, f"malformed header line {h[:60]!r}")
-            key = name.lower()
-            value = value.strip()
-            if key in headers and key in ("content-length", "transfer-encoding", "inference-header-content-length"):
-                raise HTTPError(400, f"duplicate header {name}")
-            headers[key] = value
-        else:
-            raise HTTPError(431, f"more than {MAX_HEADERS} headers")
+    # ------------------------------------------------------------------ bodies
+    def _admit_body(self, method, path, version, headers) -> tuple[int, int]:
+        """Check framing headers and limits before reading a byte of body; return (bytes reserved, body limit)."""
+        chunked, size = self.parser.body_framing(version, headers)
+        limit = self._limit_for(method, path)
+        if size > limit:
+            raise HTTPError(413, self._too_large(size, limit), "body_too_large")
+        if not chunked and size == 0:
+            return 0, limit
+        declared = limit if chunked else size
+        hl = headers.get("inference-header-content-length")
+        json_part = int(hl) if hl is not None and _DIGITS.match(hl) and int(hl) < declared else declared
+        reserve = declared + json_part * (JSON_EXPANSION - 1)
+        with self._lock:
+            fits = self._budget_used + reserve <= self.limits.body_budget_bytes
+            if fits:
+                self._budget_used += reserve
+        if not fits:
+            if reserve > self.limits.body_budget_bytes:
+                raise HTTPError(413, f"a body of {size} bytes needs more than the server's whole body budget",
+                                "body_too_large")
+            raise HTTPError(503, "the server has too many request bodies in flight; retry after 1 s",
+                            "body_budget", [("Retry-After", "1")])
+        return reserve, limit
 
-        te = headers.get("transfer-encoding")
-        if te is not None:
-            if "content-length" in headers:
-                raise HTTPError(400, "both Content-Length and Transfer-Encoding given")
-            if te.lower() != "chunked":
-                raise HTTPError(501, f"Transfer-Encoding {te!r} is not supported")
-            self._continue(sock, headers)
-            body = self._read_chunked(rfile)
-        else:
-            cl = headers.get("content-length", "0")
-            if not cl.isdigit():
-                raise HTTPError(400, f"header Content-Length {cl!r} is not a non-negative integer")
-            n = int(cl)
-            if n > self.max_body:
-                raise HTTPError(
-                    413, f"request body of {n} bytes is over the limit of {self.max_body} bytes (--max-body-bytes)"
-                )
-            if n:
-                self._continue(sock, headers)
-                body = rfile.read(n)
-                if len(body) != n:
-                    raise ValueError("connection closed in body")
-            else:
-                body = b""
-        return method, path, version, headers, body
+    def _limit_for(self, method: str, path: str) -> int:
+        limit = self.limits.max_body_bytes
+        if self.body_limit is not None:
+            route = self.body_limit(method, path)
+            if route is not None:
+                limit = min(limit, route)
+        return limit
 
     @staticmethod
-    def _continue(sock, headers):
-        if headers.get("expect", "").lower() == "100-continue":
-            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    def _too_large(size: int, limit: int) -> str:
+        return (f"request body of {size} bytes is over this route's limit of {limit} bytes (what the model's "
+                "inputs can need at --max-batch, capped by --max-body-bytes)")
 
-    def _read_chunked(self, rfile) -> bytes:
-        parts, total = [], 0
+    def _read_body(self, conn: _Conn, rfile, headers, limit: int) -> bytes:
+        chunked = "transfer-encoding" in headers
+        if not chunked and headers.get("content-length", "0") == "0":
+            return b""
+        if headers.get("expect", "").lower() == "100-continue":
+            conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.enter(BODY, self.limits.body_seconds)
+        return self.parser.read_body(rfile, headers, limit)
+
+
+class RequestParser:
+    """RFC 9112 request framing from a buffered reader; raises HTTPError (answer and close) or _Closed."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+
+    def line(self, rfile, what: str) -> bytes:
+        line = rfile.readline(self.limits.max_line_bytes + 1)
+        if not line:
+            raise _Closed(f"connection closed in {what}")
+        if len(line) > self.limits.max_line_bytes:
+            raise HTTPError(414 if what == "request line" else 431, f"{what} is longer than "
+                            f"{self.limits.max_line_bytes} bytes")
+        if not line.endswith(b"\r\n"):
+            if line.endswith(b"\n"):
+                raise HTTPError(400, f"{what} must end with CRLF, not a bare LF")
+            raise _Closed(f"connection closed in {what}")
+        if b"\r" in line[:-2] or b"\n" in line[:-2]:
+            raise HTTPError(400, f"bare CR in {what}")
+        return line[:-2]
+
+    def read_head(self, rfile):
+        line = self.line(rfile, "request line")
+        for _ in range(4):  # RFC 9112 2.2: ignore a few empty lines before the request line
+            if line:
+                break
+            line = self.line(rfile, "request line")
+        parts = line.split(b" ")
+        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not _VERSION.match(parts[2]):
+            raise HTTPError(400, "malformed HTTP request line; expected METHOD /path HTTP/1.1")
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise HTTPError(505, f"HTTP version {version.decode()} is not supported; use HTTP/1.1")
+        if not _TARGET.match(target):
+            raise HTTPError(400, "the request target must be a path of printable ASCII starting with /")
+        headers = self.read_fields(rfile, "header")
+        if version == b"HTTP/1.1" and "host" not in headers:
+            raise HTTPError(400, "HTTP/1.1 request without a Host header")
+        return method.decode("ascii"), target.decode("ascii"), version, headers
+
+    def read_fields(self, rfile, what: str) -> dict[str, str]:
+        fields: dict[str, str] = {}
+        total = 0
+        for _ in range(self.limits.max_headers + 1):
+            line = self.line(rfile, f"{what} line")
+            if not line:
+                return fields
+            total += len(line)
+            if total > self.limits.max_header_bytes:
+                raise HTTPError(431, f"{what}s are larger than {self.limits.max_header_bytes} bytes")
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.match(name):
+                raise HTTPError(400, f"malformed {what} line {line[:60]!r} (obs-fold and spaces before ':' "
+                                "are not allowed)")
+            text = value.decode("latin-1").strip(" \t")
+            if _BAD_VALUE.search(text):
+                raise HTTPError(400, f"{what} {name.decode()} has a control character in its value")
+            key = name.decode("ascii").lower()
+            if key in fields:
+                if key in _FRAMING:
+                    raise HTTPError(400, f"duplicate {what} {name.decode()}")
+                fields[key] += ", " + text
+            else:
+                fields[key] = text
+        raise HTTPError(431, f"more than {self.limits.max_headers} {what}s")
+
+    @staticmethod
+    def body_framing(version: bytes, headers: dict) -> tuple[bool, int]:
+        """(chunked, Content-Length or 0) after RFC 9112 6.1-6.3 checks; 400/501/417 otherwise."""
+        te = headers.get("transfer-encoding")
+        cl = headers.get("content-length")
+        if te is not None:
+            if cl is not None:
+                raise HTTPError(400, "both Content-Length and Transfer-Encoding given")
+            if version != b"HTTP/1.1":
+                raise HTTPError(400, "Transfer-Encoding needs HTTP/1.1")
+            if te.lower() != "chunked":
+                raise HTTPError(501, f"Transfer-Encoding {te[:40]!r} is not supported; use chunked or Content-Length")
+        elif cl is not None and not _DIGITS.match(cl):
+            raise HTTPError(400, f"header Content-Length {cl[:40]!r} is not a number of ASCII digits")
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise HTTPError(417, f"Expect {expect[:40]!r} is not supported")
+        return te is not None, int(cl) if cl is not None else 0
+
+    def read_body(self, rfile, headers: dict, limit: int) -> bytes:
+        """The body whose framing ``body_framing`` accepted (at most ``limit`` bytes)."""
+        if "transfer-encoding" in headers:
+            return self.read_chunked(rfile, limit)
+        n = int(headers.get("content-length", "0"))
+        body = rfile.read(n)
+        if len(body) != n:
+            raise _Closed("connection closed in body")
+        return body
+
+    def read_chunked(self, rfile, limit: int) -> bytes:
+        """RFC 9112 7.1: hex sizes only, each chunk's data followed by CRLF, trailers read and dropped."""
+        body = bytearray()  # one buffer: tiny chunks cost no per-chunk objects
         while True:
-            size_line = rfile.readline(MAX_LINE + 1)
-            if not size_line:
-                raise ValueError("connection closed in chunked body")
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise HTTPError(400, "malformed chunk size in chunked body") from None
-            if size < 0:
-                raise HTTPError(400, "malformed chunk size in chunked body")
+            line = rfile.readline(self.limits.max_line_bytes + 1)
+            if not line.endswith(b"\n"):
+                if len(line) > self.limits.max_line_bytes:
+                    raise HTTPError(400, "chunk size line is too long")
+                raise _Closed("connection closed in chunked body")
+            m = _CHUNK_SIZE.match(line)
+            if not m:
+                raise HTTPError(400, f"malformed chunk size line {line[:40]!r}; expected hex digits then CRLF")
+            size = int(m.group(1), 16)
             if size == 0:
-                while rfile.readline(MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > self.max_body:
-                raise HTTPError(413, f"request body is over the limit of {self.max_body} bytes (--max-body-bytes)")
+                self.read_fields(rfile, "trailer")
+                return bytes(body)
+            if len(body) + size > limit:
+                raise HTTPError(413, f"chunked body is over the limit of {limit} bytes", "body_too_large")
             chunk = rfile.read(size)
             if len(chunk) != size:
-                raise ValueError("connection closed in chunk")
-            parts.append(chunk)
-            rfile.readline(MAX_LINE + 1)
+                raise _Closed("connection closed in chunk")
+            body += chunk
+            end = rfile.read(2)
+            if end != b"\r\n":
+                if len(end) < 2:
+                    raise _Closed("connection closed in chunk")
+                raise HTTPError(400, f"chunk data is longer than its size {size} (no CRLF after it)")

@@ -50,6 +50,63 @@ def _decode_bytes_tensor(buf: memoryview, count: int, name: str) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
+def _flat(data):
+    for v in data:
+        if isinstance(v, list):
+            yield from _flat(v)
+        else:
+            yield v
+
+
+def _first_bad(data: list, ok) -> str:
+    """``data[i] is ...`` for the first flat element that ``ok`` refuses (only on the error path)."""
+    for i, v in enumerate(_flat(data)):
+        if not ok(v):
+            what = "null" if v is None else f"{type(v).__name__} {str(v)[:20]!r}"
+            return f"data[{i}] is {what}"
+    return "data has values of mixed types"
+
+
+def _json_values(name: str, data: list, datatype: str, dtype: np.dtype) -> np.ndarray:
+    """The JSON ``data`` of one input as ``dtype``; 400 naming the input for null, strings, booleans where
+    numbers belong, fractions or out-of-range values for integers, and values a float type cannot hold."""
+    if datatype == "BYTES":
+        try:
+            return np.asarray(data, dtype=object)
+        except ValueError as e:
+            raise _bad(f"input '{name}': data is not a valid BYTES list: {e}") from None
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError) as e:
+        raise _bad(f"input '{name}': data is not a valid {datatype} list: {e}") from None
+    kind = arr.dtype.kind
+    if kind == "O" and dtype.kind == "f" and all(type(v) in (int, float) for v in _flat(data)):
+        arr, kind = np.asarray(data, dtype=np.float64), "f"  # integers beyond int64 mixed with floats
+    if datatype == "BOOL":
+        if kind != "b":
+            bad = _first_bad(data, lambda v: type(v) is bool)
+            raise _bad(f"input '{name}': data is not a valid BOOL list: {bad}; BOOL needs true/false")
+        return arr
+    if kind not in "iuf":
+        number = lambda v: type(v) is float or (type(v) is int and -(2**63) <= v < 2**64)  # noqa: E731
+        bad = _first_bad(data, number)
+        raise _bad(f"input '{name}': data is not a valid {datatype} list: {bad}; {datatype} needs numbers in range")
+    if dtype.kind in "iu":
+        if kind == "f" and not np.array_equal(arr, np.floor(arr)):
+            whole = lambda v: float(v).is_integer()  # noqa: E731
+            bad = _first_bad(data, whole)
+            raise _bad(f"input '{name}': data is not a valid {datatype} list: {bad}; {datatype} needs integers")
+        info = np.iinfo(dtype)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise _bad(f"input '{name}': data has values outside {datatype}'s range [{info.min}, {info.max}]")
+        return arr.astype(dtype)
+    with np.errstate(over="ignore"):
+        out = arr.astype(dtype)
+    if not np.isfinite(out).all():
+        raise _bad(f"input '{name}': data has values beyond {datatype}'s range (a finite number is needed)")
+    return out
+
+
 def decode_infer_request(
     body: bytes,
     header_length: int | None,
@@ -140,12 +197,7 @@ def decode_infer_request(
                 raise _bad(f"input '{name}': needs 'data' or parameters.binary_data_size")
             if not isinstance(data, list):
                 data = [data]
-            try:
-                arr = np.asarray(data, dtype=dtype if datatype != "BYTES" else object)
-            except (ValueError, TypeError, OverflowError) as e:
-                raise _bad(f"input '{name}': data is not a valid {datatype} list: {e}") from None
-            if datatype != "BYTES" and arr.dtype != dtype:
-                raise _bad(f"input '{name}': data is not a valid {datatype} list")
+            arr = _json_values(name, data, datatype, dtype)
             if arr.size != count:
                 raise _bad(f"input '{name}': data has {arr.size} values but shape {_fmt_shape(shape)} needs {count}")
         feeds[name] = arr.reshape(shape)

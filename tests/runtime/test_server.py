@@ -132,6 +132,15 @@ BAD_JSON = [
     ("duplicate", {"inputs": [_tensor(), _tensor()]}, 400, "more than once"),
     ("unknown-output", {"inputs": [_tensor()], "outputs": [{"name": "probs"}]}, 400, "unknown output 'probs'"),
     ("not-object", [1, 2, 3], 400, "JSON object"),
+    ("null-value", {"inputs": [_tensor(data=[None] + [0.5] * 63)]}, 400, "'input': data is not a valid FP32 list"),
+    ("all-null", {"inputs": [_tensor(data=[None] * 64)]}, 400, "data[0] is null; FP32 needs numbers"),
+    ("nan-string", {"inputs": [_tensor(data=[0.5] * 9 + ["NaN"] + [0.5] * 54)]}, 400, "data[9] is str 'NaN'"),
+    ("inf-string", {"inputs": [_tensor(data=["Infinity"] * 64)]}, 400, "data[0] is str 'Infinity'"),
+    ("numeric-string", {"inputs": [_tensor(data=["1.5"] * 64)]}, 400, "FP32 needs numbers"),
+    ("bool-data", {"inputs": [_tensor(data=[True] * 64)]}, 400, "data[0] is bool 'True'"),
+    ("nested-null", {"inputs": [_tensor(data=[[[[0.5] * 8] * 7 + [[None] * 8]]])]}, 400, "data[56] is null"),
+    ("object-value", {"inputs": [_tensor(data=[{"v": 1}] * 64)]}, 400, "data[0] is dict"),
+    ("fp32-overflow", {"inputs": [_tensor(data=[1e300] * 64)]}, 400, "beyond FP32's range"),
 ]
 
 
