@@ -43,7 +43,7 @@ def format_errors(error: ValidationError) -> list[str]:
         path = ""
         for part in e["loc"]:
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        path += (e.get("ctx") or {}).get("field_path", "")
+        path = (path + (e.get("ctx") or {}).get("field_path", "")).lstrip(".")
         lines.append(f"{path}: {e['msg']}" if path else e["msg"])
     return lines
 
@@ -85,18 +85,44 @@ class Model(BaseModel):
 
 # ---- strings with the bounds the API server needs (CEL cost estimates need maxLength) ----
 
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-LABEL_KEY = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
-)
-LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_QUALIFIED_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"  # at most 63 characters
+DNS_SUBDOMAIN = rf"^{SUBDOMAIN}$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"  # Service names
+# a label key (and a taint key, an extended resource name): [DNS subdomain prefix "/"] name
+LABEL_KEY = rf"^({SUBDOMAIN}/)?{_QUALIFIED_NAME}$"
+LONG_PREFIX = r"^[^/]{254,}/"  # the prefix is a DNS subdomain: at most 253 characters
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 DIGEST = r"^sha256:[a-f0-9]{64}$"
 PERCENT = r"^(100|[1-9]?[0-9])%$"
 ABSOLUTE_PATH = r"^/[^\x00]*$"
 
+
+def is_label_key(key: str) -> bool:
+    """Kubernetes' rule for label keys: optional DNS subdomain prefix (<= 253) and "/", then a name of
+    at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric."""
+    return re.fullmatch(LABEL_KEY, key) is not None and re.match(LONG_PREFIX, key) is None
+
+
+LABEL_KEY_HINT = ("an optional DNS subdomain prefix of at most 253 characters and '/', then a name of at most 63 "
+                  "letters, digits, '-', '_' or '.' that starts and ends with a letter or digit, e.g. "
+                  "kubernetes.io/arch")
+
+
+def label_keys_rule(what: str) -> Rule:
+    """Keys of a map (matchLabels) must be label keys: CEL cannot put a pattern on map keys, so check them all."""
+    return Rule(f"self.all(k, k.matches(r'{LABEL_KEY}') && !k.matches(r'{LONG_PREFIX}'))",
+                f"{what}: every key must be a label key: {LABEL_KEY_HINT}",
+                lambda m: all(is_label_key(k) for k in m))
+
+
+LABEL_KEY_RULE = Rule(f"self.matches(r'{LABEL_KEY}') && !self.matches(r'{LONG_PREFIX}')",
+                      f"must be a label key: {LABEL_KEY_HINT}", is_label_key)
+
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
-LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=317), *checked(LABEL_KEY_RULE)]
+AnyKey = Annotated[str, Field(min_length=1, max_length=317)]  # a map key; the map's rule checks it
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
 Digest = Annotated[str, Field(max_length=71, pattern=DIGEST)]
 ShortText = Annotated[str, Field(max_length=1024)]
@@ -133,7 +159,9 @@ class LabelSelector(Model):
     """A label selector (as metav1.LabelSelector): matchLabels and matchExpressions are ANDed.
     An empty selector matches every object."""
 
-    match_labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=64)] | None = None
+    match_labels: Annotated[
+        dict[AnyKey, LabelValue], Field(max_length=64), *checked(label_keys_rule("matchLabels"))
+    ] | None = None
     """Labels that must all be present with exactly these values."""
     match_expressions: Annotated[list[LabelSelectorRequirement], Field(max_length=32)] | None = None
     """Expressions that must all hold."""

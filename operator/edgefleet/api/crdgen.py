@@ -235,6 +235,8 @@ def crd(cls: type[ObjectBase]) -> dict[str, Any]:
         },
         "required": ["spec"],
     }
+    if cls.cel_rules:  # rules about the whole object, e.g. on metadata.name
+        root["x-kubernetes-validations"] = _rules(list(cls.cel_rules))
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

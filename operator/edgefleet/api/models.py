@@ -6,6 +6,7 @@ docstrings become `kubectl explain` text, `cel_rules` become `x-kubernetes-valid
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -13,7 +14,14 @@ from pydantic import Field
 from .base import (
     ABSOLUTE_PATH,
     API_VERSION,
-    PERCENT,
+    DNS_1035_LABEL,
+    DNS_SUBDOMAIN,
+    LABEL_KEY,
+    LABEL_KEY_HINT,
+    LABEL_VALUE,
+    LONG_PREFIX,
+    SUBDOMAIN,
+    AnyKey,
     Conditions,
     Digest,
     LabelSelector,
@@ -23,15 +31,38 @@ from .base import (
     Rule,
     ShortText,
     checked,
-    is_percent,
+    is_label_key,
     list_map,
 )
 
 Format = Literal["onnx", "tflite", "openvino", "coreml"]
 Precision = Literal["fp32", "fp16", "int8"]
 Quantization = Literal["auto", "none", "fp16", "dynamic-int8", "static-int8"]
-Image = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^\S+$")]
+RUNTIME_CACHE_MOUNT = "/var/lib/edgefleet/cache"  # where the runtime container reads the node's variant cache
+
+# an image reference as container runtimes parse it: [registry[:port]/]repository[:tag][@algorithm:hex]
+_DOMAIN_PART = r"[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?"
+_PATH_PART = r"[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = (
+    rf"^(({_DOMAIN_PART}([.]{_DOMAIN_PART})*|\[[a-fA-F0-9:]+\])(:[0-9]+)?/)?{_PATH_PART}(/{_PATH_PART})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
+IMAGE_RULE = Rule(
+    f"self.matches(r'{IMAGE_REFERENCE}')",
+    "runtimeImage must be an image reference, [registry[:port]/]repository[:tag][@sha256:digest] with a lowercase"
+    " repository, e.g. ghcr.io/edgefleet/runtime-cpu:0.1.0",
+    lambda v: re.fullmatch(IMAGE_REFERENCE, v) is not None,
+)
+Image = Annotated[str, Field(min_length=1, max_length=512), *checked(IMAGE_RULE)]
 Path = Annotated[str, Field(min_length=1, max_length=4096, pattern=ABSOLUTE_PATH)]
+BACKSTEP = r"(^|/)[.][.](/|$)"
+HOST_PATH_RULE = Rule(
+    f"!self.matches(r'{BACKSTEP}')",
+    "hostPath must not contain '..' (Kubernetes refuses back-steps in host paths); write the path without them",
+    lambda v: re.search(BACKSTEP, v) is None,
+)
+# one format per runtime: what its backend loads
+RUNTIME_FORMAT = {"onnxruntime": "onnx", "litert": "tflite", "openvino": "openvino", "coreml": "coreml"}
 
 
 class ObjectBase(Model):
@@ -63,11 +94,18 @@ class Target(Model):
 
     cel_rules = (
         Rule(
-            "(self.format == 'tflite') == (self.runtime == 'litert')",
-            "target.runtime: format tflite runs only on runtime litert, and litert runs only tflite;"
-            " make target.format and target.runtime agree",
-            lambda s: (s.format == "tflite") == (s.runtime == "litert"),
+            "self.format == " + "{" + ", ".join(f"'{r}': '{f}'" for r, f in RUNTIME_FORMAT.items()) + "}[self.runtime]",
+            "target.runtime: each runtime loads one format: onnxruntime runs onnx, litert runs tflite, openvino runs"
+            " openvino (IR), coreml runs coreml; make target.format and target.runtime agree (ONNX on Intel"
+            " hardware: runtime onnxruntime with executionProvider openvino)",
+            lambda s: RUNTIME_FORMAT[s.runtime] == s.format,
             ".runtime",
+        ),
+        Rule(
+            "!has(self.delegate) || !self.delegate.contains('edgetpu') || self.precision == 'int8'",
+            "target.precision: the Edge TPU delegate runs only fully int8-quantized models; set precision int8",
+            lambda s: s.delegate is None or "edgetpu" not in s.delegate or s.precision == "int8",
+            ".precision",
         ),
         Rule(
             "!has(self.executionProvider) || self.runtime == 'onnxruntime'",
@@ -84,28 +122,58 @@ class Target(Model):
     )
 
 
+TAINT_KEY_RULE = Rule(
+    f"self == '' || (self.matches(r'{LABEL_KEY}') && !self.matches(r'{LONG_PREFIX}'))",
+    f"tolerations[].key must be a taint key: {LABEL_KEY_HINT}",
+    lambda v: v == "" or is_label_key(v),
+)
+
+
 class Toleration(Model):
     """A pod toleration (core/v1 Toleration) added to the inference pods of this class."""
 
-    key: Annotated[str, Field(max_length=317)] | None = None
+    key: Annotated[str, Field(max_length=317), *checked(TAINT_KEY_RULE)] | None = None
     """The taint key to tolerate; empty with operator Exists tolerates every taint."""
     operator: Literal["Exists", "Equal"] | None = None
     """Exists or Equal (Kubernetes' default is Equal)."""
-    value: Annotated[str, Field(max_length=63)] | None = None
-    """The taint value to match with operator Equal."""
+    value: Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)] | None = None
+    """The taint value to match with operator Equal (a label value)."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """The taint effect to tolerate; empty tolerates every effect."""
     toleration_seconds: int | None = None
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
+    cel_rules = (
+        Rule(
+            "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            "tolerations[].operator: a toleration without a key must use operator Exists (it then tolerates every"
+            " taint); set key, or operator: Exists",
+            lambda s: bool(s.key) or s.operator == "Exists",
+            ".operator",
+        ),
+        Rule(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "tolerations[].value must be empty with operator Exists; remove value or use operator: Equal",
+            lambda s: s.operator != "Exists" or not s.value,
+            ".value",
+        ),
+        Rule(
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "tolerations[].tolerationSeconds applies to effect NoExecute only; remove it or set effect: NoExecute",
+            lambda s: s.toleration_seconds is None or s.effect == "NoExecute",
+            ".tolerationSeconds",
+        ),
+    )
+
 
 class DeviceMount(Model):
     """A host device or directory mounted into the inference container, e.g. /dev/apex_0."""
 
-    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
-    """Volume name (a DNS label), unique within the profile."""
-    host_path: Path
-    """Absolute path on the node."""
+    name: Annotated[str, Field(min_length=1, max_length=59, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    """Volume name (a DNS label of at most 59 characters: the pod's volume is dev-<name>), unique within the
+    profile."""
+    host_path: Annotated[str, Field(min_length=1, max_length=4096, pattern=ABSOLUTE_PATH), *checked(HOST_PATH_RULE)]
+    """Absolute path on the node, without '..'."""
     mount_path: Path
     """Absolute path inside the container."""
     read_only: bool = False
@@ -121,6 +189,36 @@ class Budget(Model):
     """Memory limit, in bytes, for the inference container."""
 
 
+EXTENDED_RESOURCE = rf"^{SUBDOMAIN}/[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+EXTENDED_LONG_PREFIX = r"^[^/]{245,}/"  # Kubernetes checks "requests.<name>": the prefix leaves room for it
+EXTENDED_RESOURCES_RULE = Rule(
+    f"self.all(k, k.matches(r'{EXTENDED_RESOURCE}') && !k.matches(r'{EXTENDED_LONG_PREFIX}')"
+    " && !k.contains('kubernetes.io/'))",
+    "extendedResources: every key must be an extended resource name, a domain outside kubernetes.io, '/' and a"
+    " name of at most 63 characters, e.g. nvidia.com/gpu (cpu and memory are not extended resources)",
+    lambda m: all(re.fullmatch(EXTENDED_RESOURCE, k) and not re.match(EXTENDED_LONG_PREFIX, k)
+                  and "kubernetes.io/" not in k for k in m),
+)
+UNIQUE_MOUNT_PATHS = Rule(
+    "self.all(m, self.exists_one(n, n.mountPath == m.mountPath))",
+    "deviceMounts: each mountPath may appear once (Kubernetes refuses two mounts at one path)",
+    lambda ms: len({m.mount_path for m in ms}) == len(ms),
+)
+NOT_THE_CACHE = Rule(
+    f"self.all(m, m.mountPath != '{RUNTIME_CACHE_MOUNT}')",
+    f"deviceMounts: {RUNTIME_CACHE_MOUNT} is where the runtime reads the model cache; mount the device elsewhere",
+    lambda ms: all(m.mount_path != RUNTIME_CACHE_MOUNT for m in ms),
+)
+
+
+def _short_name(what: str) -> Rule:
+    return Rule(
+        "self.metadata.name.size() <= 63",
+        f"metadata.name: {what}; choose a name of at most 63 characters",
+        lambda s: len(s.metadata.get("name") or "") <= 63,
+    )
+
+
 class HardwareProfileSpec(Model):
     """One class of edge hardware: which nodes belong to it and how models run there."""
 
@@ -134,18 +232,21 @@ class HardwareProfileSpec(Model):
     runtime_image: Image
     """The inference server image for this hardware, e.g. ghcr.io/edgefleet/runtime-cpu:0.1.0."""
     extended_resources: Annotated[
-        dict[Annotated[str, Field(max_length=253)], Annotated[str, Field(max_length=16, pattern=r"^[1-9][0-9]*$")]],
+        dict[AnyKey, Annotated[str, Field(max_length=16, pattern=r"^[1-9][0-9]*$")]],
         Field(max_length=16),
+        *checked(EXTENDED_RESOURCES_RULE),
     ] = Field(default_factory=dict)
     """Extended resources requested and limited per pod, name to whole-number quantity,
     e.g. {"nvidia.com/gpu": "1"}."""
-    runtime_class_name: Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None = None
+    runtime_class_name: Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)] | None = None
     """RuntimeClass for the inference pods, e.g. nvidia."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
     """Tolerations for the taints of these nodes (e.g. node-role.kubernetes.io/edge:NoSchedule)."""
     device_mounts: Annotated[
         list[DeviceMount],
         Field(max_length=16, json_schema_extra=list_map("name")),
+        *checked(UNIQUE_MOUNT_PATHS),
+        *checked(NOT_THE_CACHE),
     ] = Field(default_factory=list)
     """Host devices mounted into the inference container."""
     privileged: bool = False
@@ -173,6 +274,8 @@ class HardwareProfile(ObjectBase):
     kind: Literal["HardwareProfile"] = "HardwareProfile"
     spec: HardwareProfileSpec
     status: HardwareProfileStatus | None = None
+
+    cel_rules = (_short_name("the name becomes a label value on the pods of this class"),)
 
 
 # ======================= EdgeModel =======================
@@ -365,10 +468,12 @@ class EdgeModel(ObjectBase):
 
 # ======================= EdgeDeployment =======================
 
+NONZERO_PERCENT = r"^(100|[1-9][0-9]?)%$"
 MAX_UNAVAILABLE = Rule(
-    "type(self) == int ? self >= 0 : self.matches('" + PERCENT + "')",
-    "rollout.maxUnavailable must be a whole number >= 0 or a percentage from 0% to 100%, e.g. 25%",
-    lambda v: v >= 0 if isinstance(v, int) else is_percent(v),
+    "type(self) == int ? self >= 1 : self.matches('" + NONZERO_PERCENT + "')",
+    "rollout.maxUnavailable must be a whole number >= 1 or a percentage from 1% to 100%, e.g. 25% (Kubernetes"
+    " refuses 0: no extra pod is started during an update, so one must be allowed to go)",
+    lambda v: v >= 1 if isinstance(v, int) else re.fullmatch(NONZERO_PERCENT, v) is not None,
 )
 
 
@@ -542,6 +647,19 @@ class EdgeDeployment(ObjectBase):
     kind: Literal["EdgeDeployment"] = "EdgeDeployment"
     spec: EdgeDeploymentSpec
     status: EdgeDeploymentStatus | None = None
+
+    cel_rules = (
+        _short_name("the name becomes a label value on the inference pods"),
+        Rule(
+            "!has(self.spec.service) || !self.spec.service.enabled"
+            f" || self.metadata.name.matches(r'{DNS_1035_LABEL}')",
+            "metadata.name: with spec.service.enabled the name is also the Service's name, which must start with"
+            " a letter and hold only lowercase letters, digits and '-'; rename the EdgeDeployment or set"
+            " spec.service.enabled: false",
+            lambda s: not s.spec.service.enabled or "name" not in s.metadata
+            or re.fullmatch(DNS_1035_LABEL, s.metadata["name"]) is not None,
+        ),
+    )
 
 
 KINDS: dict[str, type[ObjectBase]] = {

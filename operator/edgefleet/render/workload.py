@@ -7,10 +7,11 @@ import hashlib
 import json
 
 from ..api import EdgeDeployment, HardwareProfile, Variant
+from ..api.models import RUNTIME_CACHE_MOUNT
 from .placement import higher_priority, node_affinity
 
 RUNTIME_UID = 10001  # the runtime images run as this user
-CACHE_MOUNT = "/var/lib/edgefleet/cache"
+CACHE_MOUNT = RUNTIME_CACHE_MOUNT  # device mounts may not use it (admission refuses them)
 DIGEST_ANNOTATION = "edgefleet.io/variant-digest"
 TEMPLATE_HASH = "edgefleet.io/template-hash"
 MANAGED_BY = "edgefleet"
