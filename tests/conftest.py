@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -18,13 +19,41 @@ PROFILES = REPO / "operator" / "edgefleet" / "profiles"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for kube_helpers
 
 
+TEST_CLUSTER = "test"  # the session's own cluster; `edgefleet demo` and `cluster up` use "default"
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[edgefleet.devcluster.Cluster]:  # noqa: F821
-    """The local control plane: reused when EDGEFLEET_KUBECONFIG names a running one, else started."""
-    from edgefleet.devcluster import session_cluster
+    """The local control plane: the one EDGEFLEET_CLUSTER names when it runs, else a cluster of the
+    session's own (named "test", never the demo's), started now and stopped afterwards. A reused cluster
+    must not hold other workloads' accelerators: the GPU tests would wait for them until they time out."""
+    from edgefleet.devcluster import is_running, session_cluster
 
+    os.environ.setdefault("EDGEFLEET_CLUSTER", TEST_CLUSTER)
+    reused = is_running(os.environ["EDGEFLEET_CLUSTER"])
     with session_cluster() as c:
+        if reused and (held := foreign_accelerator_pods(c)):
+            pytest.exit(f"cluster {os.environ['EDGEFLEET_CLUSTER']!r} runs pods of other workloads that hold "
+                        f"accelerators ({', '.join(held[:5])}); the tests need those nodes. Run the tests on a "
+                        f"cluster of their own (unset EDGEFLEET_CLUSTER) or remove those workloads "
+                        f"(e.g. kubectl delete namespace edgefleet-demo)", returncode=3)
         yield c
+
+
+def foreign_accelerator_pods(cluster) -> list[str]:
+    """Live pods outside the tests' namespaces (t-*) that request an extended resource such as nvidia.com/gpu."""
+    pods = json.loads(cluster.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+    held = []
+    for pod in pods:
+        meta = pod["metadata"]
+        if meta["namespace"].startswith("t-") or meta.get("deletionTimestamp") or pod.get("status", {}).get(
+                "phase") in ("Succeeded", "Failed"):
+            continue
+        wants = {name for c in pod["spec"].get("containers", [])
+                 for name in (c.get("resources") or {}).get("requests", {}) if "/" in name}
+        if wants:
+            held.append(f"{meta['namespace']}/{meta['name']} ({', '.join(sorted(wants))})")
+    return held
 
 
 @pytest.fixture

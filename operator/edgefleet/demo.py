@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart"
 CHART = REPO / "charts" / "edgefleet"
 NAMESPACE = "edgefleet-demo"
+DEMO_CLUSTER = "default"  # the tests never reuse it unless EDGEFLEET_CLUSTER names it
 
 
 class DemoError(RuntimeError):
@@ -242,8 +243,9 @@ def run_demo(name: str, echo, timeout: float = 600) -> tuple[list[dict], dict]:
 
 
 @click.command("demo")
-@click.option("--name", default=os.environ.get("EDGEFLEET_CLUSTER", "default"), show_default=True,
-              help="Local cluster to use (started when not running).")
+@click.option("--name", default=lambda: os.environ.get("EDGEFLEET_DEMO_CLUSTER", DEMO_CLUSTER),
+              show_default=DEMO_CLUSTER, help="Local cluster to use (started when not running; "
+              "$EDGEFLEET_DEMO_CLUSTER). Not the test session's: the demo's pods keep its GPU nodes busy.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for compile and rollout.")
 def demo_command(name: str, timeout: float) -> None:
     """Bring up the local cluster, install the chart, apply the quickstart, serve and query this
