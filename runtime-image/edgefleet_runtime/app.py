@@ -328,6 +328,10 @@ class App:
         if method not in allowed:
             raise RequestError(405, f"method {method} is not allowed here; use {' or '.join(allowed)}")
 
+    def model(self, name: str, version: str | None) -> LoadedModel:
+        """The served model if ``name``/``version`` name it; RequestError 404 otherwise."""
+        return self._model(name, version)
+
     def _model(self, name: str, version: str | None) -> LoadedModel:
         model = self.slot.current
         if model is None or name != model.name:
@@ -338,6 +342,20 @@ class App:
                 404, f"model '{name}' has no version '{version}'; the served version is '{model.version}'"
             )
         return model
+
+    def run(self, model: LoadedModel, feeds: dict, output_names: list[str]) -> dict:
+        """Run the backend (REST and gRPC); RequestError 400 when it refuses inputs, 500 when it fails."""
+        try:
+            results = model.backend.run(feeds, output_names)
+        except Exception as e:  # the backend refused inputs that passed metadata checks
+            msg = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+            status = 400 if "INVALID_ARGUMENT" in msg or "InvalidArgument" in type(e).__name__ else 500
+            if status == 500:
+                log.error("inference failed", extra={"model": model.name, "error": msg})
+            raise RequestError(status, f"inference failed: {msg}") from None
+        first = next(iter(feeds.values()))
+        self.metrics.batch.observe(first.shape[0] if first.ndim else 1)
+        return results
 
     def _infer(self, name, version, headers, body):
         t0 = time.perf_counter()
@@ -352,17 +370,8 @@ class App:
         if enc and enc.lower() != "identity":
             raise RequestError(415, f"Content-Encoding {enc!r} is not supported")
         req_id, feeds, wanted = decode_infer_request(body, header_length, model.name, model.inputs, model.outputs)
-        try:
-            results = model.backend.run(feeds, [n for n, _ in wanted])
-        except Exception as e:  # the backend refused inputs that passed metadata checks
-            msg = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
-            status = 400 if "INVALID_ARGUMENT" in msg or "InvalidArgument" in type(e).__name__ else 500
-            if status == 500:
-                log.error("inference failed", extra={"model": model.name, "error": msg})
-            raise RequestError(status, f"inference failed: {msg}") from None
+        results = self.run(model, feeds, [n for n, _ in wanted])
         out, json_len = encode_infer_response(model.name, model.version, req_id, results, wanted)
-        first = next(iter(feeds.values()))
-        self.metrics.batch.observe(first.shape[0] if first.ndim else 1)
         self.metrics.latency.observe(time.perf_counter() - t0)
         if json_len is None:
             return self._reply("infer", 200, out)

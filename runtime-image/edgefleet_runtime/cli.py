@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="model", help="model name in URLs (default: model)")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=_env_int("EDGEFLEET_PORT", 8080))
+    s.add_argument(
+        "--grpc-port",
+        type=int,
+        default=_env_int("EDGEFLEET_GRPC_PORT", 0) or None,
+        help="also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService) on this port",
+    )
     s.add_argument("--threads", type=int, default=0, help="intra-op threads per inference (0 = backend default)")
     s.add_argument(
         "--backend",
@@ -231,7 +237,11 @@ def _serve(args) -> int:
         if args.management_port is not None:
             mapp = ManagementApp(app, management)
             servers.append(HTTPServer(mapp, "127.0.0.1", args.management_port, limits, refused))
-    except OSError as e:
+        if args.grpc_port is not None:
+            from .grpcserver import GRPCServer
+
+            servers.append(GRPCServer(app, args.host, args.grpc_port, limits))
+    except (OSError, RuntimeError) as e:
         return die(EXIT_USAGE, f"cannot listen: {e}")
     server = servers[0]
     for s in servers:
@@ -241,6 +251,7 @@ def _serve(args) -> int:
         extra={
             "host": args.host,
             "port": server.port,
+            "grpc_port": args.grpc_port,
             "model": args.name,
             "digest": slot.current.digest,
             "watch": args.watch,
@@ -274,8 +285,8 @@ def _serve(args) -> int:
     if args.shutdown_delay > 0:
         time.sleep(args.shutdown_delay)
     drained = server.shutdown(args.drain_timeout)
-    for s in servers[1:]:
-        s.shutdown(1.0)
+    for s in servers[1:]:  # gRPC and the management port: in-flight calls finish, new ones are refused
+        s.shutdown(args.drain_timeout)
     log.info("stopped", extra={"drained": drained})
     return 0 if drained else 1
 

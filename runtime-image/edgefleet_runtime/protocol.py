@@ -107,6 +107,30 @@ def _json_values(name: str, data: list, datatype: str, dtype: np.dtype) -> np.nd
     return out
 
 
+def check_tensor(name: str, datatype, shape, model_name: str, inputs: dict[str, TensorSpec], feeds: dict):
+    """One input's name, datatype and shape against the model (REST and gRPC): ``(spec, element count)``."""
+    spec = inputs.get(name)
+    if spec is None:
+        raise _bad(f"unexpected input '{name}' for model '{model_name}'; expected inputs: {', '.join(inputs)}")
+    if name in feeds:
+        raise _bad(f"input '{name}' is given more than once")
+    if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
+        raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
+    if datatype != spec.datatype:
+        raise _bad(f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _bad(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) != len(spec.shape) or any(m != -1 and d != m for d, m in zip(shape, spec.shape, strict=True)):
+        raise _bad(
+            f"input '{name}': shape {_fmt_shape(shape)} does not match the model's {_fmt_shape(spec.shape)}"
+            " (-1 = any size)"
+        )
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise RequestError(413, f"input '{name}': {count} elements is more than this server accepts")
+    return spec, count
+
+
 def decode_infer_request(
     body: bytes,
     header_length: int | None,
@@ -146,27 +170,8 @@ def decode_infer_request(
         name = t.get("name")
         if not isinstance(name, str):
             raise _bad(f"inputs[{i}].name must be a string")
-        spec = inputs.get(name)
-        if spec is None:
-            raise _bad(f"unexpected input '{name}' for model '{model_name}'; expected inputs: {', '.join(inputs)}")
-        if name in feeds:
-            raise _bad(f"input '{name}' is given more than once")
-        datatype = t.get("datatype")
-        if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
-            raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
-        if datatype != spec.datatype:
-            raise _bad(f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
-        shape = t.get("shape")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _bad(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-        if len(shape) != len(spec.shape) or any(m != -1 and d != m for d, m in zip(shape, spec.shape, strict=True)):
-            raise _bad(
-                f"input '{name}': shape {_fmt_shape(shape)} does not match the model's {_fmt_shape(spec.shape)}"
-                " (-1 = any size)"
-            )
-        count = math.prod(shape)
-        if count > MAX_ELEMENTS:
-            raise RequestError(413, f"input '{name}': {count} elements is more than this server accepts")
+        datatype, shape = t.get("datatype"), t.get("shape")
+        spec, count = check_tensor(name, datatype, shape, model_name, inputs, feeds)
         dtype = spec.dtype
         tparams = t.get("parameters") or {}
         if not isinstance(tparams, dict):

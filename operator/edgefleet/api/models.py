@@ -552,6 +552,18 @@ class RuntimeSettings(Model):
     """Inference threads per pod; omitted means one per CPU the pod may use."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """Container port of the Open Inference Protocol v2 REST API."""
+    grpc_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """Container port of the Open Inference Protocol v2 gRPC API (inference.GRPCInferenceService, as
+    KServe and Triton serve it), e.g. 8081; omitted means REST only."""
+
+    cel_rules = (
+        Rule(
+            "!has(self.grpcPort) || self.grpcPort != self.port",
+            "runtime.grpcPort must differ from runtime.port (REST); pick another port, e.g. 8081",
+            lambda s: s.grpc_port is None or s.grpc_port != s.port,
+            ".grpcPort",
+        ),
+    )
 
 
 class ServiceSettings(Model):
@@ -597,6 +609,13 @@ class EdgeDeploymentSpec(Model):
             " or use mode Replicas",
             lambda s: s.mode != "PerNode" or s.replicas is None,
             ".replicas",
+        ),
+        Rule(
+            "!has(self.runtime.grpcPort) || !has(self.service.port) || self.runtime.grpcPort != self.service.port",
+            "spec.runtime.grpcPort is also the Service's gRPC port and must differ from spec.service.port (REST);"
+            " pick another, e.g. 8081",
+            lambda s: s.runtime.grpc_port is None or s.runtime.grpc_port != s.service.port,
+            ".runtime.grpcPort",
         ),
     )
 

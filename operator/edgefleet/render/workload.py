@@ -125,13 +125,17 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
                   f"--name={model}", f"--port={port}"]
     if ed.spec.runtime.threads:
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
+    ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    if ed.spec.runtime.grpc_port:
+        serve_args.append(f"--grpc-port={ed.spec.runtime.grpc_port}")
+        ports.append({"name": "grpc", "containerPort": ed.spec.runtime.grpc_port, "protocol": "TCP"})
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
     serve = {
         "name": "runtime",
         "image": profile.spec.runtime_image,
         "command": ["edgefleet-runtime"],
         "args": serve_args,
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "ports": ports,
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": "http"}, "failureThreshold": 6},
         "resources": _resources(profile),
@@ -234,6 +238,9 @@ def render_service(ed: EdgeDeployment) -> dict:
         "selector": labels,
         "ports": [{"name": "http", "port": ed.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
     }
+    if ed.spec.runtime.grpc_port:  # the same port number on the Service as in the pod
+        port = ed.spec.runtime.grpc_port
+        spec["ports"].append({"name": "grpc", "port": port, "targetPort": "grpc", "protocol": "TCP"})
     if ed.spec.service.type == "ClusterIP":
         spec["internalTrafficPolicy"] = "Local"  # serve on the node the request came from
     return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(ed, name, labels), "spec": spec}

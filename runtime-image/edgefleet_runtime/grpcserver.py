@@ -1,0 +1,360 @@
+"""Open Inference Protocol v2 over gRPC: ``inference.GRPCInferenceService`` as KServe and Triton serve it.
+
+A thin transport over the same data plane as REST (``App.model`` / ``App.run`` and the tensor checks of
+``protocol``). Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer
+(typed ``contents`` or ``raw_input_contents``; outputs always as ``raw_output_contents``). Other methods
+answer UNIMPLEMENTED.
+
+No generated code: the messages are described below in Python (field numbers and types as in KServe's
+``open_inference_grpc.proto`` / Triton's ``grpc_service.proto``; tests compare them with tritonclient's)
+and built into a private descriptor pool at import. That keeps the runtime free of a protoc step and of
+the pinning between generated ``_pb2`` files and the protobuf runtime.
+
+Limits, as for REST: messages over the model's body limit are refused (RESOURCE_EXHAUSTED) before they
+are parsed, infer calls beyond ``max_concurrency`` get UNAVAILABLE with a retry hint, idle connections
+close after ``idle_seconds``, a connection must finish its HTTP/2 handshake within ``header_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from . import __version__
+from .backends import NP_TO_OIP
+from .protocol import RequestError, _bytes_tensor_to_binary, _decode_bytes_tensor, check_tensor
+
+log = logging.getLogger("edgefleet_runtime.grpc")
+
+SERVICE = "inference.GRPCInferenceService"
+F = descriptor_pb2.FieldDescriptorProto
+_TYPES = {
+    "bool": F.TYPE_BOOL, "string": F.TYPE_STRING, "bytes": F.TYPE_BYTES, "int32": F.TYPE_INT32,
+    "int64": F.TYPE_INT64, "uint32": F.TYPE_UINT32, "uint64": F.TYPE_UINT64, "float": F.TYPE_FLOAT,
+    "double": F.TYPE_DOUBLE,
+}  # fmt: skip
+_PARAMS = ("parameters", 4, "map", ".inference.InferParameter")
+_CONTENTS_TYPE = ".inference.InferTensorContents"
+_TENSOR = [("name", 1, "string"), ("datatype", 2, "string"), ("shape", 3, "repeated int64")]
+# message name -> fields (name, number, type[, message type]); nested messages as "Outer.Inner"
+MESSAGES: dict[str, list[tuple]] = {
+    "ServerLiveRequest": [],
+    "ServerLiveResponse": [("live", 1, "bool")],
+    "ServerReadyRequest": [],
+    "ServerReadyResponse": [("ready", 1, "bool")],
+    "ModelReadyRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelReadyResponse": [("ready", 1, "bool")],
+    "ServerMetadataRequest": [],
+    "ServerMetadataResponse": [
+        ("name", 1, "string"), ("version", 2, "string"), ("extensions", 3, "repeated string"),
+    ],
+    "ModelMetadataRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelMetadataResponse": [
+        ("name", 1, "string"), ("versions", 2, "repeated string"), ("platform", 3, "string"),
+        ("inputs", 4, "repeated", ".inference.ModelMetadataResponse.TensorMetadata"),
+        ("outputs", 5, "repeated", ".inference.ModelMetadataResponse.TensorMetadata"),
+    ],
+    "ModelMetadataResponse.TensorMetadata": _TENSOR,
+    "InferParameter": [
+        ("bool_param", 1, "oneof bool"), ("int64_param", 2, "oneof int64"), ("string_param", 3, "oneof string"),
+        ("double_param", 4, "oneof double"), ("uint64_param", 5, "oneof uint64"),
+    ],
+    "InferTensorContents": [
+        ("bool_contents", 1, "repeated bool"), ("int_contents", 2, "repeated int32"),
+        ("int64_contents", 3, "repeated int64"), ("uint_contents", 4, "repeated uint32"),
+        ("uint64_contents", 5, "repeated uint64"), ("fp32_contents", 6, "repeated float"),
+        ("fp64_contents", 7, "repeated double"), ("bytes_contents", 8, "repeated bytes"),
+    ],
+    "ModelInferRequest": [
+        ("model_name", 1, "string"), ("model_version", 2, "string"), ("id", 3, "string"), _PARAMS,
+        ("inputs", 5, "repeated", ".inference.ModelInferRequest.InferInputTensor"),
+        ("outputs", 6, "repeated", ".inference.ModelInferRequest.InferRequestedOutputTensor"),
+        ("raw_input_contents", 7, "repeated bytes"),
+    ],
+    "ModelInferRequest.InferInputTensor": [*_TENSOR, _PARAMS, ("contents", 5, "message", _CONTENTS_TYPE)],
+    "ModelInferRequest.InferRequestedOutputTensor": [
+        ("name", 1, "string"), ("parameters", 2, "map", ".inference.InferParameter"),
+    ],
+    "ModelInferResponse": [
+        ("model_name", 1, "string"), ("model_version", 2, "string"), ("id", 3, "string"), _PARAMS,
+        ("outputs", 5, "repeated", ".inference.ModelInferResponse.InferOutputTensor"),
+        ("raw_output_contents", 6, "repeated bytes"),
+    ],
+    "ModelInferResponse.InferOutputTensor": [*_TENSOR, _PARAMS, ("contents", 5, "message", _CONTENTS_TYPE)],
+}  # fmt: skip
+
+
+def _add_field(msg: descriptor_pb2.DescriptorProto, spec: tuple) -> None:
+    name, number, kind = spec[:3]
+    f = msg.field.add(name=name, number=number, label=F.LABEL_OPTIONAL)
+    words = kind.split()
+    if words[0] == "repeated":
+        f.label = F.LABEL_REPEATED
+        words = words[1:]
+    if words and words[0] == "oneof":
+        if not msg.oneof_decl:
+            msg.oneof_decl.add(name="parameter_choice")
+        f.oneof_index = 0
+        words = words[1:]
+    if words == ["map"]:  # map<string, InferParameter>: a repeated nested entry message
+        entry = msg.nested_type.add(name="".join(p.title() for p in name.split("_")) + "Entry")
+        entry.options.map_entry = True
+        entry.field.add(name="key", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_STRING)
+        entry.field.add(name="value", number=2, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE, type_name=spec[3])
+        f.label, f.type, f.type_name = F.LABEL_REPEATED, F.TYPE_MESSAGE, entry.name
+    elif words in ([], ["message"]):
+        f.type, f.type_name = F.TYPE_MESSAGE, spec[3]
+    else:
+        f.type = _TYPES[words[0]]
+
+
+def _file() -> descriptor_pb2.FileDescriptorProto:
+    fd = descriptor_pb2.FileDescriptorProto(name="edgefleet_oip.proto", package="inference", syntax="proto3")
+    tops: dict[str, descriptor_pb2.DescriptorProto] = {}
+    for full, fields in MESSAGES.items():
+        outer, _, inner = full.partition(".")
+        if not inner:
+            msg = tops[outer] = fd.message_type.add(name=outer)
+        else:
+            msg = tops[outer].nested_type.add(name=inner)
+        for spec in fields:
+            _add_field(msg, spec)
+    for msg in fd.message_type:  # map entry type names are relative to the message that holds them
+        _qualify(msg, ".inference." + msg.name)
+    return fd
+
+
+def _qualify(msg, prefix: str) -> None:
+    for f in msg.field:
+        if f.type == F.TYPE_MESSAGE and not f.type_name.startswith("."):
+            f.type_name = f"{prefix}.{f.type_name}"
+    for nested in msg.nested_type:
+        _qualify(nested, f"{prefix}.{nested.name}")
+
+
+POOL = descriptor_pool.DescriptorPool()
+POOL.Add(_file())
+pb = type("pb", (), {})  # pb.ModelInferRequest, ... : message classes by name
+for _name in MESSAGES:
+    if "." not in _name:
+        setattr(pb, _name, message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"inference.{_name}")))
+
+_CONTENTS = {  # datatype -> the InferTensorContents field that carries it
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}  # fmt: skip
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+}  # fmt: skip
+
+
+def decode_request(req, model) -> tuple[dict, list[str]]:
+    """``(feeds, output names)`` of a ModelInferRequest, with the same checks and messages as REST."""
+    if not req.inputs:
+        raise RequestError(400, "field 'inputs' must be a non-empty list of tensors")
+    raw = req.raw_input_contents
+    if raw and len(raw) != len(req.inputs):
+        raise RequestError(
+            400, f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs; give one per input"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    for i, t in enumerate(req.inputs):
+        shape = list(t.shape)
+        spec, count = check_tensor(t.name, t.datatype, shape, model.name, model.inputs, feeds)
+        arr = _raw_tensor(t.name, raw[i], spec, count) if raw else _typed_tensor(t, spec, count)
+        feeds[t.name] = arr.reshape(shape)
+    missing = [n for n in model.inputs if n not in feeds]
+    if missing:
+        raise RequestError(400, f"missing input(s) for model '{model.name}': {', '.join(missing)}")
+    names = [o.name for o in req.outputs] or list(model.outputs)
+    for n in names:
+        if n not in model.outputs:
+            known = ", ".join(model.outputs)
+            raise RequestError(400, f"unknown output '{n}' for model '{model.name}'; outputs: {known}")
+    return feeds, names
+
+
+def _raw_tensor(name: str, buf: bytes, spec, count: int) -> np.ndarray:
+    if spec.datatype == "BYTES":
+        return _decode_bytes_tensor(memoryview(buf), count, name)
+    want = count * spec.dtype.itemsize
+    if len(buf) != want:
+        raise RequestError(
+            400, f"input '{name}': raw_input_contents has {len(buf)} bytes; shape and {spec.datatype} need {want}"
+        )
+    return np.frombuffer(buf, dtype=spec.dtype.newbyteorder("<"))
+
+
+def _typed_tensor(t, spec, count: int) -> np.ndarray:
+    field = _CONTENTS.get(spec.datatype)
+    if field is None:
+        raise RequestError(400, f"input '{t.name}': {spec.datatype} has no typed contents; send raw_input_contents")
+    values = getattr(t.contents, field)
+    if len(values) != count:
+        raise RequestError(
+            400, f"input '{t.name}': contents.{field} has {len(values)} values but the shape needs {count}"
+        )
+    if spec.datatype == "BYTES":
+        return np.array(list(values), dtype=object)
+    arr = np.asarray(values)
+    if spec.dtype.kind in "iu" and arr.size:
+        info = np.iinfo(spec.dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise RequestError(400, f"input '{t.name}': values outside {spec.datatype}'s range")
+    return arr.astype(spec.dtype, copy=False)
+
+
+def encode_response(model, req_id: str, results: dict, names: list[str]):
+    resp = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=req_id)
+    for n in names:
+        arr = results[n]
+        datatype = NP_TO_OIP.get(arr.dtype, "BYTES")
+        resp.outputs.add(name=n, datatype=datatype, shape=arr.shape)
+        if datatype == "BYTES":
+            resp.raw_output_contents.append(_bytes_tensor_to_binary(arr))
+        else:
+            resp.raw_output_contents.append(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+    return resp
+
+
+class InferenceService:
+    """The service's methods; ``app`` is the REST App (one data plane, one model slot, one set of metrics)."""
+
+    def __init__(self, app, limits):
+        self.app = app
+        self.limits = limits
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def _fail(self, context, e: RequestError):
+        self.app.metrics.count("grpc", e.status)
+        context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.app.ready)
+
+    def ModelReady(self, request, context):
+        try:
+            self.app.model(request.name, request.version)
+        except RequestError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.app.ready)
+
+    def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name="edgefleet-runtime", version=__version__, extensions=["binary_tensor_data"]
+        )
+
+    def ModelMetadata(self, request, context):
+        try:
+            m = self.app.model(request.name, request.version)
+        except RequestError as e:
+            return self._fail(context, e)
+        resp = pb.ModelMetadataResponse(name=m.name, versions=[m.version], platform=m.backend.platform)
+        for src, dst in ((m.inputs, resp.inputs), (m.outputs, resp.outputs)):
+            for t in src.values():
+                dst.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        return resp
+
+    def ModelInfer(self, raw: bytes, context):
+        """``raw`` is the undecoded message: its size is checked against the model's limit before parsing."""
+        with self._lock:
+            over = self._running >= self.limits.max_concurrency
+            if not over:
+                self._running += 1
+        if over:
+            self.app.metrics.count_refused("concurrency")
+            context.set_trailing_metadata((("retry-after", "1"),))
+            return self._fail(context, RequestError(503, "the server is at its concurrency limit; retry after 1 s"))
+        try:
+            return self._infer(raw, context)
+        except RequestError as e:
+            return self._fail(context, e)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def _infer(self, raw: bytes, context):
+        t0 = time.perf_counter()
+        current = self.app.slot.current
+        limit = min(self.limits.max_body_bytes, (current.body_limit if current else None) or math.inf)
+        if len(raw) > limit:
+            self.app.metrics.count_refused("body_too_large")
+            raise RequestError(413, f"message of {len(raw)} bytes is over the limit of {limit} bytes (what the "
+                                    "model's inputs can need at --max-batch, capped by --max-body-bytes)")
+        try:
+            req = pb.ModelInferRequest.FromString(raw)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between its implementations
+            raise RequestError(400, "malformed ModelInferRequest message") from None
+        model = self.app.model(req.model_name, req.model_version)
+        feeds, names = decode_request(req, model)
+        results = self.app.run(model, feeds, names)
+        resp = encode_response(model, req.id, results, names)
+        self.app.metrics.count("grpc", 200)
+        self.app.metrics.latency.observe(time.perf_counter() - t0)
+        return resp
+
+
+def _handler(service: InferenceService) -> grpc.GenericRpcHandler:
+    def unary(method, request_type, response_type=None, raw=False):
+        return grpc.unary_unary_rpc_method_handler(
+            getattr(service, method),
+            request_deserializer=None if raw else request_type.FromString,
+            response_serializer=(response_type or request_type).SerializeToString,
+        )
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "ServerLive": unary("ServerLive", pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": unary("ServerReady", pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": unary("ModelReady", pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": unary("ServerMetadata", pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+            "ModelMetadata": unary("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+            "ModelInfer": unary("ModelInfer", None, pb.ModelInferResponse, raw=True),
+        },
+    )
+
+
+class GRPCServer:
+    def __init__(self, app, host: str, port: int, limits):
+        self.service = InferenceService(app, limits)
+        options = [
+            ("grpc.max_receive_message_length", limits.max_body_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_concurrent_streams", 64),
+            ("grpc.max_connection_idle_ms", int(limits.idle_seconds * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(limits.header_seconds * 1000)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.so_reuseport", 0),
+        ]
+        workers = limits.max_concurrency + 4  # a few beyond the limit so that refusals are answered, not queued
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            handlers=[_handler(self.service)],
+            options=options,
+            maximum_concurrent_rpcs=workers * 4,
+        )
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address} (gRPC)")
+
+    def start(self) -> None:
+        self.server.start()
+
+    def shutdown(self, timeout: float) -> None:
+        self.server.stop(timeout).wait(timeout + 1)
+
