@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -107,6 +109,8 @@ COMPONENTS: dict[str, Component] = {
             ],
         ),
         # the real node (`edgefleet cluster up --real-node`); runc and iptables come from the host
+        _kube("kubelet"),
+        _kube("kube-proxy"),
         _containerd("containerd"),
         _containerd("containerd-shim-runc-v2"),
         _containerd("ctr"),
@@ -120,8 +124,8 @@ COMPONENTS: dict[str, Component] = {
     ]
 }
 
-# what `up --real-node` needs beyond the control plane (kubelet and kube-proxy join once the recipe has them)
-NODE_COMPONENTS = ("containerd", "containerd-shim-runc-v2", "ctr", "cni-plugins")
+# what `up --real-node` needs beyond the control plane
+NODE_COMPONENTS = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "cni-plugins")
 
 
 class BuildError(RuntimeError):
@@ -163,12 +167,25 @@ def build_all(echo=print, names: list[str] | None = None) -> dict[str, float]:
     for i, comp in enumerate(todo, 1):
         echo(f"[build {i}/{len(todo)}] {comp.name} {comp.version} (cold builds take minutes) ...")
         start = time.monotonic()
-        log = _build_one(go, comp)
+        with _build_lock(comp):  # another process (a second `up`, `images build`) may be building it too
+            if binary_path(comp.name).exists():
+                echo(f"[build {i}/{len(todo)}] {comp.name}: built meanwhile by another process")
+                continue
+            log = _build_one(go, comp)
         timings[comp.name] = time.monotonic() - start
         with log.open("a") as fh:
             fh.write(f"built in {timings[comp.name]:.1f}s\n")
         echo(f"[build {i}/{len(todo)}] {comp.name} done in {timings[comp.name]:.0f}s")
     return timings
+
+
+@contextlib.contextmanager
+def _build_lock(comp: Component):
+    path = cache_dir() / "locks" / f"build-{comp.name}-{comp.version}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def _build_one(go: str, comp: Component) -> Path:
@@ -177,7 +194,7 @@ def _build_one(go: str, comp: Component) -> Path:
     log = cache_dir() / "logs" / f"build-{comp.name}-{comp.version}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     target = f"{tmp}/" if len(comp.packages) > 1 else str(tmp)  # a folder: one binary per package
     tags = ["-tags", ",".join(comp.tags)] if comp.tags else []
     cmd = [go, "build", "-trimpath", *tags, "-ldflags", " ".join(["-s", "-w", *comp.ldflags]), "-o", target,

@@ -44,7 +44,7 @@ CGROUP_ROOT = "edgefleet"  # kubelet's cgroup root, under each cgroup v1 control
 CHAIN = "EDGEFLEET"  # our iptables chains: EDGEFLEET-PRE (nat), EDGEFLEET-FWD (filter)
 TAINT = {"key": "edgefleet.io/real-node", "value": "true", "effect": "NoSchedule"}
 PROCESSES = ["containerd", "kubelet", "kube-proxy"]
-NEEDS = ("kubelet", "kube-proxy", *components.NODE_COMPONENTS)
+NEEDS = components.NODE_COMPONENTS
 CLAIM = Path("/run/edgefleet/real-node")  # which cluster's state holds this machine's real node
 INSTALL = "apt-get install -y --no-install-recommends runc iptables"
 NFD_CPUID = "feature.node.kubernetes.io/cpu-cpuid."
@@ -350,6 +350,7 @@ def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def _network_up(state: Path, ports: dict[str, int]) -> None:
     node = state / "node"
+    _remove_chains()  # left by a node that crashed
     if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
     _run("ip", "addr", "replace", f"{NODE_IP}/{POD_SUBNET.split('/')[1]}", "dev", BRIDGE)
@@ -377,6 +378,17 @@ def _kubernetes_service_ip() -> str:
 
 
 def _network_down(state: Path) -> list[str]:
+    problems = _remove_chains()
+    if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+        if _run("ip", "link", "del", BRIDGE, check=False).returncode != 0:
+            problems.append(f"bridge {BRIDGE}")
+    before = state / "node" / "ip_forward.before"
+    if before.exists():
+        Path("/proc/sys/net/ipv4/ip_forward").write_text(before.read_text())
+    return problems
+
+
+def _remove_chains() -> list[str]:
     problems = []
     for table, hook, args in (("nat", "PREROUTING", ["-i", BRIDGE]), ("filter", "FORWARD", [])):
         chain = f"{CHAIN}-PRE" if table == "nat" else f"{CHAIN}-FWD"
@@ -386,12 +398,6 @@ def _network_down(state: Path) -> list[str]:
             _iptables("-t", table, "-F", chain, check=False)
             if _iptables("-t", table, "-X", chain, check=False).returncode != 0:
                 problems.append(f"iptables chain {table}/{chain}")
-    if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
-        if _run("ip", "link", "del", BRIDGE, check=False).returncode != 0:
-            problems.append(f"bridge {BRIDGE}")
-    before = state / "node" / "ip_forward.before"
-    if before.exists():
-        Path("/proc/sys/net/ipv4/ip_forward").write_text(before.read_text())
     return problems
 
 
@@ -427,8 +433,7 @@ def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeo
     (node / "containerd.toml").write_text(_containerd_config(state, sandbox.ref, ports["registry"]))
     (node / "cni").mkdir(exist_ok=True)
     (node / "cni" / "10-edgefleet.conflist").write_text(_cni_config(node))
-    for ctrl in _cgroup_roots():
-        (ctrl / CGROUP_ROOT).mkdir(exist_ok=True)
+    _make_cgroup_root()
     echo("starting containerd")
     _start(state, "containerd", ["--config", str(node / "containerd.toml"), "--log-level", "warn"])
     _wait("containerd", lambda: _ctr(state, "version", timeout=5).returncode == 0, timeout, state, "containerd")
@@ -472,6 +477,14 @@ def _free_port() -> int:
     from .cluster import free_port
 
     return free_port()
+
+
+def _make_cgroup_root() -> None:
+    for ctrl in _cgroup_roots():
+        (ctrl / CGROUP_ROOT).mkdir(exist_ok=True)
+        for name in ("cpuset.cpus", "cpuset.mems"):  # a new v1 cpuset starts empty: no task could join it
+            if (ctrl / name).exists() and not (ctrl / CGROUP_ROOT / name).read_text().strip():
+                (ctrl / CGROUP_ROOT / name).write_text((ctrl / name).read_text())
 
 
 def _cgroup_roots() -> list[Path]:
@@ -574,16 +587,21 @@ MNT_DETACH = 2
 def _unmount_under(state: Path) -> list[str]:
     """Unmount everything mounted under the state directory, deepest first (kubelet volumes, container
     root filesystems, network namespaces)."""
-    prefix = str(state.resolve()) + "/"
     problems = []
     for _ in range(5):
-        mounts = [m for m in _mountpoints() if m.startswith(prefix)]
+        mounts = mounts_under(state)
         if not mounts:
             return []
         for mount in sorted(mounts, key=len, reverse=True):
             if _libc.umount2(mount.encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (22, 2):
                 problems.append(f"mount {mount}: {os.strerror(ctypes.get_errno())}")
     return problems or [f"mounts under {state}"]
+
+
+def mounts_under(state: Path) -> list[str]:
+    """Mount points below `state` (deleting a folder with a mount below it would delete the mounted files)."""
+    prefix = str(state.resolve()) + "/"
+    return [m for m in _mountpoints() if m.startswith(prefix)]
 
 
 def _mountpoints() -> list[str]:
