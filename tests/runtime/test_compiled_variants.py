@@ -65,9 +65,17 @@ CASES = {
         "application/vnd.edgefleet.model.tflite",
         b"",
     ),
+    # ONNX -> full-int8 .tflite (int8 in and out) for the coral-edgetpu profile, by onnx2tf + TensorFlow
+    "tflite-from-onnx": (
+        DIGITS,
+        compiler.load_profiles(None)["coral-edgetpu"],
+        lambda: _digits_policy(calibration=DIGITS_CALIB),
+        "application/vnd.edgefleet.model.tflite",
+        b"",
+    ),
 }
 PLATFORM = {"onnx-pruned-gzip": "onnxruntime_onnx", "openvino-int8-zip": "openvino", "onnx-int8": "onnxruntime_onnx",
-            "tflite": "tensorflow_lite"}
+            "tflite": "tensorflow_lite", "tflite-from-onnx": "tensorflow_lite"}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +96,11 @@ def compiled(store_root, tmp_path_factory):
             if case == "openvino-int8-zip":
                 pytest.importorskip("openvino")
                 pytest.importorskip("nncf")
+            if case == "tflite-from-onnx":
+                from edgefleet.compiler import tflite_convert
+
+                if tflite_convert.missing():
+                    pytest.skip(tflite_convert.missing())
             if case == "tflite":
                 pytest.importorskip("ai_edge_litert")
                 if not PALM.exists():

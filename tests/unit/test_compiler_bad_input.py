@@ -97,10 +97,10 @@ def test_missing_optional_extra(tmp_path, monkeypatch):
 
 def test_variant_failure_exit_code(tmp_path):
     prof = tmp_path / "p.yaml"
-    prof.write_text("apiVersion: edgefleet.io/v1alpha1\nkind: HardwareProfile\nmetadata: {name: pi-tflite}\n"
-                    "spec:\n  target: {format: tflite, precision: int8, runtime: litert}\n")
-    res, pub = run(tmp_path, DIGITS, "--profiles-file", prof, "--profile", "pi-tflite")
-    assert res.exit_code == 1 and "ConversionUnavailable" in res.output and pub == []
+    prof.write_text("apiVersion: edgefleet.io/v1alpha1\nkind: HardwareProfile\nmetadata: {name: mac}\n"
+                    "spec:\n  target: {format: coreml, precision: fp16, runtime: coreml}\n")
+    res, pub = run(tmp_path, DIGITS, "--profiles-file", prof, "--profile", "mac")
+    assert res.exit_code == 1 and "ToolchainUnavailable" in res.output and pub == []
 
 
 def test_unknown_profile(tmp_path):

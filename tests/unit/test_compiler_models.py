@@ -14,6 +14,7 @@ from edgefleet.compiler import (
     Target,
     compile_model,
     load_profiles,
+    tflite_convert,
 )
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
@@ -74,8 +75,11 @@ def test_cpu_int8_choice_is_smaller_faster_and_inside_budget(digits_all):
 def test_unreachable_targets_say_why(digits_all):
     _, result, _, _ = digits_all
     for v in result.variants.values():
-        if v.target.format == "tflite":
+        if v.target.format == "tflite" and tflite_convert.missing():
             assert v.state == "Failed" and v.reason == "ConversionUnavailable"
+            assert "edgefleet[tflite-convert]" in v.message
+        elif v.target.format == "tflite":  # onnx2tf installed: converted, and the CPU stand-in is said
+            assert v.state == "Ready" and "edgetpu_compiler" in v.message, v.message
         if v.target.executionProvider in ("cuda", "tensorrt") and v.state == "Ready":
             assert "stand-in" in v.message
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import litert, onnx_passes
+from . import litert, onnx_passes, tflite_convert
 from .measure import bind, compare, default_threads, latency, load_arrays, open_runner, run_all, synthetic
 from .types import (
     AccuracyBudget,
@@ -41,7 +41,8 @@ OPENVINO_MEDIA = "application/vnd.edgefleet.model.openvino-ir+zip"
 
 def toolchain_versions() -> dict[str, str]:
     out = {"edgefleet-compiler": COMPILER_VERSION}
-    for pkg in ("onnx", "onnxruntime", "numpy", "ai-edge-litert", "ai-edge-quantizer", "openvino", "nncf"):
+    for pkg in ("onnx", "onnxruntime", "numpy", "ai-edge-litert", "ai-edge-quantizer", "openvino", "nncf", "onnx2tf",
+                "tensorflow"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -177,9 +178,15 @@ def plan(target: Target, source_format: str, policy: Policy) -> tuple[list[Spec]
                                             "on a supported host); compile in a macOS Job")
     if source_format == "onnx":
         if target.format == "tflite" or target.runtime == "litert":
-            return [], "ConversionUnavailable", (
-                "ONNX -> .tflite needs onnx2tf + TensorFlow 2.19, which only the isolated compile-Job image "
-                "carries; run the compile Job, or give a .tflite source for this profile")
+            why = tflite_convert.missing()
+            if why:
+                return [], "ConversionUnavailable", why + ", or give a .tflite source for this profile"
+            qs = tflite_convert.flavours(wanted, target.delegate)
+            if not qs:
+                built = "static-int8 (a delegate needs full int8)" if target.delegate else "none, dynamic-/static-int8"
+                return [], "PrecisionNotSupported", f"ONNX -> .tflite builds {built}, not {', '.join(wanted)}"
+            return [Spec(f"litert-{'fp32' if q == 'none' else q}", "tflite", _PRECISION[q], q, "litert",
+                         f"onnx2tf-{q}") for q in qs], None, ""
         if target.format == "openvino" or target.runtime == "openvino":
             if not (_has("openvino") and _has("nncf")):
                 return [], "MissingExtra", ("the OpenVINO target needs openvino and nncf; "
@@ -216,6 +223,9 @@ def plan(target: Target, source_format: str, policy: Policy) -> tuple[list[Spec]
 
 
 def measurable(target: Target) -> tuple[bool, str]:
+    if target.delegate and target.format == "tflite":
+        return False, (f"{target.delegate} is not on this host: latency measured on CPU; the Edge TPU runs only "
+                       "models compiled by edgetpu_compiler, so on the node this variant runs on its CPU")
     if target.runtime == "onnxruntime" and target.executionProvider not in (None, "cpu"):
         return False, f"{target.executionProvider} is not on this host: latency measured on CPU as a stand-in"
     return True, ""
@@ -338,6 +348,10 @@ class _Session:
     def _build(self, spec: Spec) -> tuple[bytes, str]:
         b = spec.build
         self.say(f"build: {spec.name}")
+        if b.startswith("onnx2tf-"):
+            src = onnx_passes.prune(self.normalized, self.policy.sparsity) if self.policy.sparsity else self.normalized
+            return tflite_convert.build(src, b.removeprefix("onnx2tf-"), self.calib_feeds, self.tmp / "onnx2tf",
+                                        self.say, {k: v.shape for k, v in self.feed1.items()}), TFLITE_MEDIA
         if b == "tfl-source":
             return self.source, TFLITE_MEDIA
         if b == "tfl-dynamic":

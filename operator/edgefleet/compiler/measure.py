@@ -69,10 +69,36 @@ class LiteRTRunner(Runner):
                        for d in self._in]
 
     def run(self, feeds):
+        now = self.interp.get_input_details()
+        if any(tuple(d["shape"]) != feeds[d["name"]].shape for d in now):  # dynamic dims: resize as the runtime does
+            for d in now:
+                self.interp.resize_tensor_input(d["index"], list(feeds[d["name"]].shape))
+            self.interp.allocate_tensors()
         for d in self._in:
-            self.interp.set_tensor(d["index"], feeds[d["name"]])
+            self.interp.set_tensor(d["index"], _quantize(feeds[d["name"]], d))
         self.interp.invoke()
-        return [self.interp.get_tensor(d["index"]).copy() for d in self._out]
+        return [_dequantize(self.interp.get_tensor(d["index"]).copy(), d) for d in self._out]
+
+
+def _int_scale(d) -> tuple[float, int] | None:
+    """(scale, zero point) of an int8/uint8 tensor that stands for floats; as the runtime's LiteRT backend."""
+    scale, zero = d.get("quantization", (0.0, 0))
+    if np.dtype(d["dtype"]) in (np.int8, np.uint8, np.int16) and scale:
+        return float(scale), int(zero)
+    return None
+
+
+def _quantize(arr: np.ndarray, d) -> np.ndarray:
+    q = _int_scale(d)
+    if q is None or np.issubdtype(arr.dtype, np.integer):
+        return arr
+    info = np.iinfo(d["dtype"])
+    return np.clip(np.round(arr / q[0]) + q[1], info.min, info.max).astype(d["dtype"])
+
+
+def _dequantize(val: np.ndarray, d) -> np.ndarray:
+    q = _int_scale(d)
+    return val if q is None else ((val.astype(np.float32) - q[1]) * q[0]).astype(np.float32)
 
 
 class OpenVINORunner(Runner):
