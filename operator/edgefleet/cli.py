@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "compile": "edgefleet.compiler.cli:compile_command",
     "operator": "edgefleet.handlers.cli:operator_command",
     "demo": "edgefleet.demo:demo_command",
+    "images": "edgefleet.images.cli:images",
 }
 
 
