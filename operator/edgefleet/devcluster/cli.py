@@ -33,10 +33,13 @@ def cluster() -> None:
 )
 @click.option("--scale", type=click.IntRange(min=0), help="Nodes per device class (overrides each count).")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for each step.")
-def up(name: str, fleet_file: str | None, scale: int | None, timeout: float) -> None:
+@click.option("--real-node", is_flag=True,
+              help="Also run this machine as a node with real pods (kubelet, containerd, runc, CNI, kube-proxy; "
+                   "needs root, runc and iptables). Adds it to a running cluster too.")
+def up(name: str, fleet_file: str | None, scale: int | None, timeout: float, real_node: bool) -> None:
     """Build (once) and start the cluster, create the fleet, wait until every node is Ready."""
     try:
-        c = dc.up(name, fleet=fleet_file, scale=scale, echo=_echo, timeout=timeout)
+        c = dc.up(name, fleet=fleet_file, scale=scale, echo=_echo, timeout=timeout, real_node=real_node)
     except (dc.ClusterError, components.BuildError, FleetError) as err:
         _fail(err)
     click.echo(f"export KUBECONFIG={c.kubeconfig}")
@@ -67,6 +70,9 @@ def status(name: str, as_json: bool) -> None:
         click.echo(f"  {comp:<24} {c['version']:<9} port {c['port'] or '-':<6} pid {c['pid'] or '-':<8} {state}")
     if "nodes" in st:
         click.echo(f"  nodes: {st['nodes']['ready']}/{st['nodes']['total']} Ready")
+    if "realNode" in st:
+        real = st["realNode"]
+        click.echo(f"  real node: {real['name']} {real['ip']} pods {real['podSubnet']} bridge {real['bridge']}")
     if not st["running"]:
         sys.exit(3)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from . import components
+from . import components, node
 from .fleet import load_fleet
 from .pki import CertificateAuthority, service_account_key
 
@@ -67,6 +67,16 @@ class Cluster:
         return f"127.0.0.1:{self.info['ports']['registry']}"
 
     @property
+    def real_node(self) -> dict | None:
+        """The real node's name, IP, labels and ports (None when the cluster has none)."""
+        return self.info.get("realNode")
+
+    @property
+    def pod_registry(self) -> str:
+        """The registry's address as pods on the real node reach it."""
+        return f"{node.NODE_IP}:{self.info['ports']['registry']}"
+
+    @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.info['ports']['kube-apiserver']}"
 
@@ -96,7 +106,8 @@ class Cluster:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{bindir}:{os.environ['PATH']}"}
 
     def running(self) -> dict[str, bool]:
-        return {name: _alive(self.state, name) for name in PROCESSES}
+        names = PROCESSES + (node.PROCESSES if self.real_node else [])
+        return {name: _alive(self.state, name) for name in names}
 
     def nodes_ready(self) -> tuple[int, int]:
         out = self.kubectl(
@@ -136,6 +147,7 @@ def _pid_runs(pid: int, binary: Path) -> bool:
 
 
 _children: dict[str, subprocess.Popen] = {}  # processes this `up` started, by component
+started_here: set[str] = set()  # clusters this process started (tests may restart their real node)
 
 
 def _exited(state: Path, name: str) -> bool:
@@ -223,7 +235,10 @@ def _write_pki(state: Path) -> Path:
     pki = state / "pki"
     pki.mkdir(parents=True)
     ca = CertificateAuthority(pki)
-    ca.issue("apiserver", "kube-apiserver", server=True)
+    # pods reach the API server as the `kubernetes` Service (its first IP) and by its DNS names
+    ca.issue("apiserver", "kube-apiserver", server=True, ips=(node._kubernetes_service_ip(),),
+             names=("kubernetes", "kubernetes.default", "kubernetes.default.svc.cluster.local"))
+    ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client")  # for logs, exec, port-forward
     ca.issue("admin", "edgefleet-admin", org="system:masters")
     ca.issue("controller-manager", "system:kube-controller-manager")
     ca.issue("scheduler", "system:kube-scheduler")
@@ -264,6 +279,9 @@ def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
             "--endpoint-reconciler-type=none", "--max-requests-inflight=1000",
             "--max-mutating-requests-inflight=500", "--profiling=false", "--event-ttl=1h",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}", "--kubelet-preferred-address-types=InternalIP",
         ],
         "kube-controller-manager": [
             f"--kubeconfig={state / 'controller-manager.kubeconfig'}",
@@ -283,7 +301,8 @@ def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
             f"--authorization-kubeconfig={state / 'scheduler.kubeconfig'}",
         ],
         "kwok": [
-            f"--kubeconfig={state / 'kubeconfig'}", f"--config={STAGES}", "--manage-all-nodes=true",
+            f"--kubeconfig={state / 'kubeconfig'}", f"--config={STAGES}",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",  # never the real node
             f"--cidr={POD_CIDR}", "--node-ip=10.240.0.1", "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
@@ -318,31 +337,87 @@ def is_running(name: str = "default") -> bool:
 
 
 def up(name: str = "default", fleet: str | Path | None = None, scale: int | None = None,
-       echo: Callable[[str], None] = print, timeout: float = 180) -> Cluster:
-    """Build what is missing, start the control plane, create the fleet, wait until every node is Ready."""
+       echo: Callable[[str], None] = print, timeout: float = 180, real_node: bool = False) -> Cluster:
+    """Build what is missing, start the control plane, create the fleet, wait until every node is Ready.
+    With `real_node`, also start this machine as a node that runs real pods (see node.py)."""
     state = state_dir(name)
     fleet_spec = load_fleet(fleet)  # validate before touching anything
     nodes = fleet_spec.nodes(scale)
+    if real_node and (reason := node.cannot_run(state)):
+        raise ClusterError(f"--real-node: {reason}")
     with _up_lock(state):
         if is_running(name):
+            cluster = Cluster(state)
+            if real_node and not cluster.real_node:
+                _add_real_node(cluster, echo, timeout)
             echo(f"cluster {name!r} is already running (kubeconfig {state / 'kubeconfig'}); "
                  "`edgefleet cluster down` stops it")
-            return Cluster(state)
-        if any(_pidfile(state, p).exists() for p in PROCESSES):
+            return cluster
+        if any(_pidfile(state, p).exists() for p in PROCESSES + node.PROCESSES):
             echo(f"cleaning up a cluster {name!r} that did not stop cleanly")
             _teardown(state)
-        components.build_all(echo=echo)
+        components.build_all(echo=echo, names=components.control_plane() + (list(node.NEEDS) if real_node else []))
         started = time.monotonic()
         try:
             cluster = _start_all(state, echo, timeout)
             _create_fleet(cluster, fleet_spec.cluster_objects() + nodes, echo, timeout)
+            if real_node:
+                _add_real_node(cluster, echo, timeout)
         except BaseException:
             echo(f"start failed; logs are in {state / 'logs'}")
             _teardown(state, keep_logs=True)
             raise
-        echo(f"cluster {name!r} ready in {time.monotonic() - started:.1f}s: {len(nodes)} nodes, "
+        started_here.add(name)
+        extra = f" + real node {cluster.real_node['name']}" if real_node else ""
+        echo(f"cluster {name!r} ready in {time.monotonic() - started:.1f}s: {len(nodes)} nodes{extra}, "
              f"kubeconfig {cluster.kubeconfig}, registry {cluster.registry}")
         return cluster
+
+
+def stop_real_node(name: str = "default", echo: Callable[[str], None] = print) -> list[str]:
+    """Stop a cluster's real node and remove everything it made; the control plane and fleet keep running."""
+    cluster = Cluster(state_dir(name))
+    stopped = node.stop(cluster.state, echo=echo)
+    info = cluster.info
+    if info.pop("realNode", None):
+        cluster.kubectl("delete", "node", node.node_name(), "--ignore-not-found", check=False)
+    (cluster.state / "cluster.json").write_text(json.dumps(info, indent=2))
+    _refuse_mounts(cluster.state)
+    shutil.rmtree(cluster.state / "node", ignore_errors=True)
+    return stopped
+
+
+def _refuse_mounts(state: Path) -> None:
+    if mounts := node.mounts_under(state):
+        raise ClusterError(f"{len(mounts)} mounts are still below {state} (e.g. {mounts[0]}); not deleting it. "
+                           f"Unmount them (`umount -R {state}`) and run `edgefleet cluster down` again")
+
+
+def _add_real_node(cluster: Cluster, echo, timeout: float) -> None:
+    """Start the real node beside a running control plane and wait until it is Ready."""
+    if not (cluster.state / "pki" / "apiserver-kubelet-client.crt").exists():
+        raise ClusterError("this cluster was started by an older edgefleet whose API server cannot reach a "
+                           "kubelet; restart it (`edgefleet cluster down` then `up --real-node`)")
+    components.build_all(echo=echo, names=list(node.NEEDS))
+    started = time.monotonic()
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "edgefleet:real-node"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                             "name": f"system:node:{node.node_name()}"}]}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(binding))
+    info_path = cluster.state / "cluster.json"
+    try:
+        real = node.start(cluster.state, cluster.info["ports"], echo, timeout)
+        info = cluster.info
+        info["realNode"] = real
+        info["versions"].update({n: components.COMPONENTS[n].version for n in node.NEEDS})
+        info_path.write_text(json.dumps(info, indent=2))
+        node.wait_ready(cluster, real, timeout)
+    except node.NodeError as err:
+        raise ClusterError(str(err)) from None
+    echo(f"real node {real['name']} Ready in {time.monotonic() - started:.1f}s "
+         f"({real['ip']}, pods {real['podSubnet']}, taint {real['taint']['key']})")
 
 
 def _start_all(state: Path, echo, timeout: float) -> Cluster:
@@ -395,7 +470,9 @@ def _create_fleet(cluster: Cluster, objects: list[dict], echo, timeout: float) -
 
 
 def _teardown(state: Path, keep_logs: bool = False) -> list[str]:
-    stopped = [name for name in reversed(PROCESSES) if _stop(state, name)]
+    stopped = node.stop(state) if state.exists() else []
+    stopped += [name for name in reversed(PROCESSES) if _stop(state, name)]
+    _refuse_mounts(state)
     for path in sorted(state.glob("*")) if state.exists() else []:
         if keep_logs and path.name == "logs":
             continue
@@ -431,24 +508,36 @@ def status(name: str = "default") -> dict:
         "components": {
             p: {"version": info["versions"][p], "port": info["ports"].get(p), "running": running[p],
                 "pid": _read_pid(state, p)}
-            for p in PROCESSES
+            for p in running
         },
     }
+    if cluster.real_node:
+        result["realNode"] = cluster.real_node
     if running["kube-apiserver"]:
         ready, total = cluster.nodes_ready()
         result["nodes"] = {"total": total, "ready": ready}
     return result
 
 
+def real_node_skip_reason(name: str) -> str | None:
+    """Why a test session's cluster gets no real node (None: it gets one). EDGEFLEET_REAL_NODE=0 opts out."""
+    if os.environ.get("EDGEFLEET_REAL_NODE", "1") == "0":
+        return "EDGEFLEET_REAL_NODE=0"
+    return node.cannot_run(state_dir(name))
+
+
 @contextlib.contextmanager
-def session_cluster() -> Iterator[Cluster]:
+def session_cluster(echo: Callable[[str], None] = print) -> Iterator[Cluster]:
     """For test sessions: reuse the cluster named by EDGEFLEET_CLUSTER (default 'default') when it runs,
-    else start one and stop it afterwards."""
+    else start one (with the real node wherever this host can run it) and stop it afterwards."""
     name = os.environ.get("EDGEFLEET_CLUSTER", "default")
     if is_running(name):
         yield Cluster(state_dir(name))
         return
-    cluster = up(name)
+    reason = real_node_skip_reason(name)
+    if reason:
+        echo(f"edgefleet: starting cluster {name!r} without a real node: {reason}")
+    cluster = up(name, real_node=reason is None)
     try:
         yield cluster
     finally:

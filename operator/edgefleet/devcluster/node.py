@@ -48,6 +48,13 @@ NEEDS = components.NODE_COMPONENTS
 CLAIM = Path("/run/edgefleet/real-node")  # which cluster's state holds this machine's real node
 INSTALL = "apt-get install -y --no-install-recommends runc iptables"
 NFD_CPUID = "feature.node.kubernetes.io/cpu-cpuid."
+# folders containerd, CNI and the kubelet create outside the state directory (removed again if they made them)
+HOST_DIRS = ["/run/containerd/s", "/run/containerd", "/var/lib/cni/results", "/var/lib/cni", "/var/log/containers",
+             str(CLAIM.parent)]
+# the kubelet's own iptables chains (table, chain, hooks that jump to it)
+KUBELET_CHAINS = [("filter", "KUBE-FIREWALL", ("INPUT", "OUTPUT")), ("filter", "KUBE-KUBELET-CANARY", ()),
+                  ("nat", "KUBE-KUBELET-CANARY", ()), ("mangle", "KUBE-KUBELET-CANARY", ()),
+                  ("mangle", "KUBE-IPTABLES-HINT", ())]
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 
@@ -413,6 +420,7 @@ def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeo
         raise NodeError(f"cannot start the real node: {reason}")
     node = state / "node"
     node.mkdir(parents=True, exist_ok=True)
+    (node / "host-dirs-made.json").write_text(json.dumps([d for d in HOST_DIRS if not Path(d).exists()]))
     CLAIM.parent.mkdir(parents=True, exist_ok=True)
     CLAIM.write_text(str(state))
     name = node_name()
@@ -512,7 +520,7 @@ def stop(state: Path, echo: Callable[[str], None] = print) -> list[str]:
         stopped.append("containerd")
     if killed:
         stopped.append(f"{killed} pod/shim processes")
-    problems = _cleanup_iptables_of_kube_proxy()
+    problems = _cleanup_iptables_of_kube_proxy() + _remove_kubelet_chains()
     problems += _unmount_under(state)
     problems += _remove_cgroups()
     problems += _network_down(state)
@@ -520,6 +528,7 @@ def stop(state: Path, echo: Callable[[str], None] = print) -> list[str]:
     if claim_holder() in (None, state):
         with contextlib.suppress(OSError):
             CLAIM.unlink()
+    _remove_host_dirs(node)
     if problems:
         echo("could not remove: " + "; ".join(problems))
     return stopped
@@ -628,6 +637,29 @@ def _remove_cgroups() -> list[str]:
     return problems
 
 
+def _remove_kubelet_chains() -> list[str]:
+    problems = []
+    for tool in ("iptables", "ip6tables"):
+        for table, chain, hooks in KUBELET_CHAINS:
+            if _run(tool, "-w", "5", "-t", table, "-n", "-L", chain, check=False).returncode != 0:
+                continue
+            for hook in hooks:
+                while _run(tool, "-w", "5", "-t", table, "-D", hook, "-j", chain, check=False).returncode == 0:
+                    pass
+            _run(tool, "-w", "5", "-t", table, "-F", chain, check=False)
+            if _run(tool, "-w", "5", "-t", table, "-X", chain, check=False).returncode != 0:
+                problems.append(f"{tool} chain {table}/{chain}")
+    return problems
+
+
+def _remove_host_dirs(node: Path) -> None:
+    """Remove the folders outside the state directory that this node created, when empty."""
+    with contextlib.suppress(OSError, ValueError):
+        for folder in json.loads((node / "host-dirs-made.json").read_text()):
+            with contextlib.suppress(OSError):
+                Path(folder).rmdir()
+
+
 def _remove_host_leftovers(node: Path) -> None:
     """Files the kubelet and CNI keep outside the state directory: log symlinks and CNI result caches."""
     logs = str(node / "pod-logs")
@@ -635,5 +667,8 @@ def _remove_host_leftovers(node: Path) -> None:
         with contextlib.suppress(OSError):
             if os.readlink(link).startswith(logs):
                 link.unlink()
-    for cached in Path("/var/lib/cni/results").glob(f"{NETWORK}-*"):
+    results = Path("/var/lib/cni/results")
+    for cached in results.glob(f"{NETWORK}-*"):  # <network>-<sandbox id>-<interface>
+        sandbox = cached.name.removeprefix(f"{NETWORK}-").rsplit("-", 1)[0]
+        (results / f"cni-loopback-{sandbox}-lo").unlink(missing_ok=True)
         cached.unlink(missing_ok=True)
