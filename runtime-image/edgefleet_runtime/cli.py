@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from . import logs
 from .backends import BACKENDS, EXECUTION_PROVIDERS
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache", required=True, help="cache dir; the blob lands in DIR/sha256/<hex>")
     f.add_argument("--name", help="also point DIR/current/NAME at the blob")
     f.add_argument("--insecure", action="store_true", help="allow plain http to a non-loopback registry")
+
+    c = sub.add_parser("prepare-cache", help="create the node cache's folders and hand them to the runtime user "
+                       "(init container running as root with CHOWN; the images have no shell)")
+    c.add_argument("--cache", required=True, help="the node cache (a hostPath volume)")
+    c.add_argument("--uid", type=int, default=10001, help="user (and group) that fetch and serve run as")
     return p
 
 
@@ -164,7 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level)
     if args.command == "fetch":
         return _fetch(args)
+    if args.command == "prepare-cache":
+        return _prepare_cache(args.cache, args.uid)
     return _serve(args)
+
+
+def _prepare_cache(cache: str, uid: int) -> int:
+    """mkdir -p cache/{sha256,tmp,current} and chown -R uid:uid cache, without following symlinks."""
+    root = Path(cache)
+    for sub in ("sha256", "tmp", "current"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
+    os.chown(root, uid, uid)
+    return 0
 
 
 def _fetch(args) -> int:

@@ -22,7 +22,13 @@ Echo = Callable[[str], None]
 
 
 def cache() -> Path:
-    return components.cache_dir() / "images"
+    """Layers, the image registry and the index of built images (EDGEFLEET_IMAGES_DIR overrides it)."""
+    return Path(os.environ.get("EDGEFLEET_IMAGES_DIR") or components.cache_dir() / "images")
+
+
+def downloads() -> Path:
+    """apt state, Debian packages and wheels: shared by every image cache."""
+    return components.cache_dir() / "downloads"
 
 
 def arch_of(platform: str) -> str:
@@ -58,7 +64,7 @@ def lock(names: list[str], debian_too: bool = False, echo: Echo = print) -> None
         path = deb_lock_path(arch)
         if not debian_too and path.exists() and wanted <= {ln.split("=")[0] for ln in path.read_text().splitlines()}:
             continue
-        apt = debian.Apt(cache() / "apt", arch)
+        apt = debian.Apt(downloads() / "apt", arch)
         echo(f"[lock] Debian packages ({arch}) ...")
         apt.update()
         debs = sorted({d for s in specs for d in s.debs})
@@ -123,11 +129,11 @@ def base_layer(spec: ImageSpec, arch: str, echo: Echo) -> tuple[Layer, list[debi
     debs = [locked[d] for d in spec.debs]
 
     def fill(root: Path) -> None:
-        apt = debian.Apt(cache() / "apt", arch)
+        apt = debian.Apt(downloads() / "apt", arch)
         if not any((apt.root / "lists").glob("*Packages*")):
             apt.update()
         echo(f"  [{spec.name} {arch}] unpacking {len(debs)} Debian packages")
-        files = [apt.fetch(d, cache() / "debs" / arch) for d in debs]
+        files = [apt.fetch(d, downloads() / "debs" / arch) for d in debs]
         debian.unpack(files, root)
         debian.ca_bundle(root)
         _users(root)
@@ -152,7 +158,7 @@ def deps_layer(spec: ImageSpec, arch: str, echo: Echo) -> tuple[Layer, str]:
 
     def fill(root: Path) -> None:
         echo(f"  [{spec.name} {arch}] installing {len(wheels.locked(text))} wheels (hash-checked)")
-        wheels.install(lock_file, arch, root / SITE.lstrip("/"), cache() / "pip")
+        wheels.install(lock_file, arch, root / SITE.lstrip("/"), downloads() / "pip")
 
     return _cached_layer("deps-" + _hash(arch, text), fill), text
 

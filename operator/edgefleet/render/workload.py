@@ -102,8 +102,8 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
     prepare = {  # hostPath directories are created root-owned: hand the cache to the runtime user
         "name": "prepare-cache",
         "image": profile.spec.runtime_image,
-        "command": ["sh", "-c", f"mkdir -p {CACHE_MOUNT}/sha256 {CACHE_MOUNT}/tmp {CACHE_MOUNT}/current && "
-                    f"chown -R {RUNTIME_UID}:{RUNTIME_UID} {CACHE_MOUNT}"],
+        "command": ["edgefleet-runtime"],
+        "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}"],
         "volumeMounts": mounts,
         "securityContext": {
             "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
