@@ -44,7 +44,10 @@ _TARGET = re.compile(rb"^/[\x21-\x7e]*$")
 _VERSION = re.compile(rb"^HTTP/[0-9]\.[0-9]$")
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
 _CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,15})(?:[ \t]*;[\x09\x20-\x7e\x80-\xff]*)?\r\n$")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+# a whole request line / field line in one match: the fast path; anything else goes to the slow path
+_REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"++) (/[\x21-\x7e]*+) (HTTP/1\.[01])\r\n")
+_FIELD = re.compile(rb"(" + _TCHAR + rb"++):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n")  # possessive: linear time
 _FRAMING = ("content-length", "transfer-encoding", "host", "inference-header-content-length")
 
 # app(method, path, headers(lowercase name -> value), body) -> (status, [(name, value)], body)
@@ -415,8 +418,10 @@ class RequestParser:
     def __init__(self, limits: Limits):
         self.limits = limits
 
-    def line(self, rfile, what: str) -> bytes:
-        line = rfile.readline(self.limits.max_line_bytes + 1)
+    def line(self, rfile, what: str, line: bytes | None = None) -> bytes:
+        """One CRLF-terminated line without its CRLF (``line``: already read); 4xx or _Closed otherwise."""
+        if line is None:
+            line = rfile.readline(self.limits.max_line_bytes + 1)
         if not line:
             raise _Closed(f"connection closed in {what}")
         if len(line) > self.limits.max_line_bytes:
@@ -426,12 +431,24 @@ class RequestParser:
             if line.endswith(b"\n"):
                 raise HTTPError(400, f"{what} must end with CRLF, not a bare LF")
             raise _Closed(f"connection closed in {what}")
-        if b"\r" in line[:-2] or b"\n" in line[:-2]:
+        if line.find(b"\r", 0, -2) >= 0:
             raise HTTPError(400, f"bare CR in {what}")
         return line[:-2]
 
     def read_head(self, rfile):
-        line = self.line(rfile, "request line")
+        raw = rfile.readline(self.limits.max_line_bytes + 1)
+        m = _REQUEST_LINE.fullmatch(raw)
+        if m is None:  # the slow path says exactly what is wrong (or skips leading empty lines)
+            method, target, version = self._request_line(rfile, raw)
+        else:
+            method, target, version = m.groups()
+        headers = self.read_fields(rfile, "header")
+        if version == b"HTTP/1.1" and "host" not in headers:
+            raise HTTPError(400, "HTTP/1.1 request without a Host header")
+        return method.decode("ascii"), target.decode("ascii"), version, headers
+
+    def _request_line(self, rfile, raw: bytes):
+        line = self.line(rfile, "request line", raw)
         for _ in range(4):  # RFC 9112 2.2: ignore a few empty lines before the request line
             if line:
                 break
@@ -444,29 +461,25 @@ class RequestParser:
             raise HTTPError(505, f"HTTP version {version.decode()} is not supported; use HTTP/1.1")
         if not _TARGET.match(target):
             raise HTTPError(400, "the request target must be a path of printable ASCII starting with /")
-        headers = self.read_fields(rfile, "header")
-        if version == b"HTTP/1.1" and "host" not in headers:
-            raise HTTPError(400, "HTTP/1.1 request without a Host header")
-        return method.decode("ascii"), target.decode("ascii"), version, headers
+        return method, target, version
 
     def read_fields(self, rfile, what: str) -> dict[str, str]:
         fields: dict[str, str] = {}
         total = 0
+        limit = self.limits.max_line_bytes + 1
         for _ in range(self.limits.max_headers + 1):
-            line = self.line(rfile, f"{what} line")
-            if not line:
-                return fields
-            total += len(line)
+            raw = rfile.readline(limit)
+            total += len(raw)
             if total > self.limits.max_header_bytes:
                 raise HTTPError(431, f"{what}s are larger than {self.limits.max_header_bytes} bytes")
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.match(name):
-                raise HTTPError(400, f"malformed {what} line {line[:60]!r} (obs-fold and spaces before ':' "
-                                "are not allowed)")
-            text = value.decode("latin-1").strip(" \t")
-            if _BAD_VALUE.search(text):
-                raise HTTPError(400, f"{what} {name.decode()} has a control character in its value")
-            key = name.decode("ascii").lower()
+            m = _FIELD.fullmatch(raw)
+            if m is None:
+                if raw == b"\r\n":
+                    return fields
+                self._bad_field(rfile, raw, what)
+            name, value = m.groups()
+            key = name.lower().decode("ascii")
+            text = value.decode("latin-1").rstrip(" \t")
             if key in fields:
                 if key in _FRAMING:
                     raise HTTPError(400, f"duplicate {what} {name.decode()}")
@@ -474,6 +487,15 @@ class RequestParser:
             else:
                 fields[key] = text
         raise HTTPError(431, f"more than {self.limits.max_headers} {what}s")
+
+    def _bad_field(self, rfile, raw: bytes, what: str):
+        """Raise the error that says what is wrong with a field line the fast pattern refused."""
+        line = self.line(rfile, f"{what} line", raw)
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise HTTPError(400, f"malformed {what} line {line[:60]!r} (obs-fold and spaces before ':' "
+                            "are not allowed)")
+        raise HTTPError(400, f"{what} {name.decode()} has a control character in its value")
 
     @staticmethod
     def body_framing(version: bytes, headers: dict) -> tuple[bool, int]:

@@ -130,6 +130,16 @@ def test_lenient_but_valid_framing_is_served(server):
     assert status_of(exchange(server.port, one_byte_chunks)) == 200
 
 
+def test_pathological_header_values_parse_in_linear_time(server):
+    """Lines that make a backtracking pattern quadratic: 30 requests of 3 x 8 kB such lines take well under 2 s."""
+    bad = [b"X-A: " + b"a " * 4000 + b"\x01", b"X-B:" + b" " * 8000 + b"\x01", b"X-C: " + b"a" * 8000 + b"\x01"]
+    t0 = time.monotonic()
+    for i in range(30):
+        out = exchange(server.port, INFER + bad[i % 3] + b"\r\nContent-Length: 0\r\n\r\n")
+        assert status_of(out) == 400
+    assert time.monotonic() - t0 < 2
+
+
 def test_framing_errors_are_counted(server):
     before = metric(server, "edgefleet_runtime_refused_total", reason="bad_request")
     for _ in range(3):
