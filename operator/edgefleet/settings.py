@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     compile_executor: Literal["inline", "job"] = "inline"
     """`inline` compiles in the operator process; `job` runs `edgefleet compile` in a Kubernetes Job."""
     compiler_image: str = "ghcr.io/edgefleet/compiler:0.1.0"
+    image_registry: str = "ghcr.io/edgefleet"
+    """Registry prefix of edgefleet's images: the built-in HardwareProfiles' runtime images are taken from it."""
+    image_digests: dict[str, str] = Field(default_factory=dict)
+    """Image name -> sha256 digest (JSON in EDGEFLEET_IMAGE_DIGESTS): built-in profiles pin their runtime by it."""
     compile_resources: dict = Field(default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
                                                              "limits": {"memory": "4Gi"}})
     """Resources of each compile Job's container (JSON in EDGEFLEET_COMPILE_RESOURCES, as the chart sets it)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 RUNTIME = Path(__file__).resolve().parents[2] / "runtime-image"
-DOCKERFILES = ["Dockerfile.cpu", "Dockerfile.jetson", "Dockerfile.coral", "Dockerfile.openvino"]
+DOCKERFILES = ["Dockerfile.cpu", "Dockerfile.jetson", "Dockerfile.coral", "Dockerfile.openvino", "Dockerfile.gpu"]
 INSTRUCTIONS = {
     "FROM",
     "RUN",

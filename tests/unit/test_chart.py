@@ -120,7 +120,9 @@ def test_operator_deployment_defaults(helm):
     assert env["EDGEFLEET_NODE_CACHE"]["value"] == "/var/lib/edgefleet/cache"
     assert env["EDGEFLEET_LOG_LEVEL"]["value"] == "INFO"
     assert env["EDGEFLEET_BUILTIN_PROFILES"]["value"] == "true"
-    assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == c["image"]
+    assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == f"ghcr.io/edgefleet/compiler:{app_version}"
+    assert env["EDGEFLEET_IMAGE_REGISTRY"]["value"] == "ghcr.io/edgefleet"
+    assert json.loads(env["EDGEFLEET_IMAGE_DIGESTS"]["value"]) == {}
     assert json.loads(env["EDGEFLEET_COMPILE_RESOURCES"]["value"])["requests"]["memory"] == "2Gi"
     assert "EDGEFLEET_ARTIFACT_USERNAME" not in env
     # a read-only root filesystem needs writable scratch space
@@ -389,3 +391,21 @@ def test_templates_escape_go_template_braces():
         "test",
     )
     assert '{{ "{{" }} .Values }}' in text
+
+
+def test_one_registry_prefix_and_digests_for_every_image(helm):
+    digest = "sha256:" + "ab" * 32
+    docs = render(helm, "--set", "images.registry=reg.local:5000/ef", "--set", f"images.digests.operator={digest}",
+                  "--set", f"images.digests.runtime-cpu={digest}")
+    c = operator_container(docs)
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert c["image"] == f"reg.local:5000/ef/operator@{digest}"
+    env = env_of(c)
+    assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == f"reg.local:5000/ef/compiler:{app_version}"
+    assert env["EDGEFLEET_IMAGE_REGISTRY"]["value"] == "reg.local:5000/ef"
+    assert json.loads(env["EDGEFLEET_IMAGE_DIGESTS"]["value"]) == {"operator": digest, "runtime-cpu": digest}
+
+
+def test_image_digest_must_be_a_sha256(helm):
+    proc = template(helm, "--set", "images.digests.operator=latest", check=False)
+    assert proc.returncode != 0 and "images.digests" in proc.stderr

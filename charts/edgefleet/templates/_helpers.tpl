@@ -46,20 +46,25 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* The operator image reference: repository@digest or repository:tag (tag defaults to appVersion). */}}
-{{- define "edgefleet.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{/* An edgefleet image: dict "root" . "image" .Values.image. repository (default images.registry/name), then
+@digest (image.digest, else images.digests.<name>) or :tag (default appVersion). */}}
+{{- define "edgefleet.imageRef" -}}
+{{- $v := .root.Values }}
+{{- $repo := default (printf "%s/%s" (trimSuffix "/" $v.images.registry) .image.name) .image.repository }}
+{{- $digest := default (get ($v.images.digests | default dict) .image.name) .image.digest }}
+{{- if $digest }}
+{{- printf "%s@%s" $repo $digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" $repo (default .root.Chart.AppVersion .image.tag) }}
 {{- end }}
 {{- end }}
 
-{{/* The compile Job image: compile.image, falling back to the operator image. */}}
-{{- define "edgefleet.compilerImage" -}}
-{{- if .Values.compile.image.repository }}
-{{- printf "%s:%s" .Values.compile.image.repository (default .Chart.AppVersion .Values.compile.image.tag) }}
-{{- else }}
-{{- include "edgefleet.image" . }}
+{{/* The operator image. */}}
+{{- define "edgefleet.image" -}}
+{{- include "edgefleet.imageRef" (dict "root" . "image" .Values.image) }}
 {{- end }}
+
+{{/* The compile Job image (the compiler image: the operator's toolchain plus OpenVINO, LiteRT, onnx2tf). */}}
+{{- define "edgefleet.compilerImage" -}}
+{{- include "edgefleet.imageRef" (dict "root" . "image" .Values.compile.image) }}
 {{- end }}

@@ -86,13 +86,27 @@ def best_profile(profiles: list[HardwareProfile], labels: dict[str, str]) -> Har
     return min(matching, key=lambda p: (-p.spec.priority, p.metadata.get("name", "")))
 
 
-def builtin_profiles() -> list[HardwareProfile]:
+SHIPPED_REGISTRY = "ghcr.io/edgefleet"  # the registry prefix the profile files name
+
+
+def builtin_profiles(registry: str = SHIPPED_REGISTRY, digests: dict[str, str] | None = None) -> list[HardwareProfile]:
     """The built-in HardwareProfiles (cpu-amd64, cpu-arm64, nvidia-jetson, nvidia-gpu,
-    coral-edgetpu, intel-openvino), sorted by name."""
+    coral-edgetpu, intel-openvino), sorted by name, their runtime images taken from `registry` and pinned by
+    `digests` (image name -> sha256:...) where given."""
     folder = resources.files("edgefleet") / "profiles"
     files = sorted(f for f in folder.iterdir() if f.name.endswith(".yaml"))
-    profiles = [HardwareProfile.model_validate(yaml.safe_load(f.read_text())) for f in files]
+    profiles = []
+    for f in files:
+        doc = yaml.safe_load(f.read_text())
+        doc["spec"]["runtimeImage"] = _image(doc["spec"]["runtimeImage"], registry, digests or {})
+        profiles.append(HardwareProfile.model_validate(doc))
     return sorted(profiles, key=lambda p: p.metadata["name"])
+
+
+def _image(ref: str, registry: str, digests: dict[str, str]) -> str:
+    name, _, tag = ref.removeprefix(SHIPPED_REGISTRY + "/").partition(":")
+    repo = f"{registry.rstrip('/')}/{name}"
+    return f"{repo}@{digests[name]}" if name in digests else f"{repo}:{tag}"
 
 
 __all__ = [

@@ -37,7 +37,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     kube = Kube.connect(config.field_manager)
     metrics.serve(config.metrics_port)
     if config.builtin_profiles:
-        await asyncio.to_thread(apply_builtin_profiles, kube)
+        await asyncio.to_thread(apply_builtin_profiles, kube, config.image_registry, config.image_digests)
     ctl = Controller(kube, config)
     # know the fleet before the first reconcile: an empty cache would look like a fleet without nodes
     nodes, profiles = await asyncio.to_thread(lambda: (kube.list("Node"), kube.list("HardwareProfile")))
@@ -60,9 +60,9 @@ def _report_crash(task: asyncio.Task) -> None:
                   exc_info=task.exception())
 
 
-def apply_builtin_profiles(kube: Kube) -> None:
+def apply_builtin_profiles(kube: Kube, registry: str, digests: dict[str, str]) -> None:
     """Create or update the built-in HardwareProfiles; fields a user changed stay the user's."""
-    for profile in builtin_profiles():
+    for profile in builtin_profiles(registry, digests):
         name = profile.metadata["name"]
         try:
             kube.apply(profile.to_dict(), force=False)

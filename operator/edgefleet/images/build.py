@@ -251,18 +251,19 @@ class Built:
     unpacked_bytes: int
     contains: str
     seconds: float
+    manifests: dict[str, str]  # platform -> manifest digest
 
     def as_dict(self) -> dict:
         return {"name": self.name, "ref": self.ref, "digest": self.digest, "platforms": self.platforms,
                 "compressedBytes": self.compressed_bytes, "unpackedBytes": self.unpacked_bytes,
-                "contains": self.contains, "buildSeconds": round(self.seconds, 1)}
+                "contains": self.contains, "buildSeconds": round(self.seconds, 1), "manifests": self.manifests}
 
 
 def build_one(spec: ImageSpec, registry: str, platforms: list[str], echo: Echo) -> Built:
     start = time.monotonic()
     repo = f"{registry}/edgefleet/{spec.name}"
     rev = revision()
-    per_platform, unpacked, compressed, inventory = [], 0, 0, {}
+    per_platform, unpacked, compressed, inventory, manifests = [], 0, 0, {}, {}
     for platform in platforms:
         arch = arch_of(platform)
         layers, debs, lock_text = [], [], ""
@@ -280,12 +281,13 @@ def build_one(spec: ImageSpec, registry: str, platforms: list[str], echo: Echo) 
         compressed = max(compressed, m["config"]["size"] + sum(lay["size"] for lay in m["layers"]))
         unpacked = max(unpacked, sum(layer.unpacked for layer in layers))
         per_platform.append(ref)
+        manifests[platform] = ref.rsplit("@", 1)[1]
         inventory[arch] = (debs, wheels.locked(lock_text))
     index = oci.crane("index", "append", *sum((["-m", r] for r in per_platform), []), "-t", f"{repo}:{VERSION}")
     digest = index.rsplit("@", 1)[1]
     sbom.attach(f"{repo}@{digest}", sbom.cyclonedx(spec, inventory, digest))
     return Built(spec.name, f"{repo}:{VERSION}", digest, platforms, compressed, unpacked, spec.contains,
-                 time.monotonic() - start)
+                 time.monotonic() - start, manifests)
 
 
 def index_path() -> Path:
