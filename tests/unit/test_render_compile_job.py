@@ -162,3 +162,12 @@ def test_secure_registry_gets_no_insecure_env(settings):
 def test_cli_rejects_an_untagged_oci_report(tmp_path):
     result = CliRunner().invoke(compile_command, ["x.onnx", "--out", str(tmp_path), "--report", "oci://h:1/repo"])
     assert result.exit_code == 2 and "needs a tag" in result.output
+
+
+def test_input_shapes_reach_the_compiler_and_only_then_change_the_name(settings):
+    plain, shaped = request(), request(input_shapes={"x": [1, 3, 48, 192], "mask": [1, 48]})
+    args = render_compile_job(shaped, settings)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert flags(args)["--input-shape"] == ["mask=1x48", "x=1x3x48x192"]
+    assert "--input-shape" not in flags(render_compile_job(plain, settings)["spec"]["template"]["spec"][
+        "containers"][0]["args"])
+    assert compile_key(shaped, settings) != compile_key(plain, settings)

@@ -364,6 +364,14 @@ class Optimization(Model):
     """The accuracy a variant must keep; checked on the evaluation data."""
     evaluation: DataRef | None = None
     """Held-out inputs (with labels under `y` for accuracy) used to measure each variant."""
+    input_shapes: Annotated[
+        dict[Annotated[str, Field(min_length=1, max_length=256)],
+             Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(min_length=1, max_length=8)]],
+        Field(max_length=16),
+    ] | None = None
+    """Every dim, batch included, of model inputs whose dims are dynamic, by input name, e.g.
+    {"x": [1, 3, 48, 192]}. Without it (or evaluation data, or the model's metadata) quantization auto
+    refuses a model whose input dims it cannot know."""
 
     cel_rules = (
         Rule(

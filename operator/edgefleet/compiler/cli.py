@@ -28,6 +28,9 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
               help=".npz or directory of .npy (input names as keys, labels as y).")
 @click.option("--max-accuracy-drop", type=float, default=None, help="Accuracy budget in top-1 points.")
 @click.option("--min-cosine", type=float, default=None, help="Accuracy budget: cosine vs the source outputs.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x48x192",
+              help="Every dim of a model input whose dims are dynamic (repeatable); without it, evaluation data or "
+                   "the model's metadata, quantization auto refuses a model whose dims it cannot know.")
 @click.option("--digest", default=None, help="Expected sha256:<hex> of the source.")
 @click.option("--out", "out", required=True, help="Output directory or oci://HOST:PORT/REPO.")
 @click.option("--report", default=None,
@@ -39,12 +42,14 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
 @click.option("--timing-runs", type=int, default=50, show_default=True, help="Timed runs per latency figure.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def compile_command(source, profiles, profiles_file, quantization, sparsity, calibration, evaluation,
-                    max_accuracy_drop, min_cosine, digest, out, report, name, cache_dir, timing_runs, quiet):
+                    max_accuracy_drop, min_cosine, input_shapes, digest, out, report, name, cache_dir, timing_runs,
+                    quiet):
     """Compile SOURCE (.onnx/.tflite path, https:// or oci://) into one measured variant per profile."""
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice goes to the root logger
     from ..artifacts import StoreError, open_store
     from .core import compile_model
     from .profiles import load_profiles
+    from .shapes import parse_input_shape
 
     def say(msg: str) -> None:
         if not quiet:
@@ -67,7 +72,7 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
             calibration=Path(calibration) if calibration else None,
             evaluation=Path(evaluation) if evaluation else None,
             accuracyBudget=AccuracyBudget(maxAccuracyDrop=max_accuracy_drop, minCosine=min_cosine),
-            timingRuns=timing_runs,
+            timingRuns=timing_runs, inputShapes=dict(parse_input_shape(s) for s in input_shapes),
         )
         request = CompileRequest(source=source, targets={n: all_profiles[n] for n in names}, policy=policy,
                                  digest=digest, name=name)

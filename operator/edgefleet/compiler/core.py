@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import litert, onnx_passes, tflite_convert
+from . import litert, onnx_passes, shapes, tflite_convert
 from .measure import bind, compare, default_threads, latency, load_arrays, open_runner, run_all, synthetic
 from .types import (
     AccuracyBudget,
@@ -256,8 +256,8 @@ class _Session:
             self.normalized = data
             self.ref_runtime = "litert"
         ref = open_runner(self.ref_runtime, self.source, default_threads())
-        self.inputs = ref.inputs
         pol = self.policy
+        self.inputs = self._declared_shapes(ref.inputs, pol.inputShapes)
         # data: validated before anything is built or published
         self.calib_feeds = None
         if pol.calibration:
@@ -267,6 +267,10 @@ class _Session:
             self.eval_feeds, self.labels = bind(load_arrays(pol.evaluation), self.inputs, "evaluation")
             self.synthetic = False
         else:
+            self.inputs = shapes.with_data_shapes(self.inputs, self.calib_feeds)
+            unknown = shapes.unknown_dims(self.inputs)
+            if unknown and pol.quantization == "auto":
+                raise shapes.refuse_guessing(unknown)
             self.eval_feeds, self.labels, self.synthetic = synthetic(self.inputs), None, True
         if pol.quantization == "static-int8" and self.calib_feeds is None:
             raise CompileError("InvalidRequest", "quantization static-int8 needs calibration data",
@@ -282,6 +286,17 @@ class _Session:
                 minCosine=0.99)
         self.budget = budget
         self._base: bytes | None = None
+
+    def _declared_shapes(self, inputs: list, explicit: dict[str, list[int]]) -> list:
+        """The model's inputs with the dims its metadata or an explicit --input-shape fix (explicit wins)."""
+        if self.fmt == "onnx":
+            inputs = shapes.apply_shapes(inputs, shapes.onnx_metadata_shapes(self.source),
+                                         f"the model's metadata {shapes.METADATA_KEY}")
+        inputs = shapes.apply_shapes(inputs, explicit, "--input-shape")
+        if explicit:
+            self.say("input shapes: " + ", ".join(f"{i.name} {['N' if d is None else d for d in i.shape]}"
+                                                  for i in inputs))
+        return inputs
 
     def _reference(self, ref) -> list[np.ndarray]:
         """The source's outputs on the evaluation data; a model that cannot run them is an InvalidData error.

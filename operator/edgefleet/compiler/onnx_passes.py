@@ -110,8 +110,66 @@ def optimize(data: bytes, level: str = "basic") -> bytes:
     return model.SerializeToString()
 
 
+# op -> its inputs that carry shapes, sizes, axes or repeat counts rather than data
+SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Resize": (1, 2, 3), "Upsample": (1,),
+    "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,), "Range": (0, 1, 2), "Pad": (1, 3), "Squeeze": (1,),
+    "Unsqueeze": (1,), "TopK": (1,), "OneHot": (1,), "Split": (1,), "CenterCropPad": (1,),
+    "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
+}
+
+
+def shape_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that compute shapes: everything upstream of a shape input (see SHAPE_INPUTS), up
+    to the Shape and Size nodes whose input's values do not matter. In fp16 their float arithmetic would
+    round sizes (4097 -> 4096) and a Reshape or Resize would fail or change the result."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    todo = [node.input[i] for node in model.graph.node for i in SHAPE_INPUTS.get(node.op_type, ())
+            if i < len(node.input) and node.input[i]]
+    seen: set[str] = set()
+    found: list[str] = []
+    while todo:
+        tensor = todo.pop()
+        node = producer.get(tensor)
+        if tensor in seen or node is None:
+            continue
+        seen.update(node.output)
+        found.append(node.name)
+        if node.op_type not in ("Shape", "Size"):
+            todo.extend(i for i in node.input if i)
+    return found
+
+
+def _no_fp16_between(graph: onnx.GraphProto, kept: set[str]) -> None:
+    """The converter casts a kept node's float output to fp16 even when only kept nodes read it, which rounds
+    the value on its way from fp32 to fp32: such casts are dropped and their readers take the fp32 value."""
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    dropped = []
+    for node in graph.node:
+        to_fp16 = node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16
+                                                   for a in node.attribute)
+        source = producer.get(node.input[0]) if node.input else None
+        users = readers.get(node.output[0], [])
+        if to_fp16 and source is not None and source.name in kept and users and node.output[0] not in outputs \
+                and all(u.name in kept for u in users):
+            for user in users:
+                user.input[:] = [node.input[0] if i == node.output[0] else i for i in user.input]
+            dropped.append(node)
+    for node in dropped:
+        graph.node.remove(node)
+    gone = {n.output[0] for n in dropped}
+    for vi in [v for v in graph.value_info if v.name in gone]:
+        graph.value_info.remove(vi)
+
+
 def to_fp16(data: bytes, shapes: dict[str, tuple[int, ...]] | None = None) -> bytes:
-    """fp16 weights and compute, fp32 inputs/outputs (onnxruntime.transformers' converter).
+    """fp16 weights and compute, fp32 inputs/outputs (onnxruntime.transformers' converter); the nodes that
+    compute shapes stay fp32 (`shape_nodes`).
 
     The converter needs element types only, but gets them from ORT's symbolic shape inference, which
     simplifies every dynamic dimension with sympy: on PP-OCR's Resize chain over dynamic H/W that takes
@@ -134,8 +192,12 @@ def to_fp16(data: bytes, shapes: dict[str, tuple[int, ...]] | None = None) -> by
             if not d.HasField("dim_value"):
                 d.Clear()
                 d.dim_value = int(n)
+    for i, node in enumerate(model.graph.node):  # the converter keeps nodes fp32 by name
+        node.name = node.name or f"{node.op_type}_{i}"
+    kept = shape_nodes(model)
     m = OnnxModel(model)
-    m.convert_float_to_float16(keep_io_types=True)
+    m.convert_float_to_float16(keep_io_types=True, node_block_list=kept)
+    _no_fp16_between(m.model.graph, set(kept))
     for vi in [*m.model.graph.input, *m.model.graph.output]:
         if vi.name in io:
             vi.type.CopyFrom(io[vi.name])

@@ -76,6 +76,7 @@ class Policy:
     accuracyBudget: AccuracyBudget = field(default_factory=AccuracyBudget)
     timingRuns: int = 50  # timed runs per thread setting (warm-up excluded)
     threads: int | None = None  # "N threads" for the second latency figure; default os.cpu_count()
+    inputShapes: dict[str, list[int]] = field(default_factory=dict)  # input name -> every dim (batch included)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
         max_accuracy_drop=budget.max_accuracy_drop if budget else None,
         min_cosine=budget.min_cosine if budget else None, files=files, source_file=names["source"],
         calibration_file=names["calibration"], evaluation_file=names["evaluation"],
+        input_shapes=dict(opt.input_shapes or {}),
     )
     size = inputs_size(req)
     if size > MAX_INPUTS_BYTES:

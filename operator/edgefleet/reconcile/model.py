@@ -106,7 +106,7 @@ def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
                 evaluation=_data(kube, namespace, opt.evaluation, Path(tmp), "evaluation"),
                 accuracyBudget=AccuracyBudget(budget.max_accuracy_drop if budget else None,
                                               budget.min_cosine if budget else None),
-                timingRuns=settings.compile_timing_runs,
+                timingRuns=settings.compile_timing_runs, inputShapes=dict(opt.input_shapes or {}),
             )
             request = CompileRequest(
                 source=str(source), digest=em.spec.source.digest, policy=policy, name=em.metadata["name"],

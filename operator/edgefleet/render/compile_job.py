@@ -67,6 +67,7 @@ class CompileJobRequest:
     source_file: str | None = None
     calibration_file: str | None = None
     evaluation_file: str | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # input name -> every dim
 
 
 def profiles_document(targets: dict[str, dict]) -> str:
@@ -92,6 +93,8 @@ def compile_key(req: CompileJobRequest, settings: Settings) -> str:
         "image": settings.compiler_image, "store": settings.artifact_store,
         "timingRuns": settings.compile_timing_runs,
     }
+    if req.input_shapes:  # only when set: the Jobs of models without it keep their names
+        blob["inputShapes"] = req.input_shapes
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -137,6 +140,7 @@ def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
         args.append(f"--min-cosine={req.min_cosine}")
     if req.digest:
         args.append(f"--digest={req.digest}")
+    args += [f"--input-shape={n}={'x'.join(map(str, dims))}" for n, dims in sorted(req.input_shapes.items())]
     args += [f"--name={req.model_name}", f"--out={settings.artifact_store}",
              f"--report={report_ref(settings.artifact_store, name)}", f"--cache-dir={CACHE_DIR}",
              f"--timing-runs={settings.compile_timing_runs}"]
