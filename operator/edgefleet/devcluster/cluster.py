@@ -379,8 +379,8 @@ def stop_real_node(name: str = "default", echo: Callable[[str], None] = print) -
     cluster = Cluster(state_dir(name))
     stopped = node.stop(cluster.state, echo=echo)
     info = cluster.info
-    if info.pop("realNode", None):
-        cluster.kubectl("delete", "node", node.node_name(), "--ignore-not-found", check=False)
+    real = info.pop("realNode", None) or {"name": node.node_name()}
+    cluster.kubectl("delete", "node", real["name"], "--ignore-not-found", "--wait=false", check=False)
     (cluster.state / "cluster.json").write_text(json.dumps(info, indent=2))
     _refuse_mounts(cluster.state)
     shutil.rmtree(cluster.state / "node", ignore_errors=True)
@@ -414,8 +414,12 @@ def _add_real_node(cluster: Cluster, echo, timeout: float) -> None:
         info["versions"].update({n: components.COMPONENTS[n].version for n in node.NEEDS})
         info_path.write_text(json.dumps(info, indent=2))
         node.wait_ready(cluster, real, timeout)
-    except node.NodeError as err:
-        raise ClusterError(str(err)) from None
+    except BaseException as err:
+        echo(f"the real node did not start; logs are in {cluster.state / 'logs'}")
+        stop_real_node(cluster.state.name, echo=echo)  # leave the running control plane as it was
+        if isinstance(err, node.NodeError):
+            raise ClusterError(str(err)) from None
+        raise
     echo(f"real node {real['name']} Ready in {time.monotonic() - started:.1f}s "
          f"({real['ip']}, pods {real['podSubnet']}, taint {real['taint']['key']})")
 
@@ -506,7 +510,8 @@ def status(name: str = "default") -> dict:
         "running": all(running.values()),
         "kubeconfig": str(cluster.kubeconfig),
         "components": {
-            p: {"version": info["versions"][p], "port": info["ports"].get(p), "running": running[p],
+            p: {"version": info["versions"][p], "running": running[p],
+                "port": info["ports"].get(p) or info.get("realNode", {}).get("ports", {}).get(p),
                 "pid": _read_pid(state, p)}
             for p in running
         },
