@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import subprocess
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from edgefleet.devcluster import cluster as dc
@@ -219,3 +222,38 @@ def test_a_stale_claim_does_not_block_a_new_real_node(tmp_path, monkeypatch):
     claim.write_text(str(tmp_path / "gone"))
     monkeypatch.setattr(node, "CLAIM", claim)
     assert node.claim_holder() is None
+
+
+def _hello_recipe(tmp_path, monkeypatch, comp) -> None:
+    recipe = tmp_path / "recipe" / "hello"
+    for sub, word in (("", "hello"), ("world", "world")):
+        (recipe / sub).mkdir(parents=True, exist_ok=True)
+        (recipe / sub / "main.go").write_text(f'package main\n\nfunc main() {{ println("{word}") }}\n')
+    (recipe / "go.mod").write_text("module example.test/hello\n\ngo 1.26.0\n")
+    monkeypatch.setenv("EDGEFLEET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(components, "RECIPE", tmp_path / "recipe")
+    monkeypatch.setattr(components, "COMPONENTS", {comp.name: comp})
+
+
+@pytest.mark.skipif(not shutil.which("go"), reason="needs the Go toolchain")
+def test_concurrent_builds_of_one_component_build_it_once(tmp_path, monkeypatch):
+    _hello_recipe(tmp_path, monkeypatch, components.Component("hello", "v1", "hello", "example.test/hello"))
+    messages: list[list[str]] = [[], []]
+    with ThreadPoolExecutor(2) as pool:
+        built = list(pool.map(lambda m: components.build_all(echo=m.append), messages))
+    assert sorted(len(b) for b in built) == [0, 1]
+    assert any("built meanwhile by another process" in line for m in messages for line in m)
+    run = subprocess.run([str(components.binary_path("hello"))], capture_output=True, text=True)
+    assert run.stderr == "hello\n"
+
+
+@pytest.mark.skipif(not shutil.which("go"), reason="needs the Go toolchain")
+def test_a_component_of_several_packages_is_a_folder_of_binaries(tmp_path, monkeypatch):
+    comp = components.Component("pair", "v1", "hello", ("example.test/hello", "example.test/hello/world"),
+                                tags=("no_such_tag",))
+    _hello_recipe(tmp_path, monkeypatch, comp)
+    components.build_all(echo=lambda _: None)
+    folder = components.binary_path("pair")
+    assert sorted(p.name for p in folder.iterdir()) == ["hello", "world"]
+    assert subprocess.run([str(folder / "world")], capture_output=True, text=True).stderr == "world\n"
+    assert "-tags no_such_tag" in (tmp_path / "cache" / "logs" / "build-pair-v1.log").read_text()
