@@ -194,8 +194,9 @@ EXTENDED_LONG_PREFIX = r"^[^/]{245,}/"  # Kubernetes checks "requests.<name>": t
 EXTENDED_RESOURCES_RULE = Rule(
     f"self.all(k, k.matches(r'{EXTENDED_RESOURCE}') && !k.matches(r'{EXTENDED_LONG_PREFIX}')"
     " && !k.contains('kubernetes.io/'))",
-    "extendedResources: every key must be an extended resource name, a domain outside kubernetes.io, '/' and a"
-    " name of at most 63 characters, e.g. nvidia.com/gpu (cpu and memory are not extended resources)",
+    "extendedResources: every key must be an extended resource name as a device plugin advertises it: a domain"
+    " outside kubernetes.io (reserved), '/' and a name of at most 63 characters, e.g. nvidia.com/gpu (cpu and"
+    " memory are not extended resources)",
     lambda m: all(re.fullmatch(EXTENDED_RESOURCE, k) and not re.match(EXTENDED_LONG_PREFIX, k)
                   and "kubernetes.io/" not in k for k in m),
 )
