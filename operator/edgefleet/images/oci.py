@@ -46,7 +46,7 @@ def crane(*args: str, insecure: bool = True) -> str:
 
 
 @contextlib.contextmanager
-def local_registry(storage: Path) -> Iterator[str]:
+def local_registry(storage: Path, readonly: bool = False) -> Iterator[str]:
     """The image cache: a registry on a free loopback port over `storage`, stopped on exit."""
     binary = components.binary_path("registry")
     if not binary.exists():
@@ -56,7 +56,8 @@ def local_registry(storage: Path) -> Iterator[str]:
     config = storage.parent / "registry.yaml"
     config.write_text(yaml.safe_dump({
         "version": 0.1, "log": {"level": "error"},
-        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True},
+                    "maintenance": {"readonly": {"enabled": readonly}, "uploadpurging": {"enabled": False}}},
         "http": {"addr": f"127.0.0.1:{port}"},
     }))
     log = (storage.parent / "registry.log").open("ab")

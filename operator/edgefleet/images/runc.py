@@ -48,7 +48,8 @@ def unpack(ref: str, platform: str, dest: Path) -> dict:
     return config["config"]
 
 
-def _spec(config: dict, args: list[str], mounts: list[tuple[str, str]], env: dict[str, str]) -> dict:
+def _spec(config: dict, args: list[str], mounts: list[tuple[str, str]], env: dict[str, str],
+          writable: list[tuple[str, str]]) -> dict:
     uid, _, gid = config.get("User", "0:0").partition(":")
     return {
         "ociVersion": "1.0.2",
@@ -71,6 +72,7 @@ def _spec(config: dict, args: list[str], mounts: list[tuple[str, str]], env: dic
             {"destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf",
              "options": ["rbind", "ro"]},
             *({"destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"]} for src, dst in mounts),
+            *({"destination": dst, "type": "bind", "source": src, "options": ["rbind", "rw"]} for src, dst in writable),
         ],
         "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
                   "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
@@ -80,7 +82,8 @@ def _spec(config: dict, args: list[str], mounts: list[tuple[str, str]], env: dic
 
 @contextlib.contextmanager
 def run(ref: str, args: list[str], work: Path, platform: str = "linux/amd64",
-        mounts: list[tuple[str, str]] = (), env: dict[str, str] | None = None) -> Iterator[Container]:
+        mounts: list[tuple[str, str]] = (), env: dict[str, str] | None = None,
+        writable: list[tuple[str, str]] = ()) -> Iterator[Container]:
     """Start the image detached (host network); kill and delete it on exit."""
     if shutil.which("runc") is None:
         raise RuncError("runc is not on PATH: install it (Debian: apt-get install runc)")
@@ -91,7 +94,7 @@ def run(ref: str, args: list[str], work: Path, platform: str = "linux/amd64",
     bundle = work / "bundles" / cid
     bundle.mkdir(parents=True)
     (bundle / "rootfs").symlink_to(image_dir / "rootfs")
-    (bundle / "config.json").write_text(json.dumps(_spec(config, args, list(mounts), env or {}), indent=1))
+    (bundle / "config.json").write_text(json.dumps(_spec(config, args, list(mounts), env or {}, list(writable)), indent=1))
     log = bundle / "output.log"
     with log.open("wb") as fh:
         proc = subprocess.run(["runc", "run", "-d", "--bundle", str(bundle), cid], stdin=subprocess.DEVNULL,
