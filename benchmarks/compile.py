@@ -23,10 +23,11 @@ M = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
 CPU_INT8 = Target("onnx", "int8", "onnxruntime", "cpu")
 OPENVINO = Target("openvino", "int8", "openvino", "openvino")
 LITERT = Target("tflite", "int8", "litert")
+CORAL = Target("tflite", "int8", "litert", None, "libedgetpu.so.1")  # ONNX -> .tflite needs edgefleet[tflite-convert]
 
 CASES = [
     ("digits_cnn", "digits_cnn.onnx", "digits_eval.npz", "digits_calib.npz", AccuracyBudget(maxAccuracyDrop=1.0),
-     {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO}),
+     {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO, "litert-int8": LITERT, "coral-edgetpu": CORAL}),
     ("tiny_encoder", "tiny_encoder.onnx", "encoder_eval.npz", "encoder_calib.npz", AccuracyBudget(minCosine=0.99),
      {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO}),
     # PP-OCRv4 text detector (real weights, paddle2onnx export): a probability map, gated on cosine vs fp32

@@ -160,7 +160,7 @@ def test_coral_variant_served_by_the_runtime_backend(coral):
 
 
 @needs_onnx2tf
-def test_generic_tflite_int8_target_builds_three_candidates(tmp_path):
+def test_generic_tflite_int8_target_builds_three_candidates(tmp_path, coral):
     v = compile_model(CompileRequest(str(DIGITS), {"pi": PI_TFLITE}, digits_policy()), None, tmp_path).variants["pi"]
     assert v.state == "Ready", v.message
     by = {c.name: c for c in v.candidates}
@@ -169,6 +169,8 @@ def test_generic_tflite_int8_target_builds_three_candidates(tmp_path):
     fp32 = by["litert-fp32"].metrics
     assert fp32.agreement == 1.0 and fp32.maxAbsDiff < 1e-3, fp32  # same numbers as ONNX: layout handled
     assert by["litert-dynamic-int8"].sizeBytes * 3 < by["litert-fp32"].sizeBytes
+    # reproducible: another session's conversion of the same model and data gives the same bytes
+    assert by["litert-static-int8"].sha256 == coral.variants["coral-edgetpu"].digest
 
 
 def _conv_model(path: Path) -> None:
