@@ -193,9 +193,12 @@ class HTTPServer:
             time.sleep(0.1)
             now = time.monotonic()
             with self._lock:
-                late = [c for c in self._conns if c.state in _TIMEOUT_REASON and now > c.deadline and not c.closed_by]
-            for c in late:
-                reason = _TIMEOUT_REASON[c.state]
+                late = [(c, c.state, c.deadline) for c in self._conns
+                        if c.state in _TIMEOUT_REASON and now > c.deadline and not c.closed_by]
+            for c, state, deadline in late:
+                if c.state != state or c.deadline != deadline:
+                    continue  # it moved on since: the request (or the next one) is within its own deadline
+                reason = _TIMEOUT_REASON[state]
                 if reason != "idle_timeout":
                     self.refused(reason)
                 c.close(reason)
