@@ -11,8 +11,10 @@ and built into a private descriptor pool at import. That keeps the runtime free 
 the pinning between generated ``_pb2`` files and the protobuf runtime.
 
 Limits, as for REST: messages over the model's body limit are refused (RESOURCE_EXHAUSTED) before they
-are parsed, infer calls beyond ``max_concurrency`` get UNAVAILABLE with a retry hint, idle connections
-close after ``idle_seconds``, a connection must finish its HTTP/2 handshake within ``header_seconds``.
+are parsed, messages over ``max_body_bytes`` are refused by gRPC itself while arriving, infer calls beyond
+``max_concurrency`` get UNAVAILABLE with a retry hint, idle connections close after ``idle_seconds``, a
+connection must finish its HTTP/2 handshake within ``header_seconds``. gRPC's core polls connections
+without a thread each, so there is no connection cap to evict from; 64 streams per connection.
 """
 
 from __future__ import annotations

@@ -194,3 +194,29 @@ def test_rendered_pod_serves_grpc(start_server, digits, reference):
     x = _x(3)
     np.testing.assert_allclose(_infer(client, x).as_numpy("logits"), reference(x), rtol=1e-5, atol=1e-5)
     assert s.request("GET", "/v2/health/live")[0] == 200
+
+
+def test_silent_sockets_are_closed_and_do_not_block_clients(grpc_server, reference):
+    """32 TCP connections that never send the HTTP/2 preface: closed after --header-timeout; clients served."""
+    import socket
+    import time
+
+    s = grpc_server("--header-timeout", "1")
+    port = int(s.grpc._channel._channel.target().decode().rsplit(":", 1)[1])
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(32)]
+    x = _x(2)
+    np.testing.assert_allclose(_infer(s.grpc, x).as_numpy("logits"), reference(x), rtol=1e-5, atol=1e-5)
+    t0 = time.monotonic()
+    closed = 0
+    for sock in socks:
+        while time.monotonic() - t0 < 6:
+            sock.settimeout(max(0.01, 6 - (time.monotonic() - t0)))
+            try:
+                data = sock.recv(4096)  # the server's SETTINGS frame, then EOF
+            except OSError:
+                break
+            if not data:
+                closed += 1
+                break
+        sock.close()
+    assert closed == len(socks) and time.monotonic() - t0 < 4
