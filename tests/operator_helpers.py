@@ -28,6 +28,25 @@ def placement(cluster) -> dict[str, str | None]:
     return resolve_nodes(nodes, profiles)
 
 
+def untolerated(cluster, want: dict[str, str | None]) -> set[str]:
+    """Nodes of a class whose pods cannot land there: a NoSchedule/NoExecute taint the class's profile does not
+    tolerate (e.g. the dev cluster's real node, edgefleet.io/real-node). A DaemonSet puts no pod on them."""
+    nodes = {n["metadata"]["name"]: n.get("spec", {}).get("taints", []) for n in items(cluster, None, "nodes")}
+    tolerations = {p["metadata"]["name"]: p["spec"].get("tolerations", [])
+                   for p in items(cluster, None, "hardwareprofiles")}
+    return {node for node, prof in want.items() if prof and any(
+        t["effect"] in ("NoSchedule", "NoExecute") and not any(_tolerates(tol, t) for tol in tolerations.get(prof, []))
+        for t in nodes.get(node, []))}
+
+
+def _tolerates(tol: dict, taint: dict) -> bool:
+    if tol.get("effect") and tol["effect"] != taint["effect"]:
+        return False
+    if tol.get("operator") == "Exists":
+        return not tol.get("key") or tol["key"] == taint["key"]
+    return tol.get("key") == taint["key"] and tol.get("value", "") == taint.get("value", "")
+
+
 def ready_variants(cluster, namespace: str) -> dict[str, dict] | None:
     """Ready variants once the model's current generation is compiled, else None."""
     em = get(cluster, namespace, "edgemodel", "digits")
@@ -49,7 +68,7 @@ def converged(cluster, namespace: str):
     pods = [p for p in items(cluster, namespace, "pods", "-l", "edgefleet.io/deployment=digits")
             if not p["metadata"].get("deletionTimestamp")]
     served = {p["spec"].get("nodeName"): p for p in pods}
-    expected = {node for node, prof in want.items() if prof in variants}
+    expected = {node for node, prof in want.items() if prof in variants} - untolerated(cluster, want)
     if len(pods) != len(served) or set(served) != expected or not all(is_ready(p) for p in pods):
         return None
     for node, pod in served.items():
