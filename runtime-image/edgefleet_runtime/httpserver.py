@@ -144,6 +144,7 @@ class HTTPServer:
         self.sock.listen(512)
         self.port = self.sock.getsockname()[1]
         self.stopping = False
+        self._drained = False
         self._conns: set[_Conn] = set()
         self._lock = threading.Lock()  # guards _conns, _budget_used, _running
         self._budget_used = 0
@@ -189,7 +190,7 @@ class HTTPServer:
         return False
 
     def _watchdog(self) -> None:
-        while not self.stopping:
+        while not self._drained:  # deadlines hold during a drain too: a slow client cannot stall it
             time.sleep(0.1)
             now = time.monotonic()
             with self._lock:
@@ -216,6 +217,12 @@ class HTTPServer:
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Stop accepting, close idle connections, wait for in-flight requests. True if drained."""
+        try:
+            return self._drain(timeout)
+        finally:
+            self._drained = True
+
+    def _drain(self, timeout: float) -> bool:
         self.stopping = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)

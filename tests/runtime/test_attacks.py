@@ -331,3 +331,19 @@ def test_concurrency_limit_answers_503_with_retry_after(start_server, digits):
     assert all(b"Retry-After: 1" in h for c, h in statuses if c == 503)
     assert metric(s, "edgefleet_runtime_refused_total", reason="concurrency") == codes.count(503)
     assert s.request("GET", "/v2/health/ready")[0] == 200  # probes are not limited
+
+
+def test_a_slow_client_does_not_stall_the_drain(start_server, digits):
+    """SIGTERM while a client trickles its headers: the header deadline still applies, the drain ends early."""
+    import signal
+
+    s = start_server(*digits, "--header-timeout", "1", "--drain-timeout", "20")
+    stop = threading.Event()
+    t = threading.Thread(target=_trickle, args=(s.port, post(G) * 10, stop, 0.1, []), daemon=True)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    code = s.proc.wait(15)
+    stop.set()
+    assert code == 0 and time.monotonic() - t0 < 4, s.logs()
