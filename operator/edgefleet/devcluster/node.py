@@ -418,6 +418,9 @@ def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeo
     reason = cannot_run(state)
     if reason:
         raise NodeError(f"cannot start the real node: {reason}")
+    if len(str(socket_path(state))) > 100:  # a unix socket path has at most 107 bytes
+        raise NodeError(f"containerd's socket {socket_path(state)} would be too long for a unix socket; "
+                        "set EDGEFLEET_CACHE to a shorter folder")
     node = state / "node"
     node.mkdir(parents=True, exist_ok=True)
     (node / "host-dirs-made.json").write_text(json.dumps([d for d in HOST_DIRS if not Path(d).exists()]))
