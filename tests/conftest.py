@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ def cluster() -> Iterator[edgefleet.devcluster.Cluster]:  # noqa: F821
     session's own (named "test", never the demo's), started now and stopped afterwards. A reused cluster
     must not hold other workloads' accelerators: the GPU tests would wait for them until they time out."""
     from edgefleet.devcluster import is_running, session_cluster
+    from kube_helpers import foreign_accelerator_pods
 
     os.environ.setdefault("EDGEFLEET_CLUSTER", TEST_CLUSTER)
     reused = is_running(os.environ["EDGEFLEET_CLUSTER"])
@@ -38,22 +38,6 @@ def cluster() -> Iterator[edgefleet.devcluster.Cluster]:  # noqa: F821
                         f"cluster of their own (unset EDGEFLEET_CLUSTER) or remove those workloads "
                         f"(e.g. kubectl delete namespace edgefleet-demo)", returncode=3)
         yield c
-
-
-def foreign_accelerator_pods(cluster) -> list[str]:
-    """Live pods outside the tests' namespaces (t-*) that request an extended resource such as nvidia.com/gpu."""
-    pods = json.loads(cluster.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
-    held = []
-    for pod in pods:
-        meta = pod["metadata"]
-        if meta["namespace"].startswith("t-") or meta.get("deletionTimestamp") or pod.get("status", {}).get(
-                "phase") in ("Succeeded", "Failed"):
-            continue
-        wants = {name for c in pod["spec"].get("containers", [])
-                 for name in (c.get("resources") or {}).get("requests", {}) if "/" in name}
-        if wants:
-            held.append(f"{meta['namespace']}/{meta['name']} ({', '.join(sorted(wants))})")
-    return held
 
 
 @pytest.fixture

@@ -40,3 +40,19 @@ def is_ready(pod: dict) -> bool:
 
 def condition(obj: dict, type_: str) -> dict | None:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), None)
+
+
+def foreign_accelerator_pods(cluster) -> list[str]:
+    """Live pods outside the tests' namespaces (t-*) that request an extended resource such as nvidia.com/gpu."""
+    pods = json.loads(cluster.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+    held = []
+    for pod in pods:
+        meta = pod["metadata"]
+        if meta["namespace"].startswith("t-") or meta.get("deletionTimestamp") or pod.get("status", {}).get(
+                "phase") in ("Succeeded", "Failed"):
+            continue
+        wants = {name for c in pod["spec"].get("containers", [])
+                 for name in (c.get("resources") or {}).get("requests", {}) if "/" in name}
+        if wants:
+            held.append(f"{meta['namespace']}/{meta['name']} ({', '.join(sorted(wants))})")
+    return held
