@@ -393,7 +393,9 @@ class HTTPServer:
                 self._budget_used += reserve
         if not fits:
             if reserve > self.limits.body_budget_bytes:
-                raise HTTPError(413, f"a body of {size} bytes needs more than the server's whole body budget",
+                raise HTTPError(413, f"a body of {size} bytes needs {reserve} bytes of the server's body budget "
+                                f"of {self.limits.body_budget_bytes} (JSON counts {JSON_EXPANSION}x): send tensors "
+                                "with the binary tensor data extension, or raise --body-budget-bytes",
                                 "body_too_large")
             raise HTTPError(503, "the server has too many request bodies in flight; retry after 1 s",
                             "body_budget", [("Retry-After", "1")])

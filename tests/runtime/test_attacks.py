@@ -347,3 +347,11 @@ def test_a_slow_client_does_not_stall_the_drain(start_server, digits):
     code = s.proc.wait(15)
     stop.set()
     assert code == 0 and time.monotonic() - t0 < 4, s.logs()
+
+
+def test_json_larger_than_the_budget_allows_is_413_with_the_fix(start_server, digits):
+    s = start_server(*digits, "--body-budget-bytes", str(1 << 20))
+    out = exchange(s.port, post(b" " * 100_000))
+    assert status_of(out) == 413
+    assert "binary tensor data extension" in body_of(out)["error"]
+    assert "--body-budget-bytes" in body_of(out)["error"]
