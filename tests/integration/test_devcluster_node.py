@@ -213,3 +213,38 @@ def test_pods_reach_the_registry_and_the_api_server(cluster, served):
         version = cluster.kubectl("exec", "-n", ns, "echo", "--", "/echo-server", "get",
                                   f"https://{node._kubernetes_service_ip()}:443/version", ca)
     assert version.stdout.startswith("200 ") and '"gitVersion": "v1.36.3"' in version.stdout
+
+
+@pytest.fixture
+def outside(real):
+    """A listener on a network beyond the node (a namespace behind a veth pair this test creates)."""
+    netns, host_end, ns_end = "ef-outside-test", "efout0", "efout1"
+    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", netns)
+    server = None
+    try:
+        run("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end, "netns", netns)
+        run("ip", "addr", "add", "198.18.0.1/30", "dev", host_end)
+        run("ip", "link", "set", host_end, "up")
+        for cmd in (("addr", "add", "198.18.0.2/30", "dev", ns_end), ("link", "set", ns_end, "up"),
+                    ("link", "set", "lo", "up"), ("route", "add", "default", "via", "198.18.0.1")):
+            run("ip", "netns", "exec", netns, "ip", *cmd)
+        server = subprocess.Popen(["ip", "netns", "exec", netns, "python3", "-m", "http.server", "8080", "--bind",
+                                   "198.18.0.2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _safe_get("http://198.18.0.2:8080/") is not None, timeout=20,
+                 what="the outside listener reachable from the host")
+        yield "http://198.18.0.2:8080/"
+    finally:
+        if server:
+            server.kill()
+            server.wait(10)
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def test_pods_reach_nothing_beyond_the_node(cluster, served, outside):
+    ns, _ = served
+    # the host reaches the listener (fixture), and forwarding is on, yet a pod's packets never leave the bridge
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+    denied = cluster.kubectl("exec", "-n", ns, "echo", "--", "/echo-server", "get", outside, check=False)
+    assert denied.returncode != 0 and "Timeout" in denied.stderr + denied.stdout
