@@ -206,10 +206,9 @@ def _fetch(args) -> int:
 
 
 def _serve(args) -> int:
-    from .app import App, ManagementApp, Metrics, ModelSlot
+    from .app import App, Metrics, ModelSlot
     from .backends import ModelLoadError
     from .digest import DigestError, digest_from_cache_path
-    from .httpserver import HTTPServer
     from .management import ManagementError
 
     def die(code: int, msg: str) -> int:
@@ -250,17 +249,8 @@ def _serve(args) -> int:
     slot.watch(args.model)
 
     app = App(slot, metrics, management=management if args.management_port is None else None)
-    refused = metrics.count_refused
-    servers = []
     try:
-        servers.append(HTTPServer(app, args.host, args.port, limits, refused))
-        if args.management_port is not None:
-            mapp = ManagementApp(app, management)
-            servers.append(HTTPServer(mapp, "127.0.0.1", args.management_port, limits, refused))
-        if args.grpc_port is not None:
-            from .grpcserver import GRPCServer
-
-            servers.append(GRPCServer(app, args.host, args.grpc_port, limits))
+        servers = _listeners(args, app, management, limits)
     except (OSError, RuntimeError) as e:
         return die(EXIT_USAGE, f"cannot listen: {e}")
     server = servers[0]
@@ -309,6 +299,22 @@ def _serve(args) -> int:
         s.shutdown(args.drain_timeout)
     log.info("stopped", extra={"drained": drained})
     return 0 if drained else 1
+
+
+def _listeners(args, app, management, limits) -> list:
+    """REST on --host:--port, then the loopback management port and gRPC when asked for."""
+    from .app import ManagementApp
+    from .httpserver import HTTPServer
+
+    refused = app.metrics.count_refused
+    servers = [HTTPServer(app, args.host, args.port, limits, refused)]
+    if args.management_port is not None:
+        servers.append(HTTPServer(ManagementApp(app, management), "127.0.0.1", args.management_port, limits, refused))
+    if args.grpc_port is not None:
+        from .grpcserver import GRPCServer
+
+        servers.append(GRPCServer(app, args.host, args.grpc_port, limits))
+    return servers
 
 
 def _management(args, slot):
