@@ -185,8 +185,9 @@ class Budget(Model):
 
     max_model_size_bytes: Annotated[int, Field(ge=1)] | None = None
     """Largest model file, in bytes, the device can hold; larger variants fail to compile."""
-    max_memory_bytes: Annotated[int, Field(ge=1)] | None = None
-    """Memory limit, in bytes, for the inference container."""
+    max_memory_bytes: Annotated[int, Field(ge=32 * 2**20)] | None = None
+    """Memory limit, in bytes, of the inference container (at least 32 MiB; without it 1 GiB); the
+    container is OOM-killed above it."""
 
 
 EXTENDED_RESOURCE = rf"^{SUBDOMAIN}/[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"

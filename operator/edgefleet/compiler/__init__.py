@@ -27,18 +27,21 @@ One entry point, used by ``edgefleet compile``, by the operator in-process and i
                    metrics (Metrics), candidates (list[Candidate] each with state Chosen|Lost|Failed and why),
                    cacheKey, cacheHit, to_status() -> EdgeModel status.variants[] entry (docs/api-contract.md)
     CompileError(reason, message, fix): request-level failure (DigestMismatch, InvalidModel, UnsupportedOpset,
-                   UnsupportedOperator, InvalidData, InvalidRequest, SourceUnavailable, MissingExtra);
+                   UnsupportedOperator, InvalidData, InvalidRequest, SourceUnavailable, MissingExtra,
+                   UnknownInputShape);
                    raised before anything is built or published. ``to_status_variant(profile)``.
 
 Per-variant failure reasons (state Failed, nothing published for that profile): AccuracyBudgetExceeded,
-ConversionUnavailable, ToolchainUnavailable, MissingExtra, PrecisionNotSupported, UnsupportedTarget,
-PassFailed, RunFailed, NoCalibrationData.
+ModelSizeBudgetExceeded (every candidate over the profile's budget.maxModelSizeBytes), ConversionUnavailable,
+ToolchainUnavailable, MissingExtra, PrecisionNotSupported, UnsupportedTarget, PassFailed, RunFailed,
+NoCalibrationData.
 
 ``auto`` builds the candidates that fit the target (precision fp32 -> fp32; fp16 -> fp32, fp16; int8 -> also
 dynamic and static int8), runs each in the target runtime on the evaluation data (synthetic inputs when none
-are given, flagged in the metrics; dynamic dims 8, retried at 64 and 224 for models that need larger
-inputs), gates each on the budget (default: 1 point of top-1 with labels, else cosine >= 0.99 against the
-source's outputs) and publishes the fastest p50 at 1 thread; candidates within 5 % of the
+are given, flagged in the metrics; their shapes from --input-shape, the model's metadata or the calibration
+data, and ``auto`` refuses dims none of them fixes (UnknownInputShape); another quantization tries dynamic dims
+at 8, 64 and 224), gates each on the budget (default: 1 point of top-1 with labels, else cosine >= 0.99
+against the source's outputs) and publishes the fastest p50 at 1 thread; candidates within 5 % of the
 fastest count as equally fast and the smallest wins. Targets not present on this host (CUDA/TensorRT) are
 measured on the CPU and chosen by the target precision's preference instead.
 

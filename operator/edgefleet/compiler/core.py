@@ -453,6 +453,17 @@ class _Session:
         return True, None
 
 
+OVER_SIZE = "OverSizeBudget"
+
+
+def _size_budget(c: Candidate, limit: int | None) -> Candidate:
+    """A candidate larger than the hardware's maxModelSizeBytes cannot be chosen: Failed, saying by how much."""
+    if limit and c.state != "Failed" and c.sizeBytes is not None and c.sizeBytes > limit:
+        c.state, c.reason = "Failed", OVER_SIZE
+        c.why = f"{c.sizeBytes} bytes > spec.budget.maxModelSizeBytes {limit}"
+    return c
+
+
 def _select(cands: list[Candidate], target: Target, on_target: bool) -> Candidate | None:
     ok = [c for c in cands if c.state != "Failed" and c.withinBudget]
     if not ok:
@@ -596,13 +607,19 @@ def _compile_one(s: _Session, profile: str, target: Target, key: str, src_size: 
         _store_failure(cache, key, v)
         return v
     on_target, note = measurable(target)
-    cands = [s.candidate(sp) for sp in specs]
+    cands = [_size_budget(s.candidate(sp), target.maxModelSizeBytes) for sp in specs]
     chosen = _select(cands, target, on_target)
     _explain(cands, chosen, on_target)
     v.candidates = cands
     if chosen is None:
         failed = [c for c in cands if c.state == "Failed"]
-        if len(failed) == len(cands):
+        if any(c.reason == OVER_SIZE for c in failed) and len(failed) == len(cands):
+            v.reason = "ModelSizeBudgetExceeded"
+            v.message = ("no candidate fits the HardwareProfile's spec.budget.maxModelSizeBytes: "
+                         + "; ".join(f"{c.name}: {c.why}" for c in cands)
+                         + ". Fix: raise spec.budget.maxModelSizeBytes, allow int8 (quantization auto), or prune "
+                         "(optimization.sparsity)")
+        elif len(failed) == len(cands):
             v.reason = failed[0].reason or "PassFailed"
             v.message = "; ".join(f"{c.name}: {c.why}" for c in cands)
         else:

@@ -51,9 +51,9 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Target]:
                 if not isinstance(item, dict) or item.get("kind", "HardwareProfile") != "HardwareProfile":
                     continue
                 name = (item.get("metadata") or {}).get("name")
-                target = (item.get("spec") or {}).get("target")
-                if not name or not isinstance(target, dict):
+                spec = item.get("spec") or {}
+                if not name or not isinstance(spec.get("target"), dict):
                     raise CompileError("InvalidRequest", f"{f}: a HardwareProfile without metadata.name or "
                                        "spec.target", "give every profile a name and a spec.target")
-                out[name] = Target.from_dict(target)
+                out[name] = Target.of_profile(spec)
     return out

@@ -44,11 +44,19 @@ class Target:
     runtime: str = "onnxruntime"  # onnxruntime | litert | openvino | coreml
     executionProvider: str | None = None  # cpu | cuda | tensorrt | openvino
     delegate: str | None = None  # e.g. libedgetpu.so.1
+    maxModelSizeBytes: int | None = None  # HardwareProfile.spec.budget: larger candidates are refused
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Target:
-        known = {k: d.get(k) for k in ("format", "precision", "runtime", "executionProvider", "delegate")}
+        keys = ("format", "precision", "runtime", "executionProvider", "delegate", "maxModelSizeBytes")
+        known = {k: d.get(k) for k in keys}
         return cls(**{k: v for k, v in known.items() if v is not None})
+
+    @classmethod
+    def of_profile(cls, spec: dict[str, Any]) -> Target:
+        """The target of a HardwareProfile spec (wire form), with its budget's model size limit."""
+        return cls.from_dict({**(spec.get("target") or {}),
+                              "maxModelSizeBytes": (spec.get("budget") or {}).get("maxModelSizeBytes")})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

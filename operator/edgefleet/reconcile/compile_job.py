@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..api import EdgeModel
 from ..artifacts import StoreError, open_store
-from ..compiler import CompileError, VariantReport
+from ..compiler import CompileError, Target, VariantReport
 from ..kube import Kube
 from ..render.compile_job import (
     MODEL_NAME,
@@ -48,7 +48,8 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
     profiles = {p.metadata["name"]: p for p in world.profiles}
     try:
         req = job_request(kube, settings, em, namespace, {
-            t: profiles[t].spec.target.model_dump(by_alias=True, exclude_none=True) for t in targets})
+            t: Target.of_profile(profiles[t].spec.model_dump(by_alias=True, exclude_none=True)).to_dict()
+            for t in targets})
     except CompileError as err:
         return [without_none(err.to_status_variant(t)) for t in targets]
     manifest = render_compile_job(req, settings)

@@ -110,7 +110,7 @@ def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
             )
             request = CompileRequest(
                 source=str(source), digest=em.spec.source.digest, policy=policy, name=em.metadata["name"],
-                targets={t: Target.from_dict(profiles[t].spec.target.model_dump(by_alias=True, exclude_none=True))
+                targets={t: Target.of_profile(profiles[t].spec.model_dump(by_alias=True, exclude_none=True))
                          for t in targets},
             )
             variants = compile_isolated(request, settings)

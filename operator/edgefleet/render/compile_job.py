@@ -56,7 +56,7 @@ class CompileJobRequest:
     model_namespace: str
     model_name: str
     generation: int
-    targets: dict[str, dict]  # profile name -> HardwareProfile.spec.target (camelCase)
+    targets: dict[str, dict]  # profile name -> HardwareProfile.spec.target (camelCase) + budget's maxModelSizeBytes
     source: str | None = None
     digest: str | None = None
     quantization: str = "auto"
@@ -73,8 +73,15 @@ class CompileJobRequest:
 def profiles_document(targets: dict[str, dict]) -> str:
     """The targets as a HardwareProfile List that ``edgefleet compile --profiles-file`` reads (JSON is YAML)."""
     items = [{"apiVersion": "edgefleet.io/v1alpha1", "kind": "HardwareProfile", "metadata": {"name": name},
-              "spec": {"target": targets[name]}} for name in sorted(targets)]
+              "spec": _spec(targets[name])} for name in sorted(targets)]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, sort_keys=True, indent=1)
+
+
+def _spec(target: dict) -> dict:
+    spec: dict = {"target": {k: v for k, v in target.items() if k != "maxModelSizeBytes"}}
+    if target.get("maxModelSizeBytes"):
+        spec["budget"] = {"maxModelSizeBytes": target["maxModelSizeBytes"]}
+    return spec
 
 
 def inputs_files(req: CompileJobRequest) -> dict[str, bytes]:

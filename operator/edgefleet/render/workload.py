@@ -78,9 +78,17 @@ def _restricted(privileged: bool) -> dict:
     return restricted_security_context(RUNTIME_UID)
 
 
+MEMORY_REQUEST_BYTES = 128 * 2**20
+
+
 def _resources(profile: HardwareProfile) -> dict:
+    """Extended resources as requests and limits; memory limited by the profile's budget.maxMemoryBytes
+    (1Gi without one)."""
     extended = {k: str(v) for k, v in (profile.spec.extended_resources or {}).items()}
-    return {"requests": {"cpu": "100m", "memory": "128Mi", **extended}, "limits": {"memory": "1Gi", **extended}}
+    limit = profile.spec.budget.max_memory_bytes if profile.spec.budget else None
+    request, limit_text = ("128Mi", "1Gi") if limit is None else (str(min(limit, MEMORY_REQUEST_BYTES)), str(limit))
+    return {"requests": {"cpu": "100m", "memory": request, **extended},
+            "limits": {"memory": limit_text, **extended}}
 
 
 def _blob(node_cache: str, digest: str) -> str:
