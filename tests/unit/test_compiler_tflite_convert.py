@@ -107,6 +107,9 @@ def test_rename_io_renames_tensors_the_runtime_reads():
 def test_flex_ops_are_named_as_such():
     e = tflite_convert._error("ConverterError: Some ops are not supported by the native TFLite runtime: Erfinv")
     assert e.reason == "UnsupportedOperator" and "Erfinv" in e.message and "ONNX" in e.fix
+    e = tflite_convert._error("ConverterError: error: 'tf.MatrixDeterminant' op is neither a custom op nor a flex op"
+                              " note: ... 'tf.MatrixDeterminant' op is neither a custom op nor a flex op")
+    assert e.reason == "UnsupportedOperator" and e.message.endswith("no kernel for: MatrixDeterminant")
     e = tflite_convert._error("onnx2tf: SystemExit: 1", 1)
     assert e.reason == "PassFailed" and "exit 1" in e.message and e.fix
 
@@ -204,3 +207,17 @@ def test_four_d_outputs_come_back_nchw(tmp_path):
     # a second flavour reuses the SavedModel: onnx2tf ran once
     tflite_convert.build(src.read_bytes(), "dynamic-int8", None, tmp_path / "work")
     assert "onnx2tf" not in json.loads((tmp_path / "work" / "dynamic-int8.json").read_text())["seconds"]
+
+
+@needs_onnx2tf
+def test_an_operator_litert_lacks_is_named(tmp_path):
+    """ONNX Det becomes TensorFlow's MatrixDeterminant, which LiteRT has no builtin for (only Flex)."""
+    g = helper.make_graph([helper.make_node("Det", ["x"], ["y"])], "det",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])])
+    src = tmp_path / "det.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    v = compile_model(CompileRequest(str(src), {"pi": Target("tflite", "fp32", "litert")}, Policy(timingRuns=2)),
+                      None, tmp_path / "cache").variants["pi"]
+    assert v.state == "Failed" and v.reason == "UnsupportedOperator", v.message
+    assert "MatrixDeterminant" in v.message and "serve this model as ONNX" in v.message

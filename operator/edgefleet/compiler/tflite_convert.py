@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,7 +29,9 @@ QUANTIZATIONS = ("none", "dynamic-int8", "static-int8")
 NEEDS = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "sng4onnx", "psutil", "ai_edge_litert")
 INSTALL_FIX = "pip install 'edgefleet[tflite-convert]', or compile in the compile Job (the compiler image carries it)"
 TIMEOUT_SECONDS = 1800
-FLEX_MARKERS = ("Select TF ops", "not supported by the native TFLite runtime", "FlexDelegate")
+FLEX_MARKERS = ("Select TF ops", "not supported by the native TFLite runtime", "neither a custom op nor a flex op")
+TF_OP = re.compile(r"'tf\.(\w+)' op is neither")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def missing() -> str | None:
@@ -105,7 +108,7 @@ def _run_child(onnx_model: bytes, quantization: str, calib: dict[str, np.ndarray
 
 
 def _log_tail(log: Path) -> str:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = [ANSI.sub("", ln) for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     errors = [ln for ln in lines if "Error" in ln or "error" in ln or "ERROR" in ln]
     return (errors or lines or ["no output"])[-1][:400]
 
@@ -114,9 +117,11 @@ def _error(message: str, code: int | None = None):
     from .types import CompileError
 
     if any(m in message for m in FLEX_MARKERS):
+        ops = sorted(set(TF_OP.findall(message)))
         return CompileError("UnsupportedOperator",
-                            f"the converted model needs TensorFlow (Flex) ops that LiteRT does not have: {message}",
-                            "serve this model as ONNX on this class, or re-export it with TFLite builtin ops")
+                            "the converted model needs TensorFlow ops that LiteRT has no kernel for: "
+                            + (", ".join(ops) if ops else message[:300]),
+                            "serve this model as ONNX on this class, or re-export it without these operators")
     exit_note = f" (exit {code})" if code else ""
     return CompileError("PassFailed", f"onnx2tf could not convert the model{exit_note}: {message}",
                         "check the model with onnx2tf directly (onnx2tf -i model.onnx) and simplify it with onnxsim")
