@@ -69,7 +69,7 @@ def _first_bad(data: list, ok) -> str:
     return "data has values of mixed types"
 
 
-def _json_values(name: str, data: list, datatype: str, dtype: np.dtype) -> np.ndarray:
+def _json_values(name: str, data: list, datatype: str, dtype: np.dtype, has_bools: bool = True) -> np.ndarray:
     """The JSON ``data`` of one input as ``dtype``; 400 naming the input for null, strings, booleans where
     numbers belong, fractions or out-of-range values for integers, and values a float type cannot hold."""
     if datatype == "BYTES":
@@ -89,6 +89,8 @@ def _json_values(name: str, data: list, datatype: str, dtype: np.dtype) -> np.nd
             bad = _first_bad(data, lambda v: type(v) is bool)
             raise _bad(f"input '{name}': data is not a valid BOOL list: {bad}; BOOL needs true/false")
         return arr
+    if kind in "iuf" and has_bools and any(type(v) is bool for v in _flat(data)):
+        kind = "b"  # true/false among numbers: numpy made them 1/0
     if kind not in "iuf":
         number = lambda v: type(v) is float or (type(v) is int and -(2**63) <= v < 2**64)  # noqa: E731
         bad = _first_bad(data, number)
@@ -149,8 +151,10 @@ def decode_infer_request(
             raise _bad(f"header Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
         view = memoryview(body)
         json_part, binary = view[:header_length], view[header_length:]
+    json_text = bytes(json_part)
+    has_bools = b"true" in json_text or b"false" in json_text  # only then look for booleans among numbers
     try:
-        req = orjson.loads(json_part)
+        req = orjson.loads(json_text)
     except orjson.JSONDecodeError as e:
         raise _bad(f"malformed JSON in request body: {e}") from None
     if not isinstance(req, dict):
@@ -205,7 +209,7 @@ def decode_infer_request(
                 raise _bad(f"input '{name}': needs 'data' or parameters.binary_data_size")
             if not isinstance(data, list):
                 data = [data]
-            arr = _json_values(name, data, datatype, dtype)
+            arr = _json_values(name, data, datatype, dtype, has_bools)
             if arr.size != count:
                 raise _bad(f"input '{name}': data has {arr.size} values but shape {_fmt_shape(shape)} needs {count}")
         feeds[name] = arr.reshape(shape)

@@ -224,3 +224,45 @@ def test_parser_never_fails_outside_its_contract(data):
         pass
     else:
         assert len(body) <= 256
+
+
+# ------------------------------------------------------------------------------ JSON tensor values in-process
+element = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-(2**80), 2**80),
+    st.none(),
+    st.booleans(),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1.5", ""]),
+)
+
+
+@settings(SETTINGS, max_examples=1500)
+@given(values=st.lists(element, min_size=4, max_size=4), datatype=st.sampled_from(["FP32", "FP16", "INT8", "INT64"]))
+def test_json_values_are_numbers_of_the_datatype_or_400(values, datatype):
+    """Differential: accepted exactly when every value is a number (not a bool) that the datatype holds
+    (integers for INT types), and then equal to numpy's conversion; otherwise 400 naming the input."""
+    import numpy as np
+    from edgefleet_runtime.backends import OIP_TO_NP, TensorSpec
+    from edgefleet_runtime.protocol import RequestError, decode_infer_request
+
+    dtype = OIP_TO_NP[datatype]
+    body = json.dumps({"inputs": [{"name": "x", "shape": [4], "datatype": datatype, "data": values}]}).encode()
+    spec = {"x": TensorSpec("x", datatype, (4,))}
+
+    def holds(v):
+        if type(v) not in (int, float):
+            return False
+        if dtype.kind == "f":
+            return abs(v) <= float(np.finfo(dtype).max)
+        info = np.iinfo(dtype)
+        return float(v).is_integer() and info.min <= v <= info.max
+
+    try:
+        _, feeds, _ = decode_infer_request(body, None, "m", spec, {})
+    except RequestError as e:
+        assert e.status == 400 and "input 'x'" in e.message, e.message
+        assert not all(holds(v) for v in values), (values, e.message)
+    else:
+        assert all(holds(v) for v in values), values
+        expected = np.array([float(v) for v in values], dtype=np.float64).astype(dtype)
+        np.testing.assert_array_equal(feeds["x"], expected)

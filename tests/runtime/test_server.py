@@ -139,6 +139,7 @@ BAD_JSON = [
     ("numeric-string", {"inputs": [_tensor(data=["1.5"] * 64)]}, 400, "FP32 needs numbers"),
     ("bool-data", {"inputs": [_tensor(data=[True] * 64)]}, 400, "data[0] is bool 'True'"),
     ("nested-null", {"inputs": [_tensor(data=[[[[0.5] * 8] * 7 + [[None] * 8]]])]}, 400, "data[56] is null"),
+    ("bool-among-numbers", {"inputs": [_tensor(data=[0.5] * 63 + [False])]}, 400, "data[63] is bool 'False'"),
     ("object-value", {"inputs": [_tensor(data=[{"v": 1}] * 64)]}, 400, "data[0] is dict"),
     ("fp32-overflow", {"inputs": [_tensor(data=[1e300] * 64)]}, 400, "beyond FP32's range"),
 ]
