@@ -34,7 +34,10 @@ One entry point, used by ``edgefleet compile``, by the operator in-process and i
 Per-variant failure reasons (state Failed, nothing published for that profile): AccuracyBudgetExceeded,
 ModelSizeBudgetExceeded (every candidate over the profile's budget.maxModelSizeBytes), ConversionUnavailable,
 ToolchainUnavailable, MissingExtra, PrecisionNotSupported, UnsupportedTarget, PassFailed, RunFailed,
-NoCalibrationData.
+NoCalibrationData, UnsupportedOperator (ONNX -> .tflite: an op LiteRT has no kernel for).
+
+ONNX -> .tflite (LiteRT/Coral targets) needs the ``tflite-convert`` extra (onnx2tf + TensorFlow, run in a child
+process, see ``tflite_convert``); without it those targets fail with ConversionUnavailable naming the extra.
 
 ``auto`` builds the candidates that fit the target (precision fp32 -> fp32; fp16 -> fp32, fp16; int8 -> also
 dynamic and static int8), runs each in the target runtime on the evaluation data (synthetic inputs when none
