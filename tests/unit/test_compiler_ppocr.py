@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from edgefleet.compiler import AccuracyBudget, CompileError, CompileRequest, Policy, Target, compile_model, onnx_passes
-from edgefleet.compiler.measure import OrtRunner
+from edgefleet.compiler.measure import open_runner
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 DET = M / "ppocr_det_v4.onnx"
@@ -96,7 +96,7 @@ def test_published_variant_is_inside_the_budget_and_keeps_dynamic_shapes(det):
     blob = (root / "cache" / "variants" / v.cacheKey / "artifact").read_bytes()
     assert "sha256:" + hashlib.sha256(blob).hexdigest() == v.digest
     # the artifact still takes other image sizes (fp16's shape pinning is undone after conversion)
-    out = OrtRunner(blob).run({"x": np.zeros((2, 3, 256, 480), np.float32)})[0]
+    out = open_runner("onnxruntime", blob).run({"x": np.zeros((2, 3, 256, 480), np.float32)})[0]
     assert out.shape == (2, 1, 256, 480)
 
 

@@ -136,9 +136,7 @@ def preflight_onnx(data: bytes, stats: dict | None = None) -> bytes:
                            "re-export the model; check it with onnx.checker.check_model") from e
     norm = onnx_passes.normalize(data, stats)
     try:  # every op must have a kernel: a session with optimizations off loads each one
-        from .measure import OrtRunner
-
-        OrtRunner(norm, 1, optimize=False)
+        onnx_passes.load_unoptimized(norm)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = "UnsupportedOpset" if "opset" in msg.lower() else (

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +12,6 @@ from typing import Any
 import numpy as np
 
 from .types import CompileError, Latency, Metrics
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
 
 
 @dataclass
@@ -34,109 +28,41 @@ class Runner:
         raise NotImplementedError
 
 
-class OrtRunner(Runner):
-    def __init__(self, data: bytes, threads: int = 1, optimize: bool = True):
-        import onnxruntime as ort
+class BackendRunner(Runner):
+    """A candidate opened the way a node opens the variant it serves: through the runtime's backends
+    (``edgefleet_runtime.backends``: format sniffing, gzip/zip unpacking and its size limit, LiteRT's int8
+    inputs and outputs as FP32, OpenVINO's precision hint), so what is measured is what is served. The
+    compiler has no GPU or accelerator, so ONNX Runtime runs on its CPU execution provider."""
 
-        from .onnx_passes import decompress_if_gzip
+    def __init__(self, data: bytes, runtime: str, threads: int = 1):
+        from edgefleet_runtime.backends import ModelLoadError, open_backend
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        if not optimize:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(decompress_if_gzip(data), so, providers=["CPUExecutionProvider"])
-        self.inputs = [
-            InputSpec(i.name, [d if isinstance(d, int) and d > 0 else None for d in i.shape],
-                      _ORT_TYPES.get(i.type, np.float32))
-            for i in self.session.get_inputs()
-        ]
-
-    def run(self, feeds):
-        return self.session.run(None, feeds)
-
-
-class LiteRTRunner(Runner):
-    def __init__(self, data: bytes, threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interp = Interpreter(model_content=bytes(data), num_threads=threads)
-        self.interp.allocate_tensors()
-        self._in = self.interp.get_input_details()
-        self._out = self.interp.get_output_details()
-        self.inputs = [InputSpec(d["name"], [int(x) for x in d["shape"]], np.dtype(d["dtype"]).type)
-                       for d in self._in]
+        with tempfile.NamedTemporaryFile(prefix="edgefleet-candidate-", delete=False) as f:
+            f.write(data)
+        try:  # the backends read the file while loading; an open mapping survives the unlink
+            self.backend = open_backend(f.name, backend=runtime, threads=threads, execution_provider="cpu")
+        except ModelLoadError as e:
+            raise CompileError("RunFailed", f"the {runtime} runtime cannot load the model: {e}",
+                               "check the model with the runtime (edgefleet-runtime serve --model FILE)") from e
+        finally:
+            os.unlink(f.name)
+        self.inputs = [InputSpec(t.name, [d if d >= 0 else None for d in t.shape], t.dtype.type)
+                       for t in self.backend.inputs]
+        self._outputs = [t.name for t in self.backend.outputs]
 
     def run(self, feeds):
-        now = self.interp.get_input_details()
-        if any(tuple(d["shape"]) != feeds[d["name"]].shape for d in now):  # dynamic dims: resize as the runtime does
-            for d in now:
-                self.interp.resize_tensor_input(d["index"], list(feeds[d["name"]].shape))
-            self.interp.allocate_tensors()
-        for d in self._in:
-            self.interp.set_tensor(d["index"], _quantize(feeds[d["name"]], d))
-        self.interp.invoke()
-        return [_dequantize(self.interp.get_tensor(d["index"]).copy(), d) for d in self._out]
+        out = self.backend.run(feeds, self._outputs)
+        return [out[name] for name in self._outputs]
 
 
-def _int_scale(d) -> tuple[float, int] | None:
-    """(scale, zero point) of an int8/uint8 tensor that stands for floats; as the runtime's LiteRT backend."""
-    scale, zero = d.get("quantization", (0.0, 0))
-    if np.dtype(d["dtype"]) in (np.int8, np.uint8, np.int16) and scale:
-        return float(scale), int(zero)
-    return None
-
-
-def _quantize(arr: np.ndarray, d) -> np.ndarray:
-    q = _int_scale(d)
-    if q is None or np.issubdtype(arr.dtype, np.integer):
-        return arr
-    info = np.iinfo(d["dtype"])
-    return np.clip(np.round(arr / q[0]) + q[1], info.min, info.max).astype(d["dtype"])
-
-
-def _dequantize(val: np.ndarray, d) -> np.ndarray:
-    q = _int_scale(d)
-    return val if q is None else ((val.astype(np.float32) - q[1]) * q[0]).astype(np.float32)
-
-
-class OpenVINORunner(Runner):
-    def __init__(self, data: bytes, threads: int = 1):
-        import io
-
-        import openvino as ov
-
-        core = ov.Core()
-        if data[:2] == b"PK":  # our IR packaging: a zip with model.xml + model.bin
-            with zipfile.ZipFile(io.BytesIO(data)) as z:
-                model = core.read_model(z.read("model.xml"), ov.Tensor(np.frombuffer(z.read("model.bin"), np.uint8)))
-        else:
-            model = core.read_model(data)
-        self.compiled = core.compile_model(model, "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-        })
-        self.request = self.compiled.create_infer_request()
-        self.inputs = []
-        for p in self.compiled.inputs:
-            ps = p.get_partial_shape()
-            shape = [d.get_length() if d.is_static else None for d in ps]
-            self.inputs.append(InputSpec(p.get_any_name(), shape, p.get_element_type().to_dtype().type))
-
-    def run(self, feeds):
-        res = self.request.infer(feeds)
-        return [np.asarray(res[o]) for o in self.compiled.outputs]
+RUNTIMES = ("onnxruntime", "litert", "openvino")
 
 
 def open_runner(runtime: str, data: bytes, threads: int = 1) -> Runner:
-    if runtime == "onnxruntime":
-        return OrtRunner(data, threads)
-    if runtime == "litert":
-        return LiteRTRunner(data, threads)
-    if runtime == "openvino":
-        return OpenVINORunner(data, threads)
-    raise CompileError("UnsupportedTarget", f"no runner for runtime {runtime!r}",
-                       "use onnxruntime, litert or openvino")
+    if runtime not in RUNTIMES:
+        raise CompileError("UnsupportedTarget", f"no runner for runtime {runtime!r}",
+                           "use onnxruntime, litert or openvino")
+    return BackendRunner(data, runtime, threads)
 
 
 # ----------------------------------------------------------------------------- data

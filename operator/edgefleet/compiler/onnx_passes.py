@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gzip
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +85,16 @@ def normalize(data: bytes, stats: dict | None = None) -> bytes:
                 f"re-export the model with opset >= {MIN_QUANT_OPSET}",
             ) from e
     return model.SerializeToString()
+
+
+def load_unoptimized(data: bytes) -> None:
+    """Load `data` in ONNX Runtime with graph optimizations off: raises unless every node has a kernel."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
 def optimize(data: bytes, level: str = "basic") -> bytes:
@@ -266,10 +276,3 @@ def compress(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=9, mtime=0)
 
 
-def decompress_if_gzip(data: bytes) -> bytes:
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-
-
-PASSES: dict[str, Callable[..., bytes]] = {
-    "fp16": to_fp16, "dynamic-int8": dynamic_int8, "static-int8": static_int8,
-}

@@ -11,17 +11,6 @@ from .types import CompileError, Target
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
-# Used only while operator/edgefleet/profiles/*.yaml does not exist yet; same names as the chart.
-FALLBACK = {
-    "cpu-amd64": Target("onnx", "int8", "onnxruntime", "cpu"),
-    "cpu-arm64": Target("onnx", "int8", "onnxruntime", "cpu"),
-    "nvidia-gpu": Target("onnx", "fp16", "onnxruntime", "cuda"),
-    "nvidia-jetson": Target("onnx", "int8", "onnxruntime", "tensorrt"),
-    "coral-edgetpu": Target("tflite", "int8", "litert", None, "libedgetpu.so.1"),
-    "intel-openvino": Target("openvino", "int8", "openvino", "openvino"),
-}
-
-
 def _docs(path: Path):
     with open(path) as f:
         yield from (d for d in yaml.safe_load_all(f) if d)
@@ -33,7 +22,8 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Target]:
     if path is None:
         files = sorted(BUILTIN_DIR.glob("*.yaml")) if BUILTIN_DIR.is_dir() else []
         if not files:
-            return dict(FALLBACK)
+            raise CompileError("InvalidRequest", f"no built-in HardwareProfiles in {BUILTIN_DIR} (a broken install)",
+                               "reinstall edgefleet, or pass --profiles-file with your HardwareProfile YAML")
     else:
         p = Path(path)
         if not p.exists():
