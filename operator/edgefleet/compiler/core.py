@@ -18,6 +18,7 @@ import numpy as np
 from . import litert, onnx_passes, shapes, tflite_convert
 from .measure import bind, compare, default_threads, latency, load_arrays, open_runner, run_all, synthetic
 from .types import (
+    QUANTIZATIONS,
     AccuracyBudget,
     Candidate,
     CompileError,
@@ -542,7 +543,7 @@ def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | N
     cache = Path(cache_dir) if cache_dir else Path(os.environ.get("EDGEFLEET_CACHE", "~/.cache/edgefleet/compile"))
     cache = cache.expanduser()
     (cache / "variants").mkdir(parents=True, exist_ok=True)
-    if request.policy.quantization not in ("auto", "none", "fp16", "dynamic-int8", "static-int8"):
+    if request.policy.quantization not in QUANTIZATIONS:
         raise CompileError("InvalidRequest", f"unknown quantization {request.policy.quantization!r}",
                            "use auto, none, fp16, dynamic-int8 or static-int8")
     if not request.targets:

@@ -6,10 +6,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
-Quantization = Literal["auto", "none", "fp16", "dynamic-int8", "static-int8"]
-QUANTIZATIONS = ("auto", "none", "fp16", "dynamic-int8", "static-int8")
+from ..api.models import Quantization  # one list of quantizations: the API's
+
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 
 class CompileError(Exception):
