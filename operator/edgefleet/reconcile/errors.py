@@ -52,19 +52,22 @@ def _refused(err: ApiError, what: str) -> PermanentError:
                           "in the message, or report a bug if it names none")
 
 
-def report_invalid_spec(kube: Kube, raw: dict, err: ValidationError, main_condition: str) -> None:
+def report_invalid_spec(kube: Kube, raw: dict, err: ValidationError, main_condition: str,
+                        extra: dict | None = None) -> None:
     """An object the models refuse (admission should have): Degraded InvalidSpec naming the fields, and
-    `main_condition` (Ready, Available) False; one Warning event when it turns Degraded."""
+    `main_condition` (Ready, Available) False, plus `extra` status fields; one Warning event when it turns
+    Degraded."""
     generation = raw["metadata"].get("generation")
     old = (raw.get("status") or {}).get("conditions", [])
     message = "; ".join(format_errors(err)) + f". Fix: correct these fields of the {raw['kind']}"
     conds = set_condition(old, "Degraded", True, "InvalidSpec", message, generation)
     conds = set_condition(conds, main_condition, False, "InvalidSpec", "the spec is invalid; nothing was changed",
                           generation)
-    if without_times(old) == without_times(conds):
+    status = raw.get("status") or {}
+    if without_times(old) == without_times(conds) and all(status.get(k) == v for k, v in (extra or {}).items()):
         return
     meta = raw["metadata"]
     kube.patch_status(raw["kind"], meta["name"], meta.get("namespace"),
-                      {"observedGeneration": generation, "conditions": conds})
+                      {"observedGeneration": generation, "conditions": conds, **(extra or {})})
     if any(c["type"] == "Degraded" for c in flipped(old, conds)):
         kube.event(raw, "InvalidSpec", message, "Warning")
