@@ -18,7 +18,9 @@ import orjson
 from .backends import NP_TO_OIP, OIP_TO_NP, TensorSpec
 
 MAX_ELEMENTS = 1 << 28
+# values beyond a float type's range become inf on the cast (and inf + -inf NaN in the check that refuses them)
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
+warnings.filterwarnings("ignore", "invalid value encountered in reduce", RuntimeWarning, __name__)
 
 
 class RequestError(Exception):
@@ -107,7 +109,8 @@ def _json_values(name: str, data: list, datatype: str, dtype: np.dtype, has_bool
     if kind == "f" and dtype == arr.dtype:
         return arr  # FP64 from JSON: always finite (the parser refuses NaN and Infinity)
     out = arr.astype(dtype)  # beyond FP32/FP16's range -> inf (numpy's RuntimeWarning is filtered below)
-    if not math.isfinite(out.sum(dtype=np.float64)):  # one reduction; a float64 sum of finite halves/floats is finite
+    # one reduction: a float64 sum of finite halves/floats is finite, of anything with inf or NaN not
+    if not math.isfinite(np.add.reduce(out, axis=None, dtype=np.float64)):
         raise _bad(f"input '{name}': data has values beyond {datatype}'s range (a finite number is needed)")
     return out
 
