@@ -350,6 +350,14 @@ class AccuracyBudget(Model):
     )
 
 
+INPUT_NAME = r"^[^=\s]+$"  # the compiler takes NAME=1x3x48x192
+INPUT_NAMES = Rule(
+    f"self.all(k, k.matches(r'{INPUT_NAME}'))",
+    "optimization.inputShapes: keys are model input names without '=' or whitespace, e.g. {\"x\": [1, 3, 48, 192]}",
+    lambda m: all(re.fullmatch(INPUT_NAME, k) for k in m),
+)
+
+
 class Optimization(Model):
     """How the model may be optimized per hardware class: quantization, calibration data, pruning
     and the accuracy the result must keep. Variants that break the accuracy budget are rejected
@@ -370,6 +378,7 @@ class Optimization(Model):
         dict[Annotated[str, Field(min_length=1, max_length=256)],
              Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(min_length=1, max_length=8)]],
         Field(max_length=16),
+        *checked(INPUT_NAMES),
     ] | None = None
     """Every dim, batch included, of model inputs whose dims are dynamic, by input name, e.g.
     {"x": [1, 3, 48, 192]}. Without it (or evaluation data, or the model's metadata) quantization auto
