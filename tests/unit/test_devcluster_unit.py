@@ -190,7 +190,7 @@ def test_real_node_configs_avoid_the_known_traps(tmp_path):
     from edgefleet.devcluster import node
 
     state = tmp_path / "clusters" / "x"
-    config = tomllib.loads(node._containerd_config(state, "ghcr.io/edgefleet/pause:1", 5000))
+    config = tomllib.loads(node._containerd_config(state, "ghcr.io/edgefleet/pause:1"))
     assert config["version"] == 3
     runtime = config["plugins"]["io.containerd.cri.v1.runtime"]
     assert runtime["restrict_oom_score_adj"] is True  # no CAP_SYS_RESOURCE: "can't get final child's PID"

@@ -224,7 +224,7 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- configuration
 
 
-def _containerd_config(state: Path, sandbox: str, registry_port: int) -> str:
+def _containerd_config(state: Path, sandbox: str) -> str:
     node = state / "node"
     cni_bin = components.binary_path("cni-plugins")
     runc = shutil.which("runc")
@@ -413,7 +413,7 @@ def _remove_chains() -> list[str]:
 
 def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeout: float) -> dict:
     """Start containerd, kubelet and kube-proxy for the cluster in `state`; returns the node's info."""
-    from .cluster import _kubeconfig, _start, _wait
+    from .cluster import _kubeconfig, _start
 
     reason = cannot_run(state)
     if reason:
@@ -439,19 +439,9 @@ def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeo
     _kubeconfig(state / "kubelet.kubeconfig", server, state / "pki", "kubelet-client")
     _kubeconfig(state / "kube-proxy.kubeconfig", server, state / "pki", "kube-proxy")
 
-    sandbox = sandbox_image(state)
-    _write_registry_hosts(node, ports["registry"])
-    (node / "containerd.toml").write_text(_containerd_config(state, sandbox.ref, ports["registry"]))
-    (node / "cni").mkdir(exist_ok=True)
-    (node / "cni" / "10-edgefleet.conflist").write_text(_cni_config(node))
     _make_cgroup_root()
     echo("starting containerd")
-    _start(state, "containerd", ["--config", str(node / "containerd.toml"), "--log-level", "warn"])
-    _wait("containerd", lambda: _ctr(state, "version", timeout=5).returncode == 0, timeout, state, "containerd")
-    imported = _ctr(state, "images", "import", "--local", str(sandbox.archive))
-    if imported.returncode != 0:
-        raise NodeError(f"importing the sandbox image {sandbox.ref} failed: {imported.stderr.strip()}")
-
+    _start_containerd(state, ports["registry"], timeout)
     (node / "kubelet.yaml").write_text(yaml.safe_dump(_kubelet_config(state, ports)))
     (node / "kube-proxy.yaml").write_text(yaml.safe_dump(_kube_proxy_config(state, ports, name)))
     echo(f"starting kubelet (node {name}, {NODE_IP}) and kube-proxy")
@@ -462,6 +452,23 @@ def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeo
     ])
     _start(state, "kube-proxy", [f"--config={node / 'kube-proxy.yaml'}", "--v=1"])
     return info
+
+
+def _start_containerd(state: Path, registry_port: int, timeout: float) -> None:
+    """Write containerd's and CNI's configuration, start containerd and import the sandbox image."""
+    from .cluster import _start, _wait
+
+    node = state / "node"
+    sandbox = sandbox_image(state)
+    _write_registry_hosts(node, registry_port)
+    (node / "containerd.toml").write_text(_containerd_config(state, sandbox.ref))
+    (node / "cni").mkdir(exist_ok=True)
+    (node / "cni" / "10-edgefleet.conflist").write_text(_cni_config(node))
+    _start(state, "containerd", ["--config", str(node / "containerd.toml"), "--log-level", "warn"])
+    _wait("containerd", lambda: _ctr(state, "version", timeout=5).returncode == 0, timeout, state, "containerd")
+    imported = _ctr(state, "images", "import", "--local", str(sandbox.archive))
+    if imported.returncode != 0:
+        raise NodeError(f"importing the sandbox image {sandbox.ref} failed: {imported.stderr.strip()}")
 
 
 def wait_ready(cluster, info: dict, timeout: float) -> None:
