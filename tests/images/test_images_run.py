@@ -88,11 +88,15 @@ def test_runtime_images_have_no_shell_and_run_as_10001(built, image_registry, wo
 
 def test_operator_image_answers_liveness(built, image_registry, work, cluster, namespace):
     port = free_port()
-    kubeconfig = Path(cluster.kubeconfig)
+    kube_dir = work / f"kube-{namespace}"
+    kube_dir.mkdir()
+    flat = cluster.kubectl("config", "view", "--flatten", "--minify").stdout
+    (kube_dir / "config").write_text(flat)  # certificates inline, readable by the image's user
+    (kube_dir / "config").chmod(0o644)
     args = ["operator", f"--liveness=http://127.0.0.1:{port}/healthz", f"--namespace={namespace}"]
-    env = {"KUBECONFIG": str(kubeconfig), "EDGEFLEET_BUILTIN_PROFILES": "false"}
+    env = {"KUBECONFIG": "/kube/config", "EDGEFLEET_BUILTIN_PROFILES": "false"}
     with runc.run(ref_of(built, image_registry, "operator"), args, work, env=env,
-                  mounts=[(str(kubeconfig.parent), str(kubeconfig.parent))]) as c:
+                  mounts=[(str(kube_dir), "/kube")]) as c:
         wait_http(f"http://127.0.0.1:{port}/healthz", c, timeout=90)
         assert c.running()
 

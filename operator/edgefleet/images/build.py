@@ -97,20 +97,24 @@ def _read_wheel_lock(spec: ImageSpec, arch: str) -> Path:
 class Layer:
     path: Path
     unpacked: int
+    key: str
 
 
 def _cached_layer(key: str, fill: Callable[[Path], None]) -> Layer:
-    """The layer for `key`, made by fill(rootfs) once and kept under the cache."""
-    out = cache() / "layers" / f"{key}.tar"
+    """The layer for `key`, made by fill(rootfs) once and kept compressed under the cache."""
+    out = cache() / "layers" / f"{key}.tar.gz"
+    size = out.with_suffix(".size")
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         work = cache() / "work" / key
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         fill(work)
-        oci.tar_layer(work, out)
+        tar = out.with_suffix("")
+        size.write_text(str(oci.tar_layer(work, tar)))
         shutil.rmtree(work, ignore_errors=True)
-    return Layer(out, out.stat().st_size)
+        oci.gzip_layer(tar, out)
+    return Layer(out, int(size.read_text()), key)
 
 
 def _hash(*parts: str | bytes) -> str:
@@ -272,11 +276,7 @@ def build_one(spec: ImageSpec, registry: str, platforms: list[str], echo: Echo) 
             deps, lock_text = deps_layer(spec, arch, echo)
             layers += [base, deps]
         layers.append(app_layer(spec, arch))
-        echo(f"  [{spec.name} {arch}] assembling {len(layers)} layers with crane")
-        tmp_ref = f"{repo}:build-{arch}"
-        oci.crane("append", "--oci-empty-base", *sum((["-f", str(layer.path)] for layer in layers), []),
-                  "-t", tmp_ref)
-        ref = oci.crane("mutate", tmp_ref, *config_args(spec, platform, rev), "-t", f"{repo}:{VERSION}-{arch}")
+        ref = _assemble(repo, arch, layers, config_args(spec, platform, rev), echo, spec.name)
         m = oci.manifest(ref)
         compressed = max(compressed, m["config"]["size"] + sum(lay["size"] for lay in m["layers"]))
         unpacked = max(unpacked, sum(layer.unpacked for layer in layers))
@@ -288,6 +288,23 @@ def build_one(spec: ImageSpec, registry: str, platforms: list[str], echo: Echo) 
     sbom.attach(f"{repo}@{digest}", sbom.cyclonedx(spec, inventory, digest))
     return Built(spec.name, f"{repo}:{VERSION}", digest, platforms, compressed, unpacked, spec.contains,
                  time.monotonic() - start, manifests)
+
+
+def _assemble(repo: str, arch: str, layers: list[Layer], config: list[str], echo: Echo, name: str) -> str:
+    """The platform image (repo@digest): from the cache when these layers and this config were assembled before."""
+    key = _hash(*(layer.key for layer in layers), *config)
+    known = cache() / "manifests" / key
+    if known.exists():
+        ref = f"{repo}@{known.read_text().strip()}"
+        if oci.exists(ref):
+            return ref
+    echo(f"  [{name} {arch}] assembling {len(layers)} layers with crane")
+    tmp_ref = f"{repo}:build-{arch}"
+    oci.crane("append", "--oci-empty-base", *sum((["-f", str(layer.path)] for layer in layers), []), "-t", tmp_ref)
+    ref = oci.crane("mutate", tmp_ref, *config, "-t", f"{repo}:{VERSION}-{arch}")
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.write_text(ref.rsplit("@", 1)[1])
+    return ref
 
 
 def index_path() -> Path:

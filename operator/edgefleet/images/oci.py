@@ -34,6 +34,20 @@ def tar_layer(root: Path, out: Path) -> int:
     return out.stat().st_size
 
 
+def gzip_layer(tar: Path, out: Path) -> None:
+    """Compress a layer once (gzip -n: no name or time in the header, so the bytes are reproducible)."""
+    tmp = out.with_suffix(".partial")
+    with tmp.open("wb") as fh:
+        subprocess.run(["gzip", "-n", "-6", "-c", str(tar)], stdout=fh, check=True)
+    tmp.rename(out)
+    tar.unlink()
+
+
+def exists(ref: str) -> bool:
+    binary = components.binary_path("crane")
+    return subprocess.run([str(binary), "manifest", "--insecure", ref], capture_output=True).returncode == 0
+
+
 def crane(*args: str, insecure: bool = True) -> str:
     binary = components.binary_path("crane")
     if not binary.exists():

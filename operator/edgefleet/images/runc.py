@@ -49,7 +49,7 @@ def unpack(ref: str, platform: str, dest: Path) -> dict:
 
 
 def _spec(config: dict, args: list[str], mounts: list[tuple[str, str]], env: dict[str, str],
-          writable: list[tuple[str, str]]) -> dict:
+          writable: list[tuple[str, str]], rootfs: Path) -> dict:
     uid, _, gid = config.get("User", "0:0").partition(":")
     return {
         "ociVersion": "1.0.2",
@@ -61,7 +61,7 @@ def _spec(config: dict, args: list[str], mounts: list[tuple[str, str]], env: dic
             "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
         },
-        "root": {"path": "rootfs", "readonly": True},
+        "root": {"path": str(rootfs), "readonly": True},
         "hostname": "edgefleet",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -93,8 +93,8 @@ def run(ref: str, args: list[str], work: Path, platform: str = "linux/amd64",
     cid = f"edgefleet-{uuid.uuid4().hex[:10]}"
     bundle = work / "bundles" / cid
     bundle.mkdir(parents=True)
-    (bundle / "rootfs").symlink_to(image_dir / "rootfs")
-    (bundle / "config.json").write_text(json.dumps(_spec(config, args, list(mounts), env or {}, list(writable)), indent=1))
+    spec = _spec(config, args, list(mounts), env or {}, list(writable), image_dir / "rootfs")
+    (bundle / "config.json").write_text(json.dumps(spec, indent=1))
     log = bundle / "output.log"
     with log.open("wb") as fh:
         proc = subprocess.run(["runc", "run", "-d", "--bundle", str(bundle), cid], stdin=subprocess.DEVNULL,
