@@ -100,7 +100,9 @@ def wait_served(cluster, echo, timeout: float) -> tuple[dict, dict]:
         ed = _get(cluster, "edgedeployment", "digits", "-n", NAMESPACE)
         st = ed.get("status", {})
         cond = next((c for c in st.get("conditions", []) if c["type"] == "Available"), {})
-        return (ed if cond.get("status") == "True" else None), f"pods ready {st.get('nodesReady', '-')}"
+        stuck = "; ".join(f"{c['profile']}: {c['message']}" for c in st.get("classes", []) if c.get("message"))
+        note = f"pods ready {st.get('nodesReady', '-')}" + (f" ({stuck})" if stuck else "")
+        return (ed if cond.get("status") == "True" else None), note
 
     return em, _wait("rollout", available, timeout, echo)
 
@@ -204,6 +206,7 @@ def class_tables(cluster, em: dict, ed: dict) -> list[dict]:
             "accuracyDelta": v.get("accuracyDelta"), "podsReady": f"{c.get('ready', 0)}/{c.get('desired', 0)}",
             "state": v.get("state", "no variant") if name else "unmatched: runs nothing",
             "why": v.get("message", "") if v.get("state") != "Ready" else "",
+            "podsWhy": c.get("message", ""),
         })
     return rows
 
@@ -220,6 +223,8 @@ def print_tables(rows: list[dict], here: dict, echo=click.echo) -> None:
             echo(f"   {key:<15} {value}")
         if row["why"]:
             echo(f"   {'why':<15} {row['why'][:200]}")
+        if row.get("podsWhy"):
+            echo(f"   {'pods':<15} {row['podsWhy'][:200]}")
     echo(f"\n== this machine ({here['profile']}): {here['requests']} requests, top-1 {here['accuracy']:.1%}, "
          f"p50 {here['p50Ms']:.2f} ms over HTTP")
 
