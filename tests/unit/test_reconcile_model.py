@@ -66,3 +66,23 @@ def test_spec_the_models_refuse_is_reported_not_retried(kube):
     assert degraded["message"].startswith("spec.optimization.quantization: ")
     assert condition(kube, "Ready")["status"] == "False"
     assert not [c for c in kube.calls if c[0] == "apply"]
+
+
+def test_a_missing_configmap_is_looked_at_again_and_compiles_once_it_exists(kube):
+    kube.stored("EdgeModel", "digits", NS)["spec"]["source"] = {"configMap": {"name": "digits-model",
+                                                                              "key": "digits.onnx"}}
+    world = World({}, builtin_profiles())
+    reconcile_model(kube, job_settings(), NS, "digits", world)
+    variants = status(kube)["variants"]
+    assert {(v["state"], v["reason"]) for v in variants} == {("Failed", "SourceUnavailable")}
+    assert "kubectl create configmap" in variants[0]["message"]
+    patches = [c for c in kube.calls if c[0] == "patch_status"]
+    reconcile_model(kube, job_settings(), NS, "digits", world)  # a resync while it is still missing
+    assert [c for c in kube.calls if c[0] == "patch_status"] == patches  # nothing flaps
+    assert [e["reason"] for e in kube.warnings()] == ["SourceUnavailable"]
+
+    kube.add({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "digits-model", "namespace": NS},
+              "binaryData": {"digits.onnx": "AAAA"}})
+    reconcile_model(kube, job_settings(), NS, "digits", world)  # the next resync: the Job starts
+    assert {v["state"] for v in status(kube)["variants"]} == {"Compiling"}
+    assert [c for c in kube.calls if c[:2] == ("apply", "Job")]

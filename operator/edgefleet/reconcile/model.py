@@ -24,6 +24,8 @@ from .world import World
 
 log = logging.getLogger(__name__)
 FINAL = ("Ready", "Failed")
+# failures the user fixes outside the spec (e.g. by creating the ConfigMap): looked at again on every resync
+RETRIED = ("SourceUnavailable",)
 
 
 def target_profiles(em: EdgeModel, world: World) -> tuple[list[str], list[str]]:
@@ -42,7 +44,8 @@ def _up_to_date(raw: dict, targets: list[str], missing: list[str]) -> bool:
     status = raw.get("status") or {}
     have = {v["profile"]: v.get("state") for v in status.get("variants", [])}
     return (status.get("observedGeneration") == raw["metadata"].get("generation")
-            and set(have) == set(targets) | set(missing) and all(s in FINAL for s in have.values()))
+            and set(have) == set(targets) | set(missing) and all(s in FINAL for s in have.values())
+            and not any(v.get("reason") in RETRIED for v in status.get("variants", [])))
 
 
 def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, world: World | None = None) -> None:
@@ -63,7 +66,8 @@ def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, w
                   "message": f"HardwareProfile {n!r} does not exist; create it or remove it from "
                              "spec.targetProfiles.names"} for n in missing]
     pending = [_keep_or_compile(raw, generation, p) for p in targets] + not_found
-    _write(kube, raw, generation, pending, _conditions(raw, pending, generation, compiling=True))
+    compiling = any(v.get("state") == "Compiling" for v in pending)  # a retry keeps its Failed entry meanwhile
+    _write(kube, raw, generation, pending, _conditions(raw, pending, generation, compiling=compiling))
     variants = _compile(kube, settings, em, namespace, targets, world) + not_found
     compiling = any(v.get("state") == "Compiling" for v in variants)  # a compile Job still running
     raw = kube.find("EdgeModel", name, namespace) or raw
