@@ -32,6 +32,29 @@ def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     return out
 
 
+def send_watching(port: int, data: bytes, timeout: float = 60.0) -> bytes:
+    """Send a large request in pieces, stopping as soon as the server answers early (as a careful client does)."""
+    import select
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        for i in range(0, len(data), 1 << 16):
+            if select.select([s], [], [], 0)[0]:
+                break
+            try:
+                s.sendall(data[i : i + (1 << 16)])
+            except OSError:
+                break
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out:
+                    break
+        except OSError:
+            pass
+    return out
+
+
 def status_of(response: bytes) -> int:
     m = re.match(rb"HTTP/1\.1 (\d{3}) ", response)
     assert m, response[:200]
@@ -290,6 +313,59 @@ def test_memory_stays_bounded_under_large_and_many_bodies(start_server, digits):
     assert peak[0] - base < 400, f"RSS grew from {base:.0f} to {peak[0]:.0f} MiB"
     assert s.request("GET", "/v2/health/live")[0] == 200
     print(f"RSS {base:.0f} MiB -> peak {peak[0]:.0f} MiB; statuses {sorted(set(statuses))}")
+
+
+def _any_shape_model(path):
+    """A model whose input has no fixed dimension: no body limit follows from it, the global limits hold."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input"], ["total"], keepdims=0)],
+        "any_shape",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    from models import sha256
+
+    return path, sha256(path)
+
+
+def test_memory_stays_bounded_when_the_model_sets_no_limit(start_server, tmp_path):
+    """Any-shape input: 6 concurrent 10 MB junk JSON bodies (each costs ~24x to parse) are admitted only as the
+    default body budget allows; RSS stays far below 1 GiB."""
+    s = start_server(*_any_shape_model(tmp_path / "any.onnx"), name="any")
+    base = rss_mib(s.proc.pid)
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mib(s.proc.pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    body = _junk_json(10 << 20).replace(b"[1, 1, 8, 8]", b"[1, 1, 1]")
+    request = b"POST /v2/models/any/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    statuses: list[int] = []
+
+    def attack():
+        out = send_watching(s.port, request)
+        statuses.append(status_of(out) if out else 0)
+
+    threads = [threading.Thread(target=attack) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    stop.set()
+    sampler.join()
+    assert len(statuses) == 6 and 400 in statuses and set(statuses) <= {400, 503}, statuses
+    assert peak[0] - base < 450, f"RSS grew from {base:.0f} to {peak[0]:.0f} MiB"
+    print(f"RSS {base:.0f} MiB -> peak {peak[0]:.0f} MiB; statuses {statuses}")
 
 
 def test_body_budget_answers_503_with_retry_after(start_server, digits):
