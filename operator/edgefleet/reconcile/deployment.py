@@ -74,13 +74,35 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     placement = resolve_nodes(fleet, world.profiles)
     per_class = Counter(p for p in placement.values() if p)
     unmatched = sum(1 for p in placement.values() if p is None)
-    profiles = {p.metadata["name"]: p for p in world.profiles}
     replicas = split_replicas(ed.spec.replicas or 0, dict(per_class)) if ed.spec.mode == "Replicas" else {}
 
     children = {(kind, o["metadata"]["name"]): {**o, "kind": kind}  # list items carry no kind
                 for kind in WORKLOAD_KINDS for o in kube.list(kind, namespace, child_labels(name))}
+    applied, missing, rollouts, failures = _apply_classes(kube, settings, ed, world, per_class, variants, replicas,
+                                                          children)
+    service = _apply_service(kube, ed, namespace)
+    _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
+    health = _health(kube, namespace, name, applied, time.time())
+    _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
+                                         service, health))
+    waits = [d.requeue for d in rollouts.values() if d.requeue]
+    waits += [h.recheck for h in health.values() if h.recheck]
+    if any(_behind(o) for o in applied.values()):
+        waits.append(RECHECK_SECONDS)
+    return min(waits) if waits else None
+
+
+def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter,
+                   variants: dict[str, Variant], replicas: dict[str, int], children: dict):
+    """Apply the workload of every class with a Ready variant. A class without one, or whose workload the
+    API refuses for good, keeps what it runs. Returns (applied, missing, rollouts, failures)."""
+    namespace, name = ed.metadata["namespace"], ed.metadata["name"]
     kind = "DaemonSet" if ed.spec.mode == "PerNode" else "Deployment"
-    applied, missing, rollouts, failures = {}, [], {}, {}
+    profiles = {p.metadata["name"]: p for p in world.profiles}
+    applied: dict[str, dict] = {}
+    missing: list[str] = []
+    rollouts: dict[str, Decision] = {}
+    failures: dict[str, PermanentError] = {}
     for profile_name in sorted(per_class):
         variant = variants.get(profile_name)
         existing = children.get((kind, child_name(name, profile_name)))
@@ -100,16 +122,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
             failures[profile_name] = problem
             if existing is not None:  # keep serving what the nodes have
                 applied[profile_name] = existing
-    service = _apply_service(kube, ed, namespace)
-    _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
-    health = _health(kube, namespace, name, applied, time.time())
-    _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
-                                         service, health))
-    waits = [d.requeue for d in rollouts.values() if d.requeue]
-    waits += [h.recheck for h in health.values() if h.recheck]
-    if any(_behind(o) for o in applied.values()):
-        waits.append(RECHECK_SECONDS)
-    return min(waits) if waits else None
+    return applied, missing, rollouts, failures
 
 
 @dataclass
