@@ -46,3 +46,24 @@ def test_transient_failure_is_retried_later():
 def test_permanent_failure_is_not_retried():
     scheduled, failures = run_once(PermanentError("InvalidManifest", "refused", "change the field"))
     assert scheduled == set() and failures == {}
+
+
+def test_which_api_errors_are_permanent():
+    from edgefleet.reconcile.errors import as_permanent
+    from edgefleet.render.placement import PlacementError
+    from fake_kube import api_error
+
+    what = "DaemonSet ns/x"
+    assert as_permanent(api_error(422, "spec.x: Invalid value", "Invalid"), what).reason == "InvalidManifest"
+    assert as_permanent(api_error(403, "daemonsets.apps is forbidden: User cannot patch", "Forbidden"),
+                        what).reason == "Forbidden"
+    assert as_permanent(api_error(400, "bad request body", "BadRequest"), what).reason == "RequestRefused"
+    terminating = 'daemonsets.apps "x" is forbidden: unable to create new content in namespace ns because it is ' \
+                  "being terminated"
+    for transient in (api_error(500, "etcd"), api_error(503, "unavailable"), api_error(429, "slow down"),
+                      api_error(409, "the object has been modified"), api_error(403, terminating, "Forbidden"),
+                      RuntimeError("connection reset")):
+        assert as_permanent(transient, what) is None, transient
+    placement = as_permanent(PlacementError("too many terms", "give profiles distinct priorities"), what)
+    assert (placement.reason, placement.fix) == ("PlacementConflict", "give profiles distinct priorities")
+    assert str(placement) == f"{what}: too many terms. Fix: give profiles distinct priorities"

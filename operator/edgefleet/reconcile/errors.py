@@ -36,6 +36,8 @@ def as_permanent(err: Exception, what: str) -> PermanentError | None:
     if isinstance(err, PlacementError):
         return PermanentError("PlacementConflict", f"{what}: {err.message}", err.fix)
     if isinstance(err, ApiError) and 400 <= err.status < 500 and err.status not in RETRIABLE_STATUSES:
+        if "is being terminated" in err.message:  # the namespace goes away (403): nothing for the user to fix
+            return None
         return _refused(err, what)
     return None
 
