@@ -1,0 +1,312 @@
+"""Signed and encrypted model artifacts: what a node may trust, with keys it holds offline.
+
+Signatures are cosign ``sign-blob`` signatures: base64 of a DER ECDSA P-256 signature over the SHA-256
+of the artifact bytes. ``cosign verify-blob --key pub.pem --signature file.sig --insecure-ignore-tlog``
+and ``openssl dgst -sha256 -verify pub.pem`` check them; keys are PEM (PKCS#8 private, SubjectPublicKeyInfo
+public). Because the signed hash is the artifact's sha256, a node that already hashed the bytes for the
+digest check verifies without reading them again.
+
+Where a signature lives:
+
+* file / node cache: ``<blob>.sig`` beside the blob (``DIR/sha256/<hex>.sig``);
+* OCI: the manifest annotation ``io.edgefleet.signature`` (one push, one pull, no referrers API needed);
+* https: ``<url>.sig``.
+
+Encryption at rest (``encrypt``/``decrypt``): AES-256-GCM under a random data key, which is wrapped
+(RFC 3394 AES key wrap) by a 32-byte key-encryption key from a Secret. The file is
+``MAGIC | u32 header length | header JSON | ciphertext+tag``; the header (algorithm, key id, wrapped key,
+nonce) is the GCM associated data, so neither part can be swapped. Signatures cover the encrypted file:
+a node verifies what it stores without holding the decryption key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import struct
+from dataclasses import dataclass, field
+
+import orjson
+
+SIGNATURE_ANNOTATION = "io.edgefleet.signature"
+SIGNATURE_SUFFIX = ".sig"
+MAX_SIGNATURE_BYTES = 1024  # a DER P-256 signature is at most 72 bytes (96 in base64)
+MAGIC = b"\x89EFENC\x01\n"
+MAX_HEADER_BYTES = 4096
+KEY_BYTES = 32
+
+
+class TrustError(ValueError):
+    """A variant this node must not use. ``reason``: Unsigned, BadSignature, BadKey, Encrypted or BadDecryption."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------- keys
+def generate_signing_key() -> tuple[bytes, bytes]:
+    """A new ECDSA P-256 key pair as (PKCS#8 private PEM, public PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return private, public_pem(key.public_key())
+
+
+def public_pem(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_id(public_key) -> str:
+    """``sha256:<first 16 hex>`` of the DER public key: names a key in messages without printing it."""
+    from cryptography.hazmat.primitives import serialization
+
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()[:16]
+
+
+def _read(path: str | os.PathLike, what: str, limit: int = 64 << 10) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise TrustError("BadKey", f"cannot read the {what} {os.fspath(path)}: {e.strerror or e}") from e
+    if len(data) > limit:
+        raise TrustError("BadKey", f"the {what} {os.fspath(path)} is larger than {limit} bytes; is it the right file?")
+    return data
+
+
+def _require_p256(key, path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) or key.curve.name != "secp256r1":
+        raise TrustError(
+            "BadKey",
+            f"{os.fspath(path)} is not an ECDSA P-256 key; make one with `edgefleet keygen signing PREFIX` "
+            "or `cosign generate-key-pair` + `cosign public-key`",
+        )
+
+
+def load_signing_key(path: str | os.PathLike):
+    """An ECDSA P-256 private key from an unencrypted PEM file (PKCS#8 or SEC1)."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = _read(path, "signing key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise TrustError(
+            "BadKey", f"{os.fspath(path)} is not an unencrypted PEM private key ({e}); a cosign.key is encrypted in "
+            "cosign's own format (sign with `cosign sign-blob` instead); make a PEM key with "
+            "`edgefleet keygen signing PREFIX`"
+        ) from e
+    _require_p256(key, path)
+    return key
+
+
+def load_public_keys(paths) -> list:
+    """ECDSA P-256 public keys from PEM files; one file may hold several PEM blocks."""
+    from cryptography.hazmat.primitives import serialization
+
+    keys = []
+    for path in paths:
+        data = _read(path, "public key")
+        blocks = [b for b in data.split(b"-----END PUBLIC KEY-----") if b"-----BEGIN PUBLIC KEY-----" in b]
+        if not blocks:
+            raise TrustError("BadKey", f"{os.fspath(path)} holds no PEM public key (-----BEGIN PUBLIC KEY-----)")
+        for block in blocks:
+            try:
+                key = serialization.load_pem_public_key(block + b"-----END PUBLIC KEY-----\n")
+            except ValueError as e:
+                raise TrustError("BadKey", f"{os.fspath(path)}: unreadable PEM public key: {e}") from e
+            _require_p256(key, path)
+            keys.append(key)
+    return keys
+
+
+def load_encryption_key(path: str | os.PathLike) -> bytes:
+    """A 32-byte key-encryption key: the raw bytes, 64 hex characters or base64 of 32 bytes."""
+    data = _read(path, "encryption key", limit=4096)
+    if len(data) == KEY_BYTES:
+        return data
+    text = data.strip()
+    for decode in (lambda t: bytes.fromhex(t.decode("ascii")), lambda t: base64.b64decode(t, validate=True)):
+        try:
+            key = decode(text)
+        except (ValueError, binascii.Error):
+            continue
+        if len(key) == KEY_BYTES:
+            return key
+    raise TrustError(
+        "BadKey",
+        f"{os.fspath(path)} is not a 32-byte key (raw, 64 hex characters or base64); "
+        "make one with `edgefleet keygen encryption FILE` or `head -c 32 /dev/urandom > FILE`",
+    )
+
+
+def encryption_key_id(kek: bytes) -> str:
+    """Names a key-encryption key in headers and messages (a hash: the key stays secret)."""
+    return "sha256:" + hashlib.sha256(b"edgefleet-kek\0" + kek).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ signatures
+def _sha256_bytes(digest: str) -> bytes:
+    from .digest import parse_digest
+
+    return bytes.fromhex(parse_digest(digest))
+
+
+def sign_digest(private_key, digest: str) -> str:
+    """The cosign sign-blob signature (base64 DER) of the bytes whose sha256 is ``digest``."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    der = private_key.sign(_sha256_bytes(digest), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    return base64.b64encode(der).decode("ascii")
+
+
+def verify_digest(public_keys: list, digest: str, signature: str | bytes | None, what: str) -> str:
+    """Check ``signature`` over the bytes with sha256 ``digest`` against any of ``public_keys``.
+
+    Returns the id of the key that signed; raises TrustError (Unsigned / BadSignature) naming ``what``."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    if signature is None or not (signature.strip() if isinstance(signature, (str, bytes)) else signature):
+        raise TrustError("Unsigned", f"{what} has no signature and this node requires one")
+    try:
+        der = base64.b64decode(signature.strip(), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise TrustError("BadSignature", f"the signature of {what} is not base64: {e}") from e
+    hashed = _sha256_bytes(digest)
+    for key in public_keys:
+        try:
+            key.verify(der, hashed, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+            return key_id(key)
+        except InvalidSignature:
+            continue
+    ids = ", ".join(key_id(k) for k in public_keys) or "none"
+    raise TrustError(
+        "BadSignature", f"the signature of {what} ({digest}) does not verify with any trusted key ({ids})"
+    )
+
+
+def read_signature_file(path: str | os.PathLike) -> str | None:
+    """The signature stored in ``path``; None when there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SIGNATURE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > MAX_SIGNATURE_BYTES:
+        raise TrustError("BadSignature", f"{os.fspath(path)} is larger than a signature ({MAX_SIGNATURE_BYTES} bytes)")
+    return data.decode("ascii", "replace").strip()
+
+
+def signature_path(blob: str | os.PathLike) -> str:
+    return os.fspath(blob) + SIGNATURE_SUFFIX
+
+
+# ------------------------------------------------------------------------------------------ encryption
+def is_encrypted(head: bytes) -> bool:
+    return head.startswith(MAGIC)
+
+
+def encrypt(plaintext: bytes, kek: bytes) -> bytes:
+    """AES-256-GCM under a fresh data key wrapped by ``kek``; see the module docstring for the layout."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+    data_key, nonce = os.urandom(KEY_BYTES), os.urandom(12)
+    header = orjson.dumps(
+        {
+            "alg": "A256GCM",
+            "wrap": "A256KW",
+            "kek": encryption_key_id(kek),
+            "key": base64.b64encode(aes_key_wrap(kek, data_key)).decode(),
+            "nonce": base64.b64encode(nonce).decode(),
+        }
+    )
+    prefix = MAGIC + struct.pack(">I", len(header)) + header
+    return prefix + AESGCM(data_key).encrypt(nonce, plaintext, prefix)
+
+
+def _header(blob: bytes, what: str) -> tuple[dict, int]:
+    if not is_encrypted(blob):
+        raise TrustError("BadDecryption", f"{what} is not an edgefleet encrypted artifact")
+    start = len(MAGIC) + 4
+    if len(blob) < start:
+        raise TrustError("BadDecryption", f"{what} is truncated")
+    (length,) = struct.unpack(">I", blob[len(MAGIC) : start])
+    if length > MAX_HEADER_BYTES or len(blob) < start + length + 16:
+        raise TrustError("BadDecryption", f"{what} has a malformed encryption header")
+    try:
+        header = orjson.loads(blob[start : start + length])
+        if not isinstance(header, dict) or header.get("alg") != "A256GCM" or header.get("wrap") != "A256KW":
+            raise ValueError("unknown algorithm")
+        header["key"] = base64.b64decode(header["key"], validate=True)
+        header["nonce"] = base64.b64decode(header["nonce"], validate=True)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as e:
+        raise TrustError("BadDecryption", f"{what} has a malformed encryption header: {e}") from e
+    return header, start + length
+
+
+def decrypt(blob: bytes, kek: bytes, what: str = "the model") -> bytes:
+    """The plaintext of an ``encrypt`` result; TrustError naming the key when ``kek`` is not the right one."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
+    header, body = _header(blob, what)
+    try:
+        data_key = aes_key_unwrap(kek, header["key"])
+    except (InvalidUnwrap, ValueError) as e:
+        raise TrustError(
+            "BadDecryption",
+            f"{what} is encrypted under key {header.get('kek')}; the decryption key given is "
+            f"{encryption_key_id(kek)} (mount the Secret the EdgeModel names in spec.encryption)",
+        ) from e
+    try:
+        return AESGCM(data_key).decrypt(header["nonce"], blob[body:], blob[:body])
+    except (InvalidTag, ValueError) as e:
+        raise TrustError("BadDecryption", f"{what} fails authenticated decryption: it was altered") from e
+
+
+# ---------------------------------------------------------------------------------------------- policy
+@dataclass
+class Policy:
+    """What this node trusts: signatures by any of ``public_keys`` (required or only checked when present)
+    and the key that decrypts encrypted variants."""
+
+    public_keys: list = field(default_factory=list)
+    require_signature: bool = False
+    decryption_key: bytes | None = None
+
+    @classmethod
+    def from_files(cls, public_keys=(), require_signature=False, decryption_key_file=None) -> Policy:
+        keys = load_public_keys(public_keys or ())
+        if require_signature and not keys:
+            raise TrustError("BadKey", "--require-signature needs at least one --public-key FILE")
+        kek = load_encryption_key(decryption_key_file) if decryption_key_file else None
+        return cls(keys, require_signature, kek)
+
+    @property
+    def checks_signatures(self) -> bool:
+        return bool(self.public_keys)
+
+    def check(self, digest: str, signature: str | None, what: str) -> str | None:
+        """Raise TrustError when the policy refuses; the signing key's id (or None: not checked)."""
+        if not self.public_keys:
+            return None
+        if signature is None and not self.require_signature:
+            return None
+        return verify_digest(self.public_keys, digest, signature, what)
