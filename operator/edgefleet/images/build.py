@@ -102,8 +102,9 @@ class Layer:
 
 def _cached_layer(key: str, fill: Callable[[Path], None]) -> Layer:
     """The layer for `key`, made by fill(rootfs) once and kept compressed under the cache."""
+    key = f"{key}-{_hash(*oci.TAR_FLAGS)[:8]}"  # how the tar is written is part of its identity
     out = cache() / "layers" / f"{key}.tar.gz"
-    size = out.with_suffix(".size")
+    size = out.parent / f"{key}.size"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         work = cache() / "work" / key
@@ -217,6 +218,8 @@ def _shipped(f: Path) -> bool:
 
 
 def revision() -> str:
+    if os.environ.get("EDGEFLEET_IMAGE_REVISION"):
+        return os.environ["EDGEFLEET_IMAGE_REVISION"]
     proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 

@@ -18,7 +18,7 @@ from ..devcluster import components
 from ..devcluster.cluster import free_port
 
 TAR_FLAGS = ["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner", "--format=posix",
-             "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime", "--mode=go-w,a+rX"]
+             "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime", "--mode=a+rX"]
 
 
 class PushError(RuntimeError):

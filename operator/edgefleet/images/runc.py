@@ -83,13 +83,15 @@ def _spec(config: dict, args: list[str], mounts: list[tuple[str, str]], env: dic
 @contextlib.contextmanager
 def run(ref: str, args: list[str], work: Path, platform: str = "linux/amd64",
         mounts: list[tuple[str, str]] = (), env: dict[str, str] | None = None,
-        writable: list[tuple[str, str]] = ()) -> Iterator[Container]:
+        writable: list[tuple[str, str]] = (), entrypoint: list[str] | None = None) -> Iterator[Container]:
     """Start the image detached (host network); kill and delete it on exit."""
     if shutil.which("runc") is None:
         raise RuncError("runc is not on PATH: install it (Debian: apt-get install runc)")
     digest = ref.rsplit("@", 1)[-1].replace(":", "-")
     image_dir = work / "images" / digest
     config = unpack(ref, platform, image_dir)
+    if entrypoint is not None:
+        config = {**config, "Entrypoint": entrypoint}
     cid = f"edgefleet-{uuid.uuid4().hex[:10]}"
     bundle = work / "bundles" / cid
     bundle.mkdir(parents=True)

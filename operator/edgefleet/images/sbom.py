@@ -85,19 +85,25 @@ def _size(reg: oras.provider.Registry, ref: str, body: bytes) -> int:
 
 
 def fetch(subject_ref: str, insecure: bool = True) -> dict | None:
-    """The SBOM attached to subject_ref, or None."""
+    """The SBOM attached to subject_ref, or None. Found by its tag (`sha256-<hex>.sbom`, the convention cosign
+    uses, for registries without the OCI referrers API such as distribution v3), else by the referrers API."""
     repo, digest = subject_ref.split("@", 1)
     reg = _registry(repo, insecure)
     host, name = repo.split("/", 1)
-    resp = reg.session.get(f"{reg.prefix}://{host}/v2/{name}/referrers/{digest}",
-                           params={"artifactType": MEDIA_TYPE})
-    if resp.status_code != 200:
-        return None
-    for desc in resp.json().get("manifests", []):
-        if desc.get("artifactType") == MEDIA_TYPE:
-            manifest = reg.get_manifest(f"{repo}@{desc['digest']}")
-            blob = reg.get_blob(f"{repo}@{manifest['layers'][0]['digest']}", manifest["layers"][0]["digest"])
-            return json.loads(blob.content)
+    candidates = [f"{repo}:{digest.replace(':', '-')}.sbom"]
+    resp = reg.session.get(f"{reg.prefix}://{host}/v2/{name}/referrers/{digest}", params={"artifactType": MEDIA_TYPE})
+    if resp.status_code == 200:
+        candidates += [f"{repo}@{d['digest']}" for d in resp.json().get("manifests", [])
+                       if d.get("artifactType") == MEDIA_TYPE]
+    for ref in candidates:
+        try:
+            manifest = reg.get_manifest(ref)
+        except Exception:  # oras raises bare exceptions for a missing manifest
+            continue
+        if manifest.get("subject", {}).get("digest") != digest or not manifest.get("layers"):
+            continue
+        layer = manifest["layers"][0]["digest"]
+        return json.loads(reg.get_blob(f"{repo}@{layer}", layer).content)
     return None
 
 
