@@ -431,7 +431,9 @@ def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeo
                                                      "kube-proxy-metrics")}}
     labels = machine_labels()
     info = {"name": name, "ip": NODE_IP, "podSubnet": POD_SUBNET, "bridge": BRIDGE, "labels": labels,
-            "taint": TAINT, "ports": {k: ports[k] for k in ("kubelet", "kubelet-healthz")}}
+            "taint": TAINT, "ports": {k: ports[k] for k in ("kubelet", "kubelet-healthz")},
+            # a hostPath for the operator's node cache (EDGEFLEET_NODE_CACHE) that `down` removes with the state
+            "nodeCache": str(node / "model-cache")}
     (node / "node.json").write_text(json.dumps(info, indent=2))
     _network_up(state, ports)
     _issue_certs(state, name)
