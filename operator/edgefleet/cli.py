@@ -14,6 +14,9 @@ SUBCOMMANDS = {
     "operator": "edgefleet.handlers.cli:operator_command",
     "demo": "edgefleet.demo:demo_command",
     "images": "edgefleet.images.cli:images",
+    "keygen": "edgefleet.signing:keygen_command",
+    "sign": "edgefleet.signing:sign_command",
+    "verify": "edgefleet.signing:verify_command",
 }
 
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 import struct
 from dataclasses import dataclass, field
-
-import orjson
 
 SIGNATURE_ANNOTATION = "io.edgefleet.signature"
 SIGNATURE_SUFFIX = ".sig"
@@ -182,7 +181,7 @@ def verify_digest(public_keys: list, digest: str, signature: str | bytes | None,
     from cryptography.hazmat.primitives.asymmetric import ec, utils
 
     if signature is None or not (signature.strip() if isinstance(signature, (str, bytes)) else signature):
-        raise TrustError("Unsigned", f"{what} has no signature and this node requires one")
+        raise TrustError("Unsigned", f"{what} has no signature; a trusted signature is required")
     try:
         der = base64.b64decode(signature.strip(), validate=True)
     except (binascii.Error, ValueError) as e:
@@ -227,15 +226,16 @@ def encrypt(plaintext: bytes, kek: bytes) -> bytes:
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
     data_key, nonce = os.urandom(KEY_BYTES), os.urandom(12)
-    header = orjson.dumps(
+    header = json.dumps(
         {
             "alg": "A256GCM",
             "wrap": "A256KW",
             "kek": encryption_key_id(kek),
             "key": base64.b64encode(aes_key_wrap(kek, data_key)).decode(),
             "nonce": base64.b64encode(nonce).decode(),
-        }
-    )
+        },
+        separators=(",", ":"),
+    ).encode()
     prefix = MAGIC + struct.pack(">I", len(header)) + header
     return prefix + AESGCM(data_key).encrypt(nonce, plaintext, prefix)
 
@@ -250,12 +250,12 @@ def _header(blob: bytes, what: str) -> tuple[dict, int]:
     if length > MAX_HEADER_BYTES or len(blob) < start + length + 16:
         raise TrustError("BadDecryption", f"{what} has a malformed encryption header")
     try:
-        header = orjson.loads(blob[start : start + length])
+        header = json.loads(blob[start : start + length])
         if not isinstance(header, dict) or header.get("alg") != "A256GCM" or header.get("wrap") != "A256KW":
             raise ValueError("unknown algorithm")
         header["key"] = base64.b64decode(header["key"], validate=True)
         header["nonce"] = base64.b64decode(header["nonce"], validate=True)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, binascii.Error) as e:
         raise TrustError("BadDecryption", f"{what} has a malformed encryption header: {e}") from e
     return header, start + length
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from edgefleet_runtime.trust import SIGNATURE_ANNOTATION
+
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
@@ -54,7 +56,8 @@ class ArtifactStore(Protocol):
 
 
 class LocalStore:
-    """A directory: ``root/sha256/<hex>`` holds the bytes, ``root/sha256/<hex>.json`` the metadata.
+    """A directory: ``root/sha256/<hex>`` holds the bytes, ``root/sha256/<hex>.json`` the metadata and
+    ``root/sha256/<hex>.sig`` the signature, when the variant is signed.
 
     Writes are atomic (temp file + rename in the same directory), so a reader never sees a partial
     artifact. The layout matches the runtime's node-local cache.
@@ -75,6 +78,9 @@ class LocalStore:
         if not blob.exists():
             _atomic_write(blob, data)
         _atomic_write(blob.with_name(hexd + ".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+        signature = (annotations or {}).get(SIGNATURE_ANNOTATION)
+        if signature:  # beside the blob, as in the node cache (edgefleet_runtime.trust)
+            _atomic_write(blob.with_name(hexd + ".sig"), signature.encode())
         return ArtifactRef(ref=blob.as_uri(), digest=f"sha256:{hexd}", sizeBytes=len(data), mediaType=media_type)
 
     def get(self, ref: str, digest: str) -> bytes:
@@ -110,7 +116,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class OCIStore:
-    """An OCI registry through ORAS: one manifest per variant, the report as manifest annotations.
+    """An OCI registry through ORAS: one manifest per variant, the report as manifest annotations (and the
+    signature, ``io.edgefleet.signature``, when the variant is signed: one push, no referrers API needed).
 
     ``registry`` is ``host:port``; plain http when ``insecure`` (the dev cluster's CNCF distribution).
     Tags are ``<name>-<first 12 hex of the digest>`` so the same bytes always land on the same tag.

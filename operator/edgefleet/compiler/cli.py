@@ -41,9 +41,13 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
               help="Compile cache (default ~/.cache/edgefleet/compile).")
 @click.option("--timing-runs", type=int, default=50, show_default=True, help="Timed runs per latency figure.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--signing-key-file", type=click.Path(dir_okay=False), default=None,
+              envvar="EDGEFLEET_SIGNING_KEY_FILE", help="Sign every published variant with this ECDSA P-256 key (PEM).")
+@click.option("--encryption-key-file", type=click.Path(dir_okay=False), default=None,
+              help="Encrypt every published variant (AES-256-GCM) under a data key wrapped by this 32-byte key.")
 def compile_command(source, profiles, profiles_file, quantization, sparsity, calibration, evaluation,
                     max_accuracy_drop, min_cosine, input_shapes, digest, out, report, name, cache_dir, timing_runs,
-                    quiet):
+                    quiet, signing_key_file, encryption_key_file):
     """Compile SOURCE (.onnx/.tflite path, https:// or oci://) into one measured variant per profile."""
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice goes to the root logger
     from ..artifacts import StoreError, open_store
@@ -77,7 +81,9 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         request = CompileRequest(source=source, targets={n: all_profiles[n] for n in names}, policy=policy,
                                  digest=digest, name=name)
         store = open_store(out)
-        result = compile_model(request, store=store, cache_dir=cache_dir, progress=say)
+        result = compile_model(request, store=store, cache_dir=cache_dir, progress=say,
+                               signing_key_file=signing_key_file,
+                               encryption_key=_encryption_key(encryption_key_file))
     except CompileError as e:
         click.echo(f"error: {e.reason}: {e.message}", err=True)
         if e.fix:
@@ -106,6 +112,17 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         else:
             click.echo(f"{name}\tFailed\t{v.reason}\t{v.message}")
     sys.exit(0 if result.ok else EXIT_VARIANT_FAILED)
+
+
+def _encryption_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    from edgefleet_runtime.trust import TrustError, load_encryption_key
+
+    try:
+        return load_encryption_key(path)
+    except TrustError as e:
+        raise CompileError("InvalidEncryptionKey", str(e), "pass the key the EdgeModel's Secret holds") from e
 
 
 def push_report(uri: str, data: bytes) -> None:

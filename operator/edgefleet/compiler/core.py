@@ -537,9 +537,14 @@ def _annotations(v: VariantReport) -> dict[str, str]:
 
 
 def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | None = None,
-                  progress: Progress | None = None) -> CompileResult:
-    """Compile ``request.source`` for every target; see the package docstring for the contract."""
+                  progress: Progress | None = None, signing_key_file: str | os.PathLike | None = None,
+                  encryption_key: bytes | None = None) -> CompileResult:
+    """Compile ``request.source`` for every target; see the package docstring for the contract.
+
+    ``signing_key_file``: every published variant is signed with this ECDSA P-256 key (edgefleet_runtime.trust);
+    ``encryption_key``: every published variant is encrypted (AES-256-GCM, data key wrapped by this key)."""
     say: Progress = progress or (lambda _m: None)
+    signing_key = _signing_key(signing_key_file)
     cache = Path(cache_dir) if cache_dir else Path(os.environ.get("EDGEFLEET_CACHE", "~/.cache/edgefleet/compile"))
     cache = cache.expanduser()
     (cache / "variants").mkdir(parents=True, exist_ok=True)
@@ -579,17 +584,76 @@ def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | N
     for profile, v in sorted(result.variants.items()):
         if v.state != "Ready":
             continue
-        blob = (cache / "variants" / v.cacheKey / "artifact").read_bytes()
+        entry = cache / "variants" / v.cacheKey
+        blob, trust_annotations = _protect(entry, v, signing_key, encryption_key)
+        if trust_annotations:
+            say(f"{profile}: {', '.join(sorted(trust_annotations))} ({v.digest})")
         if store is not None:
             ref = store.put(blob, name=f"{name}-{profile}", media_type=v.mediaType or "application/octet-stream",
-                            annotations=_annotations(v), filename=f"model.{_ext(v)}")
+                            annotations={**_annotations(v), **trust_annotations}, filename=f"model.{_ext(v)}")
             v.artifact = ref.ref
             say(f"{profile}: published {ref.ref}")
         else:
-            v.artifact = (cache / "variants" / v.cacheKey / "artifact").as_uri()
+            v.artifact = _local_copy(entry, blob, trust_annotations).as_uri()
     result.workDone = session.work if session else 0
     result.cacheHit = not todo
     return result
+
+
+def _signing_key(path: str | os.PathLike | None):
+    if path is None:
+        return None
+    from edgefleet_runtime.trust import TrustError, load_signing_key
+
+    try:
+        return load_signing_key(path)
+    except TrustError as e:
+        raise CompileError("InvalidSigningKey", str(e), "mount the signing key Secret (an ECDSA P-256 PEM) "
+                           "at EDGEFLEET_SIGNING_KEY_FILE / --signing-key-file") from e
+
+
+def _protect(entry: Path, v: VariantReport, signing_key, encryption_key: bytes | None) -> tuple[bytes, dict]:
+    """The bytes to publish and their trust annotations; ``v.digest``/``sizeBytes`` become those of these bytes.
+
+    The ciphertext and the signature are kept in the cache entry per key, so a recompile publishes the same
+    digest (no rollout) while a new key encrypts or signs again (rotation)."""
+    from edgefleet_runtime import trust
+
+    blob = (entry / "artifact").read_bytes()
+    ann: dict[str, str] = {}
+    if encryption_key is not None:
+        kek_id = trust.encryption_key_id(encryption_key)
+        kept = entry / f"encrypted-{kek_id.split(':')[1]}"
+        if not kept.exists():
+            _write_atomic(kept, trust.encrypt(blob, encryption_key))
+        blob = kept.read_bytes()
+        ann.update({"io.edgefleet.encryption": "A256GCM", "io.edgefleet.encryptionKeyId": kek_id})
+    v.digest, v.sizeBytes = "sha256:" + sha256_hex(blob), len(blob)
+    if signing_key is not None:
+        key_hex = trust.key_id(signing_key.public_key()).split(":")[1]
+        kept = entry / f"signature-{key_hex}-{v.digest.split(':')[1][:16]}"
+        if not kept.exists():
+            _write_atomic(kept, trust.sign_digest(signing_key, v.digest).encode())
+        ann[trust.SIGNATURE_ANNOTATION] = kept.read_text().strip()
+    return blob, ann
+
+
+def _local_copy(entry: Path, blob: bytes, ann: dict[str, str]) -> Path:
+    """Without a store the cache entry is the artifact: its plaintext, or the protected copy beside it."""
+    from edgefleet_runtime.trust import SIGNATURE_ANNOTATION, signature_path
+
+    path = entry / "artifact"
+    if ann.get("io.edgefleet.encryption"):
+        path = entry / f"encrypted-{ann['io.edgefleet.encryptionKeyId'].split(':')[1]}"
+    if SIGNATURE_ANNOTATION in ann:
+        _write_atomic(Path(signature_path(path)), ann[SIGNATURE_ANNOTATION].encode())
+    return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _ext(v: VariantReport) -> str:
