@@ -33,13 +33,20 @@ def cluster() -> None:
 )
 @click.option("--scale", type=click.IntRange(min=0), help="Nodes per device class (overrides each count).")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for each step.")
-@click.option("--real-node", is_flag=True,
+@click.option("--real-node", type=click.Choice(["yes", "auto", "no"]), default="no", is_flag=False,
+              flag_value="yes", show_default=True,
               help="Also run this machine as a node with real pods (kubelet, containerd, runc, CNI, kube-proxy; "
-                   "needs root, runc and iptables). Adds it to a running cluster too.")
-def up(name: str, fleet_file: str | None, scale: int | None, timeout: float, real_node: bool) -> None:
+                   "needs root, runc and iptables); adds it to a running cluster too. `--real-node=auto`: only "
+                   "where this host can run it, else say why and go on without.")
+def up(name: str, fleet_file: str | None, scale: int | None, timeout: float, real_node: str) -> None:
     """Build (once) and start the cluster, create the fleet, wait until every node is Ready."""
+    if real_node == "auto":
+        reason = dc.node.cannot_run(dc.state_dir(name))
+        if reason:
+            _echo(f"no real node: {reason}")
+        real_node = "no" if reason else "yes"
     try:
-        c = dc.up(name, fleet=fleet_file, scale=scale, echo=_echo, timeout=timeout, real_node=real_node)
+        c = dc.up(name, fleet=fleet_file, scale=scale, echo=_echo, timeout=timeout, real_node=real_node == "yes")
     except (dc.ClusterError, components.BuildError, FleetError) as err:
         _fail(err)
     click.echo(f"export KUBECONFIG={c.kubeconfig}")
