@@ -428,9 +428,9 @@ class Cases:
 
 
 def run_edgefleet(name, model, cases, args, results, env=None, cwd=None, grpc_too=True):
+    """REST rows from a server as the baseline runs it; gRPC rows from a second start with --grpc-port."""
     port = free_port()
-    gport = free_port() if grpc_too else None
-    proc = serve(edgefleet_cmd(model, port, *(["--grpc-port", str(gport)] if gport else [])), port, env, cwd)
+    proc = serve(edgefleet_cmd(model, port), port, env, cwd)
     cpu = lambda: tree_cpu(proc.pid)  # noqa: E731
     try:
         for c in args.concurrency:
@@ -439,10 +439,18 @@ def run_edgefleet(name, model, cases, args, results, env=None, cwd=None, grpc_to
             results[f"{name}-binary c={c}"] = drive(
                 http_factory(port, cases.binary_request(port), cases.check_binary), c, args.seconds, cpu=cpu
             )
-            if gport:
-                results[f"{name}-grpc c={c}"] = drive(
-                    grpc_factory(gport, cases.grpc_request(), cases.check_grpc), c, args.seconds, cpu=cpu
-                )
+    finally:
+        stop(proc)
+    if not grpc_too:
+        return
+    port, gport = free_port(), free_port()
+    proc = serve(edgefleet_cmd(model, port, "--grpc-port", str(gport)), port, env, cwd)
+    try:
+        for c in args.concurrency:
+            results[f"{name}-grpc c={c}"] = drive(
+                grpc_factory(gport, cases.grpc_request(), cases.check_grpc), c, args.seconds,
+                cpu=lambda: tree_cpu(proc.pid),
+            )
     finally:
         stop(proc)
 
