@@ -149,8 +149,6 @@ class HTTPServer:
         self._lock = threading.Lock()  # guards _conns, _budget_used, _running
         self._budget_used = 0
         self._running = 0
-        self._inflight = 0
-        self._idle = threading.Condition()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -236,14 +234,13 @@ class HTTPServer:
             for c in conns:
                 if c.state in (IDLE, DONE):
                     c.close("shutdown")
-            with self._idle:
-                if self._inflight == 0 and not conns:
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("drain deadline passed", extra={"inflight": self._inflight})
-                    return False
-                self._idle.wait(min(left, 0.05))
+            if not conns:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("drain deadline passed", extra={"connections": len(conns)})
+                return False
+            time.sleep(min(left, 0.02))
 
     # ------------------------------------------------------------------ per connection
     @staticmethod
@@ -269,14 +266,7 @@ class HTTPServer:
                 except OSError:
                     return
                 conn.enter(HEAD, self.limits.header_seconds)
-                with self._idle:
-                    self._inflight += 1
-                try:
-                    keep = self._one_request(conn, rfile)
-                finally:
-                    with self._idle:
-                        self._inflight -= 1
-                        self._idle.notify_all()
+                keep = self._one_request(conn, rfile)
         finally:
             conn.state = DONE
             with self._lock:
@@ -285,8 +275,6 @@ class HTTPServer:
                 sock.close()
             except OSError:
                 pass
-            with self._idle:
-                self._idle.notify_all()
 
     def _one_request(self, conn: _Conn, rfile) -> bool:
         """Read one request, answer it; return keep-alive."""
