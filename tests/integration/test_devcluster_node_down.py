@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -94,14 +95,18 @@ def run_a_pod_and_a_service(cluster, tmp_path) -> dict:
     cluster.kubectl("create", "namespace", ns)
     wait_for(lambda: cluster.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0,
              what="the default ServiceAccount")
+    pod = echo_pod("echo", build_echo_image(cluster, tmp_path), cluster.real_node["name"])
+    pod["spec"]["containers"][0]["ports"][0]["hostPort"] = 18080  # the portmap plugin's chains too
     apply(cluster, ns, [
-        echo_pod("echo", build_echo_image(cluster, tmp_path), cluster.real_node["name"]),
+        pod,
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
          "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": 8080}]}},
     ])
     wait_for(lambda: is_ready(get(cluster, ns, "pod", "echo")), timeout=120, what="the echo pod Ready")
+    assert urllib.request.urlopen(f"http://{node.NODE_IP}:18080/", timeout=5).read() == b"hello from echo\n"
     running = host_snapshot()
     assert node.BRIDGE in running["links"] and any("KUBE-SERVICES" in r for r in running["iptables"])
+    assert any("CNI-HOSTPORT-DNAT" in r for r in running["iptables"])
     assert any("/node/" in m for m in running["mounts"]) and running["processes"] and running["cgroups"]
     return running
 

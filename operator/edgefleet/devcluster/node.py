@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -375,6 +376,7 @@ def _network_up(state: Path, ports: dict[str, int]) -> None:
     _iptables("-t", "nat", "-I", "PREROUTING", "1", "-i", BRIDGE, "-j", f"{CHAIN}-PRE")
     _iptables("-N", f"{CHAIN}-FWD")
     _iptables("-A", f"{CHAIN}-FWD", "-i", BRIDGE, "!", "-o", BRIDGE, "-j", "DROP")  # pods reach nothing else
+    _iptables("-A", f"{CHAIN}-FWD", "-o", BRIDGE, "!", "-i", BRIDGE, "-j", "DROP")  # nor does the network them
     _iptables("-I", "FORWARD", "1", "-j", f"{CHAIN}-FWD")
 
 
@@ -532,7 +534,7 @@ def stop(state: Path, echo: Callable[[str], None] = print) -> list[str]:
         stopped.append("containerd")
     if killed:
         stopped.append(f"{killed} pod/shim processes")
-    problems = _cleanup_iptables_of_kube_proxy() + _remove_kubelet_chains()
+    problems = _cleanup_iptables_of_kube_proxy() + _remove_kubelet_chains() + _remove_portmap_chains()
     problems += _unmount_under(state)
     problems += _remove_cgroups()
     problems += _network_down(state)
@@ -661,6 +663,25 @@ def _remove_kubelet_chains() -> list[str]:
             _run(tool, "-w", "5", "-t", table, "-F", chain, check=False)
             if _run(tool, "-w", "5", "-t", table, "-X", chain, check=False).returncode != 0:
                 problems.append(f"{tool} chain {table}/{chain}")
+    return problems
+
+
+def _remove_portmap_chains() -> list[str]:
+    """The portmap plugin's nat chains (hostPort): a pod killed without a CNI DEL leaves them behind."""
+    problems = []
+    for tool in ("iptables", "ip6tables"):
+        rules = _run(f"{tool}-save", "-t", "nat", check=False).stdout.splitlines()
+        chains = [line[1:].split()[0] for line in rules if line.startswith((":CNI-HOSTPORT-", ":CNI-DN-"))]
+        for line in rules:  # jumps from the built-in chains to them
+            words = shlex.split(line)
+            if words[:1] == ["-A"] and words[1] in ("PREROUTING", "OUTPUT", "POSTROUTING") and \
+                    words[-1] in chains:
+                _run(tool, "-w", "5", "-t", "nat", "-D", *words[1:], check=False)
+        for chain in chains:
+            _run(tool, "-w", "5", "-t", "nat", "-F", chain, check=False)
+        for chain in chains:
+            if _run(tool, "-w", "5", "-t", "nat", "-X", chain, check=False).returncode != 0:
+                problems.append(f"{tool} chain nat/{chain}")
     return problems
 
 
