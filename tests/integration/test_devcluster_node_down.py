@@ -85,6 +85,7 @@ def leftovers(snap: dict) -> list[str]:
     found += [f"{t}: {r}" for t in ("iptables", "ip6tables") for r in snap[t]
               if any(k in r for k in ("KUBE-", "EDGEFLEET", "CNI-", node.BRIDGE))]
     found += [f"mount {m}" for m in snap["mounts"] if "/clusters/" in m]
+    found += [f"route {r}" for r in snap["routes"] if "blackhole" in r or node.BRIDGE in r]
     found += [f"netns {n}" for n in snap["netns"] if "/cni-" in n]
     found += [f"file {f}" for f in snap["files"] if "edgefleet" in f or f.startswith("/var/log/containers/")]
     return found + [f"cgroup {c}" for c in snap["cgroups"]] + [f"process {p}" for p in snap["processes"]]
@@ -107,6 +108,7 @@ def run_a_pod_and_a_service(cluster, tmp_path) -> dict:
     running = host_snapshot()
     assert node.BRIDGE in running["links"] and any("KUBE-SERVICES" in r for r in running["iptables"])
     assert any("CNI-HOSTPORT-DNAT" in r for r in running["iptables"])
+    assert any(r.startswith("blackhole 10.244.0.0/16") for r in running["routes"])  # kwok's fake pod IPs
     assert any("/node/" in m for m in running["mounts"]) and running["processes"] and running["cgroups"]
     return running
 

@@ -363,6 +363,8 @@ def _network_up(state: Path, ports: dict[str, int]) -> None:
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
     _run("ip", "addr", "replace", f"{NODE_IP}/{POD_SUBNET.split('/')[1]}", "dev", BRIDGE)
     _run("ip", "link", "set", BRIDGE, "up")
+    # kube-proxy also DNATs Service traffic to kwok's fake pod IPs: fail fast here, never route it out
+    _run("ip", "route", "replace", "blackhole", _kwok_pod_network())
     Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet").write_text("1")  # DNAT to loopback, bridge only
     forward = Path("/proc/sys/net/ipv4/ip_forward")
     (node / "ip_forward.before").write_text(forward.read_text())
@@ -380,6 +382,12 @@ def _network_up(state: Path, ports: dict[str, int]) -> None:
     _iptables("-I", "FORWARD", "1", "-j", f"{CHAIN}-FWD")
 
 
+def _kwok_pod_network() -> str:
+    from .cluster import POD_CIDR
+
+    return str(ipaddress.ip_network(POD_CIDR, strict=False))
+
+
 def _kubernetes_service_ip() -> str:
     from .cluster import SERVICE_CIDR
 
@@ -388,6 +396,7 @@ def _kubernetes_service_ip() -> str:
 
 def _network_down(state: Path) -> list[str]:
     problems = _remove_chains()
+    _run("ip", "route", "del", "blackhole", _kwok_pod_network(), check=False)
     if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
         if _run("ip", "link", "del", BRIDGE, check=False).returncode != 0:
             problems.append(f"bridge {BRIDGE}")
