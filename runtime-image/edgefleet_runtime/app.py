@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -14,7 +15,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import __version__
+from . import __version__, trust
 from .backends import Backend, ModelLoadError, TensorSpec, open_backend
 from .digest import DigestError, digest_from_cache_path, parse_digest, verify_file
 from .management import OFF_MESSAGE, Management
@@ -142,8 +143,10 @@ class ModelSlot:
         delegate: str | None = None,
         cache_dir: str | None = None,
         max_batch: int = 256,
+        policy: trust.Policy | None = None,
     ):
         self.name = name
+        self.policy = policy or trust.Policy()
         self.metrics = metrics
         self.backend_kind = backend
         self.threads = threads
@@ -161,14 +164,22 @@ class ModelSlot:
             t0 = time.perf_counter()
             try:
                 digest = verify_file(path, digest)
+                self._check_signature(path, digest)
+                data = self._decrypted(path, digest)
                 backend = open_backend(
-                    path, self.backend_kind, self.threads, self.execution_provider, self.delegate, digest=digest
+                    path,
+                    self.backend_kind,
+                    self.threads,
+                    self.execution_provider,
+                    self.delegate,
+                    digest=digest,
+                    data=data,
                 )
                 try:
                     _warmup(backend)
                 except Exception as e:
                     raise ModelLoadError(f"warm-up inference failed on {path}: {e}") from e
-            except (DigestError, ModelLoadError, OSError):
+            except (DigestError, trust.TrustError, ModelLoadError, OSError):
                 self.metrics.reloads.labels("failed").inc()
                 raise
             seconds = time.perf_counter() - t0
@@ -193,6 +204,31 @@ class ModelSlot:
                 },
             )
             return model
+
+    def _check_signature(self, path: str, digest: str) -> None:
+        """The signature kept beside the blob (``<blob>.sig``) against the policy's keys."""
+        if not self.policy.checks_signatures:
+            return
+        sig = trust.read_signature_file(trust.signature_path(os.path.realpath(path)))
+        signer = self.policy.check(digest, sig, f"model {os.fspath(path)}")
+        log.info("signature verified", extra={"model": self.name, "digest": digest, "key": signer})
+
+    def _decrypted(self, path: str, digest: str) -> bytes | None:
+        """The plaintext of an encrypted variant, decrypted in memory from bytes hashed again here (the bytes
+        decrypted are the bytes checked); None when the file is not encrypted."""
+        with open(path, "rb") as f:
+            if not trust.is_encrypted(f.read(len(trust.MAGIC))):
+                return None
+            f.seek(0)
+            stored = f.read()
+        if self.policy.decryption_key is None:
+            raise trust.TrustError(
+                "Encrypted", f"{os.fspath(path)} is encrypted; pass --decryption-key-file with the key of its Secret"
+            )
+        got = "sha256:" + hashlib.sha256(stored).hexdigest()
+        if got != digest:
+            raise DigestError(f"digest mismatch for {os.fspath(path)}: expected {digest}, file has {got}")
+        return trust.decrypt(stored, self.policy.decryption_key, f"model {os.fspath(path)}")
 
     # ------------------------------------------------------------------ hot reload sources
     def watch(self, path: str) -> None:
@@ -234,8 +270,12 @@ class ModelSlot:
         try:
             self.load(self.watch_path, digest)
             return True
-        except (DigestError, ModelLoadError, OSError) as e:
-            log.error("reload refused; keeping the current model", extra={"path": self.watch_path, "error": str(e)})
+        except (DigestError, trust.TrustError, ModelLoadError, OSError) as e:
+            reason = getattr(e, "reason", type(e).__name__)
+            log.error(
+                "reload refused; keeping the current model",
+                extra={"path": self.watch_path, "reason": reason, "error": str(e)},
+            )
             return False
 
 

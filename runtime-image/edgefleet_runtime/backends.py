@@ -198,6 +198,22 @@ def open_source(path: str, digest: str | None = None, limit: int | None = None) 
         got = hashlib.sha256(stored).hexdigest()
         if got != parse_digest(digest):
             raise DigestError(f"digest mismatch for {path}: expected {digest}, file has sha256:{got}")
+    return _unpack(path, stored, packaging, limit)
+
+
+def source_from_bytes(path: str, data: bytes, limit: int | None = None) -> ModelSource:
+    """A model whose artifact bytes are already in memory (decrypted by ``trust``; the caller checked them)."""
+    packaging = sniff(data[:64])
+    if packaging == "openvino-ir":
+        raise ModelLoadError(f"{path}: encrypted OpenVINO IR XML lacks its weights; publish IR as a zip")
+    if packaging not in ("gzip", "openvino-zip"):
+        return ModelSource(path, packaging, "encrypted", data)
+    src = _unpack(path, data, packaging, limit)
+    src.packaging = "encrypted+" + src.packaging
+    return src
+
+
+def _unpack(path: str, stored: bytes, packaging: str, limit: int | None) -> ModelSource:
     limit = MAX_MODEL_BYTES if limit is None else limit
     if packaging == "openvino-zip":
         xml, weights = _unzip_ir(stored, limit)
@@ -448,10 +464,12 @@ def open_backend(
     execution_provider: str = "auto",
     delegate: str | None = None,
     digest: str | None = None,
+    data: bytes | None = None,
 ) -> Backend:
     """Load ``path`` (any artifact format, see the module docstring). ``digest``: re-checked against the
-    bytes actually unpacked for gzip'd / zipped artifacts (raises ``digest.DigestError``)."""
-    src = open_source(path, digest)
+    bytes actually unpacked for gzip'd / zipped artifacts (raises ``digest.DigestError``). ``data``: the
+    model's bytes in memory instead of the file's (a decrypted variant)."""
+    src = open_source(path, digest) if data is None else source_from_bytes(path, data)
     if backend == "auto":
         backend = {"tflite": "litert", "openvino-ir": "openvino"}.get(src.fmt, "onnxruntime")
     if backend == "onnxruntime":

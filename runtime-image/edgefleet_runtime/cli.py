@@ -20,6 +20,8 @@ EXIT_USAGE = 2
 EXIT_DIGEST = 3
 EXIT_LOAD = 4
 EXIT_FETCH = 5
+EXIT_SIGNATURE = 6  # unsigned or wrongly signed variant, refused by the trust policy
+EXIT_DECRYPT = 7  # encrypted variant without the right decryption key
 
 
 def _env_int(name: str, default: int) -> int:
@@ -69,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="LiteRT external delegate library, e.g. libedgetpu.so.1",
     )
     _limit_arguments(s)
+    _trust_arguments(s)
+    s.add_argument(
+        "--decryption-key-file",
+        default=os.environ.get("EDGEFLEET_DECRYPTION_KEY_FILE") or None,
+        help="32-byte key (raw, hex or base64) that unwraps encrypted variants' data keys; decrypted in memory",
+    )
     s.add_argument(
         "--watch",
         action="store_true",
@@ -105,12 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache", required=True, help="cache dir; the blob lands in DIR/sha256/<hex>")
     f.add_argument("--name", help="also point DIR/current/NAME at the blob")
     f.add_argument("--insecure", action="store_true", help="allow plain http to a non-loopback registry")
+    _trust_arguments(f)
 
     c = sub.add_parser("prepare-cache", help="create the node cache's folders and hand them to the runtime user "
                        "(init container running as root with CHOWN; the images have no shell)")
     c.add_argument("--cache", required=True, help="the node cache (a hostPath volume)")
     c.add_argument("--uid", type=int, default=10001, help="user (and group) that fetch and serve run as")
     return p
+
+
+def _trust_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trust (signed variants: edgefleet_runtime.trust)")
+    g.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="trusted ECDSA P-256 public key (PEM; repeatable); a variant's signature must verify with one of them",
+    )
+    g.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="refuse variants without a signature (without it only a present signature is checked)",
+    )
+
+
+def _policy(args):
+    """The trust policy of the flags; TrustError when a key file is unusable."""
+    from .trust import Policy
+
+    return Policy.from_files(args.public_key, args.require_signature, getattr(args, "decryption_key_file", None))
 
 
 def _limit_arguments(s: argparse.ArgumentParser) -> None:
@@ -190,9 +222,19 @@ def _prepare_cache(cache: str, uid: int) -> int:
 def _fetch(args) -> int:
     from .digest import DigestError
     from .fetch import FetchError, fetch
+    from .trust import TrustError
 
     try:
-        path = fetch(args.ref, args.digest, args.cache, name=args.name, insecure=args.insecure)
+        policy = _policy(args)
+    except TrustError as e:
+        print(f"edgefleet-runtime fetch: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = fetch(args.ref, args.digest, args.cache, name=args.name, insecure=args.insecure, policy=policy)
+    except TrustError as e:
+        log.error("fetch refused", extra={"reason": e.reason, "error": str(e)})
+        print(f"edgefleet-runtime fetch: refused ({e.reason}): {e}", file=sys.stderr)
+        return EXIT_SIGNATURE
     except DigestError as e:
         log.error("fetch refused", extra={"error": str(e)})
         print(f"edgefleet-runtime fetch: {e}", file=sys.stderr)
@@ -210,6 +252,7 @@ def _serve(args) -> int:
     from .backends import ModelLoadError
     from .digest import DigestError, digest_from_cache_path
     from .management import ManagementError
+    from .trust import TrustError
 
     def die(code: int, msg: str) -> int:
         log.error(msg)
@@ -223,7 +266,8 @@ def _serve(args) -> int:
         return die(EXIT_USAGE, "--digest is required unless --model resolves into CACHE/sha256/<hex>")
     try:
         limits = _limits(args)
-    except ValueError as e:
+        policy = _policy(args)
+    except ValueError as e:  # TrustError is a ValueError
         return die(EXIT_USAGE, str(e))
     metrics = Metrics()
     slot = ModelSlot(
@@ -235,6 +279,7 @@ def _serve(args) -> int:
         delegate=args.delegate,
         cache_dir=args.cache,
         max_batch=args.max_batch,
+        policy=policy,
     )
     try:
         management = _management(args, slot)
@@ -242,6 +287,9 @@ def _serve(args) -> int:
         return die(EXIT_USAGE, str(e))
     try:
         slot.load(args.model, digest)
+    except TrustError as e:
+        code = EXIT_DECRYPT if e.reason in ("Encrypted", "BadDecryption") else EXIT_SIGNATURE
+        return die(code, f"refusing to serve ({e.reason}): {e}")
     except DigestError as e:
         return die(EXIT_DIGEST, f"refusing to serve: {e}")
     except (ModelLoadError, OSError) as e:

@@ -3,6 +3,10 @@
 Runs as the init container. Idempotent and offline-friendly: when ``DIR/sha256/<hex>`` already holds
 bytes with the right digest nothing is downloaded. Writes go to ``DIR/tmp`` and are renamed into
 place, so a crash never leaves a partial file under its digest name.
+
+With a ``trust.Policy`` the variant's signature (OCI manifest annotation, ``<file>.sig`` or ``<url>.sig``)
+is checked after the digest and before the rename: a refused variant never enters the cache. The signature
+is kept as ``DIR/sha256/<hex>.sig`` so ``serve`` checks it again at load.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
+from . import trust
 from .digest import CHUNK, DigestError, blob_path, current_path, file_digest, parse_digest
 
 log = logging.getLogger("edgefleet_runtime.fetch")
@@ -63,11 +68,12 @@ def _file_chunks(path: str):
             yield chunk
 
 
-def _oci_chunks(ref: str, digest: str, insecure: bool):
+def _oci_chunks(ref: str, digest: str, insecure: bool, found: dict):
     """Yield the bytes of the blob ``digest`` named by ``oci://host/repo[:tag][@sha256:...]``.
 
     The ref may name the blob itself or a manifest; for a manifest the layer whose digest equals
-    ``digest`` is taken (or the only layer, verified afterwards)."""
+    ``digest`` is taken (or the only layer, verified afterwards). ``found["signature"]``: the manifest's
+    signature annotation."""
     import oras.container
     import oras.provider
 
@@ -81,11 +87,14 @@ def _oci_chunks(ref: str, digest: str, insecure: bool):
     except Exception as e:  # noqa: BLE001 - anonymous pulls still work
         log.debug("no registry credentials loaded", extra={"error": str(e)})
     layer = digest
+    found["where"] = f"{ref} names the blob itself; signatures are read from its manifest: give the manifest's ref"
     if container.digest != digest:
+        found["where"] = f"the manifest of {ref} has no {trust.SIGNATURE_ANNOTATION} annotation"
         try:
             manifest = registry.get_manifest(container, allowed_media_type=MANIFEST_TYPES)
         except Exception as e:
             raise FetchError(f"cannot read manifest {ref}: {e}") from e
+        found["signature"] = (manifest.get("annotations") or {}).get(trust.SIGNATURE_ANNOTATION)
         layers = manifest.get("layers") or []
         match = [x for x in layers if x.get("digest") == digest]
         if match:
@@ -113,6 +122,43 @@ def _http_chunks(url: str, insecure: bool):
         yield from resp.iter_content(chunk_size=CHUNK)
 
 
+def _http_signature(url: str) -> str | None:
+    """``<url>.sig`` (at most a signature's size); None when the server has none (404)."""
+    import requests
+
+    with requests.get(url + trust.SIGNATURE_SUFFIX, stream=True, timeout=30) as resp:
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise FetchError(f"GET {url}{trust.SIGNATURE_SUFFIX} answered {resp.status_code}")
+        data = resp.raw.read(trust.MAX_SIGNATURE_BYTES + 1, decode_content=True)
+    if len(data) > trust.MAX_SIGNATURE_BYTES:
+        raise trust.TrustError("BadSignature", f"{url}{trust.SIGNATURE_SUFFIX} is larger than a signature")
+    return data.decode("ascii", "replace").strip()
+
+
+def _check_signature(policy, digest: str, signature: str | None, ref: str, where: str) -> None:
+    try:
+        signer = policy.check(digest, signature, f"variant {ref}")
+    except trust.TrustError as e:
+        if e.reason == "Unsigned" and where:
+            raise trust.TrustError(e.reason, f"{e} ({where})") from None
+        raise
+    if signer:
+        log.info("signature verified", extra={"ref": ref, "digest": digest, "key": signer})
+
+
+def _keep_signature(dest: Path, signature: str | None) -> None:
+    """``<blob>.sig`` beside the blob, written before the blob is renamed into place."""
+    sig = Path(trust.signature_path(dest))
+    if signature is None:
+        sig.unlink(missing_ok=True)
+        return
+    tmp = sig.with_name(f".{sig.name}.tmp-{os.getpid()}")
+    tmp.write_text(signature + "\n")
+    os.replace(tmp, sig)
+
+
 def point_current(cache: Path, name: str, digest: str) -> Path:
     """Atomically make ``cache/current/<name>`` a relative symlink to ``../sha256/<hex>``."""
     link = current_path(cache, name)
@@ -125,38 +171,56 @@ def point_current(cache: Path, name: str, digest: str) -> Path:
     return link
 
 
-def fetch(ref: str, digest: str, cache: str | os.PathLike, name: str | None = None, insecure: bool = False) -> Path:
-    """Make ``cache/sha256/<hex>`` hold the artifact; return its path. Raises DigestError/FetchError."""
+def fetch(
+    ref: str,
+    digest: str,
+    cache: str | os.PathLike,
+    name: str | None = None,
+    insecure: bool = False,
+    policy: trust.Policy | None = None,
+) -> Path:
+    """Make ``cache/sha256/<hex>`` hold the artifact; return its path. Raises DigestError/FetchError, and
+    trust.TrustError when ``policy`` refuses the variant's signature."""
     parse_digest(digest)
+    policy = policy or trust.Policy()
     cache = Path(cache)
     dest = blob_path(cache, digest)
     if dest.exists():
-        if file_digest(dest) == digest:
+        if file_digest(dest) == digest and _cached_signature_ok(policy, dest, digest, ref):
             log.info("artifact already cached", extra={"digest": digest, "path": str(dest)})
             if name:
                 point_current(cache, name, digest)
             return dest
-        log.warning("cached artifact is corrupt; fetching it again", extra={"path": str(dest)})
+        log.warning("cached artifact is corrupt or not trusted; fetching it again", extra={"path": str(dest)})
         dest.chmod(0o644)
         dest.unlink()
-    if ref.startswith("file://"):
-        src = urllib.parse.unquote(urllib.parse.urlparse(ref).path)
+    found: dict = {"signature": None, "where": ""}
+    if ref.startswith("file://") or ref.startswith("/"):
+        src = urllib.parse.unquote(urllib.parse.urlparse(ref).path) if ref.startswith("file://") else ref
         if not os.path.isfile(src):
             raise FetchError(f"{ref}: no such file")
         chunks = _file_chunks(src)
+        found["signature"] = trust.read_signature_file(trust.signature_path(src))
+        found["where"] = f"no {trust.signature_path(src)}"
     elif ref.startswith("oci://"):
-        chunks = _oci_chunks(ref, digest, insecure)
+        chunks = _oci_chunks(ref, digest, insecure, found)
     elif ref.startswith(("https://", "http://")):
         chunks = _http_chunks(ref, insecure)
-    elif ref.startswith("/"):
-        chunks = _file_chunks(ref)
+        found["where"] = f"no {ref}{trust.SIGNATURE_SUFFIX}"
     else:
         raise FetchError(f"unsupported ref {ref!r}: use oci://host/repo@sha256:..., file:///path or https://")
     tmp, got = _write_stream(chunks, cache / "tmp")
-    if got != digest:
+    try:
+        if got != digest:
+            raise DigestError(f"digest mismatch for {ref}: expected {digest}, downloaded bytes have {got}")
+        if ref.startswith(("https://", "http://")) and policy.checks_signatures:
+            found["signature"] = _http_signature(ref)  # after _http_chunks passed its plain-http rule
+        _check_signature(policy, digest, found["signature"], ref, found["where"])
+    except BaseException:
         tmp.unlink()
-        raise DigestError(f"digest mismatch for {ref}: expected {digest}, downloaded bytes have {got}")
+        raise
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _keep_signature(dest, found["signature"])
     tmp.chmod(0o444)
     os.replace(tmp, dest)
     _fsync_dir(dest.parent)
@@ -166,6 +230,18 @@ def fetch(ref: str, digest: str, cache: str | os.PathLike, name: str | None = No
     if name:
         point_current(cache, name, digest)
     return dest
+
+
+def _cached_signature_ok(policy, dest: Path, digest: str, ref: str) -> bool:
+    """A cached blob is reused only when the policy accepts the signature kept beside it (offline nodes)."""
+    if not policy.checks_signatures:
+        return True
+    try:
+        policy.check(digest, trust.read_signature_file(trust.signature_path(dest)), f"cached variant {digest}")
+        return True
+    except trust.TrustError as e:
+        log.warning("cached variant's signature is not accepted; fetching it again", extra={"error": str(e)})
+        return False
 
 
 def _fsync_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ import orjson
 from .backends import ModelLoadError
 from .digest import DigestError, blob_path, parse_digest
 from .protocol import RequestError
+from .trust import TrustError
 
 JSON = [("Content-Type", "application/json")]
 OFF_MESSAGE = (
@@ -100,6 +101,8 @@ class Management:
             raise RequestError(
                 409, f"the node cache's file for {digest} does not match that digest; fetch it again"
             ) from None
+        except TrustError as e:  # unsigned, wrongly signed, or not decryptable with this server's key
+            raise RequestError(403, f"refused ({e.reason}): {e}") from None
         except ModelLoadError as e:
             raise RequestError(422, str(e)) from None
         return 200, JSON, orjson.dumps({"name": model.name, "version": model.version, "digest": model.digest})
