@@ -248,3 +248,15 @@ def test_pods_reach_nothing_beyond_the_node(cluster, served, outside):
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
     denied = cluster.kubectl("exec", "-n", ns, "echo", "--", "/echo-server", "get", outside, check=False)
     assert denied.returncode != 0 and "Timeout" in denied.stderr + denied.stdout
+
+
+def test_images_pull_by_every_name_of_the_dev_registry(cluster, real, served, echo_image):
+    """The registry's loopback name, its name for pods and ghcr.io (mirrored to it) all pull over plain HTTP."""
+    ns, _ = served
+    path = echo_image.split("/", 1)[1]
+    pods = {"by-pod-address": f"{cluster.pod_registry}/{path}", "by-ghcr-mirror": f"ghcr.io/{path}"}
+    apply(cluster, ns, [echo_pod(name, image, real["name"]) for name, image in pods.items()])
+    for name, image in pods.items():
+        wait_for(lambda n=name: is_ready(get(cluster, ns, "pod", n)), timeout=90, what=f"pod {name} ({image}) Ready")
+    listed = node._ctr(cluster.state, "images", "ls", "-q").stdout.split()
+    assert set(pods.values()) <= set(listed)  # containerd resolved each name itself
