@@ -257,3 +257,21 @@ def test_a_component_of_several_packages_is_a_folder_of_binaries(tmp_path, monke
     assert sorted(p.name for p in folder.iterdir()) == ["hello", "world"]
     assert subprocess.run([str(folder / "world")], capture_output=True, text=True).stderr == "world\n"
     assert "-tags no_such_tag" in (tmp_path / "cache" / "logs" / "build-pair-v1.log").read_text()
+
+
+def test_stopping_a_stale_node_leaves_another_clusters_real_node_alone(tmp_path, monkeypatch):
+    from edgefleet.devcluster import node
+
+    monkeypatch.setenv("EDGEFLEET_CACHE", str(tmp_path))
+    mine, theirs = dc.state_dir("crashed"), dc.state_dir("running")
+    (mine / "node").mkdir(parents=True)
+    monkeypatch.setattr(node, "claim_holder", lambda: theirs)
+    touched = []
+    monkeypatch.setattr(node, "_clean_machine", lambda state: touched.append("machine") or [])
+    monkeypatch.setattr(node, "_kill_pods", lambda: touched.append("pods") or 0)
+    messages = []
+    node.stop(mine, echo=messages.append)
+    assert touched == [] and str(theirs) in messages[0]
+    monkeypatch.setattr(node, "claim_holder", lambda: None)  # nobody's: a crashed node of our own is cleaned
+    node.stop(mine, echo=messages.append)
+    assert touched == ["pods", "machine"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import gzip
 import hashlib
 import io
@@ -424,19 +425,28 @@ def _remove_chains() -> list[str]:
 
 def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeout: float) -> dict:
     """Start containerd, kubelet and kube-proxy for the cluster in `state`; returns the node's info."""
-    from .cluster import _kubeconfig, _start
-
-    reason = cannot_run(state)
-    if reason:
-        raise NodeError(f"cannot start the real node: {reason}")
     if len(str(socket_path(state))) > 100:  # a unix socket path has at most 107 bytes
         raise NodeError(f"containerd's socket {socket_path(state)} would be too long for a unix socket; "
                         "set EDGEFLEET_CACHE to a shorter folder")
+    lock = components.cache_dir() / "locks" / "real-node.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # check and claim at once: a second `up` waits, then sees the claim
+        reason = cannot_run(state)
+        if reason:
+            raise NodeError(f"cannot start the real node: {reason}")
+        node = state / "node"
+        node.mkdir(parents=True, exist_ok=True)
+        (node / "host-dirs-made.json").write_text(json.dumps([d for d in HOST_DIRS if not Path(d).exists()]))
+        CLAIM.parent.mkdir(parents=True, exist_ok=True)
+        CLAIM.write_text(str(state))
+        return _start_node(state, ports, echo, timeout)
+
+
+def _start_node(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeout: float) -> dict:
+    from .cluster import _kubeconfig, _start
+
     node = state / "node"
-    node.mkdir(parents=True, exist_ok=True)
-    (node / "host-dirs-made.json").write_text(json.dumps([d for d in HOST_DIRS if not Path(d).exists()]))
-    CLAIM.parent.mkdir(parents=True, exist_ok=True)
-    CLAIM.write_text(str(state))
     name = node_name()
     ports = {**ports, **{k: _free_port() for k in ("kubelet", "kubelet-healthz", "kube-proxy-healthz",
                                                      "kube-proxy-metrics")}}
@@ -537,24 +547,34 @@ def stop(state: Path, echo: Callable[[str], None] = print) -> list[str]:
     node = state / "node"
     if not node.exists():
         return []
+    holder = claim_holder()
+    ours = holder in (None, state)  # else another cluster's node runs: its pods, cgroups and network stay
     stopped = [n for n in ("kube-proxy", "kubelet") if _stop(state, n)]
-    killed = _kill_pods() + _kill_shims(state)
+    killed = (_kill_pods() if ours else 0) + _kill_shims(state)
     if _stop(state, "containerd"):
         stopped.append("containerd")
     if killed:
         stopped.append(f"{killed} pod/shim processes")
-    problems = _cleanup_iptables_of_kube_proxy() + _remove_kubelet_chains() + _remove_portmap_chains()
-    problems += _unmount_under(state)
-    problems += _remove_cgroups()
-    problems += _network_down(state)
-    _remove_host_leftovers(node)
-    if claim_holder() in (None, state):
-        with contextlib.suppress(OSError):
-            CLAIM.unlink()
-    _remove_host_dirs(node)
+    problems = _unmount_under(state)
+    if ours:
+        problems += _clean_machine(state)
+    else:
+        echo(f"left the machine's network, iptables and cgroups alone: they belong to the real node of {holder}")
     if problems:
         echo("could not remove: " + "; ".join(problems))
     return stopped
+
+
+def _clean_machine(state: Path) -> list[str]:
+    """What a real node changes outside its state directory: iptables, cgroups, bridge, route, files."""
+    problems = _cleanup_iptables_of_kube_proxy() + _remove_kubelet_chains() + _remove_portmap_chains()
+    problems += _remove_cgroups()
+    problems += _network_down(state)
+    _remove_host_leftovers(state / "node")
+    with contextlib.suppress(OSError):
+        CLAIM.unlink()
+    _remove_host_dirs(state / "node")
+    return problems
 
 
 def _pids_in_cgroups() -> set[int]:
