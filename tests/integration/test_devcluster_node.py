@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -55,8 +56,6 @@ def build_echo_image(cluster, tmp: Path) -> str:
 
 def push_oci_archive(archive: Path, ref: str) -> None:
     """Push a one-manifest OCI layout tar to a plain-HTTP registry on loopback (the distribution API)."""
-    import tarfile
-
     host, rest = ref.split("/", 1)
     repo, tag = rest.rsplit(":", 1)
     base = f"http://{host}/v2/{repo}"
