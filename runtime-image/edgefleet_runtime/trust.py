@@ -111,12 +111,26 @@ def load_signing_key(path: str | os.PathLike):
     return key
 
 
+def _key_files(paths) -> list:
+    """The files named, a directory standing for its files (a mounted Secret: its ``..data`` entries skipped)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+            files += [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+            if not names:
+                raise TrustError("BadKey", f"{os.fspath(path)} is an empty directory; put PEM public keys in it")
+        else:
+            files.append(path)
+    return files
+
+
 def load_public_keys(paths) -> list:
-    """ECDSA P-256 public keys from PEM files; one file may hold several PEM blocks."""
+    """ECDSA P-256 public keys from PEM files or directories of them; one file may hold several PEM blocks."""
     from cryptography.hazmat.primitives import serialization
 
     keys = []
-    for path in paths:
+    for path in _key_files(paths):
         data = _read(path, "public key")
         blocks = [b for b in data.split(b"-----END PUBLIC KEY-----") if b"-----BEGIN PUBLIC KEY-----" in b]
         if not blocks:

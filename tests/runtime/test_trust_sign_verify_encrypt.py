@@ -175,3 +175,18 @@ def test_encryption_key_files_raw_hex_or_base64(tmp_path):
     (tmp_path / "short").write_bytes(b"0123")
     with pytest.raises(TrustError, match="not a 32-byte key.*keygen encryption"):
         trust.load_encryption_key(tmp_path / "short")
+
+
+def test_public_keys_from_a_mounted_secret_directory(tmp_path, keypair):
+    """A Secret volume: one file per key plus kubelet's ..data links, which are skipped."""
+    d = tmp_path / "keys"
+    (d / "..2026_11_26").mkdir(parents=True)
+    (d / "..2026_11_26" / "team.pub").write_bytes(keypair[1].read_bytes())
+    (d / "..data").symlink_to("..2026_11_26")
+    (d / "team.pub").symlink_to("..data/team.pub")
+    (keys,) = trust.load_public_keys([d])
+    sig = trust.sign_digest(trust.load_signing_key(keypair[0]), _digest(MODEL))
+    assert trust.verify_digest([keys], _digest(MODEL), sig, "m") == trust.key_id(keys)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrustError, match="empty directory"):
+        trust.load_public_keys([tmp_path / "empty"])

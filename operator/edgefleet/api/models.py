@@ -291,6 +291,27 @@ class ConfigMapKeyRef(Model):
     """Key within the ConfigMap (binaryData or data)."""
 
 
+class SecretKeyRef(Model):
+    """A key of a Secret in the object's namespace."""
+
+    name: Name
+    """Secret name."""
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = "key"
+    """Key within the Secret."""
+
+
+class Encryption(Model):
+    """Encryption at rest of this model's variants: AES-256-GCM under a fresh data key per variant, the data
+    key wrapped by the key in `keySecret`. Nodes cache only ciphertext; the runtime decrypts in memory with
+    the Secret the EdgeDeployment names in spec.trust.decryptionKeySecret. To rotate, put a new key in the
+    Secret: the next compile encrypts under it (a new digest rolls out) and pods keep serving the old variant
+    until they are rolled."""
+
+    key_secret: SecretKeyRef
+    """The Secret key holding the 32-byte key-encryption key (raw, 64 hex characters or base64), e.g.
+    `edgefleet keygen encryption kek && kubectl create secret generic model-kek --from-file=key=kek`."""
+
+
 Uri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^(oci|https|pvc)://\S+$")]
 
 
@@ -428,6 +449,8 @@ class EdgeModelSpec(Model):
     next less aggressive option is tried."""
     target_profiles: TargetProfiles | None = None
     """HardwareProfiles to compile for; omitted means every profile that matches at least one node."""
+    encryption: Encryption | None = None
+    """Encrypt the published variants at rest (AES-256-GCM); omitted means they are stored in the clear."""
 
 
 class Variant(Model):
@@ -596,6 +619,31 @@ class ServiceSettings(Model):
     """Service port."""
 
 
+class Trust(Model):
+    """Which variants the nodes of this deployment accept: signatures checked by the fetch init container
+    before anything enters the node cache and again by the runtime at every load, and the key that
+    decrypts encrypted variants in memory."""
+
+    public_keys_secret: Name | None = None
+    """A Secret whose every key is a PEM ECDSA P-256 public key (`edgefleet keygen signing`, or cosign's
+    cosign.pub); a variant's signature must verify with one of them. Omitted: signatures are not checked."""
+    require_signature: bool = False
+    """Refuse unsigned variants (without it only a present signature is checked); needs publicKeysSecret."""
+    decryption_key_secret: SecretKeyRef | None = None
+    """The Secret key that decrypts the model's encrypted variants (the EdgeModel's spec.encryption.keySecret);
+    mounted only into the runtime container."""
+
+    cel_rules = (
+        Rule(
+            "!self.requireSignature || has(self.publicKeysSecret)",
+            "spec.trust.requireSignature needs spec.trust.publicKeysSecret: name the Secret with the trusted"
+            " public keys",
+            lambda s: not s.require_signature or s.public_keys_secret is not None,
+            ".publicKeysSecret",
+        ),
+    )
+
+
 class EdgeDeploymentSpec(Model):
     """Which nodes serve a model and how updates roll out."""
 
@@ -614,6 +662,9 @@ class EdgeDeploymentSpec(Model):
     """Settings of the inference server."""
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     """How the inference pods are exposed."""
+    trust: Trust | None = None
+    """Signed and encrypted variants: the public keys that must have signed what the nodes fetch and
+    serve, and the key that decrypts encrypted variants. Omitted: only the digest is checked."""
 
     cel_rules = (
         Rule(

@@ -91,6 +91,33 @@ def _resources(profile: HardwareProfile) -> dict:
             "limits": {"memory": limit_text, **extended}}
 
 
+TRUST_KEYS_MOUNT = "/etc/edgefleet/trust/public-keys"  # the public keys Secret, one PEM per key
+DECRYPTION_KEY_MOUNT = "/etc/edgefleet/trust/decryption"  # the decryption key Secret's one key, as "key"
+
+
+def _trust(ed: EdgeDeployment) -> tuple[list[str], list[str], list[dict], list[dict], list[dict]]:
+    """(fetch args, serve args, fetch mounts, serve mounts, volumes) of spec.trust."""
+    trust = ed.spec.trust
+    if trust is None:
+        return [], [], [], [], []
+    fetch_args, serve_args, fetch_mounts, serve_mounts, volumes = [], [], [], [], []
+    if trust.public_keys_secret:
+        flags = [f"--public-key={TRUST_KEYS_MOUNT}"] + (["--require-signature"] if trust.require_signature else [])
+        fetch_args += flags
+        serve_args += flags
+        mount = {"name": "trust-public-keys", "mountPath": TRUST_KEYS_MOUNT, "readOnly": True}
+        fetch_mounts.append(mount)
+        serve_mounts.append(mount)
+        volumes.append({"name": "trust-public-keys", "secret": {"secretName": trust.public_keys_secret}})
+    if trust.decryption_key_secret:
+        ref = trust.decryption_key_secret
+        serve_args.append(f"--decryption-key-file={DECRYPTION_KEY_MOUNT}/key")
+        serve_mounts.append({"name": "decryption-key", "mountPath": DECRYPTION_KEY_MOUNT, "readOnly": True})
+        volumes.append({"name": "decryption-key", "secret": {
+            "secretName": ref.name, "items": [{"key": ref.key, "path": "key"}], "defaultMode": 0o400}})
+    return fetch_args, serve_args, fetch_mounts, serve_mounts, volumes
+
+
 def _blob(node_cache: str, digest: str) -> str:
     return f"{CACHE_MOUNT}/sha256/{digest.split(':', 1)[1]}" if node_cache else digest
 
@@ -103,8 +130,9 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         {"name": f"dev-{m.name}", "mountPath": m.mount_path, "readOnly": m.read_only}
         for m in profile.spec.device_mounts or []
     ]
+    trust_fetch, trust_serve, trust_fetch_mounts, trust_serve_mounts, _ = _trust(ed)
     fetch_args = ["fetch", f"--ref={variant.artifact}", f"--digest={variant.digest}", f"--cache={CACHE_MOUNT}",
-                  f"--name={model}"]
+                  f"--name={model}", *trust_fetch]
     if insecure:
         fetch_args.append("--insecure")
     prepare = {  # hostPath directories are created root-owned: hand the cache to the runtime user
@@ -125,12 +153,12 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "image": profile.spec.runtime_image,
         "command": ["edgefleet-runtime"],
         "args": fetch_args,
-        "volumeMounts": mounts,
+        "volumeMounts": mounts + trust_fetch_mounts,
         "securityContext": _restricted(False),
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
     }
     serve_args = ["serve", f"--model={_blob(CACHE_MOUNT, variant.digest)}", f"--digest={variant.digest}",
-                  f"--name={model}", f"--port={port}"]
+                  f"--name={model}", f"--port={port}", *trust_serve]
     if ed.spec.runtime.threads:
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
     ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
@@ -147,15 +175,16 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": "http"}, "failureThreshold": 6},
         "resources": _resources(profile),
-        "volumeMounts": [{**m, "readOnly": True} for m in mounts] + device_mounts,
+        "volumeMounts": [{**m, "readOnly": True} for m in mounts] + trust_serve_mounts + device_mounts,
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}],
     }
     return [prepare, init], [serve]
 
 
-def _volumes(profile: HardwareProfile, node_cache: str) -> list[dict]:
+def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str) -> list[dict]:
     volumes = [{"name": "model-cache", "hostPath": {"path": node_cache, "type": "DirectoryOrCreate"}}]
+    volumes += _trust(ed)[4]
     volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.spec.device_mounts or []]
     return volumes
 
@@ -170,7 +199,7 @@ def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: boo
     spec = {
         "initContainers": init,
         "containers": containers,
-        "volumes": _volumes(profile, node_cache),
+        "volumes": _volumes(ed, profile, node_cache),
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in profile.spec.tolerations],
         "securityContext": {"fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "automountServiceAccountToken": False,

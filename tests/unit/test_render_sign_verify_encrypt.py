@@ -1,0 +1,70 @@
+"""EdgeDeployment.spec.trust and EdgeModel.spec.encryption: API rules and what the renderer passes to the pods."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from edgefleet.api import EdgeDeployment, EdgeModel, Variant, builtin_profiles
+from edgefleet.render import render_class
+from edgefleet.render.workload import CACHE_MOUNT, DECRYPTION_KEY_MOUNT, TRUST_KEYS_MOUNT
+from pydantic import ValidationError
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def _pod(trust: dict | None):
+    profiles = builtin_profiles()
+    profile = next(p for p in profiles if p.metadata["name"] == "cpu-amd64")
+    spec = {"modelRef": {"name": "digits"}, **({"trust": trust} if trust is not None else {})}
+    ed = EdgeDeployment(metadata={"name": "digits", "namespace": "ns", "uid": str(uuid.uuid4())}, spec=spec)
+    variant = Variant(profile="cpu-amd64", artifact="oci://r/m@" + DIGEST, digest=DIGEST, state="Ready")
+    return render_class(ed, profile, variant, profiles, "/var/lib/edgefleet/cache")["spec"]["template"]["spec"]
+
+
+def test_without_trust_the_pods_carry_no_trust_flags_or_volumes():
+    pod = _pod(None)
+    args = pod["initContainers"][1]["args"] + pod["containers"][0]["args"]
+    assert not [a for a in args if a.startswith(("--public-key", "--require-signature", "--decryption-key"))]
+    assert [v["name"] for v in pod["volumes"]] == ["model-cache"]
+
+
+def test_trust_passes_keys_from_secret_volumes_to_fetch_and_serve():
+    pod = _pod({"publicKeysSecret": "team-keys", "requireSignature": True,
+                "decryptionKeySecret": {"name": "digits-kek", "key": "kek"}})
+    fetch, serve = pod["initContainers"][1], pod["containers"][0]
+    for c in (fetch, serve):
+        assert f"--public-key={TRUST_KEYS_MOUNT}" in c["args"] and "--require-signature" in c["args"]
+        assert {"name": "trust-public-keys", "mountPath": TRUST_KEYS_MOUNT, "readOnly": True} in c["volumeMounts"]
+    # the decryption key reaches the runtime only, never the fetch container
+    assert f"--decryption-key-file={DECRYPTION_KEY_MOUNT}/key" in serve["args"]
+    assert not [a for a in fetch["args"] if a.startswith("--decryption-key-file")]
+    assert [m for m in serve["volumeMounts"] if m["name"] == "decryption-key"][0]["readOnly"] is True
+    assert not [m for m in fetch["volumeMounts"] if m["name"] == "decryption-key"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["trust-public-keys"] == {"name": "trust-public-keys", "secret": {"secretName": "team-keys"}}
+    assert volumes["decryption-key"]["secret"] == {
+        "secretName": "digits-kek", "items": [{"key": "kek", "path": "key"}], "defaultMode": 0o400}
+    assert serve["volumeMounts"][0]["mountPath"] == CACHE_MOUNT
+
+
+def test_public_keys_without_require_check_present_signatures_only():
+    pod = _pod({"publicKeysSecret": "team-keys"})
+    assert "--require-signature" not in pod["initContainers"][1]["args"]
+    assert f"--public-key={TRUST_KEYS_MOUNT}" in pod["initContainers"][1]["args"]
+
+
+def test_require_signature_without_keys_is_refused_naming_the_field():
+    with pytest.raises(ValidationError, match="requireSignature needs spec.trust.publicKeysSecret"):
+        EdgeDeployment(metadata={"name": "d", "namespace": "ns"},
+                       spec={"modelRef": {"name": "m"}, "trust": {"requireSignature": True}})
+
+
+def test_edgemodel_encryption_names_a_secret_key():
+    em = EdgeModel(metadata={"name": "m", "namespace": "ns"},
+                   spec={"source": {"uri": "https://h/m.onnx"}, "format": "onnx",
+                         "encryption": {"keySecret": {"name": "model-kek"}}})
+    assert em.spec.encryption.key_secret.name == "model-kek" and em.spec.encryption.key_secret.key == "key"
+    with pytest.raises(ValidationError, match="keySecret"):
+        EdgeModel(metadata={"name": "m", "namespace": "ns"},
+                  spec={"source": {"uri": "https://h/m.onnx"}, "format": "onnx", "encryption": {}})
