@@ -35,7 +35,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 @click.group("keygen")
 def keygen_command() -> None:
-    """Make keys: an ECDSA P-256 signing pair, or a 32-byte encryption key (put them in Secrets)."""
+    """Make key pairs (P-256): for signing, or for encrypting variants (private halves go into Secrets)."""
 
 
 @keygen_command.command("signing")
@@ -51,11 +51,17 @@ def keygen_signing(prefix):
 
 
 @keygen_command.command("encryption")
-@click.argument("path", type=click.Path(dir_okay=False))
-def keygen_encryption(path):
-    """Write a random 32-byte key-encryption key to PATH (0600)."""
-    _write_new(Path(path), os.urandom(32), 0o600)
-    click.echo(path)
+@click.argument("prefix", type=click.Path(dir_okay=False))
+def keygen_encryption(prefix):
+    """Write PREFIX.key (private, 0600: the runtime's Secret) and PREFIX.pub (public: the EdgeModel's
+    spec.encryption.publicKey, or `edgefleet compile --encryption-key-file`). Variants are encrypted for the
+    public key, so the operator and the compiler hold no secret. A 32-byte symmetric key file works too."""
+    from edgefleet_runtime.trust import generate_signing_key
+
+    private, public = generate_signing_key()  # the same P-256 pair, used for ECDH-ES
+    _write_new(Path(prefix + ".key"), private, 0o600)
+    _write_new(Path(prefix + ".pub"), public, 0o644)
+    click.echo(f"{prefix}.key\n{prefix}.pub")
 
 
 @click.command("sign")

@@ -13,7 +13,9 @@ Where a signature lives:
 * https: ``<url>.sig``.
 
 Encryption at rest (``encrypt``/``decrypt``): AES-256-GCM under a random data key, which is wrapped
-(RFC 3394 AES key wrap) by a 32-byte key-encryption key from a Secret. The file is
+(RFC 3394 AES key wrap) by a 32-byte key-encryption key, or, so that whoever encrypts holds no secret, for
+a P-256 public key (ECDH-ES with an ephemeral key + HKDF-SHA256, then AES key wrap) whose private half is
+in the Secret the runtime mounts. The file is
 ``MAGIC | u32 header length | header JSON | ciphertext+tag``; the header (algorithm, key id, wrapped key,
 nonce) is the GCM associated data, so neither part can be swapped. Signatures cover the encrypted file:
 a node verifies what it stores without holding the decryption key.
@@ -145,9 +147,8 @@ def load_public_keys(paths) -> list:
     return keys
 
 
-def load_encryption_key(path: str | os.PathLike) -> bytes:
-    """A 32-byte key-encryption key: the raw bytes, 64 hex characters or base64 of 32 bytes."""
-    data = _read(path, "encryption key", limit=4096)
+def _symmetric_key(data: bytes, path) -> bytes:
+    """A 32-byte key: the raw bytes, 64 hex characters or base64 of 32 bytes."""
     if len(data) == KEY_BYTES:
         return data
     text = data.strip()
@@ -160,14 +161,37 @@ def load_encryption_key(path: str | os.PathLike) -> bytes:
             return key
     raise TrustError(
         "BadKey",
-        f"{os.fspath(path)} is not a 32-byte key (raw, 64 hex characters or base64); "
-        "make one with `edgefleet keygen encryption FILE` or `head -c 32 /dev/urandom > FILE`",
+        f"{os.fspath(path)} is neither a PEM ECDSA P-256 key nor a 32-byte key (raw, 64 hex characters or "
+        "base64); make a pair with `edgefleet keygen encryption PREFIX` or a key with `head -c 32 /dev/urandom`",
     )
 
 
-def encryption_key_id(kek: bytes) -> str:
-    """Names a key-encryption key in headers and messages (a hash: the key stays secret)."""
-    return "sha256:" + hashlib.sha256(b"edgefleet-kek\0" + kek).hexdigest()[:16]
+def load_encryption_key(path: str | os.PathLike):
+    """What encrypts: a PEM P-256 public key (ECDH-ES: the compiler needs no secret) or a 32-byte key."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = _read(path, "encryption key", limit=4096)
+    if b"-----BEGIN PUBLIC KEY-----" not in data:
+        return _symmetric_key(data, path)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as e:
+        raise TrustError("BadKey", f"{os.fspath(path)}: unreadable PEM public key: {e}") from e
+    _require_p256(key, path)
+    return key
+
+
+def load_decryption_key(path: str | os.PathLike):
+    """What decrypts: the PEM P-256 private key of an encryption pair, or the 32-byte key itself."""
+    data = _read(path, "decryption key", limit=4096)
+    return load_signing_key(path) if b"PRIVATE KEY-----" in data else _symmetric_key(data, path)
+
+
+def encryption_key_id(key) -> str:
+    """Names an encryption key (either half of a pair alike, or a 32-byte key by a hash) in headers and messages."""
+    if isinstance(key, bytes):
+        return "sha256:" + hashlib.sha256(b"edgefleet-kek\0" + key).hexdigest()[:16]
+    return key_id(key.public_key() if hasattr(key, "private_bytes") else key)
 
 
 # ------------------------------------------------------------------------------------------ signatures
@@ -234,20 +258,45 @@ def is_encrypted(head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
-def encrypt(plaintext: bytes, kek: bytes) -> bytes:
-    """AES-256-GCM under a fresh data key wrapped by ``kek``; see the module docstring for the layout."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+ECDH_WRAP = "ECDH-ES+A256KW"
+
+
+def _ecdh_kek(private_key, public_key, epk_der: bytes) -> bytes:
+    """The AES key-wrap key both sides derive: HKDF-SHA256 of the ECDH secret, bound to the ephemeral key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    shared = private_key.exchange(ec.ECDH(), public_key)
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=b"edgefleet " + ECDH_WRAP.encode() + epk_der).derive(
+        shared
+    )
+
+
+def _wrap(key, data_key: bytes) -> dict:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
+    if isinstance(key, bytes):
+        return {"wrap": "A256KW", "kek": encryption_key_id(key), "key": aes_key_wrap(key, data_key)}
+    ephemeral = ec.generate_private_key(ec.SECP256R1())
+    epk = ephemeral.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    wrapped = aes_key_wrap(_ecdh_kek(ephemeral, key, epk), data_key)
+    return {"wrap": ECDH_WRAP, "kek": encryption_key_id(key), "key": wrapped, "epk": epk}
+
+
+def encrypt(plaintext: bytes, key) -> bytes:
+    """AES-256-GCM under a fresh data key wrapped for ``key`` (a 32-byte key: AES key wrap; a P-256 public key:
+    ECDH-ES with an ephemeral key, then AES key wrap); see the module docstring for the layout."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     data_key, nonce = os.urandom(KEY_BYTES), os.urandom(12)
+    fields = {"alg": "A256GCM", **_wrap(key, data_key), "nonce": nonce}
     header = json.dumps(
-        {
-            "alg": "A256GCM",
-            "wrap": "A256KW",
-            "kek": encryption_key_id(kek),
-            "key": base64.b64encode(aes_key_wrap(kek, data_key)).decode(),
-            "nonce": base64.b64encode(nonce).decode(),
-        },
+        {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in fields.items()},
         separators=(",", ":"),
     ).encode()
     prefix = MAGIC + struct.pack(">I", len(header)) + header
@@ -265,30 +314,45 @@ def _header(blob: bytes, what: str) -> tuple[dict, int]:
         raise TrustError("BadDecryption", f"{what} has a malformed encryption header")
     try:
         header = json.loads(blob[start : start + length])
-        if not isinstance(header, dict) or header.get("alg") != "A256GCM" or header.get("wrap") != "A256KW":
+        if not isinstance(header, dict) or header.get("alg") != "A256GCM":
             raise ValueError("unknown algorithm")
-        header["key"] = base64.b64decode(header["key"], validate=True)
-        header["nonce"] = base64.b64decode(header["nonce"], validate=True)
+        if header.get("wrap") not in ("A256KW", ECDH_WRAP):
+            raise ValueError(f"unknown key wrap {header.get('wrap')!r}")
+        for name in ("key", "nonce") + (("epk",) if header["wrap"] == ECDH_WRAP else ()):
+            header[name] = base64.b64decode(header[name], validate=True)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, binascii.Error) as e:
         raise TrustError("BadDecryption", f"{what} has a malformed encryption header: {e}") from e
     return header, start + length
 
 
-def decrypt(blob: bytes, kek: bytes, what: str = "the model") -> bytes:
-    """The plaintext of an ``encrypt`` result; TrustError naming the key when ``kek`` is not the right one."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+def _unwrap(header: dict, key, what: str) -> bytes:
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
-    header, body = _header(blob, what)
+    wrong = TrustError(
+        "BadDecryption",
+        f"{what} is encrypted for key {header.get('kek')}; the decryption key given is "
+        f"{encryption_key_id(key)} (mount the Secret of the key the EdgeModel's spec.encryption names)",
+    )
+    if (header["wrap"] == ECDH_WRAP) == isinstance(key, bytes):
+        raise wrong
     try:
-        data_key = aes_key_unwrap(kek, header["key"])
+        if header["wrap"] == ECDH_WRAP:
+            epk = serialization.load_der_public_key(header["epk"])
+            _require_p256(epk, "the ephemeral key in the header")
+            return aes_key_unwrap(_ecdh_kek(key, epk, header["epk"]), header["key"])
+        return aes_key_unwrap(key, header["key"])
     except (InvalidUnwrap, ValueError) as e:
-        raise TrustError(
-            "BadDecryption",
-            f"{what} is encrypted under key {header.get('kek')}; the decryption key given is "
-            f"{encryption_key_id(kek)} (mount the Secret the EdgeModel names in spec.encryption)",
-        ) from e
+        raise wrong from e
+
+
+def decrypt(blob: bytes, key, what: str = "the model") -> bytes:
+    """The plaintext of an ``encrypt`` result; TrustError naming both keys when ``key`` is not the right one."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    header, body = _header(blob, what)
+    data_key = _unwrap(header, key, what)
     try:
         return AESGCM(data_key).decrypt(header["nonce"], blob[body:], blob[:body])
     except (InvalidTag, ValueError) as e:
@@ -303,15 +367,15 @@ class Policy:
 
     public_keys: list = field(default_factory=list)
     require_signature: bool = False
-    decryption_key: bytes | None = None
+    decryption_key: object = None  # a 32-byte key or an EC private key (load_decryption_key)
 
     @classmethod
     def from_files(cls, public_keys=(), require_signature=False, decryption_key_file=None) -> Policy:
         keys = load_public_keys(public_keys or ())
         if require_signature and not keys:
             raise TrustError("BadKey", "--require-signature needs at least one --public-key FILE")
-        kek = load_encryption_key(decryption_key_file) if decryption_key_file else None
-        return cls(keys, require_signature, kek)
+        key = load_decryption_key(decryption_key_file) if decryption_key_file else None
+        return cls(keys, require_signature, key)
 
     @property
     def checks_signatures(self) -> bool:

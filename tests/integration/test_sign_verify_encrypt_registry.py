@@ -37,17 +37,16 @@ EXIT_SIGNATURE = 6
 @pytest.fixture
 def keys(tmp_path):
     """Signing keys and a key-encryption key, and the Secret volumes the pod would mount."""
-    for name in ("team", "intruder"):
+    for name in ("team", "intruder", "enc"):
         private, public = trust.generate_signing_key()
         (tmp_path / f"{name}.key").write_bytes(private)
         (tmp_path / f"{name}.pub").write_bytes(public)
-    (tmp_path / "kek").write_bytes(b"\x07" * 32)
     pub_dir = tmp_path / "secret-public-keys"
     pub_dir.mkdir()
     (pub_dir / "team.pub").write_bytes((tmp_path / "team.pub").read_bytes())
     dec_dir = tmp_path / "secret-decryption"
     dec_dir.mkdir()
-    (dec_dir / "key").write_bytes((tmp_path / "kek").read_bytes())
+    (dec_dir / "key").write_bytes((tmp_path / "enc.key").read_bytes())  # the private half, as its Secret
     return tmp_path
 
 
@@ -114,7 +113,7 @@ def test_signed_encrypted_variant_from_the_registry_serves_the_same_answers(clus
     store = OCIStore(cluster.registry, f"edgefleet-test/{uuid.uuid4().hex[:8]}", insecure=True)
     plain = _compile(store, tmp_path)
     enc = _compile(store, tmp_path, signing_key_file=keys / "team.key",
-                   encryption_key=trust.load_encryption_key(keys / "kek"))
+                   encryption_key=trust.load_encryption_key(keys / "enc.pub"))
     assert enc.digest != plain.digest
     assert trust.SIGNATURE_ANNOTATION in store.annotations(enc.artifact)
 
@@ -126,7 +125,7 @@ def test_signed_encrypted_variant_from_the_registry_serves_the_same_answers(clus
     assert r.returncode == 0, r.stderr
     blob = cache / "sha256" / enc.digest.split(":")[1]
     stored = blob.read_bytes()
-    plaintext = trust.decrypt(stored, (keys / "kek").read_bytes())
+    plaintext = trust.decrypt(stored, trust.load_decryption_key(keys / "enc.key"))
     assert trust.is_encrypted(stored) and plaintext[:128] not in stored and plaintext[-128:] not in stored
     assert blob.with_name(blob.name + ".sig").exists()
 

@@ -143,6 +143,7 @@ def test_decrypt_with_the_wrong_key_names_both_keys():
     assert e.value.reason == "BadDecryption"
     assert trust.encryption_key_id(kek) in str(e.value) and trust.encryption_key_id(wrong) in str(e.value)
     assert "spec.encryption" in str(e.value)
+    assert "encrypted for key" in str(e.value)
 
 
 @pytest.mark.parametrize("where", ["header", "body", "tag"])
@@ -173,8 +174,30 @@ def test_encryption_key_files_raw_hex_or_base64(tmp_path):
         (tmp_path / name).write_bytes(content)
         assert trust.load_encryption_key(tmp_path / name) == key
     (tmp_path / "short").write_bytes(b"0123")
-    with pytest.raises(TrustError, match="not a 32-byte key.*keygen encryption"):
+    with pytest.raises(TrustError, match="neither a PEM ECDSA P-256 key nor a 32-byte key.*keygen encryption"):
         trust.load_encryption_key(tmp_path / "short")
+    assert trust.load_decryption_key(tmp_path / "hex") == key
+
+
+def test_encrypt_for_a_public_key_decrypts_with_its_private_half_only(tmp_path):
+    """ECDH-ES: the compiler encrypts with the public key and holds no secret; the node holds the private key."""
+    private, public = trust.generate_signing_key()
+    (tmp_path / "enc.key").write_bytes(private)
+    (tmp_path / "enc.pub").write_bytes(public)
+    pub = trust.load_encryption_key(tmp_path / "enc.pub")
+    priv = trust.load_decryption_key(tmp_path / "enc.key")
+    assert trust.encryption_key_id(pub) == trust.encryption_key_id(priv)
+    blob = trust.encrypt(MODEL, pub)
+    assert b"model bytes" not in blob and trust.decrypt(blob, priv) == MODEL
+    other, _ = trust.generate_signing_key()
+    (tmp_path / "other.key").write_bytes(other)
+    with pytest.raises(TrustError) as e:
+        trust.decrypt(blob, trust.load_decryption_key(tmp_path / "other.key"), "variant cpu")
+    assert e.value.reason == "BadDecryption" and trust.encryption_key_id(pub) in str(e.value)
+    with pytest.raises(TrustError, match="encrypted for key"):  # a 32-byte key for a pair's variant
+        trust.decrypt(blob, bytes(32))
+    with pytest.raises(TrustError, match="encrypted for key"):  # and the pair's key for a 32-byte key's
+        trust.decrypt(trust.encrypt(MODEL, bytes(32)), priv)
 
 
 def test_public_keys_from_a_mounted_secret_directory(tmp_path, keypair):

@@ -29,8 +29,9 @@ def keys(tmp_path):
 
 def test_keygen_writes_private_keys_0600_and_never_overwrites(keys):
     assert oct((keys / "team.key").stat().st_mode & 0o777) == "0o600"
-    assert oct((keys / "kek").stat().st_mode & 0o777) == "0o600"
-    assert len(trust.load_encryption_key(keys / "kek")) == 32
+    assert oct((keys / "kek.key").stat().st_mode & 0o777) == "0o600"
+    pub, priv = trust.load_encryption_key(keys / "kek.pub"), trust.load_decryption_key(keys / "kek.key")
+    assert trust.decrypt(trust.encrypt(b"x", pub), priv) == b"x"
     before = (keys / "team.key").read_bytes()
     res = cli("keygen", "signing", keys / "team")
     assert res.exit_code == 2 and "not overwriting" in res.output
@@ -102,18 +103,21 @@ def test_compiler_encrypts_so_the_store_holds_no_plaintext(keys, tmp_path):
     plain = _compile(tmp_path, tmp_path / "plain")
     plain_bytes = (tmp_path / "plain" / "sha256" / plain.split(":")[1]).read_bytes()
     digest = _compile(tmp_path, tmp_path / "store", "--signing-key-file", keys / "team.key",
-                      "--encryption-key-file", keys / "kek")
+                      "--encryption-key-file", keys / "kek.pub")
     assert digest != plain
     blob = tmp_path / "store" / "sha256" / digest.split(":")[1]
     stored = blob.read_bytes()
     assert "sha256:" + hashlib.sha256(stored).hexdigest() == digest
     assert trust.is_encrypted(stored) and plain_bytes[:256] not in stored and plain_bytes[-256:] not in stored
-    assert trust.decrypt(stored, trust.load_encryption_key(keys / "kek")) == plain_bytes
+    assert trust.decrypt(stored, trust.load_decryption_key(keys / "kek.key")) == plain_bytes
     meta = json.loads(blob.with_name(blob.name + ".json").read_text())
     assert meta["annotations"]["io.edgefleet.encryption"] == "A256GCM"
     assert cli("verify", blob, "--public-key", keys / "team.pub").exit_code == 0  # the ciphertext is what is signed
     # same key: same ciphertext (no rollout); a new key (rotation) encrypts again
-    assert _compile(tmp_path, tmp_path / "store", "--encryption-key-file", keys / "kek") == digest
-    (keys / "kek2").write_bytes(os.urandom(32))
-    rotated = _compile(tmp_path, tmp_path / "store", "--encryption-key-file", keys / "kek2")
+    assert _compile(tmp_path, tmp_path / "store", "--encryption-key-file", keys / "kek.pub") == digest
+    assert cli("keygen", "encryption", keys / "kek2").exit_code == 0
+    rotated = _compile(tmp_path, tmp_path / "store", "--encryption-key-file", keys / "kek2.pub")
     assert rotated not in (digest, plain)
+    # a 32-byte symmetric key works too
+    (keys / "sym").write_bytes(os.urandom(32))
+    assert _compile(tmp_path, tmp_path / "store", "--encryption-key-file", keys / "sym") not in (digest, rotated)

@@ -44,7 +44,8 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
 @click.option("--signing-key-file", type=click.Path(dir_okay=False), default=None,
               envvar="EDGEFLEET_SIGNING_KEY_FILE", help="Sign every published variant with this ECDSA P-256 key (PEM).")
 @click.option("--encryption-key-file", type=click.Path(dir_okay=False), default=None,
-              help="Encrypt every published variant (AES-256-GCM) under a data key wrapped by this 32-byte key.")
+              help="Encrypt every published variant (AES-256-GCM) for this P-256 public key (PEM; "
+                   "`edgefleet keygen encryption`) or under this 32-byte key.")
 def compile_command(source, profiles, profiles_file, quantization, sparsity, calibration, evaluation,
                     max_accuracy_drop, min_cosine, input_shapes, digest, out, report, name, cache_dir, timing_runs,
                     quiet, signing_key_file, encryption_key_file):
@@ -114,7 +115,7 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
     sys.exit(0 if result.ok else EXIT_VARIANT_FAILED)
 
 
-def _encryption_key(path: str | None) -> bytes | None:
+def _encryption_key(path: str | None):
     if path is None:
         return None
     from edgefleet_runtime.trust import TrustError, load_encryption_key
@@ -122,7 +123,7 @@ def _encryption_key(path: str | None) -> bytes | None:
     try:
         return load_encryption_key(path)
     except TrustError as e:
-        raise CompileError("InvalidEncryptionKey", str(e), "pass the key the EdgeModel's Secret holds") from e
+        raise CompileError("InvalidEncryptionKey", str(e), "pass the PEM public key of an encryption pair") from e
 
 
 def push_report(uri: str, data: bytes) -> None:

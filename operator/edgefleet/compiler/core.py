@@ -538,11 +538,12 @@ def _annotations(v: VariantReport) -> dict[str, str]:
 
 def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | None = None,
                   progress: Progress | None = None, signing_key_file: str | os.PathLike | None = None,
-                  encryption_key: bytes | None = None) -> CompileResult:
+                  encryption_key=None) -> CompileResult:
     """Compile ``request.source`` for every target; see the package docstring for the contract.
 
     ``signing_key_file``: every published variant is signed with this ECDSA P-256 key (edgefleet_runtime.trust);
-    ``encryption_key``: every published variant is encrypted (AES-256-GCM, data key wrapped by this key)."""
+    ``encryption_key``: every published variant is encrypted (AES-256-GCM) for this P-256 public key or under
+    this 32-byte key (edgefleet_runtime.trust.load_encryption_key)."""
     say: Progress = progress or (lambda _m: None)
     signing_key = _signing_key(signing_key_file)
     cache = Path(cache_dir) if cache_dir else Path(os.environ.get("EDGEFLEET_CACHE", "~/.cache/edgefleet/compile"))
@@ -612,7 +613,7 @@ def _signing_key(path: str | os.PathLike | None):
                            "at EDGEFLEET_SIGNING_KEY_FILE / --signing-key-file") from e
 
 
-def _protect(entry: Path, v: VariantReport, signing_key, encryption_key: bytes | None) -> tuple[bytes, dict]:
+def _protect(entry: Path, v: VariantReport, signing_key, encryption_key) -> tuple[bytes, dict]:
     """The bytes to publish and their trust annotations; ``v.digest``/``sizeBytes`` become those of these bytes.
 
     The ciphertext and the signature are kept in the cache entry per key, so a recompile publishes the same
