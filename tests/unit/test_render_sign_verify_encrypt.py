@@ -60,11 +60,15 @@ def test_require_signature_without_keys_is_refused_naming_the_field():
                        spec={"modelRef": {"name": "m"}, "trust": {"requireSignature": True}})
 
 
-def test_edgemodel_encryption_names_a_secret_key():
+def test_edgemodel_encryption_takes_a_pem_public_key():
+    from edgefleet_runtime.trust import generate_signing_key
+
+    _, public = generate_signing_key()
     em = EdgeModel(metadata={"name": "m", "namespace": "ns"},
                    spec={"source": {"uri": "https://h/m.onnx"}, "format": "onnx",
-                         "encryption": {"keySecret": {"name": "model-kek"}}})
-    assert em.spec.encryption.key_secret.name == "model-kek" and em.spec.encryption.key_secret.key == "key"
-    with pytest.raises(ValidationError, match="keySecret"):
-        EdgeModel(metadata={"name": "m", "namespace": "ns"},
-                  spec={"source": {"uri": "https://h/m.onnx"}, "format": "onnx", "encryption": {}})
+                         "encryption": {"publicKey": public.decode()}})
+    assert em.spec.encryption.public_key == public.decode()
+    for bad in ("hello", "-----BEGIN PRIVATE KEY-----\nabc\n-----END PRIVATE KEY-----\n"):
+        with pytest.raises(ValidationError, match="publicKey must be one PEM public key.*keygen encryption"):
+            EdgeModel(metadata={"name": "m", "namespace": "ns"},
+                      spec={"source": {"uri": "https://h/m.onnx"}, "format": "onnx", "encryption": {"publicKey": bad}})

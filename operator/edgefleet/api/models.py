@@ -300,16 +300,25 @@ class SecretKeyRef(Model):
     """Key within the Secret."""
 
 
+PEM_PUBLIC_KEY = r"^\s*-----BEGIN PUBLIC KEY-----\s[A-Za-z0-9+/=\s]+-----END PUBLIC KEY-----\s*$"
+PEM_PUBLIC_KEY_RULE = Rule(
+    f"self.matches(r'{PEM_PUBLIC_KEY}')",
+    "encryption.publicKey must be one PEM public key (-----BEGIN PUBLIC KEY----- ... -----END PUBLIC KEY-----);"
+    " make a pair with `edgefleet keygen encryption PREFIX` and paste PREFIX.pub",
+    lambda v: re.fullmatch(PEM_PUBLIC_KEY, v) is not None,
+)
+
+
 class Encryption(Model):
     """Encryption at rest of this model's variants: AES-256-GCM under a fresh data key per variant, the data
-    key wrapped by the key in `keySecret`. Nodes cache only ciphertext; the runtime decrypts in memory with
-    the Secret the EdgeDeployment names in spec.trust.decryptionKeySecret. To rotate, put a new key in the
-    Secret: the next compile encrypts under it (a new digest rolls out) and pods keep serving the old variant
-    until they are rolled."""
+    key wrapped for `publicKey` (ECDH-ES P-256). The operator and the compiler need no secret; nodes cache
+    only ciphertext and the runtime decrypts in memory with the private half, from the Secret the
+    EdgeDeployment names in spec.trust.decryptionKeySecret. To rotate, set a new publicKey: the next compile
+    encrypts for it (a new digest rolls out) and pods keep serving the old variant until they are rolled."""
 
-    key_secret: SecretKeyRef
-    """The Secret key holding the 32-byte key-encryption key (raw, 64 hex characters or base64), e.g.
-    `edgefleet keygen encryption kek && kubectl create secret generic model-kek --from-file=key=kek`."""
+    public_key: Annotated[str, Field(min_length=1, max_length=1024), *checked(PEM_PUBLIC_KEY_RULE)]
+    """PEM ECDSA P-256 public key (-----BEGIN PUBLIC KEY-----), e.g. from `edgefleet keygen encryption
+    digits` (digits.pub here, digits.key into the runtime's Secret)."""
 
 
 Uri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^(oci|https|pvc)://\S+$")]
@@ -630,8 +639,8 @@ class Trust(Model):
     require_signature: bool = False
     """Refuse unsigned variants (without it only a present signature is checked); needs publicKeysSecret."""
     decryption_key_secret: SecretKeyRef | None = None
-    """The Secret key that decrypts the model's encrypted variants (the EdgeModel's spec.encryption.keySecret);
-    mounted only into the runtime container."""
+    """The Secret key holding the private half (PEM) of the EdgeModel's spec.encryption.publicKey, which
+    decrypts its encrypted variants in memory; mounted only into the runtime container."""
 
     cel_rules = (
         Rule(
