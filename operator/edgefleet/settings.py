@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     compile_cache: Path = Field(default_factory=lambda: _cache() / "compile")
     compile_timing_runs: int = 30
     """Timed inference runs per candidate when the compiler measures latency."""
+    signing_key_file: Path | None = None
+    """ECDSA P-256 private key (PEM, a mounted Secret) the compiler signs every published variant with
+    (EDGEFLEET_SIGNING_KEY_FILE); unset: variants are published unsigned."""
+    signing_key_secret: str | None = None
+    """Secret in the operator's namespace, key `key`, that compile Jobs mount to sign with; unset: Jobs do not sign."""
     node_cache: str = "/var/lib/edgefleet/cache"
     """hostPath on every edge node where variants are cached by digest."""
     watch_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)

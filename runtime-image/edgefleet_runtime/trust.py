@@ -168,16 +168,21 @@ def _symmetric_key(data: bytes, path) -> bytes:
 
 def load_encryption_key(path: str | os.PathLike):
     """What encrypts: a PEM P-256 public key (ECDH-ES: the compiler needs no secret) or a 32-byte key."""
-    from cryptography.hazmat.primitives import serialization
-
     data = _read(path, "encryption key", limit=4096)
     if b"-----BEGIN PUBLIC KEY-----" not in data:
         return _symmetric_key(data, path)
+    return public_key_from_pem(data, os.fspath(path))
+
+
+def public_key_from_pem(pem: bytes, where: str):
+    """One P-256 public key from PEM text; TrustError naming ``where`` otherwise."""
+    from cryptography.hazmat.primitives import serialization
+
     try:
-        key = serialization.load_pem_public_key(data)
+        key = serialization.load_pem_public_key(pem)
     except ValueError as e:
-        raise TrustError("BadKey", f"{os.fspath(path)}: unreadable PEM public key: {e}") from e
-    _require_p256(key, path)
+        raise TrustError("BadKey", f"{where}: unreadable PEM public key: {e}") from e
+    _require_p256(key, where)
     return key
 
 

@@ -613,6 +613,17 @@ def _signing_key(path: str | os.PathLike | None):
                            "at EDGEFLEET_SIGNING_KEY_FILE / --signing-key-file") from e
 
 
+def encryption_key_from_pem(pem: str):
+    """The P-256 public key of EdgeModel.spec.encryption.publicKey; CompileError naming the field otherwise."""
+    from edgefleet_runtime.trust import TrustError, public_key_from_pem
+
+    try:
+        return public_key_from_pem(pem.encode(), "spec.encryption.publicKey")
+    except TrustError as e:
+        raise CompileError("InvalidEncryptionKey", str(e), "paste PREFIX.pub of `edgefleet keygen encryption PREFIX`"
+                           ) from e
+
+
 def _protect(entry: Path, v: VariantReport, signing_key, encryption_key) -> tuple[bytes, dict]:
     """The bytes to publish and their trust annotations; ``v.digest``/``sizeBytes`` become those of these bytes.
 

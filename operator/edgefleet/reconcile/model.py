@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from ..api import EdgeModel, label_selector_matches
 from ..artifacts import open_store
 from ..compiler import AccuracyBudget, CompileError, CompileRequest, Policy, Target, compile_model
+from ..compiler.core import encryption_key_from_pem
 from ..kube import ApiError, Kube
 from ..render import resolve_nodes
 from ..settings import Settings
@@ -117,28 +118,36 @@ def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
                 targets={t: Target.of_profile(profiles[t].spec.model_dump(by_alias=True, exclude_none=True))
                          for t in targets},
             )
-            variants = compile_isolated(request, settings)
+            encryption = em.spec.encryption.public_key if em.spec.encryption else None
+            variants = compile_isolated(request, settings, encryption)
         except CompileError as err:
             return [err.to_status_variant(t) for t in targets]
     return [without_none(variant) for variant in variants]
 
 
-def compile_isolated(request: CompileRequest, settings: Settings) -> list[dict]:
+def compile_isolated(request: CompileRequest, settings: Settings, encryption_public_key: str | None = None
+                     ) -> list[dict]:
     """Compile in a short-lived child process: the toolchains' memory (ONNX Runtime, OpenVINO, calibration
-    data) goes back to the system when it exits instead of staying in the long-running operator."""
+    data) goes back to the system when it exits instead of staying in the long-running operator. Variants are
+    signed with settings.signing_key_file and encrypted for ``encryption_public_key`` (PEM) when given."""
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
         store = (settings.artifact_store, settings.artifact_insecure, settings.artifact_username,
                  settings.artifact_password)
-        outcome = pool.submit(_compile_child, request, store, str(settings.compile_cache)).result()
+        signing = str(settings.signing_key_file) if settings.signing_key_file else None
+        outcome = pool.submit(_compile_child, request, store, str(settings.compile_cache), signing,
+                              encryption_public_key).result()
     if isinstance(outcome, tuple):
         raise CompileError(*outcome)
     return outcome
 
 
-def _compile_child(request: CompileRequest, store: tuple, cache_dir: str) -> list[dict] | tuple[str, str, str]:
+def _compile_child(request: CompileRequest, store: tuple, cache_dir: str, signing_key_file: str | None = None,
+                   encryption_public_key: str | None = None) -> list[dict] | tuple[str, str, str]:
     try:
-        return compile_model(request, open_store(*store), cache_dir).to_status()
+        key = encryption_key_from_pem(encryption_public_key) if encryption_public_key else None
+        return compile_model(request, open_store(*store), cache_dir, signing_key_file=signing_key_file,
+                             encryption_key=key).to_status()
     except CompileError as err:
         return (err.reason, err.message, err.fix)
 
