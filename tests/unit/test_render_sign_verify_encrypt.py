@@ -44,7 +44,7 @@ def test_trust_passes_keys_from_secret_volumes_to_fetch_and_serve():
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["trust-public-keys"] == {"name": "trust-public-keys", "secret": {"secretName": "team-keys"}}
     assert volumes["decryption-key"]["secret"] == {
-        "secretName": "digits-kek", "items": [{"key": "kek", "path": "key"}], "defaultMode": 0o400}
+        "secretName": "digits-kek", "items": [{"key": "kek", "path": "key"}], "defaultMode": 0o440}
     assert serve["volumeMounts"][0]["mountPath"] == CACHE_MOUNT
 
 

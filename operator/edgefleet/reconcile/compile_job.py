@@ -117,6 +117,7 @@ def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
         min_cosine=budget.min_cosine if budget else None, files=files, source_file=names["source"],
         calibration_file=names["calibration"], evaluation_file=names["evaluation"],
         input_shapes=dict(opt.input_shapes or {}),
+        encryption_public_key=spec.encryption.public_key if spec.encryption else None,
     )
     size = inputs_size(req)
     if size > MAX_INPUTS_BYTES:

@@ -14,6 +14,8 @@ Contract with the operator (reconcile/compile_job.py):
   together with the targets as ``profiles.json``; it is mounted read-only at ``INPUTS_DIR``.
   ``uri`` sources (oci://, https://) are passed to the compiler as they are; ``pvc://`` is not supported
   (a claim cannot be mounted from another namespace).
+- The EdgeModel's ``spec.encryption.publicKey`` travels in the inputs ConfigMap (it is public); the signing
+  key is the Secret ``settings.signing_key_secret`` in the operator's namespace, mounted by the kubelet.
 - Variants go to the artifact store (``--out``), and the JSON report is pushed there too, as a one-file
   artifact tagged ``<job name>-report`` (``--report oci://...``): the operator reads the results back from
   the store, never from pod logs.
@@ -34,6 +36,8 @@ INPUTS_DIR = "/var/run/edgefleet/inputs"
 WORK_DIR = "/tmp"  # an emptyDir: the root filesystem is read-only
 CACHE_DIR = f"{WORK_DIR}/edgefleet-cache"
 PROFILES_FILE = "profiles.json"
+ENCRYPTION_FILE = "encryption.pub"  # the EdgeModel's spec.encryption.publicKey, in the inputs ConfigMap
+SIGNING_DIR = "/var/run/edgefleet/signing"  # settings.signing_key_secret, key `key`
 COMPILER_UID = 10001
 BACKOFF_LIMIT = 2
 TTL_SECONDS_AFTER_FINISHED = 3600  # the report outlives the Job in the artifact store
@@ -68,6 +72,7 @@ class CompileJobRequest:
     calibration_file: str | None = None
     evaluation_file: str | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # input name -> every dim
+    encryption_public_key: str | None = None  # EdgeModel.spec.encryption.publicKey (PEM)
 
 
 def profiles_document(targets: dict[str, dict]) -> str:
@@ -85,7 +90,10 @@ def _spec(target: dict) -> dict:
 
 
 def inputs_files(req: CompileJobRequest) -> dict[str, bytes]:
-    return {**req.files, PROFILES_FILE: profiles_document(req.targets).encode()}
+    files = {**req.files, PROFILES_FILE: profiles_document(req.targets).encode()}
+    if req.encryption_public_key:
+        files[ENCRYPTION_FILE] = req.encryption_public_key.encode()
+    return files
 
 
 def compile_key(req: CompileJobRequest, settings: Settings) -> str:
@@ -102,6 +110,10 @@ def compile_key(req: CompileJobRequest, settings: Settings) -> str:
     }
     if req.input_shapes:  # only when set: the Jobs of models without it keep their names
         blob["inputShapes"] = req.input_shapes
+    if req.encryption_public_key:  # likewise: a new key is a new Job (rotation re-encrypts)
+        blob["encryption"] = hashlib.sha256(req.encryption_public_key.encode()).hexdigest()
+    if settings.signing_key_secret:
+        blob["signing"] = settings.signing_key_secret
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -151,6 +163,10 @@ def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
     args += [f"--name={req.model_name}", f"--out={settings.artifact_store}",
              f"--report={report_ref(settings.artifact_store, name)}", f"--cache-dir={CACHE_DIR}",
              f"--timing-runs={settings.compile_timing_runs}"]
+    if req.encryption_public_key:
+        args.append(f"--encryption-key-file={INPUTS_DIR}/{ENCRYPTION_FILE}")
+    if settings.signing_key_secret:
+        args.append(f"--signing-key-file={SIGNING_DIR}/key")
     return args
 
 
@@ -175,6 +191,12 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict:
         "volumeMounts": [{"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True},
                          {"name": "work", "mountPath": WORK_DIR}],
     }
+    volumes = [{"name": "inputs", "configMap": {"name": name}}, {"name": "work", "emptyDir": {"sizeLimit": "8Gi"}}]
+    if settings.signing_key_secret:  # mounted by the kubelet: the operator itself never reads the key
+        container["volumeMounts"].append({"name": "signing-key", "mountPath": SIGNING_DIR, "readOnly": True})
+        volumes.append({"name": "signing-key", "secret": {"secretName": settings.signing_key_secret,
+                                                          "items": [{"key": "key", "path": "key"}],
+                                                          "defaultMode": 0o440}})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -205,8 +227,7 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict:
                                         "runAsGroup": COMPILER_UID, "fsGroup": COMPILER_UID,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
-                    "volumes": [{"name": "inputs", "configMap": {"name": name}},
-                                {"name": "work", "emptyDir": {"sizeLimit": "8Gi"}}],
+                    "volumes": volumes,
                 },
             },
         },

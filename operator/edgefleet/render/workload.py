@@ -113,8 +113,8 @@ def _trust(ed: EdgeDeployment) -> tuple[list[str], list[str], list[dict], list[d
         ref = trust.decryption_key_secret
         serve_args.append(f"--decryption-key-file={DECRYPTION_KEY_MOUNT}/key")
         serve_mounts.append({"name": "decryption-key", "mountPath": DECRYPTION_KEY_MOUNT, "readOnly": True})
-        volumes.append({"name": "decryption-key", "secret": {
-            "secretName": ref.name, "items": [{"key": ref.key, "path": "key"}], "defaultMode": 0o400}})
+        volumes.append({"name": "decryption-key", "secret": {  # 0440: readable by the pod's fsGroup, the runtime's
+            "secretName": ref.name, "items": [{"key": ref.key, "path": "key"}], "defaultMode": 0o440}})
     return fetch_args, serve_args, fetch_mounts, serve_mounts, volumes
 
 

@@ -1,0 +1,75 @@
+"""Compile Jobs sign with the operator namespace's signing Secret (mounted by the kubelet) and encrypt for the
+EdgeModel's public key (carried in the inputs ConfigMap); the rendered args run through the real CLI."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from click.testing import CliRunner
+from edgefleet.compiler.cli import compile_command
+from edgefleet.render.compile_job import (
+    ENCRYPTION_FILE,
+    INPUTS_DIR,
+    SIGNING_DIR,
+    CompileJobRequest,
+    render_compile_inputs,
+    render_compile_job,
+)
+from edgefleet.settings import Settings
+from edgefleet_runtime import trust
+
+DIGITS = Path(__file__).resolve().parent.parent / "fixtures" / "models" / "digits_cnn.onnx"
+TARGET = {"cpu-amd64": {"format": "onnx", "precision": "fp32", "runtime": "onnxruntime"}}
+
+
+def _request(public_key: str | None) -> CompileJobRequest:
+    return CompileJobRequest(model_namespace="shop", model_name="digits", generation=1, targets=TARGET,
+                             files={"source-digits.onnx": DIGITS.read_bytes()}, source_file="source-digits.onnx",
+                             quantization="none", encryption_public_key=public_key)
+
+
+def test_job_without_trust_settings_has_no_trust_args_or_volumes():
+    job = render_compile_job(_request(None), Settings(artifact_store="oci://r:5000/m"))
+    pod = job["spec"]["template"]["spec"]
+    assert not [a for a in pod["containers"][0]["args"] if "key-file" in a]
+    assert [v["name"] for v in pod["volumes"]] == ["inputs", "work"]
+
+
+def test_job_signs_and_encrypts_and_its_args_run(tmp_path):
+    private, public = trust.generate_signing_key()
+    sign_private, sign_public = trust.generate_signing_key()
+    settings = Settings(artifact_store=str(tmp_path / "store"), signing_key_secret="edgefleet-signing",
+                        compile_timing_runs=2)
+    job = render_compile_job(_request(public.decode()), settings)
+    plain_job = render_compile_job(_request(None), settings)
+    assert job["metadata"]["name"] != plain_job["metadata"]["name"]  # a new key is a new Job
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert f"--encryption-key-file={INPUTS_DIR}/{ENCRYPTION_FILE}" in container["args"]
+    assert f"--signing-key-file={SIGNING_DIR}/key" in container["args"]
+    assert {"name": "signing-key", "mountPath": SIGNING_DIR, "readOnly": True} in container["volumeMounts"]
+    volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "signing-key")
+    assert volume["secret"]["secretName"] == "edgefleet-signing"
+
+    # lay the inputs ConfigMap and the Secret out as the kubelet would, then run the rendered args
+    job["metadata"]["uid"] = "1"
+    inputs, signing = tmp_path / "inputs", tmp_path / "signing"
+    inputs.mkdir()
+    signing.mkdir()
+    for name, data in render_compile_inputs(_request(public.decode()), job)["binaryData"].items():
+        (inputs / name).write_bytes(base64.b64decode(data))
+    (signing / "key").write_bytes(sign_private)
+    args = [a.replace(INPUTS_DIR, str(inputs)).replace(SIGNING_DIR, str(signing)) for a in container["args"]]
+    args = [a for a in args if not a.startswith(("--report=", "--cache-dir="))] + [
+        f"--cache-dir={tmp_path / 'cache'}", "--quiet"]
+    res = CliRunner().invoke(compile_command, args)
+    assert res.exit_code == 0, res.output
+    digest = res.output.split("\t")[3]
+    blob = tmp_path / "store" / "sha256" / digest.split(":")[1]
+    (tmp_path / "enc.key").write_bytes(private)
+    (tmp_path / "sign.pub").write_bytes(sign_public)
+    stored = blob.read_bytes()
+    plain = trust.decrypt(stored, trust.load_decryption_key(tmp_path / "enc.key"))
+    assert trust.is_encrypted(stored) and plain[:256] not in stored
+    keys = trust.load_public_keys([tmp_path / "sign.pub"])
+    assert trust.verify_digest(keys, digest, blob.with_name(blob.name + ".sig").read_text(), "v")
