@@ -163,9 +163,12 @@ class ModelSlot:
         with self._lock:
             t0 = time.perf_counter()
             try:
-                digest = verify_file(path, digest)
-                self._check_signature(path, digest)
-                data = self._decrypted(path, digest)
+                data = self._decrypted(path, digest)  # None: not encrypted, checked here instead
+                if data is None:
+                    digest = verify_file(path, digest)
+                    self._check_signature(path, digest)
+                else:
+                    digest = "sha256:" + parse_digest(digest)
                 backend = open_backend(
                     path,
                     self.backend_kind,
@@ -214,20 +217,22 @@ class ModelSlot:
         log.info("signature verified", extra={"model": self.name, "digest": digest, "key": signer})
 
     def _decrypted(self, path: str, digest: str) -> bytes | None:
-        """The plaintext of an encrypted variant, decrypted in memory from bytes hashed again here (the bytes
-        decrypted are the bytes checked); None when the file is not encrypted."""
+        """The plaintext of an encrypted variant: the file is read once, and those bytes are hashed, their
+        signature checked and decrypted in memory; None when the file is not encrypted."""
         with open(path, "rb") as f:
             if not trust.is_encrypted(f.read(len(trust.MAGIC))):
                 return None
             f.seek(0)
             stored = f.read()
+        want = "sha256:" + parse_digest(digest)
+        got = "sha256:" + hashlib.sha256(stored).hexdigest()
+        if got != want:
+            raise DigestError(f"digest mismatch for {os.fspath(path)}: expected {want}, file has {got}")
+        self._check_signature(path, want)
         if self.policy.decryption_key is None:
             raise trust.TrustError(
                 "Encrypted", f"{os.fspath(path)} is encrypted; pass --decryption-key-file with the key of its Secret"
             )
-        got = "sha256:" + hashlib.sha256(stored).hexdigest()
-        if got != digest:
-            raise DigestError(f"digest mismatch for {os.fspath(path)}: expected {digest}, file has {got}")
         return trust.decrypt(stored, self.policy.decryption_key, f"model {os.fspath(path)}")
 
     # ------------------------------------------------------------------ hot reload sources

@@ -216,3 +216,19 @@ def test_encrypt_serve_without_or_with_the_wrong_key_is_refused(tmp_path, digits
     code, err = _serve_exit(link, "--decryption-key-file", keys / "wrong-kek")
     kek_id = trust.encryption_key_id(trust.load_encryption_key(keys / "kek"))
     assert code == EXIT_DECRYPT and "refusing to serve (BadDecryption)" in err and kek_id in err, err
+
+
+def test_encrypt_tampered_or_foreign_signed_ciphertext_is_refused_before_decryption(tmp_path, digits, keys):
+    cache, digest = _encrypted_cache(tmp_path, digits, keys)
+    link = cache / "current" / "digits"
+    blob = cache / "sha256" / digest.split(":")[1]
+    sig = blob.with_name(blob.name + ".sig")
+    sig.write_text(trust.sign_digest(trust.load_signing_key(keys / "other.key"), digest))
+    code, err = _serve_exit(link, "--public-key", keys / "team.pub", "--decryption-key-file", keys / "kek")
+    assert code == EXIT_SIGNATURE and "BadSignature" in err, err
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-20] ^= 0x01
+    blob.write_bytes(bytes(data))
+    code, err = _serve_exit(link, "--decryption-key-file", keys / "kek")
+    assert code == EXIT_DIGEST and "digest mismatch" in err, err
