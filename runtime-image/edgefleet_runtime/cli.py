@@ -219,6 +219,25 @@ def _prepare_cache(cache: str, uid: int) -> int:
     return 0
 
 
+def _termination_message(text: str) -> None:
+    """Kubernetes shows a container's termination message in its status (and the operator in the class's
+    message): write it where the kubelet mounted the file; nothing outside a pod."""
+    path = os.environ.get("EDGEFLEET_TERMINATION_LOG", "/dev/termination-log")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(text[:4000])
+    except OSError:
+        pass
+
+
+def _fail(command: str, code: int, text: str) -> int:
+    print(f"edgefleet-runtime {command}: {text}", file=sys.stderr)
+    _termination_message(text)
+    return code
+
+
 def _fetch(args) -> int:
     from .digest import DigestError
     from .fetch import FetchError, fetch
@@ -227,22 +246,18 @@ def _fetch(args) -> int:
     try:
         policy = _policy(args)
     except TrustError as e:
-        print(f"edgefleet-runtime fetch: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail("fetch", EXIT_USAGE, str(e))
     try:
         path = fetch(args.ref, args.digest, args.cache, name=args.name, insecure=args.insecure, policy=policy)
     except TrustError as e:
         log.error("fetch refused", extra={"reason": e.reason, "error": str(e)})
-        print(f"edgefleet-runtime fetch: refused ({e.reason}): {e}", file=sys.stderr)
-        return EXIT_SIGNATURE
+        return _fail("fetch", EXIT_SIGNATURE, f"refused ({e.reason}): {e}")
     except DigestError as e:
         log.error("fetch refused", extra={"error": str(e)})
-        print(f"edgefleet-runtime fetch: {e}", file=sys.stderr)
-        return EXIT_DIGEST
+        return _fail("fetch", EXIT_DIGEST, str(e))
     except (FetchError, OSError) as e:
         log.error("fetch failed", extra={"error": str(e)})
-        print(f"edgefleet-runtime fetch: {e}", file=sys.stderr)
-        return EXIT_FETCH
+        return _fail("fetch", EXIT_FETCH, str(e))
     print(path)
     return 0
 
@@ -256,8 +271,7 @@ def _serve(args) -> int:
 
     def die(code: int, msg: str) -> int:
         log.error(msg)
-        print(f"edgefleet-runtime serve: {msg}", file=sys.stderr)
-        return code
+        return _fail("serve", code, msg)
 
     if not os.path.exists(args.model):
         return die(EXIT_USAGE, f"--model {args.model}: no such file")

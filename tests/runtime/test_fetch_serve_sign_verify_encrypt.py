@@ -232,3 +232,15 @@ def test_encrypt_tampered_or_foreign_signed_ciphertext_is_refused_before_decrypt
     blob.write_bytes(bytes(data))
     code, err = _serve_exit(link, "--decryption-key-file", keys / "kek")
     assert code == EXIT_DIGEST and "digest mismatch" in err, err
+
+
+def test_fetch_refusal_is_the_containers_termination_message(tmp_path, digits, keys, monkeypatch):
+    """In a pod the kubelet mounts /dev/termination-log: the reason lands in the init container's status,
+    where the operator's class message reads it (reconcile/pods.py)."""
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    monkeypatch.setenv("EDGEFLEET_TERMINATION_LOG", str(log))
+    r = _fetch("--ref", digits[0].as_uri(), "--digest", digits[1], "--cache", tmp_path / "cache",
+               "--public-key", keys / "team.pub", "--require-signature")
+    assert r.returncode == EXIT_SIGNATURE
+    assert log.read_text().startswith("refused (Unsigned): variant file://") and "no signature" in log.read_text()
