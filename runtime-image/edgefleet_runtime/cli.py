@@ -1,4 +1,5 @@
-"""``edgefleet-runtime``: ``serve`` a model over the Open Inference Protocol, or ``fetch`` one into the cache."""
+"""``edgefleet-runtime``: ``serve`` a model over the Open Inference Protocol, ``fetch`` one into the cache, or
+``bench`` models on this node."""
 
 from __future__ import annotations
 
@@ -119,7 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
                        "(init container running as root with CHOWN; the images have no shell)")
     c.add_argument("--cache", required=True, help="the node cache (a hostPath volume)")
     c.add_argument("--uid", type=int, default=10001, help="user (and group) that fetch and serve run as")
+    _bench_arguments(sub)
     return p
+
+
+def _bench_arguments(sub) -> None:
+    b = sub.add_parser("bench", help="measure a model (and candidates) on this node with serve's backends; JSON out")
+    b.add_argument("--model", required=True, help="the reference model file (accuracy and agreement are against it)")
+    b.add_argument("--eval", required=True, help="evaluation data: .npz (input -> array, labels as y), .npy or dir")
+    b.add_argument("--candidates", help="folder of candidate model files (also DIR/sha256/<hex>, a compile --out)")
+    b.add_argument("--threads", type=int, default=0, help="N for the N-thread numbers (0 = all CPUs)")
+    b.add_argument("--runs", type=int, default=100, help="timed runs per latency figure")
+    b.add_argument("--max-samples", type=int, default=1000, help="evaluation samples used at most")
+    b.add_argument("--max-accuracy-drop", type=float, help="points of top-1 a candidate may lose to be 'fastest'")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds per model before it counts as failed")
+    b.add_argument("--backend", choices=BACKENDS, default=os.environ.get("EDGEFLEET_BACKEND", "auto"))
+    b.add_argument(
+        "--execution-provider", choices=EXECUTION_PROVIDERS,
+        default=os.environ.get("EDGEFLEET_EXECUTION_PROVIDER", "auto"),
+    )
+    b.add_argument("--delegate", default=os.environ.get("EDGEFLEET_DELEGATE") or None)
+    b.add_argument("--out", help="write the JSON report to this file (default: stdout)")
+    b.add_argument("--report", help="also push the JSON report to oci://HOST:PORT/REPO:TAG (the bench Job)")
+    b.add_argument("--insecure", action="store_true", help="plain http to the --report registry")
 
 
 def _trust_arguments(p: argparse.ArgumentParser) -> None:
@@ -204,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fetch(args)
     if args.command == "prepare-cache":
         return _prepare_cache(args.cache, args.uid)
+    if args.command == "bench":
+        return _bench(args)
     return _serve(args)
 
 
@@ -260,6 +285,41 @@ def _fetch(args) -> int:
         return _fail("fetch", EXIT_FETCH, str(e))
     print(path)
     return 0
+
+
+def _bench(args) -> int:
+    """Exit 0: every model measured; 1: some candidate failed (named in the report); 2: bad input;
+    4: the reference model failed; 5: the report could not be pushed."""
+    import json
+
+    from .bench import BenchError, Options, bench, push_report
+
+    opts = Options(
+        backend=args.backend, execution_provider=args.execution_provider, delegate=args.delegate,
+        threads_n=args.threads, runs=args.runs, max_samples=args.max_samples, timeout_seconds=args.timeout,
+    )
+    try:
+        report = bench(args.model, args.eval, args.candidates, opts, args.max_accuracy_drop)
+    except BenchError as e:
+        print(f"edgefleet-runtime bench: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    text = json.dumps(report, indent=1, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    if args.report:
+        try:
+            push_report(args.report, text.encode(), insecure=args.insecure)
+        except (BenchError, OSError, ValueError) as e:
+            print(f"edgefleet-runtime bench: {e}", file=sys.stderr)
+            return EXIT_FETCH
+    errors = [r for r in report["results"] if "error" in r]
+    for r in errors:
+        print(f"edgefleet-runtime bench: {r['name']}: {r['error']}", file=sys.stderr)
+    if errors and errors[0] is report["results"][0]:  # the reference: bad data (BenchError) or load failure
+        return EXIT_USAGE if errors[0]["error"].startswith("BenchError") else EXIT_LOAD
+    return 1 if errors else 0
 
 
 def _serve(args) -> int:
