@@ -22,6 +22,11 @@ PROFILES = REPO / "operator" / "edgefleet" / "profiles"
 INVALID = sorted((REPO / "tests" / "data" / "invalid").glob("*.yaml"))
 EXAMPLES = sorted((REPO / "examples" / "minimal").glob("*.yaml"))
 DIGEST = "sha256:" + "0123456789abcdef" * 4
+ENCRYPTION_PUBLIC_KEY = """-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE0+GHg8IIMSXpGLlLGebwXLZcWKjK
+BKXGvKmUwVCEli32+ty8ATiqQn8RX5EVYlPFeTyENoWXUTw8W9aGf6x43w==
+-----END PUBLIC KEY-----
+"""
 
 # Objects that use every spec field, applied next to the examples.
 FULL = [
@@ -33,7 +38,8 @@ FULL = [
                                "accuracyBudget": {"maxAccuracyDrop": 1, "minCosine": 0.99},
                                "evaluation": {"configMap": {"name": "eval", "key": "eval.npz"}},
                                "inputShapes": {"x": [1, 3, 48, 192], "mask": [1, 48]}},
-              "targetProfiles": {"selector": {"matchLabels": {"edgefleet.io/builtin": "true"}}}}},
+              "targetProfiles": {"selector": {"matchLabels": {"edgefleet.io/builtin": "true"}}},
+              "encryption": {"publicKey": ENCRYPTION_PUBLIC_KEY}}},
     {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDeployment", "metadata": {"name": "full"},
      "spec": {"modelRef": {"name": "full"},
               "nodeSelector": {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In",
@@ -43,7 +49,9 @@ FULL = [
               "rollout": {"maxUnavailable": 2, "canaryPercent": 10,
                           "healthGate": {"minReadySeconds": 0, "timeoutSeconds": 60}, "autoRollback": False},
               "runtime": {"threads": 2, "port": 9000},
-              "service": {"enabled": False, "type": "NodePort", "port": 30080}}},
+              "service": {"enabled": False, "type": "NodePort", "port": 30080},
+              "trust": {"publicKeysSecret": "team-keys", "requireSignature": True,
+                        "decryptionKeySecret": {"name": "full-kek", "key": "key"}}}},
     {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDeployment", "metadata": {"name": "waves"},
      "spec": {"modelRef": {"name": "full"}, "rollout": {"waves": [5, 25, 100], "maxUnavailable": "100%"}}},
 ]
