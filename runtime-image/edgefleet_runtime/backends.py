@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import threading
 import zipfile
@@ -67,6 +68,10 @@ EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "openvino")
 
 # Decompressed size limit for gzip'd / zipped artifacts (a guard against decompression bombs).
 MAX_MODEL_BYTES = int(os.environ.get("EDGEFLEET_MAX_MODEL_BYTES", 8 << 30))
+# "true": a LiteRT delegate that cannot be loaded (no device or library on this node) falls back to the CPU
+# instead of failing; the Coral image sets it, so one image serves nodes with and without an Edge TPU.
+DELEGATE_OPTIONAL_ENV = "EDGEFLEET_DELEGATE_OPTIONAL"
+log = logging.getLogger("edgefleet_runtime")
 
 
 class ModelLoadError(RuntimeError):
@@ -310,12 +315,16 @@ class LiteRTBackend(Backend):
             from ai_edge_litert.interpreter import Interpreter, load_delegate
         except ImportError as e:  # pragma: no cover - depends on the image
             raise ModelLoadError(f"LiteRT is not installed in this image (ai-edge-litert): {e}") from e
-        delegates = []
+        delegates, self.delegate_fallback = [], None
         if delegate:
             try:
                 delegates.append(load_delegate(delegate))
             except (ValueError, OSError) as e:
-                raise ModelLoadError(f"cannot load LiteRT delegate {delegate!r}: {e}") from e
+                if os.environ.get(DELEGATE_OPTIONAL_ENV, "").lower() != "true":
+                    raise ModelLoadError(f"cannot load LiteRT delegate {delegate!r}: {e}") from e
+                self.delegate_fallback = f"delegate {delegate!r} not usable here ({e}); running on the CPU"
+                log.warning("%s", self.delegate_fallback)
+                delegate = None
         try:
             model = {"model_content": src.data} if src.data is not None else {"model_path": path}
             self.interpreter = Interpreter(
@@ -379,7 +388,7 @@ class LiteRTBackend(Backend):
         return out
 
     def describe(self):
-        return {"delegate": self.delegate, **self.source.describe()}
+        return {"delegate": self.delegate, "delegateFallback": self.delegate_fallback, **self.source.describe()}
 
 
 # --------------------------------------------------------------------------- OpenVINO

@@ -57,3 +57,18 @@ def test_real_tflite_fixture_binary_infer(start_server):
     outs = json.loads(body[:hl])["outputs"]
     assert len(outs) == len(meta["outputs"])
     assert sum(o["parameters"]["binary_data_size"] for o in outs) == len(body) - hl
+
+
+def test_missing_delegate_falls_back_to_cpu_only_when_the_image_allows_it(tmp_path, monkeypatch):
+    from edgefleet_runtime.backends import DELEGATE_OPTIONAL_ENV, ModelLoadError, open_backend
+
+    path, reference = models.int8_tflite(tmp_path / "fc_int8.tflite")
+    monkeypatch.delenv(DELEGATE_OPTIONAL_ENV, raising=False)
+    with pytest.raises(ModelLoadError, match="libnot-a-delegate.so"):
+        open_backend(str(path), delegate="libnot-a-delegate.so")
+    monkeypatch.setenv(DELEGATE_OPTIONAL_ENV, "true")
+    backend = open_backend(str(path), delegate="libnot-a-delegate.so")
+    assert backend.describe()["delegate"] is None
+    assert "running on the CPU" in backend.describe()["delegateFallback"]
+    x = np.zeros((1, 16), np.float32)
+    np.testing.assert_allclose(backend.run({"x": x}, ["y"])["y"], reference(x), atol=1e-6)

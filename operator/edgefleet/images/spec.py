@@ -67,7 +67,7 @@ IMAGES: dict[str, ImageSpec] = {
                  env={"EDGEFLEET_BACKEND": "openvino"}, platforms=("linux/amd64",)),
         _runtime("runtime-coral", ("litert",), "edgefleet-runtime with LiteRT; loads the Edge TPU delegate "
                  "(libedgetpu.so.1) when the device and library are present, else CPU",
-                 env={"EDGEFLEET_DELEGATE": "libedgetpu.so.1"}),
+                 env={"EDGEFLEET_DELEGATE": "libedgetpu.so.1", "EDGEFLEET_DELEGATE_OPTIONAL": "true"}),
         _runtime("runtime-gpu", ("onnx-gpu",), "edgefleet-runtime with onnxruntime-gpu (CUDA/TensorRT providers)",
                  env={"EDGEFLEET_EXECUTION_PROVIDER": "auto"}, platforms=("linux/amd64",), default=False),
         _runtime("runtime-jetson", ("onnx-gpu",), "edgefleet-runtime with onnxruntime-gpu for Jetson (aarch64)",
