@@ -191,6 +191,8 @@ def test_api_refusal_of_a_child_is_permanent_and_keeps_what_runs(kube):
     refusal = api_error(422, 'DaemonSet.apps "digits-nvidia-jetson" is invalid: spec.template.spec.runtimeClassName: '
                              'Invalid value: "Nvidia": a lowercase RFC 1123 subdomain', "Invalid")
     kube.fail("apply", "DaemonSet", refusal, "digits-nvidia-jetson")
+    recompiled = {**variant("nvidia-jetson"), "digest": "sha256:" + "cd" * 32}  # a change: applied, refused
+    kube.set_status("EdgeModel", "digits", NS, {"variants": [variant("cpu-arm64"), recompiled]})
     assert reconcile(kube) is None  # not raised: retrying the same manifest gets the same answer
     degraded = condition(kube, "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "InvalidManifest")

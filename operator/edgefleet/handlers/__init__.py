@@ -14,6 +14,7 @@ from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, WATCH_LABELS
 from ..render.workload import MANAGED_BY
 from ..settings import Settings
 from . import metrics
+from .cache import Cache, CachedKube
 from .controller import Controller
 
 log = logging.getLogger("edgefleet.handlers")
@@ -41,6 +42,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     ctl = Controller(kube, config)
     # know the fleet before the first reconcile: an empty cache would look like a fleet without nodes
     nodes, profiles = await asyncio.to_thread(lambda: (kube.list("Node"), kube.list("HardwareProfile")))
+    memo.cache = Cache()  # reconcilers read their objects and children from the watches, not the API
+    await asyncio.to_thread(memo.cache.prime, kube, MANAGED)
+    kube = CachedKube(kube, memo.cache)  # from here on: reads from the cache, writes to the API
     ctl.nodes = {n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in nodes}
     ctl.profiles = {p["metadata"]["name"]: p for p in profiles}
     ctl.add_queue("EdgeModel", lambda ns, name, world: reconcile_model(kube, config, ns, name, world), 2)
@@ -96,9 +100,19 @@ def _track(queue, key, event_type: str, generation: int | None) -> bool:
     return True
 
 
+def _remember(memo: kopf.Memo, kind: str, event_type: str | None, body) -> None:
+    """Keep the watch cache the reconcilers read from up to date."""
+    meta = body.get("metadata", {})
+    if event_type == "DELETED":
+        memo.cache.drop(kind, meta.get("namespace"), meta["name"])
+    else:
+        memo.cache.put(kind, dict(body))
+
+
 @kopf.on.event(GROUP, VERSION, "edgemodels")
-async def model_event(type: str, name: str, namespace: str, meta, memo: kopf.Memo, **_) -> None:
+async def model_event(type: str, name: str, namespace: str, meta, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
+    _remember(memo, "EdgeModel", type, body)
     if _track(ctl.queues["EdgeModel"], (namespace, name), type, meta.get("generation")):
         ctl.queues["EdgeModel"].mark((namespace, name))
     for key, model in ctl.model_of.items():
@@ -107,8 +121,9 @@ async def model_event(type: str, name: str, namespace: str, meta, memo: kopf.Mem
 
 
 @kopf.on.event(GROUP, VERSION, "edgedeployments")
-async def deployment_event(type: str, name: str, namespace: str, spec, meta, memo: kopf.Memo, **_) -> None:
+async def deployment_event(type: str, name: str, namespace: str, spec, meta, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
+    _remember(memo, "EdgeDeployment", type, body)
     key = (namespace, name)
     if type == "DELETED":
         ctl.model_of.pop(key, None)
@@ -121,6 +136,7 @@ async def deployment_event(type: str, name: str, namespace: str, spec, meta, mem
 @kopf.on.event(GROUP, VERSION, "hardwareprofiles")
 async def profile_event(type: str, name: str, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
+    _remember(memo, "HardwareProfile", type, body)
     _track(ctl.queues["HardwareProfile"], ("", name), type, None)
     if type == "DELETED":
         ctl.profiles.pop(name, None)
@@ -156,12 +172,20 @@ def _child_event(namespace: str, labels, memo: kopf.Memo) -> None:
 
 
 @kopf.on.event("apps", "v1", "daemonsets", labels=MANAGED)
-async def daemonset_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
+async def daemonset_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
+    _remember(memo, "DaemonSet", type, body)
     _child_event(namespace, labels, memo)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
-async def workload_event(namespace: str, labels, memo: kopf.Memo, **_) -> None:
+async def workload_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
+    _remember(memo, "Deployment", type, body)
+    _child_event(namespace, labels, memo)
+
+
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+async def service_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
+    _remember(memo, "Service", type, body)
     _child_event(namespace, labels, memo)
 
 

@@ -14,6 +14,7 @@ from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
 from ..render.placement import PlacementError
 from ..settings import Settings
+from .applied import apply_changed
 from .conditions import flipped, set_condition, without_times
 from .errors import PermanentError, as_permanent, report_invalid_spec
 from .pods import ClassHealth, class_health
@@ -149,7 +150,7 @@ def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile, va
     if decision is not None:
         rollouts[profile_name] = decision
         manifest = decision.manifest
-    live = kube.apply(manifest)
+    live = apply_changed(kube, manifest, existing)
     for pod in decision.delete if decision else ():
         log.info("rollout %s/%s %s: replacing pod %s", ed.metadata["namespace"], ed.metadata["name"], profile_name,
                  pod)
@@ -180,13 +181,15 @@ def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict, existing: dict | Non
 
 def _apply_service(kube: Kube, ed: EdgeDeployment, namespace: str) -> PermanentError | None:
     """Apply (or remove) the Service; a refusal the user must fix is returned, not raised."""
+    name = ed.metadata["name"]
     try:
+        live = kube.find("Service", name, namespace)
         if ed.spec.service.enabled:
-            kube.apply(render_service(ed))
-        else:
-            kube.delete("Service", ed.metadata["name"], namespace)
+            apply_changed(kube, render_service(ed), live)
+        elif live is not None:
+            kube.delete("Service", name, namespace)
     except ApiError as err:
-        problem = as_permanent(err, f"Service {namespace}/{ed.metadata['name']}")
+        problem = as_permanent(err, f"Service {namespace}/{name}")
         if problem is None:
             raise
         return problem
