@@ -8,10 +8,16 @@ import subprocess
 import pytest
 from conftest import ref_of
 from edgefleet.images import build, debian, oci, sbom, wheels
+from edgefleet.images.spec import REPO
 
 
 def test_two_builds_of_the_same_commit_give_the_same_digests(built, tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEFLEET_IMAGE_REVISION", build.revision())  # a commit can land between the two
+    monkeypatch.setenv("EDGEFLEET_IMAGE_REVISION", build.revision())
+    source = tmp_path / "source"  # the commit itself: uncommitted edits in the checkout must not matter
+    source.mkdir()
+    subprocess.run(f"git -C {REPO} archive {build.revision()} pyproject.toml README.md operator runtime-image"
+                   f" | tar -x -C {source}", shell=True, check=True)
+    monkeypatch.setenv("EDGEFLEET_IMAGE_SOURCE", str(source))
     digests = []
     for cache in ("first", "second"):  # each from empty layer and image caches (downloads are shared)
         monkeypatch.setenv("EDGEFLEET_IMAGES_DIR", str(tmp_path / cache))

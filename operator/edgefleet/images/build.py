@@ -15,7 +15,19 @@ from pathlib import Path
 
 from ..devcluster import components
 from . import debian, oci, sbom, wheels
-from .spec import DEFAULT_REGISTRY, IMAGES, LICENSE, PYTHON, REPO, SITE, SOURCE_URL, UID, VERSION, ImageSpec
+from .spec import (
+    DEFAULT_REGISTRY,
+    IMAGES,
+    LICENSE,
+    PYTHON,
+    REPO,
+    SITE,
+    SOURCE_URL,
+    UID,
+    VERSION,
+    ImageSpec,
+    source_root,
+)
 
 LOCKS = Path(__file__).resolve().parent / "locks"
 Echo = Callable[[str], None]
@@ -170,14 +182,15 @@ def deps_layer(spec: ImageSpec, arch: str, echo: Echo) -> tuple[Layer, str]:
 
 def _own_sources(spec: ImageSpec) -> list[tuple[Path, Path]]:
     """(source dir, package name) of the project's own packages the image carries."""
-    runtime = (REPO / "runtime-image" / "edgefleet_runtime", Path("edgefleet_runtime"))
+    root = source_root()
+    runtime = (root / "runtime-image" / "edgefleet_runtime", Path("edgefleet_runtime"))
     if spec.project == "runtime":
         return [runtime]
-    return [runtime, (REPO / "operator" / "edgefleet", Path("edgefleet"))]
+    return [runtime, (root / "operator" / "edgefleet", Path("edgefleet"))]
 
 
 def _scripts(spec: ImageSpec) -> dict[str, str]:
-    path = REPO / ("runtime-image/pyproject.toml" if spec.project == "runtime" else "pyproject.toml")
+    path = source_root() / ("runtime-image/pyproject.toml" if spec.project == "runtime" else "pyproject.toml")
     return tomllib.loads(path.read_text())["project"]["scripts"]
 
 
@@ -188,8 +201,9 @@ def app_layer(spec: ImageSpec, arch: str) -> Layer:
                              lambda root: shutil.copy2(pause, root / "pause"))
     sources = _own_sources(spec)
     files = sorted((f, src) for src, _ in sources for f in src.rglob("*") if _shipped(f))
-    key = _hash(spec.project, json.dumps(_scripts(spec), sort_keys=True),
-                *(f"{f.relative_to(REPO)}:{hashlib.sha256(f.read_bytes()).hexdigest()}" for f, _ in files))
+    scripts = {name: _script(target) for name, target in _scripts(spec).items()}
+    key = _hash(spec.project, json.dumps(scripts, sort_keys=True),
+                *(f"{f.relative_to(source_root())}:{hashlib.sha256(f.read_bytes()).hexdigest()}" for f, _ in files))
 
     def fill(root: Path) -> None:
         site = root / SITE.lstrip("/")
@@ -201,13 +215,20 @@ def app_layer(spec: ImageSpec, arch: str) -> Layer:
                     shutil.copyfile(f, dest)
         bindir = root / "usr/local/bin"
         bindir.mkdir(parents=True)
-        for name, target in _scripts(spec).items():
-            module, func = target.split(":")
+        for name, text in scripts.items():
             script = bindir / name
-            script.write_text(f"#!{PYTHON}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+            script.write_text(text)
             script.chmod(0o755)
 
     return _cached_layer("app-" + key, fill)
+
+
+def _script(target: str) -> str:
+    """A console script for module:func, with pip's guard: multiprocessing's spawn children import the main
+    script as __mp_main__ and must not run the command again."""
+    module, func = target.split(":")
+    return (f"#!{PYTHON}\nimport sys\nfrom {module} import {func}\n"
+            f"if __name__ == \"__main__\":\n    sys.exit({func}())\n")
 
 
 def _shipped(f: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,12 @@ UID = 10001  # every image runs as this numeric user (restricted PodSecurity can
 PYTHON = "/usr/bin/python3.11"
 SITE = "/opt/edgefleet/site"  # wheels and the project's packages, on PYTHONPATH
 REPO = Path(__file__).resolve().parents[3]
+
+
+def source_root() -> Path:
+    """Where the project's sources are read from: the checkout, or EDGEFLEET_IMAGE_SOURCE (e.g. a `git archive`
+    of one commit, so that a build does not see uncommitted edits)."""
+    return Path(os.environ.get("EDGEFLEET_IMAGE_SOURCE") or REPO)
 
 # A Python 3.11 userland from Debian 12, without a shell or package manager (like distroless python3).
 PYTHON_DEBS = (

@@ -12,7 +12,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from .spec import REPO, ImageSpec
+from .spec import ImageSpec, source_root
 
 GLIBC_MINOR = 36  # Debian 12
 MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -24,7 +24,7 @@ class WheelError(RuntimeError):
 
 def requirements(spec: ImageSpec) -> list[str]:
     """The dependencies the image's Dockerfile would install: the project's plus the named extras."""
-    path = REPO / ("runtime-image/pyproject.toml" if spec.project == "runtime" else "pyproject.toml")
+    path = source_root() / ("runtime-image/pyproject.toml" if spec.project == "runtime" else "pyproject.toml")
     project = tomllib.loads(path.read_text())["project"]
     extras = project.get("optional-dependencies", {})
     unknown = [e for e in spec.extras if e not in extras]
