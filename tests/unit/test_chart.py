@@ -410,3 +410,29 @@ def test_one_registry_prefix_and_digests_for_every_image(helm):
 def test_image_digest_must_be_a_sha256(helm):
     proc = template(helm, "--set", "images.digests.operator=latest", check=False)
     assert proc.returncode != 0 and re.search(r"images[./]digests", proc.stderr), proc.stderr
+
+
+# ---------------------------------------------------------------- signed variants (docs/trust.md)
+
+
+def test_signing_key_secret_reaches_inline_compiles_and_compile_jobs(helm):
+    container = operator_container(render(helm))
+    assert "EDGEFLEET_SIGNING_KEY_FILE" not in env_of(container)  # off by default
+    docs = render(helm, "--set", "signing.keySecret=edgefleet-signing")
+    container = operator_container(docs)
+    env = env_of(container)
+    assert env["EDGEFLEET_SIGNING_KEY_SECRET"]["value"] == "edgefleet-signing"
+    key_file = env["EDGEFLEET_SIGNING_KEY_FILE"]["value"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "signing-key")
+    assert key_file == mount["mountPath"] + "/key" and mount["readOnly"] is True
+    (dep,) = by_kind(docs, "Deployment")
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "signing-key")
+    assert volume["secret"] == {"secretName": "edgefleet-signing", "items": [{"key": "key", "path": "key"}],
+                                "defaultMode": 0o440}
+    from edgefleet.settings import Settings
+
+    settings = Settings(**{k.removeprefix("EDGEFLEET_").lower(): v["value"] for k, v in env.items()
+                           if k in ("EDGEFLEET_SIGNING_KEY_FILE", "EDGEFLEET_SIGNING_KEY_SECRET")})
+    assert str(settings.signing_key_file) == key_file and settings.signing_key_secret == "edgefleet-signing"
+    proc = template(helm, "--set", "signing.keySecret=Bad_Name", check=False)
+    assert proc.returncode != 0 and "signing/keySecret" in proc.stderr, proc.stderr
