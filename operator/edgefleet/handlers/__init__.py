@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 
 import kopf
 
@@ -24,7 +26,20 @@ MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 @kopf.on.login()
 def login(**kwargs):
     """In a pod: the service account; elsewhere: $KUBECONFIG (read now, not at import time)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    info = kopf.login_with_service_account(**kwargs)
+    if info is not None and (server := in_cluster_server(os.environ)):
+        info = dataclasses.replace(info, server=server)
+    return info or kopf.login_with_kubeconfig(**kwargs)
+
+
+def in_cluster_server(env) -> str | None:
+    """The API server as the kubelet tells every pod (KUBERNETES_SERVICE_HOST/PORT), as client-go's in-cluster
+    config finds it: Kopf's own default, https://kubernetes.default.svc, needs cluster DNS."""
+    host = env.get("KUBERNETES_SERVICE_HOST")
+    if not host:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"https://{host}:{env.get('KUBERNETES_SERVICE_PORT') or '443'}"
 
 
 @kopf.on.startup()
