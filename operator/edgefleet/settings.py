@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     compile_resources: dict = Field(default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
                                                              "limits": {"memory": "4Gi"}})
     """Resources of each compile Job's container (JSON in EDGEFLEET_COMPILE_RESOURCES, as the chart sets it)."""
+    compile_node_selector: dict[str, str] = Field(default_factory=dict)
+    """nodeSelector of the compile Jobs' pods (JSON in EDGEFLEET_COMPILE_NODE_SELECTOR): where compiles run."""
+    compile_tolerations: list[dict] = Field(default_factory=list)
+    """Tolerations of the compile Jobs' pods (JSON list of core/v1 Toleration in EDGEFLEET_COMPILE_TOLERATIONS)."""
     compile_deadline_seconds: int = 3600
     """activeDeadlineSeconds of a compile Job: past it the Job fails and its variants are Failed."""
     compile_cache: Path = Field(default_factory=lambda: _cache() / "compile")
@@ -57,6 +61,9 @@ class Settings(BaseSettings):
     """How often every object is reconciled even when nothing changed."""
     settle_seconds: float = 0.5
     """How long a burst of changes is collected before one reconcile runs."""
+    child_settle_seconds: float = 5.0
+    """How long status changes of the workloads we made (pods becoming Ready) are collected before their
+    EdgeDeployment is reconciled again; a deleted workload is replaced at once."""
     builtin_profiles: bool = False
     """Apply the built-in HardwareProfiles at start-up (the chart turns this on)."""
     metrics_port: int = 0

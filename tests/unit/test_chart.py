@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -436,3 +436,29 @@ def test_signing_key_secret_reaches_inline_compiles_and_compile_jobs(helm):
     assert str(settings.signing_key_file) == key_file and settings.signing_key_secret == "edgefleet-signing"
     proc = template(helm, "--set", "signing.keySecret=Bad_Name", check=False)
     assert proc.returncode != 0 and "signing/keySecret" in proc.stderr, proc.stderr
+
+
+def test_compile_job_placement_reaches_the_operator(helm, monkeypatch):
+    env = env_of(operator_container(render(helm)))
+    assert json.loads(env["EDGEFLEET_COMPILE_NODE_SELECTOR"]["value"]) == {}
+    assert json.loads(env["EDGEFLEET_COMPILE_TOLERATIONS"]["value"]) == []
+    toleration = {"key": "edgefleet.io/real-node", "operator": "Exists", "effect": "NoSchedule"}
+    values = {"compile": {"nodeSelector": {"edgefleet.io/real-node": "true"}, "tolerations": [toleration]}}
+    env = env_of(operator_container(render(helm, "--set-json", f"compile={json.dumps(values['compile'])}")))
+    from edgefleet.settings import Settings
+
+    for name in ("EDGEFLEET_COMPILE_NODE_SELECTOR", "EDGEFLEET_COMPILE_TOLERATIONS"):
+        monkeypatch.setenv(name, env[name]["value"])
+    settings = Settings()
+    assert settings.compile_node_selector == {"edgefleet.io/real-node": "true"}
+    assert settings.compile_tolerations == [toleration]
+    proc = template(helm, "--set", "compile.tolerations=oops", check=False)
+    assert proc.returncode != 0 and "compile/tolerations" in proc.stderr, proc.stderr
+
+
+def test_operator_runs_as_the_images_user(helm):
+    from edgefleet.images.spec import UID
+
+    (dep,) = by_kind(render(helm), "Deployment")
+    pod = dep["spec"]["template"]["spec"]["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (UID, UID, UID)

@@ -171,3 +171,15 @@ def test_input_shapes_reach_the_compiler_and_only_then_change_the_name(settings)
     assert "--input-shape" not in flags(render_compile_job(plain, settings)["spec"]["template"]["spec"][
         "containers"][0]["args"])
     assert compile_key(shaped, settings) != compile_key(plain, settings)
+
+
+def test_compile_pods_go_where_the_settings_say(settings):
+    pod = render_compile_job(request(), settings)["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    toleration = {"key": "edgefleet.io/real-node", "operator": "Exists", "effect": "NoSchedule"}
+    placed = settings.model_copy(update={"compile_node_selector": {"edgefleet.io/real-node": "true"},
+                                         "compile_tolerations": [toleration]})
+    job = render_compile_job(request(), placed)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"edgefleet.io/real-node": "true"} and pod["tolerations"] == [toleration]
+    assert job["metadata"]["name"] == render_compile_job(request(), settings)["metadata"]["name"]

@@ -228,10 +228,21 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict:
                                         "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
                     "volumes": volumes,
+                    **_placement(settings),
                 },
             },
         },
     }
+
+
+def _placement(settings: Settings) -> dict:
+    """Where the compile pods may run: settings.compile_node_selector and compile_tolerations, when set."""
+    placement = {}
+    if settings.compile_node_selector:
+        placement["nodeSelector"] = dict(settings.compile_node_selector)
+    if settings.compile_tolerations:
+        placement["tolerations"] = [dict(t) for t in settings.compile_tolerations]
+    return placement
 
 
 def render_compile_inputs(req: CompileJobRequest, job: dict) -> dict:
