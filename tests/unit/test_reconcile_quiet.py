@@ -4,9 +4,14 @@ rendered; status is patched only when it changed), a real change is still applie
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 from edgefleet.api import builtin_profiles
+from edgefleet.handlers import _child_event
 from edgefleet.handlers.cache import Cache, CachedKube
+from edgefleet.handlers.controller import Controller
 from edgefleet.reconcile import World, reconcile_deployment, reconcile_profile
 from edgefleet.reconcile.applied import SPEC_HASH
 from edgefleet.render.workload import MANAGED_BY
@@ -151,3 +156,43 @@ def test_an_unchanged_profile_sends_no_status_patch():
     before = len(kube.calls)
     reconcile_profile(kube, "cpu-arm64", World(dict(NODES), builtin_profiles()))
     assert writes(kube, before) == []
+
+
+def ds_counts(kube: FakeKube, name: str, desired: int, ready: int) -> None:
+    ds = kube.stored("DaemonSet", name, NS)
+    kube.set_status("DaemonSet", name, NS, {"observedGeneration": ds["metadata"]["generation"],
+                                            "desiredNumberScheduled": desired, "numberReady": ready,
+                                            "updatedNumberScheduled": desired})
+
+
+def test_pods_are_listed_only_for_a_class_that_made_no_progress(kube):
+    reconcile(kube)
+    ds_counts(kube, "digits-cpu-arm64", 2, 1)
+    ds_counts(kube, "digits-nvidia-jetson", 1, 0)
+    asked: list[dict] = []
+    list_ = kube.list
+    kube.list = lambda kind, ns=None, labels=None: asked.append(labels or {}) or list_(kind, ns, labels)
+    reconcile(kube)  # cpu-arm64: 0 -> 1 Ready (starting); nvidia-jetson: still 0 Ready
+    assert [a.get("edgefleet.io/profile") for a in asked if "edgefleet.io/profile" in a] == ["nvidia-jetson"]
+    before = len(kube.calls)
+    reconcile(kube)  # neither moved since the last status: both are looked at
+    assert len([c for c in kube.calls[before:] if c[:2] == ("list", "Pod")]) == 2
+
+
+def test_child_status_changes_are_collected_and_a_deleted_child_is_replaced_at_once():
+    async def main():
+        ctl = Controller(kube=None, settings=Settings(child_settle_seconds=5.0))
+        queue = ctl.add_queue("EdgeDeployment", lambda *_: None, 1)
+        memo = SimpleNamespace(controller=ctl)
+        labels = {"edgefleet.io/deployment": "digits"}
+        for _ in range(50):  # a rollout: the DaemonSet's status changes with every pod
+            _child_event("MODIFIED", NS, labels, memo)
+        pending = (set(queue.dirty), set(queue.timers))
+        _child_event("DELETED", NS, labels, memo)
+        for timer in queue.timers.values():
+            timer.cancel()
+        return pending, set(queue.dirty)
+
+    (dirty, timers), after_delete = asyncio.run(main())
+    assert dirty == set() and timers == {(NS, "digits")}  # one look, later
+    assert after_delete == {(NS, "digits")}

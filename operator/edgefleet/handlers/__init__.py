@@ -180,28 +180,35 @@ async def node_event(type: str, name: str, labels, memo: kopf.Memo, **_) -> None
     ctl.fleet_changed()
 
 
-def _child_event(namespace: str, labels, memo: kopf.Memo) -> None:
+def _child_event(event_type: str | None, namespace: str, labels, memo: kopf.Memo) -> None:
+    """Reconcile the owner: at once when its child is gone, else once the child's status settles (a rollout
+    changes a DaemonSet's status with every pod; one look per child_settle_seconds is enough)."""
     owner = labels.get("edgefleet.io/deployment")
-    if owner:
-        memo.controller.queues["EdgeDeployment"].mark((namespace, owner))
+    if not owner:
+        return
+    queue = memo.controller.queues["EdgeDeployment"]
+    if event_type == "DELETED":
+        queue.mark((namespace, owner))
+    else:
+        queue.mark_later((namespace, owner), memo.controller.settings.child_settle_seconds)
 
 
 @kopf.on.event("apps", "v1", "daemonsets", labels=MANAGED)
 async def daemonset_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
     _remember(memo, "DaemonSet", type, body)
-    _child_event(namespace, labels, memo)
+    _child_event(type, namespace, labels, memo)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 async def workload_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
     _remember(memo, "Deployment", type, body)
-    _child_event(namespace, labels, memo)
+    _child_event(type, namespace, labels, memo)
 
 
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 async def service_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
     _remember(memo, "Service", type, body)
-    _child_event(namespace, labels, memo)
+    _child_event(type, namespace, labels, memo)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=WATCH_LABELS)

@@ -83,7 +83,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
                                                           children)
     service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
-    health = _health(kube, namespace, name, applied, time.time())
+    health = _health(kube, namespace, name, applied, raw.get("status") or {}, time.time())
     _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
                                          service, health))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
@@ -158,16 +158,17 @@ def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile, va
     return live
 
 
-def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict], now: float) -> dict[str, ClassHealth]:
-    """Why the pods of each class that is not ready are not; one pod list, only when some class needs it."""
-    behind = [p for p, o in applied.items() if _behind(o)]
-    if not behind:
-        return {}
-    pods = kube.list("Pod", namespace, child_labels(name))
-    by_class: dict[str, list[dict]] = {}
-    for pod in pods:
-        by_class.setdefault(pod["metadata"].get("labels", {}).get(PROFILE_LABEL, ""), []).append(pod)
-    return {p: class_health(by_class.get(p, []), now) for p in behind}
+def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict], old_status: dict,
+            now: float) -> dict[str, ClassHealth]:
+    """Why the pods of each class that is not ready are not: one pod list per class that is behind and made no
+    progress since the last status (no more pods Ready). A class whose pods keep becoming Ready is starting."""
+    ready_before = {c["profile"]: c.get("ready", 0) for c in old_status.get("classes", [])}
+    health = {}
+    for profile, obj in applied.items():
+        if _behind(obj) and _counts(obj)[1] <= ready_before.get(profile, 0):
+            pods = kube.list("Pod", namespace, {**child_labels(name), PROFILE_LABEL: profile})
+            health[profile] = class_health(pods, now)
+    return health
 
 
 def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict, existing: dict | None) -> Decision:
