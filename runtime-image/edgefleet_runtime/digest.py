@@ -3,6 +3,7 @@
 Cache layout (shared by ``fetch`` and ``serve``)::
 
     DIR/sha256/<64 hex>        the artifact bytes, read-only, named by their sha256
+    DIR/sha256/<64 hex>.sig    its signature, when the variant is signed (trust.py)
     DIR/current/<name>         symlink -> ../sha256/<64 hex>, the variant this node should serve
     DIR/tmp/                   partial downloads (same filesystem, so rename is atomic)
 """
