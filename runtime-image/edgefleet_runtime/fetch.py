@@ -151,7 +151,7 @@ def _check_signature(policy, digest: str, signature: str | None, ref: str, where
 def _keep_signature(dest: Path, signature: str | None) -> None:
     """``<blob>.sig`` beside the blob, written before the blob is renamed into place."""
     sig = Path(trust.signature_path(dest))
-    if signature is None:
+    if signature is None or len(signature) > trust.MAX_SIGNATURE_BYTES:  # none, or junk no key would verify
         sig.unlink(missing_ok=True)
         return
     tmp = sig.with_name(f".{sig.name}.tmp-{os.getpid()}")

@@ -225,6 +225,8 @@ def verify_digest(public_keys: list, digest: str, signature: str | bytes | None,
 
     if signature is None or not (signature.strip() if isinstance(signature, (str, bytes)) else signature):
         raise TrustError("Unsigned", f"{what} has no signature; a trusted signature is required")
+    if len(signature) > MAX_SIGNATURE_BYTES:  # it came from the network: bound the work before decoding it
+        raise TrustError("BadSignature", f"the signature of {what} is longer than {MAX_SIGNATURE_BYTES} bytes")
     try:
         der = base64.b64decode(signature.strip(), validate=True)
     except (binascii.Error, ValueError) as e:

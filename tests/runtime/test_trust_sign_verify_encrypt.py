@@ -54,6 +54,8 @@ def test_verify_refuses_other_bytes_other_key_and_no_signature(keypair):
         assert e.value.reason == "Unsigned"
     with pytest.raises(TrustError, match="not base64"):
         trust.verify_digest([pub], _digest(MODEL), "!!not base64!!", "m")
+    with pytest.raises(TrustError, match="longer than 1024 bytes"):  # e.g. a huge manifest annotation
+        trust.verify_digest([pub], _digest(MODEL), "A" * (10 << 20), "m")
 
 
 def test_any_of_several_keys_verifies(tmp_path, keypair):
