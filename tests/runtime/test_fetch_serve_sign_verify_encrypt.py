@@ -244,3 +244,27 @@ def test_fetch_refusal_is_the_containers_termination_message(tmp_path, digits, k
                "--public-key", keys / "team.pub", "--require-signature")
     assert r.returncode == EXIT_SIGNATURE
     assert log.read_text().startswith("refused (Unsigned): variant file://") and "no signature" in log.read_text()
+
+
+def test_management_load_of_an_unsigned_cached_variant_is_refused_403(
+    tmp_path, digits, digits_v1, keys, start_server
+):
+    import http.client
+
+    from conftest import free_port
+
+    src, digest = _signed_copy(digits[0], tmp_path / "m.onnx", keys / "team.key")
+    cache = tmp_path / "cache"
+    assert _fetch("--ref", src.as_uri(), "--digest", digest, "--cache", cache, "--name", "digits").returncode == 0
+    make_cache(cache, digits_v1[0], digits_v1[1], name="other")  # in the cache, but nobody trusted signed it
+    mport = free_port()
+    s = start_server(cache / "current" / "digits", None, "--cache", str(cache), "--management-port", str(mport),
+                     "--public-key", keys / "team.pub", "--require-signature")
+    c = http.client.HTTPConnection("127.0.0.1", mport, timeout=10)
+    c.request("POST", "/v2/repository/models/digits/load", json.dumps({"parameters": {"digest": digits_v1[1]}}))
+    r = c.getresponse()
+    body = json.loads(r.read())
+    c.close()
+    assert r.status == 403 and "refused (Unsigned)" in body["error"], body
+    status, _, meta = s.request("GET", "/v2/models/digits")
+    assert status == 200 and json.loads(meta)["versions"] == [digest.split(":")[1][:12]]  # still the signed one
