@@ -73,13 +73,18 @@ def keygen_encryption(prefix):
               help="Also push FILE with its signature (manifest annotation io.edgefleet.signature).")
 @click.option("--name", default=None, help="Tag prefix for --push (default: the file's stem).")
 @click.option("--media-type", default="application/octet-stream", show_default=True, help="Layer media type.")
-def sign_command(file, key_file, output, push, name, media_type):
+@click.option("--encrypt-for", "encrypt_for", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="First encrypt FILE (AES-256-GCM) for this P-256 public key (or 32-byte key) into FILE.enc, "
+                   "then sign and push that: the node cache will hold only ciphertext.")
+def sign_command(file, key_file, output, push, name, media_type, encrypt_for):
     """Sign FILE (a model variant) the way the compiler signs the variants it publishes."""
     from edgefleet_runtime.digest import file_digest
     from edgefleet_runtime.trust import SIGNATURE_ANNOTATION, TrustError, key_id, load_signing_key, sign_digest
 
     try:
         key = load_signing_key(key_file)
+        if encrypt_for:
+            file = _encrypted_copy(file, encrypt_for)
     except TrustError as e:
         _fail(EXIT_USAGE, str(e))
     digest = file_digest(file)
@@ -96,6 +101,16 @@ def sign_command(file, key_file, output, push, name, media_type):
         except StoreError as e:
             _fail(EXIT_USAGE, str(e), "check --push (oci://HOST:PORT/REPO) and that the registry is reachable")
         click.echo(f"pushed {ref.ref} digest {ref.digest}")
+
+
+def _encrypted_copy(file: str, key_file: str) -> str:
+    from edgefleet_runtime.trust import encrypt, encryption_key_id, load_encryption_key
+
+    key = load_encryption_key(key_file)
+    out = file + ".enc"
+    Path(out).write_bytes(encrypt(Path(file).read_bytes(), key))
+    click.echo(f"encrypted {file} for {encryption_key_id(key)}: {out}")
+    return out
 
 
 @click.command("verify")

@@ -169,6 +169,8 @@ def _symmetric_key(data: bytes, path) -> bytes:
 def load_encryption_key(path: str | os.PathLike):
     """What encrypts: a PEM P-256 public key (ECDH-ES: the compiler needs no secret) or a 32-byte key."""
     data = _read(path, "encryption key", limit=4096)
+    if b"PRIVATE KEY-----" in data:
+        raise TrustError("BadKey", f"{os.fspath(path)} is a private key; encrypt for its public half (PREFIX.pub)")
     if b"-----BEGIN PUBLIC KEY-----" not in data:
         return _symmetric_key(data, path)
     return public_key_from_pem(data, os.fspath(path))

@@ -121,3 +121,17 @@ def test_compiler_encrypts_so_the_store_holds_no_plaintext(keys, tmp_path):
     # a 32-byte symmetric key works too
     (keys / "sym").write_bytes(os.urandom(32))
     assert _compile(tmp_path, tmp_path / "store", "--encryption-key-file", keys / "sym") not in (digest, rotated)
+
+
+def test_sign_encrypt_for_a_public_key_signs_the_ciphertext(keys, tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    res = cli("sign", model, "--key", keys / "team.key", "--encrypt-for", keys / "kek.pub")
+    assert res.exit_code == 0, res.output
+    enc = tmp_path / "model.onnx.enc"
+    stored = enc.read_bytes()
+    assert trust.is_encrypted(stored) and DIGITS.read_bytes()[:256] not in stored
+    assert trust.decrypt(stored, trust.load_decryption_key(keys / "kek.key")) == DIGITS.read_bytes()
+    assert cli("verify", enc, "--public-key", keys / "team.pub").exit_code == 0
+    res = cli("sign", model, "--key", keys / "team.key", "--encrypt-for", keys / "team.key")
+    assert res.exit_code == 2 and "is a private key; encrypt for its public half" in res.output
