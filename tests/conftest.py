@@ -92,3 +92,16 @@ def operator(edgefleet_api, tmp_path_factory):
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert runner.exit_code == 0, runner.output
+
+
+@pytest.fixture(scope="session")
+def real_node(edgefleet_api) -> dict[str, str]:
+    """The session cluster's real node with edgefleet's built images in the cluster's registry (pushed only when
+    it lacks them); returns image name -> digest. Skips with the reason where the host cannot run a real node,
+    the cluster has none, or the images are not built."""
+    from edgefleet.images.sync import sync, unbuilt
+    from real_node_helpers import skip_reason
+
+    if reason := skip_reason(edgefleet_api, unbuilt()):
+        pytest.skip(reason)
+    return sync(f"{edgefleet_api.registry}/edgefleet", echo=lambda _: None)

@@ -1,0 +1,196 @@
+"""Helpers for tests on the dev cluster's real node: the chart's operator as a real pod, the quickstart's
+class tolerating the real node's taint, and inference clients that count every request."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from kube_helpers import get, is_ready, items, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "charts" / "edgefleet"
+EVAL = REPO / "examples" / "quickstart" / "digits_eval.npz"
+OPERATOR_NAMESPACE = "edgefleet-system"
+RELEASE = "edgefleet"
+TAINT_KEY = "edgefleet.io/real-node"
+TOLERATION = {"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def skip_reason(cluster, unbuilt: list[str]) -> str | None:
+    """Why real-node tests cannot run on this cluster (None: they can)."""
+    from edgefleet.devcluster.cluster import real_node_skip_reason
+
+    name = cluster.state.name
+    if cluster.real_node is None:
+        why = real_node_skip_reason(name) or (f"cluster {name!r} runs without one; add it with "
+                                              f"`edgefleet cluster up --name {name} --real-node`")
+        return f"no real node: {why}"
+    if unbuilt:
+        return f"images not built: {', '.join(unbuilt)}; run `edgefleet images build`"
+    return None
+
+
+def chart_values(cluster, digests: dict[str, str], executor: str = "job") -> dict:
+    """The chart on the real node: images from the dev registry (containerd mirrors ghcr.io to it), pinned by
+    digest; variants in the registry as pods reach it; operator and compile Jobs on the real node."""
+    placement = {"nodeSelector": {TAINT_KEY: "true"}, "tolerations": [TOLERATION]}
+    return {
+        "crds": {"enabled": False},  # the session applies them (edgefleet_api); helm must not adopt them
+        "images": {"registry": "ghcr.io/edgefleet", "digests": digests},
+        "artifactStore": {"url": f"oci://{cluster.pod_registry}/edgefleet-e2e", "insecure": True},
+        "nodeCache": {"hostPath": cluster.real_node["nodeCache"]},
+        "compile": {"executor": executor, **placement,
+                    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}},
+        **placement,
+    }
+
+
+def install_operator(cluster, values: dict, tmp: Path, timeout: float = 180) -> float:
+    """helm upgrade --install into a namespace that enforces the restricted Pod Security Standard; returns
+    seconds until the operator pod is Ready."""
+    ns = OPERATOR_NAMESPACE
+    cluster.kubectl("create", "namespace", ns, check=False)
+    cluster.kubectl("label", "--overwrite", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    path = tmp / "values.json"
+    path.write_text(json.dumps(values))
+    started = time.monotonic()
+    cluster.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", ns, "-f", str(path))
+    wait_for(lambda: operator_pod(cluster), timeout, what="the operator pod Ready on the real node")
+    return time.monotonic() - started
+
+
+def operator_pod(cluster) -> dict | None:
+    """The one live, Ready operator pod on the real node (None while there is not exactly one)."""
+    pods = [p for p in items(cluster, OPERATOR_NAMESPACE, "pods", "-l", "app.kubernetes.io/component=operator")
+            if not p["metadata"].get("deletionTimestamp")]
+    if len(pods) != 1 or not is_ready(pods[0]):
+        return None
+    return pods[0] if pods[0]["spec"].get("nodeName") == cluster.real_node["name"] else None
+
+
+def uninstall_operator(cluster) -> None:
+    cluster.helm("uninstall", RELEASE, "--namespace", OPERATOR_NAMESPACE, "--wait", check=False)
+    cluster.kubectl("delete", "namespace", OPERATOR_NAMESPACE, "--wait=false", check=False)
+
+
+def real_node_class(cluster) -> str:
+    """The hardware class the real node belongs to, by its labels and the cluster's HardwareProfiles."""
+    from edgefleet.api import HardwareProfile
+    from edgefleet.render import resolve_nodes
+
+    name = cluster.real_node["name"]
+    labels = get(cluster, None, "node", name)["metadata"]["labels"]
+    profiles = [HardwareProfile.model_validate(p) for p in items(cluster, None, "hardwareprofiles")]
+    profile = resolve_nodes({name: labels}, profiles)[name]
+    assert profile, f"the real node {name} belongs to no hardware class (labels {labels})"
+    return profile
+
+
+@contextlib.contextmanager
+def tolerating_real_node(cluster, profile: str):
+    """Let the class's pods onto the real node (its taint keeps every other pod off), restored afterwards."""
+    before = get(cluster, None, "hardwareprofile", profile)["spec"].get("tolerations", [])
+    patch = [{"op": "replace" if before else "add", "path": "/spec/tolerations", "value": [*before, TOLERATION]}]
+    cluster.kubectl("patch", "hardwareprofile", profile, "--type=json", "-p", json.dumps(patch))
+    try:
+        yield
+    finally:
+        restore = [{"op": "replace", "path": "/spec/tolerations", "value": before}]
+        cluster.kubectl("patch", "hardwareprofile", profile, "--type=json", "-p", json.dumps(restore), check=False)
+
+
+def real_pods(cluster, namespace: str, profile: str) -> list[dict]:
+    """The live runtime pods of `profile` on the real node."""
+    return [p for p in items(cluster, namespace, "pods", "-l", f"edgefleet.io/profile={profile}")
+            if p["spec"].get("nodeName") == cluster.real_node["name"] and not p["metadata"].get("deletionTimestamp")]
+
+
+def serving_pod(cluster, namespace: str, profile: str, digest: str) -> dict | None:
+    """The one Ready pod on the real node serving `digest`, else None."""
+    pods = real_pods(cluster, namespace, profile)
+    if len(pods) != 1 or not is_ready(pods[0]):
+        return None
+    return pods[0] if pods[0]["metadata"]["annotations"].get("edgefleet.io/variant-digest") == digest else None
+
+
+def eval_set(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(EVAL)
+    return data["input"][:limit], data["y"][:limit]
+
+
+@dataclass
+class Tally:
+    """Every request counted: answered (HTTP 200 with logits), failed (anything else), correct top-1."""
+
+    sent: int = 0
+    ok: int = 0
+    correct: int = 0
+    failures: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    digests: set[str] = field(default_factory=set)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def top1(self) -> float:
+        return self.correct / self.ok if self.ok else 0.0
+
+    @property
+    def p50_ms(self) -> float:
+        return float(np.percentile(self.latencies_ms, 50)) if self.latencies_ms else float("nan")
+
+
+def infer_one(host: str, port: int, image: np.ndarray, tally: Tally, label: int | None = None,
+              conn: http.client.HTTPConnection | None = None, timeout: float = 5) -> None:
+    """One OIP v2 request (a new connection unless `conn` is given), counted in `tally`."""
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, *image.shape], "datatype": "FP32",
+                                   "data": image.ravel().tolist()}]})
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(host, port, timeout=timeout)
+    tally.sent += 1
+    start = time.perf_counter()
+    try:
+        conn.request("POST", "/v2/models/digits/infer", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        elapsed = (time.perf_counter() - start) * 1000
+        if resp.status != 200:
+            tally.failures.append(f"HTTP {resp.status}: {data[:200]!r}")
+            return
+        out = json.loads(data)
+        logits = out["outputs"][0]["data"]
+    except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
+        tally.failures.append(f"{type(err).__name__}: {err}")
+        if not own:
+            conn.close()
+        return
+    finally:
+        if own:
+            conn.close()
+    tally.ok += 1
+    tally.latencies_ms.append(elapsed)
+    if out.get("model_version"):
+        tally.digests.add(out["model_version"])
+    if label is not None:
+        tally.correct += int(int(np.argmax(logits)) == int(label))
+
+
+def score(host: str, port: int, x: np.ndarray, y: np.ndarray, keep_alive: bool = True) -> Tally:
+    """Send every sample once; count answers, failures and correct top-1."""
+    tally = Tally()
+    conn = http.client.HTTPConnection(host, port, timeout=5) if keep_alive else None
+    try:
+        for image, label in zip(x, y, strict=True):
+            infer_one(host, port, image, tally, label, conn)  # a closed connection reopens on the next request
+    finally:
+        if conn is not None:
+            conn.close()
+    return tally
