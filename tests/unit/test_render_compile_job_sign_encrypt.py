@@ -73,3 +73,10 @@ def test_job_signs_and_encrypts_and_its_args_run(tmp_path):
     assert trust.is_encrypted(stored) and plain[:256] not in stored
     keys = trust.load_public_keys([tmp_path / "sign.pub"])
     assert trust.verify_digest(keys, digest, blob.with_name(blob.name + ".sig").read_text(), "v")
+
+
+def test_a_rotated_encryption_key_is_a_new_compile_job():
+    settings = Settings(artifact_store="oci://r:5000/m")
+    first, second = trust.generate_signing_key()[1].decode(), trust.generate_signing_key()[1].decode()
+    names = {render_compile_job(_request(k), settings)["metadata"]["name"] for k in (first, second, first)}
+    assert len(names) == 2  # same key: the same Job (a restarted operator finds it); a new key: a new one
