@@ -54,9 +54,16 @@ def up(name: str, fleet_file: str | None, scale: int | None, timeout: float, rea
 
 @cluster.command()
 @click.option("--name", default="default", show_default=True)
-def down(name: str) -> None:
+@click.option("--only-real-node", is_flag=True, help="Stop only the real node; the control plane and fleet stay.")
+def down(name: str, only_real_node: bool) -> None:
     """Stop every process `up` started and remove the cluster's state (also after a crashed `up`)."""
-    dc.down(name, echo=_echo)
+    if not only_real_node:
+        dc.down(name, echo=_echo)
+        return
+    if not dc.is_running(name) or not dc.Cluster(dc.state_dir(name)).real_node:
+        _fail(dc.ClusterError(f"cluster {name!r} is not running with a real node"))
+    stopped = dc.stop_real_node(name, echo=_echo)
+    _echo(f"real node of {name!r} stopped ({', '.join(stopped) or 'nothing was running'}); the cluster runs on")
 
 
 @cluster.command()

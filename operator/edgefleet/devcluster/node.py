@@ -82,8 +82,8 @@ def cannot_run(state: Path | None = None) -> str | None:
         return "the br_netfilter kernel module is not loaded (Services need it): run `modprobe br_netfilter`"
     holder = claim_holder()
     if holder is not None and holder != state:
-        return (f"this machine's real node belongs to the cluster in {holder}; "
-                f"stop it with `edgefleet cluster down --name {holder.name}`")
+        return (f"this machine's real node belongs to the cluster in {holder}; stop it with "
+                f"`edgefleet cluster down --name {holder.name} --only-real-node` (or that whole cluster)")
     return None
 
 
