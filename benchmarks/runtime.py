@@ -9,6 +9,8 @@ thread everywhere, servers one after another:
 * granian / uvicorn   the same edgefleet App behind granian (WSGI, Rust HTTP) and uvicorn+httptools
              (ASGI): the HTTP layer is the only difference (the "harden our server or use a library" question)
 * edgefleet@REV       ``--baseline-rev REV``: the runtime package as it was at git revision REV (regressions)
+* edgefleet+monitoring  ``--monitoring``: the same server with fleet monitoring on (confidence, class counts,
+             drift against a bench reference, hard examples sampled at 1%); REST only
 * kserve     KServe's Python model server (``kserve.Model`` wrapping the same onnxruntime session)
 
 KServe lives in its own venv so it cannot disturb the project's dependencies: by default
@@ -357,6 +359,19 @@ def edgefleet_cmd(model: Path, port: int, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
+def monitoring_args(model: Path) -> tuple[str, ...]:
+    """serve flags with every monitoring feature on: drift against a bench reference, a hard-example spool
+    (the benchmark's input is unsure enough to reach it with --uncertain-below 1)."""
+    from edgefleet_runtime.bench import Options, bench
+
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-monitoring-"))
+    data = REPO / "examples" / "quickstart" / "digits_eval.npz"
+    report = bench(str(model), str(data), opts=Options(threads_n=1, runs=5))
+    (work / "reference.json").write_text(json.dumps(report))
+    return ("--monitoring", "--uncertain-below", "1", "--drift-reference", str(work / "reference.json"),
+            "--hard-examples-dir", str(work / "spool"), "--hard-examples-sample-rate", "0.01")  # fmt: skip
+
+
 def runtime_at(rev: str) -> Path:
     """The runtime package as it was at git revision ``rev``, unpacked into a temporary directory."""
     out = Path(tempfile.mkdtemp(prefix=f"edgefleet-runtime-{rev}-"))
@@ -427,10 +442,10 @@ class Cases:
         self._close(np.frombuffer(resp.raw_output_contents[0], dtype="<f4"))
 
 
-def run_edgefleet(name, model, cases, args, results, env=None, cwd=None, grpc_too=True):
+def run_edgefleet(name, model, cases, args, results, env=None, cwd=None, grpc_too=True, extra=()):
     """REST rows from a server as the baseline runs it; gRPC rows from a second start with --grpc-port."""
     port = free_port()
-    proc = serve(edgefleet_cmd(model, port), port, env, cwd)
+    proc = serve(edgefleet_cmd(model, port, *extra), port, env, cwd)
     cpu = lambda: tree_cpu(proc.pid)  # noqa: E731
     try:
         for c in args.concurrency:
@@ -528,13 +543,16 @@ def round_ratios(results: dict) -> dict:
         "binary_p50_overhead_ms": results["edgefleet-binary c=1"]["p50_ms"] - raw1["p50_ms"],
         "c8_throughput_share_of_raw": ef8["throughput_rps"] / raw8["throughput_rps"],
     }
+    if "edgefleet+monitoring c=1" in results:
+        out["monitoring_p50_overhead_ms"] = results["edgefleet+monitoring c=1"]["p50_ms"] - ef1["p50_ms"]
     if "kserve c=8" in results:
         out["c8_throughput_over_kserve"] = ef8["throughput_rps"] / results["kserve c=8"]["throughput_rps"]
     return out
 
 
 TARGETS = {"json_p50_overhead_ms": ("<=", 0.1), "binary_p50_overhead_ms": ("<=", 0.1),
-           "c8_throughput_share_of_raw": (">=", 0.25), "c8_throughput_over_kserve": (">=", 4.0)}  # fmt: skip
+           "c8_throughput_share_of_raw": (">=", 0.25), "c8_throughput_over_kserve": (">=", 4.0),
+           "monitoring_p50_overhead_ms": ("<=", 0.02)}  # fmt: skip
 
 
 def goals(rounds: list[dict]) -> dict:
@@ -568,6 +586,8 @@ def main() -> int:
     ap.add_argument("--skip-kserve", action="store_true")
     ap.add_argument("--skip-alternatives", action="store_true", help="leave out granian and uvicorn")
     ap.add_argument("--baseline-rev", help="also run the runtime package of this git revision (e.g. fd1974e)")
+    ap.add_argument("--monitoring", action="store_true",
+                    help="also run edgefleet+monitoring: --monitoring, a drift reference and a hard-example spool")
     ap.add_argument("--json", type=Path, default=CACHE / "runtime-benchmark.json")
     args = ap.parse_args()
     if 1 not in args.concurrency or 8 not in args.concurrency:
@@ -583,6 +603,7 @@ def main() -> int:
     cases = Cases(x, sess.run(["logits"], {"input": x})[0])
     notes: list[str] = []
     baseline = runtime_at(args.baseline_rev) if args.baseline_rev else None
+    monitoring = monitoring_args(model) if args.monitoring else ()
 
     def raw_factory():
         run = sess.run
@@ -596,6 +617,8 @@ def main() -> int:
         for c in args.concurrency:
             results[f"raw c={c}"] = drive(raw_factory, c, args.seconds)
         run_edgefleet("edgefleet", model, cases, args, results)
+        if monitoring:
+            run_edgefleet("edgefleet+monitoring", model, cases, args, results, grpc_too=False, extra=monitoring)
         if args.baseline_rev:
             env = {**os.environ, "PYTHONPATH": str(baseline)}
             run_edgefleet(f"edgefleet@{args.baseline_rev}", model, cases, args, results, env, baseline, False)

@@ -291,10 +291,12 @@ class App:
         metrics: Metrics,
         server_name: str = "edgefleet-runtime",
         management: Management | None = None,
+        monitor=None,
     ):
         self.slot = slot
         self.metrics = metrics
         self.management = management  # None: the repository routes are off on this port
+        self.monitor = monitor  # monitor.Monitor (serve --monitoring), or None: off
         self.draining = False
         self.server_meta = orjson.dumps(
             {"name": server_name, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
@@ -400,6 +402,8 @@ class App:
             raise RequestError(status, f"inference failed: {msg}") from None
         first = next(iter(feeds.values()))
         self.metrics.batch.observe(first.shape[0] if first.ndim else 1)
+        if self.monitor is not None:
+            self.monitor.observe(model, feeds, results)
         return results
 
     def _infer(self, name, version, headers, body):

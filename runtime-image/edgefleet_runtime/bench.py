@@ -11,6 +11,8 @@ and a crashing or hanging candidate cannot take the others down. Per model:
   is the same child before the model was opened
 - ``accuracy``: top-1 of the first output against the labels (``y``/``labels``/``label`` in the data);
   ``agreement``/``cosine``: the first output against the reference model's (``--model``)
+- ``distribution``: predicted classes, confidence and input-mean bins on the evaluation data, the
+  reference that ``serve --drift-reference`` compares live traffic with (``monitor``)
 
 ``fastest`` names the quickest error-free model at N threads (p50) whose accuracy drop against the
 reference is within ``max_accuracy_drop`` (points) when that is given.
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .monitor import distribution
 
 LABEL_KEYS = ("y", "labels", "label")
 SKIP_SUFFIXES = (".sig", ".json", ".npz", ".npy", ".md", ".txt")
@@ -195,6 +199,8 @@ def measure(path: str, arrays: dict[str, np.ndarray], opts: Options) -> dict:
         firsts.append(np.asarray(out[names[0]]))
         samples += next(iter(batch.values())).shape[0]
     seconds = time.perf_counter() - t0
+    output = np.concatenate(firsts, axis=0) if firsts else None
+    first_input = next(iter(feeds.values()))[:samples]
     return {
         "backend": one.name,
         **{k: v for k, v in one.describe().items() if k in ("execution_providers", "device", "delegate", "format")},
@@ -208,7 +214,8 @@ def measure(path: str, arrays: dict[str, np.ndarray], opts: Options) -> dict:
         "samples": samples,
         "rssBeforeLoadBytes": before,
         "peakRssBytes": _peak_rss(),
-        "output": np.concatenate(firsts, axis=0) if firsts else None,
+        "output": output,
+        "distribution": None if output is None else distribution(output, first_input, names[0]),
     }
 
 

@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to wait for in-flight requests after SIGTERM"
     )
+    _monitoring_arguments(s)
 
     f = sub.add_parser("fetch", help="pull and verify an artifact into the node-local cache (init container)")
     f.add_argument("--ref", required=True, help="oci://host/repo@sha256:..., file:///path or https://...")
@@ -143,6 +144,42 @@ def _bench_arguments(sub) -> None:
     b.add_argument("--out", help="write the JSON report to this file (default: stdout)")
     b.add_argument("--report", help="also push the JSON report to oci://HOST:PORT/REPO:TAG (the bench Job)")
     b.add_argument("--insecure", action="store_true", help="plain http to the --report registry")
+
+
+def _monitoring_arguments(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("fleet monitoring (edgefleet_runtime.monitor; off by default)")
+    g.add_argument("--monitoring", action="store_true", help="export prediction confidence, class counts and drift")
+    g.add_argument("--monitor-output", help="the [batch, classes] output to watch (default: the model's first)")
+    g.add_argument("--uncertain-below", type=float, default=0.5, help="confidence under which a prediction is unsure")
+    g.add_argument("--drift-reference", help="bench report (or its distribution) of the evaluation data: turns on PSI")
+    g.add_argument("--drift-window", type=int, default=1000, help="predictions compared with the reference")
+    g.add_argument("--drift-threshold", type=float, default=0.2, help="PSI at which edgefleet_runtime_drifting is 1")
+    g.add_argument("--hard-examples-dir", help="spool unsure inputs and outputs here (.npz; implies --monitoring)")
+    g.add_argument("--hard-examples-sample-rate", type=float, default=1.0, help="share of unsure predictions kept")
+    g.add_argument("--hard-examples-max-count", type=int, default=1000, help="files the spool may hold")
+    g.add_argument("--hard-examples-max-bytes", type=int, default=64 << 20, help="bytes the spool may hold")
+
+
+def _monitor(args, registry):
+    """The Monitor of the flags, registered on the metrics registry; None when monitoring is off."""
+    from .monitor import HardExamples, Monitor, read_reference
+
+    if not (args.monitoring or args.hard_examples_dir or args.drift_reference):
+        return None
+    reference = read_reference(args.drift_reference) if args.drift_reference else None
+    spool = None
+    if args.hard_examples_dir:
+        spool = HardExamples(
+            args.hard_examples_dir,
+            args.hard_examples_sample_rate,
+            args.hard_examples_max_count,
+            args.hard_examples_max_bytes,
+        )
+    monitor = Monitor(
+        args.monitor_output, args.uncertain_below, reference, args.drift_window, args.drift_threshold, spool
+    )
+    registry.register(monitor)
+    return monitor
 
 
 def _trust_arguments(p: argparse.ArgumentParser) -> None:
@@ -341,9 +378,10 @@ def _serve(args) -> int:
     try:
         limits = _limits(args)
         policy = _policy(args)
+        metrics = Metrics()
+        monitor = _monitor(args, metrics.registry)
     except ValueError as e:  # TrustError is a ValueError
         return die(EXIT_USAGE, str(e))
-    metrics = Metrics()
     slot = ModelSlot(
         args.name,
         metrics,
@@ -370,7 +408,7 @@ def _serve(args) -> int:
         return die(EXIT_LOAD, f"cannot load model: {e}")
     slot.watch(args.model)
 
-    app = App(slot, metrics, management=management if args.management_port is None else None)
+    app = App(slot, metrics, management=management if args.management_port is None else None, monitor=monitor)
     try:
         servers = _listeners(args, app, management, limits)
     except (OSError, RuntimeError) as e:
@@ -419,6 +457,8 @@ def _serve(args) -> int:
     drained = server.shutdown(args.drain_timeout)
     for s in servers[1:]:  # gRPC and the management port: in-flight calls finish, new ones are refused
         s.shutdown(args.drain_timeout)
+    if monitor is not None and monitor.hard_examples is not None:
+        monitor.hard_examples.flush()  # queued hard examples reach the disk before exit
     log.info("stopped", extra={"drained": drained})
     return 0 if drained else 1
 
