@@ -413,6 +413,11 @@ class Optimization(Model):
     """Every dim, batch included, of model inputs whose dims are dynamic, by input name, e.g.
     {"x": [1, 3, 48, 192]}. Without it (or evaluation data, or the model's metadata) quantization auto
     refuses a model whose input dims it cannot know."""
+    selection: Literal["host", "onTarget"] | None = None
+    """Where the chosen variant is measured: onTarget runs the candidates that passed the accuracy gate
+    in a benchmark Job on one node of each hardware class and picks the fastest there; host keeps the
+    compile host's numbers. Omitted means onTarget where a class has a schedulable node, else host (a
+    condition says which was used)."""
 
     cel_rules = (
         Rule(
@@ -462,6 +467,33 @@ class EdgeModelSpec(Model):
     """Encrypt the published variants at rest (AES-256-GCM); omitted means they are stored in the clear."""
 
 
+class OnTargetResult(Model):
+    """A variant measured on a node of its hardware class by the benchmark Job (edgefleet-runtime bench)."""
+
+    node: Name
+    """The node the numbers came from."""
+    latency_p50_ms: Annotated[float, Field(ge=0)] | None = None
+    """Median single-input latency at 1 thread, in milliseconds."""
+    latency_p95_ms: Annotated[float, Field(ge=0)] | None = None
+    """95th percentile single-input latency at 1 thread, in milliseconds."""
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """N of the N-thread numbers: the node's CPUs."""
+    latency_p50_ms_n: Annotated[float, Field(ge=0)] | None = None
+    """Median single-input latency at N threads, in milliseconds."""
+    latency_p95_ms_n: Annotated[float, Field(ge=0)] | None = None
+    """95th percentile single-input latency at N threads, in milliseconds."""
+    throughput_per_second: Annotated[float, Field(ge=0)] | None = None
+    """Evaluation samples per second at N threads."""
+    peak_memory_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Peak resident memory of the measuring process (runtime + model)."""
+    load_seconds: Annotated[float, Field(ge=0)] | None = None
+    """Seconds to open and warm the variant."""
+    accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Top-1 accuracy on the evaluation data, measured on the node."""
+    error: ShortText | None = None
+    """Why the variant could not be measured on the node."""
+
+
 class Variant(Model):
     """One compiled variant of the model, for one HardwareProfile."""
 
@@ -481,6 +513,8 @@ class Variant(Model):
     """Size of the variant file in bytes."""
     latency_p50_ms: Annotated[float, Field(ge=0)] | None = None
     """Median single-input latency measured by the compiler, in milliseconds."""
+    on_target: OnTargetResult | None = None
+    """The numbers measured on a node of the class (optimization.selection onTarget)."""
     accuracy_delta: float | None = None
     """Accuracy change against the source model in percentage points (negative is a loss)."""
     state: Literal["Pending", "Compiling", "Ready", "Failed"] = "Pending"
@@ -556,6 +590,26 @@ class HealthGate(Model):
 Percent = Annotated[int, Field(ge=1, le=100)]
 
 
+class RolloutGate(Model):
+    """Limits a variant must meet on a node of its class (the benchmark Job's numbers) before the class
+    rolls out to it; a variant that fails keeps the old one serving and marks the deployment Degraded."""
+
+    max_latency_p95_ms: Annotated[float, Field(gt=0, le=3_600_000)] | None = None
+    """Largest 95th percentile single-input latency on target, in milliseconds (at the runtime's threads)."""
+    min_throughput: Annotated[float, Field(gt=0)] | None = None
+    """Fewest evaluation samples per second on target."""
+    max_memory_bytes: Annotated[int, Field(ge=1)] | None = None
+    """Largest peak resident memory on target, in bytes."""
+
+    cel_rules = (
+        Rule(
+            "has(self.maxLatencyP95Ms) || has(self.minThroughput) || has(self.maxMemoryBytes)",
+            "rollout.gate: set at least one of maxLatencyP95Ms, minThroughput or maxMemoryBytes, or remove the gate",
+            lambda s: any(v is not None for v in (s.max_latency_p95_ms, s.min_throughput, s.max_memory_bytes)),
+        ),
+    )
+
+
 class Rollout(Model):
     """How a new model variant reaches the fleet."""
 
@@ -577,6 +631,8 @@ class Rollout(Model):
     """When a wave counts as healthy."""
     auto_rollback: bool = True
     """Roll back to the last healthy variant when a wave fails its health gate."""
+    gate: RolloutGate | None = None
+    """On-target limits (latency, throughput, memory) a new variant must meet before a class rolls out."""
 
     cel_rules = (
         Rule(
