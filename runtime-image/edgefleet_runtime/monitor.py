@@ -154,7 +154,7 @@ def _top1(row: list[float]) -> tuple[int, float]:
     common case and numpy's per-call cost dominates at 10 values)."""
     top = max(row)
     cls = row.index(top)
-    if min(row) >= 0.0 and top <= 1.0 and abs(sum(row) - 1.0) <= 1e-3:
+    if top <= 1.0 and min(row) >= 0.0 and abs(sum(row) - 1.0) <= 1e-3:
         return cls, top
     return cls, 1.0 / sum(math.exp(v - top) for v in row)
 
