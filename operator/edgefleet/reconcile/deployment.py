@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from ..api import EdgeDeployment, EdgeModel, Variant, label_selector_matches
 from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
+from ..render.bench_job import gate_verdict
 from ..render.placement import PlacementError
 from ..settings import Settings
 from .applied import apply_changed
@@ -79,13 +80,14 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
 
     children = {(kind, o["metadata"]["name"]): {**o, "kind": kind}  # list items carry no kind
                 for kind in WORKLOAD_KINDS for o in kube.list(kind, namespace, child_labels(name))}
+    gated: dict[str, tuple[str, list[str]]] = {}
     applied, missing, rollouts, failures = _apply_classes(kube, settings, ed, world, per_class, variants, replicas,
-                                                          children)
+                                                          children, gated)
     service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
     health = _health(kube, namespace, name, applied, raw.get("status") or {}, time.time())
     _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
-                                         service, health))
+                                         service, health, gated))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
     waits += [h.recheck for h in health.values() if h.recheck]
     if any(_behind(o) for o in applied.values()):
@@ -94,9 +96,11 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
 
 
 def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter,
-                   variants: dict[str, Variant], replicas: dict[str, int], children: dict):
-    """Apply the workload of every class with a Ready variant. A class without one, or whose workload the
-    API refuses for good, keeps what it runs. Returns (applied, missing, rollouts, failures)."""
+                   variants: dict[str, Variant], replicas: dict[str, int], children: dict,
+                   gated: dict[str, tuple[str, list[str]]]):
+    """Apply the workload of every class with a Ready variant that passes spec.rollout.gate. A class without
+    one, held by the gate (into ``gated``), or whose workload the API refuses for good, keeps what it runs.
+    Returns (applied, missing, rollouts, failures)."""
     namespace, name = ed.metadata["namespace"], ed.metadata["name"]
     kind = "DaemonSet" if ed.spec.mode == "PerNode" else "Deployment"
     profiles = {p.metadata["name"]: p for p in world.profiles}
@@ -110,6 +114,12 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
         if variant is None:
             missing.append(profile_name)
             if existing is not None:  # recompiling or failed: keep serving what the nodes have
+                applied[profile_name] = existing
+            continue
+        held = _gate(ed, variant, existing)
+        if held is not None:
+            gated[profile_name] = held
+            if existing is not None:  # the old variant keeps serving
                 applied[profile_name] = existing
             continue
         try:
@@ -126,6 +136,15 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
     return applied, missing, rollouts, failures
 
 
+def _gate(ed: EdgeDeployment, variant: Variant, existing: dict | None) -> tuple[str, list[str]] | None:
+    """(Wait | Fail, why) when spec.rollout.gate holds ``variant`` back; None when it may roll out. A class
+    already serving this digest is not held (a gate added later stops new variants, not what runs)."""
+    if ed.spec.rollout.gate is None or (existing is not None and _served_digest(existing) == variant.digest):
+        return None
+    verdict, why = gate_verdict(ed.spec.rollout.gate, variant.on_target, ed.spec.runtime.threads)
+    return None if verdict == "Pass" else (verdict, why)
+
+
 @dataclass
 class Outcome:
     """What one reconcile did and saw, for the status."""
@@ -138,6 +157,7 @@ class Outcome:
     failures: dict[str, PermanentError]  # classes whose workload could not be applied
     service: PermanentError | None
     health: dict[str, ClassHealth]
+    gated: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # class -> (Wait | Fail, why)
 
 
 def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile, variant: Variant, world: World,
@@ -213,7 +233,7 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
     generation = raw["metadata"].get("generation")
     old = raw.get("status") or {}
     classes = []
-    for profile_name in sorted(set(out.applied) | set(out.failures)):
+    for profile_name in sorted(set(out.applied) | set(out.failures) | set(out.gated)):
         obj = out.applied.get(profile_name)
         desired, ready, updated = _counts(obj) if obj else (0, 0, 0)
         entry = {"profile": profile_name, "desired": desired, "ready": ready, "updated": updated}
@@ -235,9 +255,10 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
                           "AllClassesReady" if complete and classes else "ClassesNotReady",
                           f"{ready}/{desired} pods ready across {len(classes)} hardware classes", generation)
     why = "; ".join(f"{c['profile']}: {c['message']}" for c in classes if c.get("message"))
-    conds = set_condition(conds, "Progressing", not complete,
-                          "RollingOut" if not complete else "RolloutComplete",
-                          (why or "waiting for pods to be updated and ready") if not complete
+    done = complete and not out.gated  # a class held by the rollout gate is not up to date
+    conds = set_condition(conds, "Progressing", not done,
+                          "RollingOut" if not done else "RolloutComplete",
+                          (why or "waiting for pods to be updated and ready") if not done
                           else "every class is up to date", generation)
     problem = _degraded(ed, out)
     conds = set_condition(conds, "Degraded", problem is not None, problem[0] if problem else "AsExpected",
@@ -259,7 +280,9 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
 def _class_message(out: Outcome, profile_name: str) -> str | None:
     failure = out.failures.get(profile_name)
     health = out.health.get(profile_name)
-    parts = [str(failure) if failure else None, health.message if health else None]
+    gate = out.gated.get(profile_name)
+    parts = [str(failure) if failure else None, health.message if health else None,
+             f"rollout gate: {'; '.join(gate[1])}" if gate else None]
     return "; ".join(p for p in parts if p) or None
 
 
@@ -272,6 +295,11 @@ def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
         return "RolledBack", "; ".join(f"{p}: {why}" for p, why in sorted(back.items()))
     if paused:
         return "RolloutFailed", "; ".join(f"{p}: {why}" for p, why in sorted(paused.items()))
+    gate_failed = {p: why for p, (verdict, why) in out.gated.items() if verdict == "Fail"}
+    if gate_failed:
+        return "GateFailed", ("; ".join(f"{p}: {'; '.join(why)}" for p, why in sorted(gate_failed.items()))
+                              + ". The class keeps serving its previous variant. Fix: a faster or smaller variant"
+                              " (EdgeModel optimization) or looser limits in spec.rollout.gate")
     if out.failures:
         first = out.failures[min(out.failures)]
         return first.reason, "; ".join(f"{p}: {err}" for p, err in sorted(out.failures.items()))
