@@ -88,6 +88,7 @@ def main() -> int:
         for i in range(args.rounds):
             print(f"round {i + 1} of {args.rounds} ...", file=sys.stderr, flush=True)
             rounds.append({name: measure(app, body, args.requests) for name, app in apps.items()})
+        apps["drift+spool"].monitor.hard_examples.flush()  # the writer thread finishes before the folder goes
         spooled = len(list((Path(tmp) / "spool").glob("*.npz")))
     median = {name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]} for name in CONFIGS}
     over = {name: statistics.median(r[name]["cpu_us_per_request"] - r["off"]["cpu_us_per_request"] for r in rounds)
