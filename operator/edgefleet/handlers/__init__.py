@@ -56,11 +56,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
         await asyncio.to_thread(apply_builtin_profiles, kube, config.image_registry, config.image_digests)
     ctl = Controller(kube, config)
     # know the fleet before the first reconcile: an empty cache would look like a fleet without nodes
-    nodes, profiles = await asyncio.to_thread(lambda: (kube.list("Node"), kube.list("HardwareProfile")))
+    nodes, profiles = await asyncio.to_thread(lambda: (kube.list_labels("Node"), kube.list("HardwareProfile")))
     memo.cache = Cache()  # reconcilers read their objects and children from the watches, not the API
     await asyncio.to_thread(memo.cache.prime, kube, MANAGED)
     kube = CachedKube(kube, memo.cache)  # from here on: reads from the cache, writes to the API
-    ctl.nodes = {n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in nodes}
+    ctl.nodes = nodes
     ctl.profiles = {p["metadata"]["name"]: p for p in profiles}
     ctl.add_queue("EdgeModel", lambda ns, name, world: reconcile_model(kube, config, ns, name, world), 2)
     ctl.add_queue("EdgeDeployment", lambda ns, name, world: reconcile_deployment(kube, config, ns, name, world), 8)
