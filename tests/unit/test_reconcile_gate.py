@@ -108,3 +108,12 @@ def test_no_gate_rolls_out_without_on_target_numbers(kube):
     ed["spec"]["rollout"] = {}
     reconcile(kube)
     assert served(kube) == OLD
+
+
+def test_a_host_measured_model_cannot_pass_a_gate_and_says_why(kube):
+    em = kube.stored("EdgeModel", "digits", NS)
+    em["spec"]["optimization"] = {"selection": "host"}
+    reconcile(kube)
+    assert served(kube) is None
+    degraded = condition(kube, "Degraded")
+    assert degraded["reason"] == "GateFailed" and "optimization.selection host" in degraded["message"]

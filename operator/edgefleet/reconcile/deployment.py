@@ -81,8 +81,9 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     children = {(kind, o["metadata"]["name"]): {**o, "kind": kind}  # list items carry no kind
                 for kind in WORKLOAD_KINDS for o in kube.list(kind, namespace, child_labels(name))}
     gated: dict[str, tuple[str, list[str]]] = {}
+    host_only = (model or {}).get("spec", {}).get("optimization", {}).get("selection") == "host"
     applied, missing, rollouts, failures = _apply_classes(kube, settings, ed, world, per_class, variants, replicas,
-                                                          children, gated)
+                                                          children, gated, host_only)
     service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
     health = _health(kube, namespace, name, applied, raw.get("status") or {}, time.time())
@@ -97,7 +98,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
 
 def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter,
                    variants: dict[str, Variant], replicas: dict[str, int], children: dict,
-                   gated: dict[str, tuple[str, list[str]]]):
+                   gated: dict[str, tuple[str, list[str]]], host_only: bool = False):
     """Apply the workload of every class with a Ready variant that passes spec.rollout.gate. A class without
     one, held by the gate (into ``gated``), or whose workload the API refuses for good, keeps what it runs.
     Returns (applied, missing, rollouts, failures)."""
@@ -116,7 +117,7 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
             if existing is not None:  # recompiling or failed: keep serving what the nodes have
                 applied[profile_name] = existing
             continue
-        held = _gate(ed, variant, existing)
+        held = _gate(ed, variant, existing, host_only)
         if held is not None:
             gated[profile_name] = held
             if existing is not None:  # the old variant keeps serving
@@ -136,11 +137,16 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
     return applied, missing, rollouts, failures
 
 
-def _gate(ed: EdgeDeployment, variant: Variant, existing: dict | None) -> tuple[str, list[str]] | None:
+def _gate(ed: EdgeDeployment, variant: Variant, existing: dict | None, host_only: bool = False
+          ) -> tuple[str, list[str]] | None:
     """(Wait | Fail, why) when spec.rollout.gate holds ``variant`` back; None when it may roll out. A class
-    already serving this digest is not held (a gate added later stops new variants, not what runs)."""
+    already serving this digest is not held (a gate added later stops new variants, not what runs). A model
+    measured on the host only (optimization.selection host) never gets on-target numbers: Fail, with the fix."""
     if ed.spec.rollout.gate is None or (existing is not None and _served_digest(existing) == variant.digest):
         return None
+    if host_only and variant.on_target is None:
+        return "Fail", [f"EdgeModel {ed.spec.model_ref.name} has optimization.selection host, so no on-target "
+                        "numbers will come; set it to onTarget (or remove it) or remove spec.rollout.gate"]
     verdict, why = gate_verdict(ed.spec.rollout.gate, variant.on_target, ed.spec.runtime.threads)
     return None if verdict == "Pass" else (verdict, why)
 
