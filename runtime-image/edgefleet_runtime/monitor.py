@@ -116,6 +116,14 @@ def read_reference(path: str) -> dict:
         )
     if list(doc.get("confidenceEdges", CONFIDENCE_EDGES)) != list(CONFIDENCE_EDGES):
         raise ValueError(f"--drift-reference {path}: confidence bins differ from this runtime's; re-run bench")
+    for key in ("classes", "confidence", "input", "inputEdges"):
+        values = doc.get(key, [])
+        if not isinstance(values, list) or not all(isinstance(v, int | float) and v == v for v in values):
+            raise ValueError(f"--drift-reference {path}: {key} must be a list of numbers; re-run bench")
+    if "input" in doc and len(doc["input"]) != len(doc.get("inputEdges", [])) + 1:
+        raise ValueError(f"--drift-reference {path}: input needs one more bin than inputEdges; re-run bench")
+    if "confidence" in doc and len(doc["confidence"]) != len(CONFIDENCE_EDGES):
+        raise ValueError(f"--drift-reference {path}: confidence needs {len(CONFIDENCE_EDGES)} bins; re-run bench")
     return doc
 
 

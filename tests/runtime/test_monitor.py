@@ -197,3 +197,9 @@ def test_psi_and_reference(tmp_path, reference_report):
     (tmp_path / "bad.json").write_text("not json")
     with pytest.raises(ValueError, match="--drift-reference .*not readable"):
         read_reference(str(tmp_path / "bad.json"))
+    for broken, needle in (({**ref, "inputEdges": ["a"]}, "inputEdges must be a list of numbers"),
+                           ({**ref, "input": [1.0]}, "one more bin than inputEdges"),
+                           ({**ref, "confidence": [1.0]}, "confidence needs 12 bins")):
+        (tmp_path / "broken.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=needle):
+            read_reference(str(tmp_path / "broken.json"))
