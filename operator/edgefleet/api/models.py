@@ -561,6 +561,12 @@ MAX_UNAVAILABLE = Rule(
     lambda v: v >= 1 if isinstance(v, int) else re.fullmatch(NONZERO_PERCENT, v) is not None,
 )
 
+MAX_SURGE = Rule(
+    "type(self) == int ? self >= 1 : self.matches('" + NONZERO_PERCENT + "')",
+    "rollout.maxSurge must be a whole number >= 1 or a percentage from 1% to 100%, e.g. 1 (omit it for no surge)",
+    lambda v: v >= 1 if isinstance(v, int) else re.fullmatch(NONZERO_PERCENT, v) is not None,
+)
+
 
 class ModelRef(Model):
     """The EdgeModel to serve, in the same namespace."""
@@ -619,6 +625,16 @@ class Rollout(Model):
         *checked(MAX_UNAVAILABLE),
     ] = "25%"
     """Pods per hardware class that may be unavailable during an update: a number or a percentage."""
+    max_surge: Annotated[
+        int | str,
+        Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+        *checked(MAX_SURGE),
+    ] | None = None
+    """Nodes per hardware class whose new pod starts beside the old one during an update (a number or a
+    percentage); the old pod goes once the new one is Ready, so those nodes keep serving (in PerNode mode
+    maxUnavailable then does not apply: no node loses its pod). Not with waves or canaryPercent. Classes whose
+    profile asks for extended resources (a GPU) roll without it: a second pod could not get the device the
+    first one holds."""
     waves: Annotated[
         list[Percent], Field(min_length=1, max_length=10, json_schema_extra={"x-kubernetes-list-type": "set"})
     ] | None = None
@@ -635,6 +651,12 @@ class Rollout(Model):
     """On-target limits (latency, throughput, memory) a new variant must meet before a class rolls out."""
 
     cel_rules = (
+        Rule(
+            "!has(self.maxSurge) || (!has(self.waves) && !has(self.canaryPercent))",
+            "rollout.maxSurge does not go with waves or canaryPercent (they replace pods themselves): "
+            "remove maxSurge or the waves",
+            lambda s: s.max_surge is None or (s.waves is None and s.canary_percent is None),
+        ),
         Rule(
             "!(has(self.waves) && has(self.canaryPercent))",
             "rollout.waves and rollout.canaryPercent are exclusive: set one of them",

@@ -256,15 +256,24 @@ def render_class(
         spec["updateStrategy"] = {"type": "OnDelete"}  # the operator replaces pods wave by wave
         kind = "DaemonSet"
     elif ed.spec.mode == "PerNode":
-        spec["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable}}
+        surge = _surge(ed, profile)  # a DaemonSet takes maxSurge only with maxUnavailable 0
+        rolling = {"maxSurge": surge, "maxUnavailable": 0} if surge else {"maxUnavailable": max_unavailable}
+        spec["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": rolling}
         kind = "DaemonSet"
     else:
         spec["replicas"] = replicas if replicas is not None else 0
         spec["strategy"] = {"type": "RollingUpdate",
-                            "rollingUpdate": {"maxUnavailable": max_unavailable, "maxSurge": 0}}
+                            "rollingUpdate": {"maxUnavailable": max_unavailable, "maxSurge": _surge(ed, profile)}}
         spec["progressDeadlineSeconds"] = ed.spec.rollout.health_gate.timeout_seconds
         kind = "Deployment"
     return {"apiVersion": "apps/v1", "kind": kind, "metadata": _metadata(ed, name, labels), "spec": spec}
+
+
+def _surge(ed: EdgeDeployment, profile: HardwareProfile) -> int | str:
+    """rollout.maxSurge, or 0 where a second pod could not get the class's extended resources (a GPU)."""
+    if ed.spec.rollout.max_surge is None or profile.spec.extended_resources:
+        return 0
+    return ed.spec.rollout.max_surge
 
 
 def render_service(ed: EdgeDeployment) -> dict:
