@@ -194,3 +194,33 @@ def score(host: str, port: int, x: np.ndarray, y: np.ndarray, keep_alive: bool =
         if conn is not None:
             conn.close()
     return tally
+
+
+def registry_up(cluster) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{cluster.registry}/v2/", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def registry_stopped(cluster):
+    """The cluster's registry process stopped (the node is offline from its artifact store), then started
+    again on the same port and storage."""
+    from edgefleet.devcluster import cluster as dc
+
+    state = cluster.state
+    assert dc._stop(state, "registry"), "the cluster's registry was not running"
+    try:
+        yield
+    finally:
+        dc._start(state, "registry", dc._args(state, cluster.info["ports"])["registry"],
+                  env={"OTEL_TRACES_EXPORTER": "none"})
+        wait_for(lambda: registry_up(cluster), 30, 0.2, "the registry to answer again")
+
+
+def events_for(cluster, namespace: str, name: str) -> list[dict]:
+    return items(cluster, namespace, "events", "--field-selector", f"involvedObject.name={name}")

@@ -8,8 +8,10 @@ it starts on loopback; every loop is bounded in count and time. Timings are prin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,11 +21,15 @@ from kube_helpers import get, wait_for
 from operator_helpers import quickstart_into
 from real_node_helpers import (
     OPERATOR_NAMESPACE,
+    Tally,
     chart_values,
     eval_set,
+    infer_one,
     install_operator,
     operator_pod,
     real_node_class,
+    registry_stopped,
+    registry_up,
     score,
     serving_pod,
     tolerating_real_node,
@@ -174,3 +180,113 @@ def _ready(port: int) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+def _current(cluster, served) -> dict:
+    """The served class's one Ready pod now (tests may have replaced it)."""
+    return wait_for(lambda: serving_pod(cluster, served["namespace"], served["profile"], served["variant"]["digest"]),
+                    120, 1, "the real-node pod serving the variant")
+
+
+def _replace_pod(cluster, namespace: str, old: dict) -> None:
+    cluster.kubectl("delete", "pod", "-n", namespace, old["metadata"]["name"], "--wait=false")
+
+
+def _new_pod(cluster, served, old: dict):
+    def check():
+        pod = serving_pod(cluster, served["namespace"], served["profile"], served["variant"]["digest"])
+        return pod if pod and pod["metadata"]["uid"] != old["metadata"]["uid"] else None
+    return check
+
+
+def test_offline_node_starts_a_new_pod_from_its_cache_and_serves_with_the_registry_stopped(cluster, served):
+    old = _current(cluster, served)
+    x, y = eval_set(100)
+    with registry_stopped(cluster):
+        assert not registry_up(cluster)
+        started = time.monotonic()
+        _replace_pod(cluster, served["namespace"], old)
+        pod = wait_for(_new_pod(cluster, served, old), 120, 0.5, "a new pod Ready from the node cache")
+        note("offline restart: pod deleted -> new pod Ready, registry down (s)", time.monotonic() - started)
+        tally = score(pod["status"]["podIP"], 8080, x, y)
+        assert tally.sent == len(y) and tally.failed == 0, tally.failures[:3]
+        assert tally.top1 > 0.9
+        fetch_log = cluster.kubectl("logs", "-n", served["namespace"], pod["metadata"]["name"], "-c",
+                                    "fetch-model").stdout
+        assert "artifact already cached" in fetch_log, fetch_log[-800:]
+
+
+def test_corrupt_cached_variant_is_refused_and_fetched_again_never_served(cluster, served):
+    """The node cache's copy no longer matches its digest: the new pod's init container refuses it, fetches the
+    variant again, and the runtime serves only the verified bytes."""
+    old = _current(cluster, served)
+    digest = served["variant"]["digest"]
+    blob = Path(cluster.real_node["nodeCache"]) / "sha256" / digest.split(":")[1]
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes()[:-16] + b"\0" * 16)  # same size, other bytes
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() != digest.split(":")[1]
+    _replace_pod(cluster, served["namespace"], old)
+    pod = wait_for(_new_pod(cluster, served, old), 120, 0.5, "a new pod Ready on the fetched-again variant")
+    log = cluster.kubectl("logs", "-n", served["namespace"], pod["metadata"]["name"], "-c", "fetch-model").stdout
+    assert "cached artifact is corrupt" in log and "artifact fetched" in log, log[-800:]
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest.split(":")[1]
+    tally = score(pod["status"]["podIP"], 8080, *eval_set(50))
+    assert tally.failed == 0 and tally.ok == 50 and tally.digests == {digest.split(":")[1][:12]}
+
+
+def _class_message(cluster, namespace: str, profile: str) -> str:
+    classes = get(cluster, namespace, "edgedeployment", "digits").get("status", {}).get("classes", [])
+    return next((c.get("message", "") for c in classes if c["profile"] == profile), "")
+
+
+class Poller(threading.Thread):
+    """A client polling through the Service, a new connection per request, until stopped (bounded by count)."""
+
+    def __init__(self, host: str, limit: int = 20000):
+        super().__init__(daemon=True)
+        self.host, self.limit, self.tally, self.stop = host, limit, Tally(), threading.Event()
+        self.image = eval_set(1)[0][0]
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.tally.sent < self.limit:
+            infer_one(self.host, 8080, self.image, self.tally)
+            time.sleep(0.01)
+
+
+def test_model_update_rolls_the_real_pod_to_the_new_digest_while_a_service_client_sees_no_failures(cluster, served):
+    namespace, profile = served["namespace"], served["profile"]
+    old = _current(cluster, served)
+    old_digest = served["variant"]["digest"]
+    # the node's new pod starts beside the old one, which goes once the new one is Ready
+    rollout = {"spec": {"rollout": {"maxSurge": 1}}}
+    cluster.kubectl("patch", "edgedeployment", "digits", "-n", namespace, "--type=merge", "-p", json.dumps(rollout))
+    wait_for(lambda: get(cluster, namespace, "daemonset", f"digits-{profile}")["spec"]["updateStrategy"][
+        "rollingUpdate"].get("maxSurge") == 1, 60, 0.5, "the DaemonSet to surge")
+    poller = Poller(get(cluster, namespace, "service", "digits")["spec"]["clusterIP"])
+    poller.start()
+    try:
+        time.sleep(2)
+        started = time.monotonic()
+        patch = {"spec": {"optimization": {"quantization": "none"}}}
+        cluster.kubectl("patch", "edgemodel", "digits", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+
+        def new_variant():
+            v = _ready_variant(cluster, namespace, profile)
+            return v if v and v["digest"] != old_digest else None
+
+        variant = wait_for(new_variant, 300, 2, "the new variant compiled")
+        pod = wait_for(lambda: serving_pod(cluster, namespace, profile, variant["digest"]), 180, 0.5,
+                       "the real pod rolled to the new digest")
+        note("model update: patch -> real pod serving the new digest (s)", time.monotonic() - started)
+        seen = poller.tally.sent
+        wait_for(lambda: poller.tally.sent >= seen + 50, 60, 0.2, "50 more requests after the rollout")
+    finally:
+        poller.stop.set()
+        poller.join(30)
+    tally = poller.tally
+    print(f"[real-node] rollout poller: {tally.sent} sent, {tally.ok} answered, {tally.failed} failed, "
+          f"digests seen {sorted(tally.digests)}")
+    assert pod["metadata"]["uid"] != old["metadata"]["uid"]
+    assert tally.digests == {old_digest.split(":")[1][:12], variant["digest"].split(":")[1][:12]}
+    served["variant"] = variant
+    assert tally.failed == 0, f"{tally.failed} of {tally.sent} requests failed: {tally.failures[:5]}"
