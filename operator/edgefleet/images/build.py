@@ -30,6 +30,7 @@ from .spec import (
 )
 
 LOCKS = Path(__file__).resolve().parent / "locks"
+TOOLS = ("crane", "pause", "registry")  # the Go components an image build needs
 Echo = Callable[[str], None]
 
 
@@ -341,7 +342,7 @@ def read_index() -> dict:
 
 
 def build(names: list[str], platforms: list[str] | None, echo: Echo = print) -> list[Built]:
-    components.build_all(echo=echo)
+    components.build_all(echo=echo, names=list(TOOLS))
     results = []
     with oci.local_registry(cache() / "registry") as registry:
         for i, name in enumerate(names, 1):

@@ -51,7 +51,7 @@ def exists(ref: str) -> bool:
 def crane(*args: str, insecure: bool = True) -> str:
     binary = components.binary_path("crane")
     if not binary.exists():
-        components.build_all()
+        components.build_all(names=["crane", "pause", "registry"])
     cmd = [str(binary), *args, *(["--insecure"] if insecure else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -64,7 +64,7 @@ def local_registry(storage: Path, readonly: bool = False) -> Iterator[str]:
     """The image cache: a registry on a free loopback port over `storage`, stopped on exit."""
     binary = components.binary_path("registry")
     if not binary.exists():
-        components.build_all()
+        components.build_all(names=["crane", "pause", "registry"])
     storage.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = storage.parent / "registry.yaml"
