@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..api import HardwareProfile
 from ..api.models import OnTargetResult, RolloutGate
 from ..settings import Settings
-from .compile_job import MODEL_NAME, MODEL_NAMESPACE, REPORT_REF, _label_value, report_ref
+from .compile_job import MODEL_NAME, MODEL_NAMESPACE, REPORT_REF, job_labels, report_ref
 from .workload import RUNTIME_UID, _resources, _restricted, restricted_security_context
 
 CONTAINER = "bench"
@@ -94,14 +94,8 @@ def bench_job_name(req: BenchJobRequest, key: str) -> str:
 
 
 def bench_labels(req: BenchJobRequest) -> dict[str, str]:
-    return {
-        **WATCH_LABELS,
-        "app.kubernetes.io/component": "bench",
-        "app.kubernetes.io/instance": _label_value(req.model_name),
-        MODEL_NAMESPACE: req.model_namespace,
-        MODEL_NAME: _label_value(req.model_name),
-        PROFILE: req.profile.metadata["name"],
-    }
+    labels = job_labels(WATCH_LABELS, "bench", req.model_namespace, req.model_name)
+    return {**labels, PROFILE: req.profile.metadata["name"]}
 
 
 def _blob(digest: str) -> str:

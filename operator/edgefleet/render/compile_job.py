@@ -134,14 +134,19 @@ def _label_value(value: str) -> str:
     return f"{value[:54].rstrip('-.')}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
 
 
-def compile_labels(req: CompileJobRequest) -> dict[str, str]:
+def job_labels(watch: dict[str, str], component: str, model_namespace: str, model_name: str) -> dict[str, str]:
+    """Labels of a Job the operator runs for an EdgeModel (compile, bench): its kind's watch labels, and the model."""
     return {
-        **WATCH_LABELS,
-        "app.kubernetes.io/component": "compile",
-        "app.kubernetes.io/instance": _label_value(req.model_name),
-        MODEL_NAMESPACE: req.model_namespace,
-        MODEL_NAME: _label_value(req.model_name),
+        **watch,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/instance": _label_value(model_name),
+        MODEL_NAMESPACE: model_namespace,
+        MODEL_NAME: _label_value(model_name),
     }
+
+
+def compile_labels(req: CompileJobRequest) -> dict[str, str]:
+    return job_labels(WATCH_LABELS, "compile", req.model_namespace, req.model_name)
 
 
 def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
