@@ -731,6 +731,69 @@ class Trust(Model):
     )
 
 
+OCI_REPOSITORY = r"^oci://[^/\s]+/[^\s:@]+$"
+OCI_REPOSITORY_RULE = Rule(
+    f"self.matches(r'{OCI_REPOSITORY}')",
+    "feedback.hardExamples.destination must be a repository without tag or digest, oci://HOST[:PORT]/REPOSITORY,"
+    " e.g. oci://registry.example:5000/edgefleet/hard-examples (each batch gets its own tag)",
+    lambda v: re.fullmatch(OCI_REPOSITORY, v) is not None,
+)
+OciRepository = Annotated[str, Field(min_length=7, max_length=2048), *checked(OCI_REPOSITORY_RULE)]
+
+
+class DriftMonitoring(Model):
+    """Compare what each hardware class sees with the EdgeModel's evaluation data (population stability
+    index of the predicted classes, the confidence and the input level over the last `windowSize` predictions
+    of a pod) and set the Drifting condition. Each runtime computes its reference from the evaluation data
+    (spec.optimization.evaluation as a configMap) with the variant it serves; the operator reads the pods'
+    /metrics every `intervalSeconds`, only for deployments with drift on."""
+
+    threshold: Annotated[float, Field(gt=0, le=10)] = 0.2
+    """PSI at or above which a statistic counts as drifted (0.1 moderate, 0.2 significant, the usual reading)."""
+    window_size: Annotated[int, Field(ge=10, le=100_000)] = 1000
+    """Predictions per pod compared with the evaluation data; Drifting is decided only on a full window."""
+    interval_seconds: Annotated[int, Field(ge=5, le=3600)] = 60
+    """How often the operator reads the drift numbers of the pods."""
+    max_pods_per_class: Annotated[int, Field(ge=1, le=100)] = 10
+    """Pods per hardware class read in one look (the first by name); bounds the operator's work on big fleets."""
+
+
+class Monitoring(Model):
+    """Fleet monitoring in the runtime: prediction confidence histogram, per-class counts and, with `drift`,
+    the population stability index against the evaluation data, all on each pod's /metrics."""
+
+    confidence_below: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Top-1 probability under which a prediction counts as low-confidence (a metric)."""
+    drift: DriftMonitoring | None = None
+    """Compare live traffic with the evaluation data and set the Drifting condition; omitted: no drift check."""
+
+
+class HardExamples(Model):
+    """Low-confidence inputs (and the model's outputs) kept on the node and uploaded in batches as OCI
+    artifacts, for retraining or calibration (`edgefleet examples pull`)."""
+
+    confidence_below: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Keep predictions whose top-1 probability is below this."""
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Share of the low-confidence predictions kept (0 < rate <= 1)."""
+    max_bytes_per_node: Annotated[int, Field(ge=65536, le=1 << 40)] = 64 << 20
+    """Bytes the spool may hold on a node (under the node cache); when full, new examples are dropped and
+    counted, nothing spooled is lost."""
+    destination: OciRepository
+    """Repository the batches are pushed to, oci://HOST[:PORT]/REPOSITORY (tags are chosen per batch)."""
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+    """Examples per uploaded artifact at most."""
+    upload_interval_seconds: Annotated[int, Field(ge=1, le=86400)] = 60
+    """Seconds between uploads of what the spool holds (longer after a failed push, up to 10 minutes)."""
+
+
+class Feedback(Model):
+    """What the fleet sends back for the next training round."""
+
+    hard_examples: HardExamples | None = None
+    """Spool and upload the inputs the model is unsure about."""
+
+
 class EdgeDeploymentSpec(Model):
     """Which nodes serve a model and how updates roll out."""
 
@@ -752,6 +815,10 @@ class EdgeDeploymentSpec(Model):
     trust: Trust | None = None
     """Signed and encrypted variants: the public keys that must have signed what the nodes fetch and
     serve, and the key that decrypts encrypted variants. Omitted: only the digest is checked."""
+    monitoring: Monitoring | None = None
+    """Confidence, class counts and drift metrics on each runtime pod; omitted: the runtime exports none."""
+    feedback: Feedback | None = None
+    """Hard examples spooled on the nodes and uploaded as OCI artifacts; omitted: none are kept."""
 
     cel_rules = (
         Rule(
