@@ -12,7 +12,7 @@ import copy
 import itertools
 import json
 
-from edgefleet.kube import KINDS, ApiError, NotFound
+from edgefleet.kube import KINDS, ApiError, Kube, NotFound
 
 
 def merge_patch(target: dict, patch: dict) -> dict:
@@ -34,8 +34,11 @@ def api_error(status: int, message: str, reason: str = "") -> ApiError:
                                        "reason": reason, "code": status}))
 
 
-class FakeKube:
+class FakeKube(Kube):
+    """Kube's reads (find) over an in-memory store: only the verbs that reach the API server are faked."""
+
     def __init__(self) -> None:
+        super().__init__(api=None, field_manager="edgefleet")  # no ApiClient: nothing here talks to a server
         self.objects: dict[tuple[str, str | None, str], dict] = {}
         self.events: list[dict] = []
         self.calls: list[tuple[str, str, str | None]] = []  # (verb, kind, name)
@@ -72,20 +75,14 @@ class FakeKube:
     # ---- the Kube interface
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
-        self._call("get", kind, name)
+        self._record("get", kind, name)
         obj = self.objects.get(self._key(kind, namespace, name))
         if obj is None:
             raise NotFound(f"{kind} {namespace}/{name}")
         return copy.deepcopy(obj)
 
-    def find(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
-        try:
-            return self.get(kind, name, namespace)
-        except NotFound:
-            return None
-
     def list(self, kind: str, namespace: str | None = None, labels: dict[str, str] | None = None) -> list[dict]:
-        self._call("list", kind, None)
+        self._record("list", kind, None)
         found = []
         for (k, ns, _), obj in sorted(self.objects.items(), key=lambda kv: str(kv[0])):
             have = obj["metadata"].get("labels") or {}
@@ -96,7 +93,7 @@ class FakeKube:
 
     def apply(self, obj: dict, force: bool = True) -> dict:
         meta = obj["metadata"]
-        self._call("apply", obj["kind"], meta["name"])
+        self._record("apply", obj["kind"], meta["name"])
         key = self._key(obj["kind"], meta.get("namespace"), meta["name"])
         old = self.objects.get(key)
         new = copy.deepcopy(obj)
@@ -111,11 +108,11 @@ class FakeKube:
         return copy.deepcopy(new)
 
     def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
-        self._call("delete", kind, name)
+        self._record("delete", kind, name)
         self.objects.pop(self._key(kind, namespace, name), None)
 
     def patch_status(self, kind: str, name: str, namespace: str | None, status: dict) -> dict:
-        self._call("patch_status", kind, name)
+        self._record("patch_status", kind, name)
         key = self._key(kind, namespace, name)
         if key not in self.objects:
             raise NotFound(f"{kind} {namespace}/{name}")
@@ -128,7 +125,7 @@ class FakeKube:
 
     # ---- helpers
 
-    def _call(self, verb: str, kind: str, name: str | None) -> None:
+    def _record(self, verb: str, kind: str, name: str | None) -> None:
         self.calls.append((verb, kind, name))
         error = self._errors.get((verb, kind, name)) or self._errors.get((verb, kind, None))
         if error is not None:

@@ -3,8 +3,10 @@ many bodies with the server's RSS measured, the concurrency limit. Every attack 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -15,44 +17,34 @@ INFER = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\n"
 GOOD = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]})
 
 
-def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, half-close, read everything the server answers."""
+def exchange(port: int, data: bytes, timeout: float = 5.0, *, watch: bool = False) -> bytes:
+    """Send raw bytes and read what the server answers. Plain: send all, half-close, read to the end.
+    ``watch``: send in 64 KiB pieces and stop as soon as the server answers early, then read its headers (as a
+    careful client sending a large request does)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        try:
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if watch:
+            _send_watching(s, data)
+        else:
+            s.sendall(data)
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
         out = b""
-        try:
+        with contextlib.suppress(OSError):
             while chunk := s.recv(65536):
                 out += chunk
-        except OSError:
-            pass
-    return out
-
-
-def send_watching(port: int, data: bytes, timeout: float = 60.0) -> bytes:
-    """Send a large request in pieces, stopping as soon as the server answers early (as a careful client does)."""
-    import select
-
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        for i in range(0, len(data), 1 << 16):
-            if select.select([s], [], [], 0)[0]:
-                break
-            try:
-                s.sendall(data[i : i + (1 << 16)])
-            except OSError:
-                break
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-                if b"\r\n\r\n" in out:
+                if watch and b"\r\n\r\n" in out:
                     break
-        except OSError:
-            pass
     return out
+
+
+def _send_watching(s: socket.socket, data: bytes) -> None:
+    for i in range(0, len(data), 1 << 16):
+        if select.select([s], [], [], 0)[0]:
+            return
+        try:
+            s.sendall(data[i : i + (1 << 16)])
+        except OSError:
+            return
 
 
 def status_of(response: bytes) -> int:
@@ -80,6 +72,38 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+class PeakRss:
+    """The peak RSS of process ``pid`` (MiB), sampled every ``every`` seconds while the block runs."""
+
+    def __init__(self, pid: int, every: float):
+        self.pid, self.every = pid, every
+        self.base = self.peak = rss_mib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mib(self.pid))
+            time.sleep(self.every)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def concurrently(calls, timeout: float) -> None:
+    """Run every call in a thread of its own, all at once; wait up to ``timeout`` seconds for each."""
+    threads = [threading.Thread(target=call) for call in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
 
 
 def chunked(*chunks: bytes) -> bytes:
@@ -273,46 +297,29 @@ def test_memory_stays_bounded_under_large_and_many_bodies(start_server, digits):
     """The issue's attack (4 x 32 MB junk JSON) and 48 connections of the largest junk a route admits,
     sent at once: RSS stays far below the pod's 1 GiB and the server answers every request with 4xx/5xx."""
     s = start_server(*digits)
-    base = rss_mib(s.proc.pid)
-    peak = [base]
-    stop = threading.Event()
+    with PeakRss(s.proc.pid, every=0.02) as rss:
+        limit_probe = exchange(s.port, INFER + b"Content-Length: 999999999\r\n\r\n")
+        limit = int(re.search(rb"limit of (\d+) bytes", limit_probe).group(1))
+        statuses: list[int] = []
 
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_mib(s.proc.pid))
-            time.sleep(0.02)
+        def attack(size):
+            try:
+                if size > limit:  # announce 32 MB, send the first MB, read the answer
+                    out = exchange(s.port, INFER + b"Content-Length: %d\r\n\r\n" % size + _junk_json(1 << 20),
+                                   timeout=30, watch=True)
+                else:
+                    out = exchange(s.port, post(_junk_json(size)), timeout=30)
+                statuses.append(status_of(out) if out else 0)
+            except OSError:
+                statuses.append(0)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    limit_probe = exchange(s.port, INFER + b"Content-Length: 999999999\r\n\r\n")
-    limit = int(re.search(rb"limit of (\d+) bytes", limit_probe).group(1))
-    statuses: list[int] = []
-
-    def attack(size):
-        try:
-            if size > limit:  # announce 32 MB, send the first MB, read the answer
-                with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
-                    c.sendall(INFER + b"Content-Length: %d\r\n\r\n" % size + _junk_json(1 << 20))
-                    out = c.recv(65536)
-            else:
-                out = exchange(s.port, post(_junk_json(size)), timeout=30)
-            statuses.append(status_of(out) if out else 0)
-        except OSError:
-            statuses.append(0)
-
-    jobs = [32 << 20] * 4 + [limit] * 48
-    threads = [threading.Thread(target=attack, args=(n,)) for n in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    stop.set()
-    sampler.join()
+        jobs = [32 << 20] * 4 + [limit] * 48
+        concurrently([lambda n=n: attack(n) for n in jobs], timeout=60)
     assert len(statuses) == len(jobs)
     assert statuses.count(413) == 4 and set(statuses) <= {400, 413, 503}, statuses
-    assert peak[0] - base < 400, f"RSS grew from {base:.0f} to {peak[0]:.0f} MiB"
+    assert rss.peak - rss.base < 400, f"RSS grew from {rss.base:.0f} to {rss.peak:.0f} MiB"
     assert s.request("GET", "/v2/health/live")[0] == 200
-    print(f"RSS {base:.0f} MiB -> peak {peak[0]:.0f} MiB; statuses {sorted(set(statuses))}")
+    print(f"RSS {rss.base:.0f} MiB -> peak {rss.peak:.0f} MiB; statuses {sorted(set(statuses))}")
 
 
 def _any_shape_model(path):
@@ -337,35 +344,19 @@ def test_memory_stays_bounded_when_the_model_sets_no_limit(start_server, tmp_pat
     """Any-shape input: 6 concurrent 10 MB junk JSON bodies (each costs ~24x to parse) are admitted only as the
     default body budget allows; RSS stays far below 1 GiB."""
     s = start_server(*_any_shape_model(tmp_path / "any.onnx"), name="any")
-    base = rss_mib(s.proc.pid)
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_mib(s.proc.pid))
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     body = _junk_json(10 << 20).replace(b"[1, 1, 8, 8]", b"[1, 1, 1]")
     request = b"POST /v2/models/any/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     statuses: list[int] = []
 
     def attack():
-        out = send_watching(s.port, request)
+        out = exchange(s.port, request, timeout=60, watch=True)
         statuses.append(status_of(out) if out else 0)
 
-    threads = [threading.Thread(target=attack) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    stop.set()
-    sampler.join()
+    with PeakRss(s.proc.pid, every=0.01) as rss:
+        concurrently([attack] * 6, timeout=90)
     assert len(statuses) == 6 and 400 in statuses and set(statuses) <= {400, 503}, statuses
-    assert peak[0] - base < 450, f"RSS grew from {base:.0f} to {peak[0]:.0f} MiB"
-    print(f"RSS {base:.0f} MiB -> peak {peak[0]:.0f} MiB; statuses {statuses}")
+    assert rss.peak - rss.base < 450, f"RSS grew from {rss.base:.0f} to {rss.peak:.0f} MiB"
+    print(f"RSS {rss.base:.0f} MiB -> peak {rss.peak:.0f} MiB; statuses {statuses}")
 
 
 def test_body_budget_answers_503_with_retry_after(start_server, digits):
@@ -397,11 +388,7 @@ def test_concurrency_limit_answers_503_with_retry_after(start_server, digits):
             out = exchange(s.port, post(big), timeout=30)
             statuses.append((status_of(out), out.split(b"\r\n\r\n")[0]))
 
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    concurrently([client] * 6, timeout=120)
     codes = [c for c, _ in statuses]
     assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
     assert all(b"Retry-After: 1" in h for c, h in statuses if c == 503)
