@@ -43,7 +43,7 @@ def test_every_builtin_profile_gets_a_report(digits_all):
     for name, v in result.variants.items():
         status = v.to_status()
         assert set(status) == {"profile", "format", "precision", "quantization", "artifact", "digest", "sizeBytes",
-                               "latencyP50Ms", "accuracyDelta", "state", "reason", "message"}
+                               "latencyP50Ms", "accuracyDelta", "state", "reason", "message", "candidates"}
         assert status["profile"] == name and status["state"] in ("Ready", "Failed")
         if v.state == "Failed":
             assert v.reason and v.message, name

@@ -38,6 +38,7 @@ Progress = Callable[[str], None]
 FASTER_MARGIN = 0.05  # candidates within 5 % of the fastest count as equally fast; the smaller wins
 TFLITE_MEDIA = litert.TFLITE_MEDIA
 OPENVINO_MEDIA = "application/vnd.edgefleet.model.openvino-ir+zip"
+CANDIDATES = "candidates"  # cache entry folder: the bytes of the candidates inside the budget, by name
 
 
 def toolchain_versions() -> dict[str, str]:
@@ -429,6 +430,9 @@ class _Session:
             threads = self.policy.threads or default_threads()
             c.latency = latency(spec.runtime, data, self.feed1, self.policy.timingRuns, threads)
             c.latency.measuredOn = f"{spec.runtime} CPU on this host"
+            if name in self.policy.hostLatencyMs:  # test hook: the host reports this p50 instead
+                c.latency.p50Ms1 = self.policy.hostLatencyMs[name]
+                c.latency.measuredOn += " (p50 set by hostLatencyMs)"
             c.withinBudget, c.budgetFailure = self.gate(c.metrics)
         except CompileError as e:
             c.state, c.reason, c.why = "Failed", e.reason, e.message + (f" Fix: {e.fix}" if e.fix else "")
@@ -596,9 +600,37 @@ def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | N
             say(f"{profile}: published {ref.ref}")
         else:
             v.artifact = _local_copy(entry, blob, trust_annotations).as_uri()
+        if encryption_key is None:  # encrypted models are chosen on the host: the benchmark cannot open them
+            _publish_candidates(v, entry, store, name, signing_key, say)
     result.workDone = session.work if session else 0
     result.cacheHit = not todo
     return result
+
+
+def _publish_candidates(v: VariantReport, entry: Path, store, name: str, signing_key, say: Progress) -> None:
+    """Every candidate inside the accuracy budget, content-addressed like the chosen one, so a benchmark Job
+    can measure them on a node of the class (``candidate.artifact``). A cache entry of an older compiler that
+    kept only the chosen variant publishes only that one."""
+    for c in v.candidates:
+        if c.state == "Chosen":
+            c.artifact = v.artifact
+            continue
+        kept = entry / CANDIDATES / c.name
+        if c.state == "Failed" or not c.withinBudget or not kept.is_file():
+            continue
+        blob = kept.read_bytes()
+        ann = _signature(entry, "sha256:" + sha256_hex(blob), signing_key)
+        if store is None:
+            path = _local_copy(entry, blob, ann, kept)
+            c.artifact = path.as_uri()
+            continue
+        annotations = {**_annotations(v), "io.edgefleet.candidate": c.name, "io.edgefleet.format": c.format,
+                       "io.edgefleet.precision": c.precision, "io.edgefleet.quantization": c.quantization,
+                       "io.edgefleet.latencyP50Ms": str(c.latency.p50Ms1), **ann}
+        ext = _ext(replace(v, format=c.format, mediaType=c.mediaType))
+        c.artifact = store.put(blob, name=f"{name}-{v.profile}", media_type=c.mediaType or "application/octet-stream",
+                               annotations=annotations, filename=f"model.{ext}").ref
+        say(f"{v.profile}: published candidate {c.name} {c.artifact}")
 
 
 def _signing_key(path: str | os.PathLike | None):
@@ -641,20 +673,28 @@ def _protect(entry: Path, v: VariantReport, signing_key, encryption_key) -> tupl
         blob = kept.read_bytes()
         ann.update({"io.edgefleet.encryption": "A256GCM", "io.edgefleet.encryptionKeyId": kek_id})
     v.digest, v.sizeBytes = "sha256:" + sha256_hex(blob), len(blob)
-    if signing_key is not None:
-        key_hex = trust.key_id(signing_key.public_key()).split(":")[1]
-        kept = entry / f"signature-{key_hex}-{v.digest.split(':')[1][:16]}"
-        if not kept.exists():
-            _write_atomic(kept, trust.sign_digest(signing_key, v.digest).encode())
-        ann[trust.SIGNATURE_ANNOTATION] = kept.read_text().strip()
-    return blob, ann
+    return blob, {**ann, **_signature(entry, v.digest, signing_key)}
 
 
-def _local_copy(entry: Path, blob: bytes, ann: dict[str, str]) -> Path:
-    """Without a store the cache entry is the artifact: its plaintext, or the protected copy beside it."""
+def _signature(entry: Path, digest: str, signing_key) -> dict[str, str]:
+    """The signature annotation of ``digest`` (kept in the cache entry per key and digest); {} unsigned."""
+    if signing_key is None:
+        return {}
+    from edgefleet_runtime import trust
+
+    key_hex = trust.key_id(signing_key.public_key()).split(":")[1]
+    kept = entry / f"signature-{key_hex}-{digest.split(':')[1][:16]}"
+    if not kept.exists():
+        _write_atomic(kept, trust.sign_digest(signing_key, digest).encode())
+    return {trust.SIGNATURE_ANNOTATION: kept.read_text().strip()}
+
+
+def _local_copy(entry: Path, blob: bytes, ann: dict[str, str], path: Path | None = None) -> Path:
+    """Without a store the cache entry is the artifact (``path``, default the chosen variant): its plaintext,
+    or the protected copy beside it."""
     from edgefleet_runtime.trust import SIGNATURE_ANNOTATION, signature_path
 
-    path = entry / "artifact"
+    path = path or entry / "artifact"
     if ann.get("io.edgefleet.encryption"):
         path = entry / f"encrypted-{ann['io.edgefleet.encryptionKeyId'].split(':')[1]}"
     if SIGNATURE_ANNOTATION in ann:
@@ -719,8 +759,13 @@ def _compile_one(s: _Session, profile: str, target: Target, key: str, src_size: 
     tmp = cache / "variants" / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    data, _ = s.build(next(sp for sp in plan(target, s.fmt, s.policy)[0] if _name_of(s, sp) == chosen.name))
+    by_name = {_name_of(s, sp): sp for sp in specs}
+    data, _ = s.build(by_name[chosen.name])
     (tmp / "artifact").write_bytes(data)
+    (tmp / CANDIDATES).mkdir()
+    for c in cands:  # the other candidates inside the budget: published too, for on-target selection
+        if c is not chosen and c.state != "Failed" and c.withinBudget:
+            (tmp / CANDIDATES / c.name).write_bytes(s.build(by_name[c.name])[0])
     (tmp / "report.json").write_text(json.dumps(v.to_dict(), indent=2, sort_keys=True, default=str))
     if entry.exists():
         shutil.rmtree(tmp)

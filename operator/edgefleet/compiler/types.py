@@ -86,6 +86,9 @@ class Policy:
     timingRuns: int = 50  # timed runs per thread setting (warm-up excluded)
     threads: int | None = None  # "N threads" for the second latency figure; default os.cpu_count()
     inputShapes: dict[str, list[int]] = field(default_factory=dict)  # input name -> every dim (batch included)
+    # test hook (operator setting compile_host_latency_ms): candidate name -> the p50 at 1 thread (ms) the host
+    # reports instead of its measurement, so a test can make the host prefer one candidate; part of the cache key
+    hostLatencyMs: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class Candidate:
     runtime: str
     state: str = "Built"  # Built | Failed | Chosen | Lost
     sha256: str | None = None
+    artifact: str | None = None  # where it was published (each candidate inside the accuracy budget is)
     sizeBytes: int | None = None
     mediaType: str | None = None
     latency: Latency = field(default_factory=Latency)
@@ -200,7 +204,23 @@ class VariantReport:
             "state": self.state,
             "reason": self.reason,
             "message": self.message,
+            "candidates": self.published_candidates() or None,
         }
+
+    def published_candidates(self) -> list[dict[str, Any]]:
+        """status.variants[].candidates: the published candidates inside the accuracy budget (the chosen one
+        first, with the variant's digest), for on-target selection."""
+        out = []
+        for c in sorted(self.candidates, key=lambda c: c.state != "Chosen"):
+            if c.state == "Failed" or not c.withinBudget or not c.artifact:
+                continue
+            chosen = c.state == "Chosen"
+            entry = {"name": c.name, "artifact": c.artifact, "digest": self.digest if chosen else c.sha256,
+                     "format": c.format, "precision": c.precision, "quantization": c.quantization,
+                     "sizeBytes": self.sizeBytes if chosen else c.sizeBytes, "latencyP50Ms": c.latency.p50Ms1,
+                     "accuracyDelta": c.metrics.accuracyDelta}
+            out.append({k: v for k, v in entry.items() if v is not None})
+        return out
 
 
 @dataclass
