@@ -412,6 +412,25 @@ def test_image_digest_must_be_a_sha256(helm):
     assert proc.returncode != 0 and re.search(r"images[./]digests", proc.stderr), proc.stderr
 
 
+def test_require_digests_refuses_to_render_any_image_by_tag_and_names_the_missing_ones(helm):
+    from edgefleet.api import builtin_profiles
+
+    runtime_images = sorted({p.spec.runtime_image.rsplit("/", 1)[1].split(":")[0] for p in builtin_profiles()})
+    digest = "sha256:" + "cd" * 32
+    proc = template(helm, "--set", "images.requireDigests=true", "--set", f"images.digests.operator={digest}",
+                    check=False)
+    assert proc.returncode != 0
+    assert re.search(r"images\.digests lacks compiler, " + ", ".join(runtime_images) + ";", proc.stderr), proc.stderr
+    assert "edgefleet images build --all --push" in proc.stderr
+
+    every = [a for n in ["operator", "compiler", *runtime_images] for a in ("--set", f"images.digests.{n}={digest}")]
+    docs = render(helm, "--set", "images.requireDigests=true", *every)
+    assert operator_container(docs)["image"].endswith(f"/operator@{digest}")
+    without_builtins = template(helm, "--set", "images.requireDigests=true", "--set", "profiles.builtin.enabled=false",
+                                "--set", f"images.digests.operator={digest}", "--set", f"compile.image.digest={digest}")
+    assert without_builtins.returncode == 0
+
+
 # ---------------------------------------------------------------- signed variants (docs/trust.md)
 
 

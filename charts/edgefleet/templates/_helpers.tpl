@@ -68,3 +68,23 @@ app.kubernetes.io/component: operator
 {{- define "edgefleet.compilerImage" -}}
 {{- include "edgefleet.imageRef" (dict "root" . "image" .Values.compile.image) }}
 {{- end }}
+
+{{/* With images.requireDigests, fail unless every image the release runs has a digest: the operator, the
+compiler and (profiles.builtin.enabled) each built-in profile's runtime image. */}}
+{{- define "edgefleet.requireDigests" -}}
+{{- $v := .Values }}
+{{- if $v.images.requireDigests }}
+{{- $digests := $v.images.digests | default dict }}
+{{- $missing := list }}
+{{- if not (or $v.image.digest (get $digests $v.image.name)) }}{{ $missing = append $missing $v.image.name }}{{ end }}
+{{- if not (or $v.compile.image.digest (get $digests $v.compile.image.name)) }}{{ $missing = append $missing $v.compile.image.name }}{{ end }}
+{{- if $v.profiles.builtin.enabled }}
+{{- range list "runtime-coral" "runtime-cpu" "runtime-gpu" "runtime-jetson" "runtime-openvino" }}
+{{- if not (get $digests .) }}{{ $missing = append $missing . }}{{ end }}
+{{- end }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "images.requireDigests is true but images.digests lacks %s; fix: push and sign them with `edgefleet images build --all --push REGISTRY/PREFIX --sign-key KEY` and pass the --set images.digests.<name>=sha256:... line it prints (or set profiles.builtin.enabled=false and pin your own profiles' runtimeImage by digest)" (join ", " $missing)) }}
+{{- end }}
+{{- end }}
+{{- end }}
