@@ -237,6 +237,24 @@ def _limit_arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument("--idle-timeout", type=float, default=d.idle_seconds, help="keep-alive idle seconds")
 
 
+# Limits field -> the flag's dest
+LIMIT_FLAGS = {
+    "header_seconds": "header_timeout", "body_seconds": "body_timeout", "idle_seconds": "idle_timeout",
+    "max_connections": "max_connections", "max_body_bytes": "max_body_bytes",
+    "body_budget_bytes": "body_budget_bytes", "max_concurrency": "max_concurrency",
+}
+# ModelSlot keyword -> the flag's dest
+SLOT_FLAGS = {
+    "backend": "backend", "threads": "threads", "execution_provider": "execution_provider", "delegate": "delegate",
+    "cache_dir": "cache", "max_batch": "max_batch",
+}
+
+
+def _from_args(args, flags: dict[str, str]) -> dict:
+    """Keyword arguments from the parsed flags: keyword -> getattr(args, dest)."""
+    return {keyword: getattr(args, dest) for keyword, dest in flags.items()}
+
+
 def _limits(args):
     from .httpserver import Limits
 
@@ -246,15 +264,7 @@ def _limits(args):
     for name in ("header_timeout", "body_timeout", "idle_timeout"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
-    return Limits(
-        header_seconds=args.header_timeout,
-        body_seconds=args.body_timeout,
-        idle_seconds=args.idle_timeout,
-        max_connections=args.max_connections,
-        max_body_bytes=args.max_body_bytes,
-        body_budget_bytes=args.body_budget_bytes,
-        max_concurrency=args.max_concurrency,
-    )
+    return Limits(**_from_args(args, LIMIT_FLAGS))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,17 +392,7 @@ def _serve(args) -> int:
         monitor = _monitor(args, metrics.registry)
     except ValueError as e:  # TrustError is a ValueError
         return die(EXIT_USAGE, str(e))
-    slot = ModelSlot(
-        args.name,
-        metrics,
-        backend=args.backend,
-        threads=args.threads,
-        execution_provider=args.execution_provider,
-        delegate=args.delegate,
-        cache_dir=args.cache,
-        max_batch=args.max_batch,
-        policy=policy,
-    )
+    slot = ModelSlot(args.name, metrics, policy=policy, **_from_args(args, SLOT_FLAGS))
     try:
         management = _management(args, slot)
     except ManagementError as e:
