@@ -494,6 +494,32 @@ class OnTargetResult(Model):
     """Why the variant could not be measured on the node."""
 
 
+class VariantCandidate(Model):
+    """A candidate the compiler built inside the accuracy budget and published, so a benchmark Job can
+    measure it on a node of the class (optimization.selection onTarget)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63)]
+    """The candidate's name in the compile report, e.g. fp32, static-int8, openvino-int8."""
+    artifact: ShortText
+    """Where the candidate is stored (OCI reference or store path)."""
+    digest: Digest
+    """sha256 of the candidate file."""
+    format: Format | None = None
+    """File format of the candidate."""
+    precision: Precision | None = None
+    """Numeric precision of the candidate."""
+    quantization: Quantization | None = None
+    """The quantization applied (never auto)."""
+    size_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Size of the candidate file in bytes."""
+    latency_p50_ms: Annotated[float, Field(ge=0)] | None = None
+    """Median single-input latency at 1 thread measured by the compiler on its host, in milliseconds."""
+    accuracy_delta: float | None = None
+    """Accuracy change against the source model in percentage points (negative is a loss)."""
+    on_target: OnTargetResult | None = None
+    """The candidate's numbers from the benchmark Job on a node of the class."""
+
+
 class Variant(Model):
     """One compiled variant of the model, for one HardwareProfile."""
 
@@ -517,8 +543,14 @@ class Variant(Model):
     """The numbers measured on a node of the class (optimization.selection onTarget)."""
     accuracy_delta: float | None = None
     """Accuracy change against the source model in percentage points (negative is a loss)."""
-    state: Literal["Pending", "Compiling", "Ready", "Failed"] = "Pending"
-    """Pending, Compiling, Ready or Failed."""
+    selection: Literal["host", "onTarget"] | None = None
+    """How this variant was chosen among the candidates: onTarget (fastest p50 at 1 thread on onTarget.node)
+    or host (the compile host's numbers; the EdgeModel's OnTargetSelected condition says why when the
+    benchmark was not used)."""
+    candidates: Annotated[list[VariantCandidate], Field(max_length=8)] | None = None
+    """The published candidates inside the accuracy budget, the chosen one first."""
+    state: Literal["Pending", "Compiling", "Benchmarking", "Ready", "Failed"] = "Pending"
+    """Pending, Compiling, Benchmarking (its candidates are measured on a node of the class), Ready or Failed."""
     reason: Reason | None = None
     """Machine-readable reason for the state."""
     message: Annotated[str, Field(max_length=4096)] | None = None
