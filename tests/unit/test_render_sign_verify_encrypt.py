@@ -72,3 +72,24 @@ def test_edgemodel_encryption_takes_a_pem_public_key():
         with pytest.raises(ValidationError, match="publicKey must be one PEM public key.*keygen encryption"):
             EdgeModel(metadata={"name": "m", "namespace": "ns"},
                       spec={"source": {"uri": "https://h/m.onnx"}, "format": "onnx", "encryption": {"publicKey": bad}})
+
+
+def _strategy(profile_name: str, spec: dict) -> dict:
+    profiles = builtin_profiles()
+    profile = next(p for p in profiles if p.metadata["name"] == profile_name)
+    ed = EdgeDeployment(metadata={"name": "digits", "namespace": "ns", "uid": str(uuid.uuid4())},
+                        spec={"modelRef": {"name": "digits"}, **spec})
+    variant = Variant(profile=profile_name, artifact="oci://r/m@" + DIGEST, digest=DIGEST, state="Ready")
+    return render_class(ed, profile, variant, profiles, "/var/lib/edgefleet/cache")["spec"]["updateStrategy"]
+
+
+def test_verifying_classes_surge_so_a_refused_variant_never_removes_a_nodes_serving_pod():
+    keys = {"trust": {"publicKeysSecret": "team-keys", "requireSignature": True}}
+    assert _strategy("cpu-amd64", keys)["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert _strategy("cpu-amd64", {})["rollingUpdate"] == {"maxUnavailable": "25%"}  # unchanged without trust
+    explicit = {**keys, "rollout": {"maxSurge": "50%"}}
+    assert _strategy("cpu-amd64", explicit)["rollingUpdate"] == {"maxSurge": "50%", "maxUnavailable": 0}
+    # a GPU class cannot hold two pods' devices: it rolls by maxUnavailable (the documented gap)
+    assert _strategy("nvidia-gpu", keys)["rollingUpdate"] == {"maxUnavailable": "25%"}
+    # waves replace pods themselves (OnDelete) and roll back on failure
+    assert _strategy("cpu-amd64", {**keys, "rollout": {"waves": [50, 100]}}) == {"type": "OnDelete"}

@@ -666,7 +666,8 @@ class Rollout(Model):
     percentage); the old pod goes once the new one is Ready, so those nodes keep serving (in PerNode mode
     maxUnavailable then does not apply: no node loses its pod). Not with waves or canaryPercent. Classes whose
     profile asks for extended resources (a GPU) roll without it: a second pod could not get the device the
-    first one holds."""
+    first one holds. Omitted: 1 where spec.trust.publicKeysSecret is set (a variant the nodes refuse never
+    takes a node's serving pod away), else none."""
     waves: Annotated[
         list[Percent], Field(min_length=1, max_length=10, json_schema_extra={"x-kubernetes-list-type": "set"})
     ] | None = None

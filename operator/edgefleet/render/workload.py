@@ -270,10 +270,14 @@ def render_class(
 
 
 def _surge(ed: EdgeDeployment, profile: HardwareProfile) -> int | str:
-    """rollout.maxSurge, or 0 where a second pod could not get the class's extended resources (a GPU)."""
-    if ed.spec.rollout.max_surge is None or profile.spec.extended_resources:
+    """rollout.maxSurge, or 0 where a second pod could not get the class's extended resources (a GPU).
+    Omitted, it is 1 where spec.trust checks signatures: a node's old pod then stays until the new one is
+    Ready, so a variant its fetch refuses never takes the node's model away."""
+    if profile.spec.extended_resources:
         return 0
-    return ed.spec.rollout.max_surge
+    if ed.spec.rollout.max_surge is not None:
+        return ed.spec.rollout.max_surge
+    return 1 if ed.spec.trust and ed.spec.trust.public_keys_secret and not waves_of(ed) else 0
 
 
 def render_service(ed: EdgeDeployment) -> dict:
