@@ -14,15 +14,17 @@ from pathlib import Path
 
 from . import logs
 from .backends import BACKENDS, EXECUTION_PROVIDERS
+from .exitcodes import (  # noqa: F401 - re-exported: tests and callers read them here
+    EXIT_DECRYPT,
+    EXIT_DIGEST,
+    EXIT_FETCH,
+    EXIT_LOAD,
+    EXIT_SIGNATURE,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 
 log = logging.getLogger("edgefleet_runtime")
-
-EXIT_USAGE = 2
-EXIT_DIGEST = 3
-EXIT_LOAD = 4
-EXIT_FETCH = 5
-EXIT_SIGNATURE = 6  # unsigned or wrongly signed variant, refused by the trust policy
-EXIT_DECRYPT = 7  # encrypted variant without the right decryption key
 
 
 def _env_int(name: str, default: int) -> int:
@@ -312,7 +314,7 @@ def _fail(command: str, code: int, text: str) -> int:
 
 def _fetch(args) -> int:
     from .digest import DigestError
-    from .fetch import FetchError, fetch
+    from .fetch import FetchError, RegistryUnreachable, fetch
     from .trust import TrustError
 
     try:
@@ -327,6 +329,9 @@ def _fetch(args) -> int:
     except DigestError as e:
         log.error("fetch refused", extra={"error": str(e)})
         return _fail("fetch", EXIT_DIGEST, str(e))
+    except RegistryUnreachable as e:
+        log.error("fetch failed: registry unreachable", extra={"error": str(e)})
+        return _fail("fetch", EXIT_UNREACHABLE, str(e))
     except (FetchError, OSError) as e:
         log.error("fetch failed", extra={"error": str(e)})
         return _fail("fetch", EXIT_FETCH, str(e))

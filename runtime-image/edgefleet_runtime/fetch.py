@@ -15,7 +15,9 @@ import hashlib
 import ipaddress
 import logging
 import os
+import random
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -32,6 +34,75 @@ MANIFEST_TYPES = [
 
 class FetchError(RuntimeError):
     pass
+
+
+class RegistryUnreachable(FetchError):
+    """The registry did not answer within the bounded retries (connection refused or reset, timeout, 502-504)."""
+
+
+ATTEMPTS = 5  # requests to the registry per call, EDGEFLEET_FETCH_ATTEMPTS overrides
+FIRST_DELAY_SECONDS = 1.0  # doubled after every failed attempt, with jitter, at most MAX_DELAY_SECONDS
+MAX_DELAY_SECONDS = 8.0
+TIMEOUT_SECONDS = (5.0, 30.0)  # connect, read (oras sets none: a silent network would hang the pod forever)
+RETRY_STATUS = frozenset({502, 503, 504})
+
+
+def _attempts() -> int:
+    try:
+        return max(1, int(os.environ.get("EDGEFLEET_FETCH_ATTEMPTS", ATTEMPTS)))
+    except ValueError:
+        return ATTEMPTS
+
+
+def with_retries(request, host: str, attempts: int | None = None, sleep=time.sleep):
+    """``request()`` until the registry answers (any status but 502-504), at most ``attempts`` times with
+    exponential backoff and jitter; every failed attempt is logged. Raises RegistryUnreachable."""
+    import requests
+
+    attempts = attempts or _attempts()
+    started, delay, last = time.monotonic(), FIRST_DELAY_SECONDS, ""
+    for attempt in range(1, attempts + 1):
+        try:
+            resp = request()
+            if resp.status_code not in RETRY_STATUS:
+                return resp
+            last = f"HTTP {resp.status_code}"
+        except (requests.ConnectionError, requests.Timeout) as e:
+            last = f"{type(e).__name__}: {_short(e)}"
+        if attempt < attempts:
+            wait = min(delay, MAX_DELAY_SECONDS) * random.uniform(0.5, 1.0)
+            log.warning("registry unreachable, retrying", extra={
+                "registry": host, "attempt": attempt, "attempts": attempts, "retry_in_seconds": round(wait, 1),
+                "error": last})
+            sleep(wait)
+            delay *= 2
+    raise RegistryUnreachable(f"registry {host} unreachable: {attempts} attempts over "
+                              f"{time.monotonic() - started:.0f} s failed, last: {last}")
+
+
+def _short(error: Exception) -> str:
+    """The innermost reason of a requests/urllib3 error ("[Errno 111] Connection refused"), not its repr chain."""
+    text = str(error)
+    at = text.find("[Errno")
+    if at >= 0:
+        return text[at:].split("'")[0].split('"')[0].rstrip(")")[:200]
+    return text[:200]
+
+
+def _registry(host: str, plain_http: bool):
+    """An ORAS registry client whose requests time out and retry a bounded number of times (ORAS's own retry
+    sleeps 3, 5, 11, 29, 83 s, silently, and its requests have no timeout)."""
+    import oras.provider
+
+    class Registry(oras.provider.Registry):
+        def do_request(self, *args, **kwargs):
+            unretried = oras.provider.Registry.do_request.__wrapped__
+            return with_retries(lambda: unretried(self, *args, **kwargs), host)
+
+    registry = Registry(hostname=host, insecure=plain_http)
+    plain = registry.session.request
+    registry.session.request = lambda *a, **kw: plain(*a, **{"timeout": TIMEOUT_SECONDS, **kw})
+    return registry
 
 
 def _is_loopback(netloc: str) -> bool:
@@ -75,12 +146,11 @@ def _oci_chunks(ref: str, digest: str, insecure: bool, found: dict):
     ``digest`` is taken (or the only layer, verified afterwards). ``found["signature"]``: the manifest's
     signature annotation."""
     import oras.container
-    import oras.provider
 
     target = ref[len("oci://") :]
     host = target.split("/", 1)[0]
     plain_http = insecure or _is_loopback(host)
-    registry = oras.provider.Registry(hostname=host, insecure=plain_http)
+    registry = _registry(host, plain_http)
     container = oras.container.Container(target)
     try:  # pull secrets mounted as a Docker config ($DOCKER_CONFIG or ~/.docker/config.json)
         registry.auth.load_configs(container)
@@ -92,6 +162,8 @@ def _oci_chunks(ref: str, digest: str, insecure: bool, found: dict):
         found["where"] = f"the manifest of {ref} has no {trust.SIGNATURE_ANNOTATION} annotation"
         try:
             manifest = registry.get_manifest(container, allowed_media_type=MANIFEST_TYPES)
+        except RegistryUnreachable:
+            raise
         except Exception as e:
             raise FetchError(f"cannot read manifest {ref}: {e}") from e
         found["signature"] = (manifest.get("annotations") or {}).get(trust.SIGNATURE_ANNOTATION)

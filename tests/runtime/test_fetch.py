@@ -154,3 +154,48 @@ def test_fetch_from_oci_with_the_wrong_digest_is_refused(tmp_path, digits_v1, re
     host, mdigest = registry
     with pytest.raises(DigestError, match="digest mismatch"):
         fetch(f"oci://{host}/models/digits@{mdigest}", digits_v1[1], tmp_path / "cache")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the with block ends: connections are refused
+
+
+def test_fetch_from_an_unreachable_registry_gives_up_after_bounded_logged_retries(tmp_path, digits):
+    """The init container must fail in seconds, say why in its log on every attempt and in its termination
+    message, and exit with the code the operator reads as "registry unreachable" (not retry silently for
+    minutes as ORAS does)."""
+    from edgefleet_runtime.exitcodes import EXIT_UNREACHABLE
+
+    port = _closed_port()
+    termination = tmp_path / "termination-log"
+    termination.write_text("")
+    env = {**os.environ, "EDGEFLEET_FETCH_ATTEMPTS": "3", "EDGEFLEET_TERMINATION_LOG": str(termination)}
+    r = subprocess.run([sys.executable, "-m", "edgefleet_runtime.cli", "fetch", f"--ref=oci://127.0.0.1:{port}/m/d:1",
+                        f"--digest={digits[1]}", f"--cache={tmp_path / 'cache'}"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == EXIT_UNREACHABLE, r.stderr
+    retries = [json.loads(line) for line in r.stderr.splitlines() if "registry unreachable, retrying" in line]
+    assert [(e["attempt"], e["attempts"]) for e in retries] == [(1, 3), (2, 3)], r.stderr  # then the failure
+    assert retries[0]["error"] == "ConnectionError: [Errno 111] Connection refused", retries[0]
+    message = termination.read_text()
+    assert message.startswith(f"registry 127.0.0.1:{port} unreachable: 3 attempts"), message
+    assert "Connection refused" in message, message
+
+
+def test_registry_retries_stop_at_the_first_answer_and_5xx_counts_as_unreachable():
+    from edgefleet_runtime.fetch import RegistryUnreachable, with_retries
+
+    class Resp:
+        def __init__(self, status):
+            self.status_code = status
+
+    answers = iter([Resp(503), Resp(502), Resp(404)])
+    slept: list[float] = []
+    assert with_retries(lambda: next(answers), "r:1", attempts=5, sleep=slept.append).status_code == 404
+    assert len(slept) == 2 and 0.5 <= slept[0] <= 1.0 and 1.0 <= slept[1] <= 2.0, slept
+    with pytest.raises(RegistryUnreachable, match=r"registry r:1 unreachable: 2 attempts .* last: HTTP 504"):
+        with_retries(lambda: Resp(504), "r:1", attempts=2, sleep=slept.append)

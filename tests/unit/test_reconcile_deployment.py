@@ -243,3 +243,63 @@ def test_missing_model_is_degraded_with_its_name(kube):
     degraded = condition(kube, "Degraded")
     assert (degraded["reason"], degraded["status"]) == ("ModelNotFound", "True")
     assert "'digits'" in degraded["message"]
+
+
+def ready_pod() -> dict:
+    return {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+
+
+def fetch_failed(exit_code: int, message: str) -> dict:
+    return {"phase": "Pending", "initContainerStatuses": [
+        {"name": "fetch-model", "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+         "lastState": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message}}}]}
+
+
+@pytest.mark.parametrize(("exit_code", "message", "reason", "fix"), [
+    (8, "registry 10.245.0.1:5000 unreachable: 5 attempts over 14 s failed, last: ConnectionError: [Errno 111] "
+        "Connection refused", "RegistryUnreachable", "cannot reach the artifact store"),
+    (3, f"digest mismatch for oci://r/x@{DIGEST}: expected {DIGEST}, downloaded bytes have sha256:00",
+     "VariantDigestMismatch", "publish the variant again"),
+])
+def test_a_surge_pod_that_cannot_fetch_its_variant_degrades_while_the_old_pod_serves(kube, exit_code, message,
+                                                                                      reason, fix):
+    """With rollout.maxSurge the DaemonSet's counts look complete (the old pod is Ready, the node counts as
+    updated) while the node's new pod fails: its pods tell, and the operator keeps looking until they are Ready."""
+    kube.stored("EdgeDeployment", "digits", NS)["spec"]["rollout"] = {"maxSurge": 1}
+    reconcile(kube)
+    daemonset_reports(kube, "digits-cpu-arm64", 1, 1)
+    daemonset_reports(kube, "digits-nvidia-jetson", 2, 2)
+    add_pod(kube, "digits-cpu-arm64-old", "cpu-arm64", ready_pod())
+    add_pod(kube, "digits-cpu-arm64-new", "cpu-arm64", {"phase": "Pending", "initContainerStatuses": [
+        {"name": "fetch-model", "state": {"running": {}}}]})
+    assert reconcile(kube) is not None  # a new pod is starting: look again
+    assert condition(kube, "Degraded")["status"] == "False"
+    assert condition(kube, "Progressing")["status"] == "True"
+    kube.set_status("Pod", "digits-cpu-arm64-new", NS, fetch_failed(exit_code, message))
+    assert reconcile(kube) is not None
+    degraded = condition(kube, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", reason)
+    assert message in degraded["message"] and fix in degraded["message"], degraded["message"]
+    assert f"init container fetch-model exited {exit_code} (Error): {message}" in classes(kube)["cpu-arm64"]["message"]
+    assert condition(kube, "Available")["status"] == "True"  # the old pod serves
+    reconcile(kube)
+    assert [e["reason"] for e in kube.warnings()] == [reason]
+    kube.set_status("Pod", "digits-cpu-arm64-new", NS, ready_pod())
+    kube.delete("Pod", "digits-cpu-arm64-old", NS)
+    assert reconcile(kube) is None
+    assert condition(kube, "Degraded")["status"] == "False"
+    assert condition(kube, "Progressing")["status"] == "False"
+
+
+def test_an_unpullable_runtime_image_degrades_naming_the_profile_and_image(kube):
+    reconcile(kube)
+    daemonset_reports(kube, "digits-cpu-arm64", 1, 0)
+    daemonset_reports(kube, "digits-nvidia-jetson", 2, 2)
+    add_pod(kube, "digits-cpu-arm64-x", "cpu-arm64", {"phase": "Pending", "containerStatuses": [
+        {"name": "runtime", "image": "ghcr.io/edgefleet/runtime-cpu:nope", "state": {"waiting": {
+            "reason": "ImagePullBackOff", "message": 'Back-off pulling image "ghcr.io/edgefleet/runtime-cpu:nope"'}}}]})
+    reconcile(kube)
+    degraded = condition(kube, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ImagePullFailed")
+    assert "runtimeImage of HardwareProfile cpu-arm64 (ghcr.io/edgefleet/runtime-cpu:nope)" in degraded["message"]
+    assert [e["reason"] for e in kube.warnings()] == ["ImagePullFailed"]

@@ -91,7 +91,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
                                          service, health, gated))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
     waits += [h.recheck for h in health.values() if h.recheck]
-    if any(_behind(o) for o in applied.values()):
+    if any(_behind(o) for o in applied.values()) or any(h.not_ready for h in health.values()):
         waits.append(RECHECK_SECONDS)
     return min(waits) if waits else None
 
@@ -191,10 +191,17 @@ def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict], old
     ready_before = {c["profile"]: c.get("ready", 0) for c in old_status.get("classes", [])}
     health = {}
     for profile, obj in applied.items():
-        if _behind(obj) and _counts(obj)[1] <= ready_before.get(profile, 0):
+        if (_behind(obj) and _counts(obj)[1] <= ready_before.get(profile, 0)) or _surges(obj):
             pods = kube.list("Pod", namespace, {**child_labels(name), PROFILE_LABEL: profile})
             health[profile] = class_health(pods, now)
     return health
+
+
+def _surges(obj: dict) -> bool:
+    """A DaemonSet that starts a node's new pod beside the old one: its counts look complete while the new pod
+    fails (the old one is Ready and the node counts as updated), so only its pods tell."""
+    rolling = (obj["spec"].get("updateStrategy") or {}).get("rollingUpdate") or {}
+    return obj["kind"] == "DaemonSet" and str(rolling.get("maxSurge", 0)) not in ("0", "0%")
 
 
 def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict, existing: dict | None) -> Decision:
@@ -256,12 +263,13 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
     ready = sum(c["ready"] for c in classes)
     settled = all(_observed(o) for o in out.applied.values())
     complete = settled and not out.failures and all(c["ready"] == c["desired"] == c["updated"] for c in classes)
+    surging = any(h.not_ready for h in out.health.values())  # a surge pod not Ready yet: counts look complete
     conds = old.get("conditions", [])
     conds = set_condition(conds, "Available", bool(classes) and complete and desired > 0,
                           "AllClassesReady" if complete and classes else "ClassesNotReady",
                           f"{ready}/{desired} pods ready across {len(classes)} hardware classes", generation)
     why = "; ".join(f"{c['profile']}: {c['message']}" for c in classes if c.get("message"))
-    done = complete and not out.gated  # a class held by the rollout gate is not up to date
+    done = complete and not out.gated and not surging  # a class held by the rollout gate is not up to date
     conds = set_condition(conds, "Progressing", not done,
                           "RollingOut" if not done else "RolloutComplete",
                           (why or "waiting for pods to be updated and ready") if not done
@@ -312,9 +320,8 @@ def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
     if out.service:
         return out.service.reason, str(out.service)
     if stuck:
-        first = stuck[min(stuck)]
-        reason = "PodsUnschedulable" if first.state == "Pending" else "PodsFailing"
-        return reason, "; ".join(f"{p}: {out.health[p].message}. Fix: {h.fix}" for p, h in sorted(stuck.items()))
+        why = "; ".join(f"{p}: {out.health[p].message}. Fix: {h.fix}" for p, h in sorted(stuck.items()))
+        return stuck[min(stuck)].reason, why
     if not out.model_found:
         return "ModelNotFound", f"EdgeModel {ed.spec.model_ref.name!r} does not exist in this namespace"
     if out.missing:

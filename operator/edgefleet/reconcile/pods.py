@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from edgefleet_runtime.exitcodes import EXIT_DIGEST, EXIT_SIGNATURE, EXIT_UNREACHABLE
+
 from .rollout import parse_time
 
 UNSCHEDULABLE_GRACE_SECONDS = 30.0
@@ -22,12 +24,32 @@ _AVAILABLE = re.compile(r"^\d+/\d+ nodes are available: (.*)$")
 _NOT_HERE = ("didn't match Pod's node affinity/selector", "didn't match pod's node affinity/selector")
 
 
+IMAGE_WAITING = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
+FETCH_CONTAINER = "fetch-model"
+# the fetch init container's exit code (edgefleet_runtime.exitcodes) -> (condition reason, fix)
+FETCH_FAILURES = {
+    EXIT_UNREACHABLE: ("RegistryUnreachable",
+                       "the class's nodes cannot reach the artifact store that holds the variant (the registry "
+                       "in the variant's ref, chart value artifactStore.url): start it or fix the network between "
+                       "the nodes and it; the pod retries with backoff and running pods keep serving their variant"),
+    EXIT_DIGEST: ("VariantDigestMismatch",
+                  "the artifact store holds other bytes under the variant's ref than its digest (overwritten or "
+                  "tampered): publish the variant again (recompile: change the EdgeModel or delete its compile "
+                  "report) and check who can write to the store; the node refused the bytes, running pods keep "
+                  "serving their variant"),
+    EXIT_SIGNATURE: ("VariantSignatureRefused",
+                     "sign the variant with a key listed in spec.trust.publicKeysSecret (edgefleet sign), or "
+                     "trust the key that signed it"),
+}
+
+
 @dataclass(frozen=True)
 class PodProblem:
     state: str  # Pending, CrashLoopBackOff, ImagePullBackOff, ...
     detail: str  # e.g. Insufficient nvidia.com/gpu
     fix: str
     stuck_in: float  # seconds until it counts as stuck; 0 when it already does
+    reason: str = "PodsFailing"  # the Degraded condition's reason: PodsUnschedulable, ImagePullFailed, ...
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,7 @@ class ClassHealth:
     message: str | None  # e.g. "2/2 pods Pending: Insufficient nvidia.com/gpu"; None when nothing is wrong
     stuck: PodProblem | None  # the first problem that needs the user, if any
     recheck: float | None  # seconds until a problem seen now counts as stuck
+    not_ready: int = 0  # live pods not Ready (starting or stuck)
 
 
 def scheduler_reason(message: str) -> str:
@@ -84,7 +107,7 @@ def _unschedulable(scheduled: dict, now: float) -> PodProblem:
                "narrow spec.nodeSelector to nodes with room")
     else:
         fix = "make the class's nodes schedulable for these pods (taints, capacity) or narrow spec.nodeSelector"
-    return PodProblem("Pending", detail, fix, stuck_in)
+    return PodProblem("Pending", detail, fix, stuck_in, "PodsUnschedulable")
 
 
 def _not_running(pod: dict, where: str, cs: dict, waiting: dict) -> PodProblem:
@@ -97,11 +120,16 @@ def _not_running(pod: dict, where: str, cs: dict, waiting: dict) -> PodProblem:
         why = (waiting.get("message") or "").strip()[:300]
     detail = f"{where} {cs.get('name', '?')} {why}".strip()
     meta = pod.get("metadata") or {}
-    if "Image" in waiting["reason"]:
-        fix = "check the HardwareProfile's runtimeImage: it must exist and be pullable from the nodes"
-    else:
-        fix = (f"read the logs: kubectl logs -n {meta.get('namespace', '')} {meta.get('name', '')} "
-               f"-c {cs.get('name', '')} --previous")
+    if waiting["reason"] in IMAGE_WAITING:
+        profile = (meta.get("labels") or {}).get("edgefleet.io/profile", "")
+        fix = (f"check the runtimeImage of HardwareProfile {profile} ({cs.get('image', '?')}): it must exist and "
+               "be pullable from the class's nodes (registry, name, tag or digest, pull secret)")
+        return PodProblem(waiting["reason"], detail, fix, 0.0, "ImagePullFailed")
+    if where == "init container" and cs.get("name") == FETCH_CONTAINER and last.get("exitCode") in FETCH_FAILURES:
+        reason, fix = FETCH_FAILURES[last["exitCode"]]
+        return PodProblem(waiting["reason"], detail, fix, 0.0, reason)
+    fix = (f"read the logs: kubectl logs -n {meta.get('namespace', '')} {meta.get('name', '')} "
+           f"-c {cs.get('name', '')} --previous")
     return PodProblem(waiting["reason"], detail, fix, 0.0)
 
 
@@ -109,10 +137,11 @@ def class_health(pods: list[dict], now: float) -> ClassHealth:
     """One line per kind of problem over the live pods of a class, most common first."""
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     problems = [pp for p in live if (pp := pod_problem(p, now))]
+    not_ready = sum(1 for p in live if not _ready(p))
     if not problems:
-        return ClassHealth(None, None, None)
+        return ClassHealth(None, None, None, not_ready)
     groups = Counter((p.state, p.detail) for p in problems)
     message = "; ".join(f"{n}/{len(live)} pods {state}: {detail}" for (state, detail), n in groups.most_common(3))
     stuck = next((p for p in problems if p.stuck_in == 0), None)
     waiting = [p.stuck_in for p in problems if p.stuck_in > 0]
-    return ClassHealth(message, stuck, min(waiting) if waiting else None)
+    return ClassHealth(message, stuck, min(waiting) if waiting else None, not_ready)
