@@ -1,0 +1,263 @@
+"""Flower (flwr) server and client for head fine-tuning, over gRPC with mutual TLS.
+
+Flower's legacy bidirectional transport (the FlowerService.Join stream) and its server loop, client
+manager and strategies (FedAvg, FedProx) are used as they are; what is ours is only the channel: the
+server requires a client certificate signed by the run's CA (`require_client_auth=True`, which Flower's
+own `start_server` leaves off) and the client presents one. Only Flower's FitIns/FitRes messages (the
+head's parameters and a few numbers) cross the network; every message a client sends is counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from flwr.client import NumPyClient
+from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays, serde
+from flwr.proto.transport_pb2 import ClientMessage, Reason  # pylint: disable=no-name-in-module
+from flwr.proto.transport_pb2_grpc import FlowerServiceStub, add_FlowerServiceServicer_to_server
+from flwr.server import Server
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.strategy import FedAvg, FedProx
+from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
+
+from .trainer import Head, loss_and_accuracy, train
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+class RoundFailed(RuntimeError):
+    """A round could not complete with at least the minimum number of clients."""
+
+
+@dataclass(frozen=True)
+class Tls:
+    """PEM bytes: the run's CA certificate, and this side's certificate and private key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
+# ----------------------------------------------------------------------------- client side
+class HeadClient(NumPyClient):
+    """Trains the head on this client's features; its data never leaves this object."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, seed: int = 0):
+        self.x, self.y, self.seed = features, labels, seed
+
+    def get_parameters(self, config):
+        raise RuntimeError("the server starts from the source model's head; it never asks a client")
+
+    def fit(self, parameters, config):
+        head = train(Head.of(parameters), self.x, self.y, epochs=int(config.get("epochs", 5)),
+                     learning_rate=float(config.get("learningRate", 0.5)),
+                     batch_size=int(config.get("batchSize", 32)),
+                     proximal_mu=float(config.get("proximal_mu", 0.0)), seed=self.seed)
+        loss, acc = loss_and_accuracy(head, self.x, self.y)
+        return head.parameters(), len(self.y), {"trainLoss": loss, "trainAccuracy": acc}
+
+    def evaluate(self, parameters, config):
+        loss, acc = loss_and_accuracy(Head.of(parameters), self.x, self.y)
+        return loss, len(self.y), {"accuracy": acc}
+
+
+@dataclass
+class Traffic:
+    """What a client sent: one entry per message, (kind, serialized bytes)."""
+
+    sent: list[tuple[str, int]] = field(default_factory=list)
+    messages: list[bytes] = field(default_factory=list)  # kept only when keep_messages is set
+    keep_messages: bool = False
+
+    def record(self, kind: str, msg: ClientMessage) -> None:
+        data = msg.SerializeToString()
+        self.sent.append((kind, len(data)))
+        if self.keep_messages:
+            self.messages.append(data)
+
+
+def _reply(client, server_msg, traffic: Traffic) -> ClientMessage | None:
+    kind = server_msg.WhichOneof("msg")
+    c = client.to_client()
+    if kind == "fit_ins":
+        msg = ClientMessage(fit_res=serde.fit_res_to_proto(c.fit(serde.fit_ins_from_proto(server_msg.fit_ins))))
+    elif kind == "evaluate_ins":
+        res = c.evaluate(serde.evaluate_ins_from_proto(server_msg.evaluate_ins))
+        msg = ClientMessage(evaluate_res=serde.evaluate_res_to_proto(res))
+    elif kind == "reconnect_ins":
+        msg = ClientMessage(disconnect_res=ClientMessage.DisconnectRes(reason=Reason.ACK))
+    else:
+        raise RuntimeError(f"the server sent {kind}, which this client does not answer")
+    traffic.record(kind, msg)
+    return None if kind == "reconnect_ins" else msg
+
+
+def run_client(address: str, client: NumPyClient, tls: Tls, traffic: Traffic | None = None,
+               server_name: str | None = None, on_message: Callable[[str], None] | None = None) -> Traffic:
+    """Join the server at `address` and answer until it says goodbye; returns what was sent."""
+    traffic = traffic or Traffic()
+    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    with grpc.secure_channel(address, creds, options=options) as channel:
+        grpc.channel_ready_future(channel).result(timeout=300)
+        outbox: queue.Queue = queue.Queue(maxsize=1)
+        for server_msg in FlowerServiceStub(channel).Join(iter(outbox.get, None)):
+            reply = _reply(client, server_msg, traffic)
+            if on_message:
+                on_message(server_msg.WhichOneof("msg"))
+            if reply is None:
+                break
+            outbox.put(reply)
+        outbox.put(None)
+    return traffic
+
+
+# ----------------------------------------------------------------------------- server side
+@dataclass
+class RoundResult:
+    round: int
+    clients: int
+    failures: int
+    loss: float
+    accuracy: float
+    train_loss: float | None = None
+    bytes_per_client: list[int] = field(default_factory=list)
+
+
+class BoundedClientManager(SimpleClientManager):
+    """Before the first round waits up to `wait_seconds` for all `expected` clients (they start at about the
+    same time); every round needs at least the minimum within `wait_seconds`, else it fails clearly."""
+
+    def __init__(self, wait_seconds: float, expected: int = 0):
+        super().__init__()
+        self.wait_seconds, self.expected = wait_seconds, expected
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None):
+        need = min_num_clients or num_clients
+        if self.expected:
+            self.wait_for(self.expected, timeout=int(self.wait_seconds))
+            self.expected = 0
+            num_clients = max(num_clients, self.num_available())
+        if not self.wait_for(need, timeout=int(self.wait_seconds)):
+            raise RoundFailed(f"only {self.num_available()} of the minimum {need} clients connected "
+                              f"within {self.wait_seconds:.0f} s")
+        return super().sample(num_clients, min_num_clients, criterion)
+
+
+def make_strategy(aggregation: str, *, min_clients: int, initial: Head, eval_x: np.ndarray, eval_y: np.ndarray,
+                  fit_config: dict, proximal_mu: float = 0.0,
+                  on_round: Callable[[RoundResult], None] = lambda r: None):
+    """A Flower FedAvg or FedProx that starts from `initial`, evaluates on the server's evaluation data,
+    refuses a round with fewer than `min_clients` results and reports every round to `on_round`."""
+    base = {"FedAvg": FedAvg, "FedProx": FedProx}[aggregation]
+
+    class Recording(base):
+        pending: dict = {}
+
+        def aggregate_fit(self, server_round, results, failures):
+            if len(results) < min_clients:
+                raise RoundFailed(f"round {server_round}: {len(results)} clients returned an update, "
+                                  f"{len(failures)} failed; the minimum is {min_clients}")
+            self.pending = {"clients": len(results), "failures": len(failures),
+                            "bytes": [serde.fit_res_to_proto(r).ByteSize() for _, r in results],
+                            "train_loss": _weighted([(r.metrics.get("trainLoss", 0.0), r.num_examples)
+                                                     for _, r in results])}
+            return super().aggregate_fit(server_round, results, failures)
+
+        def evaluate(self, server_round, parameters):
+            loss, metrics = super().evaluate(server_round, parameters)
+            if server_round > 0:
+                p = self.pending
+                on_round(RoundResult(server_round, p["clients"], p["failures"], loss, metrics["accuracy"],
+                                     p["train_loss"], p["bytes"]))
+            return loss, metrics
+
+    def evaluate_fn(server_round, params, config):
+        loss, acc = loss_and_accuracy(Head.of(params), eval_x, eval_y)
+        return loss, {"accuracy": acc}
+
+    kwargs = {"proximal_mu": proximal_mu} if aggregation == "FedProx" else {}
+    return Recording(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=min_clients,
+                     min_evaluate_clients=0, min_available_clients=min_clients, evaluate_fn=evaluate_fn,
+                     on_fit_config_fn=lambda r: dict(fit_config), accept_failures=True,
+                     initial_parameters=ndarrays_to_parameters(initial.parameters()), **kwargs)
+
+
+def _weighted(pairs: list[tuple[float, int]]) -> float | None:
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+def start_grpc(address: str, client_manager, tls: Tls) -> tuple[grpc.Server, int]:
+    """A gRPC server with Flower's FlowerService that accepts only clients with a certificate of the CA."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=64),
+                         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    add_FlowerServiceServicer_to_server(FlowerServiceServicer(client_manager), server)
+    creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True)
+    port = server.add_secure_port(address, creds)
+    server.start()
+    return server, port
+
+
+@dataclass
+class ServerRun:
+    """A running Flower server: `port` is bound; `wait()` returns the final head or raises RoundFailed."""
+
+    grpc_server: grpc.Server
+    port: int
+    thread: threading.Thread
+    outcome: dict
+
+    def wait(self, timeout: float | None = None) -> Head:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise RoundFailed(f"the rounds did not finish within {timeout} s")
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return self.outcome["head"]
+
+
+def serve(address: str, tls: Tls, strategy, *, rounds: int, round_timeout: float, wait_seconds: float,
+          expected_clients: int = 0) -> ServerRun:
+    """Start the server and run `rounds` rounds in a thread."""
+    manager = BoundedClientManager(wait_seconds, expected_clients)
+    grpc_server, port = start_grpc(address, manager, tls)
+    server = Server(client_manager=manager, strategy=strategy)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            server.fit(num_rounds=rounds, timeout=round_timeout)
+            outcome["head"] = Head.of(parameters_to_ndarrays(server.parameters))
+        except Exception as err:  # noqa: BLE001 - reported to the caller by wait()
+            outcome["error"] = err if isinstance(err, RoundFailed) else RoundFailed(f"{type(err).__name__}: {err}")
+        finally:
+            try:
+                server.disconnect_all_clients(timeout=10)
+            finally:
+                grpc_server.stop(grace=2)
+
+    thread = threading.Thread(target=run, name="flower-server", daemon=True)
+    thread.start()
+    return ServerRun(grpc_server, port, thread, outcome)
+
+
+def parameter_bytes(head: Head) -> int:
+    """Bytes of the head's parameters as Flower serializes them (numpy .npy per tensor)."""
+    return sum(len(t) for t in ndarrays_to_parameters(head.parameters()).tensors)
+
+
+__all__ = ["FitRes", "HeadClient", "Parameters", "RoundFailed", "RoundResult", "ServerRun", "Tls", "Traffic",
+           "make_strategy", "parameter_bytes", "run_client", "serve"]
