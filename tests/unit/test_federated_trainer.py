@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from edgefleet.reconcile.federated_pki import make_bundle
+from edgefleet.federated_tls import make_bundle
 from edgefleet_runtime.federated import flower
 from edgefleet_runtime.federated.trainer import (
     Head,
