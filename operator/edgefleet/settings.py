@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     compile_deadline_seconds: int = 3600
     """activeDeadlineSeconds of a compile Job: past it the Job fails and its variants are Failed."""
     compile_cache: Path = Field(default_factory=lambda: _cache() / "compile")
+    compile_host_latency_ms: dict[str, float] = Field(default_factory=dict)
+    """Test hook (JSON in EDGEFLEET_COMPILE_HOST_LATENCY_MS, inline executor): candidate name -> the p50 at
+    1 thread in ms the compile host reports instead of its measurement, e.g. {"openvino-fp32": 0.001} makes
+    the host choose openvino-fp32; on-target selection then shows whether the node agrees."""
+    bench_deadline_seconds: int = Field(default=600, ge=30)
+    """activeDeadlineSeconds of a benchmark Job (a pod that cannot start counts too): past it the class keeps
+    the host's choice and the EdgeModel says so (OnTargetSelected False, BenchJobFailed)."""
+    bench_runs: int = Field(default=100, ge=5)
+    """Timed runs per candidate and thread setting in a benchmark Job."""
     compile_timing_runs: int = 30
     """Timed inference runs per candidate when the compiler measures latency."""
     signing_key_file: Path | None = None

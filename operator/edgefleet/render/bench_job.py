@@ -38,7 +38,6 @@ BENCH_KEY = "edgefleet.io/bench-key"
 MAX_CANDIDATES = 8
 BACKOFF_LIMIT = 1
 TTL_SECONDS_AFTER_FINISHED = 3600
-DEADLINE_SECONDS = 1800
 EXIT_NO_RETRY = [1, 2, 4]  # bench: a candidate failed (report pushed), bad input, reference unloadable
 WATCH_LABELS = {"app.kubernetes.io/managed-by": "edgefleet", "app.kubernetes.io/name": BENCH_NAME}
 
@@ -182,7 +181,7 @@ def render_bench_job(req: BenchJobRequest, settings: Settings) -> dict:
         },
         "spec": {
             "backoffLimit": BACKOFF_LIMIT,
-            "activeDeadlineSeconds": DEADLINE_SECONDS,
+            "activeDeadlineSeconds": settings.bench_deadline_seconds,
             "ttlSecondsAfterFinished": TTL_SECONDS_AFTER_FINISHED,
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
