@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "compile": "edgefleet.compiler.cli:compile_command",
     "operator": "edgefleet.handlers.cli:operator_command",
     "demo": "edgefleet.demo:demo_command",
+    "examples": "edgefleet.artifacts.examples:examples",
     "images": "edgefleet.images.cli:images",
     "keygen": "edgefleet.signing:keygen_command",
     "sign": "edgefleet.signing:sign_command",

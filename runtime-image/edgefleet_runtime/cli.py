@@ -160,13 +160,21 @@ def _monitoring_arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument("--hard-examples-sample-rate", type=float, default=1.0, help="share of unsure predictions kept")
     g.add_argument("--hard-examples-max-count", type=int, default=1000, help="files the spool may hold")
     g.add_argument("--hard-examples-max-bytes", type=int, default=64 << 20, help="bytes the spool may hold")
+    g.add_argument("--drift-eval", help="evaluation data (.npz keyed by input name): the served model's answers on it"
+                   " become the drift reference (turns on PSI)")
+    g.add_argument("--hard-examples-upload", metavar="oci://HOST[:PORT]/REPO",
+                   help="push the spool's examples there in batches (one OCI artifact each)")
+    g.add_argument("--hard-examples-batch", type=int, default=100, help="examples per uploaded artifact at most")
+    g.add_argument("--hard-examples-upload-interval", type=float, default=60.0, help="seconds between uploads")
+    g.add_argument("--hard-examples-insecure", action="store_true", help="plain http to the upload registry")
+    g.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""), help="recorded with uploads ($NODE_NAME)")
 
 
 def _monitor(args, registry):
     """The Monitor of the flags, registered on the metrics registry; None when monitoring is off."""
     from .monitor import HardExamples, Monitor, read_reference
 
-    if not (args.monitoring or args.hard_examples_dir or args.drift_reference):
+    if not (args.monitoring or args.hard_examples_dir or args.drift_reference or args.drift_eval):
         return None
     reference = read_reference(args.drift_reference) if args.drift_reference else None
     spool = None
@@ -412,6 +420,10 @@ def _serve(args) -> int:
     except (ModelLoadError, OSError) as e:
         return die(EXIT_LOAD, f"cannot load model: {e}")
     slot.watch(args.model)
+    try:
+        uploader = _feedback(args, monitor, slot, metrics.registry)
+    except ValueError as e:
+        return die(EXIT_USAGE, str(e))
 
     app = App(slot, metrics, management=management if args.management_port is None else None, monitor=monitor)
     try:
@@ -464,8 +476,30 @@ def _serve(args) -> int:
         s.shutdown(args.drain_timeout)
     if monitor is not None and monitor.hard_examples is not None:
         monitor.hard_examples.flush()  # queued hard examples reach the disk before exit
+    if uploader is not None:
+        uploader.stop()
     log.info("stopped", extra={"drained": drained})
     return 0 if drained else 1
+
+
+def _feedback(args, monitor, slot, registry):
+    """The drift reference from --drift-eval (computed with the loaded model) and the hard-example uploader
+    (started; None without --hard-examples-upload)."""
+    from .feedback import Uploader, eval_reference
+
+    if args.drift_eval:
+        monitor.use_reference(eval_reference(slot.current.backend, args.drift_eval, args.monitor_output))
+    if not args.hard_examples_upload:
+        return None
+    if monitor is None or monitor.hard_examples is None:
+        raise ValueError("--hard-examples-upload needs --hard-examples-dir: the spool it uploads from")
+    meta = {"model": args.name, "model-digest": slot.current.digest, "node": args.node_name,
+            "class": os.environ.get("EDGEFLEET_RUNTIME_CLASS", "")}
+    uploader = Uploader(monitor.hard_examples, args.hard_examples_upload, meta, args.hard_examples_batch,
+                        args.hard_examples_upload_interval, args.hard_examples_insecure)
+    registry.register(uploader)
+    uploader.start()
+    return uploader
 
 
 def _listeners(args, app, management, limits) -> list:

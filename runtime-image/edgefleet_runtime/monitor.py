@@ -198,8 +198,16 @@ class Monitor:
         self._output_name = output or ""
         self._input_edges = list(reference.get("inputEdges", [])) if reference else []
         self.window = None
+        self.window_size = window
         if reference:
-            self.window = Window(window, len(reference["classes"]), len(self._input_edges) + 1)
+            self.use_reference(reference)
+
+    def use_reference(self, reference: dict) -> None:
+        """Compare the live window with ``reference`` from now on (``serve --drift-eval`` sets it after load)."""
+        edges = list(reference.get("inputEdges", []))
+        window = Window(self.window_size, len(reference["classes"]), len(edges) + 1)
+        with self._lock:
+            self.reference, self._input_edges, self.window = reference, edges, window
 
     def observe(self, model, feeds: dict, results: dict) -> None:
         """Called after every successful inference with the served ``LoadedModel``; never fails the request."""
@@ -340,6 +348,7 @@ class HardExamples:
         self.dropped: dict[str, int] = {"full": 0, "queue_full": 0, "write_failed": 0}
         self._queue: queue.Queue = queue.Queue(self.QUEUE)
         self._lock = threading.Lock()
+        self.on_spooled = None  # called with the number of stored examples after each write (the uploader)
         self._writer = threading.Thread(target=self._write_loop, name="hard-examples", daemon=True)
         self._writer.start()
 
@@ -416,6 +425,25 @@ class HardExamples:
             raise
         with self._lock:
             self.spooled += 1
+            count = self.count
+        if self.on_spooled is not None:
+            self.on_spooled(count)
+
+    def oldest(self, limit: int) -> list[Path]:
+        """Up to ``limit`` spooled examples, oldest first (names start with the time they were written)."""
+        return sorted(f for f in self.dir.glob("*.npz") if not f.name.startswith(".tmp-"))[:limit]
+
+    def remove(self, files: list[Path]) -> None:
+        """Delete examples that left the node (uploaded), freeing their room in the spool."""
+        for f in files:
+            try:
+                size = f.stat().st_size
+                f.unlink()
+            except FileNotFoundError:
+                continue
+            with self._lock:
+                self.count -= 1
+                self.bytes -= size
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued example is written or dropped (shutdown, tests); False on timeout."""
