@@ -12,6 +12,7 @@ import kopf
 from ..api import builtin_profiles
 from ..kube import GROUP, VERSION, ApiError, Kube, NotFound
 from ..reconcile import reconcile_deployment, reconcile_model, reconcile_profile
+from ..render.bench_job import WATCH_LABELS as BENCH_WATCH_LABELS
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, WATCH_LABELS
 from ..render.workload import MANAGED_BY
 from ..settings import Settings
@@ -214,5 +215,15 @@ async def service_event(type: str, namespace: str, labels, body, memo: kopf.Memo
 @kopf.on.event("batch", "v1", "jobs", labels=WATCH_LABELS)
 async def compile_job_event(annotations, memo: kopf.Memo, **_) -> None:
     """A compile Job (executor job) changed: its EdgeModel reads the outcome."""
+    _model_job_event(annotations, memo)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=BENCH_WATCH_LABELS)
+async def bench_job_event(annotations, memo: kopf.Memo, **_) -> None:
+    """A benchmark Job changed: its EdgeModel reads the on-target numbers."""
+    _model_job_event(annotations, memo)
+
+
+def _model_job_event(annotations, memo: kopf.Memo) -> None:
     if annotations.get(MODEL_NAMESPACE) and annotations.get(MODEL_NAME):
         memo.controller.queues["EdgeModel"].mark((annotations[MODEL_NAMESPACE], annotations[MODEL_NAME]))

@@ -147,6 +147,9 @@ def _gate(ed: EdgeDeployment, variant: Variant, existing: dict | None, host_only
     if host_only and variant.on_target is None:
         return "Fail", [f"EdgeModel {ed.spec.model_ref.name} has optimization.selection host, so no on-target "
                         "numbers will come; set it to onTarget (or remove it) or remove spec.rollout.gate"]
+    if variant.selection == "host" and variant.on_target is None:
+        return "Fail", [f"the variant was selected on the compile host ({variant.reason}), so it has no on-target "
+                        f"numbers: {(variant.message or '').rpartition('selected on the compile host: ')[2]}"]
     verdict, why = gate_verdict(ed.spec.rollout.gate, variant.on_target, ed.spec.runtime.threads)
     return None if verdict == "Pass" else (verdict, why)
 

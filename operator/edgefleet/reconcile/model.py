@@ -17,6 +17,7 @@ from ..compiler.core import encryption_key_from_pem
 from ..kube import ApiError, Kube
 from ..render import resolve_nodes
 from ..settings import Settings
+from . import on_target
 from .compile_job import compile_in_job
 from .conditions import flipped, set_condition, without_times
 from .errors import as_permanent, report_invalid_spec
@@ -49,30 +50,51 @@ def _up_to_date(raw: dict, targets: list[str], missing: list[str]) -> bool:
             and not any(v.get("reason") in RETRIED for v in status.get("variants", [])))
 
 
-def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, world: World | None = None) -> None:
+def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, world: World | None = None
+                    ) -> float | None:
+    """Compile, then select on target; returns seconds until the next look while a benchmark Job runs."""
     raw = kube.find("EdgeModel", name, namespace)
     if raw is None or raw["metadata"].get("deletionTimestamp"):
-        return
+        return None
     try:
         em = EdgeModel.model_validate(raw)
     except ValidationError as err:  # admission should have refused it: report, do not retry
         report_invalid_spec(kube, raw, err, "Ready")
-        return
+        return None
     world = world or World.read(kube)
     targets, missing = target_profiles(em, world)
     if _up_to_date(raw, targets, missing):
-        return
+        return None
     generation = raw["metadata"].get("generation")
+    if _benchmarking(raw, targets, missing):  # compiled: only the benchmark Jobs are followed
+        variants = on_target.select(kube, settings, em, namespace, raw["status"]["variants"], world)
+        return _finish(kube, raw, generation, variants)
     not_found = [{"profile": n, "state": "Failed", "reason": "ProfileNotFound",
                   "message": f"HardwareProfile {n!r} does not exist; create it or remove it from "
                              "spec.targetProfiles.names"} for n in missing]
     pending = [_keep_or_compile(raw, generation, p) for p in targets] + not_found
     compiling = any(v.get("state") == "Compiling" for v in pending)  # a retry keeps its Failed entry meanwhile
     _write(kube, raw, generation, pending, _conditions(raw, pending, generation, compiling=compiling))
-    variants = _compile(kube, settings, em, namespace, targets, world) + not_found
-    compiling = any(v.get("state") == "Compiling" for v in variants)  # a compile Job still running
+    variants = _compile(kube, settings, em, namespace, targets, world)
+    variants = on_target.select(kube, settings, em, namespace, variants, world) + not_found
     raw = kube.find("EdgeModel", name, namespace) or raw
+    return _finish(kube, raw, generation, variants)
+
+
+def _finish(kube: Kube, raw: dict, generation: int | None, variants: list[dict]) -> float | None:
+    compiling = any(v.get("state") == "Compiling" for v in variants)  # a compile Job still running
     _write(kube, raw, generation, variants, _conditions(raw, variants, generation, compiling=compiling))
+    return on_target.RELOOK_SECONDS if any(v.get("state") == "Benchmarking" for v in variants) else None
+
+
+def _benchmarking(raw: dict, targets: list[str], missing: list[str]) -> bool:
+    """The status is of this generation and complete, and some class is still being measured on target."""
+    status = raw.get("status") or {}
+    variants = status.get("variants", [])
+    states = {v["profile"]: v.get("state") for v in variants}
+    return (status.get("observedGeneration") == raw["metadata"].get("generation")
+            and set(states) == set(targets) | set(missing) and "Benchmarking" in states.values()
+            and all(s in (*FINAL, "Benchmarking") for s in states.values()))
 
 
 def _keep_or_compile(raw: dict, generation: int | None, profile: str) -> dict:
@@ -184,9 +206,14 @@ def _conditions(raw: dict, variants: list[dict], generation, compiling: bool) ->
         conds = set_condition(conds, "Compiled", False, "Compiling", f"compiling {len(variants)} variants",
                               generation)
         return set_condition(conds, "Ready", False, "Compiling", "variants are being compiled", generation)
+    benchmarking = [v["profile"] for v in variants if v.get("state") == "Benchmarking"]
     conds = set_condition(conds, "Compiled", True, "CompileFinished",
-                          f"{len(ready)} variants ready, {len(failed)} failed", generation)
-    if not variants:
+                          f"{len(ready) + len(benchmarking)} variants compiled, {len(failed)} failed", generation)
+    conds = set_condition(conds, on_target.CONDITION, *on_target.condition(variants), generation)
+    if benchmarking:
+        conds = set_condition(conds, "Ready", False, "Benchmarking",
+                              f"candidates are measured on a node of {', '.join(benchmarking)}", generation)
+    elif not variants:
         conds = set_condition(conds, "Ready", False, "NoTargetProfiles",
                               "no HardwareProfile matches a node and none is named in spec.targetProfiles",
                               generation)
@@ -211,7 +238,8 @@ def _write(kube: Kube, raw: dict, generation: int | None, variants: list[dict], 
         return
     kube.patch_status("EdgeModel", raw["metadata"]["name"], raw["metadata"]["namespace"], status)
     for c in flipped(old.get("conditions", []), conditions):
-        if c["type"] == "Degraded" and c["status"] == "True":
+        if c["type"] == "Degraded" and c["status"] == "True" or (
+                c["type"] == on_target.CONDITION and c["reason"] in on_target.FAILURES):
             kube.event(raw, c["reason"], c["message"], "Warning")
         elif c["type"] == "Ready" and c["status"] == "True":
             kube.event(raw, c["reason"], c["message"])
