@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(init container running as root with CHOWN; the images have no shell)")
     c.add_argument("--cache", required=True, help="the node cache (a hostPath volume)")
     c.add_argument("--uid", type=int, default=10001, help="user (and group) that fetch and serve run as")
+    c.add_argument("--spool", help="also create this folder under the cache (a hard-example spool, relative)")
     _bench_arguments(sub)
     return p
 
@@ -160,6 +161,8 @@ def _monitoring_arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument("--hard-examples-sample-rate", type=float, default=1.0, help="share of unsure predictions kept")
     g.add_argument("--hard-examples-max-count", type=int, default=1000, help="files the spool may hold")
     g.add_argument("--hard-examples-max-bytes", type=int, default=64 << 20, help="bytes the spool may hold")
+    g.add_argument("--hard-examples-below", type=float,
+                   help="spool predictions under this confidence (default: --uncertain-below)")
     g.add_argument("--drift-eval", help="evaluation data (.npz keyed by input name): the served model's answers on it"
                    " become the drift reference (turns on PSI)")
     g.add_argument("--hard-examples-upload", metavar="oci://HOST[:PORT]/REPO",
@@ -184,6 +187,7 @@ def _monitor(args, registry):
             args.hard_examples_sample_rate,
             args.hard_examples_max_count,
             args.hard_examples_max_bytes,
+            args.hard_examples_below,
         )
     monitor = Monitor(
         args.monitor_output, args.uncertain_below, reference, args.drift_window, args.drift_threshold, spool
@@ -283,16 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch":
         return _fetch(args)
     if args.command == "prepare-cache":
-        return _prepare_cache(args.cache, args.uid)
+        return _prepare_cache(args.cache, args.uid, args.spool)
     if args.command == "bench":
         return _bench(args)
     return _serve(args)
 
 
-def _prepare_cache(cache: str, uid: int) -> int:
-    """mkdir -p cache/{sha256,tmp,current} and chown -R uid:uid cache, without following symlinks."""
+def _prepare_cache(cache: str, uid: int, spool: str | None = None) -> int:
+    """mkdir -p cache/{sha256,tmp,current[,SPOOL]} and chown -R uid:uid cache, without following symlinks."""
     root = Path(cache)
-    for sub in ("sha256", "tmp", "current"):
+    if spool and (Path(spool).is_absolute() or ".." in Path(spool).parts):
+        return _fail("prepare-cache", EXIT_USAGE, f"--spool {spool}: give a path inside the cache, without '..'")
+    for sub in ("sha256", "tmp", "current", *([spool] if spool else [])):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:

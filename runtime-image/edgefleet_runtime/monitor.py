@@ -238,8 +238,11 @@ class Monitor:
             self._low += len(low)
             if self.window is not None:
                 self._add_window(classes, cbins, feeds)
-        if self.hard_examples is not None and low:
-            self.hard_examples.offer(model, feeds, results, confs, low)
+        if self.hard_examples is not None:
+            below = self.hard_examples.below
+            hard = low if below is None else [i for i, c in enumerate(confs) if c < below]
+            if hard:
+                self.hard_examples.offer(model, feeds, results, confs, hard)
 
     def _count(self, classes: list[int], cbins: list[int], width: int) -> None:
         counts = self._classes
@@ -330,9 +333,13 @@ class HardExamples:
 
     QUEUE = 64  # examples waiting for the writer; beyond it they are dropped (reason queue_full)
 
-    def __init__(self, directory: str, sample_rate: float = 1.0, max_count: int = 1000, max_bytes: int = 64 << 20):
+    def __init__(self, directory: str, sample_rate: float = 1.0, max_count: int = 1000, max_bytes: int = 64 << 20,
+                 below: float | None = None):
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError("--hard-examples-sample-rate must be in (0, 1]")
+        if below is not None and not 0.0 < below <= 1.0:
+            raise ValueError("--hard-examples-below must be in (0, 1]: the confidence under which inputs are kept")
+        self.below = below  # None: the monitor's --uncertain-below
         if max_count < 1 or max_bytes < 1:
             raise ValueError("--hard-examples-max-count and --hard-examples-max-bytes must be at least 1")
         self.dir = Path(directory)

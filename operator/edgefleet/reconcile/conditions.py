@@ -9,10 +9,11 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def set_condition(conditions: list[dict], type_: str, status: bool, reason: str, message: str,
+def set_condition(conditions: list[dict], type_: str, status: bool | None, reason: str, message: str,
                   generation: int | None) -> list[dict]:
-    """A new list with condition `type_` set; the transition time moves only when the status changes."""
-    value = "True" if status else "False"
+    """A new list with condition `type_` set (None: Unknown); the transition time moves only when the status
+    changes."""
+    value = "Unknown" if status is None else "True" if status else "False"
     old = next((c for c in conditions if c["type"] == type_), None)
     since = old["lastTransitionTime"] if old and old["status"] == value else now()
     new = {"type": type_, "status": value, "reason": reason, "message": message[:4096],

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from ..api import EdgeDeployment, EdgeModel, Variant, label_selector_matches
+from ..api import ConfigMapKeyRef, EdgeDeployment, EdgeModel, Variant, label_selector_matches
 from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
 from ..render.bench_job import gate_verdict
@@ -17,6 +17,7 @@ from ..render.placement import PlacementError
 from ..settings import Settings
 from .applied import apply_changed
 from .conditions import flipped, set_condition, without_times
+from .drift import missing_evaluation, read_pods, verdict
 from .errors import PermanentError, as_permanent, report_invalid_spec
 from .pods import ClassHealth, class_health
 from .rollout import Decision, decide
@@ -82,14 +83,18 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
                 for kind in WORKLOAD_KINDS for o in kube.list(kind, namespace, child_labels(name))}
     gated: dict[str, tuple[str, list[str]]] = {}
     host_only = (model or {}).get("spec", {}).get("optimization", {}).get("selection") == "host"
+    evaluation = _evaluation(ed, model)
     applied, missing, rollouts, failures = _apply_classes(kube, settings, ed, world, per_class, variants, replicas,
-                                                          children, gated, host_only)
+                                                          children, gated, host_only, evaluation)
     service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
     health = _health(kube, namespace, name, applied, raw.get("status") or {}, time.time())
+    drift = _drift(kube, ed, model, applied)
     _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
-                                         service, health, gated))
+                                         service, health, gated, drift))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
+    if drift is not None:  # the only timer monitoring adds, and only with drift on
+        waits.append(float(ed.spec.monitoring.drift.interval_seconds))
     waits += [h.recheck for h in health.values() if h.recheck]
     if any(_behind(o) for o in applied.values()) or any(h.not_ready for h in health.values()):
         waits.append(RECHECK_SECONDS)
@@ -98,7 +103,8 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
 
 def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter,
                    variants: dict[str, Variant], replicas: dict[str, int], children: dict,
-                   gated: dict[str, tuple[str, list[str]]], host_only: bool = False):
+                   gated: dict[str, tuple[str, list[str]]], host_only: bool = False,
+                   evaluation: ConfigMapKeyRef | None = None):
     """Apply the workload of every class with a Ready variant that passes spec.rollout.gate. A class without
     one, held by the gate (into ``gated``), or whose workload the API refuses for good, keeps what it runs.
     Returns (applied, missing, rollouts, failures)."""
@@ -125,7 +131,7 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
             continue
         try:
             applied[profile_name] = _apply_class(kube, settings, ed, profiles[profile_name], variant, world,
-                                                 replicas.get(profile_name), existing, rollouts)
+                                                 replicas.get(profile_name), existing, rollouts, evaluation)
         except (PlacementError, ApiError) as err:
             problem = as_permanent(err, f"{kind} {namespace}/{child_name(name, profile_name)}")
             if problem is None:
@@ -167,14 +173,33 @@ class Outcome:
     service: PermanentError | None
     health: dict[str, ClassHealth]
     gated: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # class -> (Wait | Fail, why)
+    drift: tuple[bool | None, str, str] | None = None  # the Drifting condition; None: drift is off
+
+
+def _evaluation(ed: EdgeDeployment, model: dict | None) -> ConfigMapKeyRef | None:
+    """The EdgeModel's evaluation data as the runtime's drift reference (spec.monitoring.drift, configMap only)."""
+    if ed.spec.monitoring is None or ed.spec.monitoring.drift is None or missing_evaluation(model, ""):
+        return None
+    return ConfigMapKeyRef.model_validate(model["spec"]["optimization"]["evaluation"]["configMap"])
+
+
+def _drift(kube: Kube, ed: EdgeDeployment, model: dict | None, applied: dict[str, dict]
+           ) -> tuple[bool | None, str, str] | None:
+    """The Drifting condition from the pods' /metrics (None, reading nothing, when drift is off)."""
+    if ed.spec.monitoring is None or ed.spec.monitoring.drift is None:
+        return None
+    missing = missing_evaluation(model, ed.spec.model_ref.name)
+    pods = [] if missing else kube.list("Pod", ed.metadata["namespace"], child_labels(ed.metadata["name"]))
+    return verdict(ed, read_pods(pods, ed) if pods else {}, sorted(applied), missing)
 
 
 def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile, variant: Variant, world: World,
-                 replicas: int | None, existing: dict | None, rollouts: dict[str, Decision]) -> dict:
+                 replicas: int | None, existing: dict | None, rollouts: dict[str, Decision],
+                 evaluation: ConfigMapKeyRef | None = None) -> dict:
     """Render and apply the workload of one class (a wave of a rollout); the live object."""
     profile_name = profile.metadata["name"]
     manifest = render_class(ed, profile, variant, world.profiles, settings.node_cache, replicas,
-                            settings.artifact_insecure)
+                            settings.artifact_insecure, evaluation)
     decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
     if decision is not None:
         rollouts[profile_name] = decision
@@ -277,6 +302,10 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
                           "RollingOut" if not done else "RolloutComplete",
                           (why or "waiting for pods to be updated and ready") if not done
                           else "every class is up to date", generation)
+    if out.drift is not None:
+        conds = set_condition(conds, "Drifting", *out.drift, generation)
+    else:
+        conds = [c for c in conds if c["type"] != "Drifting"]
     problem = _degraded(ed, out)
     conds = set_condition(conds, "Degraded", problem is not None, problem[0] if problem else "AsExpected",
                           problem[1] if problem else "every matching node has a variant to serve", generation)
@@ -292,6 +321,8 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
     for c in flipped(old.get("conditions", []), conds):
         if c["type"] in ("Available", "Degraded") and (c["type"] == "Available" or c["status"] == "True"):
             kube.event(raw, c["reason"], c["message"], "Warning" if c["type"] == "Degraded" else "Normal")
+        elif c["type"] == "Drifting" and c["status"] != "Unknown":
+            kube.event(raw, c["reason"], c["message"], "Warning" if c["status"] == "True" else "Normal")
 
 
 def _class_message(out: Outcome, profile_name: str) -> str | None:

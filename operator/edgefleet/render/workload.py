@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..api import EdgeDeployment, HardwareProfile, Variant
+from ..api import ConfigMapKeyRef, EdgeDeployment, HardwareProfile, Variant
 from ..api.models import RUNTIME_CACHE_MOUNT
 from .placement import higher_priority, node_affinity
 
@@ -118,11 +118,50 @@ def _trust(ed: EdgeDeployment) -> tuple[list[str], list[str], list[dict], list[d
     return fetch_args, serve_args, fetch_mounts, serve_mounts, volumes
 
 
+EVALUATION_MOUNT = "/etc/edgefleet/evaluation"  # the EdgeModel's evaluation data (drift reference), as data.npz
+SPOOL_MOUNT = "/var/lib/edgefleet/spool"  # the hard-example spool: a folder of the node cache, read-write
+SPOOL_MAX_COUNT = 1_000_000  # the spool is bounded by feedback.hardExamples.maxBytesPerNode
+
+
+def spool_path(ed: EdgeDeployment) -> str:
+    """The spool's folder inside the node cache: one per EdgeDeployment, kept across pod restarts."""
+    return f"hard-examples/{ed.metadata['namespace']}/{ed.metadata['name']}"
+
+
+def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: bool
+              ) -> tuple[list[str], list[dict], list[dict], list[dict]]:
+    """(serve args, serve mounts, volumes, env) of spec.monitoring and spec.feedback."""
+    monitoring, hard = ed.spec.monitoring, ed.spec.feedback.hard_examples if ed.spec.feedback else None
+    args, mounts, volumes, env = [], [], [], []
+    if monitoring is not None:
+        args += ["--monitoring", f"--uncertain-below={monitoring.confidence_below:g}"]
+        drift = monitoring.drift
+        if drift is not None:
+            args += [f"--drift-window={drift.window_size}", f"--drift-threshold={drift.threshold:g}"]
+        if drift is not None and evaluation is not None:
+            args.append(f"--drift-eval={EVALUATION_MOUNT}/data.npz")
+            mounts.append({"name": "evaluation-data", "mountPath": EVALUATION_MOUNT, "readOnly": True})
+            volumes.append({"name": "evaluation-data", "configMap": {
+                "name": evaluation.name, "items": [{"key": evaluation.key, "path": "data.npz"}]}})
+    if hard is not None:
+        args += [f"--hard-examples-dir={SPOOL_MOUNT}", f"--hard-examples-below={hard.confidence_below:g}",
+                 f"--hard-examples-sample-rate={hard.sample_rate:g}",
+                 f"--hard-examples-max-bytes={hard.max_bytes_per_node}", f"--hard-examples-max-count={SPOOL_MAX_COUNT}",
+                 f"--hard-examples-upload={hard.destination}", f"--hard-examples-batch={hard.batch_size}",
+                 f"--hard-examples-upload-interval={hard.upload_interval_seconds}"]
+        if insecure:
+            args.append("--hard-examples-insecure")
+        mounts.append({"name": "model-cache", "mountPath": SPOOL_MOUNT, "subPath": spool_path(ed)})
+        env.append({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
+    return args, mounts, volumes, env
+
+
 def _blob(node_cache: str, digest: str) -> str:
     return f"{CACHE_MOUNT}/sha256/{digest.split(':', 1)[1]}" if node_cache else digest
 
 
-def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, insecure: bool) -> tuple[list, list]:
+def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, insecure: bool,
+                evaluation: ConfigMapKeyRef | None = None) -> tuple[list, list]:
     model = ed.spec.model_ref.name
     port = ed.spec.runtime.port
     mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
@@ -139,7 +178,8 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "name": "prepare-cache",
         "image": profile.spec.runtime_image,
         "command": ["edgefleet-runtime"],
-        "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}"],
+        "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}",
+                 *([f"--spool={spool_path(ed)}"] if ed.spec.feedback and ed.spec.feedback.hard_examples else [])],
         "volumeMounts": mounts,
         "securityContext": {
             "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
@@ -161,6 +201,8 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
                   f"--name={model}", f"--port={port}", *trust_serve]
     if ed.spec.runtime.threads:
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
+    feedback_args, feedback_mounts, _, feedback_env = _feedback(ed, evaluation, insecure)
+    serve_args += feedback_args
     ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
     if ed.spec.runtime.grpc_port:
         serve_args.append(f"--grpc-port={ed.spec.runtime.grpc_port}")
@@ -175,23 +217,26 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": "http"}, "failureThreshold": 6},
         "resources": _resources(profile),
-        "volumeMounts": [{**m, "readOnly": True} for m in mounts] + trust_serve_mounts + device_mounts,
+        "volumeMounts": [{**m, "readOnly": True} for m in mounts] + trust_serve_mounts + device_mounts
+        + feedback_mounts,
         "securityContext": _restricted(profile.spec.privileged),
-        "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}],
+        "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}, *feedback_env],
     }
     return [prepare, init], [serve]
 
 
-def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str) -> list[dict]:
+def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
+             evaluation: ConfigMapKeyRef | None = None) -> list[dict]:
     volumes = [{"name": "model-cache", "hostPath": {"path": node_cache, "type": "DirectoryOrCreate"}}]
     volumes += _trust(ed)[4]
+    volumes += _feedback(ed, evaluation, False)[2]
     volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.spec.device_mounts or []]
     return volumes
 
 
-def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: bool) -> dict:
+def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: bool, evaluation=None) -> dict:
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
-    init, containers = _containers(ed, profile, variant, insecure)
+    init, containers = _containers(ed, profile, variant, insecure, evaluation)
     affinity = node_affinity(
         [profile.spec.node_selector, ed.spec.node_selector],
         [p.spec.node_selector for p in higher_priority(profile, profiles)],
@@ -199,7 +244,7 @@ def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: boo
     spec = {
         "initContainers": init,
         "containers": containers,
-        "volumes": _volumes(ed, profile, node_cache),
+        "volumes": _volumes(ed, profile, node_cache, evaluation),
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in profile.spec.tolerations],
         "securityContext": {"fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "automountServiceAccountToken": False,
@@ -240,11 +285,13 @@ def render_class(
     node_cache: str,
     replicas: int | None = None,
     insecure: bool = False,
+    evaluation: ConfigMapKeyRef | None = None,
 ) -> dict:
-    """The DaemonSet (PerNode) or Deployment (Replicas; `replicas` for this class) serving `variant`."""
+    """The DaemonSet (PerNode) or Deployment (Replicas; `replicas` for this class) serving `variant`;
+    `evaluation`: the EdgeModel's evaluation data, mounted as the drift reference when spec.monitoring.drift."""
     name = child_name(ed.metadata["name"], profile.metadata["name"])
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
-    template = _pod_template(ed, profile, variant, profiles, node_cache, insecure)
+    template = _pod_template(ed, profile, variant, profiles, node_cache, insecure, evaluation)
     max_unavailable = ed.spec.rollout.max_unavailable
     spec = {
         "selector": {"matchLabels": labels},

@@ -1,0 +1,134 @@
+"""The Drifting condition of an EdgeDeployment with spec.monitoring.drift.
+
+Each runtime pod compares its last `windowSize` predictions with its reference (the served variant's answers on
+the EdgeModel's evaluation data) and exports the PSI per statistic on /metrics (edgefleet_runtime_drift_psi,
+edgefleet_runtime_drift_window_samples). The operator reads those two metrics from at most `maxPodsPerClass`
+Ready pods per hardware class, over the pod network, once per `intervalSeconds`, and only for deployments with
+drift on: nothing is read, listed or scheduled for the others. A Prometheus that already scrapes the pods gives
+the same numbers to dashboards and alerts (the chart's PrometheusRule); the condition needs no Prometheus.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..api import EdgeDeployment
+
+SCRAPE_TIMEOUT = 2.0  # seconds per pod
+WORKERS = 8  # pods read at once
+PROFILE_LABEL = "edgefleet.io/profile"
+
+
+@dataclass
+class PodDrift:
+    """What one pod's /metrics said (or why it could not be read)."""
+
+    pod: str
+    node: str
+    psi: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    error: str | None = None
+
+
+def scrape(ip: str, port: int) -> str:
+    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=SCRAPE_TIMEOUT) as r:  # noqa: S310
+        return r.read(4 << 20).decode()
+
+
+def parse(text: str) -> tuple[dict[str, float], int]:
+    """(PSI by statistic, predictions in the window) of a runtime's /metrics text."""
+    psi, samples = {}, 0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "edgefleet_runtime_drift_psi":
+                psi[s.labels.get("statistic", "")] = s.value
+            elif s.name == "edgefleet_runtime_drift_window_samples":
+                samples = int(s.value)
+    return psi, samples
+
+
+def _ready(pod: dict) -> bool:
+    conds = pod.get("status", {}).get("conditions", [])
+    return bool(pod.get("status", {}).get("podIP")) and not pod["metadata"].get("deletionTimestamp") and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def read_pods(pods: list[dict], ed: EdgeDeployment, fetch=None) -> dict[str, list[PodDrift]]:
+    """Per hardware class, the drift of its first `maxPodsPerClass` Ready pods (by name), read concurrently."""
+    fetch = fetch or scrape
+    limit = ed.spec.monitoring.drift.max_pods_per_class
+    by_class: dict[str, list[dict]] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        profile = pod["metadata"].get("labels", {}).get(PROFILE_LABEL)
+        if profile and _ready(pod) and len(by_class.setdefault(profile, [])) < limit:
+            by_class[profile].append(pod)
+
+    def one(pod: dict) -> PodDrift:
+        d = PodDrift(pod["metadata"]["name"], pod["spec"].get("nodeName", ""))
+        try:
+            d.psi, d.samples = parse(fetch(pod["status"]["podIP"], ed.spec.runtime.port))
+        except Exception as e:  # unreachable, refused, not a runtime: reported in the condition
+            d.error = f"{type(e).__name__}: {e}"[:200]
+        return d
+
+    todo = [p for group in by_class.values() for p in group]
+    with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(todo)))) as pool:
+        read = dict(zip((p["metadata"]["name"] for p in todo), pool.map(one, todo), strict=True))
+    return {c: [read[p["metadata"]["name"]] for p in group] for c, group in by_class.items()}
+
+
+def verdict(ed: EdgeDeployment, per_class: dict[str, list[PodDrift]], classes: list[str],
+            missing_data: str | None) -> tuple[bool | None, str, str]:
+    """(status, reason, message) of Drifting: True when a class's full window reaches the threshold for some
+    statistic; None (Unknown) while no class can tell."""
+    if missing_data:
+        return None, "EvaluationDataMissing", missing_data
+    drift = ed.spec.monitoring.drift
+    drifted, fine, waiting = [], [], []
+    for klass in sorted(classes):
+        pods = per_class.get(klass, [])
+        full = [p for p in pods if not p.error and p.samples >= drift.window_size and p.psi]
+        if not full:
+            waiting.append(f"{klass}: {_waiting(pods, drift.window_size)}")
+            continue
+        worst = max(full, key=lambda p: max(p.psi.values()))
+        over = {k: v for k, v in sorted(worst.psi.items()) if v >= drift.threshold}
+        hits = sum(1 for p in full if max(p.psi.values()) >= drift.threshold)
+        stats = ", ".join(f"{k} PSI {v:.2f}" for k, v in sorted(worst.psi.items()))
+        if over:
+            drifted.append(f"{klass}: " + ", ".join(f"{k} PSI {v:.2f} >= {drift.threshold:g}" for k, v in over.items())
+                           + f" on {hits}/{len(full)} pods (worst {worst.pod} on {worst.node}; last {drift.window_size}"
+                           " predictions against the evaluation data)")
+        else:
+            fine.append(f"{klass}: {stats} < {drift.threshold:g} on {len(full)} pods")
+    if drifted:
+        return True, "DistributionShift", "; ".join(drifted + fine + waiting) + (
+            ". Look at the inputs (edgefleet examples pull), then retrain or recalibrate on recent data")
+    if fine:
+        return False, "WithinThreshold", "; ".join(fine + waiting)
+    return None, "NotEnoughData", "; ".join(waiting) or "no hardware class serves this deployment yet"
+
+
+def _waiting(pods: list[PodDrift], window: int) -> str:
+    if not pods:
+        return "no Ready pod to read"
+    errors = [p for p in pods if p.error]
+    if len(errors) == len(pods):
+        return f"metrics of {len(pods)} pods unreadable ({errors[0].pod}: {errors[0].error})"
+    most = max(p.samples for p in pods if not p.error)
+    return f"{most}/{window} predictions in the fullest window"
+
+
+def missing_evaluation(model: dict | None, name: str) -> str | None:
+    """Why the runtime gets no drift reference (None: the evaluation data is a configMap it can mount)."""
+    evaluation = ((model or {}).get("spec", {}).get("optimization") or {}).get("evaluation")
+    if evaluation and evaluation.get("configMap"):
+        return None
+    where = "is a uri, which the runtime does not mount" if evaluation else "is not set"
+    return (f"spec.monitoring.drift compares live traffic with the evaluation data, and EdgeModel {name}'s "
+            f"spec.optimization.evaluation {where}; give it as a configMap (an .npz keyed by input name) or remove"
+            " spec.monitoring.drift")
