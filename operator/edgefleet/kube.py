@@ -29,6 +29,8 @@ KINDS = {
     "Event": ("v1", "events", True),
     "Job": ("batch/v1", "jobs", True),
     "Pod": ("v1", "pods", True),
+    "Secret": ("v1", "secrets", True),
+    "FederatedTraining": (API_VERSION, "federatedtrainings", True),
 }
 
 

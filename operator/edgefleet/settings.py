@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     compile_executor: Literal["inline", "job"] = "inline"
     """`inline` compiles in the operator process; `job` runs `edgefleet compile` in a Kubernetes Job."""
     compiler_image: str = "ghcr.io/edgefleet/compiler:0.1.0"
+    trainer_image: str = "ghcr.io/edgefleet/trainer:0.1.0"
+    """Image of FederatedTraining's server and client pods (runtime + the `federated` extra)."""
     image_registry: str = "ghcr.io/edgefleet"
     """Registry prefix of edgefleet's images: the built-in HardwareProfiles' runtime images are taken from it."""
     image_digests: dict[str, str] = Field(default_factory=dict)

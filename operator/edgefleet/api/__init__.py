@@ -32,6 +32,7 @@ from .base import (
     format_errors,
     label_selector_matches,
 )
+from .federated import FederatedTraining
 from .models import (
     KINDS,
     AccuracyBudget,
@@ -63,7 +64,8 @@ from .models import (
     Variant,
 )
 
-Resource = HardwareProfile | EdgeModel | EdgeDeployment
+KINDS["FederatedTraining"] = FederatedTraining
+Resource = HardwareProfile | EdgeModel | EdgeDeployment | FederatedTraining
 
 
 def load(obj: dict[str, Any]) -> Resource:
@@ -110,6 +112,7 @@ def _image(ref: str, registry: str, digests: dict[str, str]) -> str:
 
 
 __all__ = [
+    "FederatedTraining",
     "API_VERSION", "AVAILABLE", "DEGRADED", "GROUP", "KINDS", "PROGRESSING", "READY", "VERSION",
     "AccuracyBudget", "Budget", "ClassStatus", "Condition", "ConfigMapKeyRef", "DataRef", "DeviceMount",
     "EdgeDeployment", "EdgeDeploymentSpec", "EdgeDeploymentStatus", "EdgeModel", "EdgeModelSpec",

@@ -1,0 +1,164 @@
+"""FederatedTraining (edgefleet.io/v1alpha1): fine-tune an EdgeModel's classifier head on the fleet's own data
+with Flower, and publish the result as a new source of an EdgeModel when it beats the start."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from .base import API_VERSION, Conditions, Digest, LabelSelector, Model, Name, Rule, list_map
+from .models import HOST_PATH_RULE, DataRef, ObjectBase, Toleration, checked
+
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+
+
+class ModelName(Model):
+    """An EdgeModel in the FederatedTraining's namespace."""
+
+    name: Name
+    """The EdgeModel's name."""
+
+
+class Participants(Model):
+    """Which nodes train: those matching nodeSelector and/or belonging to one of hardwareClasses."""
+
+    node_selector: LabelSelector | None = None
+    """Nodes whose labels match (metav1.LabelSelector)."""
+    hardware_classes: Annotated[
+        list[Name], Field(max_length=32, json_schema_extra={"x-kubernetes-list-type": "set"})
+    ] | None = None
+    """HardwareProfile names: nodes of these classes take part."""
+    clients_per_node: Annotated[int, Field(ge=1, le=16)] = 1
+    """Client pods per node, each with its own shard index 0..clientsPerNode-1 (several data owners on one node,
+    or a small cluster)."""
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
+    """Tolerations of the client (and server) pods, e.g. for tainted edge nodes."""
+
+    cel_rules = (
+        Rule("has(self.nodeSelector) || (has(self.hardwareClasses) && size(self.hardwareClasses) > 0)",
+             "participants: set nodeSelector and/or hardwareClasses to say which nodes train",
+             lambda s: s.node_selector is not None or bool(s.hardware_classes)),
+    )
+
+
+class LocalData(Model):
+    """Where each client finds its data on its node: an .npz keyed by the model's input names plus `y`."""
+
+    host_path: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$"), *checked(HOST_PATH_RULE)]
+    """A directory on the node, mounted read-only into the client pods."""
+    file_name: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9{}]+$")] = "data-{index}.npz"
+    """The file in hostPath each client reads; `{index}` becomes its shard index."""
+
+
+class Aggregation(Model):
+    """How the server combines the clients' updates (Flower strategies)."""
+
+    strategy: Literal["FedAvg", "FedProx"] = "FedAvg"
+    """FedAvg (sample-weighted mean) or FedProx (FedAvg with a proximal term on the clients)."""
+    proximal_mu: Annotated[float, Field(ge=0, le=100)] | None = None
+    """FedProx's mu: how strongly local training is pulled towards the round's global model."""
+
+    cel_rules = (
+        Rule("!has(self.proximalMu) || self.strategy == 'FedProx'",
+             "aggregation.proximalMu applies to strategy FedProx only; remove it or set strategy: FedProx",
+             lambda s: s.proximal_mu is None or s.strategy == "FedProx", ".proximalMu"),
+    )
+
+
+class Training(Model):
+    """What trains and how, on each client, each round."""
+
+    layers: Literal["classifierHead"] = "classifierHead"
+    """classifierHead: the final dense layer (Gemm, or MatMul + Add) that produces the model's logits; the rest
+    of the graph is frozen. Models without one are refused (status Failed, reason UnsupportedModel)."""
+    epochs: Annotated[int, Field(ge=1, le=100)] = 5
+    """Local epochs per round."""
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """SGD step relative to the features' scale (values in (0, 1) are stable)."""
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Mini-batch size."""
+
+
+class Evaluation(Model):
+    """Held-out data the server scores every round on, and the gate the result must pass."""
+
+    data: DataRef
+    """An .npz keyed by the model's input names plus `y` (labels)."""
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Top-1 accuracy (0..1) the fine-tuned model must reach; it must also beat the starting model."""
+
+
+class FederatedTrainingSpec(Model):
+    """A federated fine-tuning run: where to start, who trains on what, how long, and where the result goes."""
+
+    source_model: ModelName
+    """The EdgeModel whose source model training starts from."""
+    target_model: ModelName
+    """The EdgeModel whose source is set to the fine-tuned model (may be the source model itself)."""
+    participants: Participants
+    """Which nodes train, and how many clients each."""
+    local_data: LocalData
+    """Where each client's data is on its node; it never leaves the client pod."""
+    rounds: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Federated rounds."""
+    min_clients: Annotated[int, Field(ge=1, le=1000)] = 2
+    """Clients that must return an update in every round; a round with fewer fails the run."""
+    aggregation: Aggregation = Field(default_factory=Aggregation)
+    """FedAvg or FedProx."""
+    training: Training = Field(default_factory=Training)
+    """Which layers train and the local optimiser's settings."""
+    evaluation: Evaluation
+    """Held-out data and the accuracy gate."""
+    round_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 600
+    """How long the server waits for a client's update in a round."""
+
+
+class RoundStatus(Model):
+    """One finished round."""
+
+    round: Annotated[int, Field(ge=1)]
+    """The round number (1-based)."""
+    clients: Annotated[int, Field(ge=0)]
+    """Clients whose update was aggregated."""
+    failures: Annotated[int, Field(ge=0)] = 0
+    """Clients that were asked and did not answer."""
+    loss: float | None = None
+    """Cross-entropy of the aggregated model on the evaluation data."""
+    accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Top-1 accuracy of the aggregated model on the evaluation data."""
+
+
+class FederatedTrainingStatus(Model):
+    """Progress of the run."""
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The .metadata.generation this status describes."""
+    conditions: Conditions = Field(default_factory=list)
+    """Progressing, Succeeded, Failed."""
+    clients: Annotated[int, Field(ge=0)] | None = None
+    """Client pods the run started."""
+    rounds_done: Annotated[int, Field(ge=0)] = 0
+    """Rounds finished."""
+    rounds: Annotated[list[RoundStatus], Field(max_length=1000, json_schema_extra=list_map("round"))] = Field(
+        default_factory=list)
+    """Per round: clients, loss and accuracy."""
+    start_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Accuracy of the starting model on the evaluation data."""
+    final_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Accuracy of the fine-tuned model."""
+    published_ref: Annotated[str, Field(max_length=2048)] | None = None
+    """oci:// reference (digest-pinned) of the published model."""
+    published_digest: Digest | None = None
+    """sha256 of the published model file."""
+
+
+class FederatedTraining(ObjectBase):
+    """Federated fine-tuning of an EdgeModel's classifier head across the fleet (Flower, mutual TLS); the raw data
+    stays on the nodes and only parameters cross the network."""
+
+    api_version: Literal["edgefleet.io/v1alpha1"] = API_VERSION
+    kind: Literal["FederatedTraining"] = "FederatedTraining"
+    spec: FederatedTrainingSpec
+    status: FederatedTrainingStatus | None = None

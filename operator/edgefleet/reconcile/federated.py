@@ -1,0 +1,230 @@
+"""Reconcile a FederatedTraining: read the world, apply the run's children, reflect the server's report.
+
+Level-based: every call looks at the object, its Job and the report in the artifact store, and moves one
+step. Terminal states (Succeeded, Failed for this generation) are left alone. Nothing is published from a
+failed run: the server pushes a model only after all rounds passed the minimum and the result beat the start
+and the gate, and the target EdgeModel's source changes only on a Succeeded report that names the digest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from ..api import PROGRESSING, EdgeModel, HardwareProfile, best_profile, format_errors, label_selector_matches
+from ..api.federated import FAILED, SUCCEEDED, FederatedTraining
+from ..artifacts import StoreError, open_store
+from ..federated_tls import make_bundle
+from ..kube import Kube
+from ..render import federated as r
+from ..settings import Settings
+from .conditions import flipped, set_condition
+from .sources import config_map_bytes
+
+log = logging.getLogger(__name__)
+KIND = "FederatedTraining"
+
+
+class RunFailed(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def reconcile_federated(kube: Kube, settings: Settings, obj: dict) -> dict:
+    """One step of the run; returns the status written."""
+    meta = obj["metadata"]
+    old = obj.get("status") or {}
+    gen = meta.get("generation")
+    if _terminal(old, gen):
+        return old
+    try:
+        ft = FederatedTraining.model_validate(obj)
+    except ValueError as err:  # the CRD's schema and CEL rules catch most of it first
+        lines = format_errors(err) if hasattr(err, "errors") else [str(err)]
+        return _finish(kube, obj, old, FAILED, "InvalidSpec", "; ".join(lines), gen)
+    try:
+        status = _step(kube, settings, ft, dict(old))
+    except RunFailed as err:
+        _stop_clients(kube, ft)
+        return _finish(kube, obj, old, FAILED, err.reason, err.message, gen)
+    return _write(kube, obj, old, status, gen)
+
+
+def _terminal(status: dict, gen: int | None) -> bool:
+    return any(c["type"] in (SUCCEEDED, FAILED) and c["status"] == "True" and c.get("observedGeneration") == gen
+               for c in status.get("conditions", []))
+
+
+def _step(kube: Kube, settings: Settings, ft: FederatedTraining, status: dict) -> dict:
+    ns = ft.metadata["namespace"]
+    source = _model(kube, ns, ft.spec.source_model.name, "spec.sourceModel.name")
+    target = _model(kube, ns, ft.spec.target_model.name, "spec.targetModel.name")
+    clients = _clients(kube, ft)
+    if len(clients) < ft.spec.min_clients:
+        raise RunFailed("NotEnoughClients", f"spec.minClients is {ft.spec.min_clients} but the participants give "
+                        f"{len(clients)} clients ({len({c.node for c in clients})} nodes x clientsPerNode "
+                        f"{ft.spec.participants.clients_per_node}); lower minClients or widen participants")
+    _apply_children(kube, settings, ft, source, clients)
+    status["clients"] = len(clients)
+    report = _report(settings, ft)
+    if report:
+        status.update(_from_report(report))
+    job = kube.find("Job", r.run_name(ft), ns) or {}
+    state = _job_state(job)
+    if report and report.get("state") == "Failed":
+        raise RunFailed(report.get("reason", "RoundFailed"), report.get("message", "the server reported a failure"))
+    if state == "Failed":
+        raise RunFailed("ServerFailed", f"server Job {ns}/{r.run_name(ft)} failed before reporting a result; "
+                        f"read kubectl logs -n {ns} job/{r.run_name(ft)}")
+    if report and report.get("state") == "Succeeded" and state == "Complete":
+        published = report.get("published") or {}
+        if not published.get("digest"):
+            raise RunFailed("NotPublished", "the server finished without publishing a model (no artifact store)")
+        _publish(kube, target, published)
+        _stop_clients(kube, ft)
+        status["conditions"] = set_condition(status.get("conditions", []), PROGRESSING, False, "Finished",
+                                             report.get("message", ""), ft.metadata.get("generation"))
+        status["conditions"] = set_condition(
+            status["conditions"], SUCCEEDED, True, "Published",
+            f"{report.get('message', '')}; EdgeModel {ft.spec.target_model.name} now points at "
+            f"{published['ref']}", ft.metadata.get("generation"))
+        return status
+    done = len(status.get("rounds", []))
+    status["conditions"] = set_condition(status.get("conditions", []), PROGRESSING, True, "Training",
+                                         f"{done}/{ft.spec.rounds} rounds done with {len(clients)} clients",
+                                         ft.metadata.get("generation"))
+    return status
+
+
+def _model(kube: Kube, ns: str, name: str, field: str) -> EdgeModel:
+    obj = kube.find("EdgeModel", name, ns)
+    if obj is None:
+        raise RunFailed("ModelNotFound", f"{field}: EdgeModel {ns}/{name} not found; create it or fix the name")
+    return EdgeModel.model_validate(obj)
+
+
+def participating_nodes(ft: FederatedTraining, nodes: list[dict], profiles: list[HardwareProfile]) -> list[str]:
+    """Nodes matching the nodeSelector (when set) and belonging to one of hardwareClasses (when set), by name."""
+    p = ft.spec.participants
+    out = []
+    for n in nodes:
+        node_labels = n["metadata"].get("labels") or {}
+        if p.node_selector is not None and not label_selector_matches(p.node_selector, node_labels):
+            continue
+        if p.hardware_classes:
+            prof = best_profile(profiles, node_labels)
+            if prof is None or prof.metadata.get("name") not in p.hardware_classes:
+                continue
+        out.append(n["metadata"]["name"])
+    return sorted(out)
+
+
+def _clients(kube: Kube, ft: FederatedTraining) -> list[r.Client]:
+    profiles = [HardwareProfile.model_validate(p) for p in kube.list("HardwareProfile")]
+    nodes = participating_nodes(ft, kube.list("Node"), profiles)
+    return [r.Client(n, i) for n in nodes for i in range(ft.spec.participants.clients_per_node)]
+
+
+def _bytes_of(kube: Kube, settings: Settings, ns: str, ref, what: str) -> bytes:
+    if ref.config_map is not None:
+        return config_map_bytes(kube, ns, ref.config_map)
+    try:
+        store = open_store(ref.uri, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
+        return store.get(ref.uri, getattr(ref, "digest", None) or "")
+    except StoreError as err:
+        raise RunFailed("InputUnavailable", f"{what}: {err}") from err
+
+
+def _apply_children(kube, settings, ft, source: EdgeModel, clients: list[r.Client]) -> None:
+    ns, run = ft.metadata["namespace"], r.run_name(ft)
+    if kube.find("Secret", r.tls_secret_name(ft), ns) is None:
+        host = r.server_host(ft)
+        bundle = make_bundle(run, [host, run, f"{run}.{ns}", f"{host}.cluster.local"])
+        kube.apply(r.render_tls_secret(ft, bundle.secret_data()))
+    if kube.find("ConfigMap", f"{run}-inputs", ns) is None:
+        try:
+            model = _bytes_of(kube, settings, ns, source.spec.source, "the source EdgeModel's spec.source")
+            evaluation = _bytes_of(kube, settings, ns, ft.spec.evaluation.data, "spec.evaluation.data")
+        except Exception as err:  # CompileError from config_map_bytes, StoreError
+            if isinstance(err, RunFailed):
+                raise
+            raise RunFailed("InputUnavailable", str(getattr(err, "message", err))) from err
+        if len(model) + len(evaluation) > 900_000:
+            raise RunFailed("InputsTooLarge", "the source model and evaluation data exceed 900 kB together, "
+                            "the most one ConfigMap holds; use a smaller evaluation set")
+        kube.apply(r.render_inputs(ft, model, evaluation))
+    kube.apply(r.render_service(ft))
+    if kube.find("Job", run, ns) is None:
+        kube.apply(r.render_server_job(ft, settings, clients[0].node, len(clients)))
+    for c in clients:
+        if kube.find("Pod", c.pod_name(run), ns) is None:
+            kube.apply(r.render_client_pod(ft, settings, c))
+
+
+def _report(settings: Settings, ft: FederatedTraining) -> dict | None:
+    ref = r.report_ref(settings, ft)
+    try:
+        store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
+        return json.loads(store.get(ref, ""))
+    except (StoreError, ValueError) as err:
+        log.debug("federated report %s not available: %s", ref, err)
+        return None
+
+
+def _from_report(report: dict) -> dict:
+    rounds = [{k: v for k, v in {"round": x["round"], "clients": x["clients"], "failures": x.get("failures", 0),
+                                 "loss": x.get("loss"), "accuracy": x.get("accuracy")}.items() if v is not None}
+              for x in report.get("rounds", [])]
+    out = {"rounds": rounds, "roundsDone": len(rounds)}
+    for key in ("startAccuracy", "finalAccuracy"):
+        if report.get(key) is not None:
+            out[key] = report[key]
+    pub = report.get("published") or {}
+    if report.get("state") == "Succeeded" and pub.get("digest"):
+        out.update(publishedRef=pub["ref"], publishedDigest=pub["digest"])
+    return out
+
+
+def _job_state(job: dict) -> str:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
+            return c["type"]
+    return "Running" if job else "Absent"
+
+
+def _publish(kube: Kube, target: EdgeModel, published: dict) -> None:
+    """The target EdgeModel's source becomes the published model (digest-pinned); compile and rollout follow."""
+    source = {"uri": published["ref"], "digest": published["digest"]}
+    if target.spec.source.to_dict() == source:
+        return
+    meta = target.metadata
+    spec = {**target.spec.to_dict(), "source": source}
+    kube.apply({"apiVersion": target.api_version, "kind": "EdgeModel",
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "spec": spec}, force=True)
+
+
+def _stop_clients(kube: Kube, ft: FederatedTraining) -> None:
+    for pod in kube.list("Pod", ft.metadata["namespace"], {r.RUN: r.labels(ft, "client")[r.RUN],
+                                                           "app.kubernetes.io/component": "client"}):
+        kube.delete("Pod", pod["metadata"]["name"], ft.metadata["namespace"])
+
+
+def _finish(kube: Kube, obj: dict, old: dict, kind: str, reason: str, message: str, gen) -> dict:
+    status = dict(old)
+    conds = set_condition(old.get("conditions", []), PROGRESSING, False, reason, message, gen)
+    status["conditions"] = set_condition(conds, kind, True, reason, message, gen)
+    status.pop("publishedRef", None)
+    status.pop("publishedDigest", None)
+    return _write(kube, obj, old, status, gen)
+
+
+def _write(kube: Kube, obj: dict, old: dict, status: dict, gen) -> dict:
+    status["observedGeneration"] = gen
+    if status != old:
+        meta = obj["metadata"]
+        kube.patch_status(KIND, meta["name"], meta["namespace"], status)
+        for c in flipped(old.get("conditions", []), status.get("conditions", [])):
+            if c["status"] == "True" and c["type"] in (SUCCEEDED, FAILED):
+                kube.event(obj, c["reason"], c["message"], "Warning" if c["type"] == FAILED else "Normal")
+    return status

@@ -1,0 +1,135 @@
+"""FederatedTraining reconciler against the in-memory writer; the server's report is played by the test."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from edgefleet.api import load
+from edgefleet.api.base import format_errors
+from edgefleet.reconcile.federated import reconcile_federated
+from edgefleet.settings import Settings
+from fake_kube import FakeKube
+from federated_helpers import EVAL, fresh_head_model
+from pydantic import ValidationError
+
+NS = "team"
+SETTINGS = Settings(artifact_store="oci://registry.local:5000/edgefleet", trainer_image="reg/trainer:1")
+DIGEST = "sha256:" + "ab" * 32
+
+
+def spec(**over) -> dict:
+    s = {"sourceModel": {"name": "digits"}, "targetModel": {"name": "digits"},
+         "participants": {"nodeSelector": {"matchLabels": {"edge": "yes"}}, "clientsPerNode": 3,
+                          "tolerations": [{"key": "edgefleet.io/real-node", "operator": "Exists"}]},
+         "localData": {"hostPath": "/var/lib/digits"}, "rounds": 2, "minClients": 2,
+         "evaluation": {"data": {"configMap": {"name": "inputs", "key": "eval.npz"}}, "minAccuracy": 0.5}}
+    s.update(over)
+    return s
+
+
+@pytest.fixture
+def kube(monkeypatch):
+    fake = FakeKube()
+    fake.add({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "inputs", "namespace": NS},
+              "binaryData": {"model.onnx": base64.b64encode(fresh_head_model()).decode(),
+                             "eval.npz": base64.b64encode(EVAL.read_bytes()).decode()}})
+    fake.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+              "metadata": {"name": "digits", "namespace": NS},
+              "spec": {"source": {"configMap": {"name": "inputs", "key": "model.onnx"}}, "format": "onnx"}})
+    fake.add({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "vm", "labels": {"edge": "yes"}}})
+    fake.add({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "kwok-1", "labels": {"edge": "no"}}})
+    fake.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining",
+              "metadata": {"name": "ft", "namespace": NS, "uid": "1234567890", "generation": 1}, "spec": spec()})
+    fake.report = None
+    monkeypatch.setattr("edgefleet.reconcile.federated._report", lambda settings, ft: fake.report)
+    return fake
+
+
+def step(kube) -> dict:
+    return reconcile_federated(kube, SETTINGS, kube.get("FederatedTraining", "ft", NS))
+
+
+def cond(status, type_):
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_federated_run_starts_server_clients_and_a_tls_secret(kube):
+    status = step(kube)
+    assert cond(status, "Progressing")["status"] == "True" and status["clients"] == 3
+    pods = kube.list("Pod", NS)
+    assert sorted(p["metadata"]["name"] for p in pods) == ["fl-ft-c-vm-0", "fl-ft-c-vm-1", "fl-ft-c-vm-2"]
+    assert all(p["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "vm"} for p in pods)
+    assert {a for p in pods for a in p["spec"]["containers"][0]["args"] if a.startswith("--index")} == {
+        "--index=0", "--index=1", "--index=2"}
+    job = kube.get("Job", "fl-ft", NS)
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--expected-clients=3" in args and "--min-clients=2" in args and "--min-accuracy=0.5" in args
+    secret = kube.get("Secret", "fl-ft-tls", NS)
+    assert set(secret["data"]) == {"ca.crt", "server.crt", "server.key", "client.crt", "client.key"}
+    # the server mounts only its own key; clients only theirs
+    server_items = {i["key"] for v in job["spec"]["template"]["spec"]["volumes"] if "secret" in v
+                    for i in v["secret"]["items"]}
+    assert server_items == {"ca.crt", "server.crt", "server.key"}
+    # a second step changes nothing: the Secret keeps its keys
+    step(kube)
+    assert kube.get("Secret", "fl-ft-tls", NS)["data"] == secret["data"]
+
+
+def test_federated_rounds_reach_status_and_success_updates_the_target_model(kube):
+    step(kube)
+    kube.report = {"state": "Running", "startAccuracy": 0.09, "rounds": [
+        {"round": 1, "clients": 3, "failures": 0, "loss": 1.2, "accuracy": 0.7}]}
+    status = step(kube)
+    assert status["roundsDone"] == 1 and status["rounds"][0]["clients"] == 3
+    kube.report = {**kube.report, "state": "Succeeded", "finalAccuracy": 0.94, "message": "accuracy 0.09 -> 0.94",
+                   "published": {"ref": "oci://registry.local:5000/edgefleet@sha256:" + "cd" * 32, "digest": DIGEST}}
+    status = step(kube)
+    assert cond(status, "Progressing")["status"] == "True"  # the Job has not completed yet
+    kube.get("Job", "fl-ft", NS)  # the Job completes
+    kube.set_status("Job", "fl-ft", NS, {"conditions": [{"type": "Complete", "status": "True"}]})
+    status = step(kube)
+    assert cond(status, "Succeeded")["reason"] == "Published" and status["publishedDigest"] == DIGEST
+    em = kube.get("EdgeModel", "digits", NS)
+    assert em["spec"]["source"] == {"uri": kube.report["published"]["ref"], "digest": DIGEST}
+    assert em["spec"]["format"] == "onnx"
+    assert kube.list("Pod", NS) == []  # clients stopped
+    assert kube.events[-1]["reason"] == "Published"
+
+
+def test_federated_failed_run_publishes_nothing(kube):
+    step(kube)
+    kube.report = {"state": "Failed", "reason": "RoundFailed",
+                   "message": "round 2: 1 clients returned an update, 2 failed; the minimum is 2", "rounds": [
+                       {"round": 1, "clients": 3, "failures": 0, "loss": 1.2, "accuracy": 0.7}]}
+    kube.set_status("Job", "fl-ft", NS, {"conditions": [{"type": "Failed", "status": "True"}]})
+    status = step(kube)
+    failed = cond(status, "Failed")
+    assert failed["reason"] == "RoundFailed" and "minimum is 2" in failed["message"]
+    assert "publishedDigest" not in status
+    assert kube.get("EdgeModel", "digits", NS)["spec"]["source"] == {"configMap": {"name": "inputs",
+                                                                                   "key": "model.onnx"}}
+    assert kube.warnings()[-1]["reason"] == "RoundFailed"
+    assert step(kube) == status  # terminal
+
+
+def test_federated_min_clients_above_the_participants_fails_with_the_fix(kube):
+    obj = kube.get("FederatedTraining", "ft", NS)
+    obj["spec"]["minClients"] = 5
+    kube.add(obj)
+    status = step(kube)
+    assert cond(status, "Failed")["reason"] == "NotEnoughClients"
+    assert "lower minClients or widen participants" in cond(status, "Failed")["message"]
+    assert kube.list("Job", NS) == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"participants": {"clientsPerNode": 2}}, "participants: set nodeSelector and/or hardwareClasses"),
+    ({"aggregation": {"strategy": "FedAvg", "proximalMu": 0.1}}, "aggregation.proximalMu applies to strategy FedProx"),
+    ({"localData": {"hostPath": "/var/../etc"}}, "localData.hostPath"),
+])
+def test_federated_spec_errors_name_the_field_and_fix(change, message):
+    with pytest.raises(ValidationError) as err:
+        load({"apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining", "metadata": {"name": "x"},
+              "spec": spec(**change)})
+    assert any(message in line for line in format_errors(err.value)), format_errors(err.value)
