@@ -275,3 +275,33 @@ def test_stopping_a_stale_node_leaves_another_clusters_real_node_alone(tmp_path,
     monkeypatch.setattr(node, "claim_holder", lambda: None)  # nobody's: a crashed node of our own is cleaned
     node.stop(mine, echo=messages.append)
     assert touched == ["pods", "machine"]
+
+
+def test_up_with_the_real_node_pushes_built_images_or_says_why_not(monkeypatch, tmp_path):
+    """`cluster up --real-node` pushes the built images to the cluster registry; unbuilt images or a refused push
+    are said (with the command to run), never fatal to the node."""
+    from types import SimpleNamespace
+
+    from edgefleet.devcluster import cluster as dc
+    from edgefleet.images import oci
+    from edgefleet.images import sync as image_sync
+
+    fake = SimpleNamespace(state=tmp_path / "mine", registry="127.0.0.1:5999")
+    said: list[str] = []
+    monkeypatch.setattr(image_sync, "unbuilt", lambda: ["compiler"])
+    assert dc.push_built_images(fake, said.append) == {}
+    assert "images not built (compiler)" in said[-1] and "edgefleet images build" in said[-1]
+    assert "`edgefleet cluster up --name mine --real-node`" in said[-1]
+
+    pushed: list[str] = []
+    monkeypatch.setattr(image_sync, "unbuilt", lambda: [])
+    monkeypatch.setattr(image_sync, "sync", lambda dest, echo: pushed.append(dest) or {"operator": "sha256:aa"})
+    assert dc.push_built_images(fake, said.append) == {"operator": "sha256:aa"}
+    assert pushed == ["127.0.0.1:5999/edgefleet"] and "ghcr.io/edgefleet/<name>" in said[-1]
+
+    def refused(dest, echo):
+        raise oci.PushError("registry said no")
+
+    monkeypatch.setattr(image_sync, "sync", refused)
+    assert dc.push_built_images(fake, said.append) == {}
+    assert said[-1] == "could not push the built images to the cluster registry 127.0.0.1:5999: registry said no"

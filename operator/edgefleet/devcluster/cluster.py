@@ -350,6 +350,8 @@ def up(name: str = "default", fleet: str | Path | None = None, scale: int | None
             cluster = Cluster(state)
             if real_node and not cluster.real_node:
                 _add_real_node(cluster, echo, timeout)
+            if real_node:
+                push_built_images(cluster, echo)
             echo(f"cluster {name!r} is already running (kubeconfig {state / 'kubeconfig'}); "
                  "`edgefleet cluster down` stops it")
             return cluster
@@ -363,6 +365,7 @@ def up(name: str = "default", fleet: str | Path | None = None, scale: int | None
             _create_fleet(cluster, fleet_spec.cluster_objects() + nodes, echo, timeout)
             if real_node:
                 _add_real_node(cluster, echo, timeout)
+                push_built_images(cluster, echo)
         except BaseException:
             echo(f"start failed; logs are in {state / 'logs'}")
             _teardown(state, keep_logs=True)
@@ -372,6 +375,28 @@ def up(name: str = "default", fleet: str | Path | None = None, scale: int | None
         echo(f"cluster {name!r} ready in {time.monotonic() - started:.1f}s: {len(nodes)} nodes{extra}, "
              f"kubeconfig {cluster.kubeconfig}, registry {cluster.registry}")
         return cluster
+
+
+def push_built_images(cluster: Cluster, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Push the images `edgefleet images build` made to the cluster's registry (only those it lacks: seconds
+    when warm), so the real node runs them as ghcr.io/edgefleet/<name> through its mirror. Not built, or the
+    push refused: says so and returns {} (the node runs; pods of those images cannot start)."""
+    from ..images import oci
+    from ..images.sync import sync, unbuilt
+
+    if missing := unbuilt():
+        echo(f"images not built ({', '.join(missing)}): the real node cannot run edgefleet's pods yet; run "
+             f"`edgefleet images build`, then `edgefleet cluster up --name {cluster.state.name} --real-node` again")
+        return {}
+    started = time.monotonic()
+    try:
+        digests = sync(f"{cluster.registry}/edgefleet", echo=lambda _: None)
+    except oci.PushError as err:
+        echo(f"could not push the built images to the cluster registry {cluster.registry}: {err}")
+        return {}
+    echo(f"built images in the cluster registry in {time.monotonic() - started:.1f}s ({', '.join(digests)}; "
+         "the real node pulls them as ghcr.io/edgefleet/<name>)")
+    return digests
 
 
 def stop_real_node(name: str = "default", echo: Callable[[str], None] = print) -> list[str]:
