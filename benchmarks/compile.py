@@ -17,23 +17,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgefleet.compiler import AccuracyBudget, CompileRequest, Policy, Target, compile_model
+from edgefleet.compiler import AccuracyBudget, CompileRequest, CompileTarget, Policy, compile_model
 
 M = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
-CPU_INT8 = Target("onnx", "int8", "onnxruntime", "cpu")
-OPENVINO = Target("openvino", "int8", "openvino", "openvino")
-LITERT = Target("tflite", "int8", "litert")
-CORAL = Target("tflite", "int8", "litert", None, "libedgetpu.so.1")  # ONNX -> .tflite needs edgefleet[tflite-convert]
+CPU_INT8 = CompileTarget(format="onnx", precision="int8", runtime="onnxruntime", execution_provider="cpu")
+OPENVINO = CompileTarget(format="openvino", precision="int8", runtime="openvino")
+LITERT = CompileTarget(format="tflite", precision="int8", runtime="litert")
+# ONNX -> .tflite needs edgefleet[tflite-convert]
+CORAL = CompileTarget(format="tflite", precision="int8", runtime="litert", delegate="libedgetpu.so.1")
 
 CASES = [
-    ("digits_cnn", "digits_cnn.onnx", "digits_eval.npz", "digits_calib.npz", AccuracyBudget(maxAccuracyDrop=1.0),
+    ("digits_cnn", "digits_cnn.onnx", "digits_eval.npz", "digits_calib.npz", AccuracyBudget(max_accuracy_drop=1.0),
      {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO, "litert-int8": LITERT, "coral-edgetpu": CORAL}),
-    ("tiny_encoder", "tiny_encoder.onnx", "encoder_eval.npz", "encoder_calib.npz", AccuracyBudget(minCosine=0.99),
+    ("tiny_encoder", "tiny_encoder.onnx", "encoder_eval.npz", "encoder_calib.npz", AccuracyBudget(min_cosine=0.99),
      {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO}),
     # PP-OCRv4 text detector (real weights, paddle2onnx export): a probability map, gated on cosine vs fp32
-    ("ppocr_det_v4", "ppocr_det_v4.onnx", "ppocr_eval.npz", "ppocr_calib.npz", AccuracyBudget(minCosine=0.99),
+    ("ppocr_det_v4", "ppocr_det_v4.onnx", "ppocr_eval.npz", "ppocr_calib.npz", AccuracyBudget(min_cosine=0.99),
      {"cpu-int8": CPU_INT8, "openvino-int8": OPENVINO}),
-    ("palm_detection_lite", "palm_detection_lite.tflite", "palm_eval.npz", None, AccuracyBudget(minCosine=0.99),
+    ("palm_detection_lite", "palm_detection_lite.tflite", "palm_eval.npz", None, AccuracyBudget(min_cosine=0.99),
      {"litert-int8": LITERT}),
 ]
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from edgefleet.artifacts import DigestError, OCIStore
-from edgefleet.compiler import CompileRequest, Policy, Target, compile_model
+from edgefleet.compiler import CompileRequest, CompileTarget, Policy, compile_model
 
 pytestmark = pytest.mark.cluster
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
+CPU = CompileTarget(format="onnx", precision="int8", runtime="onnxruntime", execution_provider="cpu")
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def test_push_pull_verify_with_annotations(store):
 
 
 def test_compile_publishes_to_registry_and_compiles_from_it(store, tmp_path):
-    req = CompileRequest(str(M / "digits_cnn.onnx"), {"cpu": Target("onnx", "int8", "onnxruntime", "cpu")},
+    req = CompileRequest(str(M / "digits_cnn.onnx"), {"cpu": CPU},
                          Policy(calibration=M / "digits_calib.npz", evaluation=M / "digits_eval.npz", timingRuns=3))
     v = compile_model(req, store, tmp_path / "c1").variants["cpu"]
     assert v.state == "Ready" and v.artifact.startswith("oci://")

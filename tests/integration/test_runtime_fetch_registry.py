@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from edgefleet.api import EdgeDeployment, Variant, builtin_profiles
 from edgefleet.artifacts import OCIStore
-from edgefleet.compiler import CompileRequest, Policy, Target, compile_model
+from edgefleet.compiler import CompileRequest, CompileTarget, Policy, compile_model
 from edgefleet.devcluster.cluster import free_port
 from edgefleet.render import render_class
 from edgefleet.render.workload import CACHE_MOUNT
@@ -32,10 +32,10 @@ RUNTIME = [sys.executable, "-m", "edgefleet_runtime.cli"]
 
 CASES = {
     # profile -> (target, policy): a gzip'd pruned ONNX and an OpenVINO IR zip, the two packed formats
-    "cpu-amd64": (Target("onnx", "fp32", "onnxruntime"),
+    "cpu-amd64": (CompileTarget(format="onnx", precision="fp32", runtime="onnxruntime"),
                   Policy(quantization="none", sparsity=0.3, evaluation=M / "digits_eval.npz", timingRuns=2,
                          threads=1)),
-    "intel-openvino": (Target(format="openvino", precision="int8", runtime="openvino"),
+    "intel-openvino": (CompileTarget(format="openvino", precision="int8", runtime="openvino"),
                        Policy(calibration=M / "digits_calib.npz", evaluation=M / "digits_eval.npz", timingRuns=2,
                               threads=1)),
 }

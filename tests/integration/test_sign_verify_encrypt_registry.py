@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from edgefleet.api import EdgeDeployment, Variant, builtin_profiles
 from edgefleet.artifacts import OCIStore
-from edgefleet.compiler import CompileRequest, Policy, Target, compile_model
+from edgefleet.compiler import CompileRequest, CompileTarget, Policy, compile_model
 from edgefleet.devcluster.cluster import free_port
 from edgefleet.render import render_class
 from edgefleet.render.workload import CACHE_MOUNT, DECRYPTION_KEY_MOUNT, TRUST_KEYS_MOUNT
@@ -30,6 +30,7 @@ from edgefleet_runtime import trust
 
 pytestmark = pytest.mark.cluster
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
+FP32 = CompileTarget(format="onnx", precision="fp32", runtime="onnxruntime")
 RUNTIME = [sys.executable, "-m", "edgefleet_runtime.cli"]
 EXIT_SIGNATURE = 6
 
@@ -74,7 +75,7 @@ def _run(args):
 
 
 def _compile(store, tmp_path, **trust_args):
-    request = CompileRequest(str(M / "digits_cnn.onnx"), {"cpu-amd64": Target("onnx", "fp32", "onnxruntime")},
+    request = CompileRequest(str(M / "digits_cnn.onnx"), {"cpu-amd64": FP32},
                              Policy(quantization="none", timingRuns=2, threads=1), name="digits")
     v = compile_model(request, store, tmp_path / "compile", **trust_args).variants["cpu-amd64"]
     assert v.state == "Ready", (v.reason, v.message)

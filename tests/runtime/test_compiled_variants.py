@@ -39,28 +39,28 @@ def _digits_policy(**kw):
 CASES = {
     "onnx-pruned-gzip": (
         DIGITS,
-        compiler.Target("onnx", "fp32", "onnxruntime"),
+        compiler.CompileTarget(format="onnx", precision="fp32", runtime="onnxruntime"),
         lambda: _digits_policy(quantization="none", sparsity=0.3),
         "application/vnd.edgefleet.model.onnx+gzip",
         b"\x1f\x8b",
     ),
     "openvino-int8-zip": (
         DIGITS,
-        compiler.Target(format="openvino", precision="int8", runtime="openvino"),
+        compiler.CompileTarget(format="openvino", precision="int8", runtime="openvino"),
         lambda: _digits_policy(calibration=DIGITS_CALIB),
         "application/vnd.edgefleet.model.openvino-ir+zip",
         b"PK\x03\x04",
     ),
     "onnx-int8": (
         DIGITS,
-        compiler.Target("onnx", "int8", "onnxruntime"),
+        compiler.CompileTarget(format="onnx", precision="int8", runtime="onnxruntime"),
         lambda: _digits_policy(quantization="dynamic-int8"),
         "application/vnd.edgefleet.model.onnx",
         b"",
     ),
     "tflite": (
         PALM,
-        compiler.Target("tflite", "fp32", "litert"),
+        compiler.CompileTarget(format="tflite", precision="fp32", runtime="litert"),
         lambda: compiler.Policy(quantization="none", evaluation=PALM_EVAL, timingRuns=2, threads=1),
         "application/vnd.edgefleet.model.tflite",
         b"",

@@ -8,7 +8,7 @@ import json
 import yaml
 from click.testing import CliRunner
 from edgefleet.api import EdgeDeployment, HardwareProfile, Variant, builtin_profiles
-from edgefleet.compiler import Target, load_profiles
+from edgefleet.compiler import CompileTarget, load_profiles
 from edgefleet.compiler.cli import compile_command
 from edgefleet.render import render_class
 from edgefleet.render.compile_job import profiles_document
@@ -58,11 +58,12 @@ def test_a_budget_nothing_fits_fails_the_variant_with_the_fix(tmp_path):
 
 
 def test_the_budget_reaches_compile_jobs_and_the_cache_key(tmp_path):
-    target = Target.of_profile({"target": TARGET, "budget": {"maxModelSizeBytes": 5000, "maxMemoryBytes": 2**30}})
-    assert target.maxModelSizeBytes == 5000 and target.to_dict()["maxModelSizeBytes"] == 5000
-    assert Target.of_profile({"target": TARGET}).to_dict() == TARGET  # no budget: the target as before
+    target = CompileTarget.of_profile({"target": TARGET,
+                                       "budget": {"maxModelSizeBytes": 5000, "maxMemoryBytes": 2**30}})
+    assert target.max_model_size_bytes == 5000 and target.to_dict()["maxModelSizeBytes"] == 5000
+    assert CompileTarget.of_profile({"target": TARGET}).to_dict() == TARGET  # no budget: the target as before
     document = tmp_path / "profiles.json"
-    document.write_text(profiles_document({"small": target.to_dict()}))
+    document.write_text(profiles_document({"small": target}))
     item = json.loads(document.read_text())["items"][0]
     assert item["spec"] == {"target": TARGET, "budget": {"maxModelSizeBytes": 5000}}
     assert load_profiles(document)["small"] == target

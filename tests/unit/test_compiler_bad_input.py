@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from edgefleet.compiler import CompileError, CompileRequest, Policy, Target, compile_model, load_profiles
+from edgefleet.compiler import CompileError, CompileRequest, CompileTarget, Policy, compile_model, load_profiles
 from edgefleet.compiler.cli import compile_command
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 DIGITS = M / "digits_cnn.onnx"
+OPENVINO = CompileTarget(format="openvino", precision="int8", runtime="openvino")
 
 
 def run(tmp_path, *args):
@@ -89,7 +90,7 @@ def test_missing_optional_extra(tmp_path, monkeypatch):
     import edgefleet.compiler.core as core
 
     monkeypatch.setattr(core, "_has", lambda mod: mod not in ("openvino", "nncf"))
-    r = compile_model(CompileRequest(str(DIGITS), {"ov": Target("openvino", "int8", "openvino")},
+    r = compile_model(CompileRequest(str(DIGITS), {"ov": OPENVINO},
                                      Policy(timingRuns=2)), None, tmp_path)
     v = r.variants["ov"]
     assert v.state == "Failed" and v.reason == "MissingExtra" and "pip install 'edgefleet[openvino]'" in v.message
@@ -113,7 +114,9 @@ def test_missing_source(tmp_path):
 
 def test_static_without_calibration_is_refused(tmp_path):
     with pytest.raises(CompileError) as e:
-        compile_model(CompileRequest(str(DIGITS), {"c": Target("onnx", "int8")}, Policy(quantization="static-int8")),
+        onnx = CompileTarget(format="onnx", precision="int8", runtime="onnxruntime")
+        compile_model(CompileRequest(str(DIGITS), {"c": onnx},
+                                       Policy(quantization="static-int8")),
                       None, tmp_path)
     assert e.value.reason == "InvalidRequest" and "--calibration" in e.value.fix
 
@@ -124,4 +127,5 @@ def test_load_profiles_builtin_and_file(tmp_path):
     f = tmp_path / "x.yaml"
     f.write_text("kind: List\nitems:\n- kind: HardwareProfile\n  metadata: {name: a}\n  spec:\n"
                  "    target: {format: onnx, precision: fp16, runtime: onnxruntime, executionProvider: cuda}\n")
-    assert load_profiles(f) == {"a": Target("onnx", "fp16", "onnxruntime", "cuda")}
+    cuda = CompileTarget(format="onnx", precision="fp16", runtime="onnxruntime", execution_provider="cuda")
+    assert load_profiles(f) == {"a": cuda}

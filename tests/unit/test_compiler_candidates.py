@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from edgefleet.artifacts import LocalStore
-from edgefleet.compiler import AccuracyBudget, CompileRequest, Policy, Target, compile_model
+from edgefleet.compiler import AccuracyBudget, CompileRequest, CompileTarget, Policy, compile_model
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
-CPU = Target("onnx", "int8", "onnxruntime", "cpu")
+CPU = CompileTarget(format="onnx", precision="int8", runtime="onnxruntime", execution_provider="cpu")
 
 
 def _compile(tmp: Path, **policy):
@@ -25,7 +25,7 @@ def _compile(tmp: Path, **policy):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    return _compile(tmp_path_factory.mktemp("cands"), accuracyBudget=AccuracyBudget(maxAccuracyDrop=1.0))
+    return _compile(tmp_path_factory.mktemp("cands"), accuracyBudget=AccuracyBudget(max_accuracy_drop=1.0))
 
 
 def test_every_candidate_inside_the_budget_is_published_with_its_own_digest(compiled):
@@ -49,7 +49,7 @@ def test_every_candidate_inside_the_budget_is_published_with_its_own_digest(comp
 
 def test_a_candidate_outside_the_budget_is_not_published(tmp_path):
     # a budget of cosine 0.99999 leaves only fp32 (and maybe fp16) inside: int8 candidates are not published
-    v, _ = _compile(tmp_path, accuracyBudget=AccuracyBudget(minCosine=0.99999))
+    v, _ = _compile(tmp_path, accuracyBudget=AccuracyBudget(min_cosine=0.99999))
     outside = [c for c in v.candidates if c.state != "Failed" and not c.withinBudget]
     assert outside, [(c.name, c.metrics.cosine) for c in v.candidates]
     assert all(c.artifact is None for c in outside)
@@ -59,7 +59,7 @@ def test_a_candidate_outside_the_budget_is_not_published(tmp_path):
 def test_host_latency_hook_makes_the_host_choose_the_named_candidate(compiled, tmp_path):
     v, _ = compiled
     other = next(c.name for c in v.candidates if c.state == "Lost" and c.withinBudget)
-    forced, _ = _compile(tmp_path, accuracyBudget=AccuracyBudget(maxAccuracyDrop=1.0), hostLatencyMs={other: 0.0001})
+    forced, _ = _compile(tmp_path, accuracyBudget=AccuracyBudget(max_accuracy_drop=1.0), hostLatencyMs={other: 0.0001})
     assert forced.chosen == other
     chosen = next(c for c in forced.candidates if c.name == other)
     assert chosen.latency.p50Ms1 == 0.0001 and "hostLatencyMs" in chosen.latency.measuredOn

@@ -10,8 +10,8 @@ from edgefleet.artifacts import LocalStore
 from edgefleet.compiler import (
     AccuracyBudget,
     CompileRequest,
+    CompileTarget,
     Policy,
-    Target,
     compile_model,
     load_profiles,
     tflite_convert,
@@ -19,7 +19,9 @@ from edgefleet.compiler import (
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 RUNS = 5  # timing iterations: keep the suite fast; the benchmark measures properly
-CPU = Target("onnx", "int8", "onnxruntime", "cpu")
+CPU = CompileTarget(format="onnx", precision="int8", runtime="onnxruntime", execution_provider="cpu")
+LITERT = CompileTarget(format="tflite", precision="int8", runtime="litert")
+OPENVINO = CompileTarget(format="openvino", precision="int8", runtime="openvino")
 
 
 def digits_policy(**kw) -> Policy:
@@ -55,7 +57,7 @@ def test_every_builtin_profile_gets_a_report(digits_all):
 def test_cpu_int8_choice_is_smaller_faster_and_inside_budget(digits_all):
     _, result, store, _ = digits_all
     cpu = [v for v in result.variants.values() if v.target.runtime == "onnxruntime"
-           and v.target.executionProvider in (None, "cpu") and v.target.precision == "int8"]
+           and v.target.execution_provider in (None, "cpu") and v.target.precision == "int8"]
     assert cpu, "no CPU int8 profile among the built-ins"
     for v in cpu:
         assert v.state == "Ready", v.message
@@ -80,7 +82,7 @@ def test_unreachable_targets_say_why(digits_all):
             assert "edgefleet[tflite-convert]" in v.message
         elif v.target.format == "tflite":  # onnx2tf installed: converted, and the CPU stand-in is said
             assert v.state == "Ready" and "edgetpu_compiler" in v.message, v.message
-        if v.target.executionProvider in ("cuda", "tensorrt") and v.state == "Ready":
+        if v.target.execution_provider in ("cuda", "tensorrt") and v.state == "Ready":
             assert "stand-in" in v.message
 
 
@@ -105,7 +107,7 @@ def test_digests_stable_across_two_runs(tmp_path):
 def test_impossible_budget_publishes_nothing(tmp_path):
     store = LocalStore(tmp_path / "store")
     req = CompileRequest(str(M / "digits_cnn.onnx"), {"cpu": CPU},
-                         digits_policy(sparsity=0.9, accuracyBudget=AccuracyBudget(maxAccuracyDrop=0.0)))
+                         digits_policy(sparsity=0.9, accuracyBudget=AccuracyBudget(max_accuracy_drop=0.0)))
     r = compile_model(req, store, tmp_path / "cache")
     v = r.variants["cpu"]
     assert v.state == "Failed" and v.reason == "AccuracyBudgetExceeded"
@@ -114,7 +116,7 @@ def test_impossible_budget_publishes_nothing(tmp_path):
 
 
 def test_pruning_really_shrinks_storage(tmp_path):
-    req = CompileRequest(str(M / "digits_cnn.onnx"), {"cpu": Target("onnx", "fp32", "onnxruntime", "cpu")},
+    req = CompileRequest(str(M / "digits_cnn.onnx"), {"cpu": CPU.model_copy(update={"precision": "fp32"})},
                          digits_policy(sparsity=0.3))
     v = compile_model(req, LocalStore(tmp_path / "s"), tmp_path / "c").variants["cpu"]
     assert v.state == "Ready", v.message
@@ -127,7 +129,7 @@ def test_pruning_really_shrinks_storage(tmp_path):
 def test_transformer_encoder_int8(tmp_path):
     req = CompileRequest(str(M / "tiny_encoder.onnx"), {"cpu": CPU},
                          Policy(calibration=M / "encoder_calib.npz", evaluation=M / "encoder_eval.npz",
-                                accuracyBudget=AccuracyBudget(minCosine=0.99), timingRuns=RUNS))
+                                accuracyBudget=AccuracyBudget(min_cosine=0.99), timingRuns=RUNS))
     v = compile_model(req, None, tmp_path).variants["cpu"]
     assert v.state == "Ready" and v.precision == "int8", v.message
     assert v.metrics.cosine >= 0.99 and v.metrics.accuracy is None
@@ -135,9 +137,8 @@ def test_transformer_encoder_int8(tmp_path):
 
 
 def test_tflite_palm_detector_in_litert(tmp_path):
-    req = CompileRequest(str(M / "palm_detection_lite.tflite"), {"pi": Target("tflite", "int8", "litert"),
-                                                                 "tpu": Target("tflite", "int8", "litert", None,
-                                                                               "libedgetpu.so.1")},
+    tpu = LITERT.model_copy(update={"delegate": "libedgetpu.so.1"})
+    req = CompileRequest(str(M / "palm_detection_lite.tflite"), {"pi": LITERT, "tpu": tpu},
                          Policy(evaluation=M / "palm_eval.npz", timingRuns=2))
     r = compile_model(req, None, tmp_path)
     assert r.sourceFormat == "tflite"
@@ -151,7 +152,7 @@ def test_tflite_palm_detector_in_litert(tmp_path):
 def test_openvino_target(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    req = CompileRequest(str(M / "digits_cnn.onnx"), {"ov": Target("openvino", "int8", "openvino", "openvino")},
+    req = CompileRequest(str(M / "digits_cnn.onnx"), {"ov": OPENVINO},
                          digits_policy())
     v = compile_model(req, None, tmp_path).variants["ov"]
     assert v.state == "Ready", v.message

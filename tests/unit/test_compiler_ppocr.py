@@ -15,13 +15,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from edgefleet.compiler import AccuracyBudget, CompileError, CompileRequest, Policy, Target, compile_model, onnx_passes
+from edgefleet.compiler import (
+    AccuracyBudget,
+    CompileError,
+    CompileRequest,
+    CompileTarget,
+    Policy,
+    compile_model,
+    onnx_passes,
+)
 from edgefleet.compiler.measure import open_runner
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 DET = M / "ppocr_det_v4.onnx"
-CPU = Target("onnx", "int8", "onnxruntime", "cpu")
-BUDGET = AccuracyBudget(minCosine=0.99)
+CPU = CompileTarget(format="onnx", precision="int8", runtime="onnxruntime", execution_provider="cpu")
+BUDGET = AccuracyBudget(min_cosine=0.99)
 
 pytestmark = pytest.mark.skipif(not DET.exists(), reason="run tests/fixtures/make_models.py --ppocr")
 
@@ -110,7 +118,7 @@ def test_second_compile_is_a_cache_hit(det):
 def test_without_evaluation_data_synthetic_inputs_are_large_enough(tmp_path):
     """8x8 synthetic images break a stride-32 detector; the compiler retries at a larger size."""
     said: list[str] = []
-    req = CompileRequest(str(DET), {"cpu": Target("onnx", "fp32", "onnxruntime", "cpu")},
+    req = CompileRequest(str(DET), {"cpu": CPU.model_copy(update={"precision": "fp32"})},
                          Policy(quantization="none", timingRuns=2, threads=1))
     v = compile_model(req, None, tmp_path, progress=said.append).variants["cpu"]
     assert v.state == "Ready" and v.metrics.synthetic, v.message

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from edgefleet.compiler import CompileRequest, Policy, Target, compile_model, load_profiles, tflite_convert
+from edgefleet.compiler import CompileRequest, CompileTarget, Policy, compile_model, load_profiles, tflite_convert
 from onnx import TensorProto, helper
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 DIGITS = M / "digits_cnn.onnx"
 CORAL = load_profiles(None)["coral-edgetpu"]
-PI_TFLITE = Target("tflite", "int8", "litert")
+PI_TFLITE = CompileTarget(format="tflite", precision="int8", runtime="litert")
 WHY = tflite_convert.missing()
 needs_onnx2tf = pytest.mark.skipif(WHY is not None, reason=f"{WHY}")
 
@@ -70,7 +70,7 @@ def test_plan_per_target():
 
 def test_fp16_only_is_refused_with_the_choices(tmp_path, monkeypatch):
     monkeypatch.setattr(tflite_convert, "NEEDS", ())
-    v = compile_model(CompileRequest(str(DIGITS), {"p": Target("tflite", "fp16", "litert")},
+    v = compile_model(CompileRequest(str(DIGITS), {"p": PI_TFLITE.model_copy(update={"precision": "fp16"})},
                                      digits_policy(quantization="fp16")), None, tmp_path).variants["p"]
     assert v.state == "Failed" and v.reason == "PrecisionNotSupported"
     assert "dynamic-/static-int8" in v.message and "fp16" in v.message
@@ -217,7 +217,8 @@ def test_an_operator_litert_lacks_is_named(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])])
     src = tmp_path / "det.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
-    v = compile_model(CompileRequest(str(src), {"pi": Target("tflite", "fp32", "litert")}, Policy(timingRuns=2)),
+    v = compile_model(CompileRequest(str(src), {"pi": PI_TFLITE.model_copy(update={"precision": "fp32"})},
+                                     Policy(timingRuns=2)),
                       None, tmp_path / "cache").variants["pi"]
     assert v.state == "Failed" and v.reason == "UnsupportedOperator", v.message
     assert "MatrixDeterminant" in v.message and "serve this model as ONNX" in v.message

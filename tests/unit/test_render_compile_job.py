@@ -5,10 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from edgefleet.api import AccuracyBudget
+from edgefleet.api.compile import CompileRequest, CompileTarget, Policy
 from edgefleet.compiler import load_profiles
 from edgefleet.compiler.cli import compile_command
 from edgefleet.render.compile_job import (
@@ -18,6 +22,7 @@ from edgefleet.render.compile_job import (
     CompileJobRequest,
     compile_job_name,
     compile_key,
+    inputs_files,
     inputs_size,
     profiles_document,
     render_compile_inputs,
@@ -39,11 +44,19 @@ def settings() -> Settings:
                     compile_timing_runs=7, compile_deadline_seconds=900)
 
 
-def request(**over) -> CompileJobRequest:
-    base = dict(model_namespace="team-a", model_name="digits", generation=3, targets=TARGETS,
-                source="oci://registry.local:5000/models/digits:1", digest="sha256:" + "a" * 64,
-                quantization="auto", sparsity=0.0, max_accuracy_drop=1.0)
-    return CompileJobRequest(**{**base, **over})
+def request(model_namespace="team-a", model_name="digits", generation=3, targets=TARGETS,
+            source="oci://registry.local:5000/models/digits:1", digest="sha256:" + "a" * 64, quantization="auto",
+            max_accuracy_drop=1.0, min_cosine=None, evaluation=None, input_shapes=None, files=None,
+            timing_runs=7) -> CompileJobRequest:
+    """The Job's request: the same CompileRequest the inline compile gets, its files under INPUTS_DIR."""
+    budget = AccuracyBudget(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine)
+    policy = Policy(quantization=quantization, accuracyBudget=budget, timingRuns=timing_runs,
+                    evaluation=Path(INPUTS_DIR) / evaluation if evaluation else None,
+                    inputShapes=input_shapes or {})
+    compile_request = CompileRequest(source=source, digest=digest, name=model_name, policy=policy,
+                                     targets={k: CompileTarget.model_validate(v) for k, v in targets.items()})
+    return CompileJobRequest(model_namespace=model_namespace, generation=generation, request=compile_request,
+                             files=files or {})
 
 
 def flags(args: list[str]) -> dict[str, list[str]]:
@@ -101,8 +114,8 @@ def test_args(settings):
 
 
 def test_configmap_inputs_become_files(settings):
-    req = request(source=None, files={"source-m.onnx": b"\x08\x01", "evaluation-e.npz": b"PK\x03\x04"},
-                  source_file="source-m.onnx", evaluation_file="evaluation-e.npz", min_cosine=0.98)
+    req = request(source=f"{INPUTS_DIR}/source-m.onnx", files={"source-m.onnx": b"\x08\x01",
+                  "evaluation-e.npz": b"PK\x03\x04"}, evaluation="evaluation-e.npz", min_cosine=0.98)
     job = render_compile_job(req, settings)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[0] == f"{INPUTS_DIR}/source-m.onnx"
@@ -120,7 +133,7 @@ def test_configmap_inputs_become_files(settings):
 
 def test_profiles_document_is_what_the_cli_reads(tmp_path):
     path = tmp_path / "profiles.json"
-    path.write_text(profiles_document(TARGETS))
+    path.write_text(profiles_document({k: CompileTarget.model_validate(v) for k, v in TARGETS.items()}))
     loaded = load_profiles(path)
     assert {k: v.to_dict() for k, v in loaded.items()} == TARGETS
     assert yaml.safe_load(path.read_text())["kind"] == "List"
@@ -133,13 +146,13 @@ def test_name_is_deterministic_and_changes_with_inputs(settings):
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
     others = [request(generation=4), request(model_namespace="team-b"), request(quantization="fp16"),
               request(targets={"cpu-arm64": TARGETS["cpu-arm64"]}), request(digest=None),
-              request(source=None, files={"source-m.onnx": b"1"}, source_file="source-m.onnx")]
+              request(source=f"{INPUTS_DIR}/source-m.onnx", files={"source-m.onnx": b"1"})]
     names = {render_compile_job(r, settings)["metadata"]["name"] for r in others}
     assert name not in names and len(names) == len(others)
     newer = settings.model_copy(update={"compiler_image": "ghcr.io/edgefleet/compiler:10"})
     assert render_compile_job(request(), newer)["metadata"]["name"] != name
-    files = request(source=None, files={"source-m.onnx": b"1"}, source_file="source-m.onnx")
-    changed = request(source=None, files={"source-m.onnx": b"2"}, source_file="source-m.onnx")
+    files = request(source=f"{INPUTS_DIR}/source-m.onnx", files={"source-m.onnx": b"1"})
+    changed = request(source=f"{INPUTS_DIR}/source-m.onnx", files={"source-m.onnx": b"2"})
     assert compile_key(files, settings) != compile_key(changed, settings)
 
 
@@ -183,3 +196,33 @@ def test_compile_pods_go_where_the_settings_say(settings):
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"edgefleet.io/real-node": "true"} and pod["tolerations"] == [toleration]
     assert job["metadata"]["name"] == render_compile_job(request(), settings)["metadata"]["name"]
+
+
+def test_the_job_hands_the_compiler_the_request_the_inline_path_would(settings, tmp_path, monkeypatch):
+    """One request object: the Job's flags, parsed by the real `edgefleet compile`, give back its CompileRequest."""
+    from edgefleet.compiler import core
+
+    req = request(source=f"{INPUTS_DIR}/source-m.onnx", files={"source-m.onnx": b"m", "evaluation-e.npz": b"e"},
+                  evaluation="evaluation-e.npz", min_cosine=0.98, input_shapes={"x": [1, 3, 48, 192]},
+                  targets={**TARGETS, "small": {**TARGETS["cpu-arm64"], "maxModelSizeBytes": 5000}})
+    for name, data in inputs_files(req).items():
+        (tmp_path / name).write_bytes(data)
+    args = render_compile_job(req, settings)["spec"]["template"]["spec"]["containers"][0]["args"]
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def compile_model(got, **_):
+        seen.append(got)
+        raise Seen
+
+    monkeypatch.setattr(core, "compile_model", compile_model)
+    result = CliRunner().invoke(compile_command, [a.replace(INPUTS_DIR, str(tmp_path)) for a in args])
+    assert isinstance(result.exception, Seen), result.output
+    (got,) = seen
+    moved = req.request.policy.evaluation.as_posix().replace(INPUTS_DIR, str(tmp_path))
+    assert got.policy == replace(req.request.policy, evaluation=Path(moved))
+    assert got.targets == req.request.targets and got.targets["small"].max_model_size_bytes == 5000
+    assert (got.digest, got.name) == (req.request.digest, req.request.name)
+    assert got.source == req.request.source.replace(INPUTS_DIR, str(tmp_path))

@@ -7,6 +7,7 @@ import base64
 from pathlib import Path
 
 from click.testing import CliRunner
+from edgefleet.api.compile import CompileRequest, CompileTarget, Policy
 from edgefleet.compiler.cli import compile_command
 from edgefleet.render.compile_job import (
     ENCRYPTION_FILE,
@@ -24,9 +25,11 @@ TARGET = {"cpu-amd64": {"format": "onnx", "precision": "fp32", "runtime": "onnxr
 
 
 def _request(public_key: str | None) -> CompileJobRequest:
-    return CompileJobRequest(model_namespace="shop", model_name="digits", generation=1, targets=TARGET,
-                             files={"source-digits.onnx": DIGITS.read_bytes()}, source_file="source-digits.onnx",
-                             quantization="none", encryption_public_key=public_key)
+    request = CompileRequest(source=f"{INPUTS_DIR}/source-digits.onnx", name="digits",
+                             targets={k: CompileTarget.model_validate(v) for k, v in TARGET.items()},
+                             policy=Policy(quantization="none"))
+    return CompileJobRequest(model_namespace="shop", generation=1, request=request,
+                             files={"source-digits.onnx": DIGITS.read_bytes()}, encryption_public_key=public_key)
 
 
 def test_job_without_trust_settings_has_no_trust_args_or_volumes():

@@ -5,19 +5,20 @@ One entry point, used by ``edgefleet compile``, by the operator in-process and i
     compile_model(request: CompileRequest, store: ArtifactStore | None = None,
                   cache_dir: Path | str | None = None,          # default $EDGEFLEET_CACHE or ~/.cache/edgefleet/compile
                   progress: Callable[[str], None] | None = None) -> CompileResult
-    load_profiles(path: str | PathLike | None = None) -> dict[str, Target]   # None = built-in profiles
+    load_profiles(path: str | PathLike | None = None) -> dict[str, CompileTarget]   # None = built-in
 
     CompileRequest(source: str,                      # path | file:// | https:// | oci://host:port/repo(:tag|@sha256:..)
-                   targets: dict[str, Target],       # profile name -> HardwareProfile.spec.target
+                   targets: dict[str, CompileTarget],  # profile name -> its spec.target (+ budget size limit)
                    policy: Policy = Policy(),
                    digest: str | None = None,        # expected "sha256:<hex>" of the source bytes
                    name: str | None = None)          # artifact name prefix (default: source file stem)
-    Target(format="onnx", precision="fp32", runtime="onnxruntime", executionProvider=None, delegate=None)
-    Target.from_dict(hardware_profile["spec"]["target"])
+    CompileTarget(format="onnx", precision="fp32", runtime="onnxruntime", execution_provider=None, delegate=None,
+                  max_model_size_bytes=None)    # the API's Target (same validation) + spec.budget.maxModelSizeBytes
+    CompileTarget.of_profile(hardware_profile_spec)  # a HardwareProfileSpec or its wire form
     Policy(quantization="auto",                      # auto | none | fp16 | dynamic-int8 | static-int8
            sparsity=0.0,                             # magnitude pruning fraction 0..0.95 (artifact gzip-compressed)
            calibration: Path | None, evaluation: Path | None,   # .npz (keys = input names, labels "y") or .npy dir
-           accuracyBudget=AccuracyBudget(maxAccuracyDrop=None, minCosine=None),
+           accuracyBudget: AccuracyBudget | None = None,   # the API's; None: the default below
            timingRuns=50, threads=None)              # latency runs; N for the N-thread figure (default cpu count)
 
     CompileResult: source, sourceDigest, sourceFormat, sourceSizeBytes, cacheHit, workDone, toolchain,
@@ -48,6 +49,9 @@ against the source's outputs) and publishes the fastest p50 at 1 thread; candida
 fastest count as equally fast and the smallest wins. Targets not present on this host (CUDA/TensorRT) are
 measured on the CPU and chosen by the target precision's preference instead.
 
+The request types live in ``edgefleet.api.compile`` (the operator's inline compile and the compile Job build
+the same ``CompileRequest``) and are re-exported here.
+
 The cache (``cache_dir/variants/<key>``) is keyed by sha256 of (source digest, policy with data digests,
 target, toolchain versions); a hit does no work (``result.workDone == 0``, ``variant.cacheHit``).
 Artifact formats: ``.onnx`` (application/vnd.edgefleet.model.onnx), gzip'd ``.onnx`` when pruned
@@ -63,15 +67,15 @@ from .types import (
     CompileError,
     CompileRequest,
     CompileResult,
+    CompileTarget,
     Latency,
     Metrics,
     Policy,
-    Target,
     VariantReport,
 )
 
 __all__ = [
     "AccuracyBudget", "Candidate", "CompileError", "CompileRequest", "CompileResult", "Latency", "Metrics",
-    "Policy", "Target", "VariantReport", "compile_model", "fetch_source", "load_profiles", "plan",
+    "CompileTarget", "Policy", "VariantReport", "compile_model", "fetch_source", "load_profiles", "plan",
     "toolchain_versions",
 ]

@@ -76,7 +76,8 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
             quantization=quantization, sparsity=sparsity,
             calibration=Path(calibration) if calibration else None,
             evaluation=Path(evaluation) if evaluation else None,
-            accuracyBudget=AccuracyBudget(maxAccuracyDrop=max_accuracy_drop, minCosine=min_cosine),
+            accuracyBudget=None if max_accuracy_drop is None and min_cosine is None else AccuracyBudget(
+                max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine),
             timingRuns=timing_runs, inputShapes=dict(parse_input_shape(s) for s in input_shapes),
         )
         request = CompileRequest(source=source, targets={n: all_profiles[n] for n in names}, policy=policy,

@@ -24,10 +24,10 @@ from .types import (
     CompileError,
     CompileRequest,
     CompileResult,
+    CompileTarget,
     Latency,
     Metrics,
     Policy,
-    Target,
     VariantReport,
     file_sha256,
     sha256_hex,
@@ -165,7 +165,7 @@ _PREFERENCE = {"int8": ["static-int8", "dynamic-int8", "fp16", "none"], "fp16": 
 _PRECISION = {"none": "fp32", "fp16": "fp16", "dynamic-int8": "int8", "static-int8": "int8"}
 
 
-def plan(target: Target, source_format: str, policy: Policy) -> tuple[list[Spec], str | None, str]:
+def plan(target: CompileTarget, source_format: str, policy: Policy) -> tuple[list[Spec], str | None, str]:
     """Candidates for a target, or ([], reason, message) when the target cannot be served."""
     prec_ok = _PREFERENCE.get(target.precision, ["none"])
     q = policy.quantization
@@ -222,12 +222,12 @@ def plan(target: Target, source_format: str, policy: Policy) -> tuple[list[Spec]
     return specs, None, ""
 
 
-def measurable(target: Target) -> tuple[bool, str]:
+def measurable(target: CompileTarget) -> tuple[bool, str]:
     if target.delegate and target.format == "tflite":
         return False, (f"{target.delegate} is not on this host: latency measured on CPU; the Edge TPU runs only "
                        "models compiled by edgetpu_compiler, so on the node this variant runs on its CPU")
-    if target.runtime == "onnxruntime" and target.executionProvider not in (None, "cpu"):
-        return False, f"{target.executionProvider} is not on this host: latency measured on CPU as a stand-in"
+    if target.runtime == "onnxruntime" and target.execution_provider not in (None, "cpu"):
+        return False, f"{target.execution_provider} is not on this host: latency measured on CPU as a stand-in"
     return True, ""
 
 
@@ -280,11 +280,8 @@ class _Session:
                                "pass a fraction such as 0.3")
         self.ref_out = self._reference(ref)
         self.feed1 = {k: v[:1] for k, v in self.eval_feeds.items()}
-        budget = pol.accuracyBudget
-        if budget.maxAccuracyDrop is None and budget.minCosine is None:
-            budget = AccuracyBudget(maxAccuracyDrop=1.0) if self.labels is not None else AccuracyBudget(
-                minCosine=0.99)
-        self.budget = budget
+        self.budget = pol.accuracyBudget or (AccuracyBudget(max_accuracy_drop=1.0) if self.labels is not None
+                                             else AccuracyBudget(min_cosine=0.99))
         self._base: bytes | None = None
 
     def _declared_shapes(self, inputs: list, explicit: dict[str, list[int]]) -> list:
@@ -444,15 +441,15 @@ class _Session:
 
     def gate(self, m: Metrics) -> tuple[bool, str | None]:
         b = self.budget
-        if b.maxAccuracyDrop is not None and m.accuracy is not None:
+        if b.max_accuracy_drop is not None and m.accuracy is not None:
             drop = (m.referenceAccuracy - m.accuracy) * 100
-            if drop > b.maxAccuracyDrop + 1e-9:
+            if drop > b.max_accuracy_drop + 1e-9:
                 return False, (f"accuracy dropped {drop:.2f} points ({m.referenceAccuracy:.4f} -> {m.accuracy:.4f})"
-                               f" > maxAccuracyDrop {b.maxAccuracyDrop}")
-        elif b.maxAccuracyDrop is not None and b.minCosine is None and m.cosine is not None and m.cosine < 0.99:
+                               f" > maxAccuracyDrop {b.max_accuracy_drop}")
+        elif b.max_accuracy_drop is not None and b.min_cosine is None and m.cosine is not None and m.cosine < 0.99:
             return False, f"no labels to measure accuracy; cosine {m.cosine:.4f} < 0.99"
-        if b.minCosine is not None and m.cosine is not None and m.cosine < b.minCosine:
-            return False, f"cosine vs source {m.cosine:.4f} < minCosine {b.minCosine}"
+        if b.min_cosine is not None and m.cosine is not None and m.cosine < b.min_cosine:
+            return False, f"cosine vs source {m.cosine:.4f} < minCosine {b.min_cosine}"
         return True, None
 
 
@@ -467,7 +464,7 @@ def _size_budget(c: Candidate, limit: int | None) -> Candidate:
     return c
 
 
-def _select(cands: list[Candidate], target: Target, on_target: bool) -> Candidate | None:
+def _select(cands: list[Candidate], target: CompileTarget, on_target: bool) -> Candidate | None:
     ok = [c for c in cands if c.state != "Failed" and c.withinBudget]
     if not ok:
         return None
@@ -503,9 +500,12 @@ def _explain(cands: list[Candidate], chosen: Candidate | None, on_target: bool) 
             c.why = f"as fast but larger: {c.sizeBytes} vs {chosen.sizeBytes} bytes"
 
 
-def _cache_key(src_digest: str, request: CompileRequest, target: Target, versions: dict[str, str],
+def _cache_key(src_digest: str, request: CompileRequest, target: CompileTarget, versions: dict[str, str],
                data_digests: dict[str, str | None]) -> str:
     pol = asdict(request.policy)
+    budget = request.policy.accuracyBudget  # the wire form older cache keys were made from
+    pol["accuracyBudget"] = {"maxAccuracyDrop": budget.max_accuracy_drop if budget else None,
+                             "minCosine": budget.min_cosine if budget else None}
     pol["calibration"] = data_digests.get("calibration")
     pol["evaluation"] = data_digests.get("evaluation")
     blob = json.dumps({"source": src_digest, "policy": pol, "target": target.to_dict(), "toolchain": versions},
@@ -567,7 +567,7 @@ def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | N
     name = request.name or Path(request.source.split("@")[0].rstrip("/")).stem or "model"
     result = CompileResult(source=request.source, sourceDigest=digest, sourceFormat=fmt, sourceSizeBytes=len(data),
                            variants={}, toolchain=versions)
-    todo: dict[str, tuple[Target, str]] = {}
+    todo: dict[str, tuple[CompileTarget, str]] = {}
     for profile, target in sorted(request.targets.items()):
         key = _cache_key(digest, request, target, versions, data_digests)
         entry = cache / "variants" / key
@@ -713,7 +713,8 @@ def _ext(v: VariantReport) -> str:
             "openvino": "ovzip"}.get(v.format or "", "bin")
 
 
-def _compile_one(s: _Session, profile: str, target: Target, key: str, src_size: int, cache: Path) -> VariantReport:
+def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src_size: int,
+                 cache: Path) -> VariantReport:
     v = VariantReport(profile=profile, target=target, state="Failed", cacheKey=key, sourceSizeBytes=src_size)
     specs, reason, message = plan(target, s.fmt, s.policy)
     if reason:
@@ -722,7 +723,7 @@ def _compile_one(s: _Session, profile: str, target: Target, key: str, src_size: 
         _store_failure(cache, key, v)
         return v
     on_target, note = measurable(target)
-    cands = [_size_budget(s.candidate(sp), target.maxModelSizeBytes) for sp in specs]
+    cands = [_size_budget(s.candidate(sp), target.max_model_size_bytes) for sp in specs]
     chosen = _select(cands, target, on_target)
     _explain(cands, chosen, on_target)
     v.candidates = cands

@@ -1,4 +1,4 @@
-"""HardwareProfile targets from YAML: the built-in set or a user file (dicts only; no API import)."""
+"""HardwareProfile targets from YAML: the built-in set or a user file (checked by the API's Target)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from .types import CompileError, Target
+from ..api import format_errors
+from .types import CompileError, CompileTarget
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -16,8 +18,8 @@ def _docs(path: Path):
         yield from (d for d in yaml.safe_load_all(f) if d)
 
 
-def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Target]:
-    """Profile name -> Target from ``path`` (a YAML file or directory of them; multi-document and
+def load_profiles(path: str | os.PathLike | None = None) -> dict[str, CompileTarget]:
+    """Profile name -> its target and size budget from ``path`` (a YAML file or directory of them; multi-document and
     ``kind: List`` allowed) or, when None, from the built-in ``edgefleet/profiles/*.yaml``."""
     if path is None:
         files = sorted(BUILTIN_DIR.glob("*.yaml")) if BUILTIN_DIR.is_dir() else []
@@ -29,7 +31,7 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Target]:
         if not p.exists():
             raise CompileError("InvalidRequest", f"profiles file {p} does not exist", "check --profiles-file")
         files = sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")) if p.is_dir() else [p]
-    out: dict[str, Target] = {}
+    out: dict[str, CompileTarget] = {}
     for f in files:
         try:
             docs = list(_docs(f))
@@ -45,5 +47,10 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Target]:
                 if not name or not isinstance(spec.get("target"), dict):
                     raise CompileError("InvalidRequest", f"{f}: a HardwareProfile without metadata.name or "
                                        "spec.target", "give every profile a name and a spec.target")
-                out[name] = Target.of_profile(spec)
+                try:
+                    out[name] = CompileTarget.of_profile(spec)
+                except ValidationError as e:
+                    raise CompileError("InvalidRequest", f"{f}: HardwareProfile {name}: "
+                                       + "; ".join(f"spec.target.{m}" for m in format_errors(e)),
+                                       "fix the profile as the message says") from e
     return out

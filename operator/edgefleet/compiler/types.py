@@ -1,4 +1,5 @@
-"""Request, policy, target and report types of the compiler (plain dataclasses, camelCase on the wire)."""
+"""Report types of the compiler (plain dataclasses, camelCase on the wire); the request types are the API's
+(edgefleet.api.compile), re-exported here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
-from ..api.models import Quantization  # one list of quantizations: the API's
+# one request for inline and Job compiles, one budget and one list of quantizations: the API's
+from ..api.compile import CompileRequest as CompileRequest
+from ..api.compile import CompileTarget as CompileTarget
+from ..api.compile import Policy as Policy
+from ..api.models import AccuracyBudget as AccuracyBudget
+from ..api.models import Quantization
 
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
@@ -34,72 +40,6 @@ class CompileError(Exception):
             "state": "Failed", "reason": self.reason,
             "message": self.message + (f" Fix: {self.fix}" if self.fix else ""),
         }
-
-
-@dataclass(frozen=True)
-class Target:
-    """HardwareProfile.spec.target."""
-
-    format: str = "onnx"  # onnx | tflite | openvino | coreml
-    precision: str = "fp32"  # fp32 | fp16 | int8 (the lowest precision the hardware class accepts)
-    runtime: str = "onnxruntime"  # onnxruntime | litert | openvino | coreml
-    executionProvider: str | None = None  # cpu | cuda | tensorrt | openvino
-    delegate: str | None = None  # e.g. libedgetpu.so.1
-    maxModelSizeBytes: int | None = None  # HardwareProfile.spec.budget: larger candidates are refused
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Target:
-        keys = ("format", "precision", "runtime", "executionProvider", "delegate", "maxModelSizeBytes")
-        known = {k: d.get(k) for k in keys}
-        return cls(**{k: v for k, v in known.items() if v is not None})
-
-    @classmethod
-    def of_profile(cls, spec: dict[str, Any]) -> Target:
-        """The target of a HardwareProfile spec (wire form), with its budget's model size limit."""
-        return cls.from_dict({**(spec.get("target") or {}),
-                              "maxModelSizeBytes": (spec.get("budget") or {}).get("maxModelSizeBytes")})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class AccuracyBudget:
-    """maxAccuracyDrop in percentage points of top-1 (needs labels), minCosine 0..1 vs the source outputs.
-
-    When neither is set: 1.0 point with labels, else cosine >= 0.99.
-    """
-
-    maxAccuracyDrop: float | None = None
-    minCosine: float | None = None
-
-
-@dataclass(frozen=True)
-class Policy:
-    """EdgeModel.spec.optimization, with data refs resolved to local paths."""
-
-    quantization: str = "auto"
-    sparsity: float = 0.0
-    calibration: Path | None = None  # .npz file, .npy file or a directory of .npy files
-    evaluation: Path | None = None
-    accuracyBudget: AccuracyBudget = field(default_factory=AccuracyBudget)
-    timingRuns: int = 50  # timed runs per thread setting (warm-up excluded)
-    threads: int | None = None  # "N threads" for the second latency figure; default os.cpu_count()
-    inputShapes: dict[str, list[int]] = field(default_factory=dict)  # input name -> every dim (batch included)
-    # test hook (operator setting compile_host_latency_ms): candidate name -> the p50 at 1 thread (ms) the host
-    # reports instead of its measurement, so a test can make the host prefer one candidate; part of the cache key
-    hostLatencyMs: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CompileRequest:
-    """source: a path, https:// URL or oci://host[:port]/repo(:tag|@sha256:..); digest: expected sha256."""
-
-    source: str
-    targets: dict[str, Target]
-    policy: Policy = field(default_factory=Policy)
-    digest: str | None = None
-    name: str | None = None  # model name used in artifact refs; default: source file stem
 
 
 @dataclass
@@ -149,7 +89,7 @@ class Candidate:
 @dataclass
 class VariantReport:
     profile: str
-    target: Target
+    target: CompileTarget
     state: str  # Ready | Failed
     reason: str | None = None
     message: str = ""
@@ -177,7 +117,7 @@ class VariantReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VariantReport:
         d = dict(d)
-        d["target"] = Target.from_dict(d["target"])
+        d["target"] = CompileTarget.model_validate(d["target"])
         d["latency"] = Latency(**d["latency"]) if d.get("latency") else None
         d["metrics"] = Metrics(**d["metrics"]) if d.get("metrics") else None
         cands = []

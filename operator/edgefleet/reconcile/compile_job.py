@@ -19,11 +19,13 @@ import json
 import logging
 from pathlib import Path
 
-from ..api import EdgeModel
+from ..api import EdgeModel, HardwareProfileSpec
+from ..api.compile import CompileRequest, Policy
 from ..artifacts import StoreError, open_store
-from ..compiler import CompileError, Target, VariantReport
+from ..compiler import CompileError, VariantReport
 from ..kube import Kube
 from ..render.compile_job import (
+    INPUTS_DIR,
     MODEL_NAME,
     MODEL_NAMESPACE,
     CompileJobRequest,
@@ -47,9 +49,7 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
     """Status variants for ``targets``: Compiling while the Job runs, else what its report says."""
     profiles = {p.metadata["name"]: p for p in world.profiles}
     try:
-        req = job_request(kube, settings, em, namespace, {
-            t: Target.of_profile(profiles[t].spec.model_dump(by_alias=True, exclude_none=True)).to_dict()
-            for t in targets})
+        req = job_request(kube, settings, em, namespace, {t: profiles[t].spec for t in targets})
     except CompileError as err:
         return [without_none(err.to_status_variant(t)) for t in targets]
     manifest = render_compile_job(req, settings)
@@ -84,7 +84,7 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
 
 
 def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
-                targets: dict[str, dict]) -> CompileJobRequest:
+                targets: dict[str, HardwareProfileSpec]) -> CompileJobRequest:
     """The Job's request; ConfigMap sources and data are copied (the Job runs in the operator's namespace)."""
     if not settings.artifact_store.startswith("oci://"):
         raise CompileError("InvalidRequest", f"the job compile executor needs an oci:// artifact store, not "
@@ -108,15 +108,12 @@ def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
             raise CompileError("InvalidData", f"{role} data {ref.uri}: the compile Job reads data from ConfigMaps "
                                "only", f"put the {role} .npz in a ConfigMap (binaryData) and reference it")
         names[role] = _copy(kube, namespace, ref.config_map, role, files)
-    budget = opt.accuracy_budget
+    policy = Policy.of(opt, _input(names["calibration"]), _input(names["evaluation"]), settings.compile_timing_runs,
+                       settings.compile_host_latency_ms)
+    source = str(_input(names["source"]) or spec.source.uri)
     req = CompileJobRequest(
-        model_namespace=namespace, model_name=em.metadata["name"], generation=em.metadata.get("generation") or 0,
-        targets=targets, source=None if names["source"] else spec.source.uri, digest=spec.source.digest,
-        quantization=opt.quantization, sparsity=opt.sparsity,
-        max_accuracy_drop=budget.max_accuracy_drop if budget else None,
-        min_cosine=budget.min_cosine if budget else None, files=files, source_file=names["source"],
-        calibration_file=names["calibration"], evaluation_file=names["evaluation"],
-        input_shapes=dict(opt.input_shapes or {}),
+        model_namespace=namespace, generation=em.metadata.get("generation") or 0,
+        request=CompileRequest.of(em, targets, source, policy), files=files,
         encryption_public_key=spec.encryption.public_key if spec.encryption else None,
     )
     size = inputs_size(req)
@@ -125,6 +122,11 @@ def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
                            "(base64); its inputs ConfigMap holds at most 1 MiB",
                            "publish the model with spec.source.uri (oci:// or https://)")
     return req
+
+
+def _input(name: str | None) -> Path | None:
+    """Where the Job finds an input file it was given (the inputs ConfigMap's mount)."""
+    return Path(INPUTS_DIR) / name if name else None
 
 
 def _copy(kube: Kube, namespace: str, ref, role: str, files: dict[str, bytes]) -> str:

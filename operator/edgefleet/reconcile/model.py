@@ -11,8 +11,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..api import EdgeModel, label_selector_matches
+from ..api.compile import CompileRequest, Policy
 from ..artifacts import open_store
-from ..compiler import AccuracyBudget, CompileError, CompileRequest, Policy, Target, compile_model
+from ..compiler import CompileError, compile_model
 from ..compiler.core import encryption_key_from_pem
 from ..kube import ApiError, Kube
 from ..render import resolve_nodes
@@ -126,20 +127,10 @@ def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
         try:
             source = _materialize(kube, namespace, em.spec.source, Path(tmp), "model")
             opt = em.spec.optimization
-            budget = opt.accuracy_budget
-            policy = Policy(
-                quantization=opt.quantization, sparsity=opt.sparsity,
-                calibration=_data(kube, namespace, opt.calibration, Path(tmp), "calibration"),
-                evaluation=_data(kube, namespace, opt.evaluation, Path(tmp), "evaluation"),
-                accuracyBudget=AccuracyBudget(budget.max_accuracy_drop if budget else None,
-                                              budget.min_cosine if budget else None),
-                timingRuns=settings.compile_timing_runs, inputShapes=dict(opt.input_shapes or {}),
-            )
-            request = CompileRequest(
-                source=str(source), digest=em.spec.source.digest, policy=policy, name=em.metadata["name"],
-                targets={t: Target.of_profile(profiles[t].spec.model_dump(by_alias=True, exclude_none=True))
-                         for t in targets},
-            )
+            policy = Policy.of(opt, _data(kube, namespace, opt.calibration, Path(tmp), "calibration"),
+                               _data(kube, namespace, opt.evaluation, Path(tmp), "evaluation"),
+                               settings.compile_timing_runs, settings.compile_host_latency_ms)
+            request = CompileRequest.of(em, {t: profiles[t].spec for t in targets}, str(source), policy)
             encryption = em.spec.encryption.public_key if em.spec.encryption else None
             variants = compile_isolated(request, settings, encryption)
         except CompileError as err:

@@ -27,7 +27,10 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from ..api.compile import CompileRequest, CompileTarget
 from ..settings import Settings
 from .workload import restricted_security_context
 
@@ -53,44 +56,44 @@ WATCH_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY, "app.kubernetes.io/n
 
 @dataclass(frozen=True)
 class CompileJobRequest:
-    """What one compile Job compiles. ``source`` is the model URI, or None when the model bytes are the
-    ``source_file`` entry of ``files`` (copied from a ConfigMap). ``files`` are file name -> bytes for the
-    inputs ConfigMap (``profiles.json`` is added by ``inputs_files``)."""
+    """One compile Job: the `CompileRequest` the inline compile would get, as the Job sees it (the source a URI or
+    a file under ``INPUTS_DIR``, the data files there too), plus what the Job needs around it. ``files`` are file
+    name -> bytes for the inputs ConfigMap (``profiles.json`` is added by ``inputs_files``)."""
 
     model_namespace: str
-    model_name: str
     generation: int
-    targets: dict[str, dict]  # profile name -> HardwareProfile.spec.target (camelCase) + budget's maxModelSizeBytes
-    source: str | None = None
-    digest: str | None = None
-    quantization: str = "auto"
-    sparsity: float = 0.0
-    max_accuracy_drop: float | None = None
-    min_cosine: float | None = None
+    request: CompileRequest  # request.name is the model's name
     files: dict[str, bytes] = field(default_factory=dict)
-    source_file: str | None = None
-    calibration_file: str | None = None
-    evaluation_file: str | None = None
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # input name -> every dim
     encryption_public_key: str | None = None  # EdgeModel.spec.encryption.publicKey (PEM)
 
+    @property
+    def model_name(self) -> str:
+        return self.request.name or ""
 
-def profiles_document(targets: dict[str, dict]) -> str:
+
+def in_inputs(path: str | Path | None) -> str | None:
+    """The file name of ``path`` when it is one of the Job's inputs (under INPUTS_DIR), else None."""
+    folder, _, name = str(path or "").rpartition("/")
+    return name if folder == INPUTS_DIR else None
+
+
+def profiles_document(targets: dict[str, CompileTarget]) -> str:
     """The targets as a HardwareProfile List that ``edgefleet compile --profiles-file`` reads (JSON is YAML)."""
     items = [{"apiVersion": "edgefleet.io/v1alpha1", "kind": "HardwareProfile", "metadata": {"name": name},
               "spec": _spec(targets[name])} for name in sorted(targets)]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, sort_keys=True, indent=1)
 
 
-def _spec(target: dict) -> dict:
-    spec: dict = {"target": {k: v for k, v in target.items() if k != "maxModelSizeBytes"}}
-    if target.get("maxModelSizeBytes"):
-        spec["budget"] = {"maxModelSizeBytes": target["maxModelSizeBytes"]}
+def _spec(target: CompileTarget) -> dict[str, Any]:
+    spec: dict[str, Any] = {"target": target.model_dump(by_alias=True, exclude_none=True,
+                                                        exclude={"max_model_size_bytes"})}
+    if target.max_model_size_bytes:
+        spec["budget"] = {"maxModelSizeBytes": target.max_model_size_bytes}
     return spec
 
 
 def inputs_files(req: CompileJobRequest) -> dict[str, bytes]:
-    files = {**req.files, PROFILES_FILE: profiles_document(req.targets).encode()}
+    files = {**req.files, PROFILES_FILE: profiles_document(req.request.targets).encode()}
     if req.encryption_public_key:
         files[ENCRYPTION_FILE] = req.encryption_public_key.encode()
     return files
@@ -98,18 +101,22 @@ def inputs_files(req: CompileJobRequest) -> dict[str, bytes]:
 
 def compile_key(req: CompileJobRequest, settings: Settings) -> str:
     """sha256 over everything the Job's outcome depends on (input bytes by digest)."""
-    blob = {
+    r, policy = req.request, req.request.policy
+    budget = policy.accuracyBudget
+    blob: dict[str, Any] = {
         "v": 1,
         "model": [req.model_namespace, req.model_name, req.generation],
-        "source": req.source, "digest": req.digest, "targets": req.targets,
-        "policy": [req.quantization, req.sparsity, req.max_accuracy_drop, req.min_cosine],
+        "source": None if in_inputs(r.source) else r.source, "digest": r.digest,
+        "targets": {name: t.to_dict() for name, t in r.targets.items()},
+        "policy": [policy.quantization, policy.sparsity, budget.max_accuracy_drop if budget else None,
+                   budget.min_cosine if budget else None],
         "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(req.files.items())},
-        "roles": [req.source_file, req.calibration_file, req.evaluation_file],
+        "roles": [in_inputs(r.source), in_inputs(policy.calibration), in_inputs(policy.evaluation)],
         "image": settings.compiler_image, "store": settings.artifact_store,
-        "timingRuns": settings.compile_timing_runs,
+        "timingRuns": policy.timingRuns,
     }
-    if req.input_shapes:  # only when set: the Jobs of models without it keep their names
-        blob["inputShapes"] = req.input_shapes
+    if policy.inputShapes:  # only when set: the Jobs of models without it keep their names
+        blob["inputShapes"] = policy.inputShapes
     if req.encryption_public_key:  # likewise: a new key is a new Job (rotation re-encrypts)
         blob["encryption"] = hashlib.sha256(req.encryption_public_key.encode()).hexdigest()
     if settings.signing_key_secret:
@@ -150,24 +157,26 @@ def compile_labels(req: CompileJobRequest) -> dict[str, str]:
 
 
 def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
-    source = req.source if req.source is not None else f"{INPUTS_DIR}/{req.source_file}"
-    args = [source, f"--profiles-file={INPUTS_DIR}/{PROFILES_FILE}"]
-    args += [f"--profile={p}" for p in sorted(req.targets)]
-    args += [f"--quantization={req.quantization}", f"--sparsity={req.sparsity}"]
-    if req.calibration_file:
-        args.append(f"--calibration={INPUTS_DIR}/{req.calibration_file}")
-    if req.evaluation_file:
-        args.append(f"--eval={INPUTS_DIR}/{req.evaluation_file}")
-    if req.max_accuracy_drop is not None:
-        args.append(f"--max-accuracy-drop={req.max_accuracy_drop}")
-    if req.min_cosine is not None:
-        args.append(f"--min-cosine={req.min_cosine}")
-    if req.digest:
-        args.append(f"--digest={req.digest}")
-    args += [f"--input-shape={n}={'x'.join(map(str, dims))}" for n, dims in sorted(req.input_shapes.items())]
+    """The ``edgefleet compile`` flags that give the compiler ``req.request`` back."""
+    r, policy = req.request, req.request.policy
+    args = [r.source, f"--profiles-file={INPUTS_DIR}/{PROFILES_FILE}"]
+    args += [f"--profile={p}" for p in sorted(r.targets)]
+    args += [f"--quantization={policy.quantization}", f"--sparsity={policy.sparsity}"]
+    if policy.calibration:
+        args.append(f"--calibration={policy.calibration}")
+    if policy.evaluation:
+        args.append(f"--eval={policy.evaluation}")
+    budget = policy.accuracyBudget
+    if budget and budget.max_accuracy_drop is not None:
+        args.append(f"--max-accuracy-drop={budget.max_accuracy_drop}")
+    if budget and budget.min_cosine is not None:
+        args.append(f"--min-cosine={budget.min_cosine}")
+    if r.digest:
+        args.append(f"--digest={r.digest}")
+    args += [f"--input-shape={n}={'x'.join(map(str, dims))}" for n, dims in sorted(policy.inputShapes.items())]
     args += [f"--name={req.model_name}", f"--out={settings.artifact_store}",
              f"--report={report_ref(settings.artifact_store, name)}", f"--cache-dir={CACHE_DIR}",
-             f"--timing-runs={settings.compile_timing_runs}"]
+             f"--timing-runs={policy.timingRuns}"]
     if req.encryption_public_key:
         args.append(f"--encryption-key-file={INPUTS_DIR}/{ENCRYPTION_FILE}")
     if settings.signing_key_secret:
