@@ -19,7 +19,9 @@ import yaml
 from .base import (
     API_VERSION,
     AVAILABLE,
+    COMPILED,
     DEGRADED,
+    DRIFTING,
     GROUP,
     PROGRESSING,
     READY,
@@ -113,7 +115,7 @@ def _image(ref: str, registry: str, digests: dict[str, str]) -> str:
 
 __all__ = [
     "FederatedTraining",
-    "API_VERSION", "AVAILABLE", "DEGRADED", "GROUP", "KINDS", "PROGRESSING", "READY", "VERSION",
+    "API_VERSION", "AVAILABLE", "COMPILED", "DEGRADED", "DRIFTING", "GROUP", "KINDS", "PROGRESSING", "READY", "VERSION",
     "AccuracyBudget", "Budget", "ClassStatus", "Condition", "ConfigMapKeyRef", "DataRef", "DeviceMount",
     "EdgeDeployment", "EdgeDeploymentSpec", "EdgeDeploymentStatus", "EdgeModel", "EdgeModelSpec",
     "EdgeModelStatus", "HardwareProfile", "HardwareProfileSpec", "HardwareProfileStatus", "HealthGate",

@@ -225,6 +225,8 @@ READY = "Ready"  # EdgeModel: every wanted variant is compiled and stored
 AVAILABLE = "Available"  # EdgeDeployment: every class serves the wanted digest on enough nodes
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
+COMPILED = "Compiled"  # EdgeModel: the compile of the current generation has finished
+DRIFTING = "Drifting"  # EdgeDeployment: the served inputs drift from the reference
 
 
 def is_percent(value: str) -> bool:

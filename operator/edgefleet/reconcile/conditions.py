@@ -1,8 +1,15 @@
-"""metav1.Condition bookkeeping: keep lastTransitionTime unless the status flips."""
+"""Status bookkeeping: metav1.Conditions (lastTransitionTime kept unless the status flips) and status patches
+checked by the kinds' typed status models. Condition types are the API's constants, re-exported here."""
 
 from __future__ import annotations
 
 import datetime
+from typing import Any, get_args
+
+from ..api import AVAILABLE, COMPILED, DEGRADED, DRIFTING, KINDS, PROGRESSING, READY, Model
+
+__all__ = ["AVAILABLE", "COMPILED", "DEGRADED", "DRIFTING", "PROGRESSING", "READY", "flipped", "now",
+           "set_condition", "status_patch", "without_times"]
 
 
 def now() -> str:
@@ -32,3 +39,16 @@ def flipped(old: list[dict], new: list[dict]) -> list[dict]:
 def without_times(conditions: list[dict]) -> list[tuple]:
     return sorted((c["type"], c["status"], c.get("reason"), c.get("message"), c.get("observedGeneration"))
                   for c in conditions)
+
+
+def _status_model(kind: str) -> type[Model]:
+    annotation = KINDS[kind].model_fields["status"].annotation  # e.g. EdgeModelStatus | None
+    model = next(a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, Model))
+    return model
+
+
+def status_patch(kind: str, **fields: Any) -> dict[str, Any]:
+    """A status merge patch of just ``fields`` (snake_case or camelCase), validated by the kind's status model:
+    a field the model does not know, or a value it refuses, fails here and not at the API server."""
+    status = _status_model(kind).model_validate(fields)
+    return status.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True)

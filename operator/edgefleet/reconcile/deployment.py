@@ -16,7 +16,16 @@ from ..render.bench_job import gate_verdict
 from ..render.placement import PlacementError
 from ..settings import Settings
 from .applied import apply_changed
-from .conditions import flipped, set_condition, without_times
+from .conditions import (
+    AVAILABLE,
+    DEGRADED,
+    DRIFTING,
+    PROGRESSING,
+    flipped,
+    set_condition,
+    status_patch,
+    without_times,
+)
 from .drift import missing_evaluation, read_pods, verdict
 from .errors import PermanentError, as_permanent, report_invalid_spec
 from .pods import ClassHealth, class_health
@@ -67,7 +76,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     try:
         ed = EdgeDeployment.model_validate(raw)
     except ValidationError as err:  # admission should have refused it: report, do not retry
-        report_invalid_spec(kube, raw, err, "Available")
+        report_invalid_spec(kube, raw, err, AVAILABLE)
         return None
     world = world or World.read(kube)
     model = kube.find("EdgeModel", ed.spec.model_ref.name, namespace)
@@ -293,24 +302,24 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
     complete = settled and not out.failures and all(c["ready"] == c["desired"] == c["updated"] for c in classes)
     surging = any(h.not_ready for h in out.health.values())  # a surge pod not Ready yet: counts look complete
     conds = old.get("conditions", [])
-    conds = set_condition(conds, "Available", bool(classes) and complete and desired > 0,
+    conds = set_condition(conds, AVAILABLE, bool(classes) and complete and desired > 0,
                           "AllClassesReady" if complete and classes else "ClassesNotReady",
                           f"{ready}/{desired} pods ready across {len(classes)} hardware classes", generation)
     why = "; ".join(f"{c['profile']}: {c['message']}" for c in classes if c.get("message"))
     done = complete and not out.gated and not surging  # a class held by the rollout gate is not up to date
-    conds = set_condition(conds, "Progressing", not done,
+    conds = set_condition(conds, PROGRESSING, not done,
                           "RollingOut" if not done else "RolloutComplete",
                           (why or "waiting for pods to be updated and ready") if not done
                           else "every class is up to date", generation)
     if out.drift is not None:
-        conds = set_condition(conds, "Drifting", *out.drift, generation)
+        conds = set_condition(conds, DRIFTING, *out.drift, generation)
     else:
-        conds = [c for c in conds if c["type"] != "Drifting"]
+        conds = [c for c in conds if c["type"] != DRIFTING]
     problem = _degraded(ed, out)
-    conds = set_condition(conds, "Degraded", problem is not None, problem[0] if problem else "AsExpected",
+    conds = set_condition(conds, DEGRADED, problem is not None, problem[0] if problem else "AsExpected",
                           problem[1] if problem else "every matching node has a variant to serve", generation)
-    status = {"observedGeneration": generation, "conditions": conds, "classes": classes,
-              "unmatchedNodes": out.unmatched, "nodesReady": f"{ready}/{desired}"}
+    status = status_patch("EdgeDeployment", observed_generation=generation, conditions=conds, classes=classes,
+                          unmatched_nodes=out.unmatched, nodes_ready=f"{ready}/{desired}")
     if out.unmatched and out.unmatched != old.get("unmatchedNodes", 0):
         kube.event(raw, "NodesWithoutProfile",
                    f"{out.unmatched} nodes match spec.nodeSelector but no HardwareProfile; they run nothing",
@@ -319,9 +328,9 @@ def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> No
         return
     kube.patch_status("EdgeDeployment", ed.metadata["name"], ed.metadata["namespace"], status)
     for c in flipped(old.get("conditions", []), conds):
-        if c["type"] in ("Available", "Degraded") and (c["type"] == "Available" or c["status"] == "True"):
-            kube.event(raw, c["reason"], c["message"], "Warning" if c["type"] == "Degraded" else "Normal")
-        elif c["type"] == "Drifting" and c["status"] != "Unknown":
+        if c["type"] in (AVAILABLE, DEGRADED) and (c["type"] == AVAILABLE or c["status"] == "True"):
+            kube.event(raw, c["reason"], c["message"], "Warning" if c["type"] == DEGRADED else "Normal")
+        elif c["type"] == DRIFTING and c["status"] != "Unknown":
             kube.event(raw, c["reason"], c["message"], "Warning" if c["status"] == "True" else "Normal")
 
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from ..api import format_errors
 from ..kube import ApiError, Kube
 from ..render.placement import PlacementError
-from .conditions import flipped, set_condition, without_times
+from .conditions import DEGRADED, flipped, set_condition, status_patch, without_times
 
 # 4xx answers that a retry can get past: timeout, conflict (an object being replaced), too early, throttled
 RETRIABLE_STATUSES = frozenset({408, 409, 425, 429})
@@ -57,19 +57,20 @@ def _refused(err: ApiError, what: str) -> PermanentError:
 def report_invalid_spec(kube: Kube, raw: dict, err: ValidationError, main_condition: str,
                         extra: dict | None = None) -> None:
     """An object the models refuse (admission should have): Degraded InvalidSpec naming the fields, and
-    `main_condition` (Ready, Available) False, plus `extra` status fields; one Warning event when it turns
+    `main_condition` (READY, AVAILABLE) False, plus `extra` status fields (snake_case); one Warning event when it turns
     Degraded."""
     generation = raw["metadata"].get("generation")
     old = (raw.get("status") or {}).get("conditions", [])
     message = "; ".join(format_errors(err)) + f". Fix: correct these fields of the {raw['kind']}"
-    conds = set_condition(old, "Degraded", True, "InvalidSpec", message, generation)
+    conds = set_condition(old, DEGRADED, True, "InvalidSpec", message, generation)
     conds = set_condition(conds, main_condition, False, "InvalidSpec", "the spec is invalid; nothing was changed",
                           generation)
     status = raw.get("status") or {}
-    if without_times(old) == without_times(conds) and all(status.get(k) == v for k, v in (extra or {}).items()):
+    fields = status_patch(raw["kind"], **(extra or {}))
+    if without_times(old) == without_times(conds) and all(status.get(k) == v for k, v in fields.items()):
         return
     meta = raw["metadata"]
     kube.patch_status(raw["kind"], meta["name"], meta.get("namespace"),
-                      {"observedGeneration": generation, "conditions": conds, **(extra or {})})
-    if any(c["type"] == "Degraded" for c in flipped(old, conds)):
+                      status_patch(raw["kind"], observed_generation=generation, conditions=conds, **(extra or {})))
+    if any(c["type"] == DEGRADED for c in flipped(old, conds)):
         kube.event(raw, "InvalidSpec", message, "Warning")

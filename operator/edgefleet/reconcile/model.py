@@ -20,7 +20,7 @@ from ..render import resolve_nodes
 from ..settings import Settings
 from . import on_target
 from .compile_job import compile_in_job
-from .conditions import flipped, set_condition, without_times
+from .conditions import COMPILED, DEGRADED, READY, flipped, set_condition, status_patch, without_times
 from .errors import as_permanent, report_invalid_spec
 from .sources import config_map_bytes, without_none
 from .world import World
@@ -60,7 +60,7 @@ def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, w
     try:
         em = EdgeModel.model_validate(raw)
     except ValidationError as err:  # admission should have refused it: report, do not retry
-        report_invalid_spec(kube, raw, err, "Ready")
+        report_invalid_spec(kube, raw, err, READY)
         return None
     world = world or World.read(kube)
     targets, missing = target_profiles(em, world)
@@ -194,26 +194,26 @@ def _conditions(raw: dict, variants: list[dict], generation, compiling: bool) ->
     failed = [v for v in variants if v.get("state") == "Failed"]
     ready = [v for v in variants if v.get("state") == "Ready"]
     if compiling:
-        conds = set_condition(conds, "Compiled", False, "Compiling", f"compiling {len(variants)} variants",
+        conds = set_condition(conds, COMPILED, False, "Compiling", f"compiling {len(variants)} variants",
                               generation)
-        return set_condition(conds, "Ready", False, "Compiling", "variants are being compiled", generation)
+        return set_condition(conds, READY, False, "Compiling", "variants are being compiled", generation)
     benchmarking = [v["profile"] for v in variants if v.get("state") == "Benchmarking"]
-    conds = set_condition(conds, "Compiled", True, "CompileFinished",
+    conds = set_condition(conds, COMPILED, True, "CompileFinished",
                           f"{len(ready) + len(benchmarking)} variants compiled, {len(failed)} failed", generation)
     conds = set_condition(conds, on_target.CONDITION, *on_target.condition(variants), generation)
     if benchmarking:
-        conds = set_condition(conds, "Ready", False, "Benchmarking",
+        conds = set_condition(conds, READY, False, "Benchmarking",
                               f"candidates are measured on a node of {', '.join(benchmarking)}", generation)
     elif not variants:
-        conds = set_condition(conds, "Ready", False, "NoTargetProfiles",
+        conds = set_condition(conds, READY, False, "NoTargetProfiles",
                               "no HardwareProfile matches a node and none is named in spec.targetProfiles",
                               generation)
     else:
         all_ready = len(ready) == len(variants)
-        conds = set_condition(conds, "Ready", all_ready, "VariantsReady" if all_ready else "VariantsFailed",
+        conds = set_condition(conds, READY, all_ready, "VariantsReady" if all_ready else "VariantsFailed",
                               f"{len(ready)}/{len(variants)} variants ready", generation)
     first = failed[0] if failed else None
-    return set_condition(conds, "Degraded", bool(failed), first["reason"] if first else "AsExpected",
+    return set_condition(conds, DEGRADED, bool(failed), first["reason"] if first else "AsExpected",
                          f"{first['profile']}: {first.get('message', '')}" if first else "no variant failed",
                          generation)
 
@@ -222,15 +222,15 @@ def _write(kube: Kube, raw: dict, generation: int | None, variants: list[dict], 
     """Status for the generation that was compiled (a spec change during the compile stays pending)."""
     old = raw.get("status") or {}
     ready = sum(1 for v in variants if v.get("state") == "Ready")
-    status = {"observedGeneration": generation, "conditions": conditions,
-              "variants": variants, "variantsReady": f"{ready}/{len(variants)}"}
-    if (old.get("observedGeneration"), old.get("variants")) == (generation, variants) and without_times(
+    status = status_patch("EdgeModel", observed_generation=generation, conditions=conditions, variants=variants,
+                          variants_ready=f"{ready}/{len(variants)}")
+    if (old.get("observedGeneration"), old.get("variants")) == (generation, status["variants"]) and without_times(
             old.get("conditions", [])) == without_times(conditions):
         return
     kube.patch_status("EdgeModel", raw["metadata"]["name"], raw["metadata"]["namespace"], status)
     for c in flipped(old.get("conditions", []), conditions):
-        if c["type"] == "Degraded" and c["status"] == "True" or (
+        if c["type"] == DEGRADED and c["status"] == "True" or (
                 c["type"] == on_target.CONDITION and c["reason"] in on_target.FAILURES):
             kube.event(raw, c["reason"], c["message"], "Warning")
-        elif c["type"] == "Ready" and c["status"] == "True":
+        elif c["type"] == READY and c["status"] == "True":
             kube.event(raw, c["reason"], c["message"])
