@@ -167,7 +167,7 @@ class LabelSelector(Model):
     """Expressions that must all hold."""
 
 
-def label_selector_matches(selector: LabelSelector | dict | None, labels: dict[str, str]) -> bool:
+def label_selector_matches(selector: LabelSelector | dict[str, Any] | None, labels: dict[str, str]) -> bool:
     """Whether `labels` satisfy `selector` (metav1.LabelSelector semantics).
 
     matchLabels and matchExpressions are ANDed; an empty selector matches everything, and so does

@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from ..api import EdgeModel, HardwareProfileSpec
 from ..api.compile import CompileRequest, Policy
@@ -45,7 +46,7 @@ MAX_INPUTS_BYTES = 1_000_000  # a ConfigMap holds at most 1 MiB
 
 
 def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, targets: list[str],
-                   world: World) -> list[dict]:
+                   world: World) -> list[dict[str, Any]]:
     """Status variants for ``targets``: Compiling while the Job runs, else what its report says."""
     profiles = {p.metadata["name"]: p for p in world.profiles}
     try:
@@ -145,7 +146,7 @@ def _delete_stale(kube: Kube, ns: str, req: CompileJobRequest, keep: str) -> Non
             kube.delete("Job", meta["name"], ns)
 
 
-def job_state(job: dict) -> tuple[str, str, str | None]:
+def job_state(job: dict[str, Any]) -> tuple[str, str, str | None]:
     """(Running | Complete | Failed, message, when it finished)."""
     status = job.get("status") or {}
     for cond in status.get("conditions") or []:
@@ -159,7 +160,7 @@ def job_state(job: dict) -> tuple[str, str, str | None]:
     return "Running", "", None
 
 
-def read_report(settings: Settings, ref: str) -> dict | None:
+def read_report(settings: Settings, ref: str) -> dict[str, Any] | None:
     """The Job's JSON report from the artifact store, or None when it is not there (yet)."""
     store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
     try:
@@ -169,7 +170,7 @@ def read_report(settings: Settings, ref: str) -> dict | None:
         return None
 
 
-def _from_report(report: dict, targets: list[str], ref: str) -> list[dict]:
+def _from_report(report: dict[str, Any], targets: list[str], ref: str) -> list[dict[str, Any]]:
     if "error" in report:
         e = report["error"]
         err = CompileError(e.get("reason", "CompileFailed"), e.get("message", ""), e.get("fix", ""))
@@ -184,11 +185,11 @@ def _from_report(report: dict, targets: list[str], ref: str) -> list[dict]:
     return out
 
 
-def _compiling(targets: list[str]) -> list[dict]:
+def _compiling(targets: list[str]) -> list[dict[str, Any]]:
     return [{"profile": t, "state": "Compiling"} for t in targets]  # the same entries reconcile writes first
 
 
-def _failed(profile: str, reason: str, message: str) -> dict:
+def _failed(profile: str, reason: str, message: str) -> dict[str, Any]:
     return {"profile": profile, "state": "Failed", "reason": reason, "message": message}
 
 

@@ -16,8 +16,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def set_condition(conditions: list[dict], type_: str, status: bool | None, reason: str, message: str,
-                  generation: int | None) -> list[dict]:
+def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool | None, reason: str, message: str,
+                  generation: int | None) -> list[dict[str, Any]]:
     """A new list with condition `type_` set (None: Unknown); the transition time moves only when the status
     changes."""
     value = "Unknown" if status is None else "True" if status else "False"
@@ -30,13 +30,13 @@ def set_condition(conditions: list[dict], type_: str, status: bool | None, reaso
     return [c for c in conditions if c["type"] != type_] + [new]
 
 
-def flipped(old: list[dict], new: list[dict]) -> list[dict]:
+def flipped(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Conditions whose status or reason changed (worth an event)."""
     before = {c["type"]: (c["status"], c.get("reason")) for c in old}
     return [c for c in new if before.get(c["type"]) != (c["status"], c.get("reason"))]
 
 
-def without_times(conditions: list[dict]) -> list[tuple]:
+def without_times(conditions: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return sorted((c["type"], c["status"], c.get("reason"), c.get("message"), c.get("observedGeneration"))
                   for c in conditions)
 

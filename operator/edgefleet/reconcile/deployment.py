@@ -6,6 +6,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -38,7 +39,7 @@ RECHECK_SECONDS = 15.0  # while a class is not ready: pod problems change no wor
 PROFILE_LABEL = "edgefleet.io/profile"
 
 
-def _ready_variants(model: dict | None) -> dict[str, Variant]:
+def _ready_variants(model: dict[str, Any] | None) -> dict[str, Variant]:
     if model is None:
         return {}
     em = EdgeModel.model_validate(model)
@@ -46,24 +47,24 @@ def _ready_variants(model: dict | None) -> dict[str, Variant]:
     return {v.profile: v for v in variants or [] if v.state == "Ready" and v.digest and v.artifact}
 
 
-def _class_counts(obj: dict) -> tuple[int, int, int]:
+def _class_counts(obj: dict[str, Any]) -> tuple[int, int, int]:
     st = obj.get("status", {})
     if obj["kind"] == "DaemonSet":
         return st.get("desiredNumberScheduled", 0), st.get("numberReady", 0), st.get("updatedNumberScheduled", 0)
     return obj["spec"].get("replicas", 0), st.get("readyReplicas", 0), st.get("updatedReplicas", 0)
 
 
-def _counts(obj: dict) -> tuple[int, int, int]:
+def _counts(obj: dict[str, Any]) -> tuple[int, int, int]:
     return _class_counts(obj) if _observed(obj) else (0, 0, 0)
 
 
-def _behind(obj: dict) -> bool:
+def _behind(obj: dict[str, Any]) -> bool:
     """Whether some pod of this workload is not yet updated and ready."""
     desired, ready, updated = _counts(obj)
     return not _observed(obj) or not desired == ready == updated
 
 
-def _observed(obj: dict) -> bool:
+def _observed(obj: dict[str, Any]) -> bool:
     return obj.get("status", {}).get("observedGeneration", 0) >= obj["metadata"].get("generation", 0)
 
 
@@ -111,7 +112,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
 
 
 def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter,
-                   variants: dict[str, Variant], replicas: dict[str, int], children: dict,
+                   variants: dict[str, Variant], replicas: dict[str, int], children: dict[str, Any],
                    gated: dict[str, tuple[str, list[str]]], host_only: bool = False,
                    evaluation: ConfigMapKeyRef | None = None):
     """Apply the workload of every class with a Ready variant that passes spec.rollout.gate. A class without
@@ -120,7 +121,7 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
     namespace, name = ed.metadata["namespace"], ed.metadata["name"]
     kind = "DaemonSet" if ed.spec.mode == "PerNode" else "Deployment"
     profiles = {p.metadata["name"]: p for p in world.profiles}
-    applied: dict[str, dict] = {}
+    applied: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
     rollouts: dict[str, Decision] = {}
     failures: dict[str, PermanentError] = {}
@@ -152,7 +153,7 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
     return applied, missing, rollouts, failures
 
 
-def _gate(ed: EdgeDeployment, variant: Variant, existing: dict | None, host_only: bool = False
+def _gate(ed: EdgeDeployment, variant: Variant, existing: dict[str, Any] | None, host_only: bool = False
           ) -> tuple[str, list[str]] | None:
     """(Wait | Fail, why) when spec.rollout.gate holds ``variant`` back; None when it may roll out. A class
     already serving this digest is not held (a gate added later stops new variants, not what runs). A model
@@ -173,7 +174,7 @@ def _gate(ed: EdgeDeployment, variant: Variant, existing: dict | None, host_only
 class Outcome:
     """What one reconcile did and saw, for the status."""
 
-    applied: dict[str, dict]  # class -> its live workload
+    applied: dict[str, dict[str, Any]]  # class -> its live workload
     missing: list[str]  # classes without a Ready variant
     unmatched: int  # selected nodes that match no profile
     model_found: bool
@@ -185,14 +186,14 @@ class Outcome:
     drift: tuple[bool | None, str, str] | None = None  # the Drifting condition; None: drift is off
 
 
-def _evaluation(ed: EdgeDeployment, model: dict | None) -> ConfigMapKeyRef | None:
+def _evaluation(ed: EdgeDeployment, model: dict[str, Any] | None) -> ConfigMapKeyRef | None:
     """The EdgeModel's evaluation data as the runtime's drift reference (spec.monitoring.drift, configMap only)."""
     if ed.spec.monitoring is None or ed.spec.monitoring.drift is None or missing_evaluation(model, ""):
         return None
     return ConfigMapKeyRef.model_validate(model["spec"]["optimization"]["evaluation"]["configMap"])
 
 
-def _drift(kube: Kube, ed: EdgeDeployment, model: dict | None, applied: dict[str, dict]
+def _drift(kube: Kube, ed: EdgeDeployment, model: dict[str, Any] | None, applied: dict[str, dict[str, Any]]
            ) -> tuple[bool | None, str, str] | None:
     """The Drifting condition from the pods' /metrics (None, reading nothing, when drift is off)."""
     if ed.spec.monitoring is None or ed.spec.monitoring.drift is None:
@@ -203,8 +204,8 @@ def _drift(kube: Kube, ed: EdgeDeployment, model: dict | None, applied: dict[str
 
 
 def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile, variant: Variant, world: World,
-                 replicas: int | None, existing: dict | None, rollouts: dict[str, Decision],
-                 evaluation: ConfigMapKeyRef | None = None) -> dict:
+                 replicas: int | None, existing: dict[str, Any] | None, rollouts: dict[str, Decision],
+                 evaluation: ConfigMapKeyRef | None = None) -> dict[str, Any]:
     """Render and apply the workload of one class (a wave of a rollout); the live object."""
     profile_name = profile.metadata["name"]
     manifest = render_class(ed, profile, variant, world.profiles, settings.node_cache, replicas,
@@ -221,7 +222,7 @@ def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile, va
     return live
 
 
-def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict], old_status: dict,
+def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict[str, Any]], old_status: dict[str, Any],
             now: float) -> dict[str, ClassHealth]:
     """Why the pods of each class that is not ready are not: one pod list per class that is behind and made no
     progress since the last status (no more pods Ready). A class whose pods keep becoming Ready is starting."""
@@ -234,14 +235,14 @@ def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict], old
     return health
 
 
-def _surges(obj: dict) -> bool:
+def _surges(obj: dict[str, Any]) -> bool:
     """A DaemonSet that starts a node's new pod beside the old one: its counts look complete while the new pod
     fails (the old one is Ready and the node counts as updated), so only its pods tell."""
     rolling = (obj["spec"].get("updateStrategy") or {}).get("rollingUpdate") or {}
     return obj["kind"] == "DaemonSet" and str(rolling.get("maxSurge", 0)) not in ("0", "0%")
 
 
-def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict, existing: dict | None) -> Decision:
+def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict[str, Any], existing: dict[str, Any] | None) -> Decision:
     meta = manifest["metadata"]
     pods = kube.list("Pod", meta["namespace"], manifest["spec"]["selector"]["matchLabels"]) if existing else []
     rollout = ed.spec.rollout
@@ -267,7 +268,7 @@ def _apply_service(kube: Kube, ed: EdgeDeployment, namespace: str) -> PermanentE
     return None
 
 
-def _prune(kube: Kube, namespace: str, children: dict, keep: set[tuple[str, str]]) -> None:
+def _prune(kube: Kube, namespace: str, children: dict[str, Any], keep: set[tuple[str, str]]) -> None:
     """Delete workloads of classes that no longer have nodes (or a variant, or the mode changed)."""
     for kind, child in children:
         if (kind, child) not in keep:
@@ -275,11 +276,11 @@ def _prune(kube: Kube, namespace: str, children: dict, keep: set[tuple[str, str]
             kube.delete(kind, child, namespace)
 
 
-def _served_digest(obj: dict) -> str | None:
+def _served_digest(obj: dict[str, Any]) -> str | None:
     return obj["spec"]["template"]["metadata"].get("annotations", {}).get("edgefleet.io/variant-digest")
 
 
-def _write_status(kube: Kube, raw: dict, ed: EdgeDeployment, out: Outcome) -> None:
+def _write_status(kube: Kube, raw: dict[str, Any], ed: EdgeDeployment, out: Outcome) -> None:
     generation = raw["metadata"].get("generation")
     old = raw.get("status") or {}
     classes = []
@@ -373,7 +374,7 @@ def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
     return None
 
 
-def _same(old: dict, new: dict) -> bool:
+def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
     keys = ("observedGeneration", "classes", "unmatchedNodes", "nodesReady")
     return all(old.get(k) == new.get(k) for k in keys) and without_times(old.get("conditions", [])) == without_times(
         new["conditions"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,23 +52,23 @@ def parse(text: str) -> tuple[dict[str, float], int]:
     return psi, samples
 
 
-def _ready(pod: dict) -> bool:
+def _ready(pod: dict[str, Any]) -> bool:
     conds = pod.get("status", {}).get("conditions", [])
     return bool(pod.get("status", {}).get("podIP")) and not pod["metadata"].get("deletionTimestamp") and any(
         c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
 
-def read_pods(pods: list[dict], ed: EdgeDeployment, fetch=None) -> dict[str, list[PodDrift]]:
+def read_pods(pods: list[dict[str, Any]], ed: EdgeDeployment, fetch=None) -> dict[str, list[PodDrift]]:
     """Per hardware class, the drift of its first `maxPodsPerClass` Ready pods (by name), read concurrently."""
     fetch = fetch or scrape
     limit = ed.spec.monitoring.drift.max_pods_per_class
-    by_class: dict[str, list[dict]] = {}
+    by_class: dict[str, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         profile = pod["metadata"].get("labels", {}).get(PROFILE_LABEL)
         if profile and _ready(pod) and len(by_class.setdefault(profile, [])) < limit:
             by_class[profile].append(pod)
 
-    def one(pod: dict) -> PodDrift:
+    def one(pod: dict[str, Any]) -> PodDrift:
         d = PodDrift(pod["metadata"]["name"], pod["spec"].get("nodeName", ""))
         try:
             d.psi, d.samples = parse(fetch(pod["status"]["podIP"], ed.spec.runtime.port))
@@ -123,7 +124,7 @@ def _waiting(pods: list[PodDrift], window: int) -> str:
     return f"{most}/{window} predictions in the fullest window"
 
 
-def missing_evaluation(model: dict | None, name: str) -> str | None:
+def missing_evaluation(model: dict[str, Any] | None, name: str) -> str | None:
     """Why the runtime gets no drift reference (None: the evaluation data is a configMap it can mount)."""
     evaluation = ((model or {}).get("spec", {}).get("optimization") or {}).get("evaluation")
     if evaluation and evaluation.get("configMap"):

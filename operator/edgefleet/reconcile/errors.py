@@ -8,6 +8,8 @@ backoff and jitter.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import ValidationError
 
 from ..api import format_errors
@@ -54,8 +56,8 @@ def _refused(err: ApiError, what: str) -> PermanentError:
                           "in the message, or report a bug if it names none")
 
 
-def report_invalid_spec(kube: Kube, raw: dict, err: ValidationError, main_condition: str,
-                        extra: dict | None = None) -> None:
+def report_invalid_spec(kube: Kube, raw: dict[str, Any], err: ValidationError, main_condition: str,
+                        extra: dict[str, Any] | None = None) -> None:
     """An object the models refuse (admission should have): Degraded InvalidSpec naming the fields, and
     `main_condition` (READY, AVAILABLE) False, plus `extra` status fields (snake_case); one Warning event when it turns
     Degraded."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from ..api import PROGRESSING, EdgeModel, HardwareProfile, best_profile, format_errors, label_selector_matches
-from ..api.federated import FAILED, SUCCEEDED, FederatedTraining
+from ..api.federated import FAILED, SUCCEEDED, FederatedTraining, FederatedTrainingStatus
 from ..artifacts import StoreError, open_store
 from ..federated_tls import make_bundle
 from ..kube import Kube
@@ -23,6 +24,7 @@ from .sources import config_map_bytes
 
 log = logging.getLogger(__name__)
 KIND = "FederatedTraining"
+MAX_INPUT_BYTES = 900_000  # a Secret holds at most 1 MiB, TLS keys and base64 aside
 
 
 class RunFailed(Exception):
@@ -31,7 +33,7 @@ class RunFailed(Exception):
         self.reason, self.message = reason, message
 
 
-def reconcile_federated(kube: Kube, settings: Settings, obj: dict) -> dict:
+def reconcile_federated(kube: Kube, settings: Settings, obj: dict[str, Any]) -> dict[str, Any]:
     """One step of the run; returns the status written."""
     meta = obj["metadata"]
     old = obj.get("status") or {}
@@ -51,12 +53,12 @@ def reconcile_federated(kube: Kube, settings: Settings, obj: dict) -> dict:
     return _write(kube, obj, old, status, gen)
 
 
-def _terminal(status: dict, gen: int | None) -> bool:
+def _terminal(status: dict[str, Any], gen: int | None) -> bool:
     return any(c["type"] in (SUCCEEDED, FAILED) and c["status"] == "True" and c.get("observedGeneration") == gen
                for c in status.get("conditions", []))
 
 
-def _step(kube: Kube, settings: Settings, ft: FederatedTraining, status: dict) -> dict:
+def _step(kube: Kube, settings: Settings, ft: FederatedTraining, status: dict[str, Any]) -> dict[str, Any]:
     ns = ft.metadata["namespace"]
     source = _model(kube, ns, ft.spec.source_model.name, "spec.sourceModel.name")
     target = _model(kube, ns, ft.spec.target_model.name, "spec.targetModel.name")
@@ -104,7 +106,8 @@ def _model(kube: Kube, ns: str, name: str, field: str) -> EdgeModel:
     return EdgeModel.model_validate(obj)
 
 
-def participating_nodes(ft: FederatedTraining, nodes: list[dict], profiles: list[HardwareProfile]) -> list[str]:
+def participating_nodes(ft: FederatedTraining, nodes: list[dict[str, Any]],
+                        profiles: list[HardwareProfile]) -> list[str]:
     """Nodes matching the nodeSelector (when set) and belonging to one of hardwareClasses (when set), by name."""
     p = ft.spec.participants
     out = []
@@ -137,32 +140,37 @@ def _bytes_of(kube: Kube, settings: Settings, ns: str, ref, what: str) -> bytes:
 
 
 def _apply_children(kube, settings, ft, source: EdgeModel, clients: list[r.Client]) -> None:
+    """The run's Secret first (created once, never read: AlreadyExists means made), then the Service, the
+    server Job and one Job per client. The server Job exists only after the Secret was made, so a step that
+    finds it skips the Secret (and the reads of the model and evaluation data)."""
     ns, run = ft.metadata["namespace"], r.run_name(ft)
-    if kube.find("Secret", r.tls_secret_name(ft), ns) is None:
-        host = r.server_host(ft)
-        bundle = make_bundle(run, [host, run, f"{run}.{ns}", f"{host}.cluster.local"])
-        kube.apply(r.render_tls_secret(ft, bundle.secret_data()))
-    if kube.find("ConfigMap", f"{run}-inputs", ns) is None:
-        try:
-            model = _bytes_of(kube, settings, ns, source.spec.source, "the source EdgeModel's spec.source")
-            evaluation = _bytes_of(kube, settings, ns, ft.spec.evaluation.data, "spec.evaluation.data")
-        except Exception as err:  # CompileError from config_map_bytes, StoreError
-            if isinstance(err, RunFailed):
-                raise
-            raise RunFailed("InputUnavailable", str(getattr(err, "message", err))) from err
-        if len(model) + len(evaluation) > 900_000:
-            raise RunFailed("InputsTooLarge", "the source model and evaluation data exceed 900 kB together, "
-                            "the most one ConfigMap holds; use a smaller evaluation set")
-        kube.apply(r.render_inputs(ft, model, evaluation))
-    kube.apply(r.render_service(ft))
     if kube.find("Job", run, ns) is None:
+        kube.create(_run_secret(kube, settings, ft, source))
+        kube.apply(r.render_service(ft))
         kube.apply(r.render_server_job(ft, settings, clients[0].node, len(clients)))
     for c in clients:
-        if kube.find("Pod", c.pod_name(run), ns) is None:
-            kube.apply(r.render_client_pod(ft, settings, c))
+        if kube.find("Job", c.job_name(run), ns) is None:
+            kube.apply(r.render_client_job(ft, settings, c))
 
 
-def _report(settings: Settings, ft: FederatedTraining) -> dict | None:
+def _run_secret(kube, settings, ft, source: EdgeModel) -> dict:
+    ns, run = ft.metadata["namespace"], r.run_name(ft)
+    try:
+        model = _bytes_of(kube, settings, ns, source.spec.source, "the source EdgeModel's spec.source")
+        evaluation = _bytes_of(kube, settings, ns, ft.spec.evaluation.data, "spec.evaluation.data")
+    except RunFailed:
+        raise
+    except Exception as err:  # CompileError from config_map_bytes
+        raise RunFailed("InputUnavailable", str(getattr(err, "message", err))) from err
+    if len(model) + len(evaluation) > MAX_INPUT_BYTES:
+        raise RunFailed("InputsTooLarge", f"the source model and spec.evaluation.data are {len(model) + len(evaluation)} "
+                        f"bytes together, over the {MAX_INPUT_BYTES} one Secret holds; use a smaller evaluation set")
+    host = r.server_host(ft)
+    bundle = make_bundle(run, [host, run, f"{run}.{ns}", f"{host}.cluster.local"])
+    return r.render_secret(ft, bundle.secret_data(), model, evaluation)
+
+
+def _report(settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
     ref = r.report_ref(settings, ft)
     try:
         store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
@@ -172,7 +180,7 @@ def _report(settings: Settings, ft: FederatedTraining) -> dict | None:
         return None
 
 
-def _from_report(report: dict) -> dict:
+def _from_report(report: dict[str, Any]) -> dict[str, Any]:
     rounds = [{k: v for k, v in {"round": x["round"], "clients": x["clients"], "failures": x.get("failures", 0),
                                  "loss": x.get("loss"), "accuracy": x.get("accuracy")}.items() if v is not None}
               for x in report.get("rounds", [])]
@@ -186,14 +194,14 @@ def _from_report(report: dict) -> dict:
     return out
 
 
-def _job_state(job: dict) -> str:
+def _job_state(job: dict[str, Any]) -> str:
     for c in (job.get("status") or {}).get("conditions") or []:
         if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
             return c["type"]
     return "Running" if job else "Absent"
 
 
-def _publish(kube: Kube, target: EdgeModel, published: dict) -> None:
+def _publish(kube: Kube, target: EdgeModel, published: dict[str, Any]) -> None:
     """The target EdgeModel's source becomes the published model (digest-pinned); compile and rollout follow."""
     source = {"uri": published["ref"], "digest": published["digest"]}
     if target.spec.source.to_dict() == source:
@@ -205,12 +213,13 @@ def _publish(kube: Kube, target: EdgeModel, published: dict) -> None:
 
 
 def _stop_clients(kube: Kube, ft: FederatedTraining) -> None:
-    for pod in kube.list("Pod", ft.metadata["namespace"], {r.RUN: r.labels(ft, "client")[r.RUN],
+    for job in kube.list("Job", ft.metadata["namespace"], {r.RUN: r.labels(ft, "client")[r.RUN],
                                                            "app.kubernetes.io/component": "client"}):
-        kube.delete("Pod", pod["metadata"]["name"], ft.metadata["namespace"])
+        kube.delete("Job", job["metadata"]["name"], ft.metadata["namespace"])
 
 
-def _finish(kube: Kube, obj: dict, old: dict, kind: str, reason: str, message: str, gen) -> dict:
+def _finish(kube: Kube, obj: dict[str, Any], old: dict[str, Any], kind: str, reason: str, message: str,
+            gen) -> dict[str, Any]:
     status = dict(old)
     conds = set_condition(old.get("conditions", []), PROGRESSING, False, reason, message, gen)
     status["conditions"] = set_condition(conds, kind, True, reason, message, gen)
@@ -219,8 +228,9 @@ def _finish(kube: Kube, obj: dict, old: dict, kind: str, reason: str, message: s
     return _write(kube, obj, old, status, gen)
 
 
-def _write(kube: Kube, obj: dict, old: dict, status: dict, gen) -> dict:
+def _write(kube: Kube, obj: dict[str, Any], old: dict[str, Any], status: dict[str, Any], gen) -> dict[str, Any]:
     status["observedGeneration"] = gen
+    status = FederatedTrainingStatus.model_validate(status).model_dump(mode="json", by_alias=True, exclude_none=True)
     if status != old:
         meta = obj["metadata"]
         kube.patch_status(KIND, meta["name"], meta["namespace"], status)

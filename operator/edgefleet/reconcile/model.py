@@ -7,6 +7,7 @@ import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -43,7 +44,7 @@ def target_profiles(em: EdgeModel, world: World) -> tuple[list[str], list[str]]:
     return sorted({p for p in resolve_nodes(world.nodes, world.profiles).values() if p}), []
 
 
-def _up_to_date(raw: dict, targets: list[str], missing: list[str]) -> bool:
+def _up_to_date(raw: dict[str, Any], targets: list[str], missing: list[str]) -> bool:
     status = raw.get("status") or {}
     have = {v["profile"]: v.get("state") for v in status.get("variants", [])}
     return (status.get("observedGeneration") == raw["metadata"].get("generation")
@@ -82,13 +83,13 @@ def reconcile_model(kube: Kube, settings: Settings, namespace: str, name: str, w
     return _finish(kube, raw, generation, variants)
 
 
-def _finish(kube: Kube, raw: dict, generation: int | None, variants: list[dict]) -> float | None:
+def _finish(kube: Kube, raw: dict[str, Any], generation: int | None, variants: list[dict[str, Any]]) -> float | None:
     compiling = any(v.get("state") == "Compiling" for v in variants)  # a compile Job still running
     _write(kube, raw, generation, variants, _conditions(raw, variants, generation, compiling=compiling))
     return on_target.RELOOK_SECONDS if any(v.get("state") == "Benchmarking" for v in variants) else None
 
 
-def _benchmarking(raw: dict, targets: list[str], missing: list[str]) -> bool:
+def _benchmarking(raw: dict[str, Any], targets: list[str], missing: list[str]) -> bool:
     """The status is of this generation and complete, and some class is still being measured on target."""
     status = raw.get("status") or {}
     variants = status.get("variants", [])
@@ -98,7 +99,7 @@ def _benchmarking(raw: dict, targets: list[str], missing: list[str]) -> bool:
             and all(s in (*FINAL, "Benchmarking") for s in states.values()))
 
 
-def _keep_or_compile(raw: dict, generation: int | None, profile: str) -> dict:
+def _keep_or_compile(raw: dict[str, Any], generation: int | None, profile: str) -> dict[str, Any]:
     """While compiling: a variant of the same spec generation stays as it is (only a new target class
     shows Compiling), so deployments keep serving it without flapping."""
     status = raw.get("status") or {}
@@ -109,7 +110,7 @@ def _keep_or_compile(raw: dict, generation: int | None, profile: str) -> dict:
     return {"profile": profile, "state": "Compiling"}
 
 
-def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
+def _compile(kube, settings, em, namespace, targets, world) -> list[dict[str, Any]]:
     if not targets:
         return []
     if settings.compile_executor == "job":  # a Kubernetes Job per compile; non-blocking (compile_job.py)
@@ -139,7 +140,7 @@ def _compile(kube, settings, em, namespace, targets, world) -> list[dict]:
 
 
 def compile_isolated(request: CompileRequest, settings: Settings, encryption_public_key: str | None = None
-                     ) -> list[dict]:
+                     ) -> list[dict[str, Any]]:
     """Compile in a short-lived child process: the toolchains' memory (ONNX Runtime, OpenVINO, calibration
     data) goes back to the system when it exits instead of staying in the long-running operator. Variants are
     signed with settings.signing_key_file and encrypted for ``encryption_public_key`` (PEM) when given."""
@@ -155,8 +156,8 @@ def compile_isolated(request: CompileRequest, settings: Settings, encryption_pub
     return outcome
 
 
-def _compile_child(request: CompileRequest, store: tuple, cache_dir: str, signing_key_file: str | None = None,
-                   encryption_public_key: str | None = None) -> list[dict] | tuple[str, str, str]:
+def _compile_child(request: CompileRequest, store: tuple[Any, ...], cache_dir: str, signing_key_file: str | None = None,
+                   encryption_public_key: str | None = None) -> list[dict[str, Any]] | tuple[str, str, str]:
     try:
         key = encryption_key_from_pem(encryption_public_key) if encryption_public_key else None
         return compile_model(request, open_store(*store), cache_dir, signing_key_file=signing_key_file,
@@ -189,7 +190,8 @@ def _data(kube, namespace, ref, tmp: Path, stem: str) -> Path | None:
                        "compiler", f"put the {stem} .npz in a ConfigMap (binaryData) and reference it")
 
 
-def _conditions(raw: dict, variants: list[dict], generation, compiling: bool) -> list[dict]:
+def _conditions(raw: dict[str, Any], variants: list[dict[str, Any]], generation,
+                compiling: bool) -> list[dict[str, Any]]:
     conds = (raw.get("status") or {}).get("conditions", [])
     failed = [v for v in variants if v.get("state") == "Failed"]
     ready = [v for v in variants if v.get("state") == "Ready"]
@@ -218,7 +220,8 @@ def _conditions(raw: dict, variants: list[dict], generation, compiling: bool) ->
                          generation)
 
 
-def _write(kube: Kube, raw: dict, generation: int | None, variants: list[dict], conditions: list[dict]) -> None:
+def _write(kube: Kube, raw: dict[str, Any], generation: int | None, variants: list[dict[str, Any]],
+           conditions: list[dict[str, Any]]) -> None:
     """Status for the generation that was compiled (a spec change during the compile stays pending)."""
     old = raw.get("status") or {}
     ready = sum(1 for v in variants if v.get("state") == "Ready")

@@ -17,6 +17,7 @@ with other inputs are deleted. activeDeadlineSeconds (settings.bench_deadline_se
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ..api import EdgeModel, HardwareProfile
 from ..compiler import CompileError
@@ -50,13 +51,13 @@ NOTE = " | "  # what selection adds to the compiler's message of a variant
 FAILURES = ("BenchJobFailed", "BenchReportMissing", "BenchMeasuredNothing", "BenchUnavailable")
 
 
-def select(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, variants: list[dict],
-           world: World) -> list[dict]:
+def select(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, variants: list[dict[str, Any]],
+           world: World) -> list[dict[str, Any]]:
     """``variants`` (status entries) with on-target selection advanced for each Ready or Benchmarking one."""
     return [_advance(kube, settings, em, namespace, v, world) for v in variants]
 
 
-def _advance(kube, settings, em, namespace, v: dict, world: World) -> dict:
+def _advance(kube, settings, em, namespace, v: dict[str, Any], world: World) -> dict[str, Any]:
     if v.get("state") not in ("Ready", "Benchmarking") or v.get("selection"):
         return v
     profile = next((p for p in world.profiles if p.metadata["name"] == v["profile"]), None)
@@ -109,7 +110,7 @@ def schedulable_node(kube: Kube, world: World, profile: HardwareProfile) -> str 
     return None
 
 
-def _can_run(node: dict, tolerations: list[dict]) -> bool:
+def _can_run(node: dict[str, Any], tolerations: list[dict[str, Any]]) -> bool:
     meta, spec = node["metadata"], node.get("spec") or {}
     if (meta.get("annotations") or {}).get(SIMULATED[0]) == SIMULATED[1] or spec.get("unschedulable"):
         return False
@@ -119,7 +120,7 @@ def _can_run(node: dict, tolerations: list[dict]) -> bool:
     return ready and all(any(_tolerates(tol, t) for tol in tolerations) for t in taints)
 
 
-def _tolerates(tol: dict, taint: dict) -> bool:
+def _tolerates(tol: dict[str, Any], taint: dict[str, Any]) -> bool:
     if tol.get("effect") and tol["effect"] != taint.get("effect"):
         return False
     if tol.get("operator") == "Exists":
@@ -127,7 +128,7 @@ def _tolerates(tol: dict, taint: dict) -> bool:
     return tol.get("key") == taint.get("key") and tol.get("value", "") == taint.get("value", "")
 
 
-def _request(kube, settings: Settings, em: EdgeModel, namespace: str, v: dict, profile: HardwareProfile,
+def _request(kube, settings: Settings, em: EdgeModel, namespace: str, v: dict[str, Any], profile: HardwareProfile,
              node: str) -> BenchJobRequest:
     ref = em.spec.optimization.evaluation.config_map
     candidates = tuple(BenchCandidate(c["name"], c["artifact"], c["digest"]) for c in v["candidates"])
@@ -137,7 +138,7 @@ def _request(kube, settings: Settings, em: EdgeModel, namespace: str, v: dict, p
                            runs=settings.bench_runs)
 
 
-def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict) -> dict:
+def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[str, Any]) -> dict[str, Any]:
     manifest = render_bench_job(req, settings)
     name, ns = manifest["metadata"]["name"], settings.namespace
     ref = report_ref(settings.artifact_store, name)
@@ -181,7 +182,7 @@ def _delete_stale(kube: Kube, ns: str, req: BenchJobRequest, keep: str) -> None:
             kube.delete("Job", meta["name"], ns)
 
 
-def _from_report(v: dict, report: dict, job: str) -> dict:
+def _from_report(v: dict[str, Any], report: dict[str, Any], job: str) -> dict[str, Any]:
     try:
         results = on_target_results(report)
     except ValueError as err:
@@ -212,23 +213,23 @@ def _from_report(v: dict, report: dict, job: str) -> dict:
     return out
 
 
-def _benchmarking(v: dict, node: str, job: str) -> dict:
+def _benchmarking(v: dict[str, Any], node: str, job: str) -> dict[str, Any]:
     return {**v, "state": "Benchmarking", "reason": "Benchmarking",
             "message": f"{_compiled(v)}{NOTE}measuring {len(v['candidates'])} candidates on {node} (Job {job})"}
 
 
-def _host(v: dict, reason: str, why: str) -> dict:
+def _host(v: dict[str, Any], reason: str, why: str) -> dict[str, Any]:
     """The compiler's own choice, saying why the node did not choose."""
     return {**v, "state": "Ready", "selection": "host", "reason": reason,
             "message": f"{_compiled(v)}{NOTE}selected on the compile host: {why}"[:4096]}
 
 
-def _compiled(v: dict) -> str:
+def _compiled(v: dict[str, Any]) -> str:
     """The compiler's message of the variant, without what selection added."""
     return (v.get("message") or "").split(NOTE)[0]
 
 
-def condition(variants: list[dict]) -> tuple[bool, str, str]:
+def condition(variants: list[dict[str, Any]]) -> tuple[bool, str, str]:
     """(status, reason, message) of the OnTargetSelected condition."""
     measuring = [v["profile"] for v in variants if v.get("state") == "Benchmarking"]
     if measuring:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from edgefleet_runtime.exitcodes import EXIT_DIGEST, EXIT_SIGNATURE, EXIT_UNREACHABLE
 
@@ -73,16 +74,16 @@ def scheduler_reason(message: str) -> str:
     return ", ".join(useful or parts)
 
 
-def _condition(pod: dict, type_: str) -> dict | None:
+def _condition(pod: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return next((c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
 
 
-def _ready(pod: dict) -> bool:
+def _ready(pod: dict[str, Any]) -> bool:
     ready = _condition(pod, "Ready")
     return bool(ready and ready.get("status") == "True")
 
 
-def pod_problem(pod: dict, now: float) -> PodProblem | None:
+def pod_problem(pod: dict[str, Any], now: float) -> PodProblem | None:
     """What keeps `pod` from running, or None when it runs or is only starting."""
     if _ready(pod):
         return None
@@ -98,7 +99,7 @@ def pod_problem(pod: dict, now: float) -> PodProblem | None:
     return None
 
 
-def _unschedulable(scheduled: dict, now: float) -> PodProblem:
+def _unschedulable(scheduled: dict[str, Any], now: float) -> PodProblem:
     detail = scheduler_reason(scheduled.get("message") or "") or scheduled.get("reason") or "not scheduled"
     since = parse_time(scheduled.get("lastTransitionTime")) or now
     stuck_in = max(0.0, UNSCHEDULABLE_GRACE_SECONDS - (now - since))
@@ -110,7 +111,7 @@ def _unschedulable(scheduled: dict, now: float) -> PodProblem:
     return PodProblem("Pending", detail, fix, stuck_in, "PodsUnschedulable")
 
 
-def _not_running(pod: dict, where: str, cs: dict, waiting: dict) -> PodProblem:
+def _not_running(pod: dict[str, Any], where: str, cs: dict[str, Any], waiting: dict[str, Any]) -> PodProblem:
     last = (cs.get("lastState") or {}).get("terminated") or {}
     if last:
         why = f"exited {last.get('exitCode', '?')} ({last.get('reason') or 'Error'})"
@@ -133,7 +134,7 @@ def _not_running(pod: dict, where: str, cs: dict, waiting: dict) -> PodProblem:
     return PodProblem(waiting["reason"], detail, fix, 0.0)
 
 
-def class_health(pods: list[dict], now: float) -> ClassHealth:
+def class_health(pods: list[dict[str, Any]], now: float) -> ClassHealth:
     """One line per kind of problem over the live pods of a class, most common first."""
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     problems = [pp for p in live if (pp := pod_problem(p, now))]

@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from ..render import TEMPLATE_HASH
 
@@ -44,7 +45,7 @@ def max_unavailable_count(value: int | str, nodes: int) -> int:
     return max(1, int(value))
 
 
-def pod_view(pod: dict) -> PodView:
+def pod_view(pod: dict[str, Any]) -> PodView:
     ready = next((c for c in pod.get("status", {}).get("conditions", []) if c["type"] == "Ready"), None)
     since = None
     if ready and ready["status"] == "True" and not pod["metadata"].get("deletionTimestamp"):
@@ -95,7 +96,7 @@ WAVE = "edgefleet.io/rollout-wave"  # "<template hash>:<wave>:<epoch seconds the
 
 @dataclass(frozen=True)
 class Decision:
-    manifest: dict  # the DaemonSet to apply (template possibly the stable one), with rollout annotations
+    manifest: dict[str, Any]  # the DaemonSet to apply (template possibly the stable one), with rollout annotations
     delete: tuple[str, ...]  # pods to replace now
     progress: str  # for status: wave i/n, complete, rolled back, paused
     rolled_back: str | None  # why, when the wanted template failed and the stable one is served
@@ -103,15 +104,16 @@ class Decision:
     requeue: float | None  # seconds until the next look, while a rollout is in progress
 
 
-def _hash(manifest: dict) -> str:
+def _hash(manifest: dict[str, Any]) -> str:
     return manifest["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH]
 
 
-def _with_template(manifest: dict, template: dict) -> dict:
+def _with_template(manifest: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "spec": {**manifest["spec"], "template": template}}
 
 
-def decide(manifest: dict, existing: dict | None, pods: list[dict], waves: list[int], max_unavailable,
+def decide(manifest: dict[str, Any], existing: dict[str, Any] | None, pods: list[dict[str, Any]],
+           waves: list[int], max_unavailable,
            min_ready: float, timeout: float, auto_rollback: bool, now: float) -> Decision:
     """Level-based: from the wanted DaemonSet, the live one and its pods, what to apply and delete now."""
     notes = (existing or {}).get("metadata", {}).get("annotations", {})

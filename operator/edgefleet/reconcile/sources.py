@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 from ..compiler import CompileError
 from ..kube import Kube
@@ -22,6 +23,6 @@ def config_map_bytes(kube: Kube, namespace: str, ref) -> bytes:
                        "point configMap.key at one of its keys")
 
 
-def without_none(variant: dict) -> dict:
+def without_none(variant: dict[str, Any]) -> dict[str, Any]:
     """A status variant without unset fields (a merge patch would treat None as 'delete')."""
     return {k: v for k, v in variant.items() if v is not None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -24,7 +25,7 @@ class World:
         return cls(nodes, parse_profiles(kube.list("HardwareProfile")))
 
 
-def parse_profiles(objects: list[dict]) -> list[HardwareProfile]:
+def parse_profiles(objects: list[dict[str, Any]]) -> list[HardwareProfile]:
     profiles = []
     for obj in objects:
         try:

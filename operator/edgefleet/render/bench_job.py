@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from ..api import HardwareProfile
 from ..api.models import OnTargetResult, RolloutGate
@@ -101,7 +102,7 @@ def _blob(digest: str) -> str:
     return f"{CANDIDATES_DIR}/sha256/{digest.split(':', 1)[1]}"
 
 
-def _fetch(i: int, c: BenchCandidate, image: str, insecure: bool) -> dict:
+def _fetch(i: int, c: BenchCandidate, image: str, insecure: bool) -> dict[str, Any]:
     args = ["fetch", f"--ref={c.artifact}", f"--digest={c.digest}", f"--cache={CANDIDATES_DIR}"]
     if insecure:
         args.append("--insecure")
@@ -116,7 +117,7 @@ def _fetch(i: int, c: BenchCandidate, image: str, insecure: bool) -> dict:
     }
 
 
-def _bench(req: BenchJobRequest, settings: Settings, name: str) -> dict:
+def _bench(req: BenchJobRequest, settings: Settings, name: str) -> dict[str, Any]:
     args = ["bench", f"--model={_blob(req.candidates[0].digest)}", f"--eval={INPUTS_DIR}/{req.evaluation_file}",
             f"--candidates={CANDIDATES_DIR}", f"--runs={req.runs}", f"--out={WORK_DIR}/report.json",
             f"--report={report_ref(settings.artifact_store, name)}"]
@@ -143,7 +144,7 @@ def _bench(req: BenchJobRequest, settings: Settings, name: str) -> dict:
     }
 
 
-def render_bench_job(req: BenchJobRequest, settings: Settings) -> dict:
+def render_bench_job(req: BenchJobRequest, settings: Settings) -> dict[str, Any]:
     """The batch/v1 Job for ``req`` (its name from ``bench_key``)."""
     key = bench_key(req)
     name = bench_job_name(req, key)
@@ -193,7 +194,7 @@ def render_bench_job(req: BenchJobRequest, settings: Settings) -> dict:
     }
 
 
-def render_bench_inputs(req: BenchJobRequest, job: dict) -> dict:
+def render_bench_inputs(req: BenchJobRequest, job: dict[str, Any]) -> dict[str, Any]:
     """The inputs ConfigMap (the evaluation data): same name and namespace as the applied ``job``, owned by it."""
     import base64
 
@@ -213,7 +214,7 @@ def render_bench_inputs(req: BenchJobRequest, job: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- reading the report
-def on_target_results(report: dict) -> dict[str, OnTargetResult]:
+def on_target_results(report: dict[str, Any]) -> dict[str, OnTargetResult]:
     """The bench report as OnTargetResult by candidate digest; ValueError when it is not a bench report."""
     if not isinstance(report, dict) or report.get("kind") != "BenchReport" or not report.get("node"):
         raise ValueError("not an edgefleet-runtime bench report (kind BenchReport with a node)")

@@ -184,7 +184,7 @@ def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
     return args
 
 
-def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict:
+def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict[str, Any]:
     """The batch/v1 Job for ``req`` (its name from ``compile_key``)."""
     key = compile_key(req, settings)
     name = compile_job_name(req, key)
@@ -249,7 +249,7 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict:
     }
 
 
-def _placement(settings: Settings) -> dict:
+def _placement(settings: Settings) -> dict[str, Any]:
     """Where the compile pods may run: settings.compile_node_selector and compile_tolerations, when set."""
     placement = {}
     if settings.compile_node_selector:
@@ -259,7 +259,7 @@ def _placement(settings: Settings) -> dict:
     return placement
 
 
-def render_compile_inputs(req: CompileJobRequest, job: dict) -> dict:
+def render_compile_inputs(req: CompileJobRequest, job: dict[str, Any]) -> dict[str, Any]:
     """The inputs ConfigMap: same name and namespace as ``job`` (an applied Job: it needs its uid), owned
     by it so it goes when the Job's TTL removes the Job."""
     meta = job["metadata"]

@@ -1,9 +1,11 @@
-"""Pure manifests of one FederatedTraining run: the inputs ConfigMap (source model + evaluation data), the
-server Job and its Service, and one client Pod per (participating node, shard index). The TLS Secret's
-contents are made by the reconciler (random keys); here it is only mounted.
+"""Pure manifests of one FederatedTraining run: the run's Secret (TLS keys, source model, evaluation data),
+the server Job and its Service, and one client Job per (participating node, shard index). The Secret's keys
+are made by the reconciler (random); here it is only rendered and mounted: each side sees only its own key.
 
 The server is a Job, not a Deployment: a run ends, and the Job's completion (exit 0 = published, 1 = failed)
 is what the reconciler reads, beside the JSON report the server pushes to the artifact store every round.
+Clients are Jobs of one pod that is never replaced (backoffLimit 0): a client that dies stays gone, and the
+server's rounds go on with the rest when the minimum allows.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from ..api.federated import FederatedTraining
 from ..settings import Settings
@@ -33,8 +36,9 @@ class Client:
     node: str
     index: int
 
-    def pod_name(self, run: str) -> str:
-        return f"{run}-c-{_short(self.node)}-{self.index}"
+    def job_name(self, run: str) -> str:
+        """At most 63 characters (the Job's pods carry it as a label): run (40) + -c- + node (14) + -index."""
+        return f"{run}-c-{_short(self.node, 14)}-{self.index}"
 
 
 def _short(value: str, size: int = 30) -> str:
@@ -49,8 +53,8 @@ def run_name(ft: FederatedTraining) -> str:
     return f"fl-{_short(ft.metadata['name'], 37)}"
 
 
-def tls_secret_name(ft: FederatedTraining) -> str:
-    return f"{run_name(ft)}-tls"
+def secret_name(ft: FederatedTraining) -> str:
+    return f"{run_name(ft)}-run"
 
 
 def server_host(ft: FederatedTraining) -> str:
@@ -69,40 +73,37 @@ def labels(ft: FederatedTraining, component: str) -> dict[str, str]:
             RUN: _short(ft.metadata["name"], 63)}
 
 
-def _owner(ft: FederatedTraining) -> list[dict]:
+def _owner(ft: FederatedTraining) -> list[dict[str, Any]]:
     return [{"apiVersion": ft.api_version, "kind": "FederatedTraining", "name": ft.metadata["name"],
              "uid": ft.metadata["uid"], "controller": True, "blockOwnerDeletion": True}]
 
 
-def _meta(ft: FederatedTraining, name: str, component: str) -> dict:
+def _meta(ft: FederatedTraining, name: str, component: str) -> dict[str, Any]:
     return {"name": name, "namespace": ft.metadata["namespace"], "labels": labels(ft, component),
             "ownerReferences": _owner(ft)}
 
 
-def render_inputs(ft: FederatedTraining, model: bytes, evaluation: bytes) -> dict:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(ft, f"{run_name(ft)}-inputs", "inputs"),
-            "binaryData": {MODEL_FILE: base64.b64encode(model).decode(),
-                           EVAL_FILE: base64.b64encode(evaluation).decode()}}
-
-
-def render_tls_secret(ft: FederatedTraining, data: dict[str, bytes]) -> dict:
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(ft, tls_secret_name(ft), "tls"),
+def render_secret(ft: FederatedTraining, tls: dict[str, bytes], model: bytes, evaluation: bytes) -> dict[str, Any]:
+    """The run's one Secret: the TLS bundle plus the inputs (model.onnx, eval.npz). It is created once and never
+    read back (the operator may create Secrets in the run's namespace, not read them); the run owns it."""
+    data = {**tls, MODEL_FILE: model, EVAL_FILE: evaluation}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(ft, secret_name(ft), "run"),
             "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())}}
 
 
-def render_service(ft: FederatedTraining) -> dict:
+def render_service(ft: FederatedTraining) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(ft, run_name(ft), "server"),
             "spec": {"selector": {RUN: _short(ft.metadata["name"], 63), "app.kubernetes.io/component": "server"},
                      "ports": [{"name": "flower", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
 
 
-def _tls_volume(ft: FederatedTraining, side: str) -> dict:
-    items = [{"key": "ca.crt", "path": "ca.crt"}, {"key": f"{side}.crt", "path": f"{side}.crt"},
-             {"key": f"{side}.key", "path": f"{side}.key"}]
-    return {"name": "tls", "secret": {"secretName": tls_secret_name(ft), "items": items, "defaultMode": 0o440}}
+def _secret_volume(ft: FederatedTraining, name: str, keys: list[str]) -> dict[str, Any]:
+    items = [{"key": k, "path": k} for k in keys]
+    return {"name": name, "secret": {"secretName": secret_name(ft), "items": items, "defaultMode": 0o440}}
 
 
-def _pod_spec(ft: FederatedTraining, node: str, container: dict, volumes: list[dict], restart: str) -> dict:
+def _pod_spec(ft: FederatedTraining, node: str, container: dict[str, Any], volumes: list[dict[str, Any]],
+              restart: str) -> dict[str, Any]:
     return {"restartPolicy": restart, "automountServiceAccountToken": False, "enableServiceLinks": False,
             "nodeSelector": {"kubernetes.io/hostname": node},
             "tolerations": [t.to_dict() for t in ft.spec.participants.tolerations],
@@ -114,24 +115,26 @@ def _pod_spec(ft: FederatedTraining, node: str, container: dict, volumes: list[d
 RESOURCES = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "768Mi"}}
 
 
-def _container(settings: Settings, args: list[str], mounts: list[dict], env: list[dict] | None = None) -> dict:
+def _container(settings: Settings, args: list[str], mounts: list[dict[str, Any]], env: list[dict[str,
+               Any]] | None = None) -> dict[str, Any]:
     return {"name": "trainer", "image": settings.trainer_image, "command": ["edgefleet-federated"], "args": args,
             "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"}] + (env or []),
             "resources": RESOURCES, "securityContext": restricted_security_context(UID),
             "terminationMessagePolicy": "FallbackToLogsOnError", "volumeMounts": mounts}
 
 
-def _inputs_mounts() -> list[dict]:
+def _inputs_mounts() -> list[dict[str, Any]]:
     return [{"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True},
             {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]
 
 
-def _inputs_volumes(ft: FederatedTraining, side: str) -> list[dict]:
-    return [{"name": "inputs", "configMap": {"name": f"{run_name(ft)}-inputs"}}, _tls_volume(ft, side),
+def _inputs_volumes(ft: FederatedTraining, side: str) -> list[dict[str, Any]]:
+    inputs = [MODEL_FILE, EVAL_FILE] if side == "server" else [MODEL_FILE]  # clients never see the eval data
+    return [_secret_volume(ft, "inputs", inputs), _secret_volume(ft, "tls", ["ca.crt", f"{side}.crt", f"{side}.key"]),
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
 
 
-def render_server_job(ft: FederatedTraining, settings: Settings, node: str, expected_clients: int) -> dict:
+def render_server_job(ft: FederatedTraining, settings: Settings, node: str, expected_clients: int) -> dict[str, Any]:
     """The Flower server: every round, the report; at the end, the model, only when it beats the start."""
     s = ft.spec
     args = [f"--model={INPUTS_DIR}/{MODEL_FILE}", f"--eval={INPUTS_DIR}/{EVAL_FILE}", f"--tls-dir={TLS_DIR}",
@@ -158,15 +161,19 @@ def render_server_job(ft: FederatedTraining, settings: Settings, node: str, expe
                      "template": pod}}
 
 
-def render_client_pod(ft: FederatedTraining, settings: Settings, client: Client) -> dict:
-    """One client: its node's data directory read-only; only the server's Service is its peer."""
+def render_client_job(ft: FederatedTraining, settings: Settings, client: Client) -> dict[str, Any]:
+    """One client: its node's data directory read-only; only the server's Service is its peer. One pod, never
+    replaced: a client that dies is a failure the server's rounds count, not a new participant."""
     args = ["client", f"--model={INPUTS_DIR}/{MODEL_FILE}", f"--data={DATA_DIR}/{ft.spec.local_data.file_name}",
             f"--index={client.index}", f"--server={server_host(ft)}:{PORT}", f"--server-name={server_host(ft)}",
             f"--tls-dir={TLS_DIR}", f"--retry-seconds={ft.spec.round_timeout_seconds}"]
     mounts = _inputs_mounts() + [{"name": "data", "mountPath": DATA_DIR, "readOnly": True}]
     volumes = _inputs_volumes(ft, "client") + [
         {"name": "data", "hostPath": {"path": ft.spec.local_data.host_path, "type": "Directory"}}]
-    meta = _meta(ft, client.pod_name(run_name(ft)), "client")
+    meta = _meta(ft, client.job_name(run_name(ft)), "client")
     meta["labels"]["edgefleet.io/shard-index"] = str(client.index)
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-            "spec": _pod_spec(ft, client.node, _container(settings, args, mounts), volumes, "Never")}
+    pod = {"metadata": {"labels": meta["labels"]},
+           "spec": _pod_spec(ft, client.node, _container(settings, args, mounts), volumes, "Never")}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+            "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600,
+                     "activeDeadlineSeconds": ft.spec.rounds * ft.spec.round_timeout_seconds + 900, "template": pod}}

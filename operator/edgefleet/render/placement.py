@@ -9,6 +9,7 @@ terms that can never match are dropped.
 from __future__ import annotations
 
 from itertools import product
+from typing import Any
 
 from ..api import HardwareProfile, LabelSelector, best_profile
 
@@ -96,7 +97,7 @@ def _absorb(terms: list[list[Req]]) -> list[list[Req]]:
     return [t for i, t in enumerate(terms) if not any(j != i and sets[j] < sets[i] for j in range(len(terms)))]
 
 
-def node_affinity(include: list[LabelSelector | None], exclude: list[LabelSelector]) -> dict | None:
+def node_affinity(include: list[LabelSelector | None], exclude: list[LabelSelector]) -> dict[str, Any] | None:
     """requiredDuringScheduling node affinity for AND(include) AND NOT(each exclude); None if unconstrained."""
     base = [r for sel in include for r in requirements(sel)]
     negations = [[(k, _OPPOSITE[op], v) for k, op, v in requirements(sel)] for sel in exclude]
@@ -120,7 +121,7 @@ def node_affinity(include: list[LabelSelector | None], exclude: list[LabelSelect
     return {"nodeSelectorTerms": [{"matchExpressions": [_expr(r) for r in t]} for t in terms]}
 
 
-def _expr(req: Req) -> dict:
+def _expr(req: Req) -> dict[str, Any]:
     key, op, values = req
     expr = {"key": key, "operator": op}
     if op in ("In", "NotIn"):

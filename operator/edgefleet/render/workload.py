@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 from ..api import ConfigMapKeyRef, EdgeDeployment, HardwareProfile, Variant
 from ..api.models import RUNTIME_CACHE_MOUNT
@@ -39,7 +40,7 @@ def child_labels(deployment: str, profile: str | None = None) -> dict[str, str]:
     return labels
 
 
-def owner_reference(ed: EdgeDeployment) -> dict:
+def owner_reference(ed: EdgeDeployment) -> dict[str, Any]:
     return {
         "apiVersion": ed.api_version,
         "kind": ed.kind,
@@ -50,7 +51,7 @@ def owner_reference(ed: EdgeDeployment) -> dict:
     }
 
 
-def _metadata(ed: EdgeDeployment, name: str, labels: dict[str, str]) -> dict:
+def _metadata(ed: EdgeDeployment, name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": ed.metadata["namespace"],
@@ -59,7 +60,7 @@ def _metadata(ed: EdgeDeployment, name: str, labels: dict[str, str]) -> dict:
     }
 
 
-def restricted_security_context(uid: int) -> dict:
+def restricted_security_context(uid: int) -> dict[str, Any]:
     """The restricted Pod Security Standard for a container running as `uid`."""
     return {
         "runAsNonRoot": True,
@@ -72,7 +73,7 @@ def restricted_security_context(uid: int) -> dict:
     }
 
 
-def _restricted(privileged: bool) -> dict:
+def _restricted(privileged: bool) -> dict[str, Any]:
     if privileged:  # stated by the profile: the device needs it
         return {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
     return restricted_security_context(RUNTIME_UID)
@@ -81,7 +82,7 @@ def _restricted(privileged: bool) -> dict:
 MEMORY_REQUEST_BYTES = 128 * 2**20
 
 
-def _resources(profile: HardwareProfile) -> dict:
+def _resources(profile: HardwareProfile) -> dict[str, Any]:
     """Extended resources as requests and limits; memory limited by the profile's budget.maxMemoryBytes
     (1Gi without one)."""
     extended = {k: str(v) for k, v in (profile.spec.extended_resources or {}).items()}
@@ -95,7 +96,8 @@ TRUST_KEYS_MOUNT = "/etc/edgefleet/trust/public-keys"  # the public keys Secret,
 DECRYPTION_KEY_MOUNT = "/etc/edgefleet/trust/decryption"  # the decryption key Secret's one key, as "key"
 
 
-def _trust(ed: EdgeDeployment) -> tuple[list[str], list[str], list[dict], list[dict], list[dict]]:
+def _trust(ed: EdgeDeployment) -> tuple[list[str], list[str], list[dict[str, Any]], list[dict[str, Any]],
+           list[dict[str, Any]]]:
     """(fetch args, serve args, fetch mounts, serve mounts, volumes) of spec.trust."""
     trust = ed.spec.trust
     if trust is None:
@@ -129,7 +131,7 @@ def spool_path(ed: EdgeDeployment) -> str:
 
 
 def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: bool
-              ) -> tuple[list[str], list[dict], list[dict], list[dict]]:
+              ) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(serve args, serve mounts, volumes, env) of spec.monitoring and spec.feedback."""
     monitoring, hard = ed.spec.monitoring, ed.spec.feedback.hard_examples if ed.spec.feedback else None
     args, mounts, volumes, env = [], [], [], []
@@ -161,7 +163,7 @@ def _blob(node_cache: str, digest: str) -> str:
 
 
 def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, insecure: bool,
-                evaluation: ConfigMapKeyRef | None = None) -> tuple[list, list]:
+                evaluation: ConfigMapKeyRef | None = None) -> tuple[list[Any], list[Any]]:
     model = ed.spec.model_ref.name
     port = ed.spec.runtime.port
     mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
@@ -226,7 +228,7 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
 
 
 def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
-             evaluation: ConfigMapKeyRef | None = None) -> list[dict]:
+             evaluation: ConfigMapKeyRef | None = None) -> list[dict[str, Any]]:
     volumes = [{"name": "model-cache", "hostPath": {"path": node_cache, "type": "DirectoryOrCreate"}}]
     volumes += _trust(ed)[4]
     volumes += _feedback(ed, evaluation, False)[2]
@@ -234,7 +236,7 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
     return volumes
 
 
-def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: bool, evaluation=None) -> dict:
+def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: bool, evaluation=None) -> dict[str, Any]:
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
     init, containers = _containers(ed, profile, variant, insecure, evaluation)
     affinity = node_affinity(
@@ -260,7 +262,7 @@ def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: boo
     return template
 
 
-def template_hash(template: dict) -> str:
+def template_hash(template: dict[str, Any]) -> str:
     """A short hash of a pod template (without its own hash annotation): which pods are up to date."""
     annotations = {k: v for k, v in template["metadata"].get("annotations", {}).items() if k != TEMPLATE_HASH}
     body = {**template, "metadata": {**template["metadata"], "annotations": annotations}}
@@ -286,7 +288,7 @@ def render_class(
     replicas: int | None = None,
     insecure: bool = False,
     evaluation: ConfigMapKeyRef | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The DaemonSet (PerNode) or Deployment (Replicas; `replicas` for this class) serving `variant`;
     `evaluation`: the EdgeModel's evaluation data, mounted as the drift reference when spec.monitoring.drift."""
     name = child_name(ed.metadata["name"], profile.metadata["name"])
@@ -327,7 +329,7 @@ def _surge(ed: EdgeDeployment, profile: HardwareProfile) -> int | str:
     return 1 if ed.spec.trust and ed.spec.trust.public_keys_secret and not waves_of(ed) else 0
 
 
-def render_service(ed: EdgeDeployment) -> dict:
+def render_service(ed: EdgeDeployment) -> dict[str, Any]:
     name = ed.metadata["name"]
     labels = child_labels(name)
     spec = {
