@@ -81,7 +81,7 @@ def bench_key(req: BenchJobRequest) -> str:
         "model": [req.model_namespace, req.model_name, req.generation],
         "profile": req.profile.metadata["name"], "node": req.node,
         "image": req.profile.spec.runtime_image,
-        "candidates": [[c.name, c.artifact, c.digest] for c in req.candidates],
+        "candidates": [[c.name, c.digest] for c in req.candidates],  # by content: a re-push does not re-measure
         "evaluation": hashlib.sha256(req.evaluation or b"").hexdigest(), "runs": req.runs,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -243,9 +243,9 @@ def choose_on_target(results: dict[str, OnTargetResult], allowed: list[str], thr
                      ) -> str | None:
     """The digest of the fastest (p50 at the serving threads) measured candidate among ``allowed`` (those
     inside the accuracy budget, in the compiler's order); None when none was measured."""
-    measured = [d for d in allowed if d in results and not results[d].error
-                and serving_latency(results[d], threads)[0] is not None]
-    return min(measured, key=lambda d: serving_latency(results[d], threads)[0]) if measured else None
+    p50 = {d: serving_latency(results[d], threads)[0] for d in allowed if d in results and not results[d].error}
+    measured = {d: ms for d, ms in p50.items() if ms is not None}
+    return min(measured, key=measured.__getitem__) if measured else None
 
 
 def gate_verdict(gate: RolloutGate | None, result: OnTargetResult | None, threads: int | None = None
