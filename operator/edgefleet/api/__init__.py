@@ -12,7 +12,7 @@ Dump any model to its wire form with `model.to_dict()`.
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -78,7 +78,7 @@ def load(obj: dict[str, Any]) -> Resource:
     cls = KINDS.get(obj.get("kind", ""))
     if cls is None:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {obj.get('kind')!r}")
-    return cls.model_validate(obj)
+    return cast(Resource, cls.model_validate(obj))  # KINDS holds exactly these kinds
 
 
 def best_profile(profiles: list[HardwareProfile], labels: dict[str, str]) -> HardwareProfile | None:
@@ -98,7 +98,7 @@ def builtin_profiles(registry: str = SHIPPED_REGISTRY, digests: dict[str, str] |
     coral-edgetpu, intel-openvino), sorted by name, their runtime images taken from `registry` and pinned by
     `digests` (image name -> sha256:...) where given."""
     folder = resources.files("edgefleet") / "profiles"
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".yaml"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
     profiles = []
     for f in files:
         doc = yaml.safe_load(f.read_text())

@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 
 GROUP = "edgefleet.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+API_VERSION: Literal["edgefleet.io/v1alpha1"] = "edgefleet.io/v1alpha1"  # GROUP/VERSION
 
 
 class Rule(NamedTuple):

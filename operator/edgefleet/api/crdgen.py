@@ -17,6 +17,7 @@ import inspect
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -128,7 +129,7 @@ def _rules(rules: list[Rule]) -> list[dict[str, str]]:
     return out
 
 
-def schema_of(tp: Any, metadata: list[Any] = (), where: str = "") -> dict[str, Any]:
+def schema_of(tp: Any, metadata: Sequence[Any] = (), where: str = "") -> dict[str, Any]:
     """The structural OpenAPI v3 schema for a type annotation plus its constraints."""
     metadata = _flatten(list(metadata))
     origin = get_origin(tp)
@@ -225,8 +226,8 @@ def object_schema(cls: type[BaseModel], where: str = "") -> dict[str, Any]:
 
 
 def _field_type(cls: type[BaseModel], name: str) -> type[BaseModel]:
-    return next(a for a in get_args(cls.model_fields[name].annotation) or [cls.model_fields[name].annotation]
-                if a is not type(None))
+    annotation = cls.model_fields[name].annotation
+    return next(a for a in get_args(annotation) or [annotation] if isinstance(a, type) and issubclass(a, BaseModel))
 
 
 def crd(cls: type[ObjectBase]) -> dict[str, Any]:
@@ -235,7 +236,7 @@ def crd(cls: type[ObjectBase]) -> dict[str, Any]:
     kind = cls.__name__
     spec_schema = object_schema(_field_type(cls, "spec"), ".spec")
     status_schema = object_schema(_field_type(cls, "status"), ".status")
-    root = {
+    root: dict[str, Any] = {
         "type": "object",
         "description": _doc(cls),
         "properties": {

@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from .base import API_VERSION, Conditions, Digest, LabelSelector, Model, Name, Rule, list_map
-from .models import HOST_PATH_RULE, DataRef, ObjectBase, Toleration, checked
+from .base import API_VERSION, Conditions, Digest, LabelSelector, Model, Name, Rule, checked, list_map
+from .models import HOST_PATH_RULE, DataRef, ObjectBase, Toleration
 
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"

@@ -193,7 +193,7 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict[str, 
            {"name": "PYTHONUNBUFFERED", "value": "1"}]
     if settings.artifact_insecure:
         env.append({"name": "EDGEFLEET_OCI_INSECURE", "value": "1"})
-    container = {
+    container: dict[str, Any] = {
         "name": CONTAINER,
         "image": settings.compiler_image,
         "command": ["edgefleet", "compile"],
@@ -251,7 +251,7 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict[str, 
 
 def _placement(settings: Settings) -> dict[str, Any]:
     """Where the compile pods may run: settings.compile_node_selector and compile_tolerations, when set."""
-    placement = {}
+    placement: dict[str, Any] = {}
     if settings.compile_node_selector:
         placement["nodeSelector"] = dict(settings.compile_node_selector)
     if settings.compile_tolerations:

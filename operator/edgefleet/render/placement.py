@@ -123,7 +123,7 @@ def node_affinity(include: list[LabelSelector | None], exclude: list[LabelSelect
 
 def _expr(req: Req) -> dict[str, Any]:
     key, op, values = req
-    expr = {"key": key, "operator": op}
+    expr: dict[str, Any] = {"key": key, "operator": op}
     if op in ("In", "NotIn"):
         expr["values"] = sorted(values)
     return expr

@@ -167,6 +167,7 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
     model = ed.spec.model_ref.name
     port = ed.spec.runtime.port
     mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
+    assert variant.digest is not None, "only variants with a digest are rendered (ready_variants)"
     device_mounts = [
         {"name": f"dev-{m.name}", "mountPath": m.mount_path, "readOnly": m.read_only}
         for m in profile.spec.device_mounts or []
@@ -236,14 +237,15 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
     return volumes
 
 
-def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: bool, evaluation=None) -> dict[str, Any]:
+def _pod_template(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, profiles: list[HardwareProfile],
+                  node_cache: str, insecure: bool, evaluation: ConfigMapKeyRef | None = None) -> dict[str, Any]:
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
     init, containers = _containers(ed, profile, variant, insecure, evaluation)
     affinity = node_affinity(
         [profile.spec.node_selector, ed.spec.node_selector],
         [p.spec.node_selector for p in higher_priority(profile, profiles)],
     )
-    spec = {
+    spec: dict[str, Any] = {
         "initContainers": init,
         "containers": containers,
         "volumes": _volumes(ed, profile, node_cache, evaluation),
@@ -257,7 +259,8 @@ def _pod_template(ed, profile, variant, profiles, node_cache: str, insecure: boo
         spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": affinity}}
     if profile.spec.runtime_class_name:
         spec["runtimeClassName"] = profile.spec.runtime_class_name
-    template = {"metadata": {"labels": labels, "annotations": {DIGEST_ANNOTATION: variant.digest}}, "spec": spec}
+    template: dict[str, Any] = {"metadata": {"labels": labels, "annotations": {DIGEST_ANNOTATION: variant.digest}},
+                                "spec": spec}
     template["metadata"]["annotations"][TEMPLATE_HASH] = template_hash(template)
     return template
 
@@ -332,7 +335,7 @@ def _surge(ed: EdgeDeployment, profile: HardwareProfile) -> int | str:
 def render_service(ed: EdgeDeployment) -> dict[str, Any]:
     name = ed.metadata["name"]
     labels = child_labels(name)
-    spec = {
+    spec: dict[str, Any] = {
         "type": ed.spec.service.type,
         "selector": labels,
         "ports": [{"name": "http", "port": ed.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
