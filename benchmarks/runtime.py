@@ -3,7 +3,8 @@
 One run, same model (tests/fixtures/models/digits_cnn.onnx, batch 1), same machine, 1 intra-op
 thread everywhere, servers one after another:
 
-* raw        onnxruntime ``session.run`` in-process (the floor)
+* raw        onnxruntime ``session.run`` in-process (the floor); at concurrency > 1 the better of one session
+             shared by the threads and one session per thread (its best configuration, chosen per round)
 * edgefleet  ``edgefleet-runtime serve`` over HTTP (JSON body; binary extension too) and over gRPC
              (``inference.GRPCInferenceService/ModelInfer`` with raw_input_contents)
 * granian / uvicorn   the same edgefleet App behind granian (WSGI, Rust HTTP) and uvicorn+httptools
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -181,7 +183,12 @@ def build_request(port: int, payload: bytes, headers: dict[str, str]) -> bytes:
     return head.encode() + payload
 
 
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
+
+
 class Conn:
+    """A keep-alive HTTP/1.1 client on one socket; cheap per request, so that the server gets the CPU."""
+
     def __init__(self, port: int):
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -189,18 +196,16 @@ class Conn:
 
     def roundtrip(self, req: bytes) -> tuple[int, bytes]:
         self.sock.sendall(req)
-        while b"\r\n\r\n" not in self.buf:
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("server closed the connection")
-            self.buf += chunk
-        head, _, rest = self.buf.partition(b"\r\n\r\n")
+            buf += chunk
+        head, rest = buf[:end], buf[end + 4 :]
         status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            k, _, v = line.partition(b":")
-            if k.strip().lower() == b"content-length":
-                length = int(v)
+        m = _CONTENT_LENGTH.search(head)
+        length = int(m.group(1)) if m else 0
         while len(rest) < length:
             chunk = self.sock.recv(65536)
             if not chunk:
@@ -512,6 +517,27 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+RAW_SHARED = "in-process, 1 session, c threads"
+RAW_OWN = "in-process, 1 session per thread"
+CONFIGS = {  # what each row runs (all: 1 intra-op thread per inference)
+    "edgefleet": "serve, 1 process, thread per connection",
+    "edgefleet-binary": "serve, 1 process, thread per connection",
+    "edgefleet-grpc": "serve --grpc-port, grpcio thread pool",
+    "granian": "same App, granian WSGI, 1 worker, 8 threads",
+    "uvicorn": "same App, uvicorn+httptools, 1 worker",
+    "kserve": "kserve ModelServer, workers=1",
+}
+
+
+def config_of(name: str, r: dict) -> str:
+    server = name.rsplit(" ", 1)[0]
+    if "config" in r:
+        return r["config"]
+    if server.startswith("edgefleet@"):
+        return "serve at git rev " + server[len("edgefleet@") :].split("-")[0]
+    return CONFIGS.get(server, CONFIGS.get(server.split("+")[0], ""))
+
+
 def print_table(results: dict, model: Path, args, notes: list[str]) -> None:
     print(
         f"\nmodel {model.relative_to(REPO) if model.is_relative_to(REPO) else model}, batch 1, "
@@ -519,7 +545,7 @@ def print_table(results: dict, model: Path, args, notes: list[str]) -> None:
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"{'case':<26}{'p50 ms':>8}{'p95 ms':>8}{'req/s':>9}{'p50-raw':>9}{'% raw':>7}{'vs kserve':>10}"
-          f"{'cpu us/req':>11}{'errors':>7}")  # fmt: skip
+          f"{'cpu us/req':>11}{'errors':>7}  configuration")  # fmt: skip
     for name, r in results.items():
         server, c = name.rsplit(" ", 1)
         raw = results[f"raw {c}"]
@@ -530,7 +556,7 @@ def print_table(results: dict, model: Path, args, notes: list[str]) -> None:
         share = "" if is_raw else f"{100 * r['throughput_rps'] / raw['throughput_rps']:.1f}"
         cpu = f"{r['server_cpu_us_per_request']:.0f}" if "server_cpu_us_per_request" in r else ""
         print(f"{name:<26}{r['p50_ms']:>8.3f}{r['p95_ms']:>8.3f}{r['throughput_rps']:>9.0f}{over:>9}{share:>7}"
-              f"{vs:>10}{cpu:>11}{r['errors']:>7}")  # fmt: skip
+              f"{vs:>10}{cpu:>11}{r['errors']:>7}  {config_of(name, r)}")  # fmt: skip
     for n in dict.fromkeys(notes):
         print(f"note: {n}")
 
@@ -572,8 +598,11 @@ def median_results(rounds: list[dict]) -> dict:
     out = {}
     for case in rounds[0]:
         runs = [r[case] for r in rounds if case in r]
-        out[case] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+        out[case] = {k: statistics.median(run[k] for run in runs) for k in runs[0] if k != "config"}
         out[case]["errors"] = sum(run["errors"] for run in runs)  # every error counts, not the median
+        configs = sorted({run["config"] for run in runs if "config" in run})
+        if configs:
+            out[case]["config"] = " / ".join(configs)  # raw: the best configuration of each round
     return out
 
 
@@ -605,17 +634,27 @@ def main() -> int:
     baseline = runtime_at(args.baseline_rev) if args.baseline_rev else None
     monitoring = monitoring_args(model) if args.monitoring else ()
 
-    def raw_factory():
-        run = sess.run
+    def raw_factory(own_session: bool = False):
+        run = (ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"]) if own_session else sess).run
         feeds = {"input": x}
         return lambda: run(["logits"], feeds)
+
+    def raw(c: int) -> dict:
+        """Raw onnxruntime at its best at concurrency c: one shared session, or one session per thread."""
+        shared = drive(raw_factory, c, args.seconds)
+        shared["config"] = RAW_SHARED
+        if c == 1:
+            return shared
+        own = drive(lambda: raw_factory(own_session=True), c, args.seconds)
+        own["config"] = RAW_OWN
+        return max(shared, own, key=lambda r: r["throughput_rps"])
 
     rounds = []
     for i in range(args.rounds):
         print(f"round {i + 1} of {args.rounds} ...", file=sys.stderr, flush=True)
         results: dict[str, dict] = {}
         for c in args.concurrency:
-            results[f"raw c={c}"] = drive(raw_factory, c, args.seconds)
+            results[f"raw c={c}"] = raw(c)
         run_edgefleet("edgefleet", model, cases, args, results)
         if monitoring:
             run_edgefleet("edgefleet+monitoring", model, cases, args, results, grpc_too=False, extra=monitoring)

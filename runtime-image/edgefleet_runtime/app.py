@@ -302,6 +302,7 @@ class App:
             {"name": server_name, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
         )
         self._ok = orjson.dumps({"live": True})
+        self._infer_path = f"/v2/models/{slot.name}/infer"  # the usual route, matched before any splitting
 
     @property
     def ready(self) -> bool:
@@ -316,6 +317,11 @@ class App:
 
     # The HTTP server calls this for every request.
     def __call__(self, method: str, path: str, headers: dict, body: bytes):
+        if path == self._infer_path and method == "POST":
+            try:
+                return self._infer(self.slot.name, None, headers, body)
+            except RequestError as e:
+                return self._reply("infer", e.status, orjson.dumps({"error": e.message}))
         path = path.split("?", 1)[0]
         parts = path.strip("/").split("/")
         endpoint = "other"

@@ -122,21 +122,29 @@ def check_tensor(name: str, datatype, shape, model_name: str, inputs: dict[str, 
         raise _bad(f"unexpected input '{name}' for model '{model_name}'; expected inputs: {', '.join(inputs)}")
     if name in feeds:
         raise _bad(f"input '{name}' is given more than once")
-    if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
-        raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
     if datatype != spec.datatype:
+        if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
+            raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
         raise _bad(f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    if len(shape) != len(spec.shape) or any(m != -1 and d != m for d, m in zip(shape, spec.shape, strict=True)):
-        raise _bad(
-            f"input '{name}': shape {_fmt_shape(shape)} does not match the model's {_fmt_shape(spec.shape)}"
-            " (-1 = any size)"
-        )
-    count = math.prod(shape)
+    count = 1
+    if type(shape) is list and len(shape) == len(spec.shape):
+        for d, m in zip(shape, spec.shape, strict=True):  # a plain loop: this runs for every request
+            if type(d) is not int or d < 0 or (d != m and m != -1):
+                _shape_error(name, shape, spec)
+            count *= d
+    else:
+        _shape_error(name, shape, spec)
     if count > MAX_ELEMENTS:
         raise RequestError(413, f"input '{name}': {count} elements is more than this server accepts")
     return spec, count
+
+
+def _shape_error(name: str, shape, spec: TensorSpec):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _bad(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    raise _bad(
+        f"input '{name}': shape {_fmt_shape(shape)} does not match the model's {_fmt_shape(spec.shape)} (-1 = any size)"
+    )
 
 
 def decode_infer_request(
@@ -155,8 +163,7 @@ def decode_infer_request(
         view = memoryview(body)
         json_part, binary = view[:header_length], view[header_length:]
     json_text = bytes(json_part)
-    # only then look for booleans among numbers ("f" first: one memchr, and the usual keys have no "f")
-    has_bools = b"true" in json_text or (b"f" in json_text and b"false" in json_text)
+    has_bools = None  # does the text hold true/false? Looked for once, when a JSON data list needs it
     try:
         req = orjson.loads(json_text)
     except orjson.JSONDecodeError as e:
@@ -213,6 +220,8 @@ def decode_infer_request(
                 raise _bad(f"input '{name}': needs 'data' or parameters.binary_data_size")
             if not isinstance(data, list):
                 data = [data]
+            if has_bools is None:  # "f" first: one memchr, and the usual keys have no "f"
+                has_bools = b"true" in json_text or (b"f" in json_text and b"false" in json_text)
             arr = _json_values(name, data, datatype, dtype, has_bools)
             if arr.size != count:
                 raise _bad(f"input '{name}': data has {arr.size} values but shape {_fmt_shape(shape)} needs {count}")
