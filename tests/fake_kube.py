@@ -107,6 +107,13 @@ class FakeKube(Kube):
         self.objects[key] = new
         return copy.deepcopy(new)
 
+    def create(self, obj: dict) -> dict | None:
+        meta = obj["metadata"]
+        self._record("create", obj["kind"], meta["name"])
+        if self._key(obj["kind"], meta.get("namespace"), meta["name"]) in self.objects:
+            return None  # 409 AlreadyExists
+        return self.add(obj)
+
     def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
         self._record("delete", kind, name)
         self.objects.pop(self._key(kind, namespace, name), None)

@@ -134,6 +134,18 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """POST `obj`; None when it exists already (409 AlreadyExists). For objects the operator may create but
+        not read (a FederatedTraining run's Secret): the answer is never a copy of someone else's object."""
+        meta = obj["metadata"]
+        try:
+            return self._call("POST", _path(obj["kind"], meta.get("namespace")), body=obj,
+                              query=[("fieldManager", self.field_manager)])
+        except ApiError as err:
+            if err.status == 409:
+                return None
+            raise
+
     def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
         try:
             self._call("DELETE", _path(kind, namespace, name), body={"propagationPolicy": "Background"})

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .images.spec import VERSION as IMAGE_VERSION
 
 
 def _cache() -> Path:
@@ -32,8 +34,10 @@ class Settings(BaseSettings):
     compile_executor: Literal["inline", "job"] = "inline"
     """`inline` compiles in the operator process; `job` runs `edgefleet compile` in a Kubernetes Job."""
     compiler_image: str = "ghcr.io/edgefleet/compiler:0.1.0"
-    trainer_image: str = "ghcr.io/edgefleet/trainer:0.1.0"
-    """Image of FederatedTraining's server and client pods (runtime + the `federated` extra)."""
+    trainer_image: str = ""
+    """Image of FederatedTraining's server and client pods (`edgefleet images build` makes `trainer`: the runtime
+    plus the `federated` extra). Empty: `<image_registry>/trainer`, pinned by image_digests["trainer"] when set,
+    else tagged with the version (how the chart passes the other images)."""
     image_registry: str = "ghcr.io/edgefleet"
     """Registry prefix of edgefleet's images: the built-in HardwareProfiles' runtime images are taken from it."""
     image_digests: dict[str, str] = Field(default_factory=dict)
@@ -81,6 +85,14 @@ class Settings(BaseSettings):
     """Port of the operator's Prometheus /metrics endpoint (the chart sets 9090); 0 turns it off."""
     field_manager: str = "edgefleet"
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _trainer_from_registry(self) -> Settings:
+        if not self.trainer_image:
+            repo = f"{self.image_registry.rstrip('/')}/trainer"
+            digest = self.image_digests.get("trainer")
+            self.trainer_image = f"{repo}@{digest}" if digest else f"{repo}:{IMAGE_VERSION}"
+        return self
 
     @field_validator("watch_namespaces", mode="before")
     @classmethod

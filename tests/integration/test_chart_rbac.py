@@ -64,15 +64,19 @@ def test_operator_service_account_is_least_privilege(cluster, release):
     assert can_i(cluster, sa, "delete", "deployments.apps", namespace=elsewhere)
     assert can_i(cluster, sa, "create", "services", namespace=elsewhere)
     assert can_i(cluster, sa, "create", "jobs.batch", namespace=elsewhere)
+    assert can_i(cluster, sa, "patch", "federatedtrainings.edgefleet.io", namespace=elsewhere, subresource="status")
+    assert can_i(cluster, sa, "watch", "federatedtrainings.edgefleet.io")
+    assert can_i(cluster, sa, "create", "secrets", namespace=elsewhere)  # a FederatedTraining run's TLS Secret
     assert can_i(cluster, sa, "create", "events", namespace=elsewhere)
     assert can_i(cluster, sa, "list", "customresourcedefinitions.apiextensions.k8s.io")
     assert can_i(cluster, sa, "get", "secrets", namespace=ns)
     assert not can_i(cluster, sa, "update", "leases.coordination.k8s.io", namespace=ns)  # no leader election
 
     # what it must not do
-    assert not can_i(cluster, sa, "get", "secrets", namespace=elsewhere)
-    assert not can_i(cluster, sa, "list", "secrets", namespace=elsewhere)
-    assert not can_i(cluster, sa, "list", "secrets")  # not cluster-wide either
+    # Secrets elsewhere: create only (a run's own), never read, listed, watched or changed
+    for verb in ("get", "list", "watch", "update", "patch", "delete", "deletecollection"):
+        assert not can_i(cluster, sa, verb, "secrets", namespace=elsewhere), verb
+        assert not can_i(cluster, sa, verb, "secrets"), f"{verb} cluster-wide"
     assert not can_i(cluster, sa, "update", "leases.coordination.k8s.io", namespace=elsewhere)
     assert not can_i(cluster, sa, "create", "configmaps", namespace=elsewhere)  # only its own compile inputs
     assert not can_i(cluster, sa, "delete", "nodes")

@@ -79,7 +79,7 @@ def test_lint_with_non_default_values(helm):
 def test_defaults_render_everything(helm):
     docs = render(helm)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("CustomResourceDefinition") == 3
+    assert kinds.count("CustomResourceDefinition") == 4  # HardwareProfile, EdgeModel, EdgeDeployment, FederatedTraining
     assert "HardwareProfile" not in kinds  # the operator applies them (a first install cannot: no such kind yet)
     for kind in ("Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
                  "Service"):
@@ -253,12 +253,16 @@ EXPECTED_CLUSTER_RULES = {
     ("edgefleet.io", "hardwareprofiles"): {"get", "list", "watch", "create", "patch", "update"},  # built-ins
     ("edgefleet.io", "edgemodels"): {"get", "list", "watch", "patch", "update"},
     ("edgefleet.io", "edgedeployments"): {"get", "list", "watch", "patch", "update"},
+    ("edgefleet.io", "federatedtrainings"): {"get", "list", "watch", "patch", "update"},
     ("edgefleet.io", "hardwareprofiles/status"): {"get", "patch", "update"},
     ("edgefleet.io", "edgemodels/status"): {"get", "patch", "update"},
     ("edgefleet.io", "edgedeployments/status"): {"get", "patch", "update"},
+    ("edgefleet.io", "federatedtrainings/status"): {"get", "patch", "update"},
     ("edgefleet.io", "hardwareprofiles/finalizers"): {"update"},
     ("edgefleet.io", "edgemodels/finalizers"): {"update"},
     ("edgefleet.io", "edgedeployments/finalizers"): {"update"},
+    ("edgefleet.io", "federatedtrainings/finalizers"): {"update"},
+    ("", "secrets"): {"create"},  # a FederatedTraining run's Secret; never read back (AlreadyExists = made)
     ("apps", "daemonsets"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "update", "delete"},
@@ -305,8 +309,8 @@ def test_rbac_is_exactly_what_the_operator_uses(helm):
     assert _grants(cluster_role) == EXPECTED_CLUSTER_RULES
     assert _grants(role) == EXPECTED_ROLE_RULES
     assert role["metadata"]["namespace"] == "ops"
-    # Secrets only through the namespaced Role, never cluster-wide
-    assert not any(r == "secrets" for _, r in _grants(cluster_role))
+    # Secrets: cluster-wide only create (a run's own Secret); reading them only in the release namespace
+    assert _grants(cluster_role)[("", "secrets")] == {"create"}
     (sa,) = by_kind(docs, "ServiceAccount")
     for binding in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "ops"}]

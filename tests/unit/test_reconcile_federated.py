@@ -9,7 +9,7 @@ from edgefleet.api import load
 from edgefleet.api.base import format_errors
 from edgefleet.reconcile.federated import reconcile_federated
 from edgefleet.settings import Settings
-from fake_kube import FakeKube
+from fake_kube import FakeKube, api_error
 from federated_helpers import EVAL, fresh_head_model
 from pydantic import ValidationError
 
@@ -54,26 +54,49 @@ def cond(status, type_):
     return next(c for c in status["conditions"] if c["type"] == type_)
 
 
-def test_federated_run_starts_server_clients_and_a_tls_secret(kube):
+def client_jobs(kube) -> list[dict]:
+    return [j for j in kube.list("Job", NS) if j["metadata"]["labels"]["app.kubernetes.io/component"] == "client"]
+
+
+def test_federated_run_starts_server_clients_and_a_secret_it_never_reads(kube):
+    for verb in ("get", "list"):  # the chart lets the operator create Secrets in a user's namespace, not read them
+        kube.fail(verb, "Secret", api_error(403, "secrets is forbidden", "Forbidden"))
     status = step(kube)
     assert cond(status, "Progressing")["status"] == "True" and status["clients"] == 3
-    pods = kube.list("Pod", NS)
-    assert sorted(p["metadata"]["name"] for p in pods) == ["fl-ft-c-vm-0", "fl-ft-c-vm-1", "fl-ft-c-vm-2"]
+    jobs = client_jobs(kube)
+    assert sorted(j["metadata"]["name"] for j in jobs) == ["fl-ft-c-vm-0", "fl-ft-c-vm-1", "fl-ft-c-vm-2"]
+    pods = [j["spec"]["template"] for j in jobs]
+    assert all(j["spec"]["backoffLimit"] == 0 for j in jobs)  # a client that dies is not replaced
     assert all(p["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "vm"} for p in pods)
     assert {a for p in pods for a in p["spec"]["containers"][0]["args"] if a.startswith("--index")} == {
         "--index=0", "--index=1", "--index=2"}
+    assert all(p["spec"]["containers"][0]["image"] == "reg/trainer:1" for p in pods)
     job = kube.get("Job", "fl-ft", NS)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--expected-clients=3" in args and "--min-clients=2" in args and "--min-accuracy=0.5" in args
-    secret = kube.get("Secret", "fl-ft-tls", NS)
-    assert set(secret["data"]) == {"ca.crt", "server.crt", "server.key", "client.crt", "client.key"}
-    # the server mounts only its own key; clients only theirs
-    server_items = {i["key"] for v in job["spec"]["template"]["spec"]["volumes"] if "secret" in v
-                    for i in v["secret"]["items"]}
-    assert server_items == {"ca.crt", "server.crt", "server.key"}
-    # a second step changes nothing: the Secret keeps its keys
+    secret = kube.stored("Secret", "fl-ft-run", NS)
+    assert set(secret["data"]) == {"ca.crt", "server.crt", "server.key", "client.crt", "client.key", "model.onnx",
+                                   "eval.npz"}
+    assert secret["metadata"]["ownerReferences"][0]["kind"] == "FederatedTraining"  # GC deletes it with the run
+    # the server mounts only its own key; clients only theirs, and never the evaluation data
+    def items(pod):
+        return {i["key"] for v in pod["spec"]["volumes"] if "secret" in v for i in v["secret"]["items"]}
+    assert items(job["spec"]["template"]) == {"ca.crt", "server.crt", "server.key", "model.onnx", "eval.npz"}
+    assert all(items(p) == {"ca.crt", "client.crt", "client.key", "model.onnx"} for p in pods)
+    # a second step changes nothing: the Secret is not made again, a lost client is not replaced by a new key
+    kube.calls.clear()
     step(kube)
-    assert kube.get("Secret", "fl-ft-tls", NS)["data"] == secret["data"]
+    assert kube.stored("Secret", "fl-ft-run", NS)["data"] == secret["data"]
+    assert not [c for c in kube.calls if c[1] == "Secret"]
+
+
+def test_federated_secret_that_exists_already_counts_as_made(kube):
+    kube.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fl-ft-run", "namespace": NS},
+              "data": {"ca.crt": "eA=="}})
+    kube.fail("get", "Secret", api_error(403, "secrets is forbidden", "Forbidden"))
+    status = step(kube)  # 409 AlreadyExists from create: the run goes on
+    assert cond(status, "Progressing")["status"] == "True"
+    assert ("create", "Secret", "fl-ft-run") in kube.calls and kube.find("Job", "fl-ft", NS) is not None
 
 
 def test_federated_rounds_reach_status_and_success_updates_the_target_model(kube):
@@ -93,7 +116,7 @@ def test_federated_rounds_reach_status_and_success_updates_the_target_model(kube
     em = kube.get("EdgeModel", "digits", NS)
     assert em["spec"]["source"] == {"uri": kube.report["published"]["ref"], "digest": DIGEST}
     assert em["spec"]["format"] == "onnx"
-    assert kube.list("Pod", NS) == []  # clients stopped
+    assert client_jobs(kube) == []  # clients stopped
     assert kube.events[-1]["reason"] == "Published"
 
 

@@ -12,8 +12,10 @@ import kopf
 from ..api import builtin_profiles
 from ..kube import GROUP, VERSION, ApiError, Kube, NotFound
 from ..reconcile import reconcile_deployment, reconcile_model, reconcile_profile
+from ..reconcile.federated import reconcile_federated_by_name
 from ..render.bench_job import WATCH_LABELS as BENCH_WATCH_LABELS
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, WATCH_LABELS
+from ..render.federated import NAME as FEDERATED_NAME
 from ..render.workload import MANAGED_BY
 from ..settings import Settings
 from . import metrics
@@ -66,6 +68,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     ctl.add_queue("EdgeModel", lambda ns, name, world: reconcile_model(kube, config, ns, name, world), 2)
     ctl.add_queue("EdgeDeployment", lambda ns, name, world: reconcile_deployment(kube, config, ns, name, world), 8)
     ctl.add_queue("HardwareProfile", lambda _, name, world: reconcile_profile(kube, name, world), 2)
+    ctl.add_queue("FederatedTraining", lambda ns, name, _: reconcile_federated_by_name(kube, config, ns, name), 2)
     memo.controller = ctl
     memo.stopped = asyncio.Event()
     memo.tasks = [asyncio.create_task(ctl.run(q, memo.stopped)) for q in ctl.queues.values()]
@@ -227,3 +230,19 @@ async def bench_job_event(annotations, memo: kopf.Memo, **_) -> None:
 def _model_job_event(annotations, memo: kopf.Memo) -> None:
     if annotations.get(MODEL_NAMESPACE) and annotations.get(MODEL_NAME):
         memo.controller.queues["EdgeModel"].mark((annotations[MODEL_NAMESPACE], annotations[MODEL_NAME]))
+
+
+@kopf.on.event(GROUP, VERSION, "federatedtrainings")
+async def federated_event(type: str, name: str, namespace: str, meta, body, memo: kopf.Memo, **_) -> None:
+    ctl: Controller = memo.controller
+    _remember(memo, "FederatedTraining", type, body)
+    if _track(ctl.queues["FederatedTraining"], (namespace, name), type, meta.get("generation")):
+        ctl.queues["FederatedTraining"].mark((namespace, name))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, "app.kubernetes.io/name": FEDERATED_NAME})
+async def federated_job_event(namespace: str, meta, memo: kopf.Memo, **_) -> None:
+    """A run's server or client Job changed (finished, failed, deleted): its FederatedTraining looks again."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "FederatedTraining":
+            memo.controller.queues["FederatedTraining"].mark((namespace, ref["name"]))

@@ -1,9 +1,10 @@
 """Reads from the watch streams instead of the API: the reconcilers read their objects and children here.
 
-`Cache` holds what the operator's watches deliver (EdgeDeployments, EdgeModels, HardwareProfiles and the
-DaemonSets, Deployments and Services we manage), primed by one list per kind at start-up. `CachedKube`
-is the one writer with reads of those kinds answered from the cache and every write passed on (its
-answer goes into the cache, so the next reconcile sees its own write before the watch delivers it).
+`Cache` holds what the operator's watches deliver (EdgeDeployments, EdgeModels, HardwareProfiles,
+FederatedTrainings and the DaemonSets, Deployments and Services we manage), primed by one list per kind at
+start-up. `CachedKube` is the one writer with reads of those kinds answered from the cache and every write
+passed on (its answer goes into the cache, so the next reconcile sees its own write before the watch delivers
+it).
 A resync of an unchanged world therefore sends nothing to the API server.
 """
 
@@ -16,7 +17,8 @@ from typing import Any
 from ..kube import KINDS, Kube, NotFound
 
 Key = tuple[str, str | None, str]  # (kind, namespace, name)
-CACHED = ("EdgeDeployment", "EdgeModel", "HardwareProfile", "DaemonSet", "Deployment", "Service")
+CACHED = ("EdgeDeployment", "EdgeModel", "HardwareProfile", "FederatedTraining", "DaemonSet", "Deployment",
+          "Service")
 CHILDREN = ("DaemonSet", "Deployment", "Service")  # only ours: watched and listed with our managed-by label
 
 

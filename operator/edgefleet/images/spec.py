@@ -69,6 +69,10 @@ IMAGES: dict[str, ImageSpec] = {
                   "operator", ("compile", "runtime", "openvino", "litert", "tflite-convert"),
                   entrypoint=("edgefleet",), ports=(), dockerfile="operator/Dockerfile.compiler",
                   platforms=("linux/amd64",)),
+        ImageSpec("trainer", "`edgefleet-federated` (FederatedTraining's server and clients): the runtime with "
+                  "Flower and ONNX, numpy head training; pushes results with the operator's artifact client",
+                  "operator", ("runtime", "federated"), entrypoint=("edgefleet-federated",), ports=(9092,),
+                  dockerfile="operator/Dockerfile.trainer"),
         _runtime("runtime-cpu", ("onnx", "litert"), "edgefleet-runtime with ONNX Runtime and LiteRT (XNNPACK)"),
         _runtime("runtime-openvino", ("onnx", "openvino"), "edgefleet-runtime with OpenVINO and ONNX Runtime",
                  env={"EDGEFLEET_BACKEND": "openvino"}, platforms=("linux/amd64",)),

@@ -7,8 +7,9 @@ from . import oci
 from .build import Echo, push, read_index
 from .spec import IMAGES, VERSION
 
-# what a dev cluster's real node runs: the operator, the default runtimes (and the compiler for compile Jobs)
-CLUSTER_IMAGES = ("operator", "runtime-cpu", "runtime-openvino", "runtime-coral", "compiler")
+# what a dev cluster's real node runs: the operator, the default runtimes, the compiler (compile Jobs) and the
+# trainer (FederatedTraining runs)
+CLUSTER_IMAGES = ("operator", "runtime-cpu", "runtime-openvino", "runtime-coral", "compiler", "trainer")
 
 
 def unbuilt(names: tuple[str, ...] | list[str] = CLUSTER_IMAGES) -> list[str]:

@@ -24,6 +24,7 @@ from .sources import config_map_bytes
 
 log = logging.getLogger(__name__)
 KIND = "FederatedTraining"
+RELOOK_SECONDS = 5.0
 MAX_INPUT_BYTES = 900_000  # a Secret holds at most 1 MiB, TLS keys and base64 aside
 
 
@@ -51,6 +52,16 @@ def reconcile_federated(kube: Kube, settings: Settings, obj: dict[str, Any]) -> 
         _stop_clients(kube, ft)
         return _finish(kube, obj, old, FAILED, err.reason, err.message, gen)
     return _write(kube, obj, old, status, gen)
+
+
+def reconcile_federated_by_name(kube: Kube, settings: Settings, namespace: str, name: str) -> float | None:
+    """The operator's entry: one step of the named run; seconds until the next look while it trains (the
+    server's report is in the artifact store, which nobody watches), None once it is terminal or gone."""
+    obj = kube.find(KIND, name, namespace)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return None
+    status = reconcile_federated(kube, settings, obj)
+    return None if _terminal(status, obj["metadata"].get("generation")) else RELOOK_SECONDS
 
 
 def _terminal(status: dict[str, Any], gen: int | None) -> bool:
@@ -148,9 +159,11 @@ def _apply_children(kube, settings, ft, source: EdgeModel, clients: list[r.Clien
         kube.create(_run_secret(kube, settings, ft, source))
         kube.apply(r.render_service(ft))
         kube.apply(r.render_server_job(ft, settings, clients[0].node, len(clients)))
+    service = kube.find("Service", run, ns) or kube.apply(r.render_service(ft))
+    address = (service.get("spec") or {}).get("clusterIP", "")  # nodes without cluster DNS reach it too
     for c in clients:
         if kube.find("Job", c.job_name(run), ns) is None:
-            kube.apply(r.render_client_job(ft, settings, c))
+            kube.apply(r.render_client_job(ft, settings, c, address))
 
 
 def _run_secret(kube, settings, ft, source: EdgeModel) -> dict:
@@ -163,7 +176,8 @@ def _run_secret(kube, settings, ft, source: EdgeModel) -> dict:
     except Exception as err:  # CompileError from config_map_bytes
         raise RunFailed("InputUnavailable", str(getattr(err, "message", err))) from err
     if len(model) + len(evaluation) > MAX_INPUT_BYTES:
-        raise RunFailed("InputsTooLarge", f"the source model and spec.evaluation.data are {len(model) + len(evaluation)} "
+        size = len(model) + len(evaluation)
+        raise RunFailed("InputsTooLarge", f"the source model and spec.evaluation.data are {size} "
                         f"bytes together, over the {MAX_INPUT_BYTES} one Secret holds; use a smaller evaluation set")
     host = r.server_host(ft)
     bundle = make_bundle(run, [host, run, f"{run}.{ns}", f"{host}.cluster.local"])

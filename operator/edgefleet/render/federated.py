@@ -161,11 +161,14 @@ def render_server_job(ft: FederatedTraining, settings: Settings, node: str, expe
                      "template": pod}}
 
 
-def render_client_job(ft: FederatedTraining, settings: Settings, client: Client) -> dict[str, Any]:
-    """One client: its node's data directory read-only; only the server's Service is its peer. One pod, never
+def render_client_job(ft: FederatedTraining, settings: Settings, client: Client,
+                      server: str = "") -> dict[str, Any]:
+    """One client: its node's data directory read-only; only the server's Service is its peer (`server`: its
+    ClusterIP, for clusters without DNS; the certificate is checked against the Service's name). One pod, never
     replaced: a client that dies is a failure the server's rounds count, not a new participant."""
     args = ["client", f"--model={INPUTS_DIR}/{MODEL_FILE}", f"--data={DATA_DIR}/{ft.spec.local_data.file_name}",
-            f"--index={client.index}", f"--server={server_host(ft)}:{PORT}", f"--server-name={server_host(ft)}",
+            f"--index={client.index}", f"--server={server or server_host(ft)}:{PORT}",
+            f"--server-name={server_host(ft)}",
             f"--tls-dir={TLS_DIR}", f"--retry-seconds={ft.spec.round_timeout_seconds}"]
     mounts = _inputs_mounts() + [{"name": "data", "mountPath": DATA_DIR, "readOnly": True}]
     volumes = _inputs_volumes(ft, "client") + [
