@@ -43,6 +43,6 @@ def unchanged(obj: dict[str, Any], live: dict[str, Any] | None) -> bool:
 
 def apply_changed(kube: Kube, obj: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
     """Server-side apply `obj` (stamped with its hash) unless `live` already carries that hash; the live object."""
-    if unchanged(obj, live):
+    if live is not None and unchanged(obj, live):
         return live
     return kube.apply(stamped(obj))

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..api import EdgeModel, HardwareProfileSpec
+from ..api import ConfigMapKeyRef, EdgeModel, HardwareProfileSpec
 from ..api.compile import CompileRequest, Policy
 from ..artifacts import StoreError, open_store
 from ..compiler import CompileError, VariantReport
@@ -96,7 +96,7 @@ def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
     names: dict[str, str | None] = {"source": None, "calibration": None, "evaluation": None}
     if spec.source.config_map is not None:
         names["source"] = _copy(kube, namespace, spec.source.config_map, "source", files)
-    elif spec.source.uri.startswith("pvc://"):
+    elif spec.source.uri and spec.source.uri.startswith("pvc://"):
         raise CompileError("SourceUnavailable", f"{spec.source.uri}: compile Jobs run in the operator's namespace "
                            f"{settings.namespace} and cannot mount a claim of namespace {namespace}",
                            "publish the model to oci:// (oras push) or https://, or put it in a ConfigMap")
@@ -130,7 +130,7 @@ def _input(name: str | None) -> Path | None:
     return Path(INPUTS_DIR) / name if name else None
 
 
-def _copy(kube: Kube, namespace: str, ref, role: str, files: dict[str, bytes]) -> str:
+def _copy(kube: Kube, namespace: str, ref: ConfigMapKeyRef, role: str, files: dict[str, bytes]) -> str:
     name = f"{role}-{Path(ref.key).name}"
     files[name] = config_map_bytes(kube, namespace, ref)
     return name
@@ -164,7 +164,8 @@ def read_report(settings: Settings, ref: str) -> dict[str, Any] | None:
     """The Job's JSON report from the artifact store, or None when it is not there (yet)."""
     store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
     try:
-        return json.loads(store.get(ref, ""))
+        report: dict[str, Any] = json.loads(store.get(ref, ""))
+        return report
     except (StoreError, ValueError) as err:
         log.debug("report %s not available: %s", ref, err)
         return None

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..api import ConfigMapKeyRef, EdgeDeployment, EdgeModel, Variant, label_selector_matches
+from ..api import ConfigMapKeyRef, EdgeDeployment, EdgeModel, HardwareProfile, Variant, label_selector_matches
 from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
 from ..render.bench_job import gate_verdict
@@ -33,6 +33,7 @@ from .pods import ClassHealth, class_health
 from .rollout import Decision, decide
 from .world import World
 
+Children = dict[tuple[str, str], dict[str, Any]]  # (kind, name) -> a workload the EdgeDeployment owns
 log = logging.getLogger(__name__)
 WORKLOAD_KINDS = ("DaemonSet", "Deployment")
 RECHECK_SECONDS = 15.0  # while a class is not ready: pod problems change no workload, so look again
@@ -65,7 +66,7 @@ def _behind(obj: dict[str, Any]) -> bool:
 
 
 def _observed(obj: dict[str, Any]) -> bool:
-    return obj.get("status", {}).get("observedGeneration", 0) >= obj["metadata"].get("generation", 0)
+    return bool(obj.get("status", {}).get("observedGeneration", 0) >= obj["metadata"].get("generation", 0))
 
 
 def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: str,
@@ -89,7 +90,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     unmatched = sum(1 for p in placement.values() if p is None)
     replicas = split_replicas(ed.spec.replicas or 0, dict(per_class)) if ed.spec.mode == "Replicas" else {}
 
-    children = {(kind, o["metadata"]["name"]): {**o, "kind": kind}  # list items carry no kind
+    children: Children = {(kind, o["metadata"]["name"]): {**o, "kind": kind}  # list items carry no kind
                 for kind in WORKLOAD_KINDS for o in kube.list(kind, namespace, child_labels(name))}
     gated: dict[str, tuple[str, list[str]]] = {}
     host_only = (model or {}).get("spec", {}).get("optimization", {}).get("selection") == "host"
@@ -103,7 +104,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
                                          service, health, gated, drift))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
-    if drift is not None:  # the only timer monitoring adds, and only with drift on
+    if drift is not None and ed.spec.monitoring and ed.spec.monitoring.drift:  # the only timer monitoring adds
         waits.append(float(ed.spec.monitoring.drift.interval_seconds))
     waits += [h.recheck for h in health.values() if h.recheck]
     if any(_behind(o) for o in applied.values()) or any(h.not_ready for h in health.values()):
@@ -111,10 +112,11 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     return min(waits) if waits else None
 
 
-def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter,
-                   variants: dict[str, Variant], replicas: dict[str, int], children: dict[str, Any],
+def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter[str],
+                   variants: dict[str, Variant], replicas: dict[str, int], children: Children,
                    gated: dict[str, tuple[str, list[str]]], host_only: bool = False,
-                   evaluation: ConfigMapKeyRef | None = None):
+                   evaluation: ConfigMapKeyRef | None = None
+                   ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Decision], dict[str, PermanentError]]:
     """Apply the workload of every class with a Ready variant that passes spec.rollout.gate. A class without
     one, held by the gate (into ``gated``), or whose workload the API refuses for good, keeps what it runs.
     Returns (applied, missing, rollouts, failures)."""
@@ -188,7 +190,8 @@ class Outcome:
 
 def _evaluation(ed: EdgeDeployment, model: dict[str, Any] | None) -> ConfigMapKeyRef | None:
     """The EdgeModel's evaluation data as the runtime's drift reference (spec.monitoring.drift, configMap only)."""
-    if ed.spec.monitoring is None or ed.spec.monitoring.drift is None or missing_evaluation(model, ""):
+    if model is None or ed.spec.monitoring is None or ed.spec.monitoring.drift is None or missing_evaluation(
+            model, ""):
         return None
     return ConfigMapKeyRef.model_validate(model["spec"]["optimization"]["evaluation"]["configMap"])
 
@@ -203,7 +206,8 @@ def _drift(kube: Kube, ed: EdgeDeployment, model: dict[str, Any] | None, applied
     return verdict(ed, read_pods(pods, ed) if pods else {}, sorted(applied), missing)
 
 
-def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile, variant: Variant, world: World,
+def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: HardwareProfile, variant: Variant,
+                 world: World,
                  replicas: int | None, existing: dict[str, Any] | None, rollouts: dict[str, Decision],
                  evaluation: ConfigMapKeyRef | None = None) -> dict[str, Any]:
     """Render and apply the workload of one class (a wave of a rollout); the live object."""
@@ -246,7 +250,7 @@ def _decide(kube: Kube, ed: EdgeDeployment, manifest: dict[str, Any], existing: 
     meta = manifest["metadata"]
     pods = kube.list("Pod", meta["namespace"], manifest["spec"]["selector"]["matchLabels"]) if existing else []
     rollout = ed.spec.rollout
-    return decide(manifest, existing, pods, waves_of(ed), rollout.max_unavailable,
+    return decide(manifest, existing, pods, waves_of(ed) or [100], rollout.max_unavailable,
                   rollout.health_gate.min_ready_seconds, rollout.health_gate.timeout_seconds,
                   rollout.auto_rollback, time.time())
 
@@ -268,7 +272,7 @@ def _apply_service(kube: Kube, ed: EdgeDeployment, namespace: str) -> PermanentE
     return None
 
 
-def _prune(kube: Kube, namespace: str, children: dict[str, Any], keep: set[tuple[str, str]]) -> None:
+def _prune(kube: Kube, namespace: str, children: Children, keep: set[tuple[str, str]]) -> None:
     """Delete workloads of classes that no longer have nodes (or a variant, or the mode changed)."""
     for kind, child in children:
         if (kind, child) not in keep:
@@ -277,17 +281,18 @@ def _prune(kube: Kube, namespace: str, children: dict[str, Any], keep: set[tuple
 
 
 def _served_digest(obj: dict[str, Any]) -> str | None:
-    return obj["spec"]["template"]["metadata"].get("annotations", {}).get("edgefleet.io/variant-digest")
+    digest = obj["spec"]["template"]["metadata"].get("annotations", {}).get("edgefleet.io/variant-digest")
+    return str(digest) if digest else None
 
 
 def _write_status(kube: Kube, raw: dict[str, Any], ed: EdgeDeployment, out: Outcome) -> None:
     generation = raw["metadata"].get("generation")
     old = raw.get("status") or {}
-    classes = []
+    classes: list[dict[str, Any]] = []
     for profile_name in sorted(set(out.applied) | set(out.failures) | set(out.gated)):
         obj = out.applied.get(profile_name)
         desired, ready, updated = _counts(obj) if obj else (0, 0, 0)
-        entry = {"profile": profile_name, "desired": desired, "ready": ready, "updated": updated}
+        entry: dict[str, Any] = {"profile": profile_name, "desired": desired, "ready": ready, "updated": updated}
         digest = _served_digest(obj) if obj else None
         if digest:
             entry["digest"] = digest

@@ -11,6 +11,7 @@ the same numbers to dashboards and alerts (the chart's PrometheusRule); the cond
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..api import EdgeDeployment
+from ..api.models import DriftMonitoring
 
 SCRAPE_TIMEOUT = 2.0  # seconds per pod
 WORKERS = 8  # pods read at once
@@ -37,7 +39,7 @@ class PodDrift:
 
 def scrape(ip: str, port: int) -> str:
     with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=SCRAPE_TIMEOUT) as r:  # noqa: S310
-        return r.read(4 << 20).decode()
+        return str(r.read(4 << 20).decode())
 
 
 def parse(text: str) -> tuple[dict[str, float], int]:
@@ -58,10 +60,18 @@ def _ready(pod: dict[str, Any]) -> bool:
         c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
 
-def read_pods(pods: list[dict[str, Any]], ed: EdgeDeployment, fetch=None) -> dict[str, list[PodDrift]]:
+def drift_of(ed: EdgeDeployment) -> DriftMonitoring:
+    """spec.monitoring.drift; ValueError when drift is off (callers look only then)."""
+    if ed.spec.monitoring is None or ed.spec.monitoring.drift is None:
+        raise ValueError(f"EdgeDeployment {ed.metadata.get('name')} has no spec.monitoring.drift")
+    return ed.spec.monitoring.drift
+
+
+def read_pods(pods: list[dict[str, Any]], ed: EdgeDeployment, fetch: Callable[[str, int], str] | None = None
+              ) -> dict[str, list[PodDrift]]:
     """Per hardware class, the drift of its first `maxPodsPerClass` Ready pods (by name), read concurrently."""
     fetch = fetch or scrape
-    limit = ed.spec.monitoring.drift.max_pods_per_class
+    limit = drift_of(ed).max_pods_per_class
     by_class: dict[str, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         profile = pod["metadata"].get("labels", {}).get(PROFILE_LABEL)
@@ -88,8 +98,10 @@ def verdict(ed: EdgeDeployment, per_class: dict[str, list[PodDrift]], classes: l
     statistic; None (Unknown) while no class can tell."""
     if missing_data:
         return None, "EvaluationDataMissing", missing_data
-    drift = ed.spec.monitoring.drift
-    drifted, fine, waiting = [], [], []
+    drift = drift_of(ed)
+    drifted: list[str] = []
+    fine: list[str] = []
+    waiting: list[str] = []
     for klass in sorted(classes):
         pods = per_class.get(klass, [])
         full = [p for p in pods if not p.error and p.samples >= drift.window_size and p.psi]

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..api import EdgeModel, label_selector_matches
+from ..api import DataRef, EdgeModel, Source, label_selector_matches
 from ..api.compile import CompileRequest, Policy
 from ..artifacts import open_store
 from ..compiler import CompileError, compile_model
@@ -106,11 +106,12 @@ def _keep_or_compile(raw: dict[str, Any], generation: int | None, profile: str) 
     if status.get("observedGeneration") == generation:
         for v in status.get("variants", []):
             if v["profile"] == profile and v.get("state") in FINAL:
-                return v
+                return dict(v)
     return {"profile": profile, "state": "Compiling"}
 
 
-def _compile(kube, settings, em, namespace, targets, world) -> list[dict[str, Any]]:
+def _compile(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, targets: list[str], world: World
+             ) -> list[dict[str, Any]]:
     if not targets:
         return []
     if settings.compile_executor == "job":  # a Kubernetes Job per compile; non-blocking (compile_job.py)
@@ -166,7 +167,7 @@ def _compile_child(request: CompileRequest, store: tuple[Any, ...], cache_dir: s
         return (err.reason, err.message, err.fix)
 
 
-def _materialize(kube: Kube, namespace: str, ref, tmp: Path, stem: str) -> str | Path:
+def _materialize(kube: Kube, namespace: str, ref: Source | DataRef, tmp: Path, stem: str) -> str | Path:
     """A local path (ConfigMap data written out) or the URI for the compiler to fetch."""
     if ref.config_map is not None:
         key = ref.config_map.key
@@ -174,13 +175,14 @@ def _materialize(kube: Kube, namespace: str, ref, tmp: Path, stem: str) -> str |
         path = tmp / f"{stem}-{Path(key).name}"
         path.write_bytes(data)
         return path
-    if ref.uri.startswith("pvc://"):
-        raise CompileError("SourceUnavailable", f"{ref.uri}: pvc:// sources are read by compile Jobs",
+    uri = ref.uri or ""  # admission: exactly one of uri and configMap
+    if uri.startswith("pvc://"):
+        raise CompileError("SourceUnavailable", f"{uri}: pvc:// sources are read by compile Jobs",
                            "set the operator's compile executor to job, or use oci:// / https://")
-    return ref.uri
+    return uri
 
 
-def _data(kube, namespace, ref, tmp: Path, stem: str) -> Path | None:
+def _data(kube: Kube, namespace: str, ref: DataRef | None, tmp: Path, stem: str) -> Path | None:
     if ref is None:
         return None
     found = _materialize(kube, namespace, ref, tmp, stem)
@@ -190,7 +192,7 @@ def _data(kube, namespace, ref, tmp: Path, stem: str) -> Path | None:
                        "compiler", f"put the {stem} .npz in a ConfigMap (binaryData) and reference it")
 
 
-def _conditions(raw: dict[str, Any], variants: list[dict[str, Any]], generation,
+def _conditions(raw: dict[str, Any], variants: list[dict[str, Any]], generation: int | None,
                 compiling: bool) -> list[dict[str, Any]]:
     conds = (raw.get("status") or {}).get("conditions", [])
     failed = [v for v in variants if v.get("state") == "Failed"]

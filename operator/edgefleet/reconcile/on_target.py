@@ -24,8 +24,6 @@ from ..compiler import CompileError
 from ..kube import Kube
 from ..render import resolve_nodes
 from ..render.bench_job import (
-    MODEL_NAME,
-    MODEL_NAMESPACE,
     PROFILE,
     BenchCandidate,
     BenchJobRequest,
@@ -35,7 +33,7 @@ from ..render.bench_job import (
     render_bench_inputs,
     render_bench_job,
 )
-from ..render.compile_job import report_ref
+from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, report_ref
 from ..settings import Settings
 from .compile_job import REPORT_GRACE_SECONDS, _age, job_state, read_report
 from .sources import config_map_bytes
@@ -57,14 +55,15 @@ def select(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, varian
     return [_advance(kube, settings, em, namespace, v, world) for v in variants]
 
 
-def _advance(kube, settings, em, namespace, v: dict[str, Any], world: World) -> dict[str, Any]:
+def _advance(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, v: dict[str, Any], world: World
+             ) -> dict[str, Any]:
     if v.get("state") not in ("Ready", "Benchmarking") or v.get("selection"):
         return v
     profile = next((p for p in world.profiles if p.metadata["name"] == v["profile"]), None)
     skip = _host_reason(settings, em, profile) or (None if v.get("candidates") else (
         "NoCandidates", "the compile report lists no published candidate (a cache entry of an older compiler)"))
-    if skip:
-        return _host(v, *skip)
+    if skip or profile is None:
+        return _host(v, *(skip or ("ProfileNotFound", "the HardwareProfile is gone")))
     node = schedulable_node(kube, world, profile)
     if node is None:
         return _host(v, "NoSchedulableNode", f"no node of class {v['profile']} can run the benchmark Job (none is "
@@ -128,9 +127,13 @@ def _tolerates(tol: dict[str, Any], taint: dict[str, Any]) -> bool:
     return tol.get("key") == taint.get("key") and tol.get("value", "") == taint.get("value", "")
 
 
-def _request(kube, settings: Settings, em: EdgeModel, namespace: str, v: dict[str, Any], profile: HardwareProfile,
-             node: str) -> BenchJobRequest:
-    ref = em.spec.optimization.evaluation.config_map
+def _request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, v: dict[str, Any],
+             profile: HardwareProfile, node: str) -> BenchJobRequest:
+    evaluation = em.spec.optimization.evaluation
+    ref = evaluation.config_map if evaluation else None
+    if ref is None:  # _host_reason sent such models to the host
+        raise CompileError("NoEvaluationData", "spec.optimization.evaluation names no ConfigMap",
+                           "put the evaluation .npz in a ConfigMap")
     candidates = tuple(BenchCandidate(c["name"], c["artifact"], c["digest"]) for c in v["candidates"])
     return BenchJobRequest(model_namespace=namespace, model_name=em.metadata["name"],
                            generation=em.metadata.get("generation") or 0, profile=profile, node=node,

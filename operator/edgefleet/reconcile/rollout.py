@@ -80,10 +80,9 @@ def plan_wave(pods: list[PodView], current: str, nodes: int, waves: list[int], m
     serving = sorted((p for p in outdated if p.ready_since is not None), key=lambda p: p.node)
     need = max(0, target - len(updated))
     # replacing a pod that serves nothing costs no availability; serving pods wait for the budget
-    delete = [p.name for p in broken[:need]]
-    delete += [p.name for p in serving[:max(0, min(need - len(delete), max_unavailable - unavailable))]]
-    delete = tuple(delete)
-    return WavePlan(wave + 1, "InProgress", delete,
+    replace = [p.name for p in broken[:need]]
+    replace += [p.name for p in serving[:max(0, min(need - len(replace), max_unavailable - unavailable))]]
+    return WavePlan(wave + 1, "InProgress", tuple(replace),
                     f"wave {wave + 1}/{len(waves)}: {len(healthy)}/{target} new pods healthy")
 
 
@@ -105,7 +104,7 @@ class Decision:
 
 
 def _hash(manifest: dict[str, Any]) -> str:
-    return manifest["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH]
+    return str(manifest["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH])
 
 
 def _with_template(manifest: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +112,7 @@ def _with_template(manifest: dict[str, Any], template: dict[str, Any]) -> dict[s
 
 
 def decide(manifest: dict[str, Any], existing: dict[str, Any] | None, pods: list[dict[str, Any]],
-           waves: list[int], max_unavailable,
+           waves: list[int], max_unavailable: int | str,
            min_ready: float, timeout: float, auto_rollback: bool, now: float) -> Decision:
     """Level-based: from the wanted DaemonSet, the live one and its pods, what to apply and delete now."""
     notes = (existing or {}).get("metadata", {}).get("annotations", {})
@@ -166,7 +165,8 @@ def _wave_record(stored: str | None, current: str, wave: int, now: float) -> tup
     return wave, now
 
 
-def _plan(views, current, nodes, waves, limit, min_ready, timeout, stored, now) -> WavePlan:
+def _plan(views: list[PodView], current: str, nodes: int, waves: list[int], limit: int, min_ready: float,
+          timeout: float, stored: str | None, now: float) -> WavePlan:
     plan = plan_wave(views, current, nodes, waves, limit, min_ready, timeout, now, now)
     _, started = _wave_record(stored, current, plan.wave, now)
     return plan_wave(views, current, nodes, waves, limit, min_ready, timeout, started, now)

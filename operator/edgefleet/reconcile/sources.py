@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from ..api import ConfigMapKeyRef
 from ..compiler import CompileError
 from ..kube import Kube
 
 
-def config_map_bytes(kube: Kube, namespace: str, ref) -> bytes:
+def config_map_bytes(kube: Kube, namespace: str, ref: ConfigMapKeyRef) -> bytes:
     """The bytes under `ref.key` of ConfigMap `ref.name` (binaryData or data); CompileError when absent."""
     cm = kube.find("ConfigMap", ref.name, namespace)
     if cm is None:
@@ -18,7 +19,7 @@ def config_map_bytes(kube: Kube, namespace: str, ref) -> bytes:
     if ref.key in (cm.get("binaryData") or {}):
         return base64.b64decode(cm["binaryData"][ref.key])
     if ref.key in (cm.get("data") or {}):
-        return cm["data"][ref.key].encode()
+        return str(cm["data"][ref.key]).encode()
     raise CompileError("SourceUnavailable", f"ConfigMap {ref.name!r} has no key {ref.key!r}",
                        "point configMap.key at one of its keys")
 
