@@ -11,9 +11,10 @@ and built into a private descriptor pool at import. That keeps the runtime free 
 the pinning between generated ``_pb2`` files and the protobuf runtime.
 
 Limits, as for REST: messages over the model's body limit are refused (RESOURCE_EXHAUSTED) before they
-are parsed, messages over ``max_body_bytes`` are refused by gRPC itself while arriving, infer calls beyond
-``max_concurrency`` get UNAVAILABLE with a retry hint, idle connections close after ``idle_seconds``, a
-connection must finish its HTTP/2 handshake within ``header_seconds``. gRPC's core polls connections
+are parsed, messages over ``max_body_bytes`` are refused by gRPC itself while arriving (counted as
+``grpc_message_refused``), calls beyond grpcio's own queue bound are refused by it (``grpc_queue_full``),
+infer calls beyond ``max_concurrency`` get UNAVAILABLE with a retry hint, idle connections close after
+``idle_seconds``, a connection must finish its HTTP/2 handshake within ``header_seconds``. gRPC's core polls connections
 without a thread each, so there is no connection cap to evict from; 64 streams per connection.
 """
 
@@ -309,25 +310,77 @@ class InferenceService:
         return resp
 
 
-def _handler(service: InferenceService) -> grpc.GenericRpcHandler:
+_reached = threading.local()  # .value: this pool thread's call got as far as our method
+
+
+def _reaching(behavior):
+    def run(request, context):
+        _reached.value = True
+        return behavior(request, context)
+
+    return run
+
+
+class _Pool(futures.ThreadPoolExecutor):
+    """grpcio hands each call to this pool before its message arrives. A call that ends without reaching our
+    method is counted as ``grpc_message_refused``: gRPC itself refused its message (over
+    ``grpc.max_receive_message_length``, i.e. --max-body-bytes), could not parse it, or its client went away
+    before sending it."""
+
+    def __init__(self, refused, **kwargs):
+        super().__init__(**kwargs)
+        self.refused = refused
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(self._watched, fn, *args, **kwargs)
+
+    def _watched(self, fn, *args, **kwargs):
+        _reached.value = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if not _reached.value:
+                self.refused("grpc_message_refused")
+
+
+class _Handler(grpc.GenericRpcHandler):
+    """The service's methods. grpcio asks for them at the start of every call, just before it checks its own
+    limit on calls in progress (``maximum_concurrent_rpcs``), under the same lock: a call over that limit is
+    counted here as ``grpc_queue_full`` (grpcio answers it RESOURCE_EXHAUSTED without calling us)."""
+
+    def __init__(self, methods: dict, refused):
+        self.methods = methods
+        self.refused = refused
+        self.server = None  # set once the grpc server exists
+
+    def service(self, handler_call_details):
+        state = getattr(self.server, "_state", None)  # grpcio's own bookkeeping (private; absent: no count)
+        limit = getattr(state, "maximum_concurrent_rpcs", None)
+        if limit is not None and getattr(state, "active_rpc_count", 0) >= limit:
+            self.refused("grpc_queue_full")
+        return self.methods.get(handler_call_details.method)
+
+
+def _handler(service: InferenceService) -> _Handler:
     def unary(method, request_type, response_type=None, raw=False):
         return grpc.unary_unary_rpc_method_handler(
-            getattr(service, method),
+            _reaching(getattr(service, method)),
             request_deserializer=None if raw else request_type.FromString,
             response_serializer=(response_type or request_type).SerializeToString,
         )
 
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
+    methods = {
+        f"/{SERVICE}/{name}": handler
+        for name, handler in {
             "ServerLive": unary("ServerLive", pb.ServerLiveRequest, pb.ServerLiveResponse),
             "ServerReady": unary("ServerReady", pb.ServerReadyRequest, pb.ServerReadyResponse),
             "ModelReady": unary("ModelReady", pb.ModelReadyRequest, pb.ModelReadyResponse),
             "ServerMetadata": unary("ServerMetadata", pb.ServerMetadataRequest, pb.ServerMetadataResponse),
             "ModelMetadata": unary("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse),
             "ModelInfer": unary("ModelInfer", None, pb.ModelInferResponse, raw=True),
-        },
-    )
+        }.items()
+    }
+    return _Handler(methods, service.app.metrics.count_refused)
 
 
 class GRPCServer:
@@ -343,12 +396,14 @@ class GRPCServer:
             ("grpc.so_reuseport", 0),
         ]
         workers = limits.max_concurrency + 4  # a few beyond the limit so that refusals are answered, not queued
+        handler = _handler(self.service)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-            handlers=[_handler(self.service)],
+            _Pool(handler.refused, max_workers=workers, thread_name_prefix="grpc"),
+            handlers=[handler],
             options=options,
             maximum_concurrent_rpcs=workers * 4,
         )
+        handler.server = self.server
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:

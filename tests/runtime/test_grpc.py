@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -123,6 +124,51 @@ def test_raw_size_mismatch_and_large_messages(grpc_server):
     assert "RESOURCE_EXHAUSTED" in str(err.value.status()) and "over the limit" in err.value.message()
     metrics = s.request("GET", "/metrics")[2].decode()
     assert 'edgefleet_runtime_refused_total{reason="body_too_large"} 1.0' in metrics
+
+
+def test_messages_grpc_itself_refuses_are_counted(grpc_server):
+    """Over --max-body-bytes gRPC refuses the message while it arrives, before our code sees it."""
+    s = grpc_server("--max-body-bytes", "100000")
+    with pytest.raises(InferenceServerException) as err:
+        _infer(s.grpc, _x(1024))  # 262 kB of raw tensor
+    assert "RESOURCE_EXHAUSTED" in str(err.value.status()), err.value
+    metrics = s.request("GET", "/metrics")[2].decode()
+    assert 'edgefleet_runtime_refused_total{reason="grpc_message_refused"} 1.0' in metrics
+    assert np.asarray(_infer(s.grpc, _x(1)).as_numpy("logits")).shape == (1, 10)  # still serving
+
+
+def test_calls_over_grpcios_queue_bound_are_counted(grpc_server):
+    """--max-concurrency 1: 5 pool threads and grpcio's own bound of 20 calls in progress. 25 calls that hold
+    back their message: grpcio refuses the last 5 itself (RESOURCE_EXHAUSTED), and /metrics counts them; the
+    20 it admitted end without a message when their clients give up, also counted."""
+    import grpc
+
+    s = grpc_server("--max-concurrency", "1")
+    channel = grpc.insecure_channel(s.grpc._channel._channel.target().decode())
+    call = channel.stream_unary("/inference.GRPCInferenceService/ServerLive")  # unary on the server
+    release = threading.Event()
+
+    def no_message():
+        release.wait(30)
+        yield from ()
+
+    calls = []
+    for _ in range(25):
+        calls.append(call.future(no_message(), timeout=60))
+        time.sleep(0.02)  # in order: the first 20 fill grpcio's bound
+    refused = [c for c in calls if c.done()]
+    assert refused and all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused), refused
+    release.set()
+    codes = [c.code() for c in calls]
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == len(refused)
+    admitted = len(calls) - len(refused)
+    want = [f'edgefleet_runtime_refused_total{{reason="grpc_queue_full"}} {len(refused)}.0',
+            f'edgefleet_runtime_refused_total{{reason="grpc_message_refused"}} {admitted}.0']  # fmt: skip
+    deadline = time.monotonic() + 10  # the server counts when its pool thread lets go, just after the answer
+    while not all(w in (metrics := s.request("GET", "/metrics")[2].decode()) for w in want):
+        assert time.monotonic() < deadline, [line for line in metrics.splitlines() if "refused_total" in line]
+        time.sleep(0.05)
+    channel.close()
 
 
 def test_concurrency_limit_is_unavailable(grpc_server):
