@@ -155,12 +155,13 @@ def _oci_digest_and_signature(ref: str) -> tuple[str, str | None]:
 
     from edgefleet_runtime.trust import SIGNATURE_ANNOTATION
 
-    from .artifacts import StoreError, open_store
+    from .artifacts import OCIStore, StoreError, open_store
     from .artifacts.store import parse_oci
 
     try:
         registry, repository, _ = parse_oci(ref)
         store = open_store(f"oci://{registry}/{repository}")
+        assert isinstance(store, OCIStore)  # an oci:// URI opens the OCI store
         data = store.get(ref, "")
         annotations = store.annotations(ref)
     except StoreError as e:

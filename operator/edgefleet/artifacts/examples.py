@@ -105,7 +105,7 @@ def pull(ref: str, out: str | Path, insecure: bool = False) -> dict[str, np.ndar
         examples += pull_batch(target, insecure)
     examples.sort(key=lambda e: e["meta"].get("time", 0))
     arrays = to_arrays(examples)
-    np.savez(out, **arrays)
+    np.savez(out, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwargs are arrays
     return arrays
 
 

@@ -132,13 +132,14 @@ def push_report(uri: str, data: bytes) -> None:
     ``OCIStore.get(uri, "")``); the registry and its plain-HTTP rule are those of ``--out``."""
     import tempfile
 
-    from ..artifacts import StoreError, open_store
+    from ..artifacts import OCIStore, StoreError, open_store
     from ..artifacts.store import parse_oci
 
     registry, repository, suffix = parse_oci(uri)
     if not suffix.startswith(":"):
         raise StoreError(f"{uri!r}: a report needs a tag, oci://HOST:PORT/REPO:TAG")
     store = open_store(f"oci://{registry}/{repository}")
+    assert isinstance(store, OCIStore)  # an oci:// URI opens the OCI store
     target = f"{registry}/{repository}{suffix}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "report.json"

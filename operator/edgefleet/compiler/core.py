@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -169,7 +170,7 @@ def plan(target: CompileTarget, source_format: str, policy: Policy) -> tuple[lis
     """Candidates for a target, or ([], reason, message) when the target cannot be served."""
     prec_ok = _PREFERENCE.get(target.precision, ["none"])
     q = policy.quantization
-    wanted = prec_ok if q == "auto" else [q]
+    wanted: list[str] = prec_ok if q == "auto" else [q]
     if q != "auto" and q not in prec_ok:
         return [], "PrecisionNotSupported", (
             f"quantization {q} gives {_PRECISION[q]}, but the profile's target precision is {target.precision}")
@@ -326,6 +327,8 @@ class _Session:
     # -- building
     def calib_batches(self, size: int = 1) -> list[dict[str, np.ndarray]]:
         feeds = self.calib_feeds
+        if feeds is None:
+            raise CompileError("NoCalibrationData", "this candidate needs calibration data", "pass --calibration")
         n = len(next(iter(feeds.values())))
         return [{k: v[i : i + size] for k, v in feeds.items()} for i in range(0, n, size)]
 
@@ -442,7 +445,7 @@ class _Session:
     def gate(self, m: Metrics) -> tuple[bool, str | None]:
         b = self.budget
         if b.max_accuracy_drop is not None and m.accuracy is not None:
-            drop = (m.referenceAccuracy - m.accuracy) * 100
+            drop = ((m.referenceAccuracy or 0.0) - m.accuracy) * 100
             if drop > b.max_accuracy_drop + 1e-9:
                 return False, (f"accuracy dropped {drop:.2f} points ({m.referenceAccuracy:.4f} -> {m.accuracy:.4f})"
                                f" > maxAccuracyDrop {b.max_accuracy_drop}")
@@ -464,16 +467,21 @@ def _size_budget(c: Candidate, limit: int | None) -> Candidate:
     return c
 
 
+def _p50(c: Candidate) -> float:
+    """p50 at 1 thread; a candidate that was not measured counts as the slowest."""
+    return c.latency.p50Ms1 if c.latency.p50Ms1 is not None else math.inf
+
+
 def _select(cands: list[Candidate], target: CompileTarget, on_target: bool) -> Candidate | None:
     ok = [c for c in cands if c.state != "Failed" and c.withinBudget]
     if not ok:
         return None
     if on_target:
-        fastest = min(c.latency.p50Ms1 for c in ok)
-        near = [c for c in ok if c.latency.p50Ms1 <= fastest * (1 + FASTER_MARGIN)]
-        return min(near, key=lambda c: (c.sizeBytes, c.latency.p50Ms1))
+        fastest = min(_p50(c) for c in ok)
+        near = [c for c in ok if _p50(c) <= fastest * (1 + FASTER_MARGIN)]
+        return min(near, key=lambda c: (c.sizeBytes or 0, _p50(c)))
     order = _PREFERENCE.get(target.precision, ["none"])
-    return min(ok, key=lambda c: (order.index(c.quantization) if c.quantization in order else 99, c.sizeBytes))
+    return min(ok, key=lambda c: (order.index(c.quantization) if c.quantization in order else 99, c.sizeBytes or 0))
 
 
 def _explain(cands: list[Candidate], chosen: Candidate | None, on_target: bool) -> None:
@@ -486,16 +494,16 @@ def _explain(cands: list[Candidate], chosen: Candidate | None, on_target: bool) 
         c.state = "Lost"
         if not c.withinBudget:
             c.why = f"outside the accuracy budget: {c.budgetFailure}"
-            if chosen is not None and on_target and c.latency.p50Ms1 > chosen.latency.p50Ms1 * (1 + FASTER_MARGIN):
-                c.why += (f"; also slower: p50 {c.latency.p50Ms1:.3f} ms vs {chosen.latency.p50Ms1:.3f} ms "
-                          f"({c.latency.p50Ms1 / chosen.latency.p50Ms1:.2f}x)")
+            if chosen is not None and on_target and _p50(c) > _p50(chosen) * (1 + FASTER_MARGIN):
+                c.why += (f"; also slower: p50 {_p50(c):.3f} ms vs {_p50(chosen):.3f} ms "
+                          f"({_p50(c) / _p50(chosen):.2f}x)")
         elif chosen is None:
             c.why = "not chosen"
         elif not on_target:
             c.why = f"the target precision prefers {chosen.name}"
-        elif c.latency.p50Ms1 > chosen.latency.p50Ms1 * (1 + FASTER_MARGIN):
-            c.why = (f"slower: p50 {c.latency.p50Ms1:.3f} ms vs {chosen.latency.p50Ms1:.3f} ms "
-                     f"({c.latency.p50Ms1 / chosen.latency.p50Ms1:.2f}x)")
+        elif _p50(c) > _p50(chosen) * (1 + FASTER_MARGIN):
+            c.why = (f"slower: p50 {_p50(c):.3f} ms vs {_p50(chosen):.3f} ms "
+                     f"({_p50(c) / _p50(chosen):.2f}x)")
         else:
             c.why = f"as fast but larger: {c.sizeBytes} vs {chosen.sizeBytes} bytes"
 
@@ -753,8 +761,8 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
     m = chosen.metrics
     quality = (f"accuracy {m.accuracy:.4f} ({m.accuracyDelta:+.2f} points)" if m.accuracy is not None
                else f"cosine {m.cosine:.4f}")
-    v.message = (f"{chosen.name}: {src_size / chosen.sizeBytes:.2f}x smaller than the source, p50 "
-                 f"{chosen.latency.p50Ms1:.3f} ms @1 thread, {quality}" + (f"; {note}" if note else ""))
+    v.message = (f"{chosen.name}: {src_size / (chosen.sizeBytes or src_size):.2f}x smaller than the source, p50 "
+                 f"{_p50(chosen):.3f} ms @1 thread, {quality}" + (f"; {note}" if note else ""))
     # cache entry: artifact + report, written atomically (rename of a complete directory)
     entry = cache / "variants" / key
     tmp = cache / "variants" / f".tmp-{key}-{os.getpid()}"

@@ -83,7 +83,7 @@ def _run_child(onnx_model: bytes, quantization: str, calib: dict[str, np.ndarray
     if not (workdir / "model.onnx").exists():
         (workdir / "model.onnx").write_bytes(onnx_model)
     if calib is not None and not (workdir / "calib.npz").exists():
-        np.savez(workdir / "calib.npz", **calib)
+        np.savez(workdir / "calib.npz", **calib)  # type: ignore[arg-type]  # numpy stubs: kwargs are arrays
     first = not (workdir / "saved_model").exists()
     say(f"pass: {'onnx2tf + ' if first else ''}TensorFlow -> .tflite {quantization} (child process)")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", TF_ENABLE_ONEDNN_OPTS="0")

@@ -371,7 +371,7 @@ def up(name: str = "default", fleet: str | Path | None = None, scale: int | None
             _teardown(state, keep_logs=True)
             raise
         started_here.add(name)
-        extra = f" + real node {cluster.real_node['name']}" if real_node else ""
+        extra = f" + real node {cluster.real_node['name']}" if real_node and cluster.real_node else ""
         echo(f"cluster {name!r} ready in {time.monotonic() - started:.1f}s: {len(nodes)} nodes{extra}, "
              f"kubeconfig {cluster.kubeconfig}, registry {cluster.registry}")
         return cluster

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -116,7 +116,8 @@ def _node(cls: NodeClass, index: int) -> dict:
 
 
 def _where(loc: tuple, data: dict) -> str:
-    parts, node = [], data
+    parts: list[str] = []
+    node: Any = data
     for step in loc:
         parts.append(f"[{step}]" if isinstance(step, int) else f".{step}")
         node = node[step] if isinstance(node, (dict, list)) and _has(node, step) else None

@@ -89,7 +89,8 @@ def cannot_run(state: Path | None = None) -> str | None:
 
 def _has_caps(*caps: tuple[str, int]) -> bool:
     status = Path("/proc/self/status").read_text()
-    eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    found = re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M)
+    eff = int(found.group(1), 16) if found else 0
     return all(eff >> bit & 1 for _, bit in caps)
 
 
@@ -109,7 +110,7 @@ def machine_labels(cpuinfo: str | None = None, profiles: Path = PROFILES) -> dic
     """This machine's arch and the NFD CPU-feature labels the built-in profiles select on."""
     if cpuinfo is None:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-    flags = set()
+    flags: set[str] = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(f.replace("_", "").lower() for f in line.split(":", 1)[1].split())
@@ -578,7 +579,7 @@ def _clean_machine(state: Path) -> list[str]:
 
 
 def _pids_in_cgroups() -> set[int]:
-    pids = set()
+    pids: set[int] = set()
     for ctrl in _cgroup_roots():
         for procs in (ctrl / CGROUP_ROOT).rglob("cgroup.procs"):
             with contextlib.suppress(OSError, ValueError):

@@ -69,7 +69,10 @@ class CertificateAuthority:
         """The CA a cluster's `up` wrote, to issue more certificates with it."""
         ca = cls.__new__(cls)
         ca.dir, ca.cert_path = directory, directory / "ca.crt"
-        ca.key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{directory / 'ca.key'} is not the EC key `up` writes")
+        ca.key = key
         ca.name = x509.load_pem_x509_certificate(ca.cert_path.read_bytes()).subject
         return ca
 

@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..devcluster import components
 from . import debian, oci, sbom, wheels
@@ -113,7 +114,7 @@ class Layer:
     key: str
 
 
-def _cached_layer(key: str, fill: Callable[[Path], None]) -> Layer:
+def _cached_layer(key: str, fill: Callable[[Path], object]) -> Layer:
     """The layer for `key`, made by fill(rootfs) once and kept compressed under the cache."""
     key = f"{key}-{_hash(*oci.TAR_FLAGS)[:8]}"  # how the tar is written is part of its identity
     out = cache() / "layers" / f"{key}.tar.gz"
@@ -295,7 +296,9 @@ def build_one(spec: ImageSpec, registry: str, platforms: list[str], echo: Echo) 
     per_platform, unpacked, compressed, inventory, manifests = [], 0, 0, {}, {}
     for platform in platforms:
         arch = arch_of(platform)
-        layers, debs, lock_text = [], [], ""
+        layers: list[Layer] = []
+        debs: list[Any] = []
+        lock_text = ""
         if spec.python:
             base, debs = base_layer(spec, arch, echo)
             deps, lock_text = deps_layer(spec, arch, echo)

@@ -8,7 +8,7 @@ import json
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +82,8 @@ def _spec(config: dict, args: list[str], mounts: list[tuple[str, str]], env: dic
 
 @contextlib.contextmanager
 def run(ref: str, args: list[str], work: Path, platform: str = "linux/amd64",
-        mounts: list[tuple[str, str]] = (), env: dict[str, str] | None = None,
-        writable: list[tuple[str, str]] = (), entrypoint: list[str] | None = None) -> Iterator[Container]:
+        mounts: Sequence[tuple[str, str]] = (), env: dict[str, str] | None = None,
+        writable: Sequence[tuple[str, str]] = (), entrypoint: list[str] | None = None) -> Iterator[Container]:
     """Start the image detached (host network); kill and delete it on exit."""
     if shutil.which("runc") is None:
         raise RuncError("runc is not on PATH: install it (Debian: apt-get install runc)")

@@ -89,5 +89,5 @@ def locked(lock_text: str) -> list[tuple[str, str, str]]:
     for line in lock_text.splitlines():
         m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+) --hash=sha256:([0-9a-f]{64})$", line.strip())
         if m:
-            out.append(m.groups())
+            out.append((m.group(1), m.group(2), m.group(3)))
     return out
