@@ -531,7 +531,7 @@ def _management(args, slot):
     if args.management_token_file is None and args.management_port is None:
         return None
     token = read_token(args.management_token_file) if args.management_token_file else None
-    return Management(slot, token)
+    return Management(slot, token, args.management_token_file)
 
 
 if __name__ == "__main__":  # pragma: no cover

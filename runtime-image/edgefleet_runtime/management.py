@@ -12,7 +12,9 @@ Safe on an open network:
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import threading
 
 import orjson
 
@@ -20,6 +22,8 @@ from .backends import ModelLoadError
 from .digest import DigestError, blob_path, parse_digest
 from .protocol import RequestError
 from .trust import TrustError
+
+log = logging.getLogger("edgefleet_runtime")
 
 JSON = [("Content-Type", "application/json")]
 OFF_MESSAGE = (
@@ -48,22 +52,54 @@ def read_token(path: str) -> bytes:
     return token
 
 
-class Management:
-    """Answers ``/v2/repository/...`` for one model slot; ``token`` None means no authentication needed."""
+def _file_version(path: str):
+    """What changes when the file is replaced or rewritten (a Secret update swaps a symlink): None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def __init__(self, slot, token: bytes | None):
+
+class Management:
+    """Answers ``/v2/repository/...`` for one model slot; ``token`` None means no authentication needed.
+    With ``token_file``, the token is read again whenever the file changes (a rotated Secret); a file that
+    becomes unusable refuses every request (503 naming the problem) until it is fixed."""
+
+    def __init__(self, slot, token: bytes | None, token_file: str | None = None):
         if not slot.cache_dir:
             raise ManagementError("the management API needs --cache DIR: it loads only models in the node cache")
         self.slot = slot
         self.token = token
+        self.token_file = token_file
+        self._token_version = _file_version(token_file) if token_file else None
+        self._token_error: str | None = None
+        self._lock = threading.Lock()
+
+    def _current_token(self) -> bytes | None:
+        if self.token_file is None:
+            return self.token
+        version = _file_version(self.token_file)
+        with self._lock:
+            if version != self._token_version:
+                self._token_version = version
+                try:
+                    self.token, self._token_error = read_token(self.token_file), None
+                except ManagementError as e:
+                    self._token_error = str(e)
+                log.info("management token file changed", extra={"usable": self._token_error is None})
+            if self._token_error is not None:
+                raise RequestError(503, f"the management API is unavailable: {self._token_error}")
+            return self.token
 
     def authorized(self, headers: dict) -> bool:
-        if self.token is None:
+        token = self._current_token()
+        if token is None:
             return True
         scheme, _, given = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(given.strip().encode("latin-1"), self.token)
+        return hmac.compare_digest(given.strip().encode("latin-1"), token)
 
     def handle(self, method: str, rest: list[str], headers: dict, body: bytes) -> tuple[int, list, bytes]:
         if not self.authorized(headers):

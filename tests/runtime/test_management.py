@@ -62,6 +62,26 @@ def test_token_is_required_and_checked(start_server, cache, token_file, digits, 
     assert 'edgefleet_runtime_requests_total{code="401",endpoint="repository"} 4.0' in metrics
 
 
+def test_rotated_token_file_is_read_again(start_server, cache, token_file, digits_v1, tmp_path):
+    """A Secret update swaps the mounted file: the new token works at once, the old one no longer does; a
+    file that becomes unusable refuses (503 naming the problem) rather than letting anyone in."""
+    root, link = cache
+    s = start_server(link, None, "--cache", str(root), "--management-token-file", str(token_file))
+    assert _load(s.port, digits_v1[1], _bearer())[0] == 200
+    new = "rotated-" + "q" * 30
+    staged = tmp_path / "token.new"
+    staged.write_text(new)
+    staged.replace(token_file)  # atomic, as the kubelet swaps a Secret's files
+    status, _, body = _load(s.port, digits_v1[1], _bearer())
+    assert status == 401 and "Authorization: Bearer" in body["error"], body
+    assert _load(s.port, digits_v1[1], _bearer(new))[0] == 200
+    token_file.write_text("short")
+    status, _, body = _load(s.port, digits_v1[1], _bearer(new))
+    assert status == 503 and "at least 16 characters" in body["error"] and str(token_file) in body["error"], body
+    token_file.write_text(new + "\n")
+    assert _load(s.port, digits_v1[1], _bearer(new))[0] == 200
+
+
 def test_load_takes_only_a_cached_digest(start_server, cache, token_file, digits, tmp_path):
     root, link = cache
     s = start_server(link, None, "--cache", str(root), "--management-token-file", str(token_file))
