@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import kopf
 
@@ -24,6 +26,14 @@ from .controller import Controller
 
 log = logging.getLogger("edgefleet.handlers")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+Handler = Callable[..., Awaitable[None]]
+
+
+def on_event(*args: Any, **kwargs: Any) -> Callable[[Handler], Handler]:
+    """kopf.on.event for handlers that name only the keywords they use, typed as the namespaced kinds they watch
+    (kopf's protocol asks for every keyword, namespace as str | None)."""
+    return cast(Callable[[Handler], Handler], kopf.on.event(*args, **kwargs))
 
 
 @kopf.on.login()
@@ -128,7 +138,7 @@ def _remember(memo: kopf.Memo, kind: str, event_type: str | None, body) -> None:
         memo.cache.put(kind, dict(body))
 
 
-@kopf.on.event(GROUP, VERSION, "edgemodels")
+@on_event(GROUP, VERSION, "edgemodels")
 async def model_event(type: str, name: str, namespace: str, meta, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     _remember(memo, "EdgeModel", type, body)
@@ -139,7 +149,7 @@ async def model_event(type: str, name: str, namespace: str, meta, body, memo: ko
             ctl.queues["EdgeDeployment"].mark(key)
 
 
-@kopf.on.event(GROUP, VERSION, "edgedeployments")
+@on_event(GROUP, VERSION, "edgedeployments")
 async def deployment_event(type: str, name: str, namespace: str, spec, meta, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     _remember(memo, "EdgeDeployment", type, body)
@@ -152,7 +162,7 @@ async def deployment_event(type: str, name: str, namespace: str, spec, meta, bod
         ctl.queues["EdgeDeployment"].mark(key)
 
 
-@kopf.on.event(GROUP, VERSION, "hardwareprofiles")
+@on_event(GROUP, VERSION, "hardwareprofiles")
 async def profile_event(type: str, name: str, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     _remember(memo, "HardwareProfile", type, body)
@@ -172,7 +182,7 @@ def _placement_fields(profile: dict) -> tuple:
     return profile.get("spec"), dict(profile.get("metadata", {}).get("labels") or {})
 
 
-@kopf.on.event("", "v1", "nodes")
+@on_event("", "v1", "nodes")
 async def node_event(type: str, name: str, labels, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     if type == "DELETED":
@@ -197,31 +207,31 @@ def _child_event(event_type: str | None, namespace: str, labels, memo: kopf.Memo
         queue.mark_later((namespace, owner), memo.controller.settings.child_settle_seconds)
 
 
-@kopf.on.event("apps", "v1", "daemonsets", labels=MANAGED)
+@on_event("apps", "v1", "daemonsets", labels=MANAGED)
 async def daemonset_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
     _remember(memo, "DaemonSet", type, body)
     _child_event(type, namespace, labels, memo)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@on_event("apps", "v1", "deployments", labels=MANAGED)
 async def workload_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
     _remember(memo, "Deployment", type, body)
     _child_event(type, namespace, labels, memo)
 
 
-@kopf.on.event("", "v1", "services", labels=MANAGED)
+@on_event("", "v1", "services", labels=MANAGED)
 async def service_event(type: str, namespace: str, labels, body, memo: kopf.Memo, **_) -> None:
     _remember(memo, "Service", type, body)
     _child_event(type, namespace, labels, memo)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=WATCH_LABELS)
+@on_event("batch", "v1", "jobs", labels=WATCH_LABELS)
 async def compile_job_event(annotations, memo: kopf.Memo, **_) -> None:
     """A compile Job (executor job) changed: its EdgeModel reads the outcome."""
     _model_job_event(annotations, memo)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=BENCH_WATCH_LABELS)
+@on_event("batch", "v1", "jobs", labels=BENCH_WATCH_LABELS)
 async def bench_job_event(annotations, memo: kopf.Memo, **_) -> None:
     """A benchmark Job changed: its EdgeModel reads the on-target numbers."""
     _model_job_event(annotations, memo)
@@ -232,7 +242,7 @@ def _model_job_event(annotations, memo: kopf.Memo) -> None:
         memo.controller.queues["EdgeModel"].mark((annotations[MODEL_NAMESPACE], annotations[MODEL_NAME]))
 
 
-@kopf.on.event(GROUP, VERSION, "federatedtrainings")
+@on_event(GROUP, VERSION, "federatedtrainings")
 async def federated_event(type: str, name: str, namespace: str, meta, body, memo: kopf.Memo, **_) -> None:
     ctl: Controller = memo.controller
     _remember(memo, "FederatedTraining", type, body)
@@ -240,7 +250,7 @@ async def federated_event(type: str, name: str, namespace: str, meta, body, memo
         ctl.queues["FederatedTraining"].mark((namespace, name))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, "app.kubernetes.io/name": FEDERATED_NAME})
+@on_event("batch", "v1", "jobs", labels={**MANAGED, "app.kubernetes.io/name": FEDERATED_NAME})
 async def federated_job_event(namespace: str, meta, memo: kopf.Memo, **_) -> None:
     """A run's server or client Job changed (finished, failed, deleted): its FederatedTraining looks again."""
     for ref in meta.get("ownerReferences") or []:

@@ -52,7 +52,8 @@ class Cache:
         new["kind"] = kind
         with self._lock:
             old = self._objects.get(key)
-            if old is not None and None not in (_version(old), _version(new)) and _version(new) < _version(old):
+            old_version, new_version = (_version(old), _version(new)) if old is not None else (None, None)
+            if old_version is not None and new_version is not None and new_version < old_version:
                 return
             self._objects[key] = new
 
@@ -78,12 +79,16 @@ class Cache:
                 self.put(kind, obj)
 
 
-class CachedKube:
+class CachedKube(Kube):
     """The one writer, with reads of the cached kinds served from `cache`. Children are read only with
     labels that include ours (the reconcilers' child labels do), so the cache holds all they can ask for."""
 
     def __init__(self, kube: Kube, cache: Cache) -> None:
+        super().__init__(kube.api, kube.field_manager)
         self.kube, self.cache = kube, cache
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:  # what Kube does itself (list_labels, ...) goes to `kube`
+        return self.kube._call(*args, **kwargs)
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
         if kind not in CACHED:
