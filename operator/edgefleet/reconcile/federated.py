@@ -12,7 +12,18 @@ import json
 import logging
 from typing import Any
 
-from ..api import PROGRESSING, EdgeModel, HardwareProfile, best_profile, format_errors, label_selector_matches
+from pydantic import ValidationError
+
+from ..api import (
+    PROGRESSING,
+    DataRef,
+    EdgeModel,
+    HardwareProfile,
+    Source,
+    best_profile,
+    format_errors,
+    label_selector_matches,
+)
 from ..api.federated import FAILED, SUCCEEDED, FederatedTraining, FederatedTrainingStatus
 from ..artifacts import StoreError, open_store
 from ..federated_tls import make_bundle
@@ -44,7 +55,7 @@ def reconcile_federated(kube: Kube, settings: Settings, obj: dict[str, Any]) -> 
     try:
         ft = FederatedTraining.model_validate(obj)
     except ValueError as err:  # the CRD's schema and CEL rules catch most of it first
-        lines = format_errors(err) if hasattr(err, "errors") else [str(err)]
+        lines = format_errors(err) if isinstance(err, ValidationError) else [str(err)]
         return _finish(kube, obj, old, FAILED, "InvalidSpec", "; ".join(lines), gen)
     try:
         status = _step(kube, settings, ft, dict(old))
@@ -140,17 +151,19 @@ def _clients(kube: Kube, ft: FederatedTraining) -> list[r.Client]:
     return [r.Client(n, i) for n in nodes for i in range(ft.spec.participants.clients_per_node)]
 
 
-def _bytes_of(kube: Kube, settings: Settings, ns: str, ref, what: str) -> bytes:
+def _bytes_of(kube: Kube, settings: Settings, ns: str, ref: Source | DataRef, what: str) -> bytes:
     if ref.config_map is not None:
         return config_map_bytes(kube, ns, ref.config_map)
     try:
-        store = open_store(ref.uri, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
-        return store.get(ref.uri, getattr(ref, "digest", None) or "")
+        uri = ref.uri or ""  # admission: exactly one of uri and configMap
+        store = open_store(uri, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
+        return store.get(uri, getattr(ref, "digest", None) or "")
     except StoreError as err:
         raise RunFailed("InputUnavailable", f"{what}: {err}") from err
 
 
-def _apply_children(kube, settings, ft, source: EdgeModel, clients: list[r.Client]) -> None:
+def _apply_children(kube: Kube, settings: Settings, ft: FederatedTraining, source: EdgeModel,
+                    clients: list[r.Client]) -> None:
     """The run's Secret first (created once, never read: AlreadyExists means made), then the Service, the
     server Job and one Job per client. The server Job exists only after the Secret was made, so a step that
     finds it skips the Secret (and the reads of the model and evaluation data)."""
@@ -166,7 +179,7 @@ def _apply_children(kube, settings, ft, source: EdgeModel, clients: list[r.Clien
             kube.apply(r.render_client_job(ft, settings, c, address))
 
 
-def _run_secret(kube, settings, ft, source: EdgeModel) -> dict:
+def _run_secret(kube: Kube, settings: Settings, ft: FederatedTraining, source: EdgeModel) -> dict[str, Any]:
     ns, run = ft.metadata["namespace"], r.run_name(ft)
     try:
         model = _bytes_of(kube, settings, ns, source.spec.source, "the source EdgeModel's spec.source")
@@ -188,7 +201,8 @@ def _report(settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
     ref = r.report_ref(settings, ft)
     try:
         store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
-        return json.loads(store.get(ref, ""))
+        report: dict[str, Any] = json.loads(store.get(ref, ""))
+        return report
     except (StoreError, ValueError) as err:
         log.debug("federated report %s not available: %s", ref, err)
         return None
@@ -211,7 +225,7 @@ def _from_report(report: dict[str, Any]) -> dict[str, Any]:
 def _job_state(job: dict[str, Any]) -> str:
     for c in (job.get("status") or {}).get("conditions") or []:
         if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
-            return c["type"]
+            return str(c["type"])
     return "Running" if job else "Absent"
 
 
@@ -233,7 +247,7 @@ def _stop_clients(kube: Kube, ft: FederatedTraining) -> None:
 
 
 def _finish(kube: Kube, obj: dict[str, Any], old: dict[str, Any], kind: str, reason: str, message: str,
-            gen) -> dict[str, Any]:
+            gen: int | None) -> dict[str, Any]:
     status = dict(old)
     conds = set_condition(old.get("conditions", []), PROGRESSING, False, reason, message, gen)
     status["conditions"] = set_condition(conds, kind, True, reason, message, gen)
@@ -242,7 +256,8 @@ def _finish(kube: Kube, obj: dict[str, Any], old: dict[str, Any], kind: str, rea
     return _write(kube, obj, old, status, gen)
 
 
-def _write(kube: Kube, obj: dict[str, Any], old: dict[str, Any], status: dict[str, Any], gen) -> dict[str, Any]:
+def _write(kube: Kube, obj: dict[str, Any], old: dict[str, Any], status: dict[str, Any], gen: int | None
+           ) -> dict[str, Any]:
     status["observedGeneration"] = gen
     status = FederatedTrainingStatus.model_validate(status).model_dump(mode="json", by_alias=True, exclude_none=True)
     if status != old:
