@@ -35,3 +35,10 @@ def test_every_cli_subcommand_loads():
     for name in main.list_commands(None):
         result = CliRunner().invoke(main, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
+
+
+def test_ci_runs_the_static_checks_before_the_tests():
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    tests = ci_lines.index(command_after("test-command"))
+    for check in ("ruff check .", "lint-imports", "mypy"):
+        assert check in ci_lines[:tests], f".ci/run should run `{check}` before the tests"
