@@ -26,6 +26,7 @@ def test_unsigned_variant_refused_at_fetch_is_named_in_the_class_message():
     problem = pod_problem(_refused_pod(msg), 0.0)
     assert problem is not None and problem.state == "CrashLoopBackOff"
     assert "init container fetch-model exited 6 (Error): refused (Unsigned)" in problem.detail
-    assert "kubectl logs -n shop digits-cpu-amd64-x1 -c fetch-model --previous" in problem.fix
+    assert problem.reason == "VariantSignatureRefused"  # exit 6 (edgefleet_runtime.exitcodes), since 813630e
+    assert "spec.trust.publicKeysSecret" in problem.fix
     health = class_health([_refused_pod(msg)], 0.0)
     assert "refused (Unsigned)" in health.message

@@ -752,6 +752,12 @@ class Trust(Model):
     decryption_key_secret: SecretKeyRef | None = None
     """The Secret key holding the private half (PEM) of the EdgeModel's spec.encryption.publicKey, which
     decrypts its encrypted variants in memory; mounted only into the runtime container."""
+    revoked_digests: Annotated[
+        list[Digest], Field(max_length=256, json_schema_extra={"x-kubernetes-list-type": "set"})
+    ] | None = None
+    """Variant digests never to roll out, though validly signed: a variant later found bad, or an old one a
+    rollback (or an edited EdgeModel status) would bring back. A class whose variant is listed keeps the pods
+    it runs and is Degraded with reason VariantRevoked until a new variant is published."""
 
     cel_rules = (
         Rule(

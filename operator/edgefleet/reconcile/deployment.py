@@ -135,6 +135,12 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
             if existing is not None:  # recompiling or failed: keep serving what the nodes have
                 applied[profile_name] = existing
             continue
+        revoked = _revoked(ed, variant)
+        if revoked is not None:
+            failures[profile_name] = revoked
+            if existing is not None:  # the class keeps what it runs
+                applied[profile_name] = existing
+            continue
         held = _gate(ed, variant, existing, host_only)
         if held is not None:
             gated[profile_name] = held
@@ -153,6 +159,18 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
             if existing is not None:  # keep serving what the nodes have
                 applied[profile_name] = existing
     return applied, missing, rollouts, failures
+
+
+def _revoked(ed: EdgeDeployment, variant: Variant) -> PermanentError | None:
+    """VariantRevoked when spec.trust.revokedDigests lists the class's variant: signed or not, it does not roll
+    out (signatures prove origin, not freshness)."""
+    trust = ed.spec.trust
+    if trust is None or not trust.revoked_digests or variant.digest not in trust.revoked_digests:
+        return None
+    return PermanentError(
+        "VariantRevoked", f"the variant {variant.digest} is listed in spec.trust.revokedDigests",
+        "publish a new variant (change the EdgeModel, or delete its compile report to recompile), or remove the "
+        "digest from spec.trust.revokedDigests; the class keeps serving what it runs")
 
 
 def _gate(ed: EdgeDeployment, variant: Variant, existing: dict[str, Any] | None, host_only: bool = False
