@@ -164,12 +164,26 @@ def sign(ref: ImageRef, private_key, insecure: bool) -> str:
              "annotations": {SIGNATURE_ANNOTATION: signature}}
     existing = reg.manifest(ref.repository, ref.signature_tag)
     layers = [lay for lay in (existing[0].get("layers", []) if existing else [])
-              if lay.get("annotations", {}).get(SIGNATURE_ANNOTATION) != signature]
+              if not _same_signer(lay, layer["digest"], private_key.public_key())]
     layers.append(layer)
     config = {"mediaType": CONFIG_MEDIA_TYPE, **reg.put_blob(ref.repository, _config(layers))}
     reg.put_manifest(ref.repository, ref.signature_tag,
                      {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "config": config, "layers": layers})
     return signature
+
+
+def _same_signer(layer: dict, payload_digest: str, public_key) -> bool:
+    """A layer this key already signed over the same payload: replaced, so signing again adds nothing
+    (ECDSA signatures differ each time)."""
+    from edgefleet_runtime.trust import TrustError, verify_digest
+
+    if layer.get("digest") != payload_digest:
+        return False
+    try:
+        verify_digest([public_key], payload_digest, layer.get("annotations", {}).get(SIGNATURE_ANNOTATION), "")
+    except TrustError:
+        return False
+    return True
 
 
 def verify(ref: ImageRef, public_keys: list, insecure: bool) -> str:
