@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     """Image of FederatedTraining's server and client pods (`edgefleet images build` makes `trainer`: the runtime
     plus the `federated` extra). Empty: `<image_registry>/trainer`, pinned by image_digests["trainer"] when set,
     else tagged with the version (how the chart passes the other images)."""
+    trainer_artifact_store: str = ""
+    """The artifact store as FederatedTraining's pods reach it, when that differs from artifact_store (a dev
+    cluster whose operator runs on the host); empty: artifact_store."""
     image_registry: str = "ghcr.io/edgefleet"
     """Registry prefix of edgefleet's images: the built-in HardwareProfiles' runtime images are taken from it."""
     image_digests: dict[str, str] = Field(default_factory=dict)

@@ -198,7 +198,7 @@ def _run_secret(kube: Kube, settings: Settings, ft: FederatedTraining, source: E
 
 
 def _report(settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
-    ref = r.report_ref(settings, ft)
+    ref = r.report_ref(settings.artifact_store, ft)  # the same tag the server pushed, as the operator reaches it
     try:
         store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
         report: dict[str, Any] = json.loads(store.get(ref, ""))

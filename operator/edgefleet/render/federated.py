@@ -61,10 +61,15 @@ def server_host(ft: FederatedTraining) -> str:
     return f"{run_name(ft)}.{ft.metadata['namespace']}.svc"
 
 
-def report_ref(settings: Settings, ft: FederatedTraining) -> str:
+def report_ref(store: str, ft: FederatedTraining) -> str:
     """Where the server pushes its report: the artifact store's repository, tag `<run>-<uid8>-report`."""
     uid = ft.metadata.get("uid", "")[:8]
-    return f"{settings.artifact_store.rstrip('/')}:{run_name(ft)}-{uid}-report"
+    return f"{store.rstrip('/')}:{run_name(ft)}-{uid}-report"
+
+
+def pod_store(settings: Settings) -> str:
+    """The artifact store as the run's pods reach it (trainer_artifact_store, else the operator's own)."""
+    return settings.trainer_artifact_store or settings.artifact_store
 
 
 def labels(ft: FederatedTraining, component: str) -> dict[str, str]:
@@ -142,8 +147,9 @@ def render_server_job(ft: FederatedTraining, settings: Settings, node: str, expe
             f"--expected-clients={expected_clients}", f"--aggregation={s.aggregation.strategy}",
             f"--epochs={s.training.epochs}", f"--learning-rate={s.training.learning_rate}",
             f"--batch-size={s.training.batch_size}", f"--round-timeout={s.round_timeout_seconds}",
-            f"--store={settings.artifact_store}", f"--name={ft.metadata['namespace']}-{ft.spec.target_model.name}",
-            f"--report={report_ref(settings, ft)}"]
+            f"--wait-seconds={s.round_timeout_seconds}",  # for the clients to connect, at the start and each round
+            f"--store={pod_store(settings)}", f"--name={ft.metadata['namespace']}-{ft.spec.target_model.name}",
+            f"--report={report_ref(pod_store(settings), ft)}"]
     if s.aggregation.proximal_mu is not None:
         args.append(f"--proximal-mu={s.aggregation.proximal_mu}")
     if s.evaluation.min_accuracy is not None:
