@@ -24,6 +24,7 @@ import numpy as np
 
 from .api import HardwareProfile, label_selector_matches
 from .devcluster import cluster as dc
+from .progress import Progress
 from .render import resolve_nodes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,16 +39,20 @@ class DemoError(RuntimeError):
 
 
 def _wait(what: str, check, timeout: float, echo, every: float = 1.0):
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        result, note = check()
-        if note != last:
-            echo(f"  {what}: {note}")
-            last = note
-        if result:
-            return result
-        time.sleep(every)
-    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last})")
+    """Poll check() -> (result, note) until it gives a result: a live line with the note and the time used out
+    of ``timeout`` on a terminal, else a plain line whenever the note changes."""
+    started = time.monotonic()
+    result, note = check()
+    with Progress(echo) as progress:
+        task = progress.add(f"  {what}", total=timeout, status=note)
+        while not result and time.monotonic() - started < timeout:
+            time.sleep(every)
+            result, note = check()
+            progress.update(task, time.monotonic() - started, note)
+        progress.done(task, note)
+    if result:
+        return result
+    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what} (last: {note})")
 
 
 def _get(cluster, *args) -> dict:

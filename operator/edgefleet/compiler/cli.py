@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from ..progress import Progress
 from .types import QUANTIZATIONS, AccuracyBudget, CompileError, CompileRequest, Policy
 
 EXIT_VARIANT_FAILED = 1  # the request was fine, but at least one profile has no variant
@@ -56,9 +58,24 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
     from .profiles import load_profiles
     from .shapes import parse_input_shape
 
+    shown = Progress(lambda line: click.echo(line, err=True), live=False if quiet else None)
+    tasks: dict[str, Any] = {}
+
     def say(msg: str) -> None:
         if not quiet:
-            click.echo(f"[compile] {msg}", err=True)
+            shown.say(f"[compile] {msg}")
+
+    def candidates(profile: str, done: int, total: int, next_one: str) -> None:
+        """One progress line per profile: candidates built and measured out of all."""
+        if quiet:
+            return
+        status = f"{done}/{total} candidates, now {next_one}"
+        if profile not in tasks:
+            tasks[profile] = shown.add(f"[compile] {profile}", total=total, status=status)
+        if done < total:
+            shown.update(tasks[profile], done, status)
+        else:
+            shown.done(tasks[profile], f"{total}/{total} candidates measured")
 
     if report and report.startswith("oci://") and ":" not in report.rsplit("/", 1)[-1]:
         raise click.BadParameter("an oci:// report needs a tag: oci://HOST:PORT/REPO:TAG", param_hint="--report")
@@ -83,9 +100,10 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         request = CompileRequest(source=source, targets={n: all_profiles[n] for n in names}, policy=policy,
                                  digest=digest, name=name)
         store = open_store(out)
-        result = compile_model(request, store=store, cache_dir=cache_dir, progress=say,
-                               signing_key_file=signing_key_file,
-                               encryption_key=_encryption_key(encryption_key_file))
+        with shown:
+            result = compile_model(request, store=store, cache_dir=cache_dir, progress=say,
+                                   signing_key_file=signing_key_file,
+                                   encryption_key=_encryption_key(encryption_key_file), candidates=candidates)
     except CompileError as e:
         click.echo(f"error: {e.reason}: {e.message}", err=True)
         if e.fix:

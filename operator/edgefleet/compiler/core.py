@@ -36,6 +36,7 @@ from .types import (
 
 COMPILER_VERSION = "1"
 Progress = Callable[[str], None]
+CandidateProgress = Callable[[str, int, int, str], None]  # (profile, candidates done, candidates in all, next one)
 FASTER_MARGIN = 0.05  # candidates within 5 % of the fastest count as equally fast; the smaller wins
 TFLITE_MEDIA = litert.TFLITE_MEDIA
 OPENVINO_MEDIA = "application/vnd.edgefleet.model.openvino-ir+zip"
@@ -238,6 +239,7 @@ class _Session:
 
     def __init__(self, request: CompileRequest, data: bytes, fmt: str, progress: Progress, tmp: Path):
         self.request, self.policy, self.fmt, self.say, self.tmp = request, request.policy, fmt, progress, tmp
+        self.on_candidate: CandidateProgress = lambda profile, done, total, name: None
         self.source = data
         self.built: dict[str, tuple[bytes, str] | CompileError] = {}
         self.measured: dict[tuple[str, str], Candidate] = {}
@@ -550,12 +552,13 @@ def _annotations(v: VariantReport) -> dict[str, str]:
 
 def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | None = None,
                   progress: Progress | None = None, signing_key_file: str | os.PathLike | None = None,
-                  encryption_key=None) -> CompileResult:
+                  encryption_key=None, candidates: CandidateProgress | None = None) -> CompileResult:
     """Compile ``request.source`` for every target; see the package docstring for the contract.
 
     ``signing_key_file``: every published variant is signed with this ECDSA P-256 key (edgefleet_runtime.trust);
     ``encryption_key``: every published variant is encrypted (AES-256-GCM) for this P-256 public key or under
-    this 32-byte key (edgefleet_runtime.trust.load_encryption_key)."""
+    this 32-byte key (edgefleet_runtime.trust.load_encryption_key); ``candidates`` hears of each profile's
+    candidates as they are built and measured (a progress display)."""
     say: Progress = progress or (lambda _m: None)
     signing_key = _signing_key(signing_key_file)
     cache = Path(cache_dir) if cache_dir else Path(os.environ.get("EDGEFLEET_CACHE", "~/.cache/edgefleet/compile"))
@@ -590,6 +593,7 @@ def compile_model(request: CompileRequest, store=None, cache_dir: Path | str | N
     if todo:
         with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
             session = _Session(request, data, fmt, say, Path(tmp))
+            session.on_candidate = candidates or session.on_candidate
             for profile, (target, key) in todo.items():
                 say(f"{profile}: target {target.to_dict()}")
                 result.variants[profile] = _compile_one(session, profile, target, key, len(data), cache)
@@ -731,7 +735,11 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
         _store_failure(cache, key, v)
         return v
     on_target, note = measurable(target)
-    cands = [_size_budget(s.candidate(sp), target.max_model_size_bytes) for sp in specs]
+    cands = []
+    for i, sp in enumerate(specs):
+        s.on_candidate(profile, i, len(specs), _name_of(s, sp))
+        cands.append(_size_budget(s.candidate(sp), target.max_model_size_bytes))
+    s.on_candidate(profile, len(specs), len(specs), "")
     chosen = _select(cands, target, on_target)
     _explain(cands, chosen, on_target)
     v.candidates = cands

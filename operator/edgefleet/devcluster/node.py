@@ -147,7 +147,7 @@ class SandboxImage:
 def sandbox_image(state: Path) -> SandboxImage:
     """The pod sandbox image: the one place that decides its reference and archive. Until
     `edgefleet images build --only pause` provides one, it is packed here from the cached pause program."""
-    components.build_all(echo=lambda _: None, names=["pause"])
+    components.build_all(echo=lambda _: None, names=["pause"], live=False)
     comp = components.COMPONENTS["pause"]
     ref = f"ghcr.io/edgefleet/pause:{comp.version.lstrip('v')}"
     archive = state / "node" / "pause.tar"
