@@ -287,6 +287,84 @@ def http_factory(port: int, req: bytes, check):
     return factory
 
 
+LOADGEN_SOURCE = REPO / "benchmarks" / "loadgen"
+PY_CLIENT = "python threads"
+GO_CLIENT = "go loadgen"
+
+
+def loadgen_binary(notes: list[str]) -> Path | None:
+    """benchmarks/loadgen built with `go build` (standard library only), cached under $EDGEFLEET_CACHE/bin
+    keyed by a hash of its source like the dev cluster's Go tools; None (Python client only) without Go."""
+    import hashlib
+    import shutil
+
+    from edgefleet.devcluster.components import cache_dir
+
+    source = b"".join((LOADGEN_SOURCE / f).read_bytes() for f in ("go.mod", "main.go"))
+    out = cache_dir() / "bin" / f"edgefleet-loadgen-{hashlib.sha256(source).hexdigest()[:12]}"
+    if out.exists():
+        return out
+    go = shutil.which("go")
+    if go is None:
+        notes.append("go loadgen: Go is not on PATH; every HTTP row uses the Python client")
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false"}
+    subprocess.run([go, "build", "-trimpath", "-o", str(tmp), "."], cwd=LOADGEN_SOURCE, env=env, check=True)
+    tmp.rename(out)
+    return out
+
+
+def drive_loadgen(binary: Path, port: int, req: bytes, check, concurrency: int, seconds: float,
+                  cpu: Callable | None = None, warmup: float = 0.5) -> dict:
+    """The same measurement as ``drive`` with the Go load generator: ``cpu()`` is read when it says
+    "start" and "end"; the first answer goes through ``check``."""
+    with tempfile.NamedTemporaryFile(prefix="edgefleet-bench-request-") as f:
+        f.write(req)
+        f.flush()
+        proc = subprocess.Popen(
+            [str(binary), "-addr", f"127.0.0.1:{port}", "-request", f.name, "-c", str(concurrency),
+             "-seconds", str(seconds), "-warmup", str(warmup)],
+            stdout=subprocess.PIPE, env={**os.environ, "GOMAXPROCS": "1"},
+        )  # fmt: skip
+        marks = {}
+        for line in proc.stdout:
+            word = line.strip().decode()
+            if word in ("start", "end"):
+                marks[word] = cpu() if cpu else None
+            else:
+                out = json.loads(line)
+        if proc.wait() != 0:
+            raise RuntimeError(f"loadgen exited with {proc.returncode}")
+    import base64
+
+    check(out["first_status"], base64.b64decode(out["first_body"] or ""))
+    res = {k: out[k] for k in ("requests", "p50_ms", "p95_ms", "throughput_rps", "errors")}
+    if cpu:
+        res["server_cpu_us_per_request"] = (marks["end"] - marks["start"]) / max(res["requests"], 1) * 1e6
+    return res
+
+
+def drive_http(port: int, req: bytes, check, concurrency: int, args, cpu: Callable, client: str) -> dict:
+    """One HTTP row, driven by the Go load generator or the Python threads; the row names its client."""
+    if client == GO_CLIENT:
+        res = drive_loadgen(args.loadgen, port, req, check, concurrency, args.seconds, cpu)
+    else:
+        res = drive(http_factory(port, req, check), concurrency, args.seconds, cpu=cpu)
+    res["client"] = client
+    return res
+
+
+def http_rows(results: dict, name: str, port: int, req: bytes, check, args, cpu: Callable,
+              cross_check: bool = False) -> None:
+    """Rows ``name c=N`` with the main client; with ``cross_check`` also ``name/py c=N`` (Python threads)."""
+    for c in args.concurrency:
+        results[f"{name} c={c}"] = drive_http(port, req, check, c, args, cpu, args.client)
+        if cross_check and args.client != PY_CLIENT and args.cross_check:
+            results[f"{name}/py c={c}"] = drive_http(port, req, check, c, args, cpu, PY_CLIENT)
+
+
 def grpc_factory(port: int, req: bytes, check):
     """ModelInfer with pre-serialized bytes, one channel (HTTP/2 connection) per client thread."""
     import grpc
@@ -300,23 +378,50 @@ def grpc_factory(port: int, req: bytes, check):
     return factory
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and its descendants (granian runs a worker process)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (granian and ``serve --workers`` run worker processes)."""
+    parents = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    total, todo = 0.0, [pid]
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
-        total += stats.get(p, (0, 0.0))[1]
-        todo += [c for c, (ppid, _) in stats.items() if ppid == p]
+        found.append(p)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def tree_rss_mib(pid: int) -> list[float]:
+    """VmRSS in MiB of ``pid`` and each descendant, in that order."""
+    out = []
+    for p in tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        out.append(int(m.group(1)) / 1024 if m else 0.0)
+    return out
+
+
+RSS: dict[str, list[list[float]]] = {}  # server -> per round, the RSS of each of its processes after its rows
 
 
 # ---------------------------------------------------------------------------------------------- servers
@@ -447,18 +552,15 @@ class Cases:
         self._close(np.frombuffer(resp.raw_output_contents[0], dtype="<f4"))
 
 
-def run_edgefleet(name, model, cases, args, results, env=None, cwd=None, grpc_too=True, extra=()):
+def run_edgefleet(name, model, cases, args, results, env=None, cwd=None, grpc_too=True, extra=(), cross_check=False):
     """REST rows from a server as the baseline runs it; gRPC rows from a second start with --grpc-port."""
     port = free_port()
     proc = serve(edgefleet_cmd(model, port, *extra), port, env, cwd)
     cpu = lambda: tree_cpu(proc.pid)  # noqa: E731
     try:
-        for c in args.concurrency:
-            results[f"{name} c={c}"] = drive(http_factory(port, cases.json_request(port), cases.check_json), c,
-                                             args.seconds, cpu=cpu)  # fmt: skip
-            results[f"{name}-binary c={c}"] = drive(
-                http_factory(port, cases.binary_request(port), cases.check_binary), c, args.seconds, cpu=cpu
-            )
+        http_rows(results, name, port, cases.json_request(port), cases.check_json, args, cpu, cross_check)
+        http_rows(results, f"{name}-binary", port, cases.binary_request(port), cases.check_binary, args, cpu)
+        RSS.setdefault(name, []).append(tree_rss_mib(proc.pid))
     finally:
         stop(proc)
     if not grpc_too:
@@ -471,6 +573,7 @@ def run_edgefleet(name, model, cases, args, results, env=None, cwd=None, grpc_to
                 grpc_factory(gport, cases.grpc_request(), cases.check_grpc), c, args.seconds,
                 cpu=lambda: tree_cpu(proc.pid),
             )
+            results[f"{name}-grpc c={c}"]["client"] = "grpcio threads"
     finally:
         stop(proc)
 
@@ -486,9 +589,7 @@ def run_alt(kind, model, cases, args, results, notes):
     env = {**os.environ, "EF_MODEL": str(model), "PYTHONPATH": str(REPO / "runtime-image")}
     proc = serve([sys.executable, str(script), kind, str(port)], port, env)
     try:
-        for c in args.concurrency:
-            results[f"{kind} c={c}"] = drive(http_factory(port, cases.json_request(port), cases.check_json), c,
-                                             args.seconds, cpu=lambda: tree_cpu(proc.pid))  # fmt: skip
+        http_rows(results, kind, port, cases.json_request(port), cases.check_json, args, lambda: tree_cpu(proc.pid))
     finally:
         stop(proc)
 
@@ -504,9 +605,8 @@ def run_kserve(model, cases, args, results, notes):
     script.write_text(KSERVE_SERVER)
     proc = serve([str(py), str(script), "--model_path", str(model), "--port", str(port)], port)
     try:
-        for c in args.concurrency:
-            results[f"kserve c={c}"] = drive(http_factory(port, cases.json_request(port), cases.check_json), c,
-                                             args.seconds, cpu=lambda: tree_cpu(proc.pid))  # fmt: skip
+        http_rows(results, "kserve", port, cases.json_request(port), cases.check_json, args,
+                  lambda: tree_cpu(proc.pid), cross_check=True)
     finally:
         stop(proc)
 
@@ -530,9 +630,12 @@ CONFIGS = {  # what each row runs (all: 1 intra-op thread per inference)
 
 
 def config_of(name: str, r: dict) -> str:
-    server = name.rsplit(" ", 1)[0]
+    server = name.rsplit(" ", 1)[0].removesuffix("/py")
     if "config" in r:
         return r["config"]
+    workers = re.match(r"edgefleet-w([0-9]+)", server)
+    if workers:
+        return f"serve --workers {workers.group(1)}, SO_REUSEPORT, thread per connection"
     if server.startswith("edgefleet@"):
         return "serve at git rev " + server[len("edgefleet@") :].split("-")[0]
     return CONFIGS.get(server, CONFIGS.get(server.split("+")[0], ""))
@@ -545,34 +648,41 @@ def print_table(results: dict, model: Path, args, notes: list[str]) -> None:
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"{'case':<26}{'p50 ms':>8}{'p95 ms':>8}{'req/s':>9}{'p50-raw':>9}{'% raw':>7}{'vs kserve':>10}"
-          f"{'cpu us/req':>11}{'errors':>7}  configuration")  # fmt: skip
+          f"{'cpu us/req':>11}{'errors':>7}  {'client':<15} configuration")  # fmt: skip
     for name, r in results.items():
         server, c = name.rsplit(" ", 1)
         raw = results[f"raw {c}"]
-        ks = results.get(f"kserve {c}")
+        ks = results.get(f"kserve {c}")  # the same client's KServe row
         is_raw = server == "raw"
         vs = f"{r['throughput_rps'] / ks['throughput_rps']:.2f}x" if ks and not is_raw else ""
         over = "" if is_raw else f"{r['p50_ms'] - raw['p50_ms']:+.3f}"
         share = "" if is_raw else f"{100 * r['throughput_rps'] / raw['throughput_rps']:.1f}"
         cpu = f"{r['server_cpu_us_per_request']:.0f}" if "server_cpu_us_per_request" in r else ""
         print(f"{name:<26}{r['p50_ms']:>8.3f}{r['p95_ms']:>8.3f}{r['throughput_rps']:>9.0f}{over:>9}{share:>7}"
-              f"{vs:>10}{cpu:>11}{r['errors']:>7}  {config_of(name, r)}")  # fmt: skip
+              f"{vs:>10}{cpu:>11}{r['errors']:>7}  {r.get('client', ''):<15} {config_of(name, r)}")  # fmt: skip
     for n in dict.fromkeys(notes):
         print(f"note: {n}")
+    for server, rounds in RSS.items():
+        last = rounds[-1]
+        print(f"RSS {server}: {sum(last):.0f} MiB in {len(last)} processes ({', '.join(f'{x:.0f}' for x in last)})")
 
 
 def round_ratios(results: dict) -> dict:
-    """The issue's goal quantities from one round's numbers."""
-    raw1, raw8, ef1, ef8 = (results[k] for k in ("raw c=1", "raw c=8", "edgefleet c=1", "edgefleet c=8"))
-    out = {
-        "json_p50_overhead_ms": ef1["p50_ms"] - raw1["p50_ms"],
-        "binary_p50_overhead_ms": results["edgefleet-binary c=1"]["p50_ms"] - raw1["p50_ms"],
-        "c8_throughput_share_of_raw": ef8["throughput_rps"] / raw8["throughput_rps"],
-    }
+    """The issue's goal quantities from one round's numbers, for each edgefleet REST server in the round
+    (``edgefleet``: 1 process; ``edgefleet-wN``: N workers), each against the same-client KServe row."""
+    raw1, raw8 = results["raw c=1"], results["raw c=8"]
+    out = {}
+    for server in [k[: -len(" c=8")] for k in results if re.fullmatch(r"edgefleet(-w[0-9]+)? c=8", k)]:
+        ef1, ef8 = results[f"{server} c=1"], results[f"{server} c=8"]
+        tag = "" if server == "edgefleet" else f"[{server}]"
+        out["json_p50_overhead_ms" + tag] = ef1["p50_ms"] - raw1["p50_ms"]
+        out["binary_p50_overhead_ms" + tag] = results[f"{server}-binary c=1"]["p50_ms"] - raw1["p50_ms"]
+        out["c8_throughput_share_of_raw" + tag] = ef8["throughput_rps"] / raw8["throughput_rps"]
+        if "kserve c=8" in results:
+            out["c8_throughput_over_kserve" + tag] = ef8["throughput_rps"] / results["kserve c=8"]["throughput_rps"]
     if "edgefleet+monitoring c=1" in results:
-        out["monitoring_p50_overhead_ms"] = results["edgefleet+monitoring c=1"]["p50_ms"] - ef1["p50_ms"]
-    if "kserve c=8" in results:
-        out["c8_throughput_over_kserve"] = ef8["throughput_rps"] / results["kserve c=8"]["throughput_rps"]
+        monitored = results["edgefleet+monitoring c=1"]["p50_ms"]
+        out["monitoring_p50_overhead_ms"] = monitored - results["edgefleet c=1"]["p50_ms"]
     return out
 
 
@@ -587,7 +697,7 @@ def goals(rounds: list[dict]) -> dict:
     out = {}
     for k in per_round[0]:
         v = statistics.median(r[k] for r in per_round if k in r)
-        op, target = TARGETS[k]
+        op, target = TARGETS[k.split("[")[0]]
         out[k] = {"value": v, "rounds": [r.get(k) for r in per_round], "goal": f"{op} {target}",
                   "met": v <= target if op == "<=" else v >= target}  # fmt: skip
     return out
@@ -598,7 +708,9 @@ def median_results(rounds: list[dict]) -> dict:
     out = {}
     for case in rounds[0]:
         runs = [r[case] for r in rounds if case in r]
-        out[case] = {k: statistics.median(run[k] for run in runs) for k in runs[0] if k != "config"}
+        out[case] = {k: statistics.median(run[k] for run in runs) for k in runs[0] if k not in ("config", "client")}
+        if "client" in runs[0]:
+            out[case]["client"] = runs[0]["client"]
         out[case]["errors"] = sum(run["errors"] for run in runs)  # every error counts, not the median
         configs = sorted({run["config"] for run in runs if "config" in run})
         if configs:
@@ -617,6 +729,12 @@ def main() -> int:
     ap.add_argument("--baseline-rev", help="also run the runtime package of this git revision (e.g. fd1974e)")
     ap.add_argument("--monitoring", action="store_true",
                     help="also run edgefleet+monitoring: --monitoring, a drift reference and a hard-example spool")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1],
+                    help="edgefleet REST rows for each `serve --workers N` (rows edgefleet-wN for N > 1)")
+    ap.add_argument("--client", choices=("go", "python"), default="go",
+                    help="HTTP client of the rows: the Go load generator (benchmarks/loadgen) or Python threads")
+    ap.add_argument("--no-cross-check", dest="cross_check", action="store_false",
+                    help="leave out the /py rows (edgefleet JSON and KServe again with the Python client)")
     ap.add_argument("--json", type=Path, default=CACHE / "runtime-benchmark.json")
     args = ap.parse_args()
     if 1 not in args.concurrency or 8 not in args.concurrency:
@@ -631,6 +749,8 @@ def main() -> int:
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     cases = Cases(x, sess.run(["logits"], {"input": x})[0])
     notes: list[str] = []
+    args.loadgen = loadgen_binary(notes) if args.client == "go" else None
+    args.client = GO_CLIENT if args.loadgen else PY_CLIENT
     baseline = runtime_at(args.baseline_rev) if args.baseline_rev else None
     monitoring = monitoring_args(model) if args.monitoring else ()
 
@@ -642,11 +762,11 @@ def main() -> int:
     def raw(c: int) -> dict:
         """Raw onnxruntime at its best at concurrency c: one shared session, or one session per thread."""
         shared = drive(raw_factory, c, args.seconds)
-        shared["config"] = RAW_SHARED
+        shared["config"], shared["client"] = RAW_SHARED, "in-process"
         if c == 1:
             return shared
         own = drive(lambda: raw_factory(own_session=True), c, args.seconds)
-        own["config"] = RAW_OWN
+        own["config"], own["client"] = RAW_OWN, "in-process"
         return max(shared, own, key=lambda r: r["throughput_rps"])
 
     rounds = []
@@ -655,7 +775,12 @@ def main() -> int:
         results: dict[str, dict] = {}
         for c in args.concurrency:
             results[f"raw c={c}"] = raw(c)
-        run_edgefleet("edgefleet", model, cases, args, results)
+        for w in args.workers:
+            if w == 1:
+                run_edgefleet("edgefleet", model, cases, args, results, cross_check=True)
+            else:
+                run_edgefleet(f"edgefleet-w{w}", model, cases, args, results, grpc_too=False,
+                              extra=("--workers", str(w)))
         if monitoring:
             run_edgefleet("edgefleet+monitoring", model, cases, args, results, grpc_too=False, extra=monitoring)
         if args.baseline_rev:
@@ -683,6 +808,7 @@ def main() -> int:
         "median": results,
         "goals": checked,
         "notes": notes,
+        "rss_mib": RSS,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))

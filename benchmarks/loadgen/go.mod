@@ -1,0 +1,3 @@
+module edgefleet/benchmarks/loadgen
+
+go 1.22
