@@ -54,3 +54,12 @@ def test_replicas_mode_takes_the_surge_too():
 def test_bad_max_surge_is_refused_with_the_fix(rollout, says):
     with pytest.raises(ValidationError, match=says):
         EdgeDeployment(metadata={"name": "d", "namespace": "ns"}, spec={"modelRef": {"name": "m"}, "rollout": rollout})
+
+
+def test_the_runtime_keeps_serving_while_the_service_drops_it():
+    """A replaced pod answers for a few seconds after SIGTERM (not ready), inside its grace period, so clients
+    polling the Service during a surge rollout never hit a closed port."""
+    spec = _render({"maxSurge": 1})["spec"]["template"]["spec"]
+    runtime = next(c for c in spec["containers"] if c["name"] == "runtime")
+    delays = [float(a.split("=", 1)[1]) for a in runtime["args"] if a.startswith("--shutdown-delay=")]
+    assert delays and 1 <= delays[0] < spec["terminationGracePeriodSeconds"] - 5

@@ -15,6 +15,9 @@ RUNTIME_UID = 10001  # the runtime images run as this user
 CACHE_MOUNT = RUNTIME_CACHE_MOUNT  # device mounts may not use it (admission refuses them)
 DIGEST_ANNOTATION = "edgefleet.io/variant-digest"
 TEMPLATE_HASH = "edgefleet.io/template-hash"
+# On SIGTERM the runtime answers not-ready but keeps serving this long, so kube-proxy drops the pod from the
+# Service before it stops listening (the images have no shell for a preStop sleep).
+SHUTDOWN_DELAY_SECONDS = 5
 MANAGED_BY = "edgefleet"
 
 
@@ -201,7 +204,7 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
     }
     serve_args = ["serve", f"--model={_blob(CACHE_MOUNT, variant.digest)}", f"--digest={variant.digest}",
-                  f"--name={model}", f"--port={port}", *trust_serve]
+                  f"--name={model}", f"--port={port}", f"--shutdown-delay={SHUTDOWN_DELAY_SECONDS}", *trust_serve]
     if ed.spec.runtime.threads:
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
     feedback_args, feedback_mounts, _, feedback_env = _feedback(ed, evaluation, insecure)
