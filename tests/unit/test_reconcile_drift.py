@@ -81,7 +81,23 @@ def add_pod(kube: FakeKube, name: str, node: str, ready: bool = True) -> None:
                          "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
 
 
-def reconcile(kube) -> float | None:
+CLOCK = [1000.0]
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch):
+    """The drift throttle's clock: each reconcile() below moves it one interval on, unless a test holds it."""
+    from edgefleet.reconcile import drift
+
+    monkeypatch.setattr(drift, "THROTTLE", drift.Throttle(lambda: CLOCK[0]))
+    import edgefleet.reconcile.deployment as deployment
+
+    monkeypatch.setattr(deployment, "THROTTLE", drift.THROTTLE)
+    return CLOCK
+
+
+def reconcile(kube, advance: float = DRIFT["intervalSeconds"]) -> float | None:
+    CLOCK[0] += advance
     return reconcile_deployment(kube, Settings(), NS, "digits", World(dict(NODES), builtin_profiles()))
 
 
@@ -143,6 +159,24 @@ def test_drift_sets_drifting_per_class_with_statistic_and_threshold(runtime_metr
     assert len([e for e in kube.events if e["reason"] == "DistributionShift"]) == 1
 
 
+def test_drift_reads_at_most_once_per_interval_and_at_once_after_a_spec_change(runtime_metrics):
+    kube = make_kube({"monitoring": {"drift": DRIFT}}, {"configMap": {"name": "d", "key": "e.npz"}},
+                     runtime_metrics["port"])
+    add_pod(kube, "digits-cpu-arm64-0", "rpi-0")
+    runtime_metrics["text"] = metrics_text({"input": 0.01}, 200)
+    reconcile(kube)
+    assert runtime_metrics["requests"] == 1
+    for _ in range(3):  # child events, resyncs: inside the interval nothing is read again
+        reconcile(kube, advance=DRIFT["intervalSeconds"] / 4)
+    assert runtime_metrics["requests"] == 1
+    reconcile(kube, advance=DRIFT["intervalSeconds"])
+    assert runtime_metrics["requests"] == 2
+    ed = kube.stored("EdgeDeployment", "digits", NS)
+    ed["metadata"]["generation"] = 2  # a spec change reads at once
+    reconcile(kube, advance=0)
+    assert runtime_metrics["requests"] == 3
+
+
 def test_drift_bounds_the_pods_read_per_class_and_reports_unreadable_ones(runtime_metrics):
     kube = make_kube({"monitoring": {"drift": {**DRIFT, "maxPodsPerClass": 1}}},
                      {"configMap": {"name": "digits-data", "key": "eval.npz"}}, runtime_metrics["port"])
@@ -168,6 +202,7 @@ def test_drift_without_mountable_evaluation_data_says_what_to_set(runtime_metric
     cond = drifting(kube)
     assert (cond["status"], cond["reason"]) == ("Unknown", "EvaluationDataMissing")
     assert "spec.optimization.evaluation is a uri" in cond["message"] and "configMap" in cond["message"]
+    assert [e["type"] for e in kube.events if e["reason"] == "EvaluationDataMissing"] == ["Warning"]
     assert not any(a.startswith("--drift-eval") for a in runtime(kube)["args"])
     assert runtime_metrics["requests"] == 0  # nothing to read without a reference
 

@@ -27,7 +27,7 @@ from .conditions import (
     status_patch,
     without_times,
 )
-from .drift import missing_evaluation, read_pods, verdict
+from .drift import THROTTLE, missing_evaluation, read_pods, verdict
 from .errors import PermanentError, as_permanent, report_invalid_spec
 from .pods import ClassHealth, class_health
 from .rollout import Decision, decide
@@ -218,10 +218,15 @@ def _drift(kube: Kube, ed: EdgeDeployment, model: dict[str, Any] | None, applied
            ) -> tuple[bool | None, str, str] | None:
     """The Drifting condition from the pods' /metrics (None, reading nothing, when drift is off)."""
     if ed.spec.monitoring is None or ed.spec.monitoring.drift is None:
+        THROTTLE.forget(ed.metadata["namespace"], ed.metadata["name"])
         return None
     missing = missing_evaluation(model, ed.spec.model_ref.name)
-    pods = [] if missing else kube.list("Pod", ed.metadata["namespace"], child_labels(ed.metadata["name"]))
-    return verdict(ed, read_pods(pods, ed) if pods else {}, sorted(applied), missing)
+
+    def read() -> tuple[bool | None, str, str]:
+        pods = [] if missing else kube.list("Pod", ed.metadata["namespace"], child_labels(ed.metadata["name"]))
+        return verdict(ed, read_pods(pods, ed) if pods else {}, sorted(applied), missing)
+
+    return THROTTLE.read(ed, read)
 
 
 def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: HardwareProfile, variant: Variant,
@@ -354,8 +359,8 @@ def _write_status(kube: Kube, raw: dict[str, Any], ed: EdgeDeployment, out: Outc
     for c in flipped(old.get("conditions", []), conds):
         if c["type"] in (AVAILABLE, DEGRADED) and (c["type"] == AVAILABLE or c["status"] == "True"):
             kube.event(raw, c["reason"], c["message"], "Warning" if c["type"] == DEGRADED else "Normal")
-        elif c["type"] == DRIFTING and c["status"] != "Unknown":
-            kube.event(raw, c["reason"], c["message"], "Warning" if c["status"] == "True" else "Normal")
+        elif c["type"] == DRIFTING and (c["status"] != "Unknown" or c["reason"] == "EvaluationDataMissing"):
+            kube.event(raw, c["reason"], c["message"], "Normal" if c["status"] == "False" else "Warning")
 
 
 def _class_message(out: Outcome, profile_name: str) -> str | None:

@@ -10,6 +10,7 @@ the same numbers to dashboards and alerts (the chart's PrometheusRule); the cond
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,35 @@ def read_pods(pods: list[dict[str, Any]], ed: EdgeDeployment, fetch: Callable[[s
     with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(todo)))) as pool:
         read = dict(zip((p["metadata"]["name"] for p in todo), pool.map(one, todo), strict=True))
     return {c: [read[p["metadata"]["name"]] for p in group] for c, group in by_class.items()}
+
+
+Verdict = tuple[bool | None, str, str]  # the Drifting condition: status (None: Unknown), reason, message
+
+
+class Throttle:
+    """At most one read per deployment per intervalSeconds, whatever else makes it reconcile (child events, a
+    resync); a spec change (new generation) reads at once. In memory: a restarted operator reads once more."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._last: dict[tuple[str, str], tuple[float, int | None, Verdict]] = {}
+
+    def read(self, ed: EdgeDeployment, compute: Callable[[], Verdict]) -> Verdict:
+        key = (ed.metadata["namespace"], ed.metadata["name"])
+        generation = ed.metadata.get("generation")
+        now = self.clock()
+        last = self._last.get(key)
+        if last and last[1] == generation and now - last[0] < drift_of(ed).interval_seconds:
+            return last[2]
+        result = compute()
+        self._last[key] = (now, generation, result)
+        return result
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._last.pop((namespace, name), None)
+
+
+THROTTLE = Throttle()
 
 
 def verdict(ed: EdgeDeployment, per_class: dict[str, list[PodDrift]], classes: list[str],
