@@ -1,0 +1,241 @@
+"""On-target selection and the rollout gate on the dev cluster's real node (kwok nodes run no Jobs).
+
+The operator runs in this process, watching only this module's namespace (its bench Jobs live there too), with
+the inline compiler and the test hook EDGEFLEET_COMPILE_HOST_LATENCY_MS that makes the compile host report
+openvino-fp32 as the fastest candidate. The class the real node belongs to (intel-openvino) then measures both
+candidates in a real benchmark Job on the real node, and chooses by those numbers.
+
+Traffic goes only to the registry and the pods this module creates; every wait is bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import socketserver
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kube_helpers import apply, condition, get, items, wait_for
+from real_node_helpers import TOLERATION, real_node_class, serving_pod, tolerating_real_node
+
+pytestmark = pytest.mark.cluster
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+HOST_FAVOURITE = "openvino-fp32"
+HOST_P50_MS = 0.001  # what the compile host is made to report for HOST_FAVOURITE
+
+
+class Forwarder(socketserver.ThreadingTCPServer):
+    """The registry at one address for both the operator (on this host) and the pods: the node's bridge IP
+    DNATs the registry port only for traffic from pods, so this listens on the bridge IP and relays to loopback."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, target: tuple[str, int]):
+        self.target = target
+        super().__init__((host, 0), Relay)
+
+
+class Relay(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        with socket.create_connection(self.server.target, timeout=30) as upstream:
+            pump = threading.Thread(target=_copy, args=(upstream, self.request), daemon=True)
+            pump.start()
+            _copy(self.request, upstream)
+            pump.join(30)
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def registry(cluster):
+    """oci-style HOST:PORT of the registry that the operator and the real node's pods both reach."""
+    host, port = cluster.registry.split(":")
+    server = Forwarder(cluster.pod_registry.split(":")[0], (host, int(port)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"{server.server_address[0]}:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def on_target(cluster, real_node, registry):
+    """A namespace of its own, the real node's class tolerating the real node, and the operator in a thread."""
+    from edgefleet.devcluster.cluster import free_port
+    from kopf.testing import KopfRunner
+
+    namespace = f"rn-ot-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", namespace)
+    profile = real_node_class(cluster)
+    env = {
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "EDGEFLEET_NAMESPACE": namespace,
+        "EDGEFLEET_ARTIFACT_STORE": f"oci://{registry}/edgefleet-on-target/{namespace}",
+        "EDGEFLEET_ARTIFACT_INSECURE": "true",
+        "EDGEFLEET_COMPILE_TIMING_RUNS": "10",
+        "EDGEFLEET_COMPILE_HOST_LATENCY_MS": json.dumps({HOST_FAVOURITE: HOST_P50_MS}),
+        "EDGEFLEET_BENCH_RUNS": "50",
+        "EDGEFLEET_BENCH_DEADLINE_SECONDS": "300",
+        "EDGEFLEET_RESYNC_SECONDS": "20",
+        "EDGEFLEET_METRICS_PORT": str(free_port()),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with tolerating_real_node(cluster, profile), _kept_tolerating(cluster, profile):
+            with KopfRunner(["run", "--standalone", "-n", namespace, "-m", "edgefleet.handlers"], timeout=60):
+                yield {"namespace": namespace, "profile": profile, "node": cluster.real_node["name"]}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@contextlib.contextmanager
+def _kept_tolerating(cluster, profile: str):
+    """Other modules' tolerating_real_node restore the class's tolerations when they end, also while this one
+    runs: put the toleration back when it goes (checked every 2 s) until this module ends."""
+    stop = threading.Event()
+
+    def keep():
+        while not stop.wait(2):
+            tolerations = get(cluster, None, "hardwareprofile", profile)["spec"].get("tolerations", [])
+            if TOLERATION not in tolerations:
+                patch = [{"op": "add", "path": "/spec/tolerations/-", "value": TOLERATION}]
+                cluster.kubectl("patch", "hardwareprofile", profile, "--type=json", "-p", json.dumps(patch),
+                                check=False)
+
+    thread = threading.Thread(target=keep, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def _model(namespace: str, profile: str, quantization: str = "auto") -> list[dict]:
+    import base64
+
+    data = {f: base64.b64encode((QUICKSTART / f).read_bytes()).decode()
+            for f in ("digits_cnn.onnx", "digits_eval.npz", "digits_calib.npz")}
+    ref = {"name": "digits-model"}
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "digits-model", "namespace": namespace},
+         "binaryData": data},
+        {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+         "metadata": {"name": "digits", "namespace": namespace},
+         "spec": {"source": {"configMap": {**ref, "key": "digits_cnn.onnx"}}, "format": "onnx",
+                  "targetProfiles": {"names": [profile]},
+                  "optimization": {"quantization": quantization,
+                                   "calibration": {"configMap": {**ref, "key": "digits_calib.npz"}},
+                                   "evaluation": {"configMap": {**ref, "key": "digits_eval.npz"}},
+                                   "accuracyBudget": {"maxAccuracyDrop": 1.0}}}},
+    ]
+
+
+def _selected(cluster, namespace: str, profile: str, generation: int = 1) -> dict | None:
+    em = get(cluster, namespace, "edgemodel", "digits")
+    status = em.get("status") or {}
+    v = next((v for v in status.get("variants", []) if v["profile"] == profile), None)
+    if v and v.get("state") == "Failed":
+        raise AssertionError(f"the {profile} variant failed: {v}")
+    done = status.get("observedGeneration") == generation and v and v.get("state") == "Ready" and v.get("selection")
+    return v if done else None
+
+
+@pytest.fixture(scope="module")
+def selected(cluster, on_target):
+    ns, profile = on_target["namespace"], on_target["profile"]
+    started = time.monotonic()
+    apply(cluster, ns, _model(ns, profile))
+    variant = wait_for(lambda: _selected(cluster, ns, profile), 420, 2, f"the {profile} variant selected")
+    print(f"[on-target timing] apply -> selected: {time.monotonic() - started:.1f}s")
+    return variant
+
+
+def test_the_bench_job_ran_on_the_real_node_and_status_carries_its_numbers(cluster, on_target, selected):
+    ns, node = on_target["namespace"], on_target["node"]
+    assert selected["selection"] == "onTarget", selected
+    assert selected["onTarget"]["node"] == node
+    (job,) = items(cluster, ns, "jobs", "-l", "app.kubernetes.io/name=edgefleet-bench")
+    assert job["status"].get("succeeded") == 1, job["status"]
+    pods = items(cluster, ns, "pods", "-l", f"job-name={job['metadata']['name']}")
+    assert {p["spec"]["nodeName"] for p in pods} == {node}
+    assert {c["name"] for c in selected["candidates"]} == {"openvino-fp32", "openvino-int8"}
+    for c in selected["candidates"]:
+        ot = c["onTarget"]
+        assert ot["node"] == node and not ot.get("error"), c
+        assert 0 < ot["latencyP50Ms"] <= ot["latencyP95Ms"], ot
+        assert ot["throughputPerSecond"] > 0 and ot["peakMemoryBytes"] > 10 << 20 and ot["loadSeconds"] > 0, ot
+        assert 0.9 <= ot["accuracy"] <= 1, ot  # top-1 on the evaluation data, measured on the node
+    model = get(cluster, ns, "edgemodel", "digits")
+    assert condition(model, "OnTargetSelected")["status"] == "True"
+    assert condition(model, "Ready")["status"] == "True"
+
+
+def test_the_on_target_choice_differs_from_the_host_choice(selected):
+    by_name = {c["name"]: c for c in selected["candidates"]}
+    assert by_name[HOST_FAVOURITE]["latencyP50Ms"] == HOST_P50_MS, "the host was made to prefer openvino-fp32"
+    fastest = min(selected["candidates"], key=lambda c: c["onTarget"]["latencyP50Ms"])
+    assert selected["digest"] == fastest["digest"] and selected["onTarget"] == fastest["onTarget"]
+    numbers = {n: c["onTarget"]["latencyP50Ms"] for n, c in by_name.items()}
+    assert fastest["name"] != HOST_FAVOURITE, f"the node agreed with the host this time: p50 on target {numbers}"
+    assert f"the host chose {HOST_FAVOURITE}" in selected["message"]
+
+
+def _deployment(namespace: str, gate_ms: float | None) -> dict:
+    rollout = {"gate": {"maxLatencyP95Ms": gate_ms}} if gate_ms is not None else {}
+    return {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDeployment",
+            "metadata": {"name": "digits", "namespace": namespace},
+            "spec": {"modelRef": {"name": "digits"}, "mode": "PerNode", "rollout": rollout,
+                     "nodeSelector": {"matchLabels": {"edgefleet.io/real-node": "true"}},
+                     "runtime": {"threads": 1, "port": 8080}}}
+
+
+def test_the_gate_blocks_a_variant_too_slow_on_target_and_lets_a_good_one_through(cluster, on_target, selected):
+    ns, profile = on_target["namespace"], on_target["profile"]
+    old = selected["digest"]
+    apply(cluster, ns, _deployment(ns, None))
+    wait_for(lambda: serving_pod(cluster, ns, profile, old), 180, 1, f"the real pod serving {old[:19]}")
+    # a gate no variant can meet, then a new model generation (fp32 only): measured, held, the old one serves
+    apply(cluster, ns, _deployment(ns, 0.0001))
+    apply(cluster, ns, _model(ns, profile, quantization="none"))
+    new = wait_for(lambda: _selected(cluster, ns, profile, generation=2), 300, 2, "the fp32-only variant selected")
+    assert new["digest"] != old and new["selection"] == "onTarget", new
+    p95 = new["onTarget"]["latencyP95Ms"]
+
+    def gate_failed():
+        c = condition(get(cluster, ns, "edgedeployment", "digits"), "Degraded")
+        return c if c and c["reason"] == "GateFailed" else None
+
+    degraded = wait_for(gate_failed, 60, 1, "Degraded GateFailed")
+    assert degraded["status"] == "True"
+    assert f"p95 latency {p95} ms on {on_target['node']} exceeds maxLatencyP95Ms 0.0001" in degraded["message"]
+    classes = get(cluster, ns, "edgedeployment", "digits")["status"]["classes"]
+    assert next(c for c in classes if c["profile"] == profile)["digest"] == old
+    assert serving_pod(cluster, ns, profile, old) is not None, "the old variant keeps serving"
+    # a gate the variant meets: it rolls out
+    apply(cluster, ns, _deployment(ns, max(1000.0, p95 * 10)))
+    wait_for(lambda: serving_pod(cluster, ns, profile, new["digest"]), 180, 1,
+             f"the real pod serving {new['digest'][:19]}")
+
+    def gate_passed():
+        c = condition(get(cluster, ns, "edgedeployment", "digits"), "Degraded")
+        return c is not None and c["status"] == "False"
+
+    wait_for(gate_passed, 60, 1, "Degraded False after the gate passed")
