@@ -29,8 +29,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
+    """The server's Prometheus metrics. Under ``serve --workers N`` (PROMETHEUS_MULTIPROC_DIR set by the
+    supervisor) every worker writes its values to files there and ``registry`` reads them all, so a scrape
+    that reaches any worker sees the sums over workers (prometheus_client's multiprocess mode)."""
+
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        r = CollectorRegistry(auto_describe=True)  # where the metrics live; scraped unless multiprocess
+        self.registry = r if self.multiprocess_dir is None else _multiprocess_registry(self.multiprocess_dir)
         self.requests = Counter(
             "edgefleet_runtime_requests", "HTTP requests answered", ["endpoint", "code"], registry=r
         )
@@ -48,11 +54,18 @@ class Metrics:
             "edgefleet_runtime_model_load_seconds",
             "Seconds the last model load took (verify + load + warmup)",
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.reloads = Counter("edgefleet_runtime_reloads", "Model (re)load attempts", ["result"], registry=r)
-        self.info = Info("edgefleet_runtime_model", "The model variant being served", registry=r)
+        if self.multiprocess_dir is None:
+            self.info = Info("edgefleet_runtime_model", "The model variant being served", registry=r)
+        else:
+            self.info = _ModelInfoGauge(r)
         self.ready = Gauge(
-            "edgefleet_runtime_ready", "1 when a model is loaded and the server not draining", registry=r
+            "edgefleet_runtime_ready",
+            "1 when a model is loaded and the server not draining (every worker)",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.refused = Counter(
             "edgefleet_runtime_refused",
@@ -73,6 +86,36 @@ class Metrics:
         child.inc()
         if code >= 400:
             self.errors.labels(str(code)).inc()
+
+
+def _multiprocess_registry(path: str) -> CollectorRegistry:
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path)
+    return registry
+
+
+class _ModelInfoGauge:
+    """``Info`` does not work across processes: under --workers the same sample
+    (``edgefleet_runtime_model_info{name,digest,backend,path}``) is a gauge, 1 while some live worker serves
+    that variant (the largest over workers), 0 once none does."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.gauge = Gauge(
+            "edgefleet_runtime_model_info",
+            "The model variant being served (1: served by a worker)",
+            ["name", "digest", "backend", "path"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.labels: dict[str, str] | None = None
+
+    def info(self, labels: dict[str, str]) -> None:
+        if self.labels is not None and self.labels != labels:
+            self.gauge.labels(**self.labels).set(0)
+        self.labels = dict(labels)
+        self.gauge.labels(**labels).set(1)
 
 
 JSON_BYTES_PER_VALUE = 40  # "-0.00012345678901234567, " plus brackets and indentation

@@ -109,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to wait for in-flight requests after SIGTERM"
     )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=_env_int("EDGEFLEET_WORKERS", 1),
+        help="processes serving the port (SO_REUSEPORT), each with its own copy of the model; the connection "
+        "cap, body budget and concurrency cap are divided among them; gRPC runs in one; not with the "
+        "management API or monitoring",
+    )
+    s.add_argument(
+        "--metrics-dir",
+        default=os.environ.get("EDGEFLEET_METRICS_DIR") or None,
+        help="with --workers > 1: the directory where workers share their metrics (emptied at start; default: "
+        "a new temporary directory; give a writable volume such as an emptyDir under a read-only root)",
+    )
     _monitoring_arguments(s)
 
     f = sub.add_parser("fetch", help="pull and verify an artifact into the node-local cache (init container)")
@@ -282,6 +296,7 @@ def _limits(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level)
     if args.command == "fetch":
@@ -290,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_cache(args.cache, args.uid, args.spool)
     if args.command == "bench":
         return _bench(args)
-    return _serve(args)
+    return _serve(args, argv)
 
 
 def _prepare_cache(cache: str, uid: int, spool: str | None = None) -> int:
@@ -388,16 +403,23 @@ def _bench(args) -> int:
     return 1 if errors else 0
 
 
-def _serve(args) -> int:
+def _serve(args, argv: list[str]) -> int:
     from .app import App, Metrics, ModelSlot
     from .backends import ModelLoadError
     from .digest import DigestError, digest_from_cache_path
     from .management import ManagementError
     from .trust import TrustError
+    from .workers import die_with_parent, refusal, supervise, worker_index
 
     def die(code: int, msg: str) -> int:
         log.error(msg)
         return _fail("serve", code, msg)
+
+    if refusal(args):
+        return die(EXIT_USAGE, refusal(args))
+    worker = worker_index()
+    hup = threading.Event()  # a SIGHUP while the model loads is kept for the loop below, not fatal
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: hup.set())
 
     if not os.path.exists(args.model):
         return die(EXIT_USAGE, f"--model {args.model}: no such file")
@@ -407,6 +429,12 @@ def _serve(args) -> int:
     try:
         limits = _limits(args)
         policy = _policy(args)
+        if args.workers > 1 and worker is None:
+            return supervise(args, argv)
+        if worker is not None:
+            die_with_parent()
+            limits = limits.shared_by(args.workers)
+            args.grpc_port = args.grpc_port if worker == 0 else None  # gRPC in one worker only
         metrics = Metrics()
         monitor = _monitor(args, metrics.registry)
     except ValueError as e:  # TrustError is a ValueError
@@ -439,9 +467,11 @@ def _serve(args) -> int:
     server = servers[0]
     for s in servers:
         s.start()
+    metrics.ready.set(1)
     log.info(
         "listening",
         extra={
+            "worker": worker,
             "host": args.host,
             "port": server.port,
             "grpc_port": args.grpc_port,
@@ -453,18 +483,13 @@ def _serve(args) -> int:
     )
 
     stop = threading.Event()
-    hup = threading.Event()
 
     def on_term(signum, _frame):
         log.info("signal received; shutting down", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
-    def on_hup(_signum, _frame):
-        hup.set()
-
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
 
     interval = args.watch_interval if args.watch else 0.5
     while not stop.wait(interval):
@@ -475,6 +500,7 @@ def _serve(args) -> int:
             slot.check_watch()
 
     app.draining = True
+    metrics.ready.set(0)
     if args.shutdown_delay > 0:
         time.sleep(args.shutdown_delay)
     drained = server.shutdown(args.drain_timeout)
@@ -514,7 +540,7 @@ def _listeners(args, app, management, limits) -> list:
     from .httpserver import HTTPServer
 
     refused = app.metrics.count_refused
-    servers = [HTTPServer(app, args.host, args.port, limits, refused)]
+    servers = [HTTPServer(app, args.host, args.port, limits, refused, reuse_port=limits.workers > 1)]
     if args.management_port is not None:
         servers.append(HTTPServer(ManagementApp(app, management), "127.0.0.1", args.management_port, limits, refused))
     if args.grpc_port is not None:

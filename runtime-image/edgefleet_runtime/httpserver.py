@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 
 log = logging.getLogger("edgefleet_runtime.http")
@@ -74,6 +74,19 @@ class Limits:
     max_line_bytes: int = 8192
     max_header_bytes: int = 32768
     max_headers: int = 100
+    workers: int = 1
+    """Processes sharing the port (serve --workers); the caps above are this process's share."""
+
+    def shared_by(self, workers: int) -> Limits:
+        """This process's share when ``workers`` processes serve the port: the connection cap, the body budget
+        and the concurrency cap divided (at least 1 each); per-request limits and deadlines stay."""
+        return replace(
+            self,
+            workers=workers,
+            max_connections=max(1, self.max_connections // workers),
+            body_budget_bytes=max(1, self.body_budget_bytes // workers),
+            max_concurrency=max(1, self.max_concurrency // workers),
+        )
 
 
 class HTTPError(Exception):
@@ -131,6 +144,7 @@ class HTTPServer:
         port: int = 8080,
         limits: Limits | None = None,
         refused: Callable[[str], None] | None = None,
+        reuse_port: bool = False,
     ):
         self.app = app
         self.limits = limits or Limits()
@@ -140,6 +154,8 @@ class HTTPServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # serve --workers: each worker listens on the port, the kernel spreads connections
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.sock.bind((host, port))
         self.sock.listen(512)
         self.port = self.sock.getsockname()[1]
@@ -381,9 +397,10 @@ class HTTPServer:
                 self._budget_used += reserve
         if not fits:
             if reserve > self.limits.body_budget_bytes:
+                share = f" (--body-budget-bytes / --workers {self.limits.workers})" if self.limits.workers > 1 else ""
                 raise HTTPError(413, f"a body of {size} bytes needs {reserve} bytes of the server's body budget "
-                                f"of {self.limits.body_budget_bytes} (JSON counts {JSON_EXPANSION}x): send tensors "
-                                "with the binary tensor data extension, or raise --body-budget-bytes",
+                                f"of {self.limits.body_budget_bytes}{share} (JSON counts {JSON_EXPANSION}x): send "
+                                "tensors with the binary tensor data extension, or raise --body-budget-bytes",
                                 "body_too_large")
             raise HTTPError(503, "the server has too many request bodies in flight; retry after 1 s",
                             "body_budget", [("Retry-After", "1")])
