@@ -7,6 +7,7 @@ thread everywhere, servers one after another:
              shared by the threads and one session per thread (its best configuration, chosen per round)
 * edgefleet  ``edgefleet-runtime serve`` over HTTP (JSON body; binary extension too) and over gRPC
              (``inference.GRPCInferenceService/ModelInfer`` with raw_input_contents)
+* edgefleet-wN        ``serve --workers N`` (``--workers 1 2`` by default: rows for 1 process and 2 workers)
 * granian / uvicorn   the same edgefleet App behind granian (WSGI, Rust HTTP) and uvicorn+httptools
              (ASGI): the HTTP layer is the only difference (the "harden our server or use a library" question)
 * edgefleet@REV       ``--baseline-rev REV``: the runtime package as it was at git revision REV (regressions)
@@ -17,8 +18,16 @@ thread everywhere, servers one after another:
 KServe lives in its own venv so it cannot disturb the project's dependencies: by default
 ``~/.cache/edgefleet-bench/kserve-venv``, created on first use with
 ``python -m venv`` + ``pip install kserve onnxruntime numpy`` (``--kserve-venv`` to choose another,
-``--skip-kserve`` to leave it out). HTTP clients are the same raw-socket keep-alive client; the gRPC
-client sends pre-serialized bytes on one channel per thread.
+``--skip-kserve`` to leave it out).
+
+Clients (the ``client`` column says which drove each row): HTTP rows are driven by ``benchmarks/loadgen``,
+a small Go program (standard library only; keep-alive connections, one request in flight on each, latency
+in nanoseconds; hey prints seconds to 4 decimals, too coarse for a 0.1 ms goal). It is built with
+``go build`` on first use and cached as ``$EDGEFLEET_CACHE/bin/edgefleet-loadgen-<source hash>``; it runs
+with GOMAXPROCS=1 (the least client CPU per request here). ``--client python`` (or no Go) uses the Python
+raw-socket client threads instead; rows ``NAME/py`` repeat edgefleet JSON and KServe with it as a cross-check
+(``--no-cross-check`` leaves them out). The gRPC client sends pre-serialized bytes on one channel per
+thread. ``client cpu`` is the client's CPU per request in the measured window.
 
     python benchmarks/runtime.py [--seconds 4] [--rounds 3] [--baseline-rev fd1974e] [--json PATH]
 
@@ -258,16 +267,19 @@ def drive(call_factory, concurrency: int, seconds: float, warmup: float = 0.5, c
         t.start()
     time.sleep(warmup + 0.2)
     cpu0 = cpu() if cpu else None
+    client0 = time.process_time()
     t0 = time.perf_counter()
     t_end[0] = t0 + seconds
     start_evt.set()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    client_cpu = time.process_time() - client0
     res = summarize([x for lst in lats for x in lst], elapsed)
     res["errors"] = errors[0]
     if cpu:
         res["server_cpu_us_per_request"] = (cpu() - cpu0) / max(res["requests"], 1) * 1e6
+        res["client_cpu_us_per_request"] = client_cpu / max(res["requests"], 1) * 1e6
     return res
 
 
@@ -326,7 +338,7 @@ def drive_loadgen(binary: Path, port: int, req: bytes, check, concurrency: int, 
         proc = subprocess.Popen(
             [str(binary), "-addr", f"127.0.0.1:{port}", "-request", f.name, "-c", str(concurrency),
              "-seconds", str(seconds), "-warmup", str(warmup)],
-            stdout=subprocess.PIPE, env={**os.environ, "GOMAXPROCS": "1"},
+            stdout=subprocess.PIPE, env={**os.environ, "GOMAXPROCS": "1"},  # 1: least client CPU per request here
         )  # fmt: skip
         marks = {}
         for line in proc.stdout:
@@ -343,6 +355,7 @@ def drive_loadgen(binary: Path, port: int, req: bytes, check, concurrency: int, 
     res = {k: out[k] for k in ("requests", "p50_ms", "p95_ms", "throughput_rps", "errors")}
     if cpu:
         res["server_cpu_us_per_request"] = (marks["end"] - marks["start"]) / max(res["requests"], 1) * 1e6
+    res["client_cpu_us_per_request"] = out["client_cpu_s"] / max(res["requests"], 1) * 1e6
     return res
 
 
@@ -648,7 +661,7 @@ def print_table(results: dict, model: Path, args, notes: list[str]) -> None:
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"{'case':<26}{'p50 ms':>8}{'p95 ms':>8}{'req/s':>9}{'p50-raw':>9}{'% raw':>7}{'vs kserve':>10}"
-          f"{'cpu us/req':>11}{'errors':>7}  {'client':<15} configuration")  # fmt: skip
+          f"{'cpu us/req':>11}{'client cpu':>11}{'errors':>7}  {'client':<15} configuration")  # fmt: skip
     for name, r in results.items():
         server, c = name.rsplit(" ", 1)
         raw = results[f"raw {c}"]
@@ -658,8 +671,10 @@ def print_table(results: dict, model: Path, args, notes: list[str]) -> None:
         over = "" if is_raw else f"{r['p50_ms'] - raw['p50_ms']:+.3f}"
         share = "" if is_raw else f"{100 * r['throughput_rps'] / raw['throughput_rps']:.1f}"
         cpu = f"{r['server_cpu_us_per_request']:.0f}" if "server_cpu_us_per_request" in r else ""
+        client_cpu = f"{r['client_cpu_us_per_request']:.0f}" if "client_cpu_us_per_request" in r else ""
         print(f"{name:<26}{r['p50_ms']:>8.3f}{r['p95_ms']:>8.3f}{r['throughput_rps']:>9.0f}{over:>9}{share:>7}"
-              f"{vs:>10}{cpu:>11}{r['errors']:>7}  {r.get('client', ''):<15} {config_of(name, r)}")  # fmt: skip
+              f"{vs:>10}{cpu:>11}{client_cpu:>11}{r['errors']:>7}  {r.get('client', ''):<15} "
+              f"{config_of(name, r)}")  # fmt: skip
     for n in dict.fromkeys(notes):
         print(f"note: {n}")
     for server, rounds in RSS.items():
@@ -729,7 +744,7 @@ def main() -> int:
     ap.add_argument("--baseline-rev", help="also run the runtime package of this git revision (e.g. fd1974e)")
     ap.add_argument("--monitoring", action="store_true",
                     help="also run edgefleet+monitoring: --monitoring, a drift reference and a hard-example spool")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1],
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                     help="edgefleet REST rows for each `serve --workers N` (rows edgefleet-wN for N > 1)")
     ap.add_argument("--client", choices=("go", "python"), default="go",
                     help="HTTP client of the rows: the Go load generator (benchmarks/loadgen) or Python threads")
@@ -780,7 +795,7 @@ def main() -> int:
                 run_edgefleet("edgefleet", model, cases, args, results, cross_check=True)
             else:
                 run_edgefleet(f"edgefleet-w{w}", model, cases, args, results, grpc_too=False,
-                              extra=("--workers", str(w)))
+                              extra=("--workers", str(w)), cross_check=True)
         if monitoring:
             run_edgefleet("edgefleet+monitoring", model, cases, args, results, grpc_too=False, extra=monitoring)
         if args.baseline_rev:

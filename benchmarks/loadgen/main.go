@@ -20,6 +20,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -33,6 +34,16 @@ type result struct {
 	FirstStatus   int     `json:"first_status"`
 	FirstBody     []byte  `json:"first_body"`
 	FirstError    string  `json:"first_error,omitempty"`
+	ClientCPUS    float64 `json:"client_cpu_s"`
+}
+
+// cpuSeconds is this process's user + system CPU time so far.
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
 }
 
 type conn struct {
@@ -179,11 +190,13 @@ func main() {
 	}
 	ready.Wait()
 	fmt.Println("start")
+	cpu0 := cpuSeconds()
 	t0 := time.Now()
 	end = t0.Add(time.Duration(*seconds * float64(time.Second)))
 	close(startMeasuring)
 	done.Wait()
 	elapsed := time.Since(t0).Seconds()
+	out.ClientCPUS = cpuSeconds() - cpu0
 	fmt.Println("end")
 	var all []int64
 	for i, l := range lats {
