@@ -313,8 +313,16 @@ def _prepare_cache(cache: str, uid: int, spool: str | None = None) -> int:
     root = Path(cache)
     if spool and (Path(spool).is_absolute() or ".." in Path(spool).parts):
         return _fail("prepare-cache", EXIT_USAGE, f"--spool {spool}: give a path inside the cache, without '..'")
+    # without DAC_OVERRIDE this container may not create folders in ones it does not own: own the way to the spool
+    # while making it (a moment; the walk below hands everything back)
+    chain = [root, *(root.joinpath(*Path(spool).parts[:i]) for i in range(1, len(Path(spool).parts)))] if spool else []
+    for part in chain:
+        if part.is_dir() and not part.is_symlink():
+            os.chown(part, os.getuid(), os.getgid(), follow_symlinks=False)
     for sub in ("sha256", "tmp", "current", *([spool] if spool else [])):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    for part in chain:
+        os.chown(part, uid, uid, follow_symlinks=False)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
             os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)

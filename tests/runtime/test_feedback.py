@@ -3,7 +3,9 @@ and the drift reference is computed from the evaluation data by the served model
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 
 import models
@@ -132,3 +134,17 @@ def test_bad_feedback_flags_exit_2_naming_the_flag(start_server, digits, tmp_pat
     server = start_server(*digits, "--hard-examples-upload", "oci://127.0.0.1:1/x", wait=False)
     assert server.proc.wait(30) == 2
     assert "--hard-examples-upload needs --hard-examples-dir" in server.logs()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="prepare-cache hands folders to another user: needs root")
+def test_prepare_cache_makes_the_spool_for_the_runtime_user_and_refuses_paths_outside(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "sha256").mkdir(parents=True)
+    os.chown(cache, 10001, 10001)  # a cache an earlier pod already handed over
+    run = [sys.executable, "-m", "edgefleet_runtime.cli", "prepare-cache", f"--cache={cache}", "--uid=10001"]
+    assert subprocess.run([*run, "--spool=hard-examples/shop/digits"], capture_output=True).returncode == 0
+    for folder in (cache, cache / "hard-examples", cache / "hard-examples/shop", cache / "hard-examples/shop/digits"):
+        assert (folder.stat().st_uid, folder.stat().st_gid) == (10001, 10001), folder
+    bad = subprocess.run([*run, "--spool=../elsewhere"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--spool ../elsewhere: give a path inside the cache" in bad.stderr
+    assert not (tmp_path / "elsewhere").exists()
