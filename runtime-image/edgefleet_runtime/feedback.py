@@ -20,7 +20,6 @@ import hashlib
 import logging
 import random
 import re
-import tempfile
 import threading
 import types
 from pathlib import Path
@@ -148,14 +147,10 @@ class Uploader:
         # one try per request: oras-py retries a refused connection for ~2 minutes; the loop backs off itself
         remote = getattr(client, "remote", client)  # oras-py 0.2: the client is the Registry
         remote.do_request = types.MethodType(oras.provider.Registry.do_request.__wrapped__, remote)
-        with tempfile.TemporaryDirectory() as tmp:  # oras names layers by path: copy under their own names
-            paths = []
-            for f in files:
-                p = Path(tmp) / f.name
-                p.write_bytes(f.read_bytes())
-                paths.append(f"{p}:{EXAMPLE_MEDIA_TYPE}")
-            resp = client.push(target=f"{self.destination}:{tag}", files=paths, manifest_annotations=annotations,
-                               disable_path_validation=True, quiet=True)
+        paths = [f"{f}:{EXAMPLE_MEDIA_TYPE}" for f in files]  # each layer is titled with its file name
+        # oras writes the empty config to $TMPDIR (an emptyDir at /tmp in the pod: the root filesystem is read-only)
+        resp = client.push(target=f"{self.destination}:{tag}", files=paths, manifest_annotations=annotations,
+                           disable_path_validation=True, quiet=True)
         if getattr(resp, "status_code", 201) >= 300:
             raise OSError(f"push to {self.destination}:{tag}: HTTP {resp.status_code} {resp.text[:200]}")
 

@@ -221,5 +221,7 @@ def test_hard_examples_spool_on_the_node_cache_and_upload_flags():
     assert mounts[SPOOL_MOUNT] == {"name": "model-cache", "mountPath": SPOOL_MOUNT, "subPath": spool_path(ed)}
     assert mounts["/var/lib/edgefleet/cache"]["readOnly"] is True
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c["env"]
+    # the push needs scratch space and the root filesystem is read-only: a small emptyDir at /tmp
+    assert mounts["/tmp"]["name"] == "tmp" and {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}} in c["volumes"]
     prepare = next(i for i in c["init"] if i["name"] == "prepare-cache")
     assert f"--spool={spool_path(ed)}" in prepare["args"]  # created and handed to the runtime user

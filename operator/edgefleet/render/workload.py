@@ -157,6 +157,8 @@ def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: 
         if insecure:
             args.append("--hard-examples-insecure")
         mounts.append({"name": "model-cache", "mountPath": SPOOL_MOUNT, "subPath": spool_path(ed)})
+        mounts.append({"name": "tmp", "mountPath": "/tmp"})  # the push's scratch files; the root fs is read-only
+        volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}})
         env.append({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
     return args, mounts, volumes, env
 
