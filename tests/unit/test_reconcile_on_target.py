@@ -9,6 +9,7 @@ import base64
 
 import pytest
 from edgefleet.api import HardwareProfile, builtin_profiles
+from edgefleet.kube import NotFound
 from edgefleet.reconcile import World, on_target, reconcile_deployment, reconcile_model
 from edgefleet.settings import Settings
 from fake_kube import FakeKube
@@ -245,3 +246,21 @@ def test_a_gate_on_a_variant_selected_on_the_host_fails_with_the_reason(kube):
     degraded = next(c for c in ed["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "GateFailed")
     assert "NoSchedulableNode" in degraded["message"]
+
+
+def test_a_bench_job_the_api_server_cannot_take_falls_back_to_the_host_with_the_fix(kube, monkeypatch):
+    """The operator's namespace is missing (a host-run operator): the variant is chosen on the host at once, with
+    a Warning naming the namespace, instead of retrying the Job forever."""
+    apply = kube.apply
+
+    def no_namespace(obj, *a, **kw):
+        if obj["kind"] == "Job":
+            raise NotFound(f"namespaces/{obj['metadata']['namespace']}")
+        return apply(obj, *a, **kw)
+
+    monkeypatch.setattr(kube, "apply", no_namespace)
+    reconcile_model(kube, settings(), NS, "digits", world(kube))
+    v = variant(kube)
+    assert (v["state"], v["selection"], v["reason"], v["digest"]) == ("Ready", "host", "BenchUnavailable", FP32)
+    assert "namespace edgefleet-system does not exist" in v["message"] and "EDGEFLEET_NAMESPACE" in v["message"]
+    assert [e["reason"] for e in kube.warnings()] == ["BenchUnavailable"]

@@ -17,11 +17,12 @@ with other inputs are deleted. activeDeadlineSeconds (settings.bench_deadline_se
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..api import EdgeModel, HardwareProfile
 from ..compiler import CompileError
-from ..kube import Kube
+from ..kube import ApiError, Kube, NotFound
 from ..render import resolve_nodes
 from ..render.bench_job import (
     PROFILE,
@@ -36,6 +37,7 @@ from ..render.bench_job import (
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, report_ref
 from ..settings import Settings
 from .compile_job import REPORT_GRACE_SECONDS, _age, job_state, read_report
+from .errors import as_permanent
 from .sources import config_map_bytes
 from .world import World
 
@@ -151,8 +153,14 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
         report = read_report(settings, ref)
         if report is not None:
             return _from_report(v, report, name)
-        job = kube.apply(manifest)
-        kube.apply(render_bench_inputs(req, job))
+        try:
+            job = kube.apply(manifest)
+            kube.apply(render_bench_inputs(req, job))
+        except (NotFound, ApiError) as err:
+            refused = _refused(err, ns, name)
+            if refused is None:
+                raise
+            return refused(v)
         log.info("EdgeModel %s/%s: bench Job %s/%s started on %s for %s", req.model_namespace, req.model_name, ns,
                  name, req.node, v["profile"])
         return _benchmarking(v, req.node, name)
@@ -172,6 +180,19 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
     return _host(v, "BenchReportMissing", f"benchmark Job {ns}/{name} completed but its report {ref} is not in the "
                  "artifact store. Fix: check that the runtime image has `edgefleet-runtime bench` and reaches the "
                  "registry")
+
+
+def _refused(err: Exception, ns: str, name: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """A bench Job the API server will never take (a missing namespace, a refusal) as a host fallback."""
+    if isinstance(err, NotFound):
+        why = (f"benchmark Job {ns}/{name} cannot be created: namespace {ns} does not exist. Fix: run the operator "
+               "in an existing namespace (EDGEFLEET_NAMESPACE; the chart sets the release namespace)")
+    else:
+        problem = as_permanent(err, f"benchmark Job {ns}/{name}")
+        if problem is None:
+            return None
+        why = f"{problem.message}. Fix: {problem.fix}"
+    return lambda v: _host(v, "BenchUnavailable", why)
 
 
 def _delete_stale(kube: Kube, ns: str, req: BenchJobRequest, keep: str) -> None:
