@@ -411,38 +411,49 @@ def _bench(args) -> int:
     return 1 if errors else 0
 
 
-def _serve(args, argv: list[str]) -> int:
-    from .app import App, Metrics, ModelSlot
-    from .backends import ModelLoadError
-    from .digest import DigestError, digest_from_cache_path
-    from .management import ManagementError
-    from .trust import TrustError
-    from .workers import die_with_parent, refusal, supervise, worker_index
+def _die(code: int, msg: str) -> int:
+    log.error(msg)
+    return _fail("serve", code, msg)
 
-    def die(code: int, msg: str) -> int:
-        log.error(msg)
-        return _fail("serve", code, msg)
+
+def _serve(args, argv: list[str]) -> int:
+    """Checks that need no model, then a supervisor (--workers N > 1) or the server itself."""
+    from .digest import digest_from_cache_path
+    from .workers import refusal, supervise, worker_index
 
     if refusal(args):
-        return die(EXIT_USAGE, refusal(args))
-    worker = worker_index()
-    hup = threading.Event()  # a SIGHUP while the model loads is kept for the loop below, not fatal
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: hup.set())
-
+        return _die(EXIT_USAGE, refusal(args))
     if not os.path.exists(args.model):
-        return die(EXIT_USAGE, f"--model {args.model}: no such file")
+        return _die(EXIT_USAGE, f"--model {args.model}: no such file")
     digest = args.digest or digest_from_cache_path(args.model)
     if not digest:
-        return die(EXIT_USAGE, "--digest is required unless --model resolves into CACHE/sha256/<hex>")
+        return _die(EXIT_USAGE, "--digest is required unless --model resolves into CACHE/sha256/<hex>")
     try:
         limits = _limits(args)
+    except ValueError as e:
+        return _die(EXIT_USAGE, str(e))
+    if args.workers > 1 and worker_index() is None:
+        return supervise(args, argv)  # before the model's imports: the supervisor stays small
+    return _serve_model(args, digest, limits, worker_index())
+
+
+def _serve_model(args, digest: str, limits, worker: int | None) -> int:
+    hup = threading.Event()  # a SIGHUP while the model loads is kept for the loop below, not fatal
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: hup.set())
+    from .app import App, Metrics, ModelSlot
+    from .backends import ModelLoadError
+    from .digest import DigestError
+    from .management import ManagementError
+    from .trust import TrustError
+    from .workers import die_with_parent
+
+    die = _die
+    if worker is not None:
+        die_with_parent()
+        limits = limits.shared_by(args.workers)
+        args.grpc_port = args.grpc_port if worker == 0 else None  # gRPC in one worker only
+    try:
         policy = _policy(args)
-        if args.workers > 1 and worker is None:
-            return supervise(args, argv)
-        if worker is not None:
-            die_with_parent()
-            limits = limits.shared_by(args.workers)
-            args.grpc_port = args.grpc_port if worker == 0 else None  # gRPC in one worker only
         metrics = Metrics()
         monitor = _monitor(args, metrics.registry)
     except ValueError as e:  # TrustError is a ValueError
