@@ -17,6 +17,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sort"
 	"strconv"
 	"sync"
@@ -46,19 +47,69 @@ func cpuSeconds() float64 {
 	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
 }
 
+// blockingSocket is a TCP socket in blocking mode, used by one locked OS thread: a request costs a write
+// and a read system call, without the Go netpoller's extra wake-ups (less client CPU per request).
+type blockingSocket int
+
+func (s blockingSocket) Read(p []byte) (int, error) {
+	for {
+		n, err := syscall.Read(int(s), p)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		if n == 0 {
+			return 0, io.EOF
+		}
+		return n, nil
+	}
+}
+
+func (s blockingSocket) Write(p []byte) (int, error) {
+	done := 0
+	for done < len(p) {
+		n, err := syscall.Write(int(s), p[done:])
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
+}
+
+func (s blockingSocket) Close() error { return syscall.Close(int(s)) }
+
 type conn struct {
-	c   net.Conn
+	c   io.ReadWriteCloser
 	r   *bufio.Reader
 	buf []byte
 }
 
 func dial(addr string) (*conn, error) {
-	c, err := net.Dial("tcp", addr)
+	tcp, err := net.ResolveTCPAddr("tcp4", addr)
 	if err != nil {
 		return nil, err
 	}
-	c.(*net.TCPConn).SetNoDelay(true)
-	return &conn{c: c, r: bufio.NewReaderSize(c, 65536)}, nil
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	sa := &syscall.SockaddrInet4{Port: tcp.Port}
+	copy(sa.Addr[:], tcp.IP.To4())
+	if err = syscall.Connect(fd, sa); err == nil {
+		err = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+	}
+	if err != nil {
+		syscall.Close(fd)
+		return nil, err
+	}
+	s := blockingSocket(fd)
+	return &conn{c: s, r: bufio.NewReaderSize(s, 65536)}, nil
 }
 
 var contentLength = []byte("content-length:")
@@ -120,6 +171,9 @@ func main() {
 	seconds := flag.Float64("seconds", 4, "measured seconds")
 	warmup := flag.Float64("warmup", 0.5, "seconds of requests before measuring")
 	flag.Parse()
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(*concurrency + 1) // a P for each connection's thread when its call returns
+	}
 	req, err := os.ReadFile(*reqFile)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "edgefleet-loadgen: -request:", err)
@@ -150,6 +204,7 @@ func main() {
 		done.Add(1)
 		go func(i int) {
 			defer done.Done()
+			runtime.LockOSThread() // its own thread: blocking calls never hold up the other connections
 			k, err := dial(*addr)
 			for err == nil && time.Now().Before(warmEnd) {
 				_, _, err = k.roundtrip(req)
