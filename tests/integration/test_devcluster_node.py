@@ -205,6 +205,9 @@ def test_pods_reach_the_registry_and_the_api_server(cluster, served):
     registry = cluster.kubectl("exec", "-n", ns, "echo", "--", "/echo-server", "get",
                                f"http://{cluster.pod_registry}/v2/").stdout
     assert registry.startswith("200 ")
+    # the host reaches it at the same address, so one artifact store URL serves a host-run operator and its pods
+    with urllib.request.urlopen(f"http://{cluster.pod_registry}/v2/", timeout=5) as resp:
+        assert resp.status == 200
     ca = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
     version = cluster.kubectl("exec", "-n", ns, "echo", "--", "/echo-server", "get",
                               "https://kubernetes.default.svc.cluster.local:443/version", ca, check=False)

@@ -378,6 +378,8 @@ def _network_up(state: Path, ports: dict[str, int]) -> None:
         _iptables("-t", "nat", "-A", f"{CHAIN}-PRE", "-d", dest, "-p", "tcp", "--dport", dport,
                   "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}")
     _iptables("-t", "nat", "-I", "PREROUTING", "1", "-i", BRIDGE, "-j", f"{CHAIN}-PRE")
+    # the host reaches the registry at the node IP too, so one address serves the operator and the pods
+    _iptables("-t", "nat", "-I", "OUTPUT", "1", "-d", f"{NODE_IP}/32", "-j", f"{CHAIN}-PRE")
     _iptables("-N", f"{CHAIN}-FWD")
     _iptables("-A", f"{CHAIN}-FWD", "-i", BRIDGE, "!", "-o", BRIDGE, "-j", "DROP")  # pods reach nothing else
     _iptables("-A", f"{CHAIN}-FWD", "-o", BRIDGE, "!", "-i", BRIDGE, "-j", "DROP")  # nor does the network them
@@ -410,7 +412,8 @@ def _network_down(state: Path) -> list[str]:
 
 def _remove_chains() -> list[str]:
     problems = []
-    for table, hook, args in (("nat", "PREROUTING", ["-i", BRIDGE]), ("filter", "FORWARD", [])):
+    for table, hook, args in (("nat", "PREROUTING", ["-i", BRIDGE]), ("nat", "OUTPUT", ["-d", f"{NODE_IP}/32"]),
+                              ("filter", "FORWARD", [])):
         chain = f"{CHAIN}-PRE" if table == "nat" else f"{CHAIN}-FWD"
         while _iptables("-t", table, "-D", hook, *args, "-j", chain, check=False).returncode == 0:
             pass
