@@ -66,7 +66,7 @@ FULL_DEPLOYMENT = {
         "replicas": 2,
         "rollout": {"maxUnavailable": 1, "waves": [10, 50, 100],
                     "healthGate": {"minReadySeconds": 5, "timeoutSeconds": 120}, "autoRollback": False},
-        "runtime": {"threads": 4, "port": 9000},
+        "runtime": {"threads": 4, "port": 9000, "workers": 2},
         "service": {"enabled": True, "type": "NodePort", "port": 80},
     },
     "status": {

@@ -717,6 +717,11 @@ class RuntimeSettings(Model):
     grpc_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     """Container port of the Open Inference Protocol v2 gRPC API (inference.GRPCInferenceService, as
     KServe and Triton serve it), e.g. 8081; omitted means REST only."""
+    workers: Annotated[int, Field(ge=1, le=16)] = 1
+    """Server processes per pod sharing the REST port, for throughput beyond one Python process. Each
+    loads its own copy of the model (size the HardwareProfile's memory for it); the connection, body and
+    concurrency caps are divided among them; gRPC runs in one. Not with spec.monitoring or
+    spec.feedback.hardExamples, which keep their state in one process."""
 
     cel_rules = (
         Rule(
@@ -879,6 +884,15 @@ class EdgeDeploymentSpec(Model):
             " pick another, e.g. 8081",
             lambda s: s.runtime.grpc_port is None or s.runtime.grpc_port != s.service.port,
             ".runtime.grpcPort",
+        ),
+        Rule(
+            "!has(self.runtime.workers) || self.runtime.workers == 1"
+            " || (!has(self.monitoring) && (!has(self.feedback) || !has(self.feedback.hardExamples)))",
+            "spec.runtime.workers above 1 cannot be combined with spec.monitoring or spec.feedback.hardExamples"
+            " (they keep their state in one server process): set runtime.workers to 1, or remove them",
+            lambda s: s.runtime.workers == 1
+            or (s.monitoring is None and not (s.feedback and s.feedback.hard_examples)),
+            ".runtime.workers",
         ),
     )
 

@@ -125,6 +125,7 @@ def _trust(ed: EdgeDeployment) -> tuple[list[str], list[str], list[dict[str, Any
 
 EVALUATION_MOUNT = "/etc/edgefleet/evaluation"  # the EdgeModel's evaluation data (drift reference), as data.npz
 SPOOL_MOUNT = "/var/lib/edgefleet/spool"  # the hard-example spool: a folder of the node cache, read-write
+METRICS_MOUNT = "/run/edgefleet/metrics"  # serve --workers: the workers' shared metrics files (an emptyDir)
 SPOOL_MAX_COUNT = 1_000_000  # the spool is bounded by feedback.hardExamples.maxBytesPerNode
 
 
@@ -215,6 +216,10 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
     if ed.spec.runtime.grpc_port:
         serve_args.append(f"--grpc-port={ed.spec.runtime.grpc_port}")
         ports.append({"name": "grpc", "containerPort": ed.spec.runtime.grpc_port, "protocol": "TCP"})
+    workers_mounts = []
+    if ed.spec.runtime.workers > 1:  # the workers' shared metrics files: the root filesystem is read-only
+        serve_args += [f"--workers={ed.spec.runtime.workers}", f"--metrics-dir={METRICS_MOUNT}"]
+        workers_mounts.append({"name": "runtime-metrics", "mountPath": METRICS_MOUNT})
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
     serve = {
         "name": "runtime",
@@ -226,7 +231,7 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": "http"}, "failureThreshold": 6},
         "resources": _resources(profile),
         "volumeMounts": [{**m, "readOnly": True} for m in mounts] + trust_serve_mounts + device_mounts
-        + feedback_mounts,
+        + feedback_mounts + workers_mounts,
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}, *feedback_env],
     }
@@ -238,6 +243,8 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
     volumes = [{"name": "model-cache", "hostPath": {"path": node_cache, "type": "DirectoryOrCreate"}}]
     volumes += _trust(ed)[4]
     volumes += _feedback(ed, evaluation, False)[2]
+    if ed.spec.runtime.workers > 1:
+        volumes.append({"name": "runtime-metrics", "emptyDir": {"sizeLimit": "64Mi"}})
     volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.spec.device_mounts or []]
     return volumes
 
