@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,18 +38,11 @@ def skip_reason(cluster, unbuilt: list[str]) -> str | None:
 
 
 def chart_values(cluster, digests: dict[str, str], executor: str = "job") -> dict:
-    """The chart on the real node: images from the dev registry (containerd mirrors ghcr.io to it), pinned by
-    digest; variants in the registry as pods reach it; operator and compile Jobs on the real node."""
-    placement = {"nodeSelector": {TAINT_KEY: "true"}, "tolerations": [TOLERATION]}
-    return {
-        "crds": {"enabled": False},  # the session applies them (edgefleet_api); helm must not adopt them
-        "images": {"registry": "ghcr.io/edgefleet", "digests": digests},
-        "artifactStore": {"url": f"oci://{cluster.pod_registry}/edgefleet-e2e", "insecure": True},
-        "nodeCache": {"hostPath": cluster.real_node["nodeCache"]},
-        "compile": {"executor": executor, **placement,
-                    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}},
-        **placement,
-    }
+    """The chart on the real node as `edgefleet demo` installs it (demo.real_node_values), variants in a
+    repository of the tests' own; CRDs left to the session (edgefleet_api): helm must not adopt them."""
+    from edgefleet.demo import real_node_values
+
+    return {"crds": {"enabled": False}, **real_node_values(cluster, digests, "edgefleet-e2e", executor)}
 
 
 def install_operator(cluster, values: dict, tmp: Path, timeout: float = 180) -> float:
@@ -92,17 +86,42 @@ def real_node_class(cluster) -> str:
     return profile
 
 
+USERS = "edgefleet.io/real-node-tests"  # on a HardwareProfile: who needs its toleration of the real node now
+STALE_SECONDS = 7200  # a user this old crashed without leaving: it no longer counts
+
+
 @contextlib.contextmanager
 def tolerating_real_node(cluster, profile: str):
-    """Let the class's pods onto the real node (its taint keeps every other pod off), restored afterwards."""
-    before = get(cluster, None, "hardwareprofile", profile)["spec"].get("tolerations", [])
-    patch = [{"op": "replace" if before else "add", "path": "/spec/tolerations", "value": [*before, TOLERATION]}]
-    cluster.kubectl("patch", "hardwareprofile", profile, "--type=json", "-p", json.dumps(patch))
+    """Let the class's pods onto the real node (its taint keeps every other pod off). Modules running at the same
+    time share the toleration: each adds itself to the profile's USERS annotation, and the last one out removes
+    the toleration (a plain restore would pull it from under the others' pods)."""
+    me = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+    _toleration_users(cluster, profile, lambda users: users | {me})
     try:
         yield
     finally:
-        restore = [{"op": "replace", "path": "/spec/tolerations", "value": before}]
-        cluster.kubectl("patch", "hardwareprofile", profile, "--type=json", "-p", json.dumps(restore), check=False)
+        _toleration_users(cluster, profile, lambda users: users - {me})
+
+
+def _toleration_users(cluster, profile: str, change) -> None:
+    """Read-modify-write of the users and the toleration, the resourceVersion as precondition (retried)."""
+    for _ in range(20):
+        obj = get(cluster, None, "hardwareprofile", profile)
+        listed = (obj["metadata"].get("annotations") or {}).get(USERS, "")
+        fresh = {u for u in listed.split(",") if u and time.time() - int(u.split("-")[0]) < STALE_SECONDS}
+        users = change(fresh)
+        tolerations = [t for t in obj["spec"].get("tolerations", []) if t != TOLERATION]
+        patch = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"],
+                              "annotations": {USERS: ",".join(sorted(users)) or None}},
+                 "spec": {"tolerations": [*tolerations, TOLERATION] if users else tolerations}}
+        done = cluster.kubectl("patch", "hardwareprofile", profile, "--type=merge", "-p", json.dumps(patch),
+                               check=False)
+        if done.returncode == 0:
+            return
+        if "Conflict" not in done.stderr and "modified" not in done.stderr:
+            raise AssertionError(f"patching {profile}'s tolerations failed: {done.stderr}")
+        time.sleep(0.2)
+    raise AssertionError(f"{profile}'s tolerations kept changing under the patch")
 
 
 def real_pods(cluster, namespace: str, profile: str) -> list[dict]:
@@ -149,7 +168,7 @@ class Tally:
 
 
 def infer_one(host: str, port: int, image: np.ndarray, tally: Tally, label: int | None = None,
-              conn: http.client.HTTPConnection | None = None, timeout: float = 5) -> None:
+              conn: http.client.HTTPConnection | None = None, timeout: float = 5, model: str = "digits") -> None:
     """One OIP v2 request (a new connection unless `conn` is given), counted in `tally`."""
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, *image.shape], "datatype": "FP32",
                                    "data": image.ravel().tolist()}]})
@@ -158,7 +177,7 @@ def infer_one(host: str, port: int, image: np.ndarray, tally: Tally, label: int 
     tally.sent += 1
     start = time.perf_counter()
     try:
-        conn.request("POST", "/v2/models/digits/infer", body, {"Content-Type": "application/json"})
+        conn.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
         data = resp.read()
         elapsed = (time.perf_counter() - start) * 1000
@@ -183,13 +202,15 @@ def infer_one(host: str, port: int, image: np.ndarray, tally: Tally, label: int 
         tally.correct += int(int(np.argmax(logits)) == int(label))
 
 
-def score(host: str, port: int, x: np.ndarray, y: np.ndarray, keep_alive: bool = True) -> Tally:
+def score(host: str, port: int, x: np.ndarray, y: np.ndarray, keep_alive: bool = True,
+          model: str = "digits") -> Tally:
     """Send every sample once; count answers, failures and correct top-1."""
     tally = Tally()
     conn = http.client.HTTPConnection(host, port, timeout=5) if keep_alive else None
     try:
         for image, label in zip(x, y, strict=True):
-            infer_one(host, port, image, tally, label, conn)  # a closed connection reopens on the next request
+            # a closed connection reopens on the next request
+            infer_one(host, port, image, tally, label, conn, model=model)
     finally:
         if conn is not None:
             conn.close()

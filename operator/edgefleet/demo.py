@@ -32,6 +32,8 @@ QUICKSTART = REPO / "examples" / "quickstart"
 CHART = REPO / "charts" / "edgefleet"
 NAMESPACE = "edgefleet-demo"
 DEMO_CLUSTER = "default"  # the tests never reuse it unless EDGEFLEET_CLUSTER names it
+REAL_NODE_TAINT = "edgefleet.io/real-node"  # the dev cluster's real node (devcluster/node.py) carries it
+REAL_NODE_TOLERATION = {"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}
 
 
 class DemoError(RuntimeError):
@@ -161,26 +163,27 @@ def serve_here(cluster, em: dict, echo) -> dict:
                                        f"--digest={variant['digest']}", "--name=digits", f"--port={port}",
                                        "--host=127.0.0.1", "--threads=1"], stdout=out, stderr=subprocess.STDOUT)
         try:
-            return {"profile": chosen, **_score(port, server, log, echo)}
+            return {"profile": chosen, **_score("127.0.0.1", port, server, log, echo)}
         finally:
             _stop(server)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _score(port: int, server: subprocess.Popen, log: Path, echo, samples: int = 200) -> dict:
+def _score(host: str, port: int, server: subprocess.Popen | None, log: Path | None, echo,
+           samples: int = 200) -> dict:
     data = np.load(QUICKSTART / "digits_eval.npz")
     x, y = data["input"][:samples], data["y"][:samples]
-    url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
+    url = f"http://{host}:{port}/v2/models/digits/infer"
     deadline = time.monotonic() + 60
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
+            urllib.request.urlopen(f"http://{host}:{port}/v2/health/ready", timeout=2)
             break
         except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-1500:]
-                raise DemoError(f"the runtime did not become ready; its log ends:\n{tail}") from None
+            if (server is not None and server.poll() is not None) or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-1500:] if log else ""
+                raise DemoError(f"the runtime at {host}:{port} did not become ready; its log ends:\n{tail}") from None
             time.sleep(0.2)
     correct, latencies = 0, []
     for img, label in zip(x, y, strict=True):
@@ -230,12 +233,129 @@ def print_tables(rows: list[dict], here: dict, echo=click.echo) -> None:
             echo(f"   {'why':<15} {row['why'][:200]}")
         if row.get("podsWhy"):
             echo(f"   {'pods':<15} {row['podsWhy'][:200]}")
-    echo(f"\n== this machine ({here['profile']}): {here['requests']} requests, top-1 {here['accuracy']:.1%}, "
+    where = f"pod {here['pod']} on the real node {here['node']}, " if here.get("pod") else "a host process, "
+    echo(f"\n== this machine ({here['profile']}; {where}{here['requests']} requests): top-1 {here['accuracy']:.1%}, "
          f"p50 {here['p50Ms']:.2f} ms over HTTP")
+
+
+def real_node_reason(name: str) -> str | None:
+    """Why the demo cannot run the operator and this machine's runtime as pods on a real node (None: it can)."""
+    from .images.sync import unbuilt
+
+    if reason := dc.real_node_skip_reason(name):
+        return reason
+    if missing := unbuilt():
+        return f"images not built ({', '.join(missing)}); run `edgefleet images build`"
+    return None
+
+
+def real_node_values(cluster, digests: dict[str, str], repository: str = "edgefleet",
+                     executor: str = "job") -> dict:
+    """Chart values for the real node: images from the cluster registry (containerd mirrors ghcr.io to it)
+    pinned by digest, variants in the registry as pods reach it, the node cache on a hostPath of the cluster's
+    state, the operator and compile Jobs on the real node (compile Jobs: the compiler image has every toolchain)."""
+    placement = {"nodeSelector": {REAL_NODE_TAINT: "true"}, "tolerations": [REAL_NODE_TOLERATION]}
+    return {
+        "images": {"registry": "ghcr.io/edgefleet", "digests": digests},
+        "artifactStore": {"url": f"oci://{cluster.pod_registry}/{repository}", "insecure": True},
+        "nodeCache": {"hostPath": cluster.real_node["nodeCache"]},
+        "compile": {"executor": executor, **placement,
+                    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}},
+        **placement,
+    }
+
+
+def install_chart_on_real_node(cluster, echo, timeout: float = 180) -> None:
+    """helm install with the operator as a pod on the real node, in a namespace enforcing the restricted Pod
+    Security Standard; waits until it is Ready and has applied the built-in profiles."""
+    from .images.sync import sync
+
+    digests = sync(f"{cluster.registry}/edgefleet", echo=lambda _: None)
+    echo(f"installing the edgefleet chart with helm; the operator runs as a pod on the real node "
+         f"{cluster.real_node['name']}")
+    cluster.kubectl("create", "namespace", "edgefleet-system", check=False)
+    cluster.kubectl("label", "--overwrite", "namespace", "edgefleet-system",
+                    "pod-security.kubernetes.io/enforce=restricted")
+    values_doc = real_node_values(cluster, digests)
+    crd = cluster.kubectl("get", "crd", "edgemodels.edgefleet.io", "-o", "json", check=False)
+    if crd.returncode == 0 and json.loads(crd.stdout)["metadata"].get("labels", {}).get(
+            "app.kubernetes.io/managed-by") != "Helm":
+        echo("  the CRDs exist and helm does not own them (kubectl applied them): the chart leaves them alone")
+        values_doc["crds"] = {"enabled": False}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as values:
+        json.dump(values_doc, values)
+        values.flush()
+        cluster.helm("upgrade", "--install", "edgefleet", str(CHART), "--namespace", "edgefleet-system",
+                     "-f", values.name)
+
+    def operator_ready():
+        pods = _get(cluster, "pods", "-n", "edgefleet-system", "-l", "app.kubernetes.io/component=operator")["items"]
+        ready = [p for p in pods if _ready(p) and not p["metadata"].get("deletionTimestamp")]
+        found = cluster.kubectl("get", "hardwareprofiles", "-o", "name", check=False).stdout.split()
+        return bool(ready) and len(found) >= 6, f"operator pods ready {len(ready)}/{len(pods)}, " \
+                                                 f"{len(found)} HardwareProfiles"
+
+    _wait("operator pod", operator_ready, timeout, echo)
+
+
+def _ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", []))
+
+
+def tolerate_real_node(cluster, echo) -> str:
+    """Let the real node's hardware class run pods there (the node's taint keeps every other pod off); returns
+    the class."""
+    node = cluster.real_node["name"]
+    labels = _get(cluster, "node", node)["metadata"].get("labels", {})
+    profiles = [HardwareProfile.model_validate(p) for p in _get(cluster, "hardwareprofiles")["items"]]
+    mine = resolve_nodes({node: labels}, profiles)[node]
+    if mine is None:
+        raise DemoError(f"the real node {node} belongs to no hardware class (labels {labels})")
+    tolerations = next(p for p in profiles if p.metadata["name"] == mine).spec.model_dump(
+        by_alias=True, exclude_none=True).get("tolerations", [])
+    if not any(t.get("key") == REAL_NODE_TAINT for t in tolerations):
+        echo(f"letting class {mine} onto the real node {node} (a toleration of {REAL_NODE_TAINT})")
+        patch = [{"op": "add", "path": "/spec/tolerations", "value": [*tolerations, REAL_NODE_TOLERATION]}]
+        cluster.kubectl("patch", "hardwareprofile", mine, "--type=json", "-p", json.dumps(patch))
+    return mine
+
+
+def serve_on_real_node(cluster, profile: str, em: dict, echo, timeout: float) -> dict:
+    """This machine's answers: the runtime pod of its class on the real node, queried at its pod IP."""
+    digest = next((v["digest"] for v in em["status"]["variants"] if v["profile"] == profile
+                   and v.get("state") == "Ready"), None)
+    if digest is None:
+        raise DemoError(f"no Ready variant for the real node's class {profile}; see the EdgeModel's status")
+
+    def pod():
+        pods = [p for p in _get(cluster, "pods", "-n", NAMESPACE, "-l", f"edgefleet.io/profile={profile}")["items"]
+                if p["spec"].get("nodeName") == cluster.real_node["name"] and _ready(p)
+                and p["metadata"].get("annotations", {}).get("edgefleet.io/variant-digest") == digest]
+        return (pods[0] if len(pods) == 1 else None), f"{len(pods)} Ready pods serving {digest[:19]}"
+
+    found = _wait(f"the {profile} pod on the real node", pod, timeout, echo)
+    name, ip = found["metadata"]["name"], found["status"]["podIP"]
+    echo(f"  this machine is the real node {cluster.real_node['name']}, class {profile}: pod {name} at {ip}")
+    return {"profile": profile, "pod": name, "node": cluster.real_node["name"],
+            **_score(ip, 8080, None, None, echo)}
 
 
 def run_demo(name: str, echo, timeout: float = 600) -> tuple[list[dict], dict]:
     started = time.monotonic()
+    reason = real_node_reason(name)
+    if reason is None:
+        cluster = dc.up(name, echo=echo, real_node=True)
+        install_chart_on_real_node(cluster, echo)
+        profile = tolerate_real_node(cluster, echo)
+        echo("applying examples/quickstart/ (kubectl apply --server-side -k examples/quickstart/)")
+        cluster.kubectl("apply", "--server-side", "-k", str(QUICKSTART))
+        em, ed = wait_served(cluster, echo, timeout)
+        echo("sending inference requests to this machine's runtime pod")
+        here = serve_on_real_node(cluster, profile, em, echo, timeout)
+        rows = class_tables(cluster, em, ed)
+        echo(f"done in {time.monotonic() - started:.0f}s")
+        return rows, here
+    echo(f"no real node ({reason}): the operator and this machine's runtime run as processes here")
     cluster = dc.up(name, echo=echo)
     install_chart(cluster, echo)
     operator = start_operator(cluster, cluster.state / "logs" / "operator.log", echo)
