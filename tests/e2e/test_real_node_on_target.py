@@ -170,7 +170,23 @@ def _selected(cluster, namespace: str, profile: str, generation: int = 1) -> dic
     if v and v.get("state") == "Failed":
         raise AssertionError(f"the {profile} variant failed: {v}")
     done = status.get("observedGeneration") == generation and v and v.get("state") == "Ready" and v.get("selection")
+    if done and v["selection"] != "onTarget":
+        raise AssertionError(f"selected on the host: {v.get('reason')}: {v.get('message')}\n"
+                             f"{_bench_pods(cluster, f'{namespace}-ops')}")
     return v if done else None
+
+
+def _bench_pods(cluster, ops: str) -> str:
+    """The bench pods' container states and log tails, for a failure message."""
+    out = []
+    for pod in items(cluster, ops, "pods", "-l", "app.kubernetes.io/name=edgefleet-bench"):
+        st = pod.get("status") or {}
+        states = [(c["name"], c.get("state")) for c in st.get("initContainerStatuses", []) + st.get(
+            "containerStatuses", [])]
+        logs = cluster.kubectl("logs", "-n", ops, pod["metadata"]["name"], "--all-containers", "--tail=15",
+                               check=False)
+        out.append(f"{pod['metadata']['name']}: {states}\n{logs.stdout[-3000:]}{logs.stderr[-500:]}")
+    return "\n".join(out) or "no bench pods"
 
 
 @pytest.fixture(scope="module")
