@@ -16,6 +16,7 @@ of the batch's file names: a batch pushed again after a crash between push and d
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import random
@@ -35,6 +36,7 @@ EXAMPLE_MEDIA_TYPE = "application/vnd.edgefleet.hard-example.v1+npz"
 ARTIFACT_TYPE = "application/vnd.edgefleet.hard-examples.v1"
 ANNOTATION = "io.edgefleet.hard-examples."  # + model, model-digest, class, node, count
 MAX_BACKOFF = 600.0
+LOCK = ".upload.lock"  # in the spool: one uploader per spool at a time, across processes
 MAX_EVAL_SAMPLES = 5000
 
 
@@ -121,8 +123,17 @@ class Uploader:
                             extra={"error": self.last_error, "retry_seconds": round(delay, 1)})
 
     def upload_once(self) -> int:
-        """Push the oldest batch; the number of examples uploaded (0: the spool is empty). Raises when the push
-        fails, leaving the spool as it was."""
+        """Push the oldest batch; the number of examples uploaded (0: the spool is empty, or another pod on this
+        node is uploading from it: a surge rollout runs two beside each other). Raises when the push fails,
+        leaving the spool as it was."""
+        with open(self.spool.dir / LOCK, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            return self._upload_batch()
+
+    def _upload_batch(self) -> int:
         files = self.spool.oldest(self.batch)
         if not files:
             return 0

@@ -448,9 +448,9 @@ class HardExamples:
                 f.unlink()
             except FileNotFoundError:
                 continue
-            with self._lock:
-                self.count -= 1
-                self.bytes -= size
+            with self._lock:  # a file another process spooled (a surge pod) was never counted here
+                self.count = max(0, self.count - 1)
+                self.bytes = max(0, self.bytes - size)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued example is written or dropped (shutdown, tests); False on timeout."""

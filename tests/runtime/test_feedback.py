@@ -148,3 +148,35 @@ def test_prepare_cache_makes_the_spool_for_the_runtime_user_and_refuses_paths_ou
     bad = subprocess.run([*run, "--spool=../elsewhere"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--spool ../elsewhere: give a path inside the cache" in bad.stderr
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_one_uploader_per_spool_at_a_time_and_a_failed_push_keeps_the_batch(tmp_path):
+    """Two pods on a node (a surge rollout) share the spool: while one uploads, the other skips; a push that fails
+    leaves every file where it was."""
+    import fcntl
+
+    from edgefleet_runtime.feedback import LOCK, Uploader
+    from edgefleet_runtime.monitor import HardExamples
+
+    spool = HardExamples(str(tmp_path / "spool"))
+    for i in range(5):
+        (spool.dir / f"{i:020d}-0000.npz").write_bytes(b"x" * 10)
+    pushed: list[list[str]] = []
+
+    def push(files, annotations, tag):
+        pushed.append([f.name for f in files])
+
+    def refuse(files, annotations, tag):
+        raise OSError("registry away")
+
+    uploader = Uploader(spool, "oci://127.0.0.1:1/r", {"class": "c", "node": "n"}, batch=3, push=push)
+    with open(spool.dir / LOCK, "a") as held:  # the other pod is uploading
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert uploader.upload_once() == 0 and pushed == []
+    failing = Uploader(spool, "oci://127.0.0.1:1/r", {}, batch=3, push=refuse)
+    with pytest.raises(OSError):
+        failing.upload_once()
+    assert len(list(spool.dir.glob("*.npz"))) == 5
+    assert uploader.upload_once() == 3 and uploader.upload_once() == 2 and uploader.upload_once() == 0
+    assert pushed == [[f"{i:020d}-0000.npz" for i in range(3)], [f"{i:020d}-0000.npz" for i in (3, 4)]]
+    assert not list(spool.dir.glob("*.npz"))
