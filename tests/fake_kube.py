@@ -118,6 +118,18 @@ class FakeKube(Kube):
         self._record("delete", kind, name)
         self.objects.pop(self._key(kind, namespace, name), None)
 
+    def patch(self, kind: str, name: str, namespace: str | None, body: dict) -> dict:
+        self._record("patch", kind, name)
+        key = self._key(kind, namespace, name)
+        if key not in self.objects:
+            raise NotFound(f"{kind} {namespace}/{name}")
+        old = self.objects[key]
+        new = merge_patch(copy.deepcopy(old), body)
+        if old.get("spec") != new.get("spec"):
+            new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+        self.objects[key] = new
+        return copy.deepcopy(new)
+
     def patch_status(self, kind: str, name: str, namespace: str | None, status: dict) -> dict:
         self._record("patch_status", kind, name)
         key = self._key(kind, namespace, name)

@@ -152,6 +152,12 @@ class Kube:
         except NotFound:
             pass
 
+    def patch(self, kind: str, name: str, namespace: str | None, body: dict) -> dict:
+        """JSON merge patch: a null removes a field whoever set it (server-side apply cannot drop another
+        manager's field, e.g. the configMap of a source the user wrote)."""
+        return self._call("PATCH", _path(kind, namespace, name), body=body,
+                          content_type="application/merge-patch+json")
+
     def patch_status(self, kind: str, name: str, namespace: str | None, status: dict) -> dict:
         return self._call("PATCH", _path(kind, namespace, name, "status"), body={"status": status},
                           content_type="application/merge-patch+json")

@@ -113,6 +113,11 @@ class CachedKube(Kube):
         self._remember(obj["kind"], live)
         return live
 
+    def patch(self, kind: str, name: str, namespace: str | None, body: dict) -> dict:
+        live = self.kube.patch(kind, name, namespace, body)
+        self._remember(kind, live)
+        return live
+
     def patch_status(self, kind: str, name: str, namespace: str | None, status: dict) -> dict:
         live = self.kube.patch_status(kind, name, namespace, status)
         self._remember(kind, live)

@@ -235,9 +235,8 @@ def _publish(kube: Kube, target: EdgeModel, published: dict[str, Any]) -> None:
     if target.spec.source.to_dict() == source:
         return
     meta = target.metadata
-    spec = {**target.spec.to_dict(), "source": source}
-    kube.apply({"apiVersion": target.api_version, "kind": "EdgeModel",
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "spec": spec}, force=True)
+    # a merge patch, so the user's configMap source is dropped (an apply would keep it: two sources, refused)
+    kube.patch("EdgeModel", meta["name"], meta["namespace"], {"spec": {"source": {**source, "configMap": None}}})
 
 
 def _stop_clients(kube: Kube, ft: FederatedTraining) -> None:
