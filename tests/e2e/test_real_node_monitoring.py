@@ -23,7 +23,8 @@ import pytest
 from kube_helpers import get, wait_for
 from operator_helpers import quickstart_into
 from real_node_helpers import TAINT_KEY, TOLERATION, eval_set, real_node_class, serving_pod
-from test_real_node_on_target import Relay, registry  # noqa: F401 (registry: a fixture both sides reach)
+from relay import Relay
+from test_real_node_on_target import registry  # noqa: F401 (registry: a fixture both sides reach)
 
 pytestmark = pytest.mark.cluster
 

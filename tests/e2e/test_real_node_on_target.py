@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
-import socketserver
 import sys
 import threading
 import time
@@ -37,46 +35,11 @@ def note(key: str, value: object) -> None:
     print(f"[on-target] {key}: {value}", file=sys.__stdout__, flush=True)
 
 
-class Forwarder(socketserver.ThreadingTCPServer):
-    """The registry at one address for both the operator (on this host) and the pods: the node's bridge IP
-    DNATs the registry port only for traffic from pods, so this listens on the bridge IP and relays to loopback."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, host: str, target: tuple[str, int]):
-        self.target = target
-        super().__init__((host, 0), Relay)
-
-
-class Relay(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        with socket.create_connection(self.server.target, timeout=30) as upstream:
-            pump = threading.Thread(target=_copy, args=(upstream, self.request), daemon=True)
-            pump.start()
-            _copy(self.request, upstream)
-            pump.join(30)
-
-
-def _copy(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(1 << 16):
-            dst.sendall(data)
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-
-
 @pytest.fixture(scope="module")
 def registry(cluster):
-    """oci-style HOST:PORT of the registry that the operator and the real node's pods both reach."""
-    host, port = cluster.registry.split(":")
-    server = Forwarder(cluster.pod_registry.split(":")[0], (host, int(port)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"{server.server_address[0]}:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    """HOST:PORT of the registry that the operator (on this host) and the real node's pods both reach: the
+    node's bridge IP (the node DNATs it to the loopback registry for both)."""
+    return cluster.pod_registry
 
 
 @pytest.fixture(scope="module")
