@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 
 def apply(cluster, namespace: str | None, obj: dict | list) -> None:
@@ -22,8 +23,9 @@ def items(cluster, namespace: str | None, *what: str) -> list[dict]:
     return get(cluster, namespace, *what)["items"]
 
 
-def wait_for(check, timeout: float = 60, every: float = 0.5, what: str = "condition"):
-    """Poll `check` until it returns something truthy; fail with `what` (and the last value) on timeout."""
+def wait_for(check, timeout: float = 60, every: float = 0.5, what: str | Callable[[], str] = "condition"):
+    """Poll `check` until it returns something truthy; fail with `what` (and the last value) on timeout. A
+    callable `what` is called then, so it can describe the state at the timeout rather than at the start."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -31,7 +33,8 @@ def wait_for(check, timeout: float = 60, every: float = 0.5, what: str = "condit
         if last:
             return last
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    about = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {about} (last: {last!r})")
 
 
 def is_ready(pod: dict) -> bool:

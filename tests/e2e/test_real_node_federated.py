@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -34,8 +35,13 @@ ROUNDS, EPOCHS = 3, 5
 STORE_REPO = "edgefleet-fl"
 
 
+def say(line: str) -> None:
+    """To the real stdout: KopfRunner swaps sys.stdout while the operator runs (seen with `pytest -s`)."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
 def note(key: str, value: float) -> None:
-    print(f"[federated timing] {key}: {value:.1f} s")
+    say(f"[federated timing] {key}: {value:.1f} s")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def fl(edgefleet_api, real_node):
     from kopf.testing import KopfRunner
 
     cluster = edgefleet_api
-    ns = f"fl-{uuid.uuid4().hex[:8]}"
+    ns = f"rn-fl-{uuid.uuid4().hex[:8]}"  # rn-*: the session operator fixture leaves it alone
     cluster.kubectl("create", "namespace", ns)
     data = Path(tempfile.mkdtemp(prefix="edgefleet-fl-"))
     data.chmod(0o755)  # the client pods run as uid 10001 and mount it read-only
@@ -152,7 +158,11 @@ def failure_detail(fl, name: str) -> str:
     states = {p["metadata"]["name"]: (p["status"].get("phase"), [c.get("state") for c in
                                                                  p["status"].get("containerStatuses", [])])
               for p in pods}
-    return f"status {json.dumps(status(fl, name))[:2000]}\npods {json.dumps(states)[:3000]}"
+    server = fl["cluster"].kubectl("logs", "-n", ns, f"job/fl-{name}", "--tail=15", check=False)
+    rep = report(fl, name) or {}
+    return (f"status {json.dumps(status(fl, name))[:2000]}\npods {json.dumps(states)[:3000]}\nreport state "
+            f"{rep.get('state')} rounds {len(rep.get('rounds', []))} {rep.get('message', '')}\nserver log tail\n"
+            f"{(server.stdout or '')[-3000:]}{(server.stderr or '')[-500:]}")
 
 
 def test_federated_on_the_real_node_beats_local_only_and_start_sending_only_parameters(fl):
@@ -162,7 +172,7 @@ def test_federated_on_the_real_node_beats_local_only_and_start_sending_only_para
     cluster, ns = fl["cluster"], fl["ns"]
     started = time.monotonic()
     start(fl, "ft", "digits-fl")
-    final = wait_for(lambda: terminal(fl, "ft"), 240, 2, f"the run to finish\n{failure_detail(fl, 'ft')}")
+    final = wait_for(lambda: terminal(fl, "ft"), 240, 2, lambda: f"the run to finish\n{failure_detail(fl, 'ft')}")
     note("run (pods scheduled, pulled, 3 rounds, published)", time.monotonic() - started)
     assert condition(final, "Succeeded"), failure_detail(fl, "ft")
     assert final["roundsDone"] == ROUNDS and [r["clients"] for r in final["rounds"]] == [3] * ROUNDS
@@ -181,7 +191,7 @@ def test_federated_on_the_real_node_beats_local_only_and_start_sending_only_para
     local = [loss_and_accuracy(train(start_model.head, start_model.features({"input": x}), y,
                                      epochs=EPOCHS * ROUNDS, seed=i), eval_features, ey)[1]
              for i, (x, y) in enumerate(fl["shards"])]
-    print(f"[federated] start {start_acc:.3f} federated {fed_acc:.3f} local-only {[round(a, 3) for a in local]}")
+    say(f"[federated] start {start_acc:.3f} federated {fed_acc:.3f} local-only {[round(a, 3) for a in local]}")
     assert fed_acc == pytest.approx(final["finalAccuracy"], abs=1e-6)
     assert fed_acc > start_acc and fed_acc > max(local)
 
@@ -190,7 +200,7 @@ def test_federated_on_the_real_node_beats_local_only_and_start_sending_only_para
     params = parameter_bytes(start_model.head)
     shard_bytes = min(x.nbytes for x, _ in fl["shards"])
     sizes = [n for r in rep["rounds"] for n in r["bytesPerClient"]]
-    print(f"[federated] parameters {params} B, per-client updates {sorted(set(sizes))} B, smallest shard "
+    say(f"[federated] parameters {params} B, per-client updates {sorted(set(sizes))} B, smallest shard "
           f"{shard_bytes} B")
     assert len(sizes) == 3 * ROUNDS and all(params <= n <= params + 512 for n in sizes), (sizes, params)
     assert rep["parameterBytes"] == params
@@ -209,15 +219,17 @@ def test_federated_client_deleted_mid_run_goes_on_with_the_rest_or_fails_publish
     # deletion fails after it (the image is on the node by now: pods start in seconds)
     start(fl, name, target, rounds=rounds, minClients=min_clients, training={"epochs": 2}, roundTimeoutSeconds=20)
     wait_for(lambda: (report(fl, name) or {}).get("rounds"), 240, 0.3,
-             f"the first round\n{failure_detail(fl, name)}")
+             lambda: f"the first round\n{failure_detail(fl, name)}")
     victim = f"fl-{name}-c-{fl['cluster'].real_node['name']}-2"
     cluster.kubectl("delete", "pod", "-n", ns, "-l", f"job-name={victim}", "--grace-period=1", "--wait=false")
     deleted_after = len(report(fl, name)["rounds"])
-    final = wait_for(lambda: terminal(fl, name), 240, 1, f"the run to finish\n{failure_detail(fl, name)}")
+    final = wait_for(lambda: terminal(fl, name), 240, 1, lambda: f"the run to finish\n{failure_detail(fl, name)}")
     note(f"run with a client deleted (minClients {min_clients})", time.monotonic() - started)
     assert deleted_after < rounds, "the run ended before a client could be deleted; make rounds longer"
     em = get(cluster, ns, "edgemodel", target)
     rounds_seen = final.get("rounds", [])
+    say(f"[federated] minClients {min_clients}: client deleted after round {deleted_after}; clients per round "
+        f"{[r['clients'] for r in rounds_seen]}; {final['conditions'][-1]['message'][:160]}")
     if min_clients == 2:
         assert condition(final, "Succeeded"), failure_detail(fl, name)
         assert final["roundsDone"] == rounds
