@@ -7,6 +7,7 @@ import base64
 import pytest
 from edgefleet.api import load
 from edgefleet.api.base import format_errors
+from edgefleet.kube import ApiError
 from edgefleet.reconcile.federated import reconcile_federated
 from edgefleet.settings import Settings
 from fake_kube import FakeKube, api_error
@@ -134,6 +135,49 @@ def test_federated_failed_run_publishes_nothing(kube):
                                                                                    "key": "model.onnx"}}
     assert kube.warnings()[-1]["reason"] == "RoundFailed"
     assert step(kube) == status  # terminal
+
+
+def finish_with_a_published_model(kube) -> None:
+    step(kube)
+    kube.report = {"state": "Succeeded", "startAccuracy": 0.09, "finalAccuracy": 0.94, "message": "0.09 -> 0.94",
+                   "rounds": [{"round": 1, "clients": 3, "failures": 0, "loss": 0.3, "accuracy": 0.94}],
+                   "published": {"ref": "oci://registry.local:5000/edgefleet@" + DIGEST, "digest": DIGEST}}
+    kube.set_status("Job", "fl-ft", NS, {"conditions": [{"type": "Complete", "status": "True"}]})
+
+
+def test_federated_publish_refused_by_the_api_server_fails_once_with_the_fix_and_no_retry(kube):
+    finish_with_a_published_model(kube)
+    kube.fail("patch", "EdgeModel", api_error(422, 'EdgeModel.edgefleet.io "digits" is invalid: spec.source: '
+                                                   "set exactly one of source.uri or source.configMap", "Invalid"))
+    status = step(kube)  # returns instead of raising: the controller does not retry it
+    failed = cond(status, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "InvalidManifest"
+    assert "refused the publish to EdgeModel team/digits (HTTP 422)" in failed["message"]
+    assert "set exactly one of source.uri" in failed["message"]
+    assert "Fix: change the target EdgeModel (spec.targetModel) field named in the message" in failed["message"]
+    assert cond(status, "Progressing")["status"] == "False" and "publishedDigest" not in status
+    assert kube.get("EdgeModel", "digits", NS)["spec"]["source"] == {"configMap": {"name": "inputs",
+                                                                                   "key": "model.onnx"}}
+    assert client_jobs(kube) == []
+    patches = kube.calls.count(("patch", "EdgeModel", "digits"))
+    assert step(kube) == status and step(kube) == status  # terminal: no retry, no second event
+    assert kube.calls.count(("patch", "EdgeModel", "digits")) == patches
+    assert [(w["object"], w["reason"]) for w in kube.warnings()] == [("ft", "InvalidManifest")]
+
+
+def test_federated_children_refused_fail_the_run_with_the_fix_and_transient_errors_are_retried(kube):
+    kube.fail("apply", "Job", api_error(500, "etcdserver: request timed out"))
+    with pytest.raises(ApiError):  # transient: the controller retries it with backoff
+        step(kube)
+    kube.fail("apply", "Job", api_error(403, 'jobs.batch is forbidden: User "system:serviceaccount:edgefleet-system:'
+                                             'edgefleet" cannot create resource "jobs"', "Forbidden"))
+    status = step(kube)
+    failed = cond(status, "Failed")
+    assert failed["reason"] == "Forbidden" and "the Secret, Service or Jobs of FederatedTraining team/ft" in \
+        failed["message"]
+    assert "Fix: grant the operator's ServiceAccount this permission" in failed["message"]
+    assert [w["reason"] for w in kube.warnings()] == ["Forbidden"]
+    assert step(kube) == status
 
 
 def test_federated_min_clients_above_the_participants_fails_with_the_fix(kube):

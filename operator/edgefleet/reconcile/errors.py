@@ -31,8 +31,10 @@ class PermanentError(Exception):
         self.fix = fix
 
 
-def as_permanent(err: Exception, what: str) -> PermanentError | None:
-    """`err` as a PermanentError about `what` (e.g. "DaemonSet ns/name"), or None when it is transient."""
+def as_permanent(err: Exception, what: str, subject: str = "HardwareProfile or EdgeDeployment"
+                 ) -> PermanentError | None:
+    """`err` as a PermanentError about `what` (e.g. "DaemonSet ns/name"), or None when it is transient; the fix
+    of a refused manifest names `subject`, the kinds it is rendered from."""
     if isinstance(err, PermanentError):
         return err
     if isinstance(err, PlacementError):
@@ -40,20 +42,20 @@ def as_permanent(err: Exception, what: str) -> PermanentError | None:
     if isinstance(err, ApiError) and 400 <= err.status < 500 and err.status not in RETRIABLE_STATUSES:
         if "is being terminated" in err.message:  # the namespace goes away (403): nothing for the user to fix
             return None
-        return _refused(err, what)
+        return _refused(err, what, subject)
     return None
 
 
-def _refused(err: ApiError, what: str) -> PermanentError:
+def _refused(err: ApiError, what: str, subject: str) -> PermanentError:
     message = f"the API server refused {what} (HTTP {err.status}): {err.message}"
     if err.status == 403:
         return PermanentError("Forbidden", message, "grant the operator's ServiceAccount this permission "
                               "(chart: rbac.create=true creates the ClusterRole it needs)")
     if err.status == 422 or err.reason == "Invalid":
-        return PermanentError("InvalidManifest", message, "change the HardwareProfile or EdgeDeployment field "
-                              "named in the message (the manifest is rendered from them)")
-    return PermanentError("RequestRefused", message, "change the HardwareProfile or EdgeDeployment field named "
-                          "in the message, or report a bug if it names none")
+        return PermanentError("InvalidManifest", message, f"change the {subject} field named in the message "
+                              "(the manifest is rendered from them)")
+    return PermanentError("RequestRefused", message, f"change the {subject} field named in the message, or report "
+                          "a bug if it names none")
 
 
 def report_invalid_spec(kube: Kube, raw: dict[str, Any], err: ValidationError, main_condition: str,

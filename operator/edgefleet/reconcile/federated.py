@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,10 +29,11 @@ from ..api import (
 from ..api.federated import FAILED, SUCCEEDED, FederatedTraining, FederatedTrainingStatus
 from ..artifacts import StoreError, open_store
 from ..federated_tls import make_bundle
-from ..kube import Kube
+from ..kube import ApiError, Kube
 from ..render import federated as r
 from ..settings import Settings
 from .conditions import flipped, set_condition
+from .errors import as_permanent
 from .sources import config_map_bytes
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,9 @@ def _step(kube: Kube, settings: Settings, ft: FederatedTraining, status: dict[st
         raise RunFailed("NotEnoughClients", f"spec.minClients is {ft.spec.min_clients} but the participants give "
                         f"{len(clients)} clients ({len({c.node for c in clients})} nodes x clientsPerNode "
                         f"{ft.spec.participants.clients_per_node}); lower minClients or widen participants")
-    _apply_children(kube, settings, ft, source, clients)
+    with _refusal_fails_the_run(f"the Secret, Service or Jobs of FederatedTraining {ns}/{ft.metadata['name']}",
+                                "FederatedTraining"):
+        _apply_children(kube, settings, ft, source, clients)
     status["clients"] = len(clients)
     report = _report(settings, ft)
     if report:
@@ -105,7 +110,9 @@ def _step(kube: Kube, settings: Settings, ft: FederatedTraining, status: dict[st
         published = report.get("published") or {}
         if not published.get("digest"):
             raise RunFailed("NotPublished", "the server finished without publishing a model (no artifact store)")
-        _publish(kube, target, published)
+        with _refusal_fails_the_run(f"the publish to EdgeModel {ns}/{ft.spec.target_model.name}",
+                                    "target EdgeModel (spec.targetModel)"):
+            _publish(kube, target, published)
         _stop_clients(kube, ft)
         status["conditions"] = set_condition(status.get("conditions", []), PROGRESSING, False, "Finished",
                                              report.get("message", ""), ft.metadata.get("generation"))
@@ -119,6 +126,20 @@ def _step(kube: Kube, settings: Settings, ft: FederatedTraining, status: dict[st
                                          f"{done}/{ft.spec.rounds} rounds done with {len(clients)} clients",
                                          ft.metadata.get("generation"))
     return status
+
+
+@contextmanager
+def _refusal_fails_the_run(what: str, subject: str) -> Iterator[None]:
+    """An API refusal that no retry gets past (a 4xx such as 403 or 422) fails the run with the reason and the fix,
+    instead of being retried forever; anything else propagates and the controller retries it."""
+    try:
+        yield
+    except ApiError as err:
+        problem = as_permanent(err, what, subject)
+        if problem is None:
+            raise
+        raise RunFailed(problem.reason, f"{problem}; then change the FederatedTraining's spec to try "
+                        "again (a run stays Failed for its generation)") from err
 
 
 def _model(kube: Kube, ns: str, name: str, field: str) -> EdgeModel:
