@@ -107,4 +107,10 @@ def real_node(edgefleet_api) -> dict[str, str]:
 
     if reason := skip_reason(edgefleet_api, unbuilt()):
         pytest.skip(reason)
-    return sync(f"{edgefleet_api.registry}/edgefleet", echo=lambda _: None)
+    from edgefleet.devcluster import node
+    from edgefleet.images.spec import VERSION
+
+    digests = sync(f"{edgefleet_api.registry}/edgefleet", echo=lambda _: None)
+    # tags the node pulled earlier (profiles name ghcr.io/edgefleet/<name>:VERSION) must name these builds
+    node.refresh_images(edgefleet_api.state, [f"ghcr.io/edgefleet/{name}:{VERSION}" for name in digests])
+    return digests

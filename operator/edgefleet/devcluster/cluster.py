@@ -382,6 +382,7 @@ def push_built_images(cluster: Cluster, echo: Callable[[str], None] = print) -> 
     when warm), so the real node runs them as ghcr.io/edgefleet/<name> through its mirror. Not built, or the
     push refused: says so and returns {} (the node runs; pods of those images cannot start)."""
     from ..images import oci
+    from ..images.spec import VERSION
     from ..images.sync import sync, unbuilt
 
     if missing := unbuilt():
@@ -391,7 +392,8 @@ def push_built_images(cluster: Cluster, echo: Callable[[str], None] = print) -> 
     started = time.monotonic()
     try:
         digests = sync(f"{cluster.registry}/edgefleet", echo=lambda _: None)
-    except oci.PushError as err:
+        node.refresh_images(cluster.state, [f"ghcr.io/edgefleet/{name}:{VERSION}" for name in digests])
+    except (oci.PushError, node.NodeError) as err:
         echo(f"could not push the built images to the cluster registry {cluster.registry}: {err}")
         return {}
     echo(f"built images in the cluster registry in {time.monotonic() - started:.1f}s ({', '.join(digests)}; "

@@ -217,6 +217,22 @@ def _ctr(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedP
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def refresh_images(state: Path, refs: list[str]) -> list[str]:
+    """Point the node's local tags among `refs` at what the registry holds now, through the node's mirror
+    config: a pod naming a tag (imagePullPolicy IfNotPresent) would otherwise run whatever the tag named when
+    the node first pulled it. Tags the node never pulled are left to the kubelet. Returns the refs re-pulled."""
+    present = set(_ctr(state, "images", "ls", "-q").stdout.split())
+    pulled = []
+    for ref in refs:
+        if ref not in present:
+            continue
+        done = _ctr(state, "images", "pull", "--hosts-dir", str(state / "node" / "certs.d"), ref, timeout=600)
+        if done.returncode != 0:
+            raise NodeError(f"re-pulling {ref} on the real node failed: {done.stderr.strip()[-500:]}")
+        pulled.append(ref)
+    return pulled
+
+
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if check and proc.returncode != 0:
