@@ -244,6 +244,8 @@ def test_federated_client_deleted_mid_run_goes_on_with_the_rest_or_fails_publish
         # "only 2 of the minimum 3 clients connected within 20 s"
         assert re.search(r"\bminimum (is )?3\b", failed["message"]), failed["message"]
         assert "publishedDigest" not in final and "publishedRef" not in final
+        # the failed run's rounds stay in status; every one that completed had all 3 clients
+        assert len(rounds_seen) >= deleted_after and all(r["clients"] == 3 for r in rounds_seen), rounds_seen
         assert em["spec"]["source"] == {"configMap": {"name": "fl-inputs", "key": "start.onnx"}}
         events = items(cluster, ns, "events", "--field-selector", f"involvedObject.name={name}")
         assert any(e["type"] == "Warning" and e["reason"] == "RoundFailed" for e in events)

@@ -131,6 +131,7 @@ def test_federated_failed_run_publishes_nothing(kube):
     failed = cond(status, "Failed")
     assert failed["reason"] == "RoundFailed" and "minimum is 2" in failed["message"]
     assert "publishedDigest" not in status
+    assert status["roundsDone"] == 1 and status["rounds"][0]["clients"] == 3  # the failed run's rounds stay visible
     assert kube.get("EdgeModel", "digits", NS)["spec"]["source"] == {"configMap": {"name": "inputs",
                                                                                    "key": "model.onnx"}}
     assert kube.warnings()[-1]["reason"] == "RoundFailed"

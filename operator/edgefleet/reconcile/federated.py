@@ -60,11 +60,12 @@ def reconcile_federated(kube: Kube, settings: Settings, obj: dict[str, Any]) -> 
     except ValueError as err:  # the CRD's schema and CEL rules catch most of it first
         lines = format_errors(err) if isinstance(err, ValidationError) else [str(err)]
         return _finish(kube, obj, old, FAILED, "InvalidSpec", "; ".join(lines), gen)
+    status = dict(old)
     try:
-        status = _step(kube, settings, ft, dict(old))
-    except RunFailed as err:
+        status = _step(kube, settings, ft, status)
+    except RunFailed as err:  # `status` holds what the step read before (the report's rounds)
         _stop_clients(kube, ft)
-        return _finish(kube, obj, old, FAILED, err.reason, err.message, gen)
+        return _finish(kube, obj, old, FAILED, err.reason, err.message, gen, status)
     return _write(kube, obj, old, status, gen)
 
 
@@ -267,8 +268,9 @@ def _stop_clients(kube: Kube, ft: FederatedTraining) -> None:
 
 
 def _finish(kube: Kube, obj: dict[str, Any], old: dict[str, Any], kind: str, reason: str, message: str,
-            gen: int | None) -> dict[str, Any]:
-    status = dict(old)
+            gen: int | None, seen: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The terminal status: `seen` (the fields read this step, else the old status) with the condition."""
+    status = dict(seen if seen is not None else old)
     conds = set_condition(old.get("conditions", []), PROGRESSING, False, reason, message, gen)
     status["conditions"] = set_condition(conds, kind, True, reason, message, gen)
     status.pop("publishedRef", None)
