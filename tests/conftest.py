@@ -23,15 +23,17 @@ TEST_CLUSTER = "test"  # the session's own cluster; `edgefleet demo` and `cluste
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[edgefleet.devcluster.Cluster]:  # noqa: F821
-    """The local control plane: the one EDGEFLEET_CLUSTER names when it runs, else a cluster of the
-    session's own (named "test", never the demo's), started now and stopped afterwards. A reused cluster
+    """The local control plane: the one EDGEFLEET_CLUSTER names (started when it is down, and left running: other
+    sessions share it), else a cluster of the session's own (named "test", never the demo's), started now and
+    stopped afterwards. A reused cluster
     must not hold other workloads' accelerators: the GPU tests would wait for them until they time out."""
     from edgefleet.devcluster import is_running, session_cluster
     from kube_helpers import foreign_accelerator_pods
 
+    shared = "EDGEFLEET_CLUSTER" in os.environ  # named by the user: other sessions may use it, it stays up
     os.environ.setdefault("EDGEFLEET_CLUSTER", TEST_CLUSTER)
     reused = is_running(os.environ["EDGEFLEET_CLUSTER"])
-    with session_cluster() as c:
+    with session_cluster(stop=not shared) as c:
         if reused and (held := foreign_accelerator_pods(c)):
             pytest.exit(f"cluster {os.environ['EDGEFLEET_CLUSTER']!r} runs pods of other workloads that hold "
                         f"accelerators ({', '.join(held[:5])}); the tests need those nodes. Run the tests on a "

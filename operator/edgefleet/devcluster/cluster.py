@@ -559,9 +559,10 @@ def real_node_skip_reason(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def session_cluster(echo: Callable[[str], None] = print) -> Iterator[Cluster]:
+def session_cluster(echo: Callable[[str], None] = print, stop: bool = True) -> Iterator[Cluster]:
     """For test sessions: reuse the cluster named by EDGEFLEET_CLUSTER (default 'default') when it runs,
-    else start one (with the real node wherever this host can run it) and stop it afterwards."""
+    else start one (with the real node wherever this host can run it) and stop it afterwards unless `stop` is
+    False (a shared cluster: sessions that started meanwhile reuse it and would lose it)."""
     name = os.environ.get("EDGEFLEET_CLUSTER", "default")
     if is_running(name):
         yield Cluster(state_dir(name))
@@ -573,4 +574,7 @@ def session_cluster(echo: Callable[[str], None] = print) -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
-        down(name)
+        if stop:
+            down(name)
+        else:
+            echo(f"edgefleet: cluster {name!r} left running (shared: other sessions may be using it)")

@@ -600,9 +600,11 @@ def _clean_machine(state: Path) -> list[str]:
 def _pids_in_cgroups() -> set[int]:
     pids: set[int] = set()
     for ctrl in _cgroup_roots():
-        for procs in (ctrl / CGROUP_ROOT).rglob("cgroup.procs"):
-            with contextlib.suppress(OSError, ValueError):
-                pids.update(int(p) for p in procs.read_text().split())
+        # os.walk skips a directory that vanishes during the walk (a pod's cgroup going away); rglob raised
+        for folder, _, files in os.walk(ctrl / CGROUP_ROOT):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(p) for p in (Path(folder) / "cgroup.procs").read_text().split())
     return pids
 
 
