@@ -8,6 +8,7 @@ it starts on loopback; every loop is bounded in count and time. Timings are prin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -17,17 +18,20 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kube_helpers import get, wait_for
+from kube_helpers import get, is_ready, items, wait_for
 from operator_helpers import quickstart_into
 from real_node_helpers import (
     OPERATOR_NAMESPACE,
+    TAINT_KEY,
     Tally,
     chart_values,
     eval_set,
+    events_for,
     infer_one,
     install_operator,
     operator_pod,
     real_node_class,
+    real_pods,
     registry_stopped,
     registry_up,
     score,
@@ -49,10 +53,21 @@ def note(key: str, value: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def chart_operator(cluster, real_node, tmp_path_factory):
+def namespace(cluster):
+    """The module's namespace: the only one the chart's operator watches (other tests on the shared cluster run
+    operators of their own)."""
+    name = f"rn-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def chart_operator(cluster, real_node, namespace, tmp_path_factory):
     """The chart installed with the operator as a real pod on the real node (compile executor: job)."""
     cluster.kubectl("delete", "hardwareprofile", RECREATED, "--ignore-not-found")
-    seconds = install_operator(cluster, chart_values(cluster, real_node), tmp_path_factory.mktemp("chart"))
+    values = {**chart_values(cluster, real_node), "watchNamespaces": [namespace]}
+    seconds = install_operator(cluster, values, tmp_path_factory.mktemp("chart"))
     note("helm install -> operator Ready (s)", seconds)
     yield real_node
     uninstall_operator(cluster)
@@ -64,21 +79,31 @@ def chart_operator(cluster, real_node, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(cluster, chart_operator):
-    """The quickstart in a namespace of its own, its real-node class served by a real pod."""
-    namespace = f"rn-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", namespace)
+def served(cluster, chart_operator, namespace):
+    """The quickstart in the module's namespace, its real-node class served by a real pod."""
     profile = real_node_class(cluster)
     with tolerating_real_node(cluster, profile):
         started = time.monotonic()
         quickstart_into(cluster, namespace)
         variant = wait_for(lambda: _ready_variant(cluster, namespace, profile), 420, 2,
                            f"the {profile} variant compiled by the compile Job")
-        pod = wait_for(lambda: serving_pod(cluster, namespace, profile, variant["digest"]), 180, 1,
-                       f"a Ready {profile} pod on the real node serving {variant['digest'][:19]}")
+        try:
+            pod = wait_for(lambda: serving_pod(cluster, namespace, profile, variant["digest"]), 180, 1,
+                           f"a Ready {profile} pod on the real node serving {variant['digest'][:19]}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{_what_happened(cluster, namespace, profile)}") from None
         note("quickstart apply -> real pod serving (s)", time.monotonic() - started)
         yield {"namespace": namespace, "profile": profile, "variant": variant, "pod": pod}
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _what_happened(cluster, namespace: str, profile: str) -> str:
+    """The class's pods, its status message and the namespace's last events, for a failure message."""
+    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", "-l", f"edgefleet.io/profile={profile}",
+                           check=False).stdout
+    events = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False).stdout
+    tolerations = get(cluster, None, "hardwareprofile", profile)["spec"].get("tolerations")
+    return (f"pods:\n{pods}\nclass message: {_class_message(cluster, namespace, profile)!r}\n"
+            f"profile tolerations: {tolerations}\nlast events:\n{chr(10).join(events.splitlines()[-15:])}")
 
 
 def _ready_variant(cluster, namespace: str, profile: str) -> dict | None:
@@ -294,3 +319,243 @@ def test_model_update_rolls_the_real_pod_to_the_new_digest_while_a_service_clien
     assert tally.digests == {old_digest.split(":")[1][:12], variant["digest"].split(":")[1][:12]}
     served["variant"] = variant
     assert tally.failed == 0, f"{tally.failed} of {tally.sent} requests failed: {tally.failures[:5]}"
+
+
+# Bad input on the real node: the node's new pod (rollout.maxSurge 1) cannot start; the EdgeDeployment says why
+# (class message + Degraded reason with the fix + one Warning event) while the old pod keeps serving.
+
+def _degraded(cluster, namespace: str) -> dict:
+    conds = get(cluster, namespace, "edgedeployment", "digits").get("status", {}).get("conditions", [])
+    return next((c for c in conds if c["type"] == "Degraded"), {})
+
+
+def _degraded_with(cluster, namespace: str, reason: str):
+    def check():
+        cond = _degraded(cluster, namespace)
+        return cond if cond.get("status") == "True" and cond.get("reason") == reason else None
+    return check
+
+
+def _warnings(cluster, namespace: str, reason: str) -> list[dict]:
+    return [e for e in events_for(cluster, namespace, "digits")
+            if e["involvedObject"]["kind"] == "EdgeDeployment" and e["type"] == "Warning" and e["reason"] == reason]
+
+
+def _surging(cluster, namespace: str) -> None:
+    """The node's new pod starts beside the old one; the fleet is the real node alone (digits-b is compiled for
+    its class only, and kwok nodes cannot show a failing fetch)."""
+    patch = {"spec": {"rollout": {"maxSurge": 1}, "nodeSelector": {"matchLabels": {TAINT_KEY: "true"}}}}
+    cluster.kubectl("patch", "edgedeployment", "digits", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    profile = real_node_class(cluster)
+
+    def settled():  # the template change rolls the node's pod once: done when one updated pod is Ready
+        daemonsets = items(cluster, namespace, "daemonsets")
+        if [d["metadata"]["name"] for d in daemonsets] != [f"digits-{profile}"]:
+            return False
+        ds = daemonsets[0]
+        st = ds.get("status", {})
+        return (st.get("observedGeneration") == ds["metadata"]["generation"]
+                and st.get("desiredNumberScheduled") == st.get("updatedNumberScheduled") == st.get("numberReady") == 1
+                and len(real_pods(cluster, namespace, profile)) == 1)
+
+    wait_for(settled, 120, 0.5, "the real node's class alone, its one pod updated and Ready")
+
+
+def _model_ref(cluster, namespace: str, model: str) -> None:
+    patch = {"spec": {"modelRef": {"name": model}}}
+    cluster.kubectl("patch", "edgedeployment", "digits", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+
+
+def _healthy_again(cluster, served, old: dict) -> None:
+    """The bad input is gone: Degraded False and the same old pod alone on the node."""
+    namespace = served["namespace"]
+    wait_for(lambda: _degraded(cluster, namespace).get("status") == "False", 90, 1, "Degraded to clear")
+    pod = wait_for(lambda: serving_pod(cluster, namespace, served["profile"], served["variant"]["digest"]), 90, 1,
+                   "the old pod alone on the node again")
+    assert pod["metadata"]["uid"] == old["metadata"]["uid"], "the old pod was replaced"
+
+
+@contextlib.contextmanager
+def _polling(cluster, namespace: str):
+    """A client through the Service for the duration; every request must be answered by the old variant."""
+    poller = Poller(get(cluster, namespace, "service", "digits")["spec"]["clusterIP"])
+    poller.start()
+    try:
+        yield poller
+    finally:
+        poller.stop.set()
+        poller.join(30)
+    tally = poller.tally
+    print(f"[real-node] bad input poller: {tally.sent} sent, {tally.ok} answered, {tally.failed} failed")
+    assert tally.sent > 50 and tally.failed == 0, f"{tally.failed} of {tally.sent} failed: {tally.failures[:5]}"
+
+
+@pytest.fixture(scope="module")
+def other_variant(cluster, served):
+    """A second EdgeModel, digits-b, compiled (registry up) for the real node's class only, at another precision
+    than the one served: an EdgeDeployment switched to it must fetch a variant the node cache does not hold."""
+    namespace, profile = served["namespace"], served["profile"]
+    quantization = "static-int8" if served["variant"].get("precision") == "fp32" else "none"
+    model = get(cluster, namespace, "edgemodel", "digits")
+    spec = {**model["spec"], "optimization": {**model["spec"]["optimization"], "quantization": quantization,
+                                              "selection": "host"},  # no benchmark Job: the compile host's pick
+            "targetProfiles": {"names": [profile]}}
+    doc = {"apiVersion": model["apiVersion"], "kind": "EdgeModel",
+           "metadata": {"name": "digits-b", "namespace": namespace}, "spec": spec}
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(doc))
+    variant = wait_for(lambda: _ready_variant_of(cluster, namespace, "digits-b", profile), 420, 2,
+                       f"digits-b's {profile} variant ({quantization})")
+    assert variant["digest"] != served["variant"]["digest"]
+    (Path(cluster.real_node["nodeCache"]) / "sha256" / variant["digest"].split(":")[1]).unlink(missing_ok=True)
+    return variant
+
+
+def _ready_variant_of(cluster, namespace: str, model: str, profile: str) -> dict | None:
+    variants = get(cluster, namespace, "edgemodel", model).get("status", {}).get("variants", [])
+    mine = next((v for v in variants if v["profile"] == profile), None)
+    if mine and mine.get("state") == "Failed":
+        raise AssertionError(f"{model}'s {profile} variant failed: {mine}")
+    return mine if mine and mine.get("state") == "Ready" else None
+
+
+@contextlib.contextmanager
+def _runtime_image(cluster, profile: str, image: str):
+    """The class's HardwareProfile pointing at `image`, restored afterwards (every EdgeDeployment of the class
+    sees it: keep the window short)."""
+    before = get(cluster, None, "hardwareprofile", profile)["spec"]["runtimeImage"]
+    patch = [{"op": "replace", "path": "/spec/runtimeImage", "value": image}]
+    cluster.kubectl("patch", "hardwareprofile", profile, "--type=json", "-p", json.dumps(patch))
+    try:
+        yield
+    finally:
+        restore = [{"op": "replace", "path": "/spec/runtimeImage", "value": before}]
+        cluster.kubectl("patch", "hardwareprofile", profile, "--type=json", "-p", json.dumps(restore), check=False)
+
+
+def test_unpullable_runtime_image_degrades_the_class_with_the_fix_while_the_old_pod_serves(cluster, served):
+    namespace, profile = served["namespace"], served["profile"]
+    others = {p["metadata"]["namespace"] for p in items(cluster, None, "pods", "-A", "-l",
+                                                     f"edgefleet.io/profile={profile}")
+              if p["spec"].get("nodeName") == cluster.real_node["name"] and p["metadata"]["namespace"] != namespace}
+    if others:
+        pytest.skip(f"other tests run {profile} pods on the real node (namespaces {sorted(others)}): the class's "
+                    "runtimeImage is cluster-wide, changing it would break them; runs when the node is this module's")
+    _surging(cluster, namespace)
+    old = _current(cluster, served)
+    image = f"ghcr.io/edgefleet/runtime-missing:{uuid.uuid4().hex[:8]}"
+    with _polling(cluster, namespace):
+        with _runtime_image(cluster, profile, image):
+            started = time.monotonic()
+            cond = wait_for(_degraded_with(cluster, namespace, "ImagePullFailed"), 120, 1,
+                            "Degraded ImagePullFailed")
+            note("bad input: unpullable image -> Degraded (s)", time.monotonic() - started)
+            assert f"runtimeImage of HardwareProfile {profile} ({image})" in cond["message"], cond["message"]
+            assert image in _class_message(cluster, namespace, profile)
+            wait_for(lambda: _warnings(cluster, namespace, "ImagePullFailed"), 30, 1, "a Warning event")
+            assert is_ready(get(cluster, namespace, "pod", old["metadata"]["name"]))
+        _healthy_again(cluster, served, old)
+
+
+def test_variant_whose_digest_does_not_match_is_refused_by_the_node_with_the_fix_while_the_old_pod_serves(
+        cluster, served, other_variant):
+    """The registry serves other bytes (same size) under digits-b's variant: the node's fetch refuses them."""
+    namespace, profile = served["namespace"], served["profile"]
+    _surging(cluster, namespace)
+    old = _current(cluster, served)
+    hexdigest = other_variant["digest"].split(":")[1]
+    blob = cluster.state / "registry" / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexdigest[:2] / hexdigest
+    original = (blob / "data").read_bytes()
+    with _polling(cluster, namespace):
+        (blob / "data").write_bytes(original[:-16] + b"\0" * 16)
+        try:
+            started = time.monotonic()
+            _model_ref(cluster, namespace, "digits-b")
+            cond = wait_for(_degraded_with(cluster, namespace, "VariantDigestMismatch"), 120, 1,
+                            "Degraded VariantDigestMismatch")
+            note("bad input: digest mismatch -> Degraded (s)", time.monotonic() - started)
+            assert f"expected {other_variant['digest']}, downloaded bytes have sha256:" in cond["message"]
+            assert "publish the variant again" in cond["message"]
+            assert "init container fetch-model exited 3" in _class_message(cluster, namespace, profile)
+            wait_for(lambda: _warnings(cluster, namespace, "VariantDigestMismatch"), 30, 1, "a Warning event")
+            assert not (Path(cluster.real_node["nodeCache"]) / "sha256" / hexdigest).exists(), "refused bytes cached"
+            assert is_ready(get(cluster, namespace, "pod", old["metadata"]["name"]))
+            _model_ref(cluster, namespace, "digits")
+        finally:
+            (blob / "data").write_bytes(original)
+        _healthy_again(cluster, served, old)
+
+
+def test_registry_down_while_a_new_variant_must_be_fetched_says_registry_unreachable_while_the_old_pod_serves(
+        cluster, served, other_variant):
+    namespace, profile = served["namespace"], served["profile"]
+    _surging(cluster, namespace)
+    old = _current(cluster, served)
+    with _polling(cluster, namespace), registry_stopped(cluster):
+        started = time.monotonic()
+        _model_ref(cluster, namespace, "digits-b")
+        cond = wait_for(_degraded_with(cluster, namespace, "RegistryUnreachable"), 150, 1,
+                        "Degraded RegistryUnreachable")
+        note("bad input: registry down -> Degraded RegistryUnreachable (s)", time.monotonic() - started)
+        assert f"registry {cluster.pod_registry} unreachable" in cond["message"], cond["message"]
+        assert "cannot reach the artifact store" in cond["message"]
+        wait_for(lambda: _warnings(cluster, namespace, "RegistryUnreachable"), 30, 1, "a Warning event")
+        new = next(p for p in real_pods(cluster, namespace, profile) if p["metadata"]["uid"] != old["metadata"]["uid"])
+        log = cluster.kubectl("logs", "-n", namespace, new["metadata"]["name"], "-c", "fetch-model", "--previous",
+                              check=False).stdout
+        assert log.count("registry unreachable, retrying") >= 2, log[-800:]
+        assert is_ready(get(cluster, namespace, "pod", old["metadata"]["name"]))
+        _model_ref(cluster, namespace, "digits")
+    _healthy_again(cluster, served, old)
+
+
+def test_operator_pod_killed_mid_rollout_converges_without_duplicate_or_orphaned_pods(cluster, served,
+                                                                                      other_variant):
+    """The EdgeDeployment moves to digits-b (surge); once the DaemonSet carries the new variant and the node's new
+    pod is starting, the chart's operator pod is deleted with grace 0. The Deployment's new operator pod must
+    finish the job: one DaemonSet, one pod on the node serving the new digest, none orphaned, status converged."""
+    namespace, profile = served["namespace"], served["profile"]
+    _surging(cluster, namespace)
+    _current(cluster, served)
+    killed = operator_pod(cluster)
+    assert killed is not None
+    digest = other_variant["digest"]
+    _model_ref(cluster, namespace, "digits-b")
+    wait_for(lambda: get(cluster, namespace, "daemonset", f"digits-{profile}")["spec"]["template"]["metadata"][
+        "annotations"].get("edgefleet.io/variant-digest") == digest, 60, 0.2, "the DaemonSet to carry digits-b")
+    starting = len(real_pods(cluster, namespace, profile))
+    cluster.kubectl("delete", "pod", "-n", OPERATOR_NAMESPACE, killed["metadata"]["name"], "--grace-period=0",
+                    "--force", "--wait=false")
+    started = time.monotonic()
+
+    def new_operator():
+        pod = operator_pod(cluster)
+        return pod if pod and pod["metadata"]["uid"] != killed["metadata"]["uid"] else None
+
+    wait_for(new_operator, 180, 0.5, "a new operator pod Ready")
+    note("operator killed mid-rollout -> new operator pod Ready (s)", time.monotonic() - started)
+
+    def converged():
+        ed = get(cluster, namespace, "edgedeployment", "digits")
+        status = ed.get("status", {})
+        conds = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        mine = next((c for c in status.get("classes", []) if c["profile"] == profile), {})
+        return (status.get("observedGeneration") == ed["metadata"]["generation"] and mine.get("digest") == digest
+                and (mine["desired"], mine["ready"], mine["updated"]) == (1, 1, 1)
+                and conds.get("Available") == "True" and conds.get("Degraded") == "False"
+                and serving_pod(cluster, namespace, profile, digest))
+
+    wait_for(converged, 180, 1, "the EdgeDeployment to converge on digits-b")
+    note("operator killed mid-rollout -> converged (s)", time.monotonic() - started)
+    time.sleep(3)  # a duplicate would be created about now: count after a moment more
+    daemonsets = [d["metadata"]["name"] for d in items(cluster, namespace, "daemonsets")]
+    pods = [p for p in items(cluster, namespace, "pods") if not p["metadata"].get("deletionTimestamp")]
+    owners = {p["metadata"]["name"]: [(o["kind"], o["name"]) for o in p["metadata"].get("ownerReferences", [])]
+              for p in pods}
+    print(f"[real-node] after the operator kill: {len(pods)} pods (were {starting} on the node mid-rollout), "
+          f"daemonsets {daemonsets}")
+    assert daemonsets == [f"digits-{profile}"], daemonsets
+    assert list(owners.values()) == [[("DaemonSet", f"digits-{profile}")]], owners  # one pod, not orphaned
+    assert pods[0]["spec"]["nodeName"] == cluster.real_node["name"]
+    tally = score(serving_pod(cluster, namespace, profile, digest)["status"]["podIP"], 8080, *eval_set(20),
+                  model="digits-b")
+    assert tally.failed == 0 and tally.digests == {digest.split(":")[1][:12]}, tally.failures[:3]
