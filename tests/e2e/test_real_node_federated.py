@@ -115,8 +115,15 @@ def status(fl, name: str) -> dict:
     return get(fl["cluster"], fl["ns"], "federatedtraining", name).get("status") or {}
 
 
-def terminal(fl, name: str) -> dict | None:
+def terminal(fl, name: str, marks: dict[str, float] | None = None) -> dict | None:
+    """The status once Succeeded or Failed; `marks` gets the monotonic time each phase was first seen."""
     s = status(fl, name)
+    if marks is not None:
+        pods = items(fl["cluster"], fl["ns"], "pods", "-l", f"edgefleet.io/federated-training={name}")
+        running = len(pods) == 4 and all(p["status"].get("phase") == "Running" for p in pods)  # server + 3
+        phases = {"server and 3 clients running": running or s.get("roundsDone"),
+                  "first round in status": s.get("roundsDone")}
+        marks.update({k: time.monotonic() for k, v in phases.items() if v and k not in marks})
     done = [c for c in s.get("conditions", []) if c["type"] in ("Succeeded", "Failed") and c["status"] == "True"]
     return s if done else None
 
@@ -172,8 +179,12 @@ def test_federated_on_the_real_node_beats_local_only_and_start_sending_only_para
     cluster, ns = fl["cluster"], fl["ns"]
     started = time.monotonic()
     start(fl, "ft", "digits-fl")
-    final = wait_for(lambda: terminal(fl, "ft"), 240, 2, lambda: f"the run to finish\n{failure_detail(fl, 'ft')}")
-    note("run (pods scheduled, pulled, 3 rounds, published)", time.monotonic() - started)
+    marks: dict[str, float] = {}
+    final = wait_for(lambda: terminal(fl, "ft", marks), 240, 1,
+                     lambda: f"the run to finish\n{failure_detail(fl, 'ft')}")
+    for phase, at in sorted(marks.items(), key=lambda m: m[1]):
+        note(f"apply -> {phase}", at - started)
+    note("apply -> Succeeded (pods scheduled, pulled, 3 rounds, published)", time.monotonic() - started)
     assert condition(final, "Succeeded"), failure_detail(fl, "ft")
     assert final["roundsDone"] == ROUNDS and [r["clients"] for r in final["rounds"]] == [3] * ROUNDS
 
