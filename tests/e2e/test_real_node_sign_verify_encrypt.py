@@ -4,7 +4,8 @@ The class the real node belongs to runs the DaemonSet the operator renders for a
 spec.trust (edgefleet.render.render_class: the same fetch/serve args, Secret volumes and surge), applied
 here without an operator: variants pushed by hand to the registry can then be pointed at directly, as
 whoever can edit an EdgeModel's status could. The class's condition text comes from the operator's own
-function over the real pods (reconcile.pods.class_health). Every refusal happens while a client counts
+function over the real pods (reconcile.pods.class_health); test_real_node_operator_sign_verify.py runs the
+operator itself and reads its event and condition. Every refusal happens while a client counts
 each request to the old pod, which must keep answering with the old variant.
 
 Traffic goes only to the pods this module creates; loops are bounded in count and time."""
