@@ -305,3 +305,37 @@ def test_up_with_the_real_node_pushes_built_images_or_says_why_not(monkeypatch, 
     monkeypatch.setattr(image_sync, "sync", refused)
     assert dc.push_built_images(fake, said.append) == {}
     assert said[-1] == "could not push the built images to the cluster registry 127.0.0.1:5999: registry said no"
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_session_cluster_started_for_a_session_is_stopped_unless_shared(monkeypatch, tmp_path, stop):
+    """A shared cluster (named by EDGEFLEET_CLUSTER) that a session found down and started stays up: sessions that
+    began meanwhile reuse it."""
+    calls = []
+    monkeypatch.setenv("EDGEFLEET_CLUSTER", "shared-x")
+    monkeypatch.setattr(dc, "is_running", lambda name: False)
+    monkeypatch.setattr(dc, "real_node_skip_reason", lambda name: "not here")
+    monkeypatch.setattr(dc, "up", lambda name, real_node: calls.append(("up", name)) or dc.Cluster(tmp_path))
+    monkeypatch.setattr(dc, "down", lambda name: calls.append(("down", name)))
+    with dc.session_cluster(echo=lambda _: None, stop=stop):
+        assert calls == [("up", "shared-x")]
+    assert calls == [("up", "shared-x")] + ([("down", "shared-x")] if stop else [])
+
+
+def test_pids_in_cgroups_skips_a_cgroup_that_vanishes_during_the_walk(monkeypatch, tmp_path):
+    from edgefleet.devcluster import node
+
+    root = tmp_path / "cpu" / node.CGROUP_ROOT
+    for pod, pids in (("pod-a", "11\n12\n"), ("pod-b", "13\n")):
+        (root / "kubepods" / pod / "c1").mkdir(parents=True)
+        (root / "kubepods" / pod / "c1" / "cgroup.procs").write_text(pids)
+    monkeypatch.setattr(node, "_cgroup_roots", lambda: [tmp_path / "cpu"])
+    real_scandir = os.scandir
+
+    def scandir(path):  # pod-b's cgroup goes away between listing its parent and entering it
+        if str(path).endswith("pod-b"):
+            shutil.rmtree(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert node._pids_in_cgroups() == {11, 12}
