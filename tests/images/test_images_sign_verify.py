@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import can_build  # tests/images/conftest.py (imported at collection, as test_images_build does)
 from edgefleet.images import build, oci, signing
 from edgefleet.images.spec import VERSION
 
@@ -24,8 +25,6 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pause_built():
-    from conftest import can_build
-
     reason = can_build()
     if reason:
         pytest.skip(reason)

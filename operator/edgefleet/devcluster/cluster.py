@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,9 +44,27 @@ def state_dir(name: str = "default") -> Path:
 
 
 def free_port() -> int:
+    """A free loopback port below the ephemeral range, so that no client connection's source port takes it
+    between now and the caller's bind (ports the kernel hands out for port 0 are in that range)."""
+    low = _ephemeral_low()
+    for _ in range(50):
+        port = random.randint(10000, low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return max(10001, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass
