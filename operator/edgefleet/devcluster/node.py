@@ -428,11 +428,14 @@ def _network_down(state: Path) -> list[str]:
 
 def _remove_chains() -> list[str]:
     problems = []
-    for table, hook, args in (("nat", "PREROUTING", ["-i", BRIDGE]), ("nat", "OUTPUT", ["-d", f"{NODE_IP}/32"]),
-                              ("filter", "FORWARD", [])):
+    hooks: tuple[tuple[str, str, list[str]], ...] = (("nat", "PREROUTING", ["-i", BRIDGE]),
+                                                     ("nat", "OUTPUT", ["-d", f"{NODE_IP}/32"]),
+                                                     ("filter", "FORWARD", []))
+    for table, hook, args in hooks:  # every jump first: a chain still jumped to cannot be deleted
         chain = f"{CHAIN}-PRE" if table == "nat" else f"{CHAIN}-FWD"
         while _iptables("-t", table, "-D", hook, *args, "-j", chain, check=False).returncode == 0:
             pass
+    for table, chain in (("nat", f"{CHAIN}-PRE"), ("filter", f"{CHAIN}-FWD")):
         if _iptables("-t", table, "-L", chain, "-n", check=False).returncode == 0:
             _iptables("-t", table, "-F", chain, check=False)
             if _iptables("-t", table, "-X", chain, check=False).returncode != 0:
