@@ -25,7 +25,7 @@ from typing import Any
 from ..api import HardwareProfile
 from ..api.models import OnTargetResult, RolloutGate
 from ..settings import Settings
-from .compile_job import MODEL_NAME, MODEL_NAMESPACE, REPORT_REF, job_labels, report_ref
+from .compile_job import ModelJobPolicy, job_labels, model_job, report_ref
 from .workload import RUNTIME_UID, _resources, _restricted, restricted_security_context
 
 CONTAINER = "bench"
@@ -38,7 +38,6 @@ NODE = "edgefleet.io/node"
 BENCH_KEY = "edgefleet.io/bench-key"
 MAX_CANDIDATES = 8
 BACKOFF_LIMIT = 1
-TTL_SECONDS_AFTER_FINISHED = 3600
 EXIT_NO_RETRY = [1, 2, 4]  # bench: a candidate failed (report pushed), bad input, reference unloadable
 WATCH_LABELS = {"app.kubernetes.io/managed-by": "edgefleet", "app.kubernetes.io/name": BENCH_NAME}
 
@@ -169,29 +168,8 @@ def render_bench_job(req: BenchJobRequest, settings: Settings) -> dict[str, Any]
     }
     if profile.runtime_class_name:
         pod["runtimeClassName"] = profile.runtime_class_name
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": settings.namespace,
-            "labels": labels,
-            "annotations": {MODEL_NAMESPACE: req.model_namespace, MODEL_NAME: req.model_name,
-                            "edgefleet.io/model-generation": str(req.generation), NODE: req.node,
-                            BENCH_KEY: key, REPORT_REF: report_ref(settings.artifact_store, name)},
-        },
-        "spec": {
-            "backoffLimit": BACKOFF_LIMIT,
-            "activeDeadlineSeconds": settings.bench_deadline_seconds,
-            "ttlSecondsAfterFinished": TTL_SECONDS_AFTER_FINISHED,
-            "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                      "values": EXIT_NO_RETRY}},
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-            ]},
-            "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
-        },
-    }
+    return model_job(name, settings, labels, req, {NODE: req.node, BENCH_KEY: key}, pod,
+                     ModelJobPolicy(BACKOFF_LIMIT, settings.bench_deadline_seconds, CONTAINER, EXIT_NO_RETRY))
 
 
 def render_bench_inputs(req: BenchJobRequest, job: dict[str, Any]) -> dict[str, Any]:

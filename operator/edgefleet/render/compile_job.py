@@ -211,6 +211,34 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict[str, 
         volumes.append({"name": "signing-key", "secret": {"secretName": settings.signing_key_secret,
                                                           "items": [{"key": "key", "path": "key"}],
                                                           "defaultMode": 0o440}})
+    pod = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": COMPILER_UID, "runAsGroup": COMPILER_UID,
+                            "fsGroup": COMPILER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+        **_placement(settings),
+    }
+    return model_job(name, settings, labels, req, {COMPILE_KEY: key}, pod,
+                     ModelJobPolicy(BACKOFF_LIMIT, settings.compile_deadline_seconds, CONTAINER, EXIT_NO_RETRY))
+
+
+@dataclass(frozen=True)
+class ModelJobPolicy:
+    """How a Job the operator runs for an EdgeModel retries and ends."""
+
+    backoff_limit: int
+    deadline_seconds: int
+    container: str  # whose exit codes are final
+    exit_no_retry: list[int]  # deterministic failures: retrying cannot help
+
+
+def model_job(name: str, settings: Settings, labels: dict[str, str], req: Any, annotations: dict[str, str],
+              pod: dict[str, Any], policy: ModelJobPolicy) -> dict[str, Any]:
+    """A Job the operator runs for an EdgeModel (compile, bench): the model and its report named in annotations,
+    deterministic failures not retried, pod disruptions ignored, kept an hour after it finishes."""
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -219,32 +247,19 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict[str, 
             "namespace": settings.namespace,
             "labels": labels,
             "annotations": {MODEL_NAMESPACE: req.model_namespace, MODEL_NAME: req.model_name,
-                            "edgefleet.io/model-generation": str(req.generation), COMPILE_KEY: key,
+                            "edgefleet.io/model-generation": str(req.generation), **annotations,
                             REPORT_REF: report_ref(settings.artifact_store, name)},
         },
         "spec": {
-            "backoffLimit": BACKOFF_LIMIT,
-            "activeDeadlineSeconds": settings.compile_deadline_seconds,
+            "backoffLimit": policy.backoff_limit,
+            "activeDeadlineSeconds": policy.deadline_seconds,
             "ttlSecondsAfterFinished": TTL_SECONDS_AFTER_FINISHED,
             "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                      "values": EXIT_NO_RETRY}},
+                {"action": "FailJob", "onExitCodes": {"containerName": policy.container, "operator": "In",
+                                                      "values": policy.exit_no_retry}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": COMPILER_UID,
-                                        "runAsGroup": COMPILER_UID, "fsGroup": COMPILER_UID,
-                                        "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [container],
-                    "volumes": volumes,
-                    **_placement(settings),
-                },
-            },
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
         },
     }
 
