@@ -17,7 +17,6 @@ with other inputs are deleted. activeDeadlineSeconds (settings.bench_deadline_se
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from ..api import EdgeModel, HardwareProfile
@@ -157,10 +156,10 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
             job = kube.apply(manifest)
             kube.apply(render_bench_inputs(req, job))
         except (NotFound, ApiError) as err:
-            refused = _refused(err, ns, name)
-            if refused is None:
+            why = _refusal(err, ns, name)
+            if why is None:
                 raise
-            return refused(v)
+            return _host(v, "BenchUnavailable", why)
         log.info("EdgeModel %s/%s: bench Job %s/%s started on %s for %s", req.model_namespace, req.model_name, ns,
                  name, req.node, v["profile"])
         return _benchmarking(v, req.node, name)
@@ -182,17 +181,13 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
                  "registry")
 
 
-def _refused(err: Exception, ns: str, name: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-    """A bench Job the API server will never take (a missing namespace, a refusal) as a host fallback."""
+def _refusal(err: Exception, ns: str, name: str) -> str | None:
+    """Why the API server will never take the bench Job (a missing namespace, a 4xx refusal); None: transient."""
     if isinstance(err, NotFound):
-        why = (f"benchmark Job {ns}/{name} cannot be created: namespace {ns} does not exist. Fix: run the operator "
-               "in an existing namespace (EDGEFLEET_NAMESPACE; the chart sets the release namespace)")
-    else:
-        problem = as_permanent(err, f"benchmark Job {ns}/{name}")
-        if problem is None:
-            return None
-        why = f"{problem.message}. Fix: {problem.fix}"
-    return lambda v: _host(v, "BenchUnavailable", why)
+        return (f"benchmark Job {ns}/{name} cannot be created: namespace {ns} does not exist. Fix: run the operator "
+                "in an existing namespace (EDGEFLEET_NAMESPACE; the chart sets the release namespace)")
+    problem = as_permanent(err, f"benchmark Job {ns}/{name}")
+    return None if problem is None else f"{problem.message}. Fix: {problem.fix}"
 
 
 def _delete_stale(kube: Kube, ns: str, req: BenchJobRequest, keep: str) -> None:
