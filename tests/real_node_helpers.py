@@ -49,6 +49,7 @@ def install_operator(cluster, values: dict, tmp: Path, timeout: float = 180) -> 
     """helm upgrade --install into a namespace that enforces the restricted Pod Security Standard; returns
     seconds until the operator pod is Ready."""
     ns = OPERATOR_NAMESPACE
+    wait_for(lambda: _not_terminating(cluster, ns), 120, 1, f"namespace {ns} left by an earlier run to be deleted")
     cluster.kubectl("create", "namespace", ns, check=False)
     cluster.kubectl("label", "--overwrite", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
     path = tmp / "values.json"
@@ -57,6 +58,11 @@ def install_operator(cluster, values: dict, tmp: Path, timeout: float = 180) -> 
     cluster.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", ns, "-f", str(path))
     wait_for(lambda: operator_pod(cluster), timeout, what="the operator pod Ready on the real node")
     return time.monotonic() - started
+
+
+def _not_terminating(cluster, namespace: str) -> bool:
+    out = cluster.kubectl("get", "namespace", namespace, "-o", "jsonpath={.status.phase}", check=False)
+    return out.returncode != 0 or out.stdout.strip() != "Terminating"
 
 
 def operator_pod(cluster) -> dict | None:
