@@ -132,12 +132,12 @@ def test_compile_job_results_come_back_from_the_registry(job_operator, cluster, 
         cluster, operator_namespace, "job", job["metadata"]["name"]).get("status", {}).get("conditions", [])),
         timeout=60, what="kwok completing the compile Job")
 
-    def ready():
-        st = model_status(cluster, namespace)
-        vs = st.get("variants", [])
+    def ready_in(ns: str):
+        vs = model_status(cluster, ns).get("variants", [])
         return vs if vs and all(v["state"] == "Ready" for v in vs) else None
 
-    variants = {v["profile"]: v for v in wait_for(ready, timeout=60, what="variants Ready from the report")}
+    variants = {v["profile"]: v for v in wait_for(lambda: ready_in(namespace), timeout=60,
+                                                  what="variants Ready from the report")}
     assert set(variants) == set(TARGETS)
     for profile, v in variants.items():
         assert v["digest"] == printed[profile][3]  # what the local "Job" produced, read back via the registry
@@ -150,6 +150,15 @@ def test_compile_job_results_come_back_from_the_registry(job_operator, cluster, 
     assert status["observedGeneration"] == get(cluster, namespace, "edgemodel", "digits")["metadata"]["generation"]
     # one Job per generation: reconciles after it finished did not start another
     assert len(items(cluster, operator_namespace, "jobs", "-l", "edgefleet.io/model=digits")) == 1
+
+    # the same model in another namespace: its compile is found in the store, no second Job
+    apply(cluster, operator_namespace, [{**cm, "metadata": {**cm["metadata"], "namespace": operator_namespace}},
+                                        {**em, "metadata": {**em["metadata"], "namespace": operator_namespace}}])
+    again = {v["profile"]: v for v in wait_for(lambda: ready_in(operator_namespace), timeout=60,
+                                               what="the second namespace's variants Ready from the cached report")}
+    assert {p: v["digest"] for p, v in again.items()} == {p: v["digest"] for p, v in variants.items()}
+    jobs = items(cluster, operator_namespace, "jobs", "-l", "edgefleet.io/model=digits")
+    assert [j["metadata"]["labels"]["edgefleet.io/model-namespace"] for j in jobs] == [namespace]
 
 
 def test_request_failure_in_the_job_reaches_status(job_operator, cluster, namespace, operator_namespace, tmp_path):

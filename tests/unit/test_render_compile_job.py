@@ -22,6 +22,7 @@ from edgefleet.render.compile_job import (
     CompileJobRequest,
     compile_job_name,
     compile_key,
+    content_key,
     inputs_files,
     inputs_size,
     profiles_document,
@@ -108,7 +109,9 @@ def test_args(settings):
     assert f["--quantization"] == ["auto"] and f["--max-accuracy-drop"] == ["1.0"] and "--min-cosine" not in f
     assert f["--digest"] == ["sha256:" + "a" * 64] and f["--name"] == ["digits"]
     assert f["--out"] == [settings.artifact_store]
-    assert f["--report"] == [f"{settings.artifact_store}:{job['metadata']['name']}-report"]
+    key = content_key(request(), settings)
+    assert f["--report"] == [f"{settings.artifact_store}:{job['metadata']['name']}-report",
+                             f"{settings.artifact_store}:compiled-{key}"]
     assert f["--timing-runs"] == ["7"]
     assert "--calibration" not in f and "--eval" not in f
 
@@ -154,6 +157,17 @@ def test_name_is_deterministic_and_changes_with_inputs(settings):
     files = request(source=f"{INPUTS_DIR}/source-m.onnx", files={"source-m.onnx": b"1"})
     changed = request(source=f"{INPUTS_DIR}/source-m.onnx", files={"source-m.onnx": b"2"})
     assert compile_key(files, settings) != compile_key(changed, settings)
+
+
+def test_content_key_ignores_namespace_and_generation_only(settings):
+    key = content_key(request(), settings)
+    assert content_key(request(model_namespace="team-b", generation=9), settings) == key
+    assert compile_key(request(model_namespace="team-b"), settings) != compile_key(request(), settings)
+    others = [request(model_name="digits-b"), request(quantization="fp16"), request(digest=None),
+              request(targets={"cpu-arm64": TARGETS["cpu-arm64"]}), request(max_accuracy_drop=2.0)]
+    assert key not in {content_key(r, settings) for r in others}
+    signing = settings.model_copy(update={"signing_key_secret": "keys"})
+    assert content_key(request(), signing) != key
 
 
 def test_long_and_dotted_model_names(settings):

@@ -35,9 +35,9 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
                    "the model's metadata, quantization auto refuses a model whose dims it cannot know.")
 @click.option("--digest", default=None, help="Expected sha256:<hex> of the source.")
 @click.option("--out", "out", required=True, help="Output directory or oci://HOST:PORT/REPO.")
-@click.option("--report", default=None,
+@click.option("--report", "reports", multiple=True,
               help="Write the full report as JSON to a file, or push it to oci://HOST:PORT/REPO:TAG (then a "
-                   "request-level failure is pushed too, as {\"error\": {reason, message, fix}}).")
+                   "request-level failure is pushed too, as {\"error\": {reason, message, fix}}); repeatable.")
 @click.option("--name", default=None, help="Artifact name prefix (default: the source file stem).")
 @click.option("--cache-dir", type=click.Path(), default=None, envvar="EDGEFLEET_CACHE",
               help="Compile cache (default ~/.cache/edgefleet/compile).")
@@ -49,7 +49,7 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
               help="Encrypt every published variant (AES-256-GCM) for this P-256 public key (PEM; "
                    "`edgefleet keygen encryption`) or under this 32-byte key.")
 def compile_command(source, profiles, profiles_file, quantization, sparsity, calibration, evaluation,
-                    max_accuracy_drop, min_cosine, input_shapes, digest, out, report, name, cache_dir, timing_runs,
+                    max_accuracy_drop, min_cosine, input_shapes, digest, out, reports, name, cache_dir, timing_runs,
                     quiet, signing_key_file, encryption_key_file):
     """Compile SOURCE (.onnx/.tflite path, https:// or oci://) into one measured variant per profile."""
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice goes to the root logger
@@ -77,8 +77,9 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         else:
             shown.done(tasks[profile], f"{total}/{total} candidates measured")
 
-    if report and report.startswith("oci://") and ":" not in report.rsplit("/", 1)[-1]:
-        raise click.BadParameter("an oci:// report needs a tag: oci://HOST:PORT/REPO:TAG", param_hint="--report")
+    for report in reports:
+        if report.startswith("oci://") and ":" not in report.rsplit("/", 1)[-1]:
+            raise click.BadParameter("an oci:// report needs a tag: oci://HOST:PORT/REPO:TAG", param_hint="--report")
     try:
         all_profiles = load_profiles(profiles_file)
         names = list(profiles) or sorted(all_profiles)
@@ -108,23 +109,24 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         click.echo(f"error: {e.reason}: {e.message}", err=True)
         if e.fix:
             click.echo(f"  fix: {e.fix}", err=True)
-        _push_error(report, e.reason, e.message, e.fix)
+        _push_error(reports, e.reason, e.message, e.fix)
         sys.exit(EXIT_BAD_INPUT)
     except StoreError as e:
         fix = "check --out (directory writable, or the registry reachable)"
         click.echo(f"error: ArtifactStoreFailed: {e}", err=True)
         click.echo(f"  fix: {fix}", err=True)
-        _push_error(report, "ArtifactStoreFailed", str(e), fix)
+        _push_error(reports, "ArtifactStoreFailed", str(e), fix)
         sys.exit(EXIT_BAD_INPUT)
-    if report and report.startswith("oci://"):
-        try:
-            push_report(report, result.to_json().encode())
-        except StoreError as e:
-            click.echo(f"error: ReportPushFailed: {e}", err=True)
-            sys.exit(EXIT_REPORT_FAILED)
-        say(f"report: {report}")
-    elif report:
-        Path(report).write_text(result.to_json())
+    for report in reports:
+        if report.startswith("oci://"):
+            try:
+                push_report(report, result.to_json().encode())
+            except StoreError as e:
+                click.echo(f"error: ReportPushFailed: {e}", err=True)
+                sys.exit(EXIT_REPORT_FAILED)
+            say(f"report: {report}")
+        else:
+            Path(report).write_text(result.to_json())
     for name, v in sorted(result.variants.items()):
         if v.state == "Ready":
             click.echo(f"{name}\tReady\t{v.chosen}\t{v.digest}\t{v.sizeBytes}\t{v.artifact}"
@@ -171,15 +173,16 @@ def push_report(uri: str, data: bytes) -> None:
         raise StoreError(f"push of the report to {target} failed: HTTP {resp.status_code} {resp.text[:200]}")
 
 
-def _push_error(report: str | None, reason: str, message: str, fix: str) -> None:
-    """A request-level failure, pushed where the report would go (oci:// reports only), best effort."""
-    if not (report and report.startswith("oci://")):
-        return
+def _push_error(reports: tuple[str, ...], reason: str, message: str, fix: str) -> None:
+    """A request-level failure, pushed where the reports would go (oci:// reports only), best effort."""
     import json
 
     from ..artifacts import StoreError
 
-    try:
-        push_report(report, json.dumps({"error": {"reason": reason, "message": message, "fix": fix}}).encode())
-    except StoreError as e:
-        click.echo(f"error: ReportPushFailed: {e}", err=True)
+    for report in reports:
+        if not report.startswith("oci://"):
+            continue
+        try:
+            push_report(report, json.dumps({"error": {"reason": reason, "message": message, "fix": fix}}).encode())
+        except StoreError as e:
+            click.echo(f"error: ReportPushFailed: {e}", err=True)

@@ -31,6 +31,8 @@ from ..render.compile_job import (
     MODEL_NAMESPACE,
     CompileJobRequest,
     compile_labels,
+    content_key,
+    content_report_ref,
     inputs_size,
     render_compile_inputs,
     render_compile_job,
@@ -62,6 +64,12 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
         report = read_report(settings, ref)
         if report is not None:  # finished earlier and removed by its TTL
             return _from_report(report, targets, ref)
+        cached = content_report_ref(settings.artifact_store, content_key(req, settings))
+        report = _all_ready(read_report(settings, cached), targets)
+        if report is not None:  # the same compile, done for another namespace or generation
+            log.info("EdgeModel %s/%s: compile of %s found in the store (%s), no Job", namespace, req.model_name,
+                     targets, cached)
+            return _from_report(report, targets, cached)
         job = kube.apply(manifest)
         kube.apply(render_compile_inputs(req, job))
         log.info("EdgeModel %s/%s: compile Job %s/%s started for %s", namespace, req.model_name, ns, name, targets)
@@ -169,6 +177,14 @@ def read_report(settings: Settings, ref: str) -> dict[str, Any] | None:
     except (StoreError, ValueError) as err:
         log.debug("report %s not available: %s", ref, err)
         return None
+
+
+def _all_ready(report: dict[str, Any] | None, targets: list[str]) -> dict[str, Any] | None:
+    """A cached report worth reusing: every target Ready (a failure is retried by a Job of this model's own)."""
+    variants = (report or {}).get("variants") or {}
+    if report is None or "error" in report or any(variants.get(t, {}).get("state") != "Ready" for t in targets):
+        return None
+    return report
 
 
 def _from_report(report: dict[str, Any], targets: list[str], ref: str) -> list[dict[str, Any]]:

@@ -100,7 +100,24 @@ def inputs_files(req: CompileJobRequest) -> dict[str, bytes]:
 
 
 def compile_key(req: CompileJobRequest, settings: Settings) -> str:
-    """sha256 over everything the Job's outcome depends on (input bytes by digest)."""
+    """sha256 over everything the Job's outcome depends on (input bytes by digest), and the model's
+    namespace and generation: one Job per model generation."""
+    return _sha256(_key_blob(req, settings))
+
+
+def content_key(req: CompileJobRequest, settings: Settings) -> str:
+    """``compile_key`` without the model's namespace and generation: the same compile of the same bytes for
+    another namespace, or for a generation whose change does not touch the compile, has this key."""
+    blob = _key_blob(req, settings)
+    blob["model"] = req.model_name  # the artifacts are named after the model
+    return _sha256(blob)
+
+
+def _sha256(blob: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _key_blob(req: CompileJobRequest, settings: Settings) -> dict[str, Any]:
     r, policy = req.request, req.request.policy
     budget = policy.accuracyBudget
     blob: dict[str, Any] = {
@@ -121,7 +138,7 @@ def compile_key(req: CompileJobRequest, settings: Settings) -> str:
         blob["encryption"] = hashlib.sha256(req.encryption_public_key.encode()).hexdigest()
     if settings.signing_key_secret:
         blob["signing"] = settings.signing_key_secret
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+    return blob
 
 
 def compile_job_name(req: CompileJobRequest, key: str) -> str:
@@ -133,6 +150,12 @@ def compile_job_name(req: CompileJobRequest, key: str) -> str:
 def report_ref(artifact_store: str, job_name: str) -> str:
     """Where the Job pushes its JSON report: the artifact store's repository, tag ``<job>-report``."""
     return f"{artifact_store.rstrip('/')}:{job_name}-report"
+
+
+def content_report_ref(artifact_store: str, key: str) -> str:
+    """Where the Job pushes its report a second time, tagged by ``content_key``: a later Job with the same
+    content is never started, its report is read from here (a compile cache shared by every namespace)."""
+    return f"{artifact_store.rstrip('/')}:compiled-{key}"
 
 
 def _label_value(value: str) -> str:
@@ -175,7 +198,9 @@ def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
         args.append(f"--digest={r.digest}")
     args += [f"--input-shape={n}={'x'.join(map(str, dims))}" for n, dims in sorted(policy.inputShapes.items())]
     args += [f"--name={req.model_name}", f"--out={settings.artifact_store}",
-             f"--report={report_ref(settings.artifact_store, name)}", f"--cache-dir={CACHE_DIR}",
+             f"--report={report_ref(settings.artifact_store, name)}",
+             f"--report={content_report_ref(settings.artifact_store, content_key(req, settings))}",
+             f"--cache-dir={CACHE_DIR}",
              f"--timing-runs={policy.timingRuns}"]
     if req.encryption_public_key:
         args.append(f"--encryption-key-file={INPUTS_DIR}/{ENCRYPTION_FILE}")
