@@ -28,10 +28,15 @@ def merge_patch(target: dict, patch: dict) -> dict:
     return out
 
 
-def api_error(status: int, message: str, reason: str = "") -> ApiError:
+def api_error(status: int, message: str, reason: str = "", details: dict | None = None) -> ApiError:
     """An ApiError with the body the API server sends (a metav1.Status)."""
     return ApiError(status, json.dumps({"kind": "Status", "status": "Failure", "message": message,
-                                       "reason": reason, "code": status}))
+                                       "reason": reason, "code": status, **({"details": details} if details else {})}))
+
+
+def no_namespace(namespace: str) -> ApiError:
+    """What Kube.apply raises for a write into a namespace that does not exist (the API server's 404)."""
+    return api_error(404, f'namespaces "{namespace}" not found', "NotFound", {"name": namespace, "kind": "namespaces"})
 
 
 class FakeKube(Kube):

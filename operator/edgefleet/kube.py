@@ -38,7 +38,11 @@ METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v
 
 
 class NotFound(LookupError):
-    pass
+    """404: `body` is the API server's Status (JSON), when it sent one."""
+
+    def __init__(self, what: str, body: str = ""):
+        super().__init__(what)
+        self.body = body
 
 
 class ApiError(RuntimeError):
@@ -55,6 +59,8 @@ class ApiError(RuntimeError):
         self.status = status
         self.reason = str(parsed.get("reason", ""))
         self.message = str(message)
+        details = parsed.get("details")
+        self.details: dict[str, Any] = details if isinstance(details, dict) else {}
 
 
 def _path(kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
@@ -92,7 +98,7 @@ class Kube:
         response = self.api.call_api(method, url, header_params=headers, body=data, _request_timeout=60)
         payload = response.read()
         if response.status == 404:
-            raise NotFound(path)
+            raise NotFound(path, payload.decode(errors="replace"))
         if response.status >= 400:
             raise ApiError(response.status, payload.decode(errors="replace"))
         return json.loads(payload) if payload else None
@@ -126,13 +132,18 @@ class Kube:
 
     def apply(self, obj: dict, force: bool = True) -> dict:
         """Server-side apply with our field manager. `force` takes over fields others set (our children);
-        without it a field someone else changed is a conflict (ApiError 409) and stays theirs."""
+        without it a field someone else changed is a conflict (ApiError 409) and stays theirs.
+        A 404 is an ApiError: apply creates what is missing, so it means the namespace or the kind is missing,
+        which no retry fixes."""
         meta = obj["metadata"]
-        return self._call(
-            "PATCH", _path(obj["kind"], meta.get("namespace"), meta["name"]), body=obj,
-            query=[("fieldManager", self.field_manager), ("force", "true" if force else "false")],
-            content_type="application/apply-patch+yaml",
-        )
+        try:
+            return self._call(
+                "PATCH", _path(obj["kind"], meta.get("namespace"), meta["name"]), body=obj,
+                query=[("fieldManager", self.field_manager), ("force", "true" if force else "false")],
+                content_type="application/apply-patch+yaml",
+            )
+        except NotFound as err:
+            raise ApiError(404, err.body or json.dumps({"reason": "NotFound", "message": str(err)})) from err
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """POST `obj`; None when it exists already (409 AlreadyExists). For objects the operator may create but

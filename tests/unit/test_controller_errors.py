@@ -51,13 +51,17 @@ def test_permanent_failure_is_not_retried():
 def test_which_api_errors_are_permanent():
     from edgefleet.reconcile.errors import as_permanent
     from edgefleet.render.placement import PlacementError
-    from fake_kube import api_error
+    from fake_kube import api_error, no_namespace
 
     what = "DaemonSet ns/x"
     assert as_permanent(api_error(422, "spec.x: Invalid value", "Invalid"), what).reason == "InvalidManifest"
     assert as_permanent(api_error(403, "daemonsets.apps is forbidden: User cannot patch", "Forbidden"),
                         what).reason == "Forbidden"
     assert as_permanent(api_error(400, "bad request body", "BadRequest"), what).reason == "RequestRefused"
+    missing = as_permanent(no_namespace("edge"), what)
+    assert missing.reason == "NamespaceNotFound" and "kubectl create namespace edge" in missing.fix
+    unknown_kind = as_permanent(api_error(404, "the server could not find the requested resource", "NotFound"), what)
+    assert unknown_kind.reason == "NotFound" and "CustomResourceDefinition" in unknown_kind.fix
     terminating = 'daemonsets.apps "x" is forbidden: unable to create new content in namespace ns because it is ' \
                   "being terminated"
     for transient in (api_error(500, "etcd"), api_error(503, "unavailable"), api_error(429, "slow down"),

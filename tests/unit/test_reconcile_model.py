@@ -7,7 +7,7 @@ from edgefleet.api import builtin_profiles
 from edgefleet.kube import ApiError
 from edgefleet.reconcile import World, reconcile_model
 from edgefleet.settings import Settings
-from fake_kube import FakeKube, api_error
+from fake_kube import FakeKube, api_error, no_namespace
 
 NS = "shop"
 
@@ -49,6 +49,17 @@ def test_a_refused_compile_job_fails_the_variants_with_the_reason(kube):
     assert (degraded["status"], degraded["reason"]) == ("True", "InvalidManifest")
     assert "Fix:" in degraded["message"]
     assert [e["reason"] for e in kube.warnings()] == ["InvalidManifest"]
+
+
+def test_a_compile_job_into_a_missing_namespace_fails_the_variants_with_the_fix_not_retried(kube):
+    kube.fail("apply", "Job", no_namespace("edgefleet-system"))
+    reconcile_model(kube, job_settings(), NS, "digits", World({}, builtin_profiles()))
+    variants = {v["profile"]: v for v in status(kube)["variants"]}
+    assert {v["reason"] for v in variants.values()} == {"NamespaceNotFound"}
+    message = variants["cpu-arm64"]["message"]
+    assert "namespace edgefleet-system does not exist" in message and "EDGEFLEET_NAMESPACE" in message
+    assert (condition(kube, "Degraded")["reason"]) == "NamespaceNotFound"
+    assert [e["reason"] for e in kube.warnings()] == ["NamespaceNotFound"]
 
 
 def test_a_transient_error_starting_the_job_is_retried(kube):

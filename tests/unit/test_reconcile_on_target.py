@@ -9,10 +9,9 @@ import base64
 
 import pytest
 from edgefleet.api import HardwareProfile, builtin_profiles
-from edgefleet.kube import NotFound
 from edgefleet.reconcile import World, on_target, reconcile_deployment, reconcile_model
 from edgefleet.settings import Settings
-from fake_kube import FakeKube
+from fake_kube import FakeKube, no_namespace
 
 NS = "shop"
 CLASS = "intel-openvino"
@@ -248,17 +247,10 @@ def test_a_gate_on_a_variant_selected_on_the_host_fails_with_the_reason(kube):
     assert "NoSchedulableNode" in degraded["message"]
 
 
-def test_a_bench_job_the_api_server_cannot_take_falls_back_to_the_host_with_the_fix(kube, monkeypatch):
+def test_a_bench_job_the_api_server_cannot_take_falls_back_to_the_host_with_the_fix(kube):
     """The operator's namespace is missing (a host-run operator): the variant is chosen on the host at once, with
     a Warning naming the namespace, instead of retrying the Job forever."""
-    apply = kube.apply
-
-    def no_namespace(obj, *a, **kw):
-        if obj["kind"] == "Job":
-            raise NotFound(f"namespaces/{obj['metadata']['namespace']}")
-        return apply(obj, *a, **kw)
-
-    monkeypatch.setattr(kube, "apply", no_namespace)
+    kube.fail("apply", "Job", no_namespace("edgefleet-system"))
     reconcile_model(kube, settings(), NS, "digits", world(kube))
     v = variant(kube)
     assert (v["state"], v["selection"], v["reason"], v["digest"]) == ("Ready", "host", "BenchUnavailable", FP32)

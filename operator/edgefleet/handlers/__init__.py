@@ -12,7 +12,7 @@ from typing import Any, cast
 import kopf
 
 from ..api import builtin_profiles
-from ..kube import GROUP, VERSION, ApiError, Kube, NotFound
+from ..kube import GROUP, VERSION, ApiError, Kube
 from ..reconcile import reconcile_deployment, reconcile_model, reconcile_profile
 from ..reconcile.federated import reconcile_federated_by_name
 from ..render.bench_job import WATCH_LABELS as BENCH_WATCH_LABELS
@@ -100,13 +100,13 @@ def apply_builtin_profiles(kube: Kube, registry: str, digests: dict[str, str]) -
         try:
             kube.apply(profile.to_dict(), force=False)
         except ApiError as err:
+            if err.status == 404:
+                log.warning("the HardwareProfile CRD is not installed: built-in profiles not applied")
+                return
             if err.status != 409:
                 log.warning("could not apply the built-in HardwareProfile %s: %s", name, err)
                 continue
             log.info("HardwareProfile %s was changed by someone else; left as it is (%s)", name, err)
-        except NotFound:
-            log.warning("the HardwareProfile CRD is not installed: built-in profiles not applied")
-            return
 
 
 @kopf.on.cleanup()

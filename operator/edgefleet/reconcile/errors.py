@@ -48,6 +48,8 @@ def as_permanent(err: Exception, what: str, subject: str = "HardwareProfile or E
 
 def _refused(err: ApiError, what: str, subject: str) -> PermanentError:
     message = f"the API server refused {what} (HTTP {err.status}): {err.message}"
+    if err.status == 404:
+        return _missing(err, what, message)
     if err.status == 403:
         return PermanentError("Forbidden", message, "grant the operator's ServiceAccount this permission "
                               "(chart: rbac.create=true creates the ClusterRole it needs)")
@@ -56,6 +58,17 @@ def _refused(err: ApiError, what: str, subject: str) -> PermanentError:
                               "(the manifest is rendered from them)")
     return PermanentError("RequestRefused", message, f"change the {subject} field named in the message, or report "
                           "a bug if it names none")
+
+
+def _missing(err: ApiError, what: str, message: str) -> PermanentError:
+    """A write answered 404 (Kube.apply): the namespace, or the kind itself, does not exist."""
+    if err.details.get("kind") == "namespaces":
+        ns = err.details.get("name", "?")
+        return PermanentError("NamespaceNotFound", f"{what} cannot be created: namespace {ns} does not exist",
+                              f"create it (kubectl create namespace {ns}), or run the operator in an existing "
+                              "namespace (EDGEFLEET_NAMESPACE; the chart sets the release namespace)")
+    return PermanentError("NotFound", message, "install the CustomResourceDefinition of the kind it names "
+                          "(kubectl apply --server-side -f crds/), or report a bug if it names none")
 
 
 def report_invalid_spec(kube: Kube, raw: dict[str, Any], err: ValidationError, main_condition: str,

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..api import EdgeModel, HardwareProfile
 from ..compiler import CompileError
-from ..kube import ApiError, Kube, NotFound
+from ..kube import ApiError, Kube
 from ..render import resolve_nodes
 from ..render.bench_job import (
     PROFILE,
@@ -155,7 +155,7 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
         try:
             job = kube.apply(manifest)
             kube.apply(render_bench_inputs(req, job))
-        except (NotFound, ApiError) as err:
+        except ApiError as err:
             why = _refusal(err, ns, name)
             if why is None:
                 raise
@@ -183,9 +183,6 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
 
 def _refusal(err: Exception, ns: str, name: str) -> str | None:
     """Why the API server will never take the bench Job (a missing namespace, a 4xx refusal); None: transient."""
-    if isinstance(err, NotFound):
-        return (f"benchmark Job {ns}/{name} cannot be created: namespace {ns} does not exist. Fix: run the operator "
-                "in an existing namespace (EDGEFLEET_NAMESPACE; the chart sets the release namespace)")
     problem = as_permanent(err, f"benchmark Job {ns}/{name}")
     return None if problem is None else f"{problem.message}. Fix: {problem.fix}"
 
