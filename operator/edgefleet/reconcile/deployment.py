@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +76,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     """Converge one EdgeDeployment; returns seconds until it wants another look (a rollout in waves)."""
     raw = kube.find("EdgeDeployment", name, namespace)
     if raw is None or raw["metadata"].get("deletionTimestamp"):
+        POD_READS.forget(namespace, name)
         return None  # owner references let the garbage collector remove what we made
     try:
         ed = EdgeDeployment.model_validate(raw)
@@ -249,17 +252,51 @@ def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: Ha
     return live
 
 
+class PodReads:
+    """At most one pod list per class per `seconds` while its workload keeps its generation; in between,
+    the last answer. During a rollout the DaemonSets' status changes many times a second, each change is a
+    reconcile, and at 10,000 nodes a class's pods are thousands of objects: listing them on every reconcile
+    starved the API server of the CPU it needs to start those pods. In memory: a restart reads at once."""
+
+    def __init__(self, seconds: float = RECHECK_SECONDS) -> None:
+        self.seconds = seconds
+        self._last: dict[tuple[str, str, str], tuple[float, int, ClassHealth]] = {}
+
+    def health(self, key: tuple[str, str, str], generation: int, now: float,
+               read: Callable[[], ClassHealth]) -> ClassHealth:
+        last = self._last.get(key)
+        if last and last[1] == generation and 0 <= now - last[0] < self.seconds:
+            return last[2]
+        health = read()
+        self._last[key] = (now, generation, health)
+        return health
+
+    def forget(self, namespace: str, name: str) -> None:
+        for key in [k for k in self._last if k[:2] == (namespace, name)]:
+            del self._last[key]
+
+
+POD_READS = PodReads()
+
+
 def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict[str, Any]], old_status: dict[str, Any],
             now: float) -> dict[str, ClassHealth]:
-    """Why the pods of each class that is not ready are not: one pod list per class that is behind and made no
-    progress since the last status (no more pods Ready). A class whose pods keep becoming Ready is starting."""
+    """Why the pods of each class that is not ready are not: a pod list (POD_READS) per class that is behind and
+    made no progress since the last status (no more pods Ready). A class whose pods keep becoming Ready is
+    starting."""
     ready_before = {c["profile"]: c.get("ready", 0) for c in old_status.get("classes", [])}
     health = {}
     for profile, obj in applied.items():
         if (_behind(obj) and _counts(obj)[1] <= ready_before.get(profile, 0)) or _surges(obj):
-            pods = kube.list("Pod", namespace, {**child_labels(name), PROFILE_LABEL: profile})
-            health[profile] = class_health(pods, now)
+            read = functools.partial(_class_health, kube, namespace, {**child_labels(name), PROFILE_LABEL: profile},
+                                     now)
+            health[profile] = POD_READS.health((namespace, name, profile), obj["metadata"].get("generation", 0), now,
+                                               read)
     return health
+
+
+def _class_health(kube: Kube, namespace: str, labels: dict[str, str], now: float) -> ClassHealth:
+    return class_health(kube.list("Pod", namespace, labels), now)
 
 
 def _surges(obj: dict[str, Any]) -> bool:
