@@ -116,3 +116,14 @@ def real_node(edgefleet_api) -> dict[str, str]:
     # tags the node pulled earlier (profiles name ghcr.io/edgefleet/<name>:VERSION) must name these builds
     node.refresh_images(edgefleet_api.state, [f"ghcr.io/edgefleet/{name}:{VERSION}" for name in digests])
     return digests
+
+
+@pytest.fixture(autouse=True)
+def fresh_pod_reads(request, monkeypatch):
+    """Unit tests reconcile one namespace and name over and over, changing pods in between as if time had passed:
+    there every reconcile reads the pods afresh (the throttle itself: tests/unit/test_reconcile_pod_reads.py).
+    Not a conftest of tests/unit: runtime tests import `conftest` by name and must get this one."""
+    if "unit" in request.node.path.parts:
+        from edgefleet.reconcile import deployment
+
+        monkeypatch.setattr(deployment, "POD_READS", deployment.PodReads(seconds=0))

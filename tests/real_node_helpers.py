@@ -37,12 +37,12 @@ def skip_reason(cluster, unbuilt: list[str]) -> str | None:
     return None
 
 
-def chart_values(cluster, digests: dict[str, str], executor: str = "job") -> dict:
+def chart_values(cluster, digests: dict[str, str], executor: str = "job", repository: str = "edgefleet-e2e") -> dict:
     """The chart on the real node as `edgefleet demo` installs it (demo.real_node_values), variants in a
     repository of the tests' own; CRDs left to the session (edgefleet_api): helm must not adopt them."""
     from edgefleet.demo import real_node_values
 
-    return {"crds": {"enabled": False}, **real_node_values(cluster, digests, "edgefleet-e2e", executor)}
+    return {"crds": {"enabled": False}, **real_node_values(cluster, digests, repository, executor)}
 
 
 def install_operator(cluster, values: dict, tmp: Path, timeout: float = 180) -> float:

@@ -66,7 +66,9 @@ def namespace(cluster):
 def chart_operator(cluster, real_node, namespace, tmp_path_factory):
     """The chart installed with the operator as a real pod on the real node (compile executor: job)."""
     cluster.kubectl("delete", "hardwareprofile", RECREATED, "--ignore-not-found")
-    values = {**chart_values(cluster, real_node), "watchNamespaces": [namespace]}
+    # a repository of this run's own: the compile store holds no earlier run's compile, so the Job runs
+    values = {**chart_values(cluster, real_node, repository=f"edgefleet-e2e/{namespace}"),
+              "watchNamespaces": [namespace]}
     seconds = install_operator(cluster, values, tmp_path_factory.mktemp("chart"))
     note("helm install -> operator Ready (s)", seconds)
     yield real_node
@@ -94,7 +96,7 @@ def served(cluster, chart_operator, namespace):
         except AssertionError as err:
             raise AssertionError(f"{err}\n{_what_happened(cluster, namespace, profile)}") from None
         note("quickstart apply -> real pod serving (s)", time.monotonic() - started)
-        yield {"namespace": namespace, "profile": profile, "variant": variant, "pod": pod}
+        yield {"namespace": namespace, "profile": profile, "variant": variant, "pod": pod, "first": variant}
 
 
 def _real_node_only(cluster, namespace: str) -> None:
@@ -145,6 +147,8 @@ def test_operator_is_a_real_pod_under_restricted_pod_security_and_applies_the_bu
 def test_quickstart_class_on_the_real_node_answers_with_the_compile_reports_top1_via_pod_ip_and_service(
         cluster, served):
     namespace, profile, variant = served["namespace"], served["profile"], served["variant"]
+    coral = wait_for(lambda: _ready_variant(cluster, namespace, "coral-edgetpu"), 60, 2, "the coral variant")
+    assert coral["format"] == "tflite", coral  # converted from the ONNX source by the compile Job (onnx2tf)
     report = _compile_report(cluster, namespace, profile)
     # on-target selection may serve another candidate than the compiler's own choice: its metrics are checked
     chosen = next((c for c in report["candidates"] if c["sha256"] == variant["digest"]), None)
@@ -305,7 +309,8 @@ def test_model_update_rolls_the_real_pod_to_the_new_digest_while_a_service_clien
     try:
         time.sleep(2)
         started = time.monotonic()
-        patch = {"spec": {"optimization": {"quantization": "none"}}}
+        # the fleet is the real node alone: recompile its class only (the coral .tflite was proven by `served`)
+        patch = {"spec": {"optimization": {"quantization": "none"}, "targetProfiles": {"names": [profile]}}}
         cluster.kubectl("patch", "edgemodel", "digits", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
 
         def new_variant():
@@ -575,3 +580,28 @@ def test_operator_pod_killed_mid_rollout_converges_without_duplicate_or_orphaned
     tally = score(serving_pod(cluster, namespace, profile, digest)["status"]["podIP"], 8080, *eval_set(20),
                   model="digits-b")
     assert tally.failed == 0 and tally.digests == {digest.split(":")[1][:12]}, tally.failures[:3]
+
+
+def _compile_jobs(cluster, namespace: str) -> set[str]:
+    return {j["metadata"]["name"] for j in items(cluster, OPERATOR_NAMESPACE, "jobs", "-l",
+                                                  f"edgefleet.io/model-namespace={namespace}")}
+
+
+def test_quickstart_applied_again_serves_from_the_stored_reports_and_the_node_cache(cluster, served):
+    """Deleted and applied again (a GitOps re-sync, a restored namespace): the compile and the on-target benchmark
+    are read back from the artifact store (their reports are keyed by what they measured), the variant from the
+    node cache; no Job runs. Last in the module: it replaces the module's deployment."""
+    namespace, profile, first = served["namespace"], served["profile"], served["first"]
+    for kind, name in (("edgedeployment", "digits"), ("edgemodel", "digits"), ("edgemodel", "digits-b")):
+        cluster.kubectl("delete", kind, name, "-n", namespace, "--ignore-not-found")
+    wait_for(lambda: not real_pods(cluster, namespace, profile), 120, 1, "the class's pods gone")
+    jobs = _compile_jobs(cluster, namespace)
+    started = time.monotonic()
+    quickstart_into(cluster, namespace)
+    _real_node_only(cluster, namespace)
+    pod = wait_for(lambda: serving_pod(cluster, namespace, profile, first["digest"]), 180, 0.5,
+                   lambda: f"the first variant served again\n{_what_happened(cluster, namespace, profile)}")
+    note("quickstart applied again (reports stored) -> real pod serving (s)", time.monotonic() - started)
+    assert _compile_jobs(cluster, namespace) <= jobs, "a compile Job ran again"
+    tally = score(pod["status"]["podIP"], 8080, *eval_set(50))
+    assert tally.failed == 0 and tally.digests == {first["digest"].split(":")[1][:12]}, tally.failures[:3]

@@ -5,10 +5,12 @@ report the command pushed to the registry back into the EdgeModel's status."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +36,12 @@ def operator_namespace(cluster):
 def job_operator(edgefleet_api, namespace, operator_namespace):
     """The operator with EDGEFLEET_COMPILE_EXECUTOR=job, watching only the test's two namespaces (so it
     leaves other tests' models alone), its compile Jobs in `operator_namespace`."""
+    with running_operator(edgefleet_api, [namespace, operator_namespace], operator_namespace) as runner:
+        yield runner
+
+
+@contextlib.contextmanager
+def running_operator(edgefleet_api, watched: list[str], operator_namespace: str):
     from kopf.testing import KopfRunner
 
     env = {
@@ -50,7 +58,7 @@ def job_operator(edgefleet_api, namespace, operator_namespace):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        with KopfRunner(["run", "--standalone", "-n", namespace, "-n", operator_namespace,
+        with KopfRunner(["run", "--standalone", *(f"--namespace={n}" for n in watched),
                          "-m", "edgefleet.handlers"], timeout=60) as runner:
             yield runner
     finally:
@@ -184,3 +192,32 @@ def test_request_failure_in_the_job_reaches_status(job_operator, cluster, namesp
     assert variants["no-such-profile"]["reason"] == "ProfileNotFound"
     degraded = next(c for c in model_status(cluster, namespace)["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True"
+
+
+def test_a_compile_job_into_a_missing_namespace_fails_the_variants_with_the_fix(edgefleet_api, cluster, namespace):
+    """The operator's namespace does not exist (an operator run on a host with the default): the API server's
+    404 on the Job is reported once in status with the fix, not retried forever."""
+    missing = f"gone-{uuid.uuid4().hex[:8]}"
+    with running_operator(edgefleet_api, [namespace], missing):
+        ref = push_source(cluster, namespace)
+        apply(cluster, namespace, {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+                                   "metadata": {"name": "digits", "namespace": namespace},
+                                   "spec": {"source": {"uri": ref.ref, "digest": ref.digest}, "format": "onnx",
+                                            "targetProfiles": {"names": TARGETS}}})
+
+        def failed():
+            vs = model_status(cluster, namespace).get("variants", [])
+            return vs if vs and all(v["state"] == "Failed" for v in vs) else None
+
+        variants = wait_for(failed, timeout=60, what="variants Failed: the namespace is missing")
+
+        def warnings():
+            return [e for e in items(cluster, namespace, "events") if e["reason"] == "NamespaceNotFound"]
+
+        wait_for(warnings, timeout=30, what="a NamespaceNotFound event")
+        time.sleep(6)  # two more resyncs (3 s): still one event, posted on the transition
+        events = warnings()
+    assert {v["reason"] for v in variants} == {"NamespaceNotFound"}
+    assert f"namespace {missing} does not exist" in variants[0]["message"]
+    assert f"kubectl create namespace {missing}" in variants[0]["message"]
+    assert len(events) == 1 and events[0]["type"] == "Warning", events
