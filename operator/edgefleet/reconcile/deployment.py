@@ -287,9 +287,10 @@ def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict[str, 
     ready_before = {c["profile"]: c.get("ready", 0) for c in old_status.get("classes", [])}
     health = {}
     for profile, obj in applied.items():
-        if (_behind(obj) and _counts(obj)[1] <= ready_before.get(profile, 0)) or _surges(obj):
-            read = functools.partial(_class_health, kube, namespace, {**child_labels(name), PROFILE_LABEL: profile},
-                                     now)
+        read = functools.partial(_class_health, kube, namespace, {**child_labels(name), PROFILE_LABEL: profile}, now)
+        if _surges(obj):  # its counts cannot tell a failing new pod: read on every look, as each event may matter
+            health[profile] = read()
+        elif _behind(obj) and _counts(obj)[1] <= ready_before.get(profile, 0):
             health[profile] = POD_READS.health((namespace, name, profile), obj["metadata"].get("generation", 0), now,
                                                read)
     return health
