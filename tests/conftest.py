@@ -87,9 +87,11 @@ def operator(edgefleet_api, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        # every namespace but the real-node modules' (rn-*): they run an operator of their own (the chart's, or one
-        # watching only their namespace), and two operators on one EdgeModel overwrite each other's status
-        with KopfRunner(["run", "--namespace", "!rn-*", "--standalone", "-m", "edgefleet.handlers"],
+        # cluster-wide: with a namespace pattern ("!rn-*", to leave the real-node modules' namespaces to their own
+        # operators) Kopf starts watchers per namespace it observes, and once, in a CI run right after the e2e
+        # modules, it never watched a namespace made after its start (no EdgeModel event in 180 s). Run those
+        # modules and these at different times: two operators on one EdgeModel overwrite each other's status.
+        with KopfRunner(["run", "--all-namespaces", "--standalone", "-m", "edgefleet.handlers"],
                         timeout=60) as runner:
             runner.metrics_url = f"http://127.0.0.1:{env['EDGEFLEET_METRICS_PORT']}/metrics"
             yield runner

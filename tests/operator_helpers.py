@@ -59,30 +59,50 @@ def ready_variants(cluster, namespace: str) -> dict[str, dict] | None:
     return {v["profile"]: v for v in variants if v.get("state") == "Ready"}
 
 
+WHY_NOT: dict[str, str] = {}  # namespace -> why the last `converged` look said no, for timeout messages
+
+
 def converged(cluster, namespace: str):
-    """The served state when it equals the desired state, else None."""
+    """The served state when it equals the desired state, else None (the reason in WHY_NOT[namespace])."""
+    state = _convergence(cluster, namespace)
+    if isinstance(state, str):
+        WHY_NOT[namespace] = state
+        return None
+    return state
+
+
+def why_not(namespace: str, about: str = "quickstart converged"):
+    """A `what` for wait_for: names the last reason `converged` gave for `namespace`."""
+    return lambda: f"{about} ({WHY_NOT.get(namespace, 'never looked')})"
+
+
+def _convergence(cluster, namespace: str):
     want = placement(cluster)
     variants = ready_variants(cluster, namespace)
     if not variants:
-        return None
+        em = get(cluster, namespace, "edgemodel", "digits")
+        return f"no ready variants yet: EdgeModel status {em.get('status', {})}"
     pods = [p for p in items(cluster, namespace, "pods", "-l", "edgefleet.io/deployment=digits")
             if not p["metadata"].get("deletionTimestamp")]
     served = {p["spec"].get("nodeName"): p for p in pods}
     expected = {node for node, prof in want.items() if prof in variants} - untolerated(cluster, want)
-    if len(pods) != len(served) or set(served) != expected or not all(is_ready(p) for p in pods):
-        return None
+    if len(pods) != len(served) or set(served) != expected:
+        return f"pods on {sorted(map(str, served))} ({len(pods)} pods), want one on each of {sorted(expected)}"
+    unready = [p["metadata"]["name"] for p in pods if not is_ready(p)]
+    if unready:
+        return f"pods not Ready: {unready}"
     for node, pod in served.items():
         labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
         if labels["edgefleet.io/profile"] != want[node]:
-            return None
+            return f"pod {pod['metadata']['name']} on {node} is {labels['edgefleet.io/profile']}, want {want[node]}"
         if annotations["edgefleet.io/variant-digest"] != variants[want[node]]["digest"]:
-            return None
+            return f"pod {pod['metadata']['name']} on {node} serves an older variant"
     ed = get(cluster, namespace, "edgedeployment", "digits")
     status = ed.get("status", {})
     if status.get("observedGeneration") != ed["metadata"]["generation"]:
-        return None
+        return f"EdgeDeployment observedGeneration {status.get('observedGeneration')} != {ed['metadata']['generation']}"
     counts = Counter(p["metadata"]["labels"]["edgefleet.io/profile"] for p in pods)
-    classes = {c["profile"]: c for c in status.get("classes", [])}
-    if {k: (c["desired"], c["ready"]) for k, c in classes.items()} != {k: (n, n) for k, n in counts.items()}:
-        return None
+    classes = {c["profile"]: (c["desired"], c["ready"]) for c in status.get("classes", [])}
+    if classes != {k: (n, n) for k, n in counts.items()}:
+        return f"EdgeDeployment classes (desired, ready) {classes}, pods per class {dict(counts)}"
     return served, variants, ed

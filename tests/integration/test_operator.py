@@ -10,14 +10,14 @@ from collections import Counter
 import pytest
 import yaml
 from kube_helpers import condition, get, items, wait_for
-from operator_helpers import converged, placement, quickstart_into
+from operator_helpers import converged, placement, quickstart_into, why_not
 
 pytestmark = pytest.mark.cluster
 
 
 def test_quickstart_serves_every_matching_node_with_its_class(operator, cluster, namespace):
     quickstart_into(cluster, namespace)
-    served, variants, ed = wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    served, variants, ed = wait_for(lambda: converged(cluster, namespace), timeout=180, what=why_not(namespace))
     want = placement(cluster)
     profiles = {p["metadata"]["name"]: p for p in items(cluster, None, "hardwareprofiles")}
     assert {"cpu-arm64", "cpu-amd64", "nvidia-jetson", "nvidia-gpu", "intel-openvino"} <= set(variants)
@@ -67,7 +67,7 @@ def served_class(cluster, namespace, node) -> str | None:
 
 def test_relabelled_node_moves_to_its_new_class(operator, cluster, namespace):
     quickstart_into(cluster, namespace)
-    wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    wait_for(lambda: converged(cluster, namespace), timeout=180, what=why_not(namespace))
     node, label = "plain-amd64-0", "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI"
     cluster.kubectl("label", "--overwrite", "node", node, f"{label}=true")
     try:
@@ -83,7 +83,8 @@ def test_relabelled_node_moves_to_its_new_class(operator, cluster, namespace):
 
 def test_new_node_joins_and_is_served(operator, cluster, namespace):
     quickstart_into(cluster, namespace)
-    wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    _, _, ed = wait_for(lambda: converged(cluster, namespace), timeout=180, what=why_not(namespace))
+    before, matched = _class_counts(ed), _matched(cluster, "cpu-arm64")
     node = get(cluster, None, "node", "rpi4-0")
     new = {"apiVersion": "v1", "kind": "Node",
            "metadata": {"name": f"rpi4-{namespace}", "labels": {**node["metadata"]["labels"],
@@ -96,15 +97,28 @@ def test_new_node_joins_and_is_served(operator, cluster, namespace):
         served, _, _ = wait_for(lambda: (r := converged(cluster, namespace)) and new["metadata"]["name"] in r[0] and r,
                                 timeout=120, what="the new node served")
         assert served[new["metadata"]["name"]]["metadata"]["labels"]["edgefleet.io/profile"] == "cpu-arm64"
+        wait_for(lambda: _matched(cluster, "cpu-arm64") == matched + 1, timeout=30, what="cpu-arm64 matches one more")
     finally:
         cluster.kubectl("delete", "node", new["metadata"]["name"], "--wait=false")
-    wait_for(lambda: (r := converged(cluster, namespace)) and new["metadata"]["name"] not in r[0],
-             timeout=120, what="the removed node no longer counted")
+    # the node's pod goes only when the pod garbage collector gets to it (40 s after the node): the class's
+    # counts and the profile's matched nodes must drop before that
+    wait_for(lambda: _class_counts(get(cluster, namespace, "edgedeployment", "digits")) == before, timeout=60,
+             what=lambda: f"class counts back to {before}, are "
+                          f"{_class_counts(get(cluster, namespace, 'edgedeployment', 'digits'))}")
+    wait_for(lambda: _matched(cluster, "cpu-arm64") == matched, timeout=30, what="cpu-arm64 matchedNodes back")
+
+
+def _matched(cluster, profile: str) -> int | None:
+    return get(cluster, None, "hardwareprofile", profile).get("status", {}).get("matchedNodes")
+
+
+def _class_counts(ed: dict) -> dict[str, tuple[int, int]]:
+    return {c["profile"]: (c["desired"], c["ready"]) for c in ed.get("status", {}).get("classes", [])}
 
 
 def test_model_change_recompiles_and_rolls_out(operator, cluster, namespace):
     quickstart_into(cluster, namespace)
-    _, before, _ = wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    _, before, _ = wait_for(lambda: converged(cluster, namespace), timeout=180, what=why_not(namespace))
     cluster.kubectl("patch", "edgemodel", "digits", "-n", namespace, "--type=merge",
                     "-p", '{"spec": {"optimization": {"quantization": "none"}}}')
 
@@ -121,7 +135,7 @@ def test_model_change_recompiles_and_rolls_out(operator, cluster, namespace):
 
 def test_deleting_the_deployment_removes_everything_it_made(operator, cluster, namespace):
     quickstart_into(cluster, namespace)
-    wait_for(lambda: converged(cluster, namespace), timeout=180, what="quickstart converged")
+    wait_for(lambda: converged(cluster, namespace), timeout=180, what=why_not(namespace))
     assert items(cluster, namespace, "daemonsets", "-l", "edgefleet.io/deployment=digits")
     cluster.kubectl("delete", "edgedeployment", "digits", "-n", namespace)
     wait_for(lambda: not items(cluster, namespace, "daemonsets,services,pods", "-l", "edgefleet.io/deployment=digits"),

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 from kube_helpers import get, items, wait_for
-from operator_helpers import converged, placement, quickstart_into, ready_variants, untolerated
+from operator_helpers import converged, placement, quickstart_into, ready_variants, untolerated, why_not
 
 pytestmark = pytest.mark.cluster
 
@@ -38,7 +38,7 @@ def test_operator_killed_mid_rollout_converges_without_duplicates(edgefleet_api,
         second = start_operator(cluster, log)
         try:
             served, variants, ed = wait_for(lambda: converged(cluster, namespace), timeout=180,
-                                            what="convergence after the restart")
+                                            what=why_not(namespace, "convergence after the restart"))
         finally:
             second.terminate()
             assert second.wait(30) == 0, (tmp_path / "operator.log").read_text()[-3000:]

@@ -23,7 +23,7 @@ from edgefleet.render.workload import CACHE_MOUNT, DECRYPTION_KEY_MOUNT, TRUST_K
 from edgefleet_runtime import trust
 from edgefleet_runtime.backends import open_backend
 from kube_helpers import get, items, wait_for
-from operator_helpers import converged, quickstart_into
+from operator_helpers import converged, quickstart_into, why_not
 
 pytestmark = pytest.mark.cluster
 RUNTIME = [sys.executable, "-m", "edgefleet_runtime.cli"]
@@ -72,7 +72,7 @@ def test_operator_publishes_signed_ciphertext_and_the_rendered_pod_serves_it(ope
     cluster.kubectl("patch", "edgedeployment", "digits", "-n", namespace, "--type=merge",
                     "-p", json.dumps(trust_spec))
     served, variants, _ = wait_for(lambda: converged(cluster, namespace), timeout=240,
-                                   what="encrypted, signed quickstart converged")
+                                   what=why_not(namespace, "encrypted, signed quickstart converged"))
     variant = variants["cpu-amd64"]
 
     # the registry holds signed ciphertext
