@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,11 @@ KINDS = {
 
 
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+METADATA_EVENTS = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+
+
+class WatchExpired(RuntimeError):
+    """410 Gone: the watch's resourceVersion is too old; list again."""
 
 
 class NotFound(LookupError):
@@ -61,6 +67,17 @@ class ApiError(RuntimeError):
         self.message = str(message)
         details = parsed.get("details")
         self.details: dict[str, Any] = details if isinstance(details, dict) else {}
+
+
+def _watch_event(line: bytes) -> tuple[str, str, dict[str, str], str]:
+    event = json.loads(line)
+    kind, obj = event.get("type", ""), event.get("object") or {}
+    if kind == "ERROR":
+        if obj.get("code") == 410:
+            raise WatchExpired(obj.get("message", "resourceVersion too old"))
+        raise ApiError(int(obj.get("code") or 500), json.dumps(obj))
+    meta = obj.get("metadata") or {}
+    return kind, meta.get("name", ""), meta.get("labels") or {}, str(meta.get("resourceVersion", ""))
 
 
 def _path(kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
@@ -117,8 +134,12 @@ class Kube:
         return self._call("GET", _path(kind, namespace), query=query).get("items", [])
 
     def list_labels(self, kind: str, page: int = 500) -> dict[str, dict[str, str]]:
-        """name -> labels of every object of a cluster-scoped kind, read as metadata only and page by page: a
-        10,000-node fleet as full objects is tens of MB of JSON, several times that as Python objects."""
+        return self.list_labels_at(kind, page)[0]
+
+    def list_labels_at(self, kind: str, page: int = 500) -> tuple[dict[str, dict[str, str]], str]:
+        """name -> labels of every object of a cluster-scoped kind, and the list's resourceVersion (to watch
+        from), read as metadata only and page by page: a 10,000-node fleet as full objects is tens of MB of
+        JSON, several times that as Python objects."""
         found: dict[str, dict[str, str]] = {}
         token = ""
         while True:
@@ -126,9 +147,34 @@ class Kube:
             answer = self._call("GET", _path(kind), query=query, accept=METADATA_ONLY)
             for item in answer.get("items", []):
                 found[item["metadata"]["name"]] = item["metadata"].get("labels") or {}
-            token = (answer.get("metadata") or {}).get("continue") or ""
+            meta = answer.get("metadata") or {}
+            token = meta.get("continue") or ""
             if not token:
-                return found
+                return found, str(meta.get("resourceVersion", ""))
+
+    def watch_labels(self, kind: str, version: str, seconds: int = 300,
+                     opened: Callable[[Any], None] | None = None) -> Iterator[tuple[str, str, dict[str, str], str]]:
+        """(type, name, labels, resourceVersion) for each change of a cluster-scoped kind after `version`, as
+        metadata only, until the server ends the watch (after `seconds`). BOOKMARK events carry only the version.
+        `opened` gets the streaming response (to shut it down from another thread). Raises WatchExpired on 410."""
+        query = [("watch", "true"), ("resourceVersion", version), ("allowWatchBookmarks", "true"),
+                 ("timeoutSeconds", str(seconds))]
+        _, url, headers, _, _ = self.api.param_serialize(
+            "GET", _path(kind), query_params=query, auth_settings=["BearerToken"],
+            header_params={"Accept": METADATA_EVENTS})
+        response = self.api.call_api("GET", url, header_params=headers, _request_timeout=(10, seconds + 30))
+        if response.status == 410:
+            raise WatchExpired(response.read().decode(errors="replace"))
+        if response.status >= 400:
+            raise ApiError(response.status, response.read().decode(errors="replace"))
+        if opened:
+            opened(response.response)
+        try:
+            for line in response.response:
+                if line.strip():
+                    yield _watch_event(line)
+        finally:
+            response.response.release_conn()
 
     def apply(self, obj: dict, force: bool = True) -> dict:
         """Server-side apply with our field manager. `force` takes over fields others set (our children);

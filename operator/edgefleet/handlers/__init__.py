@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from ..settings import Settings
 from . import metrics
 from .cache import Cache, CachedKube
 from .controller import Controller
+from .nodes import NodeWatch
 
 log = logging.getLogger("edgefleet.handlers")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
@@ -69,7 +71,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
         await asyncio.to_thread(apply_builtin_profiles, kube, config.image_registry, config.image_digests)
     ctl = Controller(kube, config)
     # know the fleet before the first reconcile: an empty cache would look like a fleet without nodes
-    nodes, profiles = await asyncio.to_thread(lambda: (kube.list_labels("Node"), kube.list("HardwareProfile")))
+    (nodes, version), profiles = await asyncio.to_thread(
+        lambda: (kube.list_labels_at("Node"), kube.list("HardwareProfile")))
     memo.cache = Cache()  # reconcilers read their objects and children from the watches, not the API
     await asyncio.to_thread(memo.cache.prime, kube, MANAGED)
     kube = CachedKube(kube, memo.cache)  # from here on: reads from the cache, writes to the API
@@ -80,6 +83,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     ctl.add_queue("HardwareProfile", lambda _, name, world: reconcile_profile(kube, name, world), 2)
     ctl.add_queue("FederatedTraining", lambda ns, name, _: reconcile_federated_by_name(kube, config, ns, name), 2)
     memo.controller = ctl
+    memo.node_watch = NodeWatch(kube, asyncio.get_running_loop(), functools.partial(_node_changed, ctl))
+    memo.node_watch.start(nodes, version)
     memo.stopped = asyncio.Event()
     memo.tasks = [asyncio.create_task(ctl.run(q, memo.stopped)) for q in ctl.queues.values()]
     memo.tasks.append(asyncio.create_task(ctl.resync(memo.stopped)))
@@ -112,6 +117,7 @@ def apply_builtin_profiles(kube: Kube, registry: str, digests: dict[str, str]) -
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_) -> None:
     memo.stopped.set()
+    memo.node_watch.stop()
     for task in memo.tasks:
         task.cancel()
 
@@ -182,15 +188,12 @@ def _placement_fields(profile: dict) -> tuple:
     return profile.get("spec"), dict(profile.get("metadata", {}).get("labels") or {})
 
 
-@on_event("", "v1", "nodes")
-async def node_event(type: str, name: str, labels, memo: kopf.Memo, **_) -> None:
-    ctl: Controller = memo.controller
-    if type == "DELETED":
+def _node_changed(ctl: Controller, name: str, labels: dict[str, str] | None) -> None:
+    """From the node watch: a node's labels changed, it joined (labels) or it left (None)."""
+    if labels is None:
         ctl.nodes.pop(name, None)
-    elif ctl.nodes.get(name) == dict(labels):
-        return  # a status or heartbeat update: nothing that places workloads changed
     else:
-        ctl.nodes[name] = dict(labels)
+        ctl.nodes[name] = labels
     ctl.fleet_changed()
 
 
