@@ -102,7 +102,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
                                                           children, gated, host_only, evaluation)
     service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
-    health = _health(kube, namespace, name, applied, raw.get("status") or {}, time.time())
+    health = _health(kube, namespace, name, applied, time.time())
     drift = _drift(kube, ed, model, applied)
     _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
                                          service, health, gated, drift))
@@ -253,17 +253,28 @@ def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: Ha
 
 
 class PodReads:
-    """At most one pod list per class per `seconds` while its workload keeps its generation; in between,
-    the last answer. During a rollout the DaemonSets' status changes many times a second, each change is a
-    reconcile, and at 10,000 nodes a class's pods are thousands of objects: listing them on every reconcile
-    starved the API server of the CPU it needs to start those pods. In memory: a restart reads at once."""
+    """A class behind is read (its pods listed) only once it has made no progress for `seconds` (no more pods
+    Ready, same workload generation), then at most once per `seconds`; until then it counts as starting and the
+    last answer stands. During a rollout the DaemonSets' status changes many times a second, each change is a
+    reconcile, and at 10,000 nodes a class's pods are thousands of objects: listing them while the class moves
+    took the API server's CPU from starting those pods. In memory: a restart waits `seconds` again."""
 
     def __init__(self, seconds: float = RECHECK_SECONDS) -> None:
         self.seconds = seconds
-        self._last: dict[tuple[str, str, str], tuple[float, int, ClassHealth]] = {}
+        self._progress: dict[tuple[str, str, str], tuple[int, int, float]] = {}  # generation, ready, since
+        self._last: dict[tuple[str, str, str], tuple[float, int, ClassHealth | None]] = {}
 
-    def health(self, key: tuple[str, str, str], generation: int, now: float,
-               read: Callable[[], ClassHealth]) -> ClassHealth:
+    def health(self, key: tuple[str, str, str], generation: int, ready: int, now: float,
+               read: Callable[[], ClassHealth]) -> ClassHealth | None:
+        """The class's health; None while it is starting (progress within `seconds`) and was never read."""
+        seen = self._progress.get(key)
+        if seen is None or seen[0] != generation or ready > seen[1]:
+            self._progress[key] = seen = (generation, ready, now)
+            self._last.pop(key, None)
+        elif ready < seen[1]:  # pods replaced: progress is measured from the new count
+            self._progress[key] = seen = (generation, ready, seen[2])
+        if now - seen[2] < self.seconds:
+            return None
         last = self._last.get(key)
         if last and last[1] == generation and 0 <= now - last[0] < self.seconds:
             return last[2]
@@ -272,27 +283,28 @@ class PodReads:
         return health
 
     def forget(self, namespace: str, name: str) -> None:
-        for key in [k for k in self._last if k[:2] == (namespace, name)]:
-            del self._last[key]
+        for table in (self._progress, self._last):
+            for key in [k for k in table if k[:2] == (namespace, name)]:
+                del table[key]
 
 
 POD_READS = PodReads()
 
 
-def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict[str, Any]], old_status: dict[str, Any],
-            now: float) -> dict[str, ClassHealth]:
-    """Why the pods of each class that is not ready are not: a pod list (POD_READS) per class that is behind and
-    made no progress since the last status (no more pods Ready). A class whose pods keep becoming Ready is
-    starting."""
-    ready_before = {c["profile"]: c.get("ready", 0) for c in old_status.get("classes", [])}
+def _health(kube: Kube, namespace: str, name: str, applied: dict[str, dict[str, Any]], now: float
+            ) -> dict[str, ClassHealth]:
+    """Why the pods of each class that is not ready are not: a pod list per surge class on every look, and per
+    other class behind once it stalls (POD_READS). A class whose pods keep becoming Ready is starting."""
     health = {}
     for profile, obj in applied.items():
         read = functools.partial(_class_health, kube, namespace, {**child_labels(name), PROFILE_LABEL: profile}, now)
         if _surges(obj):  # its counts cannot tell a failing new pod: read on every look, as each event may matter
             health[profile] = read()
-        elif _behind(obj) and _counts(obj)[1] <= ready_before.get(profile, 0):
-            health[profile] = POD_READS.health((namespace, name, profile), obj["metadata"].get("generation", 0), now,
-                                               read)
+        elif _behind(obj):
+            found = POD_READS.health((namespace, name, profile), obj["metadata"].get("generation", 0),
+                                     _counts(obj)[1], now, read)
+            if found is not None:
+                health[profile] = found
     return health
 
 
