@@ -12,7 +12,7 @@ from edgefleet.api import builtin_profiles
 from edgefleet.handlers import _child_event
 from edgefleet.handlers.cache import Cache, CachedKube
 from edgefleet.handlers.controller import Controller
-from edgefleet.reconcile import World, reconcile_deployment, reconcile_profile
+from edgefleet.reconcile import World, deployment, reconcile_deployment, reconcile_profile
 from edgefleet.reconcile.applied import SPEC_HASH
 from edgefleet.render.workload import MANAGED_BY
 from edgefleet.settings import Settings
@@ -165,17 +165,22 @@ def ds_counts(kube: FakeKube, name: str, desired: int, ready: int) -> None:
                                             "updatedNumberScheduled": desired})
 
 
-def test_pods_are_listed_only_for_a_class_that_made_no_progress(kube):
+def test_pods_are_listed_only_for_a_class_that_made_no_progress(kube, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(deployment, "POD_READS", deployment.PodReads())
+    monkeypatch.setattr(deployment, "time", SimpleNamespace(time=lambda: clock[0]))
     reconcile(kube)
     ds_counts(kube, "digits-cpu-arm64", 2, 1)
     ds_counts(kube, "digits-nvidia-jetson", 1, 0)
     asked: list[dict] = []
     list_ = kube.list
     kube.list = lambda kind, ns=None, labels=None: asked.append(labels or {}) or list_(kind, ns, labels)
+    clock[0] += deployment.RECHECK_SECONDS
     reconcile(kube)  # cpu-arm64: 0 -> 1 Ready (starting); nvidia-jetson: still 0 Ready
     assert [a.get("edgefleet.io/profile") for a in asked if "edgefleet.io/profile" in a] == ["nvidia-jetson"]
     before = len(kube.calls)
-    reconcile(kube)  # neither moved since the last status: both are looked at
+    clock[0] += deployment.RECHECK_SECONDS
+    reconcile(kube)  # neither moved for RECHECK_SECONDS: both are looked at
     assert len([c for c in kube.calls[before:] if c[:2] == ("list", "Pod")]) == 2
 
 
