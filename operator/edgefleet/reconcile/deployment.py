@@ -262,7 +262,7 @@ class PodReads:
     def __init__(self, seconds: float = RECHECK_SECONDS) -> None:
         self.seconds = seconds
         self._progress: dict[tuple[str, str, str], tuple[int, int, float]] = {}  # generation, ready, since
-        self._last: dict[tuple[str, str, str], tuple[float, int, ClassHealth | None]] = {}
+        self._last: dict[tuple[str, str, str], tuple[float, ClassHealth]] = {}  # read at, answer
 
     def health(self, key: tuple[str, str, str], generation: int, ready: int, now: float,
                read: Callable[[], ClassHealth]) -> ClassHealth | None:
@@ -275,11 +275,11 @@ class PodReads:
             self._progress[key] = seen = (generation, ready, seen[2])
         if now - seen[2] < self.seconds:
             return None
-        last = self._last.get(key)
-        if last and last[1] == generation and 0 <= now - last[0] < self.seconds:
-            return last[2]
+        last = self._last.get(key)  # cleared above when the generation changes or the class moves
+        if last and 0 <= now - last[0] < self.seconds:
+            return last[1]
         health = read()
-        self._last[key] = (now, generation, health)
+        self._last[key] = (now, health)
         return health
 
     def forget(self, namespace: str, name: str) -> None:
