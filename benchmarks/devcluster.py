@@ -32,9 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgefleet.devcluster import cluster as dc
-from edgefleet.devcluster import components, node
-from edgefleet.devcluster.fleet import load_fleet
+from edgefleet_dev import stack
+from edgefleet_dev import toolchain as components
+from edgefleet_dev.devcluster import cluster as dc
+from edgefleet_dev.devcluster import node
+from edgefleet_dev.devcluster.fleet import load_fleet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_DEFAULT_S = 20.0
@@ -101,7 +103,7 @@ def timed_up(name: str, scale: int | None, settle: float, measure_rss: bool, rea
         marks.append((time.monotonic() - start, msg))
 
     try:
-        cluster = dc.up(name, scale=scale, echo=echo, timeout=600, real_node=real_node)
+        cluster = stack.up(name, scale=scale, echo=echo, timeout=600, real_node=real_node)
         total = time.monotonic() - start
         ready, nodes = cluster.nodes_ready()
         result = {"scale": scale, "nodes": nodes, "ready": ready, "up_seconds": total}

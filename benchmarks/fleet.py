@@ -60,9 +60,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgefleet.api import EdgeDeployment, HardwareProfile, Variant
-from edgefleet.devcluster import cluster as dc
-from edgefleet.devcluster.fleet import load_fleet
 from edgefleet.render import render_class, render_service, resolve_nodes
+from edgefleet_dev.devcluster import cluster as dc
+from edgefleet_dev.devcluster.fleet import load_fleet
 from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[1]

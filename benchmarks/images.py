@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgefleet.images import build
-from edgefleet.images.spec import IMAGES
+from edgefleet_dev.images import build
+from edgefleet_dev.images.spec import IMAGES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOALS_MB = {"runtime-cpu": 150, "runtime-openvino": 250}

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgefleet.devcluster import cluster as dc
+from edgefleet_dev.devcluster import cluster as dc
 
 CHILD = """
 import json, sys, time

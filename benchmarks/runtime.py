@@ -311,7 +311,7 @@ def loadgen_binary(notes: list[str]) -> Path | None:
     import hashlib
     import shutil
 
-    from edgefleet.devcluster.components import cache_dir
+    from edgefleet_dev.toolchain import cache_dir
 
     source = b"".join((LOADGEN_SOURCE / f).read_bytes() for f in ("go.mod", "main.go"))
     out = cache_dir() / "bin" / f"edgefleet-loadgen-{hashlib.sha256(source).hexdigest()[:12]}"

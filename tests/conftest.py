@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from edgefleet.devcluster.cluster import free_port
+from edgefleet_dev.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
@@ -22,12 +22,13 @@ TEST_CLUSTER = "test"  # the session's own cluster; `edgefleet demo` and `cluste
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[edgefleet.devcluster.Cluster]:  # noqa: F821
+def cluster() -> Iterator[edgefleet_dev.devcluster.Cluster]:  # noqa: F821
     """The local control plane: the one EDGEFLEET_CLUSTER names (started when it is down, and left running: other
     sessions share it), else a cluster of the session's own (named "test", never the demo's), started now and
     stopped afterwards. A reused cluster
     must not hold other workloads' accelerators: the GPU tests would wait for them until they time out."""
-    from edgefleet.devcluster import is_running, session_cluster
+    from edgefleet_dev.devcluster import is_running
+    from edgefleet_dev.stack import session_cluster
     from kube_helpers import foreign_accelerator_pods
 
     shared = "EDGEFLEET_CLUSTER" in os.environ  # named by the user: other sessions may use it, it stays up
@@ -106,13 +107,13 @@ def real_node(edgefleet_api) -> dict[str, str]:
     """The session cluster's real node with edgefleet's built images in the cluster's registry (pushed only when
     it lacks them); returns image name -> digest. Skips with the reason where the host cannot run a real node,
     the cluster has none, or the images are not built."""
-    from edgefleet.images.sync import sync, unbuilt
+    from edgefleet_dev.images.sync import sync, unbuilt
     from real_node_helpers import skip_reason
 
     if reason := skip_reason(edgefleet_api, unbuilt()):
         pytest.skip(reason)
-    from edgefleet.devcluster import node
-    from edgefleet.images.spec import VERSION
+    from edgefleet_dev.devcluster import node
+    from edgefleet_dev.images.spec import VERSION
 
     digests = sync(f"{edgefleet_api.registry}/edgefleet", echo=lambda _: None)
     # tags the node pulled earlier (profiles name ghcr.io/edgefleet/<name>:VERSION) must name these builds

@@ -25,7 +25,7 @@ TOLERATION = {"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
 
 def skip_reason(cluster, unbuilt: list[str]) -> str | None:
     """Why real-node tests cannot run on this cluster (None: they can)."""
-    from edgefleet.devcluster.cluster import real_node_skip_reason
+    from edgefleet_dev.devcluster.cluster import real_node_skip_reason
 
     name = cluster.state.name
     if cluster.real_node is None:
@@ -40,7 +40,7 @@ def skip_reason(cluster, unbuilt: list[str]) -> str | None:
 def chart_values(cluster, digests: dict[str, str], executor: str = "job", repository: str = "edgefleet-e2e") -> dict:
     """The chart on the real node as `edgefleet demo` installs it (demo.real_node_values), variants in a
     repository of the tests' own; CRDs left to the session (edgefleet_api): helm must not adopt them."""
-    from edgefleet.demo import real_node_values
+    from edgefleet_dev.demo import real_node_values
 
     return {"crds": {"enabled": False}, **real_node_values(cluster, digests, repository, executor)}
 
@@ -237,7 +237,7 @@ def registry_up(cluster) -> bool:
 def registry_stopped(cluster):
     """The cluster's registry process stopped (the node is offline from its artifact store), then started
     again on the same port and storage."""
-    from edgefleet.devcluster import cluster as dc
+    from edgefleet_dev.devcluster import cluster as dc
 
     state = cluster.state
     assert dc._stop(state, "registry"), "the cluster's registry was not running"

@@ -1,32 +1,38 @@
-"""The `edgefleet` command line. Subcommands load lazily so `--help` stays fast."""
+"""The `edgefleet` command line. Subcommands load lazily so `--help` stays fast. Commands of the development
+tooling (`cluster`, `images`, `demo`) come from the `edgefleet.commands` entry points of an installed checkout;
+the product never imports them, and its images carry none."""
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 
 import click
 
 # name -> "module:attribute" of a click command or group
 SUBCOMMANDS = {
-    "cluster": "edgefleet.devcluster.cli:cluster",
     "crds": "edgefleet.api.crdgen:crds_command",
     "compile": "edgefleet.compiler.cli:compile_command",
     "operator": "edgefleet.handlers.cli:operator_command",
-    "demo": "edgefleet.demo:demo_command",
     "examples": "edgefleet.artifacts.examples:examples",
-    "images": "edgefleet.images.cli:images",
     "keygen": "edgefleet.signing:keygen_command",
     "sign": "edgefleet.signing:sign_command",
     "verify": "edgefleet.signing:verify_command",
 }
 
 
+def _commands() -> dict[str, str]:
+    """The product's subcommands and the installed tooling's (entry point group `edgefleet.commands`)."""
+    plugged = {ep.name: ep.value for ep in entry_points(group="edgefleet.commands")}
+    return {**plugged, **SUBCOMMANDS}
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(SUBCOMMANDS)
+        return sorted(_commands())
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = SUBCOMMANDS.get(name)
+        target = _commands().get(name)
         if target is None:
             return None
         module_name, attr = target.split(":")

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .images.spec import VERSION as IMAGE_VERSION
+from . import __version__ as IMAGE_VERSION
 
 
 def _cache() -> Path:

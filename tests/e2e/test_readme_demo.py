@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from edgefleet.demo import run_demo
-from edgefleet.devcluster import cluster as dc
+from edgefleet_dev.demo import run_demo
+from edgefleet_dev.devcluster import cluster as dc
 
 pytestmark = pytest.mark.cluster
 NAME = "e2e-readme"

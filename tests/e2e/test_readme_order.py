@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from edgefleet.devcluster import cluster as dc
+from edgefleet_dev.devcluster import cluster as dc
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]

@@ -196,7 +196,7 @@ def _compile_report(cluster, namespace: str, profile: str) -> dict:
 
 def _host_process_score(cluster, variant: dict, x, y):
     """The baseline: the same variant served by edgefleet-runtime on this machine (loopback)."""
-    from edgefleet.devcluster.cluster import free_port
+    from edgefleet_dev.net import free_port
 
     cache = Path(cluster.state / "e2e-host-runtime")
     ref = variant["artifact"].replace(cluster.pod_registry, cluster.registry)

@@ -48,7 +48,7 @@ def note(key: str, value: float) -> None:
 def fl(edgefleet_api, real_node):
     """The module's namespace, the shards on the node's disk, and the operator watching that namespace with the
     trainer image pinned as the chart pins it (images.registry + images.digests)."""
-    from edgefleet.devcluster.cluster import free_port
+    from edgefleet_dev.net import free_port
     from kopf.testing import KopfRunner
 
     cluster = edgefleet_api

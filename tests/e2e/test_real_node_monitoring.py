@@ -138,7 +138,7 @@ def hard_registry(cluster):
 def monitored(cluster, real_node, registry, hard_registry):  # noqa: F811
     """The quickstart in a namespace of its own, served on the real node with monitoring and hard examples by the
     operator in a thread watching only that namespace."""
-    from edgefleet.devcluster.cluster import free_port
+    from edgefleet_dev.net import free_port
     from kopf.testing import KopfRunner
 
     namespace = f"mon-{uuid.uuid4().hex[:8]}"

@@ -45,7 +45,7 @@ def registry(cluster):
 @pytest.fixture(scope="module")
 def on_target(cluster, real_node, registry):
     """A namespace of its own, the real node's class tolerating the real node, and the operator in a thread."""
-    from edgefleet.devcluster.cluster import free_port
+    from edgefleet_dev.net import free_port
     from kopf.testing import KopfRunner
 
     namespace = f"rn-ot-{uuid.uuid4().hex[:8]}"

@@ -56,7 +56,7 @@ def _unique_model() -> bytes:
 def operated(cluster, real_node, tmp_path_factory):
     """The quickstart served on the real node by the operator in a thread, signatures required."""
     from edgefleet.artifacts import open_store
-    from edgefleet.devcluster.cluster import free_port
+    from edgefleet_dev.net import free_port
     from edgefleet_runtime import trust
     from kopf.testing import KopfRunner
 

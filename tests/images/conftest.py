@@ -29,7 +29,7 @@ def built() -> dict:
     reason = can_build()
     if reason:
         pytest.skip(reason)
-    from edgefleet.images import build
+    from edgefleet_dev.images import build
 
     build.build(DEFAULT, None, echo=print)
     return build.read_index()
@@ -38,7 +38,7 @@ def built() -> dict:
 @pytest.fixture(scope="session")
 def image_registry(built) -> Iterator[str]:
     """The image cache's registry on loopback, for the session."""
-    from edgefleet.images import build, oci
+    from edgefleet_dev.images import build, oci
 
     with oci.local_registry(build.cache() / "registry") as reg:
         yield reg

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 from conftest import ref_of
-from edgefleet.images import build, debian, oci, sbom, wheels
-from edgefleet.images.spec import REPO
+from edgefleet_dev.images import build, debian, oci, sbom, wheels
+from edgefleet_dev.images.spec import REPO
 
 
 def test_two_builds_of_the_same_commit_give_the_same_digests(built, tmp_path, monkeypatch):

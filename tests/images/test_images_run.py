@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import infer_top1, ref_of, wait_http
-from edgefleet.devcluster.cluster import free_port
-from edgefleet.images import runc
+from edgefleet_dev.images import runc
+from edgefleet_dev.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart"
@@ -102,7 +102,7 @@ def test_operator_image_answers_liveness(built, image_registry, work, cluster, n
 
 
 def test_images_carry_labels_and_the_numeric_user(built, image_registry):
-    from edgefleet.images import oci
+    from edgefleet_dev.images import oci
 
     for name in ("runtime-cpu", "operator", "compiler"):
         config = json.loads(oci.crane("config", "--platform", "linux/amd64", ref_of(built, image_registry, name)))

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 from conftest import can_build  # tests/images/conftest.py (imported at collection, as test_images_build does)
-from edgefleet.images import build, oci, signing
-from edgefleet.images.spec import VERSION
+from edgefleet_dev.images import build, oci, signing
+from edgefleet_dev.images.spec import VERSION
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from edgefleet.images import build, wheels
-from edgefleet.images.spec import DEFAULT_REGISTRY, IMAGES, REPO, VERSION
+from edgefleet_dev.images import build, wheels
+from edgefleet_dev.images.spec import DEFAULT_REGISTRY, IMAGES, REPO, VERSION
 
 DOCKERFILE_IMAGES = [s for s in IMAGES.values() if s.dockerfile]
 
@@ -74,3 +74,18 @@ def test_chart_and_profiles_name_only_images_a_build_produces():
 def test_locks_are_part_of_the_package():
     assert "images/locks/*" in (REPO / "pyproject.toml").read_text()
     assert Path(build.LOCKS).is_dir()
+
+
+@pytest.mark.parametrize("name", ["operator", "compiler", "trainer", "runtime-cpu"])
+def test_product_images_carry_no_dev_cluster_or_image_builder_code(name):
+    """The products' images hold the operator, compiler and runtime packages only: the tooling (dev cluster,
+    image builder, demo) lives in tooling/edgefleet_dev and is never copied in."""
+    files = [f.relative_to(REPO) for f, _ in build.shipped_files(IMAGES[name])]
+    tops = {f.parts[:2] for f in files}
+    assert ("runtime-image", "edgefleet_runtime") in tops
+    assert tops <= {("runtime-image", "edgefleet_runtime"), ("operator", "edgefleet")}
+    names = {part for f in files for part in f.parts}
+    assert not names & {"devcluster", "images", "edgefleet_dev", "demo.py", "toolchain.py", "stack.py"}
+    assert ("runtime-image", "edgefleet_runtime", "app.py") in {f.parts for f in files}
+    if name != "runtime-cpu":
+        assert any(f.parts[:3] == ("operator", "edgefleet", "reconcile") for f in files)

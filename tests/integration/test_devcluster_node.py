@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from edgefleet.devcluster import node
-from edgefleet.devcluster.cluster import real_node_skip_reason
+from edgefleet_dev.devcluster import node
+from edgefleet_dev.devcluster.cluster import real_node_skip_reason
 from kube_helpers import apply, get, is_ready, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -14,8 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from edgefleet.devcluster import cluster as dc
-from edgefleet.devcluster import components, node
+from edgefleet_dev import toolchain as components
+from edgefleet_dev.devcluster import cluster as dc
+from edgefleet_dev.devcluster import node
 from kube_helpers import apply, get, is_ready, wait_for
 from test_devcluster_node import build_echo_image, echo_pod
 

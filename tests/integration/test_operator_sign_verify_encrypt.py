@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from edgefleet.artifacts import open_store
 from edgefleet.artifacts.store import parse_oci
-from edgefleet.devcluster.cluster import free_port
 from edgefleet.render.workload import CACHE_MOUNT, DECRYPTION_KEY_MOUNT, TRUST_KEYS_MOUNT
+from edgefleet_dev.net import free_port
 from edgefleet_runtime import trust
 from edgefleet_runtime.backends import open_backend
 from kube_helpers import get, items, wait_for

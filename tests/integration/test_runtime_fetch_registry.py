@@ -22,9 +22,9 @@ import pytest
 from edgefleet.api import EdgeDeployment, Variant, builtin_profiles
 from edgefleet.artifacts import OCIStore
 from edgefleet.compiler import CompileRequest, CompileTarget, Policy, compile_model
-from edgefleet.devcluster.cluster import free_port
 from edgefleet.render import render_class
 from edgefleet.render.workload import CACHE_MOUNT
+from edgefleet_dev.net import free_port
 
 pytestmark = pytest.mark.cluster
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"

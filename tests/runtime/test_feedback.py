@@ -20,7 +20,7 @@ EVAL = models.REPO / "examples" / "quickstart" / "digits_eval.npz"
 
 
 def _registry_binary():
-    from edgefleet.devcluster.components import binary_path
+    from edgefleet_dev.toolchain import binary_path
 
     path = binary_path("registry")
     if not path.exists():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from edgefleet.devcluster import components
+from edgefleet_dev import toolchain as components
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "edgefleet"
@@ -480,7 +480,7 @@ def test_compile_job_placement_reaches_the_operator(helm, monkeypatch):
 
 
 def test_operator_runs_as_the_images_user(helm):
-    from edgefleet.images.spec import UID
+    from edgefleet_dev.images.spec import UID
 
     (dep,) = by_kind(render(helm), "Deployment")
     pod = dep["spec"]["template"]["spec"]["securityContext"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgefleet.demo import print_tables
+from edgefleet_dev.demo import print_tables
 
 ROW = {"class": "nvidia-jetson", "nodes": 2, "variant": "onnx/fp16 fp16", "sizeBytes": 2048, "latencyP50Ms": 0.5,
        "accuracyDelta": 0.0, "podsReady": "0/2", "state": "Ready", "why": ""}
@@ -33,8 +33,8 @@ def test_this_machine_line_names_the_real_node_pod_or_the_host_process():
 
 
 def test_the_demo_says_why_it_has_no_real_node(monkeypatch):
-    from edgefleet import demo
-    from edgefleet.images import sync
+    from edgefleet_dev import demo
+    from edgefleet_dev.images import sync
 
     monkeypatch.setenv("EDGEFLEET_REAL_NODE", "0")
     assert demo.real_node_reason("anything") == "EDGEFLEET_REAL_NODE=0"

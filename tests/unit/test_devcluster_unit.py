@@ -10,8 +10,9 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from edgefleet.devcluster import cluster as dc
-from edgefleet.devcluster import components, fleet
+from edgefleet_dev import toolchain as components
+from edgefleet_dev.devcluster import cluster as dc
+from edgefleet_dev.devcluster import fleet
 
 
 def _write(tmp_path, text):
@@ -125,7 +126,7 @@ def test_down_cleans_up_after_a_crashed_up(tmp_path, monkeypatch):
 
 
 def test_machine_labels_follow_cpuinfo_and_the_profiles(tmp_path):
-    from edgefleet.devcluster import node
+    from edgefleet_dev.devcluster import node
 
     (tmp_path / "p.yaml").write_text(textwrap.dedent("""
         spec:
@@ -149,7 +150,7 @@ def test_oci_archive_is_a_consistent_image_layout(tmp_path):
     import json
     import tarfile
 
-    from edgefleet.devcluster import node
+    from edgefleet_dev.devcluster import node
 
     path = tmp_path / "img.tar"
     digest = node.write_oci_archive(path, "example.test/app:1", {"app": b"\x7fELF-not-really"}, ["/app"])
@@ -175,7 +176,7 @@ def test_oci_archive_is_a_consistent_image_layout(tmp_path):
 
 
 def test_missing_runc_names_the_install_command(tmp_path, monkeypatch):
-    from edgefleet.devcluster import node
+    from edgefleet_dev.devcluster import node
 
     monkeypatch.setattr(node.os, "geteuid", lambda: 0)
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -187,7 +188,7 @@ def test_real_node_configs_avoid_the_known_traps(tmp_path):
     import json
     import tomllib
 
-    from edgefleet.devcluster import node
+    from edgefleet_dev.devcluster import node
 
     state = tmp_path / "clusters" / "x"
     config = tomllib.loads(node._containerd_config(state, "ghcr.io/edgefleet/pause:1"))
@@ -207,7 +208,7 @@ def test_real_node_configs_avoid_the_known_traps(tmp_path):
 
 
 def test_registry_hosts_make_the_dev_registry_plain_http(tmp_path):
-    from edgefleet.devcluster import node
+    from edgefleet_dev.devcluster import node
 
     node._write_registry_hosts(tmp_path, 5123)
     for host in ("127.0.0.1:5123", f"{node.NODE_IP}:5123", "ghcr.io"):
@@ -216,7 +217,7 @@ def test_registry_hosts_make_the_dev_registry_plain_http(tmp_path):
 
 
 def test_a_stale_claim_does_not_block_a_new_real_node(tmp_path, monkeypatch):
-    from edgefleet.devcluster import node
+    from edgefleet_dev.devcluster import node
 
     claim = tmp_path / "real-node"
     claim.write_text(str(tmp_path / "gone"))
@@ -260,7 +261,7 @@ def test_a_component_of_several_packages_is_a_folder_of_binaries(tmp_path, monke
 
 
 def test_stopping_a_stale_node_leaves_another_clusters_real_node_alone(tmp_path, monkeypatch):
-    from edgefleet.devcluster import node
+    from edgefleet_dev.devcluster import node
 
     monkeypatch.setenv("EDGEFLEET_CACHE", str(tmp_path))
     mine, theirs = dc.state_dir("crashed"), dc.state_dir("running")
@@ -282,28 +283,32 @@ def test_up_with_the_real_node_pushes_built_images_or_says_why_not(monkeypatch, 
     are said (with the command to run), never fatal to the node."""
     from types import SimpleNamespace
 
-    from edgefleet.devcluster import cluster as dc
-    from edgefleet.images import oci
-    from edgefleet.images import sync as image_sync
+    from edgefleet_dev import stack
+    from edgefleet_dev.devcluster import node
+    from edgefleet_dev.images import oci
+    from edgefleet_dev.images import sync as image_sync
 
     fake = SimpleNamespace(state=tmp_path / "mine", registry="127.0.0.1:5999")
     said: list[str] = []
+    refreshed: list[tuple] = []  # the node's containerd is not started here: record what it would re-pull
+    monkeypatch.setattr(node, "refresh_images", lambda state, refs: refreshed.append((state, refs)))
     monkeypatch.setattr(image_sync, "unbuilt", lambda: ["compiler"])
-    assert dc.push_built_images(fake, said.append) == {}
+    assert stack.push_built_images(fake, said.append) == {}
     assert "images not built (compiler)" in said[-1] and "edgefleet images build" in said[-1]
     assert "`edgefleet cluster up --name mine --real-node`" in said[-1]
 
     pushed: list[str] = []
     monkeypatch.setattr(image_sync, "unbuilt", lambda: [])
     monkeypatch.setattr(image_sync, "sync", lambda dest, echo: pushed.append(dest) or {"operator": "sha256:aa"})
-    assert dc.push_built_images(fake, said.append) == {"operator": "sha256:aa"}
+    assert stack.push_built_images(fake, said.append) == {"operator": "sha256:aa"}
     assert pushed == ["127.0.0.1:5999/edgefleet"] and "ghcr.io/edgefleet/<name>" in said[-1]
+    assert refreshed == [(fake.state, [f"ghcr.io/edgefleet/operator:{stack.VERSION}"])]
 
     def refused(dest, echo):
         raise oci.PushError("registry said no")
 
     monkeypatch.setattr(image_sync, "sync", refused)
-    assert dc.push_built_images(fake, said.append) == {}
+    assert stack.push_built_images(fake, said.append) == {}
     assert said[-1] == "could not push the built images to the cluster registry 127.0.0.1:5999: registry said no"
 
 
@@ -311,19 +316,21 @@ def test_up_with_the_real_node_pushes_built_images_or_says_why_not(monkeypatch, 
 def test_session_cluster_started_for_a_session_is_stopped_unless_shared(monkeypatch, tmp_path, stop):
     """A shared cluster (named by EDGEFLEET_CLUSTER) that a session found down and started stays up: sessions that
     began meanwhile reuse it."""
+    from edgefleet_dev import stack
+
     calls = []
     monkeypatch.setenv("EDGEFLEET_CLUSTER", "shared-x")
     monkeypatch.setattr(dc, "is_running", lambda name: False)
     monkeypatch.setattr(dc, "real_node_skip_reason", lambda name: "not here")
-    monkeypatch.setattr(dc, "up", lambda name, real_node: calls.append(("up", name)) or dc.Cluster(tmp_path))
+    monkeypatch.setattr(stack, "up", lambda name, echo, real_node: calls.append(("up", name)) or dc.Cluster(tmp_path))
     monkeypatch.setattr(dc, "down", lambda name: calls.append(("down", name)))
-    with dc.session_cluster(echo=lambda _: None, stop=stop):
+    with stack.session_cluster(echo=lambda _: None, stop=stop):
         assert calls == [("up", "shared-x")]
     assert calls == [("up", "shared-x")] + ([("down", "shared-x")] if stop else [])
 
 
 def test_pids_in_cgroups_skips_a_cgroup_that_vanishes_during_the_walk(monkeypatch, tmp_path):
-    from edgefleet.devcluster import node
+    from edgefleet_dev.devcluster import node
 
     root = tmp_path / "cpu" / node.CGROUP_ROOT
     for pod, pids in (("pod-a", "11\n12\n"), ("pod-b", "13\n")):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from edgefleet.compiler.cli import compile_command
-from edgefleet.devcluster import components
 from edgefleet.progress import Progress, duration
+from edgefleet_dev import toolchain as components
 from rich.console import Console
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "models"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..devcluster import components
+from .. import toolchain as components
 from . import debian, oci, sbom, wheels
 from .spec import (
     DEFAULT_REGISTRY,
@@ -191,6 +191,11 @@ def _own_sources(spec: ImageSpec) -> list[tuple[Path, Path]]:
     return [runtime, (root / "operator" / "edgefleet", Path("edgefleet"))]
 
 
+def shipped_files(spec: ImageSpec) -> list[tuple[Path, Path]]:
+    """(file, its package's source dir) for every file of the project's own packages the image carries."""
+    return sorted((f, src) for src, _ in _own_sources(spec) for f in src.rglob("*") if _shipped(f))
+
+
 def _scripts(spec: ImageSpec) -> dict[str, str]:
     path = source_root() / ("runtime-image/pyproject.toml" if spec.project == "runtime" else "pyproject.toml")
     return tomllib.loads(path.read_text())["project"]["scripts"]
@@ -202,7 +207,7 @@ def app_layer(spec: ImageSpec, arch: str) -> Layer:
         return _cached_layer("pause-" + _hash(pause.read_bytes()),
                              lambda root: shutil.copy2(pause, root / "pause"))
     sources = _own_sources(spec)
-    files = sorted((f, src) for src, _ in sources for f in src.rglob("*") if _shipped(f))
+    files = shipped_files(spec)
     scripts = {name: _script(target) for name, target in _scripts(spec).items()}
     key = _hash(spec.project, json.dumps(scripts, sort_keys=True),
                 *(f"{f.relative_to(source_root())}:{hashlib.sha256(f.read_bytes()).hexdigest()}" for f, _ in files))

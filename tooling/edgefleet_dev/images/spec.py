@@ -6,7 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VERSION = "0.1.0"
+import edgefleet
+
+VERSION = edgefleet.__version__  # images are tagged with the project's version
 DEFAULT_REGISTRY = "ghcr.io/edgefleet"
 SOURCE_URL = "https://github.com/edgefleet/edgefleet"
 LICENSE = "Apache-2.0"

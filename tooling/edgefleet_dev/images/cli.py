@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..devcluster.components import BuildError
+from ..toolchain import BuildError
 from . import build as builder
 from .debian import PackageError
 from .oci import PushError

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from ..devcluster import components
-from ..devcluster.cluster import free_port
+from .. import toolchain as components
+from ..net import free_port
 
 TAR_FLAGS = ["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner", "--format=posix",
              "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime", "--mode=a+rX"]

@@ -2,22 +2,21 @@
 edge fleet and a CNCF distribution OCI registry, built from the components' Go modules; optionally this
 machine as one real node (containerd, runc, CNI, kubelet, kube-proxy) that runs real pods."""
 
+from ..toolchain import BuildError
 from .cluster import (
     Cluster,
     ClusterError,
     down,
     is_running,
     real_node_skip_reason,
-    session_cluster,
     status,
     stop_real_node,
     up,
 )
-from .components import BuildError
 from .fleet import FleetError, load_fleet
 from .node import NodeError
 
 __all__ = [
     "BuildError", "Cluster", "ClusterError", "FleetError", "NodeError", "down", "is_running", "load_fleet",
-    "real_node_skip_reason", "session_cluster", "status", "stop_real_node", "up",
+    "real_node_skip_reason", "status", "stop_real_node", "up",
 ]

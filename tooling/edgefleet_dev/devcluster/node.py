@@ -34,9 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import edgefleet
 import yaml
 
-from . import components
+from .. import toolchain as components
+from ..net import POD_CIDR, SERVICE_CIDR, free_port
+from . import procs
 
 NODE_IP = "10.245.0.1"  # lives only on the bridge; kwok's fake pod IPs use 10.244.0.0/16
 POD_SUBNET = "10.245.0.0/24"
@@ -57,7 +60,7 @@ HOST_DIRS = ["/run/containerd/s", "/run/containerd", "/var/lib/cni/results", "/v
 KUBELET_CHAINS = [("filter", "KUBE-FIREWALL", ("INPUT", "OUTPUT")), ("filter", "KUBE-KUBELET-CANARY", ()),
                   ("nat", "KUBE-KUBELET-CANARY", ()), ("mangle", "KUBE-KUBELET-CANARY", ()),
                   ("mangle", "KUBE-IPTABLES-HINT", ())]
-PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+PROFILES = Path(edgefleet.__file__).resolve().parent / "profiles"
 
 
 class NodeError(RuntimeError):
@@ -100,7 +103,7 @@ def claim_holder() -> Path | None:
         state = Path(CLAIM.read_text().strip())
     except OSError:
         return None
-    return state if _alive(state, "kubelet") or _alive(state, "containerd") else None
+    return state if procs.alive(state, "kubelet") or procs.alive(state, "containerd") else None
 
 
 # ---------------------------------------------------------------- labels
@@ -197,15 +200,6 @@ def _tar(entries: dict[str, tuple[bytes, int]]) -> bytes:
 
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-# ---------------------------------------------------------------- processes (shared with cluster.py)
-
-
-def _alive(state: Path, name: str) -> bool:
-    from .cluster import _alive as alive
-
-    return alive(state, name)
 
 
 def socket_path(state: Path) -> Path:
@@ -403,14 +397,10 @@ def _network_up(state: Path, ports: dict[str, int]) -> None:
 
 
 def _kwok_pod_network() -> str:
-    from .cluster import POD_CIDR
-
     return str(ipaddress.ip_network(POD_CIDR, strict=False))
 
 
 def _kubernetes_service_ip() -> str:
-    from .cluster import SERVICE_CIDR
-
     return str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
 
 
@@ -467,11 +457,9 @@ def start(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeo
 
 
 def _start_node(state: Path, ports: dict[str, int], echo: Callable[[str], None], timeout: float) -> dict:
-    from .cluster import _kubeconfig, _start
-
     node = state / "node"
     name = node_name()
-    ports = {**ports, **{k: _free_port() for k in ("kubelet", "kubelet-healthz", "kube-proxy-healthz",
+    ports = {**ports, **{k: free_port() for k in ("kubelet", "kubelet-healthz", "kube-proxy-healthz",
                                                      "kube-proxy-metrics")}}
     labels = machine_labels()
     info = {"name": name, "ip": NODE_IP, "podSubnet": POD_SUBNET, "bridge": BRIDGE, "labels": labels,
@@ -482,8 +470,8 @@ def _start_node(state: Path, ports: dict[str, int], echo: Callable[[str], None],
     _network_up(state, ports)
     _issue_certs(state, name)
     server = f"https://127.0.0.1:{ports['kube-apiserver']}"
-    _kubeconfig(state / "kubelet.kubeconfig", server, state / "pki", "kubelet-client")
-    _kubeconfig(state / "kube-proxy.kubeconfig", server, state / "pki", "kube-proxy")
+    procs.write_kubeconfig(state / "kubelet.kubeconfig", server, state / "pki", "kubelet-client")
+    procs.write_kubeconfig(state / "kube-proxy.kubeconfig", server, state / "pki", "kube-proxy")
 
     _make_cgroup_root()
     echo("starting containerd")
@@ -491,41 +479,37 @@ def _start_node(state: Path, ports: dict[str, int], echo: Callable[[str], None],
     (node / "kubelet.yaml").write_text(yaml.safe_dump(_kubelet_config(state, ports)))
     (node / "kube-proxy.yaml").write_text(yaml.safe_dump(_kube_proxy_config(state, ports, name)))
     echo(f"starting kubelet (node {name}, {NODE_IP}) and kube-proxy")
-    _start(state, "kubelet", [
+    procs.start(state, "kubelet", [
         f"--config={node / 'kubelet.yaml'}", f"--kubeconfig={state / 'kubelet.kubeconfig'}",
         f"--root-dir={node / 'kubelet'}", f"--hostname-override={name}", f"--node-ip={NODE_IP}",
         "--node-labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())), "--v=1",
     ])
-    _start(state, "kube-proxy", [f"--config={node / 'kube-proxy.yaml'}", "--v=1"])
+    procs.start(state, "kube-proxy", [f"--config={node / 'kube-proxy.yaml'}", "--v=1"])
     return info
 
 
 def _start_containerd(state: Path, registry_port: int, timeout: float) -> None:
     """Write containerd's and CNI's configuration, start containerd and import the sandbox image."""
-    from .cluster import _start, _wait
-
     node = state / "node"
     sandbox = sandbox_image(state)
     _write_registry_hosts(node, registry_port)
     (node / "containerd.toml").write_text(_containerd_config(state, sandbox.ref))
     (node / "cni").mkdir(exist_ok=True)
     (node / "cni" / "10-edgefleet.conflist").write_text(_cni_config(node))
-    _start(state, "containerd", ["--config", str(node / "containerd.toml"), "--log-level", "warn"])
-    _wait("containerd", lambda: _ctr(state, "version", timeout=5).returncode == 0, timeout, state, "containerd")
+    procs.start(state, "containerd", ["--config", str(node / "containerd.toml"), "--log-level", "warn"])
+    procs.wait("containerd", lambda: _ctr(state, "version", timeout=5).returncode == 0, timeout, state, "containerd")
     imported = _ctr(state, "images", "import", "--local", str(sandbox.archive))
     if imported.returncode != 0:
         raise NodeError(f"importing the sandbox image {sandbox.ref} failed: {imported.stderr.strip()}")
 
 
 def wait_ready(cluster, info: dict, timeout: float) -> None:
-    from .cluster import _wait
-
     jsonpath = 'jsonpath={.status.conditions[?(@.type=="Ready")].status}'
 
     def ready() -> bool:
         return cluster.kubectl("get", "node", info["name"], "-o", jsonpath, check=False).stdout == "True"
 
-    _wait(f"the real node {info['name']} Ready", ready, timeout, cluster.state, "kubelet")
+    procs.wait(f"the real node {info['name']} Ready", ready, timeout, cluster.state, "kubelet")
 
 
 def _issue_certs(state: Path, name: str) -> None:
@@ -536,11 +520,6 @@ def _issue_certs(state: Path, name: str) -> None:
     ca.issue("kubelet-serving", name, server=True, ips=(NODE_IP,), names=(name,))
     ca.issue("kube-proxy", "system:kube-proxy")
 
-
-def _free_port() -> int:
-    from .cluster import free_port
-
-    return free_port()
 
 
 def _make_cgroup_root() -> None:
@@ -565,16 +544,14 @@ def _cgroup_roots() -> list[Path]:
 def stop(state: Path, echo: Callable[[str], None] = print) -> list[str]:
     """Stop the real node of the cluster in `state` and remove everything it made; returns what it stopped.
     Safe to call when no node was started or after a crash."""
-    from .cluster import _stop
-
     node = state / "node"
     if not node.exists():
         return []
     holder = claim_holder()
     ours = holder in (None, state)  # else another cluster's node runs: its pods, cgroups and network stay
-    stopped = [n for n in ("kube-proxy", "kubelet") if _stop(state, n)]
+    stopped = [n for n in ("kube-proxy", "kubelet") if procs.stop(state, n)]
     killed = (_kill_pods() if ours else 0) + _kill_shims(state)
-    if _stop(state, "containerd"):
+    if procs.stop(state, "containerd"):
         stopped.append("containerd")
     if killed:
         stopped.append(f"{killed} pod/shim processes")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..progress import Progress, duration
+from edgefleet.progress import Progress, duration
 
 RECIPE = Path(__file__).resolve().parent / "recipe"
 

@@ -10,10 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
-import random
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -24,47 +21,20 @@ from pathlib import Path
 
 import yaml
 
-from . import components, node
+from .. import toolchain as components
+from ..net import POD_CIDR, SERVICE_CIDR, free_port
+from . import node, procs
 from .fleet import load_fleet
 from .pki import CertificateAuthority, service_account_key
+from .procs import ClusterError
 
 STAGES = Path(__file__).resolve().parent / "stages.yaml"
-SERVICE_CIDR = "10.96.0.0/16"
-POD_CIDR = "10.244.0.1/16"
 # start order; each entry waits for the ones before it
 PROCESSES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "registry"]
 
 
-class ClusterError(RuntimeError):
-    """The cluster could not be started or reached; the message says what to do."""
-
-
 def state_dir(name: str = "default") -> Path:
     return components.cache_dir() / "clusters" / name
-
-
-def free_port() -> int:
-    """A free loopback port below the ephemeral range, so that no client connection's source port takes it
-    between now and the caller's bind (ports the kernel hands out for port 0 are in that range)."""
-    low = _ephemeral_low()
-    for _ in range(50):
-        port = random.randint(10000, low - 1)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ephemeral_low() -> int:
-    try:
-        return max(10001, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
-    except (OSError, ValueError, IndexError):
-        return 32768
 
 
 @dataclass
@@ -126,7 +96,7 @@ class Cluster:
 
     def running(self) -> dict[str, bool]:
         names = PROCESSES + (node.PROCESSES if self.real_node else [])
-        return {name: _alive(self.state, name) for name in names}
+        return {name: procs.alive(self.state, name) for name in names}
 
     def nodes_ready(self) -> tuple[int, int]:
         out = self.kubectl(
@@ -135,88 +105,6 @@ class Cluster:
             check=False,
         ).stdout.split()
         return sum(1 for s in out if s == "True"), len(out)
-
-
-# ---------------------------------------------------------------- process bookkeeping
-
-
-def _pidfile(state: Path, name: str) -> Path:
-    return state / "pids" / f"{name}.pid"
-
-
-def _alive(state: Path, name: str) -> bool:
-    pid = _read_pid(state, name)
-    return pid is not None and _pid_runs(pid, components.binary_path(name))
-
-
-def _read_pid(state: Path, name: str) -> int | None:
-    try:
-        return int(_pidfile(state, name).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _pid_runs(pid: int, binary: Path) -> bool:
-    """True when pid is alive and runs our binary (a recycled pid is not ours)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except OSError:
-        return False
-    return cmdline == str(binary)
-
-
-_children: dict[str, subprocess.Popen] = {}  # processes this `up` started, by component
-started_here: set[str] = set()  # clusters this process started (tests may restart their real node)
-
-
-def _exited(state: Path, name: str) -> bool:
-    """True when a component we are starting has died (checked on the Popen: right after fork the
-    child's /proc cmdline is still Python's, so the pid-file check would misfire)."""
-    proc = _children.get(name)
-    return proc.poll() is not None if proc else not _alive(state, name)
-
-
-def _start(state: Path, name: str, args: list[str], env: dict | None = None) -> None:
-    log = state / "logs" / f"{name}.log"
-    binary = components.binary_path(name)
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [str(binary), *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=state, start_new_session=True, env={**os.environ, **(env or {})},
-        )
-    _children[name] = proc
-    _pidfile(state, name).write_text(f"{proc.pid}\n")
-
-
-def _stop(state: Path, name: str, grace: float = 5.0) -> bool:
-    pid = _read_pid(state, name)
-    if pid is None or not _pid_runs(pid, components.binary_path(name)):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _pid_runs(pid, components.binary_path(name)):
-        time.sleep(0.1)
-    if _pid_runs(pid, components.binary_path(name)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return True
-
-
-# ---------------------------------------------------------------- waiting
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float, state: Path, log: str | None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log and _exited(state, log):
-            raise ClusterError(f"{log} exited while starting; see {state / 'logs' / (log + '.log')}")
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(0.2)
-    hint = f"; see {state / 'logs' / (log + '.log')}" if log else ""
-    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{hint}")
 
 
 def _https_ok(url: str, state: Path) -> bool:
@@ -232,22 +120,6 @@ def _http_ok(url: str) -> bool:
 
 
 # ---------------------------------------------------------------- configuration files
-
-
-def _kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
-    doc = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "edgefleet", "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")}}
-        ],
-        "users": [{"name": user, "user": {"client-certificate": str(pki / f"{user}.crt"),
-                                          "client-key": str(pki / f"{user}.key")}}],
-        "contexts": [{"name": "edgefleet", "context": {"cluster": "edgefleet", "user": user}}],
-        "current-context": "edgefleet",
-    }
-    path.write_text(yaml.safe_dump(doc))
-    path.chmod(0o600)
 
 
 def _write_pki(state: Path) -> Path:
@@ -356,9 +228,11 @@ def is_running(name: str = "default") -> bool:
 
 
 def up(name: str = "default", fleet: str | Path | None = None, scale: int | None = None,
-       echo: Callable[[str], None] = print, timeout: float = 180, real_node: bool = False) -> Cluster:
+       echo: Callable[[str], None] = print, timeout: float = 180, real_node: bool = False,
+       with_node: Callable[[Cluster], object] | None = None) -> Cluster:
     """Build what is missing, start the control plane, create the fleet, wait until every node is Ready.
-    With `real_node`, also start this machine as a node that runs real pods (see node.py)."""
+    With `real_node`, also start this machine as a node that runs real pods (see node.py), then call
+    `with_node(cluster)` (the tooling's stack pushes the built images there)."""
     state = state_dir(name)
     fleet_spec = load_fleet(fleet)  # validate before touching anything
     nodes = fleet_spec.nodes(scale)
@@ -369,12 +243,12 @@ def up(name: str = "default", fleet: str | Path | None = None, scale: int | None
             cluster = Cluster(state)
             if real_node and not cluster.real_node:
                 _add_real_node(cluster, echo, timeout)
-            if real_node:
-                push_built_images(cluster, echo)
+            if real_node and with_node:
+                with_node(cluster)
             echo(f"cluster {name!r} is already running (kubeconfig {state / 'kubeconfig'}); "
                  "`edgefleet cluster down` stops it")
             return cluster
-        if any(_pidfile(state, p).exists() for p in PROCESSES + node.PROCESSES):
+        if any(procs.pidfile(state, p).exists() for p in PROCESSES + node.PROCESSES):
             echo(f"cleaning up a cluster {name!r} that did not stop cleanly")
             _teardown(state)
         components.build_all(echo=echo, names=components.control_plane() + (list(node.NEEDS) if real_node else []))
@@ -384,40 +258,17 @@ def up(name: str = "default", fleet: str | Path | None = None, scale: int | None
             _create_fleet(cluster, fleet_spec.cluster_objects() + nodes, echo, timeout)
             if real_node:
                 _add_real_node(cluster, echo, timeout)
-                push_built_images(cluster, echo)
+                if with_node:
+                    with_node(cluster)
         except BaseException:
             echo(f"start failed; logs are in {state / 'logs'}")
             _teardown(state, keep_logs=True)
             raise
-        started_here.add(name)
+        procs.started_here.add(name)
         extra = f" + real node {cluster.real_node['name']}" if real_node and cluster.real_node else ""
         echo(f"cluster {name!r} ready in {time.monotonic() - started:.1f}s: {len(nodes)} nodes{extra}, "
              f"kubeconfig {cluster.kubeconfig}, registry {cluster.registry}")
         return cluster
-
-
-def push_built_images(cluster: Cluster, echo: Callable[[str], None] = print) -> dict[str, str]:
-    """Push the images `edgefleet images build` made to the cluster's registry (only those it lacks: seconds
-    when warm), so the real node runs them as ghcr.io/edgefleet/<name> through its mirror. Not built, or the
-    push refused: says so and returns {} (the node runs; pods of those images cannot start)."""
-    from ..images import oci
-    from ..images.spec import VERSION
-    from ..images.sync import sync, unbuilt
-
-    if missing := unbuilt():
-        echo(f"images not built ({', '.join(missing)}): the real node cannot run edgefleet's pods yet; run "
-             f"`edgefleet images build`, then `edgefleet cluster up --name {cluster.state.name} --real-node` again")
-        return {}
-    started = time.monotonic()
-    try:
-        digests = sync(f"{cluster.registry}/edgefleet", echo=lambda _: None)
-        node.refresh_images(cluster.state, [f"ghcr.io/edgefleet/{name}:{VERSION}" for name in digests])
-    except (oci.PushError, node.NodeError) as err:
-        echo(f"could not push the built images to the cluster registry {cluster.registry}: {err}")
-        return {}
-    echo(f"built images in the cluster registry in {time.monotonic() - started:.1f}s ({', '.join(digests)}; "
-         "the real node pulls them as ghcr.io/edgefleet/<name>)")
-    return digests
 
 
 def stop_real_node(name: str = "default", echo: Callable[[str], None] = print) -> list[str]:
@@ -476,25 +327,25 @@ def _start_all(state: Path, echo, timeout: float) -> Cluster:
     pki = _write_pki(state)
     ports = {k: free_port() for k in [*PROCESSES, "etcd-peer"]}
     server = f"https://127.0.0.1:{ports['kube-apiserver']}"
-    _kubeconfig(state / "kubeconfig", server, pki, "admin")
-    _kubeconfig(state / "controller-manager.kubeconfig", server, pki, "controller-manager")
-    _kubeconfig(state / "scheduler.kubeconfig", server, pki, "scheduler")
+    procs.write_kubeconfig(state / "kubeconfig", server, pki, "admin")
+    procs.write_kubeconfig(state / "controller-manager.kubeconfig", server, pki, "controller-manager")
+    procs.write_kubeconfig(state / "scheduler.kubeconfig", server, pki, "scheduler")
     for tool in ("kubectl", "helm"):
         (state / "bin" / tool).symlink_to(components.binary_path(tool))
     versions = {n: components.COMPONENTS[n].version for n in components.COMPONENTS}
     (state / "cluster.json").write_text(json.dumps({"ports": ports, "versions": versions}, indent=2))
     args = _args(state, ports)
     echo("starting etcd")
-    _start(state, "etcd", args["etcd"])
-    _wait("etcd /health", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"), timeout, state, "etcd")
+    procs.start(state, "etcd", args["etcd"])
+    procs.wait("etcd /health", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"), timeout, state, "etcd")
     echo("starting kube-apiserver")
-    _start(state, "kube-apiserver", args["kube-apiserver"])
-    _wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", state), timeout, state, "kube-apiserver")
+    procs.start(state, "kube-apiserver", args["kube-apiserver"])
+    procs.wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", state), timeout, state, "kube-apiserver")
     echo("starting kube-controller-manager, kube-scheduler, kwok and the OCI registry")
     for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
-        _start(state, name, args[name])
-    _start(state, "registry", args["registry"], env={"OTEL_TRACES_EXPORTER": "none"})
-    _wait("the OCI registry", lambda: _http_ok(f"http://127.0.0.1:{ports['registry']}/v2/"), timeout, state,
+        procs.start(state, name, args[name])
+    procs.start(state, "registry", args["registry"], env={"OTEL_TRACES_EXPORTER": "none"})
+    procs.wait("the OCI registry", lambda: _http_ok(f"http://127.0.0.1:{ports['registry']}/v2/"), timeout, state,
           "registry")
     return Cluster(state)
 
@@ -514,14 +365,14 @@ def _create_fleet(cluster: Cluster, objects: list[dict], echo, timeout: float) -
             last[0] = ready
         return total == len(nodes) and ready == total
 
-    _wait("all nodes Ready", all_ready, timeout, cluster.state, "kwok")
-    _wait("the default service account", lambda: cluster.kubectl("get", "sa", "default").returncode == 0,
+    procs.wait("all nodes Ready", all_ready, timeout, cluster.state, "kwok")
+    procs.wait("the default service account", lambda: cluster.kubectl("get", "sa", "default").returncode == 0,
           timeout, cluster.state, "kube-controller-manager")
 
 
 def _teardown(state: Path, keep_logs: bool = False) -> list[str]:
     stopped = node.stop(state) if state.exists() else []
-    stopped += [name for name in reversed(PROCESSES) if _stop(state, name)]
+    stopped += [name for name in reversed(PROCESSES) if procs.stop(state, name)]
     _refuse_mounts(state)
     for path in sorted(state.glob("*")) if state.exists() else []:
         if keep_logs and path.name == "logs":
@@ -558,7 +409,7 @@ def status(name: str = "default") -> dict:
         "components": {
             p: {"version": info["versions"][p], "running": running[p],
                 "port": info["ports"].get(p) or info.get("realNode", {}).get("ports", {}).get(p),
-                "pid": _read_pid(state, p)}
+                "pid": procs.read_pid(state, p)}
             for p in running
         },
     }
@@ -575,25 +426,3 @@ def real_node_skip_reason(name: str) -> str | None:
     if os.environ.get("EDGEFLEET_REAL_NODE", "1") == "0":
         return "EDGEFLEET_REAL_NODE=0"
     return node.cannot_run(state_dir(name))
-
-
-@contextlib.contextmanager
-def session_cluster(echo: Callable[[str], None] = print, stop: bool = True) -> Iterator[Cluster]:
-    """For test sessions: reuse the cluster named by EDGEFLEET_CLUSTER (default 'default') when it runs,
-    else start one (with the real node wherever this host can run it) and stop it afterwards unless `stop` is
-    False (a shared cluster: sessions that started meanwhile reuse it and would lose it)."""
-    name = os.environ.get("EDGEFLEET_CLUSTER", "default")
-    if is_running(name):
-        yield Cluster(state_dir(name))
-        return
-    reason = real_node_skip_reason(name)
-    if reason:
-        echo(f"edgefleet: starting cluster {name!r} without a real node: {reason}")
-    cluster = up(name, real_node=reason is None)
-    try:
-        yield cluster
-    finally:
-        if stop:
-            down(name)
-        else:
-            echo(f"edgefleet: cluster {name!r} left running (shared: other sessions may be using it)")

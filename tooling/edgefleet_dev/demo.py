@@ -21,11 +21,12 @@ from pathlib import Path
 
 import click
 import numpy as np
+from edgefleet.api import HardwareProfile, label_selector_matches
+from edgefleet.progress import Progress
+from edgefleet.render import resolve_nodes
 
-from .api import HardwareProfile, label_selector_matches
+from . import stack
 from .devcluster import cluster as dc
-from .progress import Progress
-from .render import resolve_nodes
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart"
@@ -344,7 +345,7 @@ def run_demo(name: str, echo, timeout: float = 600) -> tuple[list[dict], dict]:
     started = time.monotonic()
     reason = real_node_reason(name)
     if reason is None:
-        cluster = dc.up(name, echo=echo, real_node=True)
+        cluster = stack.up(name, echo=echo, real_node=True)
         install_chart_on_real_node(cluster, echo)
         profile = tolerate_real_node(cluster, echo)
         echo("applying examples/quickstart/ (kubectl apply --server-side -k examples/quickstart/)")
@@ -356,7 +357,7 @@ def run_demo(name: str, echo, timeout: float = 600) -> tuple[list[dict], dict]:
         echo(f"done in {time.monotonic() - started:.0f}s")
         return rows, here
     echo(f"no real node ({reason}): the operator and this machine's runtime run as processes here")
-    cluster = dc.up(name, echo=echo)
+    cluster = stack.up(name, echo=echo)
     install_chart(cluster, echo)
     operator = start_operator(cluster, cluster.state / "logs" / "operator.log", echo)
     try:

@@ -7,9 +7,10 @@ import sys
 
 import click
 
-from . import cluster as dc
-from . import components
-from .fleet import FleetError
+from . import stack
+from . import toolchain as components
+from .devcluster import cluster as dc
+from .devcluster.fleet import FleetError
 
 
 def _fail(err: Exception) -> None:
@@ -46,7 +47,7 @@ def up(name: str, fleet_file: str | None, scale: int | None, timeout: float, rea
             _echo(f"no real node: {reason}")
         real_node = "no" if reason else "yes"
     try:
-        c = dc.up(name, fleet=fleet_file, scale=scale, echo=_echo, timeout=timeout, real_node=real_node == "yes")
+        c = stack.up(name, fleet=fleet_file, scale=scale, echo=_echo, timeout=timeout, real_node=real_node == "yes")
     except (dc.ClusterError, components.BuildError, FleetError) as err:
         _fail(err)
     click.echo(f"export KUBECONFIG={c.kubeconfig}")
