@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     """Talk plain HTTP to the OCI registry (loopback and lab registries)."""
     artifact_username: str | None = None
     artifact_password: str | None = None
+    results_key_secret: str = "edgefleet-results-key"
+    """Secret (in `namespace`, key `key`, made by the operator when absent) whose key authenticates the reports of
+    compile and bench Jobs; only the operator reads it."""
     compile_executor: Literal["inline", "job"] = "inline"
     """`inline` compiles in the operator process; `job` runs `edgefleet compile` in a Kubernetes Job."""
     compiler_image: str = "ghcr.io/edgefleet/compiler:0.1.0"

@@ -191,7 +191,8 @@ def _compile_report(cluster, namespace: str, profile: str) -> dict:
                                       "-o", "json").stdout)["items"]
     assert jobs, "no compile Job ran for the quickstart"
     ref = jobs[-1]["metadata"]["annotations"]["edgefleet.io/report"].replace(cluster.pod_registry, cluster.registry)
-    return json.loads(open_store(ref, True).get(ref, ""))["variants"][profile]
+    envelope = json.loads(open_store(ref, True).get(ref, ""))  # sealed by the Job (edgefleet_runtime.sealed)
+    return json.loads(envelope["report"])["variants"][profile]
 
 
 def _host_process_score(cluster, variant: dict, x, y):

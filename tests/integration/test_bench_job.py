@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from edgefleet.api import builtin_profiles
 from edgefleet.artifacts import OCIStore
-from edgefleet.reconcile.compile_job import read_report
+from edgefleet.reconcile.reports import job_key, read_report
 from edgefleet.render.bench_job import (
     CANDIDATES_DIR,
     INPUTS_DIR,
@@ -26,8 +26,9 @@ from edgefleet.render.bench_job import (
     render_bench_inputs,
     render_bench_job,
 )
-from edgefleet.render.compile_job import report_ref
+from edgefleet.render.compile_job import REPORT_KEY_DIR, report_ref
 from edgefleet.settings import Settings
+from edgefleet_runtime.sealed import BINDING_ENV, KEY_FILE_ENV
 from kube_helpers import apply, get
 
 pytestmark = pytest.mark.cluster
@@ -41,10 +42,14 @@ def _push(cluster, repo: str, path: Path, name: str) -> BenchCandidate:
     return BenchCandidate(name, ref.ref, ref.digest)
 
 
-def _run_like_kubelet(job: dict, cm: dict, tmp: Path) -> list[subprocess.CompletedProcess]:
+def _run_like_kubelet(job: dict, cm: dict, tmp: Path, key: bytes) -> list[subprocess.CompletedProcess]:
     """Init containers, then the bench container, as local processes. Substitutions, and only these:
-    `edgefleet-runtime` is this interpreter's module; the emptyDirs and the inputs ConfigMap are local
-    directories; NODE_NAME (the downward API's spec.nodeName) is the node the Job is pinned to."""
+    `edgefleet-runtime` is this interpreter's module; the emptyDirs, the inputs ConfigMap and the report-key
+    Secret (holding `key`) are local directories; NODE_NAME (the downward API's spec.nodeName) is the node the
+    Job is pinned to."""
+    keys = tmp / "report-key"
+    keys.mkdir()
+    (keys / "key").write_text(key.hex())
     pod = job["spec"]["template"]["spec"]
     inputs, cache, work = tmp / "inputs", tmp / "candidates", tmp / "work"
     for d in (inputs, cache, work):
@@ -64,7 +69,9 @@ def _run_like_kubelet(job: dict, cm: dict, tmp: Path) -> list[subprocess.Complet
     runs = []
     for c in [*pod["initContainers"], *pod["containers"]]:
         assert c["command"] == ["edgefleet-runtime"]
-        env = {**os.environ, "NODE_NAME": node, "HOME": str(work), "TMPDIR": str(work)}
+        env = {**os.environ, "NODE_NAME": node, "HOME": str(work), "TMPDIR": str(work),
+               **{e["name"]: e["value"].replace(REPORT_KEY_DIR, str(keys)) for e in c.get("env", [])
+                  if e["name"] in (KEY_FILE_ENV, BINDING_ENV)}}
         argv = [sys.executable, "-m", "edgefleet_runtime.cli", *map(local, c["args"])]
         runs.append(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300))
         assert runs[-1].returncode == 0, runs[-1].stderr
@@ -91,9 +98,10 @@ def test_bench_job_reports_on_target_numbers_through_the_registry(cluster, names
     cm = get(cluster, namespace, "configmap", name)
     assert cm["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
 
-    assert read_report(settings, report_ref(settings.artifact_store, name)) is None  # nothing before the run
-    _run_like_kubelet(job, cm, tmp_path)
-    report = read_report(settings, report_ref(settings.artifact_store, name))
+    ref, key = report_ref(settings.artifact_store, name), job_key(b"operator-master-key-".ljust(32, b"k"), name)
+    assert read_report(settings, ref, key, name) is None  # nothing before the run
+    _run_like_kubelet(job, cm, tmp_path, key)
+    report = read_report(settings, ref, key, name)  # sealed with the Job's key, bound to its name
     assert report is not None and report["kind"] == "BenchReport"
     results = on_target_results(report)
     assert set(results) == {fp32.digest, dyn.digest}

@@ -51,8 +51,12 @@ class Store:
 
     def __init__(self) -> None:
         self.bench: dict | None = None
+        self.sealed: list[str] = []  # compile-cache entries the operator wrote after accepting a report
 
-    def read(self, settings, ref: str) -> dict | None:
+    def seal(self, settings, ref: str, master: bytes, content_key: str, report: dict) -> None:
+        self.sealed.append(ref)
+
+    def read(self, settings, ref: str, key: bytes, binding: str) -> dict | None:
         return compile_report() if "/compile-" in ref or ":compile-" in ref else self.bench
 
 
@@ -61,6 +65,7 @@ def store(monkeypatch) -> Store:
     s = Store()
     monkeypatch.setattr("edgefleet.reconcile.compile_job.read_report", s.read)
     monkeypatch.setattr("edgefleet.reconcile.on_target.read_report", s.read)
+    monkeypatch.setattr("edgefleet.reconcile.compile_job.seal_into_store", s.seal)
     return s
 
 

@@ -18,6 +18,7 @@ from edgefleet.compiler.cli import compile_command
 from edgefleet.render.compile_job import (
     INPUTS_DIR,
     PROFILES_FILE,
+    REPORT_KEY_DIR,
     WATCH_LABELS,
     CompileJobRequest,
     compile_job_name,
@@ -28,9 +29,12 @@ from edgefleet.render.compile_job import (
     profiles_document,
     render_compile_inputs,
     render_compile_job,
+    render_report_key,
+    report_key_secret,
     report_ref,
 )
 from edgefleet.settings import Settings
+from edgefleet_runtime.sealed import BINDING_ENV, KEY_FILE_ENV
 
 TARGETS = {"cpu-arm64": {"format": "onnx", "precision": "int8", "runtime": "onnxruntime", "executionProvider": "cpu"},
            "coral-edgetpu": {"format": "tflite", "precision": "int8", "runtime": "litert",
@@ -109,9 +113,8 @@ def test_args(settings):
     assert f["--quantization"] == ["auto"] and f["--max-accuracy-drop"] == ["1.0"] and "--min-cosine" not in f
     assert f["--digest"] == ["sha256:" + "a" * 64] and f["--name"] == ["digits"]
     assert f["--out"] == [settings.artifact_store]
-    key = content_key(request(), settings)
-    assert f["--report"] == [f"{settings.artifact_store}:{job['metadata']['name']}-report",
-                             f"{settings.artifact_store}:compiled-{key}"]
+    # the Job pushes its own report only; the compile cache is written by the operator once it verified it
+    assert f["--report"] == [f"{settings.artifact_store}:{job['metadata']['name']}-report"]
     assert f["--timing-runs"] == ["7"]
     assert "--calibration" not in f and "--eval" not in f
 
@@ -159,9 +162,11 @@ def test_name_is_deterministic_and_changes_with_inputs(settings):
     assert compile_key(files, settings) != compile_key(changed, settings)
 
 
-def test_content_key_ignores_namespace_and_generation_only(settings):
+def test_tenant_content_key_ignores_the_generation_only_never_the_namespace(settings):
+    """The compile cache decides "no Job needed": a namespace must never get another namespace's compile."""
     key = content_key(request(), settings)
-    assert content_key(request(model_namespace="team-b", generation=9), settings) == key
+    assert content_key(request(generation=9), settings) == key
+    assert content_key(request(model_namespace="team-b"), settings) != key
     assert compile_key(request(model_namespace="team-b"), settings) != compile_key(request(), settings)
     others = [request(model_name="digits-b"), request(quantization="fp16"), request(digest=None),
               request(targets={"cpu-arm64": TARGETS["cpu-arm64"]}), request(max_accuracy_drop=2.0)]
@@ -240,3 +245,23 @@ def test_the_job_hands_the_compiler_the_request_the_inline_path_would(settings, 
     assert got.targets == req.request.targets and got.targets["small"].max_model_size_bytes == 5000
     assert (got.digest, got.name) == (req.request.digest, req.request.name)
     assert got.source == req.request.source.replace(INPUTS_DIR, str(tmp_path))
+
+
+def test_boundary_compile_job_seals_its_report_with_a_key_only_its_pod_mounts(settings):
+    """The Job's container gets its own report key (a Secret named after the Job, owned by it) and its binding
+    (the Job's name); nothing else in the pod sees it."""
+    job = render_compile_job(request(), settings)
+    name = job["metadata"]["name"]
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env[BINDING_ENV] == name and env[KEY_FILE_ENV] == f"{REPORT_KEY_DIR}/key"
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == REPORT_KEY_DIR)
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert mount["readOnly"] and volume["secret"]["secretName"] == report_key_secret(name)
+    job["metadata"]["uid"] = "u-1"
+    secret = render_report_key(job, b"\x01" * 32)
+    assert secret["metadata"]["name"] == report_key_secret(name)
+    assert secret["metadata"]["namespace"] == settings.namespace
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert bytes.fromhex(secret["stringData"]["key"]) == b"\x01" * 32

@@ -182,6 +182,28 @@ class OCIStore:
         return dict(manifest.get("annotations", {}))
 
 
+def push_file(uri: str, data: bytes, media_type: str, insecure: bool = False, username: str | None = None,
+              password: str | None = None) -> None:
+    """Push ``data`` as a one-file artifact to ``oci://HOST:PORT/REPO:TAG`` (read back with ``OCIStore.get(uri,
+    "")``); the plain-HTTP rule and login are ``open_store``'s."""
+    registry, repository, suffix = parse_oci(uri)
+    if not suffix.startswith(":"):
+        raise StoreError(f"{uri!r}: a one-file artifact needs a tag, oci://HOST:PORT/REPO:TAG")
+    store = open_store(f"oci://{registry}/{repository}", insecure, username, password)
+    assert isinstance(store, OCIStore)  # an oci:// URI opens the OCI store
+    target = f"{registry}/{repository}{suffix}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "report.json"
+        path.write_bytes(data)
+        try:
+            resp = store._client.push(target=target, files=[f"{path}:{media_type}"],
+                                      disable_path_validation=True, quiet=True)
+        except Exception as e:  # requests / oras errors
+            raise StoreError(f"push to {target} failed: {e}") from e
+    if getattr(resp, "status_code", 201) >= 300:
+        raise StoreError(f"push to {target} failed: HTTP {resp.status_code} {resp.text[:200]}")
+
+
 def parse_oci(uri: str) -> tuple[str, str, str]:
     """``oci://host:port/repo/path(:tag|@sha256:..)`` -> (registry, repository, suffix)."""
     rest = uri[len("oci://"):] if uri.startswith("oci://") else uri

@@ -148,29 +148,13 @@ def _encryption_key(path: str | None):
 
 
 def push_report(uri: str, data: bytes) -> None:
-    """Push ``data`` as a one-file artifact to ``oci://HOST:PORT/REPO:TAG`` (read back with
-    ``OCIStore.get(uri, "")``); the registry and its plain-HTTP rule are those of ``--out``."""
-    import tempfile
+    """Push the report to ``oci://HOST:PORT/REPO:TAG``, sealed with the Job's key when the operator gave one
+    (``edgefleet_runtime.sealed``); the registry and its plain-HTTP rule are those of ``--out``."""
+    from edgefleet_runtime.sealed import seal_from_env
 
-    from ..artifacts import OCIStore, StoreError, open_store
-    from ..artifacts.store import parse_oci
+    from ..artifacts.store import push_file
 
-    registry, repository, suffix = parse_oci(uri)
-    if not suffix.startswith(":"):
-        raise StoreError(f"{uri!r}: a report needs a tag, oci://HOST:PORT/REPO:TAG")
-    store = open_store(f"oci://{registry}/{repository}")
-    assert isinstance(store, OCIStore)  # an oci:// URI opens the OCI store
-    target = f"{registry}/{repository}{suffix}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "report.json"
-        path.write_bytes(data)
-        try:
-            resp = store._client.push(target=target, files=[f"{path}:{REPORT_MEDIA_TYPE}"],
-                                      disable_path_validation=True, quiet=True)
-        except Exception as e:  # requests / oras errors
-            raise StoreError(f"push of the report to {target} failed: {e}") from e
-    if getattr(resp, "status_code", 201) >= 300:
-        raise StoreError(f"push of the report to {target} failed: HTTP {resp.status_code} {resp.text[:200]}")
+    push_file(uri, seal_from_env(data), REPORT_MEDIA_TYPE)
 
 
 def _push_error(reports: tuple[str, ...], reason: str, message: str, fix: str) -> None:

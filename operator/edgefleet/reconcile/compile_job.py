@@ -2,9 +2,11 @@
 artifact store. Level-based and non-blocking: each reconcile looks at the Job and returns at once.
 
 - no Job: if its report is already in the store (the Job ran and its TTL removed it), use it; else apply the
-  Job and the ConfigMap of its inputs, and leave the variants Compiling.
+  Job, the ConfigMap of its inputs and the Secret of its report key, and leave the variants Compiling.
 - Job running: Compiling (a Job watch event marks the EdgeModel dirty when it changes).
 - Job finished: the report pushed by ``edgefleet compile --report oci://...`` becomes the status variants.
+  Every report is read through ``reports.read_report``: sealed with the Job's key and bound to its name, or
+  refused (variants Failed, reason ReportRejected, a Warning event naming the tag).
   A failed Job without a report -> every variant Failed, reason CompileJobFailed, the Job's message.
   A complete Job without a report is given REPORT_GRACE_SECONDS before CompileReportMissing.
 
@@ -15,14 +17,14 @@ Job it started. Running Jobs of the same model with other inputs (an older gener
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from edgefleet_runtime.sealed import derive
+
 from ..api import ConfigMapKeyRef, EdgeModel, HardwareProfileSpec
 from ..api.compile import CompileRequest, Policy
-from ..artifacts import StoreError, open_store
 from ..compiler import CompileError, VariantReport
 from ..kube import Kube
 from ..render.compile_job import (
@@ -36,9 +38,11 @@ from ..render.compile_job import (
     inputs_size,
     render_compile_inputs,
     render_compile_job,
+    render_report_key,
     report_ref,
 )
 from ..settings import Settings
+from .reports import ReportRejected, content_binding, job_key, master_key, read_report, seal_into_store
 from .sources import config_map_bytes, without_none
 from .world import World
 
@@ -58,30 +62,32 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
     manifest = render_compile_job(req, settings)
     name, ns = manifest["metadata"]["name"], settings.namespace
     ref = report_ref(settings.artifact_store, name)
+    master = master_key(kube, settings)
+    sealed = Sealed(kube, settings, em, master, content_key(req, settings))
     _delete_stale(kube, ns, req, name)
     job = kube.find("Job", name, ns)
     if job is None:
-        report = read_report(settings, ref)
-        if report is not None:  # finished earlier and removed by its TTL
-            return _from_report(report, targets, ref)
-        cached = content_report_ref(settings.artifact_store, content_key(req, settings))
-        report = _all_ready(read_report(settings, cached), targets)
-        if report is not None:  # the same compile, done for another namespace or generation
-            log.info("EdgeModel %s/%s: compile of %s found in the store (%s), no Job", namespace, req.model_name,
-                     targets, cached)
-            return _from_report(report, targets, cached)
+        found = sealed.job_report(ref, name, targets)
+        if found is not None:  # finished earlier and removed by its TTL
+            return found
+        found = sealed.cached(targets)
+        if found is not None:  # the same compile, done earlier for another generation of this model
+            log.info("EdgeModel %s/%s: compile of %s found in the store, no Job", namespace, req.model_name, targets)
+            return found
         job = kube.apply(manifest)
+        kube.create(render_report_key(job, job_key(master, name)))
         kube.apply(render_compile_inputs(req, job))
         log.info("EdgeModel %s/%s: compile Job %s/%s started for %s", namespace, req.model_name, ns, name, targets)
         return _compiling(targets)
     state, message, finished = job_state(job)
     if state == "Running":
-        if kube.find("ConfigMap", name, ns) is None:  # the operator stopped between the two applies
+        if kube.find("ConfigMap", name, ns) is None:  # the operator stopped between the applies
+            kube.create(render_report_key(job, job_key(master, name)))
             kube.apply(render_compile_inputs(req, job))
         return _compiling(targets)
-    report = read_report(settings, ref)
-    if report is not None:
-        return _from_report(report, targets, ref)
+    found = sealed.job_report(ref, name, targets)
+    if found is not None:
+        return found
     if state == "Failed":
         return [_failed(t, "CompileJobFailed", f"compile Job {ns}/{name} failed: {message}. Fix: read its "
                         f"logs (kubectl logs -n {ns} job/{name}) while it exists") for t in targets]
@@ -90,6 +96,48 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
     return [_failed(t, "CompileReportMissing", f"compile Job {ns}/{name} completed but its report {ref} is not in "
                     "the artifact store. Fix: check that the compiler image pushes --report and can reach the "
                     "registry") for t in targets]
+
+
+class Sealed:
+    """Reading a compile's reports for one model: the Job's own (sealed with its key) and the compile cache's
+    (sealed by the operator); a report that does not verify is refused with a Warning event on the model."""
+
+    def __init__(self, kube: Kube, settings: Settings, em: EdgeModel, master: bytes, content: str):
+        self.kube, self.settings, self.em, self.master, self.content = kube, settings, em, master, content
+
+    def job_report(self, ref: str, job: str, targets: list[str]) -> list[dict[str, Any]] | None:
+        """Status variants from the Job's report; None when it is not there yet."""
+        try:
+            report = read_report(self.settings, ref, job_key(self.master, job), job)
+        except ReportRejected as err:
+            return self._rejected(ref, str(err), targets)
+        if report is None:
+            return None
+        if _all_ready(report, targets) is not None:
+            cache = content_report_ref(self.settings.artifact_store, self.content)
+            seal_into_store(self.settings, cache, self.master, self.content, report)
+        return _from_report(report, targets, ref)
+
+    def cached(self, targets: list[str]) -> list[dict[str, Any]] | None:
+        """Status variants from the compile cache when it holds this compile with every target Ready."""
+        ref, binding = content_report_ref(self.settings.artifact_store, self.content), content_binding(self.content)
+        try:
+            report = _all_ready(read_report(self.settings, ref, derive(self.master, binding), binding), targets)
+        except ReportRejected as err:
+            self._event(ref, str(err), "ignored; a compile Job runs instead")
+            return None
+        return None if report is None else _from_report(report, targets, ref)
+
+    def _rejected(self, ref: str, why: str, targets: list[str]) -> list[dict[str, Any]]:
+        """Failed variants naming the refusal (their Degraded condition posts the one Warning event)."""
+        return [_failed(t, "ReportRejected", f"the compile report {ref} was refused: {why}. Something other than "
+                        "this compile Job wrote it. Fix: allow pushes to the artifact store only with the "
+                        "credentials of edgefleet's Jobs (docs/security.md), then change the EdgeModel's spec to "
+                        "compile again") for t in targets]
+
+    def _event(self, ref: str, why: str, outcome: str) -> None:
+        obj = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel", "metadata": self.em.metadata}
+        self.kube.event(obj, "ReportRejected", f"report {ref} refused ({why}); {outcome}", "Warning")
 
 
 def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
@@ -166,17 +214,6 @@ def job_state(job: dict[str, Any]) -> tuple[str, str, str | None]:
             message = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".rstrip(": ")
             return "Failed", message, cond.get("lastTransitionTime")
     return "Running", "", None
-
-
-def read_report(settings: Settings, ref: str) -> dict[str, Any] | None:
-    """The Job's JSON report from the artifact store, or None when it is not there (yet)."""
-    store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
-    try:
-        report: dict[str, Any] = json.loads(store.get(ref, ""))
-        return report
-    except (StoreError, ValueError) as err:
-        log.debug("report %s not available: %s", ref, err)
-        return None
 
 
 def _all_ready(report: dict[str, Any] | None, targets: list[str]) -> dict[str, Any] | None:

@@ -33,10 +33,11 @@ from ..render.bench_job import (
     render_bench_inputs,
     render_bench_job,
 )
-from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, report_ref
+from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, render_report_key, report_ref
 from ..settings import Settings
-from .compile_job import REPORT_GRACE_SECONDS, _age, job_state, read_report
+from .compile_job import REPORT_GRACE_SECONDS, _age, job_state
 from .errors import as_permanent
+from .reports import ReportRejected, job_key, master_key, read_report
 from .sources import config_map_bytes
 from .world import World
 
@@ -47,7 +48,7 @@ MAX_NODE_LOOKUPS = 20  # nodes of a class read to find a schedulable one
 SIMULATED = ("kwok.x-k8s.io/node", "fake")  # kwok's mark on the nodes it simulates: they run no containers
 # host fallbacks that are failures of a wanted benchmark (a Warning event), not a choice or a fact of the fleet
 NOTE = " | "  # what selection adds to the compiler's message of a variant
-FAILURES = ("BenchJobFailed", "BenchReportMissing", "BenchMeasuredNothing", "BenchUnavailable")
+FAILURES = ("BenchJobFailed", "BenchReportMissing", "BenchReportRejected", "BenchMeasuredNothing", "BenchUnavailable")
 
 
 def select(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, variants: list[dict[str, Any]],
@@ -146,14 +147,16 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
     manifest = render_bench_job(req, settings)
     name, ns = manifest["metadata"]["name"], settings.namespace
     ref = report_ref(settings.artifact_store, name)
+    master = master_key(kube, settings)
     _delete_stale(kube, ns, req, name)
     job = kube.find("Job", name, ns)
     if job is None:
-        report = read_report(settings, ref)
-        if report is not None:
-            return _from_report(v, report, name)
+        found = _sealed_report(settings, ref, master, name, v)
+        if found is not None:
+            return found
         try:
             job = kube.apply(manifest)
+            kube.create(render_report_key(job, job_key(master, name)))
             kube.apply(render_bench_inputs(req, job))
         except ApiError as err:
             why = _refusal(err, ns, name)
@@ -165,12 +168,13 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
         return _benchmarking(v, req.node, name)
     state, message, finished = job_state(job)
     if state == "Running":
-        if kube.find("ConfigMap", name, ns) is None:  # the operator stopped between the two applies
+        if kube.find("ConfigMap", name, ns) is None:  # the operator stopped between the applies
+            kube.create(render_report_key(job, job_key(master, name)))
             kube.apply(render_bench_inputs(req, job))
         return _benchmarking(v, req.node, name)
-    report = read_report(settings, ref)
-    if report is not None:
-        return _from_report(v, report, name)
+    found = _sealed_report(settings, ref, master, name, v)
+    if found is not None:
+        return found
     if state == "Failed":
         return _host(v, "BenchJobFailed", f"benchmark Job {ns}/{name} on {req.node} failed: {message}. Fix: read "
                      f"its logs (kubectl logs -n {ns} job/{name}) while it exists; it is retried after its TTL")
@@ -179,6 +183,18 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
     return _host(v, "BenchReportMissing", f"benchmark Job {ns}/{name} completed but its report {ref} is not in the "
                  "artifact store. Fix: check that the runtime image has `edgefleet-runtime bench` and reaches the "
                  "registry")
+
+
+def _sealed_report(settings: Settings, ref: str, master: bytes, job: str, v: dict[str, Any]
+                   ) -> dict[str, Any] | None:
+    """The variant as the Job's report decides it; None while there is none. A report not sealed by this Job
+    is never used: the compile host's choice stays, naming the refusal."""
+    try:
+        report = read_report(settings, ref, job_key(master, job), job)
+    except ReportRejected as err:
+        return _host(v, "BenchReportRejected", f"the benchmark report {ref} was refused ({err}): something other "
+                     f"than benchmark Job {job} wrote it")
+    return None if report is None else _from_report(v, report, job)
 
 
 def _refusal(err: Exception, ns: str, name: str) -> str | None:

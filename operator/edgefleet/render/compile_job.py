@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgefleet_runtime.sealed import BINDING_ENV, KEY_FILE_ENV
+
 from ..api.compile import CompileRequest, CompileTarget
 from ..settings import Settings
 from .workload import restricted_security_context
@@ -41,6 +43,7 @@ CACHE_DIR = f"{WORK_DIR}/edgefleet-cache"
 PROFILES_FILE = "profiles.json"
 ENCRYPTION_FILE = "encryption.pub"  # the EdgeModel's spec.encryption.publicKey, in the inputs ConfigMap
 SIGNING_DIR = "/var/run/edgefleet/signing"  # settings.signing_key_secret, key `key`
+REPORT_KEY_DIR = "/var/run/edgefleet/report-key"  # the Job's own report key (edgefleet_runtime.sealed), key `key`
 COMPILER_UID = 10001
 BACKOFF_LIMIT = 2
 TTL_SECONDS_AFTER_FINISHED = 3600  # the report outlives the Job in the artifact store
@@ -106,10 +109,10 @@ def compile_key(req: CompileJobRequest, settings: Settings) -> str:
 
 
 def content_key(req: CompileJobRequest, settings: Settings) -> str:
-    """``compile_key`` without the model's namespace and generation: the same compile of the same bytes for
-    another namespace, or for a generation whose change does not touch the compile, has this key."""
+    """``compile_key`` without the model's generation: a generation whose change does not touch the compile has
+    this key. The namespace stays in it: a namespace never takes another's compile (nor its bytes) from the store."""
     blob = _key_blob(req, settings)
-    blob["model"] = req.model_name  # the artifacts are named after the model
+    blob["model"] = [req.model_namespace, req.model_name]
     return _sha256(blob)
 
 
@@ -153,8 +156,8 @@ def report_ref(artifact_store: str, job_name: str) -> str:
 
 
 def content_report_ref(artifact_store: str, key: str) -> str:
-    """Where the Job pushes its report a second time, tagged by ``content_key``: a later Job with the same
-    content is never started, its report is read from here (a compile cache shared by every namespace)."""
+    """Where the operator pushes a report it accepted, sealed with its own key for ``content:<key>``: a later Job
+    with the same content is never started, its report is read (and verified) from here."""
     return f"{artifact_store.rstrip('/')}:compiled-{key}"
 
 
@@ -199,7 +202,6 @@ def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
     args += [f"--input-shape={n}={'x'.join(map(str, dims))}" for n, dims in sorted(policy.inputShapes.items())]
     args += [f"--name={req.model_name}", f"--out={settings.artifact_store}",
              f"--report={report_ref(settings.artifact_store, name)}",
-             f"--report={content_report_ref(settings.artifact_store, content_key(req, settings))}",
              f"--cache-dir={CACHE_DIR}",
              f"--timing-runs={policy.timingRuns}"]
     if req.encryption_public_key:
@@ -263,7 +265,9 @@ class ModelJobPolicy:
 def model_job(name: str, settings: Settings, labels: dict[str, str], req: Any, annotations: dict[str, str],
               pod: dict[str, Any], policy: ModelJobPolicy) -> dict[str, Any]:
     """A Job the operator runs for an EdgeModel (compile, bench): the model and its report named in annotations,
-    deterministic failures not retried, pod disruptions ignored, kept an hour after it finishes."""
+    deterministic failures not retried, pod disruptions ignored, kept an hour after it finishes. Its container
+    seals the report with the Job's own key (``render_report_key``), bound to the Job's name."""
+    pod = _with_report_key(name, pod, policy.container)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -286,6 +290,45 @@ def model_job(name: str, settings: Settings, labels: dict[str, str], req: Any, a
             ]},
             "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
         },
+    }
+
+
+def report_key_secret(job_name: str) -> str:
+    return f"{job_name}-report-key"
+
+
+def _with_report_key(name: str, pod: dict[str, Any], container: str) -> dict[str, Any]:
+    """``pod`` with the report key mounted into ``container`` and named to it (EDGEFLEET_REPORT_KEY_FILE and
+    EDGEFLEET_REPORT_BINDING, which ``edgefleet_runtime.sealed.seal_from_env`` reads)."""
+    def mounted(c: dict[str, Any]) -> dict[str, Any]:
+        if c["name"] != container:
+            return c
+        return {**c, "env": [*c.get("env", []), {"name": KEY_FILE_ENV, "value": f"{REPORT_KEY_DIR}/key"},
+                             {"name": BINDING_ENV, "value": name}],
+                "volumeMounts": [*c.get("volumeMounts", []),
+                                 {"name": "report-key", "mountPath": REPORT_KEY_DIR, "readOnly": True}]}
+
+    volume = {"name": "report-key", "secret": {"secretName": report_key_secret(name),
+                                               "items": [{"key": "key", "path": "key"}], "defaultMode": 0o440}}
+    return {**pod, "containers": [mounted(c) for c in pod["containers"]],
+            "volumes": [*pod.get("volumes", []), volume]}
+
+
+def render_report_key(job: dict[str, Any], key: bytes) -> dict[str, Any]:
+    """The Secret holding the Job's report key (hex), owned by the applied ``job`` so it goes with it."""
+    meta = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": report_key_secret(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": False}],
+        },
+        "type": "Opaque",
+        "stringData": {"key": key.hex()},
     }
 
 
