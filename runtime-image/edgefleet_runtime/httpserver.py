@@ -8,8 +8,9 @@ Limits (``Limits``; defaults fit a 1 GiB pod), each refusal reported to ``refuse
 
 * a whole-request deadline for the request line + headers and another for the body (a watchdog thread
   closes sockets past their deadline: a byte now and then does not restart any clock);
-* a connection cap; when it is reached a new client evicts the longest-idle keep-alive connection (or
-  the slowest one still sending its headers) instead of being turned away;
+* a connection cap; when it is reached a new client evicts the longest-idle keep-alive connection (else
+  the slowest one still sending its headers, else the body that has sent nothing for longest, once it has
+  stalled for ``STALL_SECONDS``) instead of being turned away;
 * a body limit per route (``body_limit(method, path)``, e.g. what the model's inputs can need) and an
   in-flight budget for all bodies together, counted before the body is read; JSON counts
   ``JSON_EXPANSION`` times its size, for what parsing it can cost;
@@ -48,6 +49,8 @@ _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 # a whole request line / field line in one match: the fast path; anything else goes to the slow path
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"++) (/[\x21-\x7e]*+) (HTTP/1\.[01])\r\n")
 _FIELD = re.compile(rb"(" + _TCHAR + rb"++):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n")  # possessive: linear time
+STALL_SECONDS = 1.0  # a body silent this long may be evicted at the connection cap
+BODY_PIECE = 65536  # bodies are read in pieces of this size, each one marking the connection as alive
 _FRAMING = ("content-length", "transfer-encoding", "host", "inference-header-content-length")
 
 # app(method, path, headers(lowercase name -> value), body) -> (status, [(name, value)], body)
@@ -113,18 +116,23 @@ _TIMEOUT_REASON = {IDLE: "idle_timeout", HEAD: "header_timeout", BODY: "body_tim
 
 
 class _Conn:
-    __slots__ = ("sock", "state", "since", "deadline", "closed_by")
+    __slots__ = ("sock", "state", "since", "deadline", "closed_by", "heard")
 
     def __init__(self, sock, idle_seconds: float):
         self.sock = sock
         self.state = IDLE
-        self.since = time.monotonic()
+        self.since = self.heard = time.monotonic()
         self.deadline = self.since + idle_seconds
         self.closed_by: str | None = None
 
     def enter(self, state: int, seconds: float) -> None:
         now = time.monotonic()
-        self.since, self.deadline, self.state = now, now + seconds, state
+        self.since = self.heard = now
+        self.deadline, self.state = now + seconds, state
+
+    def alive(self) -> None:
+        """Part of the body arrived (read on the connection's own thread)."""
+        self.heard = time.monotonic()
 
     def close(self, why: str) -> None:
         """Called from other threads: unblock the connection's thread, which then closes the socket."""
@@ -192,12 +200,16 @@ class HTTPServer:
             threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
 
     def _evict_one(self) -> bool:
-        """At the cap: close the longest-idle keep-alive connection, else the oldest one still in its headers."""
-        idle = [c for c in self._conns if c.state == IDLE and c.closed_by is None]
-        slow = [c for c in self._conns if c.state == HEAD and c.closed_by is None]
-        for group, reason in ((idle, "evicted_idle"), (slow, "evicted_slow")):
+        """At the cap: close the longest-idle keep-alive connection, else the oldest one still in its headers,
+        else the body that has been silent longest (at least STALL_SECONDS)."""
+        open_ = [c for c in self._conns if c.closed_by is None]
+        idle = [c for c in open_ if c.state == IDLE]
+        slow = [c for c in open_ if c.state == HEAD]
+        stalled_before = time.monotonic() - STALL_SECONDS
+        stalled = [c for c in open_ if c.state == BODY and c.heard < stalled_before]
+        for group, reason in ((idle, "evicted_idle"), (slow, "evicted_slow"), (stalled, "evicted_stalled_body")):
             if group:
-                victim = min(group, key=lambda c: c.since)
+                victim = min(group, key=lambda c: c.heard)
                 victim.close(reason)
                 self.refused(reason)
                 return True
@@ -426,7 +438,7 @@ class HTTPServer:
         if headers.get("expect", "").lower() == "100-continue":
             conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         conn.enter(BODY, self.limits.body_seconds)
-        return self.parser.read_body(rfile, headers, limit)
+        return self.parser.read_body(rfile, headers, limit, conn.alive)
 
 
 class RequestParser:
@@ -533,17 +545,14 @@ class RequestParser:
             raise HTTPError(417, f"Expect {expect[:40]!r} is not supported")
         return te is not None, int(cl) if cl is not None else 0
 
-    def read_body(self, rfile, headers: dict, limit: int) -> bytes:
-        """The body whose framing ``body_framing`` accepted (at most ``limit`` bytes)."""
+    def read_body(self, rfile, headers: dict, limit: int, alive=lambda: None) -> bytes:
+        """The body whose framing ``body_framing`` accepted (at most ``limit`` bytes); ``alive()`` after each
+        piece that arrives."""
         if "transfer-encoding" in headers:
-            return self.read_chunked(rfile, limit)
-        n = int(headers.get("content-length", "0"))
-        body = rfile.read(n)
-        if len(body) != n:
-            raise _Closed("connection closed in body")
-        return body
+            return self.read_chunked(rfile, limit, alive)
+        return _read_exact(rfile, int(headers.get("content-length", "0")), alive, "body")
 
-    def read_chunked(self, rfile, limit: int) -> bytes:
+    def read_chunked(self, rfile, limit: int, alive=lambda: None) -> bytes:
         """RFC 9112 7.1: hex sizes only, each chunk's data followed by CRLF, trailers read and dropped."""
         body = bytearray()  # one buffer: tiny chunks cost no per-chunk objects
         while True:
@@ -561,12 +570,29 @@ class RequestParser:
                 return bytes(body)
             if len(body) + size > limit:
                 raise HTTPError(413, f"chunked body is over the limit of {limit} bytes", "body_too_large")
-            chunk = rfile.read(size)
-            if len(chunk) != size:
-                raise _Closed("connection closed in chunk")
-            body += chunk
+            body += _read_exact(rfile, size, alive, "chunk")
+            alive()
             end = rfile.read(2)
             if end != b"\r\n":
                 if len(end) < 2:
                     raise _Closed("connection closed in chunk")
                 raise HTTPError(400, f"chunk data is longer than its size {size} (no CRLF after it)")
+
+
+def _read_exact(rfile, n: int, alive, what: str) -> bytes | bytearray:
+    """``n`` bytes in pieces of BODY_PIECE, calling ``alive()`` after each; _Closed if the client stops short."""
+    if n <= BODY_PIECE:
+        data = rfile.read(n)
+        if len(data) != n:
+            raise _Closed(f"connection closed in {what}")
+        return data
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = rfile.readinto(view[got : got + BODY_PIECE])
+        if not k:
+            raise _Closed(f"connection closed in {what}")
+        got += k
+        alive()
+    return buf  # bytes-like: what reads the body takes a bytearray too (no second copy)
