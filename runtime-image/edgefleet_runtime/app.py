@@ -19,7 +19,7 @@ from . import __version__, trust
 from .backends import Backend, ModelLoadError, TensorSpec, open_backend
 from .digest import DigestError, digest_from_cache_path, parse_digest, verify_file
 from .management import OFF_MESSAGE, Management
-from .protocol import RequestError, decode_infer_request, encode_infer_response
+from .protocol import RequestError, decode_infer_request, encode_infer_response, header_int
 
 log = logging.getLogger("edgefleet_runtime")
 
@@ -459,11 +459,7 @@ class App:
         t0 = time.perf_counter()
         model = self._model(name, version)  # one reference for the whole request: safe across a swap
         hl = headers.get("inference-header-content-length")
-        header_length = None
-        if hl is not None:
-            if not hl.isdigit():
-                raise RequestError(400, f"header Inference-Header-Content-Length {hl!r} is not an integer")
-            header_length = int(hl)
+        header_length = None if hl is None else header_int("Inference-Header-Content-Length", hl)
         enc = headers.get("content-encoding")
         if enc and enc.lower() != "identity":
             raise RequestError(415, f"Content-Encoding {enc!r} is not supported")

@@ -9,6 +9,7 @@ Every rejection is a :class:`RequestError` whose message names the offending fie
 from __future__ import annotations
 
 import math
+import re
 import struct
 import warnings
 
@@ -18,6 +19,7 @@ import orjson
 from .backends import NP_TO_OIP, OIP_TO_NP, TensorSpec
 
 MAX_ELEMENTS = 1 << 28
+_ASCII_DIGITS = re.compile(r"[0-9]{1,18}")  # a str pattern: [0-9] is ASCII only (str.isdigit takes '\xb2')
 # values beyond a float type's range become inf on the cast (and inf + -inf NaN in the check that refuses them)
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
 warnings.filterwarnings("ignore", "invalid value encountered in reduce", RuntimeWarning, __name__)
@@ -32,6 +34,13 @@ class RequestError(Exception):
 
 def _bad(msg: str) -> RequestError:
     return RequestError(400, msg)
+
+
+def header_int(name: str, value: str) -> int:
+    """A numeric header: 1 to 18 ASCII digits, else 400 naming the header."""
+    if not _ASCII_DIGITS.fullmatch(value):
+        raise _bad(f"header {name} {value[:40]!r} is not a number of ASCII digits")
+    return int(value)
 
 
 def _fmt_shape(shape) -> str:

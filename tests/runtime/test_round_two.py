@@ -29,3 +29,15 @@ def test_bodies_that_stall_are_evicted_at_the_connection_cap(start_server, digit
     finally:
         for c in stalled:
             c.close()
+
+
+# ------------------------------------------------------------------------------------------ numeric headers
+def test_numeric_headers_take_ascii_digits_only(server):
+    """'\\xb2' (superscript two) is a digit to str.isdigit and to int() a ValueError: 400 naming the header."""
+    body = b'{"inputs":[]}'
+    for header in (b"Inference-Header-Content-Length: \xb2", b"Inference-Header-Content-Length: \xd9\xa3",
+                   b"Inference-Header-Content-Length: +5", b"Content-Length: \xb2"):
+        framing = b"" if header.startswith(b"Content-Length") else b"Content-Length: %d\r\n" % len(body)
+        out = exchange(server.port, INFER + header + b"\r\n" + framing + b"\r\n" + body)
+        assert status_of(out) == 400, (header, out[:300])
+        assert header.split(b":")[0] in out, out[:300]
