@@ -18,7 +18,9 @@ import orjson
 
 from .backends import NP_TO_OIP, OIP_TO_NP, TensorSpec
 
-MAX_ELEMENTS = 1 << 28
+MAX_ELEMENTS = 1 << 25
+"""Elements in one input at most, zero-sized dimensions counted as 1 (the default --max-body-bytes cannot carry
+more, and an empty input must not make a backend allocate an output that large): every dimension is bounded too."""
 _ASCII_DIGITS = re.compile(r"[0-9]{1,18}")  # a str pattern: [0-9] is ASCII only (str.isdigit takes '\xb2')
 # values beyond a float type's range become inf on the cast (and inf + -inf NaN in the check that refuses them)
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
@@ -135,16 +137,21 @@ def check_tensor(name: str, datatype, shape, model_name: str, inputs: dict[str, 
         if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
             raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
         raise _bad(f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
-    count = 1
+    count = size = 1  # size: the elements with zero-sized dimensions counted as 1 (what an output can take)
     if type(shape) is list and len(shape) == len(spec.shape):
         for d, m in zip(shape, spec.shape, strict=True):  # a plain loop: this runs for every request
             if type(d) is not int or d < 0 or (d != m and m != -1):
                 _shape_error(name, shape, spec)
+            if d > MAX_ELEMENTS:
+                raise _bad(f"input '{name}': shape {_fmt_shape(shape)} has a dimension over {MAX_ELEMENTS}")
             count *= d
+            size *= d or 1
     else:
         _shape_error(name, shape, spec)
-    if count > MAX_ELEMENTS:
-        raise RequestError(413, f"input '{name}': {count} elements is more than this server accepts")
+    if size > MAX_ELEMENTS:
+        what = f"{count} elements" if count == size else f"{size} elements (zero-sized dimensions counted as 1)"
+        raise RequestError(413, f"input '{name}': shape {_fmt_shape(shape)} means {what}; this server accepts "
+                                f"at most {MAX_ELEMENTS} per input")
     return spec, count
 
 
