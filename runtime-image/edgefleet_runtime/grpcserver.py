@@ -32,7 +32,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from . import __version__
 from .backends import NP_TO_OIP
-from .protocol import RequestError, _bytes_tensor_to_binary, _decode_bytes_tensor, check_tensor
+from .protocol import RequestError, _bytes_tensor_to_binary, _decode_bytes_tensor, check_outputs, check_tensor
 
 log = logging.getLogger("edgefleet_runtime.grpc")
 
@@ -178,11 +178,7 @@ def decode_request(req, model) -> tuple[dict, list[str]]:
     missing = [n for n in model.inputs if n not in feeds]
     if missing:
         raise RequestError(400, f"missing input(s) for model '{model.name}': {', '.join(missing)}")
-    names = [o.name for o in req.outputs] or list(model.outputs)
-    for n in names:
-        if n not in model.outputs:
-            known = ", ".join(model.outputs)
-            raise RequestError(400, f"unknown output '{n}' for model '{model.name}'; outputs: {known}")
+    names = check_outputs([o.name for o in req.outputs], model.name, model.outputs) or list(model.outputs)
     return feeds, names
 
 

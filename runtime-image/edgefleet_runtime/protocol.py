@@ -155,6 +155,26 @@ def check_tensor(name: str, datatype, shape, model_name: str, inputs: dict[str, 
     return spec, count
 
 
+def check_output_count(count: int, model_name: str, outputs: dict[str, TensorSpec]) -> None:
+    """No more outputs requested than the model has (checked before the request's list is read)."""
+    if count > len(outputs):
+        raise _bad(f"{count} outputs requested; model '{model_name}' has {len(outputs)}: "
+                   f"{', '.join(outputs)} (name each at most once)")
+
+
+def check_outputs(names: list[str], model_name: str, outputs: dict[str, TensorSpec]) -> list[str]:
+    """The requested output names (REST and gRPC): known to the model, each at most once; ``names`` unchanged."""
+    check_output_count(len(names), model_name, outputs)
+    seen: set[str] = set()
+    for n in names:
+        if n not in outputs:
+            raise _bad(f"unknown output '{n}' for model '{model_name}'; outputs: {', '.join(outputs)}")
+        if n in seen:
+            raise _bad(f"output '{n}' is requested more than once")
+        seen.add(n)
+    return names
+
+
 def _shape_error(name: str, shape, spec: TensorSpec):
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _bad(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
@@ -256,17 +276,17 @@ def decode_infer_request(
     else:
         if not isinstance(raw_outputs, list):
             raise _bad("field 'outputs' must be a list")
+        check_output_count(len(raw_outputs), model_name, outputs)
         for i, o in enumerate(raw_outputs):
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise _bad(f"outputs[{i}] must be an object with a string 'name'")
             oname = o["name"]
-            if oname not in outputs:
-                raise _bad(f"unknown output '{oname}' for model '{model_name}'; outputs: {', '.join(outputs)}")
             oparams = o.get("parameters") or {}
             if not isinstance(oparams, dict):
                 raise _bad(f"outputs[{i}].parameters must be an object")
             binary_flag = oparams.get("binary_data", default_binary)
             wanted.append((oname, binary_flag is True))
+        check_outputs([n for n, _ in wanted], model_name, outputs)
     return req_id, feeds, wanted
 
 

@@ -110,3 +110,20 @@ def test_zero_sized_dimensions_do_not_hide_huge_ones(reduce_server):
     status, body = s.infer_json({"inputs": [{"name": "input", "shape": [0, 3], "datatype": "FP32", "data": []}]},
                                 name="reduce")
     assert status == 200 and body["outputs"][0]["data"] == [0, 0, 0]  # empty inputs within the bound still work
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def test_an_output_requested_twice_or_too_many_outputs_is_refused(reduce_server):
+    from edgefleet_runtime.grpcserver import pb
+
+    s = reduce_server
+    x = {"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}
+    for outputs, needle in (([{"name": "total"}] * 2, "requested"), ([{"name": "total"}] * 20_000, "20000 outputs")):
+        status, body = s.infer_json({"inputs": [x], "outputs": outputs}, name="reduce")
+        assert status == 400 and needle in body["error"] and "'reduce'" in body["error"], (status, body)
+        req = pb.ModelInferRequest(model_name="reduce", raw_input_contents=[np.float32([1, 2]).tobytes()])
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 2])
+        for o in outputs:
+            req.outputs.add(name=o["name"])
+        code, details = _grpc_error(s.grpc_port, req)
+        assert code.name == "INVALID_ARGUMENT" and needle in details, (code, details)
