@@ -18,8 +18,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from . import __version__, trust
 from .backends import Backend, ModelLoadError, TensorSpec, open_backend
 from .digest import DigestError, digest_from_cache_path, parse_digest, verify_file
+from .budget import Lease, MemoryBudget
 from .management import OFF_MESSAGE, Management
-from .protocol import RequestError, decode_infer_request, encode_infer_response, header_int
+from .protocol import MemoryRefused, RequestError, decode_infer_request, encode_infer_response, header_int
 
 log = logging.getLogger("edgefleet_runtime")
 
@@ -335,8 +336,10 @@ class App:
         server_name: str = "edgefleet-runtime",
         management: Management | None = None,
         monitor=None,
+        budget: MemoryBudget | None = None,
     ):
         self.slot = slot
+        self.budget = budget or MemoryBudget()  # the process's, shared by every listener (HTTPServer takes it)
         self.metrics = metrics
         self.management = management  # None: the repository routes are off on this port
         self.monitor = monitor  # monitor.Monitor (serve --monitoring), or None: off
@@ -364,7 +367,7 @@ class App:
             try:
                 return self._infer(self.slot.name, None, headers, body)
             except RequestError as e:
-                return self._reply("infer", e.status, orjson.dumps({"error": e.message}))
+                return self._error("infer", e)
         path = path.split("?", 1)[0]
         parts = path.strip("/").split("/")
         endpoint = "other"
@@ -413,7 +416,13 @@ class App:
                 return self._repository(method, parts[2:], headers, body)
             raise RequestError(404, f"no route for {method} {path}")
         except RequestError as e:
-            return self._reply(endpoint, e.status, orjson.dumps({"error": e.message}))
+            return self._error(endpoint, e)
+
+    def _error(self, endpoint: str, e: RequestError):
+        if isinstance(e, MemoryRefused):
+            self.metrics.count_refused("memory_budget")
+        headers = JSON if e.status != 503 else [*JSON, ("Retry-After", "1")]
+        return self._reply(endpoint, e.status, orjson.dumps({"error": e.message}), headers)
 
     def _reply(self, endpoint: str, status: int, body: bytes, headers=JSON):
         self.metrics.count(endpoint, status)
@@ -463,9 +472,12 @@ class App:
         enc = headers.get("content-encoding")
         if enc and enc.lower() != "identity":
             raise RequestError(415, f"Content-Encoding {enc!r} is not supported")
-        req_id, feeds, wanted = decode_infer_request(body, header_length, model.name, model.inputs, model.outputs)
-        results = self.run(model, feeds, [n for n, _ in wanted])
-        out, json_len = encode_infer_response(model.name, model.version, req_id, results, wanted)
+        with Lease(self.budget) as lease:
+            req_id, feeds, wanted = decode_infer_request(
+                body, header_length, model.name, model.inputs, model.outputs, lease
+            )
+            results = self.run(model, feeds, [n for n, _ in wanted])
+            out, json_len = encode_infer_response(model.name, model.version, req_id, results, wanted)
         self.metrics.latency.observe(time.perf_counter() - t0)
         if json_len is None:
             return self._reply("infer", 200, out)

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 
+from .budget import DEFAULT_BYTES, MemoryBudget
+
 log = logging.getLogger("edgefleet_runtime.http")
 
 REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -70,8 +72,9 @@ class Limits:
     max_connections: int = 256
     max_body_bytes: int = 32 << 20
     """No body is larger, whatever the route."""
-    body_budget_bytes: int = 256 << 20
-    """All bodies in flight together (JSON counted JSON_EXPANSION times)."""
+    body_budget_bytes: int = DEFAULT_BYTES
+    """All bodies in flight together (JSON counted JSON_EXPANSION times), and what decoding them takes: the
+    process's memory budget (``budget.MemoryBudget``), shared with gRPC."""
     max_concurrency: int = max(16, 4 * (os.cpu_count() or 1))
     """Requests with a body in the app at once; more get 503 with Retry-After."""
     max_line_bytes: int = 8192
@@ -153,6 +156,7 @@ class HTTPServer:
         limits: Limits | None = None,
         refused: Callable[[str], None] | None = None,
         reuse_port: bool = False,
+        budget: MemoryBudget | None = None,
     ):
         self.app = app
         self.limits = limits or Limits()
@@ -170,8 +174,8 @@ class HTTPServer:
         self.stopping = False
         self._drained = False
         self._conns: set[_Conn] = set()
-        self._lock = threading.Lock()  # guards _conns, _budget_used, _running
-        self._budget_used = 0
+        self._lock = threading.Lock()  # guards _conns, _running
+        self.budget = budget or getattr(app, "budget", None) or MemoryBudget(self.limits.body_budget_bytes)
         self._running = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -323,8 +327,7 @@ class HTTPServer:
             return self._answer(conn, method, path, version, headers, body)
         finally:
             if reserved:
-                with self._lock:
-                    self._budget_used -= reserved
+                self.budget.give(reserved)
 
     def _answer(self, conn, method, path, version, headers, body) -> bool:
         conn_hdr = headers.get("connection", "").lower()
@@ -403,15 +406,11 @@ class HTTPServer:
         hl = headers.get("inference-header-content-length")
         json_part = int(hl) if hl is not None and _DIGITS.match(hl) and int(hl) < declared else declared
         reserve = declared + json_part * (JSON_EXPANSION - 1)
-        with self._lock:
-            fits = self._budget_used + reserve <= self.limits.body_budget_bytes
-            if fits:
-                self._budget_used += reserve
-        if not fits:
-            if reserve > self.limits.body_budget_bytes:
+        if not self.budget.take(reserve):
+            if reserve > self.budget.capacity:
                 share = f" (--body-budget-bytes / --workers {self.limits.workers})" if self.limits.workers > 1 else ""
                 raise HTTPError(413, f"a body of {size} bytes needs {reserve} bytes of the server's body budget "
-                                f"of {self.limits.body_budget_bytes}{share} (JSON counts {JSON_EXPANSION}x): send "
+                                f"of {self.budget.capacity}{share} (JSON counts {JSON_EXPANSION}x): send "
                                 "tensors with the binary tensor data extension, or raise --body-budget-bytes",
                                 "body_too_large")
             raise HTTPError(503, "the server has too many request bodies in flight; retry after 1 s",

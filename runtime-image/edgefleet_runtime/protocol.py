@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 
 from .backends import NP_TO_OIP, OIP_TO_NP, TensorSpec
+from .budget import BudgetExceeded, Lease
 
 MAX_ELEMENTS = 1 << 25
 """Elements in one input at most, zero-sized dimensions counted as 1 (the default --max-body-bytes cannot carry
@@ -34,6 +35,28 @@ class RequestError(Exception):
         self.message = message
 
 
+class MemoryRefused(RequestError):
+    """The process's memory budget cannot hold a request: 413 if it never could, else 503 (retry); gRPC answers
+    both RESOURCE_EXHAUSTED."""
+
+
+BYTES_ELEMENT_COST = 96  # a decoded BYTES element beside its bytes: object pointer, bytes header, backend string
+
+
+def charge(lease: Lease | None, n: int, what: str) -> None:
+    """Hold ``n`` more bytes of the memory budget for ``what``; MemoryRefused naming the fix otherwise."""
+    if lease is None:
+        return
+    try:
+        lease.charge(n)
+    except BudgetExceeded as e:
+        if e.full:
+            raise MemoryRefused(503, f"{what} needs {n} bytes of memory; the server has too many requests in "
+                                     "flight; retry after 1 s") from None
+        raise MemoryRefused(413, f"{what} needs {e.needed} bytes of memory, more than the server's memory "
+                                 f"budget of {e.capacity} (--body-budget-bytes): send less at once") from None
+
+
 def _bad(msg: str) -> RequestError:
     return RequestError(400, msg)
 
@@ -49,7 +72,9 @@ def _fmt_shape(shape) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def _decode_bytes_tensor(buf: memoryview, count: int, name: str) -> np.ndarray:
+def _decode_bytes_tensor(buf: memoryview, count: int, name: str, lease: Lease | None = None) -> np.ndarray:
+    """Binary BYTES (u32 length + bytes, per element), charged at its decoded size before it is decoded."""
+    charge(lease, count * BYTES_ELEMENT_COST + len(buf), f"input '{name}' ({count} BYTES elements decoded)")
     out, pos = [], 0
     for _ in range(count):
         if pos + 4 > len(buf):
@@ -189,8 +214,10 @@ def decode_infer_request(
     model_name: str,
     inputs: dict[str, TensorSpec],
     outputs: dict[str, TensorSpec],
+    lease: Lease | None = None,
 ):
-    """Return ``(request_id, feeds, [(output_name, binary)])`` or raise RequestError."""
+    """Return ``(request_id, feeds, [(output_name, binary)])`` or raise RequestError. ``lease``: what decoding
+    grows by (binary BYTES) is charged to it."""
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
@@ -242,7 +269,7 @@ def decode_infer_request(
             chunk = binary[offset : offset + bsize]
             offset += bsize
             if datatype == "BYTES":
-                arr = _decode_bytes_tensor(chunk, count, name)
+                arr = _decode_bytes_tensor(chunk, count, name, lease)
             else:
                 if bsize != count * dtype.itemsize:
                     raise _bad(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -127,3 +128,108 @@ def test_an_output_requested_twice_or_too_many_outputs_is_refused(reduce_server)
             req.outputs.add(name=o["name"])
         code, details = _grpc_error(s.grpc_port, req)
         assert code.name == "INVALID_ARGUMENT" and needle in details, (code, details)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _any_server(start_server, tmp_path, *extra, datatype="FP32"):
+    from models import sha256
+    from onnx import TensorProto, helper
+
+    path = tmp_path / f"any-{datatype}.onnx"
+    elem = {"FP32": TensorProto.FLOAT, "BYTES": TensorProto.STRING}[datatype]
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["input"], ["shape"])], "any",
+        [helper.make_tensor_value_info("input", elem, ["N", "M"])],
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    port = free_port()
+    s = start_server(path, sha256(path), "--grpc-port", str(port), *extra, name="any")
+    s.grpc_port = port
+    return s
+
+
+def test_boundary_binary_bytes_tensors_count_at_their_decoded_size(start_server, tmp_path):
+    """24 concurrent 30 MB binary BYTES bodies of 1-byte elements (6 M elements each, many times larger once
+    decoded): refused 413/503 for what the memory budget cannot hold; RSS grows less than 450 MiB."""
+    import struct
+
+    from test_attacks import PeakRss, concurrently
+
+    s = _any_server(start_server, tmp_path, datatype="BYTES")
+    n = 6_000_000
+    blob = struct.pack("<I", 1) + b"x"
+    blob *= n
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1, n], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    request = (b"POST /v2/models/any/infer HTTP/1.1\r\nHost: t\r\nInference-Header-Content-Length: %d\r\n"
+               b"Content-Length: %d\r\n\r\n" % (len(head), len(head) + len(blob))) + head + blob
+    statuses: list[int] = []
+
+    def attack():
+        try:
+            out = exchange(s.port, request, timeout=120, watch=True)
+        except OSError:
+            out = b""
+        statuses.append(status_of(out) if out else 0)
+
+    with PeakRss(s.proc.pid, every=0.01) as rss:
+        concurrently([attack] * 24, timeout=180)
+    assert set(statuses) <= {413, 503} and len(statuses) == 24, statuses
+    assert rss.peak - rss.base < 450, f"RSS grew from {rss.base:.0f} to {rss.peak:.0f} MiB"
+    small = head.replace(b"%d" % n, b"2").replace(b"%d" % len(blob), b"10")
+    body = small + b"\x01\x00\x00\x00a\x01\x00\x00\x00b"
+    out = exchange(s.port, b"POST /v2/models/any/infer HTTP/1.1\r\nHost: t\r\nInference-Header-Content-Length: %d\r\n"
+                   b"Content-Length: %d\r\n\r\n" % (len(small), len(body)) + body)
+    assert status_of(out) == 200, out[:300]
+    print(f"RSS {rss.base:.0f} MiB -> peak {rss.peak:.0f} MiB; statuses {sorted(set(statuses))}")
+
+
+def test_boundary_concurrent_large_grpc_messages_share_the_memory_budget(start_server, tmp_path):
+    """24 concurrent ~30 MB gRPC messages: RSS grows less than 450 MiB (messages wait for a receiving thread under
+    HTTP/2 flow control instead of being buffered). With REST bodies holding the shared budget, a large message
+    gets RESOURCE_EXHAUSTED naming it; a small call is still served."""
+    import grpc
+    from edgefleet_runtime.grpcserver import pb
+    from test_attacks import PeakRss, concurrently
+
+    s = _any_server(start_server, tmp_path)
+    m = 7_500_000
+    req = pb.ModelInferRequest(model_name="any", raw_input_contents=[np.zeros(m, np.float32).tobytes()])
+    req.inputs.add(name="input", datatype="FP32", shape=[1, m])
+    codes: list[str] = []
+
+    def attack():
+        try:
+            _grpc_call(s.grpc_port, req)
+            codes.append("OK")
+        except grpc.RpcError as e:
+            codes.append(e.code().name)
+
+    with PeakRss(s.proc.pid, every=0.01) as rss:
+        concurrently([attack] * 24, timeout=180)
+    print(f"RSS {rss.base:.0f} MiB -> peak {rss.peak:.0f} MiB; codes {sorted(set(codes))}")
+    assert len(codes) == 24 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert rss.peak - rss.base < 450, f"RSS grew from {rss.base:.0f} to {rss.peak:.0f} MiB"
+
+    holders = []  # REST bodies announced (30 MB of binary each), not sent: they hold 240 of the 256 MiB budget
+    for _ in range(8):
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        c.sendall(b"POST /v2/models/any/infer HTTP/1.1\r\nHost: t\r\nInference-Header-Content-Length: 100\r\n"
+                  b"Content-Length: 30000000\r\n\r\n")
+        holders.append(c)
+    time.sleep(0.3)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _grpc_call(s.grpc_port, req)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+        assert "too many requests in flight" in err.value.details()
+        assert metric(s, "edgefleet_runtime_refused_total", reason="memory_budget") == 1
+    finally:
+        for c in holders:
+            c.close()
+    small = pb.ModelInferRequest(model_name="any", raw_input_contents=[np.zeros(3, np.float32).tobytes()])
+    small.inputs.add(name="input", datatype="FP32", shape=[1, 3])
+    assert list(np.frombuffer(_grpc_call(s.grpc_port, small).raw_output_contents[0], "<i8")) == [1, 3]
