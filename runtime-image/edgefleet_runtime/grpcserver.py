@@ -40,6 +40,7 @@ from .protocol import (
     _bytes_tensor_to_binary,
     _decode_bytes_tensor,
     charge,
+    check_finite,
     check_outputs,
     check_tensor,
 )
@@ -206,7 +207,7 @@ def _raw_tensor(name: str, buf: bytes, spec, count: int, lease: Lease | None) ->
         raise RequestError(
             400, f"input '{name}': raw_input_contents has {len(buf)} bytes; shape and {spec.datatype} need {want}"
         )
-    return np.frombuffer(buf, dtype=spec.dtype.newbyteorder("<"))
+    return check_finite(name, np.frombuffer(buf, dtype=spec.dtype.newbyteorder("<")), spec.datatype)
 
 
 def _typed_tensor(t, spec, count: int, lease: Lease | None) -> np.ndarray:
@@ -226,7 +227,7 @@ def _typed_tensor(t, spec, count: int, lease: Lease | None) -> np.ndarray:
         info = np.iinfo(spec.dtype)
         if arr.min() < info.min or arr.max() > info.max:
             raise RequestError(400, f"input '{t.name}': values outside {spec.datatype}'s range")
-    return arr.astype(spec.dtype, copy=False)
+    return check_finite(t.name, arr.astype(spec.dtype, copy=False), spec.datatype)
 
 
 def encode_response(model, req_id: str, results: dict, names: list[str]):

@@ -90,6 +90,17 @@ def _decode_bytes_tensor(buf: memoryview, count: int, name: str, lease: Lease | 
     return np.array(out, dtype=object)
 
 
+def check_finite(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
+    """Float inputs hold no NaN or infinity, whatever the transport (JSON cannot carry them; binary data and gRPC
+    can): 400 naming the input. One float64 sum decides for FP16/FP32 (finite values cannot overflow it); FP64's
+    sum can, so an infinite sum is looked at element by element."""
+    if arr.dtype.kind != "f" or not arr.size or math.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
+        return arr
+    if arr.dtype.itemsize < 8 or not np.isfinite(arr).all():
+        raise _bad(f"input '{name}': data holds NaN or infinity; {datatype} inputs must be finite numbers")
+    return arr
+
+
 def _flat(data):
     for v in data:
         if isinstance(v, list):
@@ -276,7 +287,7 @@ def decode_infer_request(
                         f"input '{name}': binary_data_size {bsize} does not match shape {_fmt_shape(shape)} "
                         f"of {datatype} ({count * dtype.itemsize} bytes)"
                     )
-                arr = np.frombuffer(chunk, dtype=dtype.newbyteorder("<"))
+                arr = check_finite(name, np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), datatype)
         else:
             data = t.get("data")
             if data is None:

@@ -233,3 +233,53 @@ def test_boundary_concurrent_large_grpc_messages_share_the_memory_budget(start_s
     small = pb.ModelInferRequest(model_name="any", raw_input_contents=[np.zeros(3, np.float32).tobytes()])
     small.inputs.add(name="input", datatype="FP32", shape=[1, 3])
     assert list(np.frombuffer(_grpc_call(s.grpc_port, small).raw_output_contents[0], "<i8")) == [1, 3]
+
+
+# ------------------------------------------------------------------------------------------ values
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_refused_on_every_transport(reduce_server, bad):
+    """As in JSON: the binary extension, gRPC raw_input_contents and gRPC fp32_contents refuse them (400 /
+    INVALID_ARGUMENT naming the input)."""
+    from edgefleet_runtime.grpcserver import pb
+
+    s = reduce_server
+    x = np.float32([1.0, bad])
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 8}}]}).encode()
+    out = exchange(s.port, b"POST /v2/models/reduce/infer HTTP/1.1\r\nHost: t\r\nInference-Header-Content-Length: "
+                   b"%d\r\nContent-Length: %d\r\n\r\n" % (len(head), len(head) + 8) + head + x.tobytes())
+    assert status_of(out) == 400 and b"input 'input'" in out and b"finite" in out, out[:300]
+    raw = pb.ModelInferRequest(model_name="reduce", raw_input_contents=[x.tobytes()])
+    typed = pb.ModelInferRequest(model_name="reduce")
+    for req in (raw, typed):
+        t = req.inputs.add(name="input", datatype="FP32", shape=[1, 2])
+        if req is typed:
+            t.contents.fp32_contents.extend(x.tolist())
+        code, details = _grpc_error(s.grpc_port, req)
+        assert code.name == "INVALID_ARGUMENT" and "input 'input'" in details and "finite" in details, details
+
+
+def test_nan_outputs_never_reach_the_confidence_metric_or_hard_examples():
+    """A model can still answer NaN for finite inputs: such rows are left out of the monitor's statistics."""
+    from edgefleet_runtime.monitor import Monitor
+
+    offered = []
+
+    class Spool:  # what Monitor asks of HardExamples: its threshold and offer()
+        below = None
+
+        def offer(self, model, feeds, results, confs, rows):
+            offered.append(rows)
+
+    class Model:
+        backend = type("B", (), {"outputs": [type("T", (), {"name": "logits"})]})
+
+    m = Monitor(hard_examples=Spool())
+    feeds = {"input": np.zeros((1, 4), np.float32)}
+    for out in (np.float32([[np.nan, 0.0, 1.0]]), np.float32([[np.inf, 0.0, 1.0], [0.1, 0.2, 5.0]])):
+        m.observe(Model(), feeds, {"logits": out})
+    hist = next(f for f in m.collect() if f.name == "edgefleet_runtime_prediction_confidence")
+    total = next(x.value for x in hist.samples if x.name.endswith("_sum"))
+    count = next(x.value for x in hist.samples if x.name.endswith("_count"))
+    assert np.isfinite(total) and count == 1, (total, count)  # only the finite row counted
+    assert m.errors == 0 and offered == [], offered
