@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__, trust
-from .backends import Backend, ModelLoadError, TensorSpec, open_backend
-from .digest import DigestError, digest_from_cache_path, parse_digest, verify_file
+from .backends import Backend, ModelLoadError, TensorSpec, open_backend, read_model
+from .digest import DigestError, digest_from_cache_path, parse_digest
 from .budget import Lease, MemoryBudget
 from .management import OFF_MESSAGE, Management
 from .protocol import MemoryRefused, RequestError, decode_infer_request, encode_infer_response, header_int
@@ -207,20 +207,15 @@ class ModelSlot:
         with self._lock:
             t0 = time.perf_counter()
             try:
-                data = self._decrypted(path, digest)  # None: not encrypted, checked here instead
-                if data is None:
-                    digest = verify_file(path, digest)
-                    self._check_signature(path, digest)
-                else:
-                    digest = "sha256:" + parse_digest(digest)
+                digest, data, packaging = self._verified(path, digest)
                 backend = open_backend(
                     path,
                     self.backend_kind,
                     self.threads,
                     self.execution_provider,
                     self.delegate,
-                    digest=digest,
                     data=data,
+                    packaging=packaging,
                 )
                 try:
                     _warmup(backend)
@@ -260,24 +255,23 @@ class ModelSlot:
         signer = self.policy.check(digest, sig, f"model {os.fspath(path)}")
         log.info("signature verified", extra={"model": self.name, "digest": digest, "key": signer})
 
-    def _decrypted(self, path: str, digest: str) -> bytes | None:
-        """The plaintext of an encrypted variant: the file is read once, and those bytes are hashed, their
-        signature checked and decrypted in memory; None when the file is not encrypted."""
-        with open(path, "rb") as f:
-            if not trust.is_encrypted(f.read(len(trust.MAGIC))):
-                return None
-            f.seek(0)
-            stored = f.read()
+    def _verified(self, path: str, digest: str) -> tuple[str, bytes, str]:
+        """``(digest, model bytes, packaging)``: the file is read once, and those bytes are hashed, their signature
+        checked and, when encrypted, decrypted in memory; what is loaded is what was verified (nothing reopens
+        the path, which an attacker could swap in between)."""
+        stored = read_model(path)
         want = "sha256:" + parse_digest(digest)
         got = "sha256:" + hashlib.sha256(stored).hexdigest()
         if got != want:
             raise DigestError(f"digest mismatch for {os.fspath(path)}: expected {want}, file has {got}")
         self._check_signature(path, want)
+        if not trust.is_encrypted(stored[: len(trust.MAGIC)]):
+            return want, stored, "file"
         if self.policy.decryption_key is None:
             raise trust.TrustError(
                 "Encrypted", f"{os.fspath(path)} is encrypted; pass --decryption-key-file with the key of its Secret"
             )
-        return trust.decrypt(stored, self.policy.decryption_key, f"model {os.fspath(path)}")
+        return want, trust.decrypt(stored, self.policy.decryption_key, f"model {os.fspath(path)}"), "encrypted"
 
     # ------------------------------------------------------------------ hot reload sources
     def watch(self, path: str) -> None:

@@ -283,3 +283,56 @@ def test_nan_outputs_never_reach_the_confidence_metric_or_hard_examples():
     count = next(x.value for x in hist.samples if x.name.endswith("_count"))
     assert np.isfinite(total) and count == 1, (total, count)  # only the finite row counted
     assert m.errors == 0 and offered == [], offered
+
+
+# ------------------------------------------------------------------------------------------ model files
+def _external_model(folder, location: str):
+    """input [1, 4] + a weight initializer whose 16 bytes live at ``location`` (ONNX external data)."""
+    from models import sha256
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 4], [0.0] * 4)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=k, value=v)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input", "w"], ["out"])], "ext",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])], [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path, sha256(path)
+
+
+@pytest.mark.parametrize("case", ["inside", "relative-parent", "absolute", "symlink"])
+def test_boundary_onnx_external_data_is_refused_at_load(start_server, tmp_path, case):
+    """External data is not covered by the variant's digest: a model that names any (a file beside it, '..', an
+    absolute path, a symlink to a Secret's file) is refused at load, with the initializer and the location."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"S3CRET-TOKEN-ABCD")
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(b"\0" * 16)
+    (folder / "link.bin").symlink_to(secret)
+    location = {"inside": "w.bin", "relative-parent": "../secret", "absolute": str(secret), "symlink": "link.bin"}
+    s = start_server(*_external_model(folder, location[case]), wait=False)
+    assert s.proc.wait(30) == 4, s.logs()  # EXIT_LOAD
+    logs = s.logs()
+    assert "initializer 'w'" in logs and repr(location[case]) in logs and "digest" in logs, logs[-800:]
+
+
+def test_boundary_openvino_ir_xml_needs_its_weights_under_the_digest(tmp_path):
+    """A plain IR .xml's .bin beside it is not covered by the digest: refused when a digest is checked; the IR zip
+    (model.xml + model.bin under one digest) is what is served."""
+    from edgefleet_runtime.backends import ModelLoadError, open_backend
+    from models import sha256
+
+    xml = tmp_path / "model.xml"
+    xml.write_bytes(b'<?xml version="1.0"?>\n<net name="x" version="11"><layers/></net>\n')
+    (tmp_path / "model.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(ModelLoadError, match="not covered by the digest.*zip"):
+        open_backend(str(xml), digest=sha256(xml))
