@@ -336,3 +336,82 @@ def test_boundary_openvino_ir_xml_needs_its_weights_under_the_digest(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"\0" * 16)
     with pytest.raises(ModelLoadError, match="not covered by the digest.*zip"):
         open_backend(str(xml), digest=sha256(xml))
+
+
+# ------------------------------------------------------------------------------------------ encrypted envelopes
+def _openssl_key(tmp_path, curve: str):
+    """(private PEM path, public DER) on ``curve``, made by openssl (cryptography cannot make unsupported curves)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a key on a curve cryptography does not support")
+    key = tmp_path / f"{curve}.pem"
+    subprocess.run(["openssl", "ecparam", "-name", curve, "-genkey", "-noout", "-out", str(key)], check=True)
+    der = subprocess.run(["openssl", "ec", "-in", str(key), "-pubout", "-outform", "DER"], check=True,
+                         capture_output=True).stdout
+    return key, der
+
+
+def _envelope_on_curve(tmp_path, digits, curve: str):
+    """The model encrypted for a P-256 key, its header's ephemeral key replaced by one on ``curve``; in a cache."""
+    import base64
+    import struct
+
+    from conftest import make_cache
+    from edgefleet_runtime import trust
+    from models import sha256
+
+    private, public = trust.generate_signing_key()
+    (tmp_path / "enc.key").write_bytes(private)
+    blob = trust.encrypt(digits[0].read_bytes(), trust.public_key_from_pem(public, "test"))
+    start = len(trust.MAGIC) + 4
+    (length,) = struct.unpack(">I", blob[len(trust.MAGIC) : start])
+    header = json.loads(blob[start : start + length])
+    header["epk"] = base64.b64encode(_openssl_key(tmp_path, curve)[1]).decode()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path = tmp_path / "bad.enc"
+    path.write_bytes(trust.MAGIC + struct.pack(">I", len(text)) + text + blob[start + length :])
+    cache = tmp_path / "cache"
+    return cache, make_cache(cache, path, sha256(path)), sha256(path), tmp_path / "enc.key"
+
+
+def test_boundary_envelope_key_on_an_unsupported_curve_is_a_clear_refusal(tmp_path, digits, monkeypatch,
+                                                                          start_server):
+    import http.client
+    import subprocess
+    import sys
+
+    from edgefleet_runtime.exitcodes import EXIT_DECRYPT, EXIT_USAGE
+
+    cache, link, digest, key = _envelope_on_curve(tmp_path, digits, "secp112r1")
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("EDGEFLEET_TERMINATION_LOG", str(log))
+
+    def serve(*args):
+        log.write_text("")
+        return subprocess.run([sys.executable, "-m", "edgefleet_runtime.cli", "serve", "--port", "0", *map(str, args)],
+                              capture_output=True, text=True, timeout=60)
+
+    r = serve("--model", link, "--decryption-key-file", key)
+    assert r.returncode == EXIT_DECRYPT and "Traceback" not in r.stderr, r.stderr
+    assert "BadDecryption" in r.stderr and "ephemeral key" in log.read_text(), log.read_text()
+    assert "unsupported curve" in log.read_text() and "P-256" in log.read_text(), log.read_text()
+    bad_key, _ = _openssl_key(tmp_path, "secp112r1")
+    r = serve("--model", digits[0], "--digest", digits[1], "--decryption-key-file", bad_key)
+    assert r.returncode == EXIT_USAGE and "Traceback" not in r.stderr, r.stderr
+    assert str(bad_key) in log.read_text() and "unsupported curve" in log.read_text(), log.read_text()
+
+    from conftest import make_cache
+
+    make_cache(cache, *digits, name="digits")
+    mport = free_port()
+    s = start_server(cache / "current" / "digits", None, "--cache", str(cache), "--management-port", str(mport),
+                     "--decryption-key-file", key)
+    c = http.client.HTTPConnection("127.0.0.1", mport, timeout=10)
+    c.request("POST", "/v2/repository/models/digits/load", json.dumps({"parameters": {"digest": digest}}))
+    resp = c.getresponse()
+    body = json.loads(resp.read())
+    c.close()
+    assert resp.status == 403 and "BadDecryption" in body["error"] and "unsupported curve" in body["error"], body
+    assert s.request("GET", "/v2/health/ready")[0] == 200
