@@ -17,8 +17,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__, trust
 from .backends import Backend, ModelLoadError, TensorSpec, open_backend, read_model
-from .digest import DigestError, digest_from_cache_path, parse_digest
 from .budget import Lease, MemoryBudget
+from .digest import DigestError, digest_from_cache_path, parse_digest
 from .management import OFF_MESSAGE, Management
 from .protocol import MemoryRefused, RequestError, decode_infer_request, encode_infer_response, header_int
 

@@ -19,7 +19,8 @@ _MESSAGES = {  # message -> [(field, number, type, repeated)]; a type starting w
                        ("tensors", 10, ".onnxscan.TensorProto", True), ("graphs", 11, ".onnxscan.GraphProto", True),
                        ("sparse_tensor", 22, ".onnxscan.SparseTensorProto", False),
                        ("sparse_tensors", 23, ".onnxscan.SparseTensorProto", True)],
-    "SparseTensorProto": [("values", 1, ".onnxscan.TensorProto", False), ("indices", 2, ".onnxscan.TensorProto", False)],
+    "SparseTensorProto": [("values", 1, ".onnxscan.TensorProto", False),
+                          ("indices", 2, ".onnxscan.TensorProto", False)],
     "TensorProto": [("name", 8, "string", False), ("external_data", 13, ".onnxscan.StringStringEntryProto", True),
                     ("data_location", 14, "int32", False)],
     "StringStringEntryProto": [("key", 1, "string", False), ("value", 2, "string", False)],
@@ -60,8 +61,8 @@ def external_data(data: bytes) -> list[tuple[str, str]]:
             nodes.extend(g.node)
             continue
         for a in nodes.pop().attribute:
-            _tensors([a.t, *a.tensors, *(t for s in (a.sparse_tensor, *a.sparse_tensors) for t in (s.values, s.indices))],
-                     found)
+            sparse = (a.sparse_tensor, *a.sparse_tensors)
+            _tensors([a.t, *a.tensors, *(t for s in sparse for t in (s.values, s.indices))], found)
             graphs.extend([a.g, *a.graphs])
     return found
 

@@ -363,7 +363,7 @@ def _unwrap(header: dict, key, what: str) -> bytes:
             epk = _load_key(serialization.load_der_public_key, header["epk"], where, "BadDecryption")
             curve = getattr(getattr(epk, "curve", None), "name", type(epk).__name__)
             if curve != "secp256r1":
-                raise TrustError("BadDecryption", f"{where} is a {curve} key; edgefleet envelopes use P-256 (secp256r1)")
+                raise TrustError("BadDecryption", f"{where} is a {curve} key; edgefleet envelopes use P-256")
             return aes_key_unwrap(_ecdh_kek(key, epk, header["epk"]), header["key"])
         return aes_key_unwrap(key, header["key"])
     except TrustError:
