@@ -430,7 +430,7 @@ class HTTPServer:
         return (f"request body of {size} bytes is over this route's limit of {limit} bytes (what the model's "
                 "inputs can need at --max-batch, capped by --max-body-bytes)")
 
-    def _read_body(self, conn: _Conn, rfile, headers, limit: int) -> bytes:
+    def _read_body(self, conn: _Conn, rfile, headers, limit: int) -> bytes | bytearray:
         chunked = "transfer-encoding" in headers
         if not chunked and headers.get("content-length", "0") == "0":
             return b""
@@ -544,7 +544,7 @@ class RequestParser:
             raise HTTPError(417, f"Expect {expect[:40]!r} is not supported")
         return te is not None, int(cl) if cl is not None else 0
 
-    def read_body(self, rfile, headers: dict, limit: int, alive=lambda: None) -> bytes:
+    def read_body(self, rfile, headers: dict, limit: int, alive=lambda: None) -> bytes | bytearray:
         """The body whose framing ``body_framing`` accepted (at most ``limit`` bytes); ``alive()`` after each
         piece that arrives."""
         if "transfer-encoding" in headers:

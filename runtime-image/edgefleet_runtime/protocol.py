@@ -287,7 +287,7 @@ def decode_infer_request(
                         f"input '{name}': binary_data_size {bsize} does not match shape {_fmt_shape(shape)} "
                         f"of {datatype} ({count * dtype.itemsize} bytes)"
                     )
-                arr = check_finite(name, np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), datatype)
+                arr = check_finite(name, np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), spec.datatype)
         else:
             data = t.get("data")
             if data is None:
