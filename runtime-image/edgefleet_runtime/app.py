@@ -16,10 +16,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__, trust
-from .backends import Backend, ModelLoadError, TensorSpec, open_backend
-from .digest import DigestError, digest_from_cache_path, parse_digest, verify_file
+from .backends import Backend, ModelLoadError, TensorSpec, open_backend, read_model
+from .budget import Lease, MemoryBudget
+from .digest import DigestError, digest_from_cache_path, parse_digest
 from .management import OFF_MESSAGE, Management
-from .protocol import RequestError, decode_infer_request, encode_infer_response
+from .protocol import MemoryRefused, RequestError, decode_infer_request, encode_infer_response, header_int
 
 log = logging.getLogger("edgefleet_runtime")
 
@@ -206,20 +207,15 @@ class ModelSlot:
         with self._lock:
             t0 = time.perf_counter()
             try:
-                data = self._decrypted(path, digest)  # None: not encrypted, checked here instead
-                if data is None:
-                    digest = verify_file(path, digest)
-                    self._check_signature(path, digest)
-                else:
-                    digest = "sha256:" + parse_digest(digest)
+                digest, data, packaging = self._verified(path, digest)
                 backend = open_backend(
                     path,
                     self.backend_kind,
                     self.threads,
                     self.execution_provider,
                     self.delegate,
-                    digest=digest,
                     data=data,
+                    packaging=packaging,
                 )
                 try:
                     _warmup(backend)
@@ -259,24 +255,23 @@ class ModelSlot:
         signer = self.policy.check(digest, sig, f"model {os.fspath(path)}")
         log.info("signature verified", extra={"model": self.name, "digest": digest, "key": signer})
 
-    def _decrypted(self, path: str, digest: str) -> bytes | None:
-        """The plaintext of an encrypted variant: the file is read once, and those bytes are hashed, their
-        signature checked and decrypted in memory; None when the file is not encrypted."""
-        with open(path, "rb") as f:
-            if not trust.is_encrypted(f.read(len(trust.MAGIC))):
-                return None
-            f.seek(0)
-            stored = f.read()
+    def _verified(self, path: str, digest: str) -> tuple[str, bytes, str]:
+        """``(digest, model bytes, packaging)``: the file is read once, and those bytes are hashed, their signature
+        checked and, when encrypted, decrypted in memory; what is loaded is what was verified (nothing reopens
+        the path, which an attacker could swap in between)."""
+        stored = read_model(path)
         want = "sha256:" + parse_digest(digest)
         got = "sha256:" + hashlib.sha256(stored).hexdigest()
         if got != want:
             raise DigestError(f"digest mismatch for {os.fspath(path)}: expected {want}, file has {got}")
         self._check_signature(path, want)
+        if not trust.is_encrypted(stored[: len(trust.MAGIC)]):
+            return want, stored, "file"
         if self.policy.decryption_key is None:
             raise trust.TrustError(
                 "Encrypted", f"{os.fspath(path)} is encrypted; pass --decryption-key-file with the key of its Secret"
             )
-        return trust.decrypt(stored, self.policy.decryption_key, f"model {os.fspath(path)}")
+        return want, trust.decrypt(stored, self.policy.decryption_key, f"model {os.fspath(path)}"), "encrypted"
 
     # ------------------------------------------------------------------ hot reload sources
     def watch(self, path: str) -> None:
@@ -335,8 +330,10 @@ class App:
         server_name: str = "edgefleet-runtime",
         management: Management | None = None,
         monitor=None,
+        budget: MemoryBudget | None = None,
     ):
         self.slot = slot
+        self.budget = budget or MemoryBudget()  # the process's, shared by every listener (HTTPServer takes it)
         self.metrics = metrics
         self.management = management  # None: the repository routes are off on this port
         self.monitor = monitor  # monitor.Monitor (serve --monitoring), or None: off
@@ -364,7 +361,7 @@ class App:
             try:
                 return self._infer(self.slot.name, None, headers, body)
             except RequestError as e:
-                return self._reply("infer", e.status, orjson.dumps({"error": e.message}))
+                return self._error("infer", e)
         path = path.split("?", 1)[0]
         parts = path.strip("/").split("/")
         endpoint = "other"
@@ -413,7 +410,13 @@ class App:
                 return self._repository(method, parts[2:], headers, body)
             raise RequestError(404, f"no route for {method} {path}")
         except RequestError as e:
-            return self._reply(endpoint, e.status, orjson.dumps({"error": e.message}))
+            return self._error(endpoint, e)
+
+    def _error(self, endpoint: str, e: RequestError):
+        if isinstance(e, MemoryRefused):
+            self.metrics.count_refused("memory_budget")
+        headers = JSON if e.status != 503 else [*JSON, ("Retry-After", "1")]
+        return self._reply(endpoint, e.status, orjson.dumps({"error": e.message}), headers)
 
     def _reply(self, endpoint: str, status: int, body: bytes, headers=JSON):
         self.metrics.count(endpoint, status)
@@ -459,17 +462,16 @@ class App:
         t0 = time.perf_counter()
         model = self._model(name, version)  # one reference for the whole request: safe across a swap
         hl = headers.get("inference-header-content-length")
-        header_length = None
-        if hl is not None:
-            if not hl.isdigit():
-                raise RequestError(400, f"header Inference-Header-Content-Length {hl!r} is not an integer")
-            header_length = int(hl)
+        header_length = None if hl is None else header_int("Inference-Header-Content-Length", hl)
         enc = headers.get("content-encoding")
         if enc and enc.lower() != "identity":
             raise RequestError(415, f"Content-Encoding {enc!r} is not supported")
-        req_id, feeds, wanted = decode_infer_request(body, header_length, model.name, model.inputs, model.outputs)
-        results = self.run(model, feeds, [n for n, _ in wanted])
-        out, json_len = encode_infer_response(model.name, model.version, req_id, results, wanted)
+        with Lease(self.budget) as lease:
+            req_id, feeds, wanted = decode_infer_request(
+                body, header_length, model.name, model.inputs, model.outputs, lease
+            )
+            results = self.run(model, feeds, [n for n, _ in wanted])
+            out, json_len = encode_infer_response(model.name, model.version, req_id, results, wanted)
         self.metrics.latency.observe(time.perf_counter() - t0)
         if json_len is None:
             return self._reply("infer", 200, out)

@@ -185,37 +185,71 @@ def _unzip_ir(data: bytes, limit: int) -> tuple[bytes, bytes]:
         raise ModelLoadError(f"not a readable OpenVINO IR zip: {e}") from e
 
 
-def open_source(path: str, digest: str | None = None, limit: int | None = None) -> ModelSource:
-    """Sniff ``path``; unpack gzip'd / zipped artifacts in memory.
-
-    For packed artifacts the bytes read here are hashed again and compared with ``digest`` (when
-    given), so what is unpacked is exactly what passed the digest check; a mismatch raises
-    ``digest.DigestError``."""
-    path = os.fspath(path)
-    packaging = detect_format(path)
-    if packaging not in ("gzip", "openvino-zip"):
-        return ModelSource(path, packaging)
+def read_model(path: str, limit: int | None = None) -> bytes:
+    """The artifact's bytes, read once (everything after works on these bytes: nothing reopens the path)."""
+    limit = MAX_MODEL_BYTES if limit is None else limit
     with open(path, "rb") as f:
-        stored = f.read()
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ModelLoadError(f"{path} is larger than {limit} bytes (EDGEFLEET_MAX_MODEL_BYTES)")
+    return data
+
+
+def open_source(path: str, digest: str | None = None, limit: int | None = None) -> ModelSource:
+    """Read ``path`` once, check those bytes against ``digest`` (when given; ``digest.DigestError`` otherwise),
+    then sniff and unpack them in memory (``source_from_bytes``)."""
+    path = os.fspath(path)
+    stored = read_model(path, limit)
     if digest is not None:
         from .digest import DigestError, parse_digest
 
         got = hashlib.sha256(stored).hexdigest()
         if got != parse_digest(digest):
             raise DigestError(f"digest mismatch for {path}: expected {digest}, file has sha256:{got}")
-    return _unpack(path, stored, packaging, limit)
+    if digest is None and sniff(stored[:64]) == "openvino-ir":  # bench on a local folder: the .bin beside it
+        return ModelSource(path, "openvino-ir", "file", stored, _sibling_weights(path))
+    return source_from_bytes(path, stored, limit, "file")
 
 
-def source_from_bytes(path: str, data: bytes, limit: int | None = None) -> ModelSource:
-    """A model whose artifact bytes are already in memory (decrypted by ``trust``; the caller checked them)."""
-    packaging = sniff(data[:64])
-    if packaging == "openvino-ir":
-        raise ModelLoadError(f"{path}: encrypted OpenVINO IR XML lacks its weights; publish IR as a zip")
-    if packaging not in ("gzip", "openvino-zip"):
-        return ModelSource(path, packaging, "encrypted", data)
-    src = _unpack(path, data, packaging, limit)
-    src.packaging = "encrypted+" + src.packaging
+def _sibling_weights(path: str) -> bytes:
+    for cand in (path + ".bin", str(Path(path).with_suffix(".bin"))):
+        if os.path.isfile(cand):
+            return read_model(cand)
+    return b""
+
+
+def source_from_bytes(path: str, data: bytes, limit: int | None = None, packaging: str = "encrypted") -> ModelSource:
+    """A model whose artifact bytes are already in memory and checked by the caller (read once and hashed, or
+    decrypted by ``trust``). ONNX that keeps tensors in other files is refused: only these bytes are verified."""
+    fmt = sniff(data[:64])
+    if fmt == "openvino-ir":
+        raise ModelLoadError(f"{path}: OpenVINO IR XML: its .bin weights are not covered by the digest; "
+                             "publish IR as a zip of model.xml + model.bin (what the compiler produces)")
+    if fmt in ("gzip", "openvino-zip"):
+        src = _unpack(path, data, fmt, limit)
+        src.packaging = src.packaging if packaging == "file" else f"{packaging}+{src.packaging}"
+    else:
+        src = ModelSource(path, fmt, packaging, data)
+    if src.fmt == "onnx":
+        _refuse_external_data(path, src.data)
     return src
+
+
+def _refuse_external_data(path: str, data: bytes | None) -> None:
+    from .onnxfile import external_data
+
+    try:
+        found = external_data(data or b"")
+    except Exception:  # noqa: BLE001 - not a parsable ONNX model: the backend says what is wrong with it
+        return
+    if found:
+        name, location = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise ModelLoadError(
+            f"{path}: initializer '{name}' keeps its data in another file, {location!r}{more}: ONNX external data "
+            "is not covered by the variant's digest (nor are the node's files it could name); save the model "
+            "with its tensors inside it (onnx.save_model(..., save_as_external_data=False))"
+        )
 
 
 def _unpack(path: str, stored: bytes, packaging: str, limit: int | None) -> ModelSource:
@@ -432,13 +466,7 @@ class OpenVINOBackend(Backend):
                 weights = np.frombuffer(src.weights or b"", dtype=np.uint8)
                 model = core.read_model(model=src.data, weights=ov.Tensor(weights))
             else:
-                bin_path = None
-                if src.fmt == "openvino-ir":
-                    for cand in (path + ".bin", str(Path(path).with_suffix(".bin"))):
-                        if os.path.exists(cand):
-                            bin_path = cand
-                            break
-                model = core.read_model(path, bin_path) if bin_path else core.read_model(path)
+                model = core.read_model(path)
             self.compiled = core.compile_model(model, device, config)
         except Exception as e:
             raise ModelLoadError(f"OpenVINO cannot load {path}: {e}") from e
@@ -474,11 +502,13 @@ def open_backend(
     delegate: str | None = None,
     digest: str | None = None,
     data: bytes | None = None,
+    packaging: str = "encrypted",
 ) -> Backend:
-    """Load ``path`` (any artifact format, see the module docstring). ``digest``: re-checked against the
-    bytes actually unpacked for gzip'd / zipped artifacts (raises ``digest.DigestError``). ``data``: the
-    model's bytes in memory instead of the file's (a decrypted variant)."""
-    src = open_source(path, digest) if data is None else source_from_bytes(path, data)
+    """Load ``path`` (any artifact format, see the module docstring), read once. ``digest``: checked against the
+    bytes read, which are then unpacked and loaded (raises ``digest.DigestError``). ``data``: the
+    model's bytes in memory instead of the file's, already verified (``packaging``: ``file`` when they are the file's
+    own bytes, read once and hashed; ``encrypted`` when decrypted)."""
+    src = open_source(path, digest) if data is None else source_from_bytes(path, data, packaging=packaging)
     if backend == "auto":
         backend = {"tflite": "litert", "openvino-ir": "openvino"}.get(src.fmt, "onnxruntime")
     if backend == "onnxruntime":

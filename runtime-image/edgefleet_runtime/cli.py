@@ -251,7 +251,9 @@ def _limit_arguments(s: argparse.ArgumentParser) -> None:
         "--body-budget-bytes",
         type=int,
         default=d.body_budget_bytes,
-        help="all request bodies in flight together (JSON counted 24x for parsing); beyond it 503 + Retry-After",
+        help="the memory budget of all requests in flight together, REST and gRPC: bodies and messages (JSON counted "
+        "24x for parsing) and what decoding them takes (BYTES tensors); beyond it 503 + Retry-After "
+        "(gRPC: RESOURCE_EXHAUSTED)",
     )
     g.add_argument("--max-connections", type=int, default=d.max_connections)
     g.add_argument(
@@ -442,6 +444,7 @@ def _serve_model(args, digest: str, limits, worker: int | None) -> int:
     signal.signal(signal.SIGHUP, lambda _signum, _frame: hup.set())
     from .app import App, Metrics, ModelSlot
     from .backends import ModelLoadError
+    from .budget import MemoryBudget
     from .digest import DigestError
     from .management import ManagementError
     from .trust import TrustError
@@ -478,7 +481,8 @@ def _serve_model(args, digest: str, limits, worker: int | None) -> int:
     except ValueError as e:
         return die(EXIT_USAGE, str(e))
 
-    app = App(slot, metrics, management=management if args.management_port is None else None, monitor=monitor)
+    app = App(slot, metrics, management=management if args.management_port is None else None, monitor=monitor,
+              budget=MemoryBudget(limits.body_budget_bytes))
     try:
         servers = _listeners(args, app, management, limits)
     except (OSError, RuntimeError) as e:
@@ -561,7 +565,8 @@ def _listeners(args, app, management, limits) -> list:
     refused = app.metrics.count_refused
     servers = [HTTPServer(app, args.host, args.port, limits, refused, reuse_port=limits.workers > 1)]
     if args.management_port is not None:
-        servers.append(HTTPServer(ManagementApp(app, management), "127.0.0.1", args.management_port, limits, refused))
+        servers.append(HTTPServer(ManagementApp(app, management), "127.0.0.1", args.management_port, limits, refused,
+                                  budget=app.budget))
     if args.grpc_port is not None:
         from .grpcserver import GRPCServer
 

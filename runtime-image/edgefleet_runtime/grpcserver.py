@@ -32,7 +32,18 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from . import __version__
 from .backends import NP_TO_OIP
-from .protocol import RequestError, _bytes_tensor_to_binary, _decode_bytes_tensor, check_tensor
+from .budget import Lease
+from .protocol import (
+    BYTES_ELEMENT_COST,
+    MemoryRefused,
+    RequestError,
+    _bytes_tensor_to_binary,
+    _decode_bytes_tensor,
+    charge,
+    check_finite,
+    check_outputs,
+    check_tensor,
+)
 
 log = logging.getLogger("edgefleet_runtime.grpc")
 
@@ -160,8 +171,14 @@ _CODES = {
 }  # fmt: skip
 
 
-def decode_request(req, model) -> tuple[dict, list[str]]:
-    """``(feeds, output names)`` of a ModelInferRequest, with the same checks and messages as REST."""
+LOOKAHEAD_BYTES = 64 << 10  # what a stream may send before its call reads (HTTP/2 window)
+MESSAGE_EXPANSION = 2  # a message in memory: its bytes and the parsed message beside them
+MESSAGE_RECEIVE_COST = 3  # while it arrives: gRPC's buffer, then our bytes, then the parsed message
+
+
+def decode_request(req, model, lease: Lease | None = None) -> tuple[dict, list[str]]:
+    """``(feeds, output names)`` of a ModelInferRequest, with the same checks and messages as REST; decoded
+    BYTES are charged to ``lease``."""
     if not req.inputs:
         raise RequestError(400, "field 'inputs' must be a non-empty list of tensors")
     raw = req.raw_input_contents
@@ -173,31 +190,27 @@ def decode_request(req, model) -> tuple[dict, list[str]]:
     for i, t in enumerate(req.inputs):
         shape = list(t.shape)
         spec, count = check_tensor(t.name, t.datatype, shape, model.name, model.inputs, feeds)
-        arr = _raw_tensor(t.name, raw[i], spec, count) if raw else _typed_tensor(t, spec, count)
+        arr = _raw_tensor(t.name, raw[i], spec, count, lease) if raw else _typed_tensor(t, spec, count, lease)
         feeds[t.name] = arr.reshape(shape)
     missing = [n for n in model.inputs if n not in feeds]
     if missing:
         raise RequestError(400, f"missing input(s) for model '{model.name}': {', '.join(missing)}")
-    names = [o.name for o in req.outputs] or list(model.outputs)
-    for n in names:
-        if n not in model.outputs:
-            known = ", ".join(model.outputs)
-            raise RequestError(400, f"unknown output '{n}' for model '{model.name}'; outputs: {known}")
+    names = check_outputs([o.name for o in req.outputs], model.name, model.outputs) or list(model.outputs)
     return feeds, names
 
 
-def _raw_tensor(name: str, buf: bytes, spec, count: int) -> np.ndarray:
+def _raw_tensor(name: str, buf: bytes, spec, count: int, lease: Lease | None) -> np.ndarray:
     if spec.datatype == "BYTES":
-        return _decode_bytes_tensor(memoryview(buf), count, name)
+        return _decode_bytes_tensor(memoryview(buf), count, name, lease)
     want = count * spec.dtype.itemsize
     if len(buf) != want:
         raise RequestError(
             400, f"input '{name}': raw_input_contents has {len(buf)} bytes; shape and {spec.datatype} need {want}"
         )
-    return np.frombuffer(buf, dtype=spec.dtype.newbyteorder("<"))
+    return check_finite(name, np.frombuffer(buf, dtype=spec.dtype.newbyteorder("<")), spec.datatype)
 
 
-def _typed_tensor(t, spec, count: int) -> np.ndarray:
+def _typed_tensor(t, spec, count: int, lease: Lease | None) -> np.ndarray:
     field = _CONTENTS.get(spec.datatype)
     if field is None:
         raise RequestError(400, f"input '{t.name}': {spec.datatype} has no typed contents; send raw_input_contents")
@@ -207,13 +220,14 @@ def _typed_tensor(t, spec, count: int) -> np.ndarray:
             400, f"input '{t.name}': contents.{field} has {len(values)} values but the shape needs {count}"
         )
     if spec.datatype == "BYTES":
+        charge(lease, count * BYTES_ELEMENT_COST, f"input '{t.name}' ({count} BYTES elements decoded)")
         return np.array(list(values), dtype=object)
     arr = np.asarray(values)
     if spec.dtype.kind in "iu" and arr.size:
         info = np.iinfo(spec.dtype)
         if arr.min() < info.min or arr.max() > info.max:
             raise RequestError(400, f"input '{t.name}': values outside {spec.datatype}'s range")
-    return arr.astype(spec.dtype, copy=False)
+    return check_finite(t.name, arr.astype(spec.dtype, copy=False), spec.datatype)
 
 
 def encode_response(model, req_id: str, results: dict, names: list[str]):
@@ -240,6 +254,9 @@ class InferenceService:
 
     def _fail(self, context, e: RequestError):
         self.app.metrics.count("grpc", e.status)
+        if isinstance(e, MemoryRefused):
+            self.app.metrics.count_refused("memory_budget")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message)
         context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
 
     def ServerLive(self, request, context):
@@ -297,14 +314,16 @@ class InferenceService:
             self.app.metrics.count_refused("body_too_large")
             raise RequestError(413, f"message of {len(raw)} bytes is over the limit of {limit} bytes (what the "
                                     "model's inputs can need at --max-batch, capped by --max-body-bytes)")
-        try:
-            req = pb.ModelInferRequest.FromString(raw)
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between its implementations
-            raise RequestError(400, "malformed ModelInferRequest message") from None
-        model = self.app.model(req.model_name, req.model_version)
-        feeds, names = decode_request(req, model)
-        results = self.app.run(model, feeds, names)
-        resp = encode_response(model, req.id, results, names)
+        with Lease(self.app.budget) as lease:
+            charge(lease, len(raw) * MESSAGE_EXPANSION, f"a message of {len(raw)} bytes")
+            try:
+                req = pb.ModelInferRequest.FromString(raw)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between its implementations
+                raise RequestError(400, "malformed ModelInferRequest message") from None
+            model = self.app.model(req.model_name, req.model_version)
+            feeds, names = decode_request(req, model, lease)
+            results = self.app.run(model, feeds, names)
+            resp = encode_response(model, req.id, results, names)
         self.app.metrics.count("grpc", 200)
         self.app.metrics.latency.observe(time.perf_counter() - t0)
         return resp
@@ -383,19 +402,40 @@ def _handler(service: InferenceService) -> _Handler:
     return _Handler(methods, service.app.metrics.count_refused)
 
 
+def message_limit(app, limits) -> int:
+    """gRPC's own limit on a message (it refuses larger ones while they arrive): what the model served at start-up
+    can need (``LoadedModel.body_limit``), capped by --max-body-bytes. A model swapped in later whose inputs need
+    more is served larger messages only after a restart (the refusal says so)."""
+    current = app.slot.current
+    return min(limits.max_body_bytes, (current.body_limit if current else None) or limits.max_body_bytes)
+
+
+def receivers(limits, largest: int) -> int:
+    """Pool threads: calls whose messages gRPC takes in at once (a call waiting for a thread is held back by HTTP/2
+    flow control), a few beyond the concurrency limit so that refusals are answered, not queued; at most as many
+    as the memory budget holds messages of the ``largest`` size while they arrive (MESSAGE_RECEIVE_COST each)."""
+    fit = limits.body_budget_bytes // max(1, largest * MESSAGE_RECEIVE_COST)
+    return max(2, min(limits.max_concurrency + 4, fit))
+
+
 class GRPCServer:
     def __init__(self, app, host: str, port: int, limits):
         self.service = InferenceService(app, limits)
+        largest = message_limit(app, limits)
         options = [
-            ("grpc.max_receive_message_length", limits.max_body_bytes),
+            ("grpc.max_receive_message_length", largest),
             ("grpc.max_send_message_length", -1),
             ("grpc.max_concurrent_streams", 64),
             ("grpc.max_connection_idle_ms", int(limits.idle_seconds * 1000)),
             ("grpc.server_handshake_timeout_ms", int(limits.header_seconds * 1000)),
             ("grpc.http2.max_ping_strikes", 2),
+            # a message is taken in only while a pool thread waits for it: without a read, a stream's window stays
+            # small (no BDP growth), so calls queued for a thread hold back their messages instead of buffering them
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", LOOKAHEAD_BYTES),
             ("grpc.so_reuseport", 0),
         ]
-        workers = limits.max_concurrency + 4  # a few beyond the limit so that refusals are answered, not queued
+        workers = receivers(limits, largest)
         handler = _handler(self.service)
         self.server = grpc.server(
             _Pool(handler.refused, max_workers=workers, thread_name_prefix="grpc"),

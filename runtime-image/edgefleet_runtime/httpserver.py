@@ -8,8 +8,9 @@ Limits (``Limits``; defaults fit a 1 GiB pod), each refusal reported to ``refuse
 
 * a whole-request deadline for the request line + headers and another for the body (a watchdog thread
   closes sockets past their deadline: a byte now and then does not restart any clock);
-* a connection cap; when it is reached a new client evicts the longest-idle keep-alive connection (or
-  the slowest one still sending its headers) instead of being turned away;
+* a connection cap; when it is reached a new client evicts the longest-idle keep-alive connection (else
+  the slowest one still sending its headers, else the body that has sent nothing for longest, once it has
+  stalled for ``STALL_SECONDS``) instead of being turned away;
 * a body limit per route (``body_limit(method, path)``, e.g. what the model's inputs can need) and an
   in-flight budget for all bodies together, counted before the body is read; JSON counts
   ``JSON_EXPANSION`` times its size, for what parsing it can cost;
@@ -35,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 
+from .budget import DEFAULT_BYTES, MemoryBudget
+
 log = logging.getLogger("edgefleet_runtime.http")
 
 REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -48,6 +51,8 @@ _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 # a whole request line / field line in one match: the fast path; anything else goes to the slow path
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"++) (/[\x21-\x7e]*+) (HTTP/1\.[01])\r\n")
 _FIELD = re.compile(rb"(" + _TCHAR + rb"++):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n")  # possessive: linear time
+STALL_SECONDS = 1.0  # a body silent this long may be evicted at the connection cap
+BODY_PIECE = 65536  # bodies are read in pieces of this size, each one marking the connection as alive
 _FRAMING = ("content-length", "transfer-encoding", "host", "inference-header-content-length")
 
 # app(method, path, headers(lowercase name -> value), body) -> (status, [(name, value)], body)
@@ -67,8 +72,9 @@ class Limits:
     max_connections: int = 256
     max_body_bytes: int = 32 << 20
     """No body is larger, whatever the route."""
-    body_budget_bytes: int = 256 << 20
-    """All bodies in flight together (JSON counted JSON_EXPANSION times)."""
+    body_budget_bytes: int = DEFAULT_BYTES
+    """All bodies in flight together (JSON counted JSON_EXPANSION times), and what decoding them takes: the
+    process's memory budget (``budget.MemoryBudget``), shared with gRPC."""
     max_concurrency: int = max(16, 4 * (os.cpu_count() or 1))
     """Requests with a body in the app at once; more get 503 with Retry-After."""
     max_line_bytes: int = 8192
@@ -113,18 +119,23 @@ _TIMEOUT_REASON = {IDLE: "idle_timeout", HEAD: "header_timeout", BODY: "body_tim
 
 
 class _Conn:
-    __slots__ = ("sock", "state", "since", "deadline", "closed_by")
+    __slots__ = ("sock", "state", "since", "deadline", "closed_by", "heard")
 
     def __init__(self, sock, idle_seconds: float):
         self.sock = sock
         self.state = IDLE
-        self.since = time.monotonic()
+        self.since = self.heard = time.monotonic()
         self.deadline = self.since + idle_seconds
         self.closed_by: str | None = None
 
     def enter(self, state: int, seconds: float) -> None:
         now = time.monotonic()
-        self.since, self.deadline, self.state = now, now + seconds, state
+        self.since = self.heard = now
+        self.deadline, self.state = now + seconds, state
+
+    def alive(self) -> None:
+        """Part of the body arrived (read on the connection's own thread)."""
+        self.heard = time.monotonic()
 
     def close(self, why: str) -> None:
         """Called from other threads: unblock the connection's thread, which then closes the socket."""
@@ -145,6 +156,7 @@ class HTTPServer:
         limits: Limits | None = None,
         refused: Callable[[str], None] | None = None,
         reuse_port: bool = False,
+        budget: MemoryBudget | None = None,
     ):
         self.app = app
         self.limits = limits or Limits()
@@ -162,8 +174,8 @@ class HTTPServer:
         self.stopping = False
         self._drained = False
         self._conns: set[_Conn] = set()
-        self._lock = threading.Lock()  # guards _conns, _budget_used, _running
-        self._budget_used = 0
+        self._lock = threading.Lock()  # guards _conns, _running
+        self.budget = budget or getattr(app, "budget", None) or MemoryBudget(self.limits.body_budget_bytes)
         self._running = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -192,12 +204,16 @@ class HTTPServer:
             threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
 
     def _evict_one(self) -> bool:
-        """At the cap: close the longest-idle keep-alive connection, else the oldest one still in its headers."""
-        idle = [c for c in self._conns if c.state == IDLE and c.closed_by is None]
-        slow = [c for c in self._conns if c.state == HEAD and c.closed_by is None]
-        for group, reason in ((idle, "evicted_idle"), (slow, "evicted_slow")):
+        """At the cap: close the longest-idle keep-alive connection, else the oldest one still in its headers,
+        else the body that has been silent longest (at least STALL_SECONDS)."""
+        open_ = [c for c in self._conns if c.closed_by is None]
+        idle = [c for c in open_ if c.state == IDLE]
+        slow = [c for c in open_ if c.state == HEAD]
+        stalled_before = time.monotonic() - STALL_SECONDS
+        stalled = [c for c in open_ if c.state == BODY and c.heard < stalled_before]
+        for group, reason in ((idle, "evicted_idle"), (slow, "evicted_slow"), (stalled, "evicted_stalled_body")):
             if group:
-                victim = min(group, key=lambda c: c.since)
+                victim = min(group, key=lambda c: c.heard)
                 victim.close(reason)
                 self.refused(reason)
                 return True
@@ -311,8 +327,7 @@ class HTTPServer:
             return self._answer(conn, method, path, version, headers, body)
         finally:
             if reserved:
-                with self._lock:
-                    self._budget_used -= reserved
+                self.budget.give(reserved)
 
     def _answer(self, conn, method, path, version, headers, body) -> bool:
         conn_hdr = headers.get("connection", "").lower()
@@ -391,15 +406,11 @@ class HTTPServer:
         hl = headers.get("inference-header-content-length")
         json_part = int(hl) if hl is not None and _DIGITS.match(hl) and int(hl) < declared else declared
         reserve = declared + json_part * (JSON_EXPANSION - 1)
-        with self._lock:
-            fits = self._budget_used + reserve <= self.limits.body_budget_bytes
-            if fits:
-                self._budget_used += reserve
-        if not fits:
-            if reserve > self.limits.body_budget_bytes:
+        if not self.budget.take(reserve):
+            if reserve > self.budget.capacity:
                 share = f" (--body-budget-bytes / --workers {self.limits.workers})" if self.limits.workers > 1 else ""
                 raise HTTPError(413, f"a body of {size} bytes needs {reserve} bytes of the server's body budget "
-                                f"of {self.limits.body_budget_bytes}{share} (JSON counts {JSON_EXPANSION}x): send "
+                                f"of {self.budget.capacity}{share} (JSON counts {JSON_EXPANSION}x): send "
                                 "tensors with the binary tensor data extension, or raise --body-budget-bytes",
                                 "body_too_large")
             raise HTTPError(503, "the server has too many request bodies in flight; retry after 1 s",
@@ -419,14 +430,14 @@ class HTTPServer:
         return (f"request body of {size} bytes is over this route's limit of {limit} bytes (what the model's "
                 "inputs can need at --max-batch, capped by --max-body-bytes)")
 
-    def _read_body(self, conn: _Conn, rfile, headers, limit: int) -> bytes:
+    def _read_body(self, conn: _Conn, rfile, headers, limit: int) -> bytes | bytearray:
         chunked = "transfer-encoding" in headers
         if not chunked and headers.get("content-length", "0") == "0":
             return b""
         if headers.get("expect", "").lower() == "100-continue":
             conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         conn.enter(BODY, self.limits.body_seconds)
-        return self.parser.read_body(rfile, headers, limit)
+        return self.parser.read_body(rfile, headers, limit, conn.alive)
 
 
 class RequestParser:
@@ -533,17 +544,14 @@ class RequestParser:
             raise HTTPError(417, f"Expect {expect[:40]!r} is not supported")
         return te is not None, int(cl) if cl is not None else 0
 
-    def read_body(self, rfile, headers: dict, limit: int) -> bytes:
-        """The body whose framing ``body_framing`` accepted (at most ``limit`` bytes)."""
+    def read_body(self, rfile, headers: dict, limit: int, alive=lambda: None) -> bytes | bytearray:
+        """The body whose framing ``body_framing`` accepted (at most ``limit`` bytes); ``alive()`` after each
+        piece that arrives."""
         if "transfer-encoding" in headers:
-            return self.read_chunked(rfile, limit)
-        n = int(headers.get("content-length", "0"))
-        body = rfile.read(n)
-        if len(body) != n:
-            raise _Closed("connection closed in body")
-        return body
+            return self.read_chunked(rfile, limit, alive)
+        return _read_exact(rfile, int(headers.get("content-length", "0")), alive, "body")
 
-    def read_chunked(self, rfile, limit: int) -> bytes:
+    def read_chunked(self, rfile, limit: int, alive=lambda: None) -> bytes:
         """RFC 9112 7.1: hex sizes only, each chunk's data followed by CRLF, trailers read and dropped."""
         body = bytearray()  # one buffer: tiny chunks cost no per-chunk objects
         while True:
@@ -561,12 +569,29 @@ class RequestParser:
                 return bytes(body)
             if len(body) + size > limit:
                 raise HTTPError(413, f"chunked body is over the limit of {limit} bytes", "body_too_large")
-            chunk = rfile.read(size)
-            if len(chunk) != size:
-                raise _Closed("connection closed in chunk")
-            body += chunk
+            body += _read_exact(rfile, size, alive, "chunk")
+            alive()
             end = rfile.read(2)
             if end != b"\r\n":
                 if len(end) < 2:
                     raise _Closed("connection closed in chunk")
                 raise HTTPError(400, f"chunk data is longer than its size {size} (no CRLF after it)")
+
+
+def _read_exact(rfile, n: int, alive, what: str) -> bytes | bytearray:
+    """``n`` bytes in pieces of BODY_PIECE, calling ``alive()`` after each; _Closed if the client stops short."""
+    if n <= BODY_PIECE:
+        data = rfile.read(n)
+        if len(data) != n:
+            raise _Closed(f"connection closed in {what}")
+        return data
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = rfile.readinto(view[got : got + BODY_PIECE])
+        if not k:
+            raise _Closed(f"connection closed in {what}")
+        got += k
+        alive()
+    return buf  # bytes-like: what reads the body takes a bytearray too (no second copy)

@@ -54,8 +54,9 @@ def probabilities(out: np.ndarray) -> np.ndarray:
     x = out.astype(np.float64, copy=False)
     if x.min() >= 0.0 and x.max() <= 1.0 and np.allclose(x.sum(1), 1.0, atol=1e-3):
         return x
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf logits give NaN rows, which callers leave out
+        e = np.exp(x - x.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
 
 
 def confidence_bins(conf: np.ndarray) -> np.ndarray:
@@ -229,18 +230,26 @@ class Monitor:
         else:
             p = probabilities(out)
             classes, confs = p.argmax(1).tolist(), p.max(1).tolist()
+        all_confs = confs  # NaN where the model answered NaN/inf: never below a threshold, so never a hard example
+        if not all(math.isfinite(c) for c in confs):  # left out of every statistic, so the metrics stay finite
+            keep = [i for i, c in enumerate(confs) if math.isfinite(c)]
+            classes, confs = [classes[i] for i in keep], [confs[i] for i in keep]
+            feeds = {} if len(keep) != len(all_confs) else feeds
+            if not keep:
+                return
         cbins = [min(bisect.bisect_left(CONFIDENCE_EDGES, c), len(CONFIDENCE_EDGES) - 1) for c in confs]
-        low = [i for i, c in enumerate(confs) if c < self.uncertain_below]
+        low = sum(c < self.uncertain_below for c in confs)
         with self._lock:
             self._output_name = name
             self._count(classes, cbins, out.shape[1])
             self._confidence_sum += sum(confs)
-            self._low += len(low)
+            self._low += low
             if self.window is not None:
                 self._add_window(classes, cbins, feeds)
         if self.hard_examples is not None:
             below = self.hard_examples.below
-            hard = low if below is None else [i for i, c in enumerate(confs) if c < below]
+            below = self.uncertain_below if below is None else below
+            hard = [i for i, c in enumerate(all_confs) if c < below]
             if hard:
                 self.hard_examples.offer(model, feeds, results, confs, hard)
 

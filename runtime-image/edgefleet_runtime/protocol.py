@@ -9,6 +9,7 @@ Every rejection is a :class:`RequestError` whose message names the offending fie
 from __future__ import annotations
 
 import math
+import re
 import struct
 import warnings
 
@@ -16,8 +17,12 @@ import numpy as np
 import orjson
 
 from .backends import NP_TO_OIP, OIP_TO_NP, TensorSpec
+from .budget import BudgetExceeded, Lease
 
-MAX_ELEMENTS = 1 << 28
+MAX_ELEMENTS = 1 << 25
+"""Elements in one input at most, zero-sized dimensions counted as 1 (the default --max-body-bytes cannot carry
+more, and an empty input must not make a backend allocate an output that large): every dimension is bounded too."""
+_ASCII_DIGITS = re.compile(r"[0-9]{1,18}")  # a str pattern: [0-9] is ASCII only (str.isdigit takes '\xb2')
 # values beyond a float type's range become inf on the cast (and inf + -inf NaN in the check that refuses them)
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
 warnings.filterwarnings("ignore", "invalid value encountered in reduce", RuntimeWarning, __name__)
@@ -30,15 +35,46 @@ class RequestError(Exception):
         self.message = message
 
 
+class MemoryRefused(RequestError):
+    """The process's memory budget cannot hold a request: 413 if it never could, else 503 (retry); gRPC answers
+    both RESOURCE_EXHAUSTED."""
+
+
+BYTES_ELEMENT_COST = 96  # a decoded BYTES element beside its bytes: object pointer, bytes header, backend string
+
+
+def charge(lease: Lease | None, n: int, what: str) -> None:
+    """Hold ``n`` more bytes of the memory budget for ``what``; MemoryRefused naming the fix otherwise."""
+    if lease is None:
+        return
+    try:
+        lease.charge(n)
+    except BudgetExceeded as e:
+        if e.full:
+            raise MemoryRefused(503, f"{what} needs {n} bytes of memory; the server has too many requests in "
+                                     "flight; retry after 1 s") from None
+        raise MemoryRefused(413, f"{what} needs {e.needed} bytes of memory, more than the server's memory "
+                                 f"budget of {e.capacity} (--body-budget-bytes): send less at once") from None
+
+
 def _bad(msg: str) -> RequestError:
     return RequestError(400, msg)
+
+
+def header_int(name: str, value: str) -> int:
+    """A numeric header: 1 to 18 ASCII digits, else 400 naming the header."""
+    if not _ASCII_DIGITS.fullmatch(value):
+        raise _bad(f"header {name} {value[:40]!r} is not a number of ASCII digits")
+    return int(value)
 
 
 def _fmt_shape(shape) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def _decode_bytes_tensor(buf: memoryview, count: int, name: str) -> np.ndarray:
+def _decode_bytes_tensor(buf: memoryview, count: int, name: str, lease: Lease | None = None) -> np.ndarray:
+    """Binary BYTES (u32 length + bytes, per element), charged at its decoded size before it is decoded."""
+    charge(lease, count * BYTES_ELEMENT_COST + len(buf), f"input '{name}' ({count} BYTES elements decoded)")
     out, pos = [], 0
     for _ in range(count):
         if pos + 4 > len(buf):
@@ -52,6 +88,17 @@ def _decode_bytes_tensor(buf: memoryview, count: int, name: str) -> np.ndarray:
     if pos != len(buf):
         raise _bad(f"input '{name}': binary_data_size does not match its BYTES elements")
     return np.array(out, dtype=object)
+
+
+def check_finite(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
+    """Float inputs hold no NaN or infinity, whatever the transport (JSON cannot carry them; binary data and gRPC
+    can): 400 naming the input. One float64 sum decides for FP16/FP32 (finite values cannot overflow it); FP64's
+    sum can, so an infinite sum is looked at element by element."""
+    if arr.dtype.kind != "f" or not arr.size or math.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
+        return arr
+    if arr.dtype.itemsize < 8 or not np.isfinite(arr).all():
+        raise _bad(f"input '{name}': data holds NaN or infinity; {datatype} inputs must be finite numbers")
+    return arr
 
 
 def _flat(data):
@@ -126,17 +173,42 @@ def check_tensor(name: str, datatype, shape, model_name: str, inputs: dict[str, 
         if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
             raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
         raise _bad(f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
-    count = 1
+    count = size = 1  # size: the elements with zero-sized dimensions counted as 1 (what an output can take)
     if type(shape) is list and len(shape) == len(spec.shape):
         for d, m in zip(shape, spec.shape, strict=True):  # a plain loop: this runs for every request
             if type(d) is not int or d < 0 or (d != m and m != -1):
                 _shape_error(name, shape, spec)
+            if d > MAX_ELEMENTS:
+                raise _bad(f"input '{name}': shape {_fmt_shape(shape)} has a dimension over {MAX_ELEMENTS}")
             count *= d
+            size *= d or 1
     else:
         _shape_error(name, shape, spec)
-    if count > MAX_ELEMENTS:
-        raise RequestError(413, f"input '{name}': {count} elements is more than this server accepts")
+    if size > MAX_ELEMENTS:
+        what = f"{count} elements" if count == size else f"{size} elements (zero-sized dimensions counted as 1)"
+        raise RequestError(413, f"input '{name}': shape {_fmt_shape(shape)} means {what}; this server accepts "
+                                f"at most {MAX_ELEMENTS} per input")
     return spec, count
+
+
+def check_output_count(count: int, model_name: str, outputs: dict[str, TensorSpec]) -> None:
+    """No more outputs requested than the model has (checked before the request's list is read)."""
+    if count > len(outputs):
+        raise _bad(f"{count} outputs requested; model '{model_name}' has {len(outputs)}: "
+                   f"{', '.join(outputs)} (name each at most once)")
+
+
+def check_outputs(names: list[str], model_name: str, outputs: dict[str, TensorSpec]) -> list[str]:
+    """The requested output names (REST and gRPC): known to the model, each at most once; ``names`` unchanged."""
+    check_output_count(len(names), model_name, outputs)
+    seen: set[str] = set()
+    for n in names:
+        if n not in outputs:
+            raise _bad(f"unknown output '{n}' for model '{model_name}'; outputs: {', '.join(outputs)}")
+        if n in seen:
+            raise _bad(f"output '{n}' is requested more than once")
+        seen.add(n)
+    return names
 
 
 def _shape_error(name: str, shape, spec: TensorSpec):
@@ -153,8 +225,10 @@ def decode_infer_request(
     model_name: str,
     inputs: dict[str, TensorSpec],
     outputs: dict[str, TensorSpec],
+    lease: Lease | None = None,
 ):
-    """Return ``(request_id, feeds, [(output_name, binary)])`` or raise RequestError."""
+    """Return ``(request_id, feeds, [(output_name, binary)])`` or raise RequestError. ``lease``: what decoding
+    grows by (binary BYTES) is charged to it."""
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
@@ -206,14 +280,14 @@ def decode_infer_request(
             chunk = binary[offset : offset + bsize]
             offset += bsize
             if datatype == "BYTES":
-                arr = _decode_bytes_tensor(chunk, count, name)
+                arr = _decode_bytes_tensor(chunk, count, name, lease)
             else:
                 if bsize != count * dtype.itemsize:
                     raise _bad(
                         f"input '{name}': binary_data_size {bsize} does not match shape {_fmt_shape(shape)} "
                         f"of {datatype} ({count * dtype.itemsize} bytes)"
                     )
-                arr = np.frombuffer(chunk, dtype=dtype.newbyteorder("<"))
+                arr = check_finite(name, np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), spec.datatype)
         else:
             data = t.get("data")
             if data is None:
@@ -240,17 +314,17 @@ def decode_infer_request(
     else:
         if not isinstance(raw_outputs, list):
             raise _bad("field 'outputs' must be a list")
+        check_output_count(len(raw_outputs), model_name, outputs)
         for i, o in enumerate(raw_outputs):
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise _bad(f"outputs[{i}] must be an object with a string 'name'")
             oname = o["name"]
-            if oname not in outputs:
-                raise _bad(f"unknown output '{oname}' for model '{model_name}'; outputs: {', '.join(outputs)}")
             oparams = o.get("parameters") or {}
             if not isinstance(oparams, dict):
                 raise _bad(f"outputs[{i}].parameters must be an object")
             binary_flag = oparams.get("binary_data", default_binary)
             wanted.append((oname, binary_flag is True))
+        check_outputs([n for n, _ in wanted], model_name, outputs)
     return req_id, feeds, wanted
 
 

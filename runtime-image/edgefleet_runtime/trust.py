@@ -85,6 +85,18 @@ def _read(path: str | os.PathLike, what: str, limit: int = 64 << 10) -> bytes:
     return data
 
 
+def _load_key(load, data: bytes, where, reason: str = "BadKey"):
+    """``load(data)`` (a cryptography loader); a key on a curve or of a type cryptography does not support is a
+    TrustError naming ``where``, as a malformed one is (ValueError/TypeError pass through to the caller)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        return load(data)
+    except UnsupportedAlgorithm as e:
+        raise TrustError(reason, f"{os.fspath(where)}: the key is on an unsupported curve or of an unsupported "
+                                 f"type ({e}); edgefleet uses ECDSA/ECDH P-256 keys (secp256r1)") from None
+
+
 def _require_p256(key, path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -102,7 +114,7 @@ def load_signing_key(path: str | os.PathLike):
 
     data = _read(path, "signing key")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = _load_key(lambda d: serialization.load_pem_private_key(d, password=None), data, path)
     except (ValueError, TypeError) as e:
         raise TrustError(
             "BadKey", f"{os.fspath(path)} is not an unencrypted PEM private key ({e}); a cosign.key is encrypted in "
@@ -139,7 +151,7 @@ def load_public_keys(paths) -> list:
             raise TrustError("BadKey", f"{os.fspath(path)} holds no PEM public key (-----BEGIN PUBLIC KEY-----)")
         for block in blocks:
             try:
-                key = serialization.load_pem_public_key(block + b"-----END PUBLIC KEY-----\n")
+                key = _load_key(serialization.load_pem_public_key, block + b"-----END PUBLIC KEY-----\n", path)
             except ValueError as e:
                 raise TrustError("BadKey", f"{os.fspath(path)}: unreadable PEM public key: {e}") from e
             _require_p256(key, path)
@@ -181,7 +193,7 @@ def public_key_from_pem(pem: bytes, where: str):
     from cryptography.hazmat.primitives import serialization
 
     try:
-        key = serialization.load_pem_public_key(pem)
+        key = _load_key(serialization.load_pem_public_key, pem, where)
     except ValueError as e:
         raise TrustError("BadKey", f"{where}: unreadable PEM public key: {e}") from e
     _require_p256(key, where)
@@ -347,10 +359,15 @@ def _unwrap(header: dict, key, what: str) -> bytes:
         raise wrong
     try:
         if header["wrap"] == ECDH_WRAP:
-            epk = serialization.load_der_public_key(header["epk"])
-            _require_p256(epk, "the ephemeral key in the header")
+            where = f"the ephemeral key in the encryption header of {what}"
+            epk = _load_key(serialization.load_der_public_key, header["epk"], where, "BadDecryption")
+            curve = getattr(getattr(epk, "curve", None), "name", type(epk).__name__)
+            if curve != "secp256r1":
+                raise TrustError("BadDecryption", f"{where} is a {curve} key; edgefleet envelopes use P-256")
             return aes_key_unwrap(_ecdh_kek(key, epk, header["epk"]), header["key"])
         return aes_key_unwrap(key, header["key"])
+    except TrustError:
+        raise
     except (InvalidUnwrap, ValueError) as e:
         raise wrong from e
 

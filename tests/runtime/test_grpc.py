@@ -121,9 +121,11 @@ def test_raw_size_mismatch_and_large_messages(grpc_server):
     assert "input 'input': raw_input_contents has 100 bytes" in rpc_err.value.details()
     with pytest.raises(InferenceServerException) as err:
         _infer(s.grpc, _x(1024))  # far more than the model's inputs need at --max-batch 8
-    assert "RESOURCE_EXHAUSTED" in str(err.value.status()) and "over the limit" in err.value.message()
+    # gRPC itself refuses it from the message's length prefix: the model's limit is its message limit
+    assert "RESOURCE_EXHAUSTED" in str(err.value.status()) and "larger than max" in err.value.message()
+    assert "vs. 86016" in err.value.message()  # 64 KiB + 8 x 64 values x 40 bytes: what the model can need
     metrics = s.request("GET", "/metrics")[2].decode()
-    assert 'edgefleet_runtime_refused_total{reason="body_too_large"} 1.0' in metrics
+    assert 'edgefleet_runtime_refused_total{reason="grpc_message_refused"} 1.0' in metrics
 
 
 def test_messages_grpc_itself_refuses_are_counted(grpc_server):
