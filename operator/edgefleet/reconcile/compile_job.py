@@ -22,7 +22,7 @@ from typing import Any
 
 from ..api import ConfigMapKeyRef, EdgeModel, HardwareProfileSpec
 from ..api.compile import CompileRequest, Policy
-from ..artifacts import StoreError, open_store
+from ..artifacts import StoreError, own_store
 from ..compiler import CompileError, VariantReport
 from ..kube import Kube
 from ..render.compile_job import (
@@ -170,8 +170,9 @@ def job_state(job: dict[str, Any]) -> tuple[str, str, str | None]:
 
 def read_report(settings: Settings, ref: str) -> dict[str, Any] | None:
     """The Job's JSON report from the artifact store, or None when it is not there (yet)."""
-    store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
     try:
+        store = own_store(settings.artifact_store, ref, settings.artifact_insecure, settings.artifact_username,
+                          settings.artifact_password)
         report: dict[str, Any] = json.loads(store.get(ref, ""))
         return report
     except (StoreError, ValueError) as err:
