@@ -59,7 +59,7 @@ MAX_MANIFEST_BYTES = 4 << 20  # what distribution itself accepts for a manifest
 
 
 def default_limits() -> bounded.Limits:
-    """The init container's limits: EDGEFLEET_FETCH_MAX_BYTES and EDGEFLEET_FETCH_DEADLINE_SECONDS, else the defaults."""
+    """The init container's limits (EDGEFLEET_FETCH_MAX_BYTES, EDGEFLEET_FETCH_DEADLINE_SECONDS, else defaults)."""
     try:
         size = int(os.environ.get("EDGEFLEET_FETCH_MAX_BYTES", MAX_BYTES))
         seconds = float(os.environ.get("EDGEFLEET_FETCH_DEADLINE_SECONDS", DEADLINE_SECONDS))
