@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     results_key_secret: str = "edgefleet-results-key"
     """Secret (in `namespace`, key `key`, made by the operator when absent) whose key authenticates the reports of
     compile and bench Jobs; only the operator reads it."""
+    source_max_bytes: int = Field(default=2 << 30, ge=1)
+    """Largest source model (EdgeModel spec.source.uri) the operator reads; a larger one fails the compile
+    (reason SourceLimitExceeded)."""
+    source_deadline_seconds: float = Field(default=600.0, gt=0)
+    """Seconds a source read may take in all (every request, redirect and byte); past it the compile fails
+    (reason SourceLimitExceeded), however slowly the host keeps sending."""
     compile_executor: Literal["inline", "job"] = "inline"
     """`inline` compiles in the operator process; `job` runs `edgefleet compile` in a Kubernetes Job."""
     compiler_image: str = "ghcr.io/edgefleet/compiler:0.1.0"

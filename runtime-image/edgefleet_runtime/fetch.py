@@ -11,6 +11,7 @@ is kept as ``DIR/sha256/<hex>.sig`` so ``serve`` checks it again at load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -21,7 +22,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from . import trust
+from . import bounded, trust
 from .digest import CHUNK, DigestError, blob_path, current_path, file_digest, parse_digest
 
 log = logging.getLogger("edgefleet_runtime.fetch")
@@ -36,6 +37,14 @@ class FetchError(RuntimeError):
     pass
 
 
+class FetchLimit(FetchError):
+    """A fetch hit one of its limits: ``limit`` is "size", "deadline" or "redirect" (bounded.LimitExceeded)."""
+
+    def __init__(self, limit: str, message: str):
+        super().__init__(message)
+        self.limit = limit
+
+
 class RegistryUnreachable(FetchError):
     """The registry did not answer within the bounded retries (connection refused or reset, timeout, 502-504)."""
 
@@ -43,8 +52,20 @@ class RegistryUnreachable(FetchError):
 ATTEMPTS = 5  # requests to the registry per call, EDGEFLEET_FETCH_ATTEMPTS overrides
 FIRST_DELAY_SECONDS = 1.0  # doubled after every failed attempt, with jitter, at most MAX_DELAY_SECONDS
 MAX_DELAY_SECONDS = 8.0
-TIMEOUT_SECONDS = (5.0, 30.0)  # connect, read (oras sets none: a silent network would hang the pod forever)
 RETRY_STATUS = frozenset({502, 503, 504})
+MAX_BYTES = 16 << 30  # per fetch, EDGEFLEET_FETCH_MAX_BYTES overrides
+DEADLINE_SECONDS = 1800.0  # per fetch, all requests and retries together; EDGEFLEET_FETCH_DEADLINE_SECONDS overrides
+MAX_MANIFEST_BYTES = 4 << 20  # what distribution itself accepts for a manifest
+
+
+def default_limits() -> bounded.Limits:
+    """The init container's limits (EDGEFLEET_FETCH_MAX_BYTES, EDGEFLEET_FETCH_DEADLINE_SECONDS, else defaults)."""
+    try:
+        size = int(os.environ.get("EDGEFLEET_FETCH_MAX_BYTES", MAX_BYTES))
+        seconds = float(os.environ.get("EDGEFLEET_FETCH_DEADLINE_SECONDS", DEADLINE_SECONDS))
+    except ValueError:
+        size, seconds = MAX_BYTES, DEADLINE_SECONDS
+    return bounded.Limits(max_bytes=size, deadline_seconds=seconds)
 
 
 def _attempts() -> int:
@@ -89,19 +110,22 @@ def _short(error: Exception) -> str:
     return text[:200]
 
 
-def _registry(host: str, plain_http: bool):
-    """An ORAS registry client whose requests time out and retry a bounded number of times (ORAS's own retry
-    sleeps 3, 5, 11, 29, 83 s, silently, and its requests have no timeout)."""
+def _registry(host: str, plain_http: bool, limits: bounded.Limits, deadline: bounded.Deadline):
+    """An ORAS registry client whose requests end by ``deadline``, refuse redirects that lower security, and
+    retry a bounded number of times (ORAS's own retry sleeps 3, 5, 11, 29, 83 s, silently, and its requests
+    have no timeout)."""
     import oras.provider
+
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, deadline.left()))
 
     class Registry(oras.provider.Registry):
         def do_request(self, *args, **kwargs):
             unretried = oras.provider.Registry.do_request.__wrapped__
-            return with_retries(lambda: unretried(self, *args, **kwargs), host)
+            return with_retries(lambda: unretried(self, *args, **kwargs), host, sleep=sleep)
 
     registry = Registry(hostname=host, insecure=plain_http)
-    plain = registry.session.request
-    registry.session.request = lambda *a, **kw: plain(*a, **{"timeout": TIMEOUT_SECONDS, **kw})
+    bounded.guard_session(registry.session, limits, deadline, allow_plain_http=plain_http)
     return registry
 
 
@@ -139,73 +163,98 @@ def _file_chunks(path: str):
             yield chunk
 
 
-def _oci_chunks(ref: str, digest: str, insecure: bool, found: dict):
+def _oci_chunks(ref: str, digest: str, insecure: bool, found: dict, limits: bounded.Limits,
+                deadline: bounded.Deadline, credentials: bool = True):
     """Yield the bytes of the blob ``digest`` named by ``oci://host/repo[:tag][@sha256:...]``.
 
     The ref may name the blob itself or a manifest; for a manifest the layer whose digest equals
     ``digest`` is taken (or the only layer, verified afterwards). ``found["signature"]``: the manifest's
-    signature annotation."""
+    signature annotation. ``credentials``: load pull secrets ($DOCKER_CONFIG); False pulls anonymously."""
     import oras.container
 
     target = ref[len("oci://") :]
     host = target.split("/", 1)[0]
     plain_http = insecure or _is_loopback(host)
-    registry = _registry(host, plain_http)
+    registry = _registry(host, plain_http, limits, deadline)
     container = oras.container.Container(target)
-    try:  # pull secrets mounted as a Docker config ($DOCKER_CONFIG or ~/.docker/config.json)
-        registry.auth.load_configs(container)
-    except Exception as e:  # noqa: BLE001 - anonymous pulls still work
-        log.debug("no registry credentials loaded", extra={"error": str(e)})
+    if credentials:
+        try:  # pull secrets mounted as a Docker config ($DOCKER_CONFIG or ~/.docker/config.json)
+            registry.auth.load_configs(container)
+        except Exception as e:  # noqa: BLE001 - anonymous pulls still work
+            log.debug("no registry credentials loaded", extra={"error": str(e)})
     layer = digest
     found["where"] = f"{ref} names the blob itself; signatures are read from its manifest: give the manifest's ref"
-    if container.digest != digest:
+    if not digest or container.digest != digest:
         found["where"] = f"the manifest of {ref} has no {trust.SIGNATURE_ANNOTATION} annotation"
-        try:
-            manifest = registry.get_manifest(container, allowed_media_type=MANIFEST_TYPES)
-        except RegistryUnreachable:
-            raise
-        except Exception as e:
-            raise FetchError(f"cannot read manifest {ref}: {e}") from e
+        manifest = _manifest(registry, container, ref, limits, deadline)
         found["signature"] = (manifest.get("annotations") or {}).get(trust.SIGNATURE_ANNOTATION)
         layers = manifest.get("layers") or []
-        match = [x for x in layers if x.get("digest") == digest]
+        match = [x for x in layers if digest and x.get("digest") == digest]
         if match:
             layer = digest
         elif len(layers) == 1:
             layer = layers[0]["digest"]
         else:
-            raise FetchError(f"manifest {ref} has {len(layers)} layers and none has digest {digest}")
+            raise FetchError(f"manifest {ref} has {len(layers)} layers and none has digest {digest or '(none given)'}")
     resp = registry.get_blob(container, layer, stream=True)
     if resp.status_code != 200:
+        resp.close()
         raise FetchError(f"registry answered {resp.status_code} for blob {layer} of {ref}")
-    with resp:
-        yield from resp.iter_content(chunk_size=CHUNK)
+    yield from bounded.body(resp, limits, deadline, f"blob {layer} of {ref}")
 
 
-def _http_chunks(url: str, insecure: bool):
-    import requests
+def _manifest(registry, container, ref: str, limits: bounded.Limits, deadline: bounded.Deadline) -> dict:
+    """The manifest ``container`` names, read within the deadline and at most MAX_MANIFEST_BYTES."""
+    import json
 
+    url = f"{registry.prefix}://{container.manifest_url()}"
+    try:
+        resp = registry.do_request(url, "GET", headers={"Accept": ", ".join(MANIFEST_TYPES)}, stream=True)
+    except (RegistryUnreachable, bounded.LimitExceeded):
+        raise
+    except Exception as e:
+        raise FetchError(f"cannot read manifest {ref}: {type(e).__name__}: {_short(e)}") from e
+    if resp.status_code != 200:
+        resp.close()
+        raise FetchError(f"cannot read manifest {ref}: the registry answered HTTP {resp.status_code}")
+    small = bounded.Limits(min(limits.max_bytes, MAX_MANIFEST_BYTES), limits.deadline_seconds)
+    text = b"".join(bounded.body(resp, small, deadline, f"manifest of {ref}"))
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise FetchError(f"manifest {ref} is not JSON") from e
+    if not isinstance(manifest, dict):
+        raise FetchError(f"manifest {ref} is not a JSON object")
+    return manifest
+
+
+def _http_chunks(url: str, insecure: bool, limits: bounded.Limits, deadline: bounded.Deadline):
     parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "http" and not (insecure or _is_loopback(parsed.netloc)):
-        raise FetchError(f"refusing plain http for {url}; pass --insecure to allow it")
-    with requests.get(url, stream=True, timeout=60) as resp:
-        if resp.status_code != 200:
-            raise FetchError(f"GET {url} answered {resp.status_code}")
-        yield from resp.iter_content(chunk_size=CHUNK)
+    plain_ok = insecure or _is_loopback(parsed.netloc)
+    if parsed.scheme == "http" and not plain_ok:
+        raise FetchError(f"refusing plain http for {bounded.safe_url(url)}; pass --insecure to allow it")
+    try:
+        yield from bounded.get(url, limits, allow_plain_http=parsed.scheme == "http" and plain_ok,
+                               deadline=deadline)
+    except bounded.HTTPStatusError as e:
+        raise FetchError(str(e)) from e
 
 
-def _http_signature(url: str) -> str | None:
+def _http_signature(url: str, deadline: bounded.Deadline) -> str | None:
     """``<url>.sig`` (at most a signature's size); None when the server has none (404)."""
-    import requests
-
-    with requests.get(url + trust.SIGNATURE_SUFFIX, stream=True, timeout=30) as resp:
-        if resp.status_code == 404:
+    sig_url = url + trust.SIGNATURE_SUFFIX
+    small = bounded.Limits(trust.MAX_SIGNATURE_BYTES, deadline.seconds)
+    plain = urllib.parse.urlparse(url).scheme == "http"  # fetch() already applied its plain-http rule
+    try:
+        data = b"".join(bounded.get(sig_url, small, allow_plain_http=plain, deadline=deadline))
+    except bounded.HTTPStatusError as e:
+        if e.status == 404:
             return None
-        if resp.status_code != 200:
-            raise FetchError(f"GET {url}{trust.SIGNATURE_SUFFIX} answered {resp.status_code}")
-        data = resp.raw.read(trust.MAX_SIGNATURE_BYTES + 1, decode_content=True)
-    if len(data) > trust.MAX_SIGNATURE_BYTES:
-        raise trust.TrustError("BadSignature", f"{url}{trust.SIGNATURE_SUFFIX} is larger than a signature")
+        raise FetchError(str(e)) from e
+    except bounded.LimitExceeded as e:
+        if e.limit != "size":
+            raise
+        raise trust.TrustError("BadSignature", f"{bounded.safe_url(sig_url)} is larger than a signature") from None
     return data.decode("ascii", "replace").strip()
 
 
@@ -250,10 +299,13 @@ def fetch(
     name: str | None = None,
     insecure: bool = False,
     policy: trust.Policy | None = None,
+    limits: bounded.Limits | None = None,
 ) -> Path:
-    """Make ``cache/sha256/<hex>`` hold the artifact; return its path. Raises DigestError/FetchError, and
-    trust.TrustError when ``policy`` refuses the variant's signature."""
+    """Make ``cache/sha256/<hex>`` hold the artifact; return its path. Raises DigestError/FetchError (FetchLimit
+    past ``limits``, default_limits() when None), and trust.TrustError when ``policy`` refuses the signature."""
     parse_digest(digest)
+    limits = limits or default_limits()
+    deadline = bounded.Deadline(limits.deadline_seconds)
     policy = policy or trust.Policy()
     cache = Path(cache)
     dest = blob_path(cache, digest)
@@ -275,18 +327,20 @@ def fetch(
         found["signature"] = trust.read_signature_file(trust.signature_path(src))
         found["where"] = f"no {trust.signature_path(src)}"
     elif ref.startswith("oci://"):
-        chunks = _oci_chunks(ref, digest, insecure, found)
+        chunks = _oci_chunks(ref, digest, insecure, found, limits, deadline)
     elif ref.startswith(("https://", "http://")):
-        chunks = _http_chunks(ref, insecure)
+        chunks = _http_chunks(ref, insecure, limits, deadline)
         found["where"] = f"no {ref}{trust.SIGNATURE_SUFFIX}"
     else:
         raise FetchError(f"unsupported ref {ref!r}: use oci://host/repo@sha256:..., file:///path or https://")
-    tmp, got = _write_stream(chunks, cache / "tmp")
+    with _limits_as_fetch_errors():
+        tmp, got = _write_stream(chunks, cache / "tmp")
     try:
         if got != digest:
             raise DigestError(f"digest mismatch for {ref}: expected {digest}, downloaded bytes have {got}")
         if ref.startswith(("https://", "http://")) and policy.checks_signatures:
-            found["signature"] = _http_signature(ref)  # after _http_chunks passed its plain-http rule
+            with _limits_as_fetch_errors():  # after _http_chunks passed its plain-http rule
+                found["signature"] = _http_signature(ref, deadline)
         _check_signature(policy, digest, found["signature"], ref, found["where"])
     except BaseException:
         tmp.unlink()
@@ -302,6 +356,33 @@ def fetch(
     if name:
         point_current(cache, name, digest)
     return dest
+
+
+@contextlib.contextmanager
+def _limits_as_fetch_errors():
+    try:
+        yield
+    except bounded.LimitExceeded as e:
+        raise FetchLimit(e.limit, str(e)) from None
+
+
+def read_source(ref: str, limits: bounded.Limits, digest: str = "", insecure: bool = False) -> bytes:
+    """The bytes of a source a user named (https://, or oci:// pulled anonymously: no pull secret of this process
+    is ever offered to it), within ``limits``; FetchLimit names the limit hit, FetchError anything else."""
+    deadline = bounded.Deadline(limits.deadline_seconds)
+    if ref.startswith("oci://"):
+        chunks = _oci_chunks(ref, digest, insecure, {}, limits, deadline, credentials=False)
+    elif ref.startswith(("https://", "http://")):
+        chunks = _http_chunks(ref, insecure, limits, deadline)
+    else:
+        raise FetchError(f"unsupported source {ref!r}: use https:// or oci://host/repo[:tag|@sha256:...]")
+    import requests
+
+    try:
+        with _limits_as_fetch_errors():
+            return b"".join(chunks)
+    except requests.RequestException as e:  # refused, reset, TLS: the reason, never a response body
+        raise FetchError(f"{type(e).__name__}: {_short(e)}") from e
 
 
 def _cached_signature_ok(policy, dest: Path, digest: str, ref: str) -> bool:

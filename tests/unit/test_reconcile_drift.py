@@ -192,7 +192,8 @@ def test_drift_bounds_the_pods_read_per_class_and_reports_unreadable_ones(runtim
     reconcile(kube2)
     cond = drifting(kube2)
     assert cond["status"] == "Unknown"
-    assert "metrics of 1 pods unreadable (digits-cpu-arm64-0: URLError" in cond["message"]
+    assert "metrics of 1 pods unreadable (digits-cpu-arm64-0: ConnectionError: [Errno 111] Connection refused" in (
+        cond["message"])
 
 
 def test_drift_without_mountable_evaluation_data_says_what_to_set(runtime_metrics):

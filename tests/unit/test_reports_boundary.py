@@ -51,7 +51,7 @@ class Registry:
 @pytest.fixture
 def registry(monkeypatch) -> Registry:
     reg = Registry()
-    monkeypatch.setattr("edgefleet.reconcile.reports.open_store", lambda *a: reg)
+    monkeypatch.setattr("edgefleet.reconcile.reports.own_store", lambda *a: reg)
     monkeypatch.setattr("edgefleet.reconcile.reports.push_file",
                         lambda ref, data, *a: reg.tags.__setitem__(ref, data))
     return reg
@@ -170,7 +170,7 @@ def test_boundary_a_forged_compile_cache_entry_is_ignored_and_a_job_runs(kube, r
             return forged if ":compiled-" in ref else super().get(ref, digest)
 
     poisoned = Poisoned()
-    monkeypatch.setattr("edgefleet.reconcile.reports.open_store", lambda *a: poisoned)
+    monkeypatch.setattr("edgefleet.reconcile.reports.own_store", lambda *a: poisoned)
     variants = reconcile(kube)
     assert {v["state"] for v in variants.values()} == {"Compiling"}  # a Job of its own, not the forged cache
     assert len(kube.list("Job", settings().namespace)) == 1

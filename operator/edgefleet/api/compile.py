@@ -61,19 +61,28 @@ class Policy:
                    inputShapes=dict(opt.input_shapes or {}), hostLatencyMs=dict(host_latency_ms or {}))
 
 
+SOURCE_MAX_BYTES = 2 << 30  # ONNX protobufs end at 2 GiB
+SOURCE_DEADLINE_SECONDS = 600.0
+
+
 @dataclass(frozen=True)
 class CompileRequest:
-    """source: a path, https:// URL or oci://host[:port]/repo(:tag|@sha256:..); digest: expected sha256."""
+    """source: a path, https:// URL or oci://host[:port]/repo(:tag|@sha256:..); digest: expected sha256.
+    A URL source is read within sourceMaxBytes and sourceDeadlineSeconds (all requests and redirects together)."""
 
     source: str
     targets: dict[str, CompileTarget]
     policy: Policy = field(default_factory=Policy)
     digest: str | None = None
     name: str | None = None  # model name used in artifact refs; default: source file stem
+    sourceMaxBytes: int = SOURCE_MAX_BYTES
+    sourceDeadlineSeconds: float = SOURCE_DEADLINE_SECONDS
 
     @classmethod
-    def of(cls, model: EdgeModel, targets: dict[str, HardwareProfileSpec], source: str, policy: Policy
+    def of(cls, model: EdgeModel, targets: dict[str, HardwareProfileSpec], source: str, policy: Policy,
+           source_max_bytes: int = SOURCE_MAX_BYTES, source_deadline_seconds: float = SOURCE_DEADLINE_SECONDS
            ) -> CompileRequest:
         """What to compile for an EdgeModel: its source (found at ``source``), one target per profile spec."""
         return cls(source=source, digest=model.spec.source.digest, policy=policy, name=model.metadata["name"],
-                   targets={name: CompileTarget.of_profile(spec) for name, spec in targets.items()})
+                   targets={name: CompileTarget.of_profile(spec) for name, spec in targets.items()},
+                   sourceMaxBytes=source_max_bytes, sourceDeadlineSeconds=source_deadline_seconds)

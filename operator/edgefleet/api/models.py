@@ -321,7 +321,16 @@ class Encryption(Model):
     digits` (digits.pub here, digits.key into the runtime's Secret)."""
 
 
-Uri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^(oci|https|pvc)://\S+$")]
+USER_INFO = r"^[a-z]+://[^/?#]*@"  # user[:password]@ before the host
+URI_CREDENTIALS_RULE = Rule(
+    f"!self.matches(r'{USER_INFO}')",
+    "must not carry credentials (user:password@host): anyone who may read this object would see them, and the"
+    " operator never sends credentials to a host a user names; remove them and make the source readable"
+    " anonymously (a public https:// URL or registry repository), or put the file in a ConfigMap (configMap)",
+    lambda v: re.match(USER_INFO, v) is None,
+)
+Uri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^(oci|https|pvc)://\S+$"),
+                *checked(URI_CREDENTIALS_RULE)]
 
 
 class DataRef(Model):

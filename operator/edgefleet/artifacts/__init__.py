@@ -10,6 +10,7 @@ Public API::
     LocalStore(root: Path)                                  # root/sha256/<hex> (+ <hex>.json metadata)
     OCIStore(registry: str, repository: str = "edgefleet/models", insecure: bool = True)
     open_store(spec: str) -> ArtifactStore                  # "oci://host:port/repo" or a directory
+    own_store(spec, ref, insecure, username, password)      # the operator's store, its credentials: spec's host only
     ArtifactRef(ref: str, digest: str, sizeBytes: int, mediaType: str)
 
 ``digest`` is always ``sha256:<hex>`` of the model bytes (the OCI layer), so a node verifies the
@@ -26,10 +27,11 @@ from .store import (
     OCIStore,
     StoreError,
     open_store,
+    own_store,
     parse_digest,
 )
 
 __all__ = [
     "ArtifactRef", "ArtifactStore", "DigestError", "LocalStore", "OCIStore", "StoreError", "open_store",
-    "parse_digest",
+    "own_store", "parse_digest",
 ]

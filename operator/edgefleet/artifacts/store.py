@@ -223,7 +223,8 @@ def parse_oci(uri: str) -> tuple[str, str, str]:
 def open_store(spec: str | os.PathLike, insecure: bool = False, username: str | None = None,
                password: str | None = None) -> ArtifactStore:
     """``oci://host:port/repo`` -> OCIStore (plain http when `insecure`, for loopback registries, or with
-    EDGEFLEET_OCI_INSECURE=1; logged in when `username` is given), anything else -> LocalStore."""
+    EDGEFLEET_OCI_INSECURE=1; logged in when `username` is given), anything else -> LocalStore. The operator
+    passes its credentials through ``own_store`` only."""
     s = str(spec)
     if s.startswith("oci://"):
         registry, repo, _ = parse_oci(s)
@@ -232,3 +233,24 @@ def open_store(spec: str | os.PathLike, insecure: bool = False, username: str | 
                     or os.environ.get("EDGEFLEET_OCI_INSECURE") == "1")
         return OCIStore(registry, repo, insecure=insecure, username=username, password=password)
     return LocalStore(s)
+
+
+def own_store(spec: str, ref: str | None = None, insecure: bool = False, username: str | None = None,
+              password: str | None = None) -> ArtifactStore:
+    """The operator's own artifact store ``spec`` (settings.artifact_store), opened for ``ref`` (default: the
+    store itself) with the operator's credentials.
+
+    The one place those credentials are chosen: a ``ref`` on another registry than ``spec``'s is refused
+    (StoreError) before anything is sent, so they never reach a host a user names. Sources users name
+    (EdgeModel and FederatedTraining URIs) never come here: they are read anonymously
+    (edgefleet_runtime.fetch.read_source)."""
+    target = ref or spec
+    if str(spec).startswith("oci://") and _registry_of(target) != _registry_of(str(spec)):
+        raise StoreError(f"{target} is not in the operator's artifact store {spec}: the operator's store "
+                         "credentials are used for that registry only")
+    return open_store(target, insecure, username, password)
+
+
+def _registry_of(uri: str) -> str:
+    """``host[:port]`` of an oci:// reference, lowercased; "" for anything else."""
+    return parse_oci(uri)[0].lower() if uri.startswith("oci://") else ""

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import tempfile
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
@@ -61,6 +60,21 @@ def _has(mod: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- source
+LIMIT_FIX = {
+    "size": "publish a smaller model, or raise the operator's EDGEFLEET_SOURCE_MAX_BYTES",
+    "deadline": "serve the model from a faster host, or raise the operator's EDGEFLEET_SOURCE_DEADLINE_SECONDS",
+    "redirect": "give the URL the file is finally served from, over https, with no redirect to plain http",
+}
+
+
+def source_cache_path(cache_dir: Path, uri: str, digest: str) -> Path:
+    """Where the bytes ``uri`` delivered are kept: keyed by the URI and the digest together, so a digest alone
+    (another namespace's, say) never finds bytes that this URI did not deliver."""
+    from ..artifacts import parse_digest
+
+    return cache_dir / "sources" / f"{sha256_hex(uri.encode())[:32]}-{parse_digest(digest)}"
+
+
 def fetch_source(request: CompileRequest, cache_dir: Path) -> tuple[bytes, str]:
     """Source bytes and their ``sha256:`` digest, verified against ``request.digest`` when given."""
     src = request.source
@@ -72,42 +86,55 @@ def fetch_source(request: CompileRequest, cache_dir: Path) -> tuple[bytes, str]:
             parse_digest(expected)
         except DigestError as e:
             raise CompileError("InvalidRequest", str(e), "give the digest as sha256:<64 lowercase hex>") from e
-        cached = cache_dir / "sources" / expected.split(":")[1]
+        cached = source_cache_path(cache_dir, src, expected)
         if "://" in src and cached.exists():
-            return cached.read_bytes(), expected
-    try:
-        if src.startswith(("https://", "http://")):
-            with urllib.request.urlopen(src, timeout=120) as r:  # noqa: S310 - user-given model URL
-                data = r.read()
-        elif src.startswith("oci://"):
-            from ..artifacts import StoreError, open_store
-
-            try:
-                data = open_store(src).get(src, expected or "")
-            except StoreError as e:
-                raise CompileError("SourceUnavailable", str(e), "check the oci:// reference and registry") from e
-        elif src.startswith("pvc://"):
-            raise CompileError("SourceUnavailable", f"{src}: pvc:// sources are read inside the compile Job",
-                               "mount the claim and pass the file path, or compile in a Job")
-        else:
-            p = Path(src[len("file://"):] if src.startswith("file://") else src)
-            if not p.is_file():
-                raise CompileError("SourceUnavailable", f"model file {p} does not exist", "check the path")
-            data = p.read_bytes()
-    except CompileError:
-        raise
-    except Exception as e:
-        raise CompileError("SourceUnavailable", f"could not read {src} ({type(e).__name__}: {e})",
-                           "check the URL/path and network access") from e
+            data = cached.read_bytes()
+            if "sha256:" + sha256_hex(data) == expected:
+                return data, expected
+    data = _read(src, request)
     digest = "sha256:" + sha256_hex(data)
     if expected and digest != expected:
         raise CompileError(
-            "DigestMismatch", f"{src} has digest {digest}, but {expected} was expected",
+            "DigestMismatch", f"{_shown(src)} has digest {digest}, but {expected} was expected",
             "if this model is the one you want, update the expected digest; otherwise fix the source")
     if "://" in src:
         (cache_dir / "sources").mkdir(parents=True, exist_ok=True)
-        (cache_dir / "sources" / digest.split(":")[1]).write_bytes(data)
+        source_cache_path(cache_dir, src, digest).write_bytes(data)
     return data, digest
+
+
+def _shown(src: str) -> str:
+    from edgefleet_runtime.bounded import safe_url
+
+    return safe_url(src) if "://" in src and not src.startswith("file://") else src
+
+
+def _read(src: str, request: CompileRequest) -> bytes:
+    """The bytes at ``src``: a URL within the request's size cap and deadline (anonymously: the operator's
+    credentials never go to a host a user names), or a local file."""
+    from edgefleet_runtime import bounded
+    from edgefleet_runtime.fetch import FetchError, FetchLimit, read_source
+
+    if src.startswith("pvc://"):
+        raise CompileError("SourceUnavailable", f"{src}: pvc:// sources are read inside the compile Job",
+                           "mount the claim and pass the file path, or compile in a Job")
+    if src.startswith(("https://", "http://", "oci://")):
+        limits = bounded.Limits(max_bytes=request.sourceMaxBytes, deadline_seconds=request.sourceDeadlineSeconds)
+        insecure = src.startswith("http://") or os.environ.get("EDGEFLEET_OCI_INSECURE") == "1"
+        try:
+            return read_source(src, limits, request.digest or "", insecure=insecure)
+        except FetchLimit as e:
+            raise CompileError("SourceLimitExceeded", f"source {e}", LIMIT_FIX[e.limit]) from e
+        except FetchError as e:
+            raise CompileError("SourceUnavailable", f"could not read {_shown(src)}: {e}",
+                               "check the URL and that it is readable without credentials") from e
+        except Exception as e:  # connection refused, TLS, DNS: named, never with a response body
+            raise CompileError("SourceUnavailable", f"could not read {_shown(src)} ({type(e).__name__})",
+                               "check the URL and network access") from e
+    p = Path(src[len("file://"):] if src.startswith("file://") else src)
+    if not p.is_file():
+        raise CompileError("SourceUnavailable", f"model file {p} does not exist", "check the path")
+    return p.read_bytes()
 
 
 def preflight_onnx(data: bytes, stats: dict | None = None) -> bytes:

@@ -6,23 +6,31 @@ edgefleet_runtime_drift_window_samples). The operator reads those two metrics fr
 Ready pods per hardware class, over the pod network, once per `intervalSeconds`, and only for deployments with
 drift on: nothing is read, listed or scheduled for the others. A Prometheus that already scrapes the pods gives
 the same numbers to dashboards and alerts (the chart's PrometheusRule); the condition needs no Prometheus.
+
+A pod is the user's: its /metrics may redirect, answer slowly or never stop. One scrape follows no redirect,
+reads at most SCRAPE_LIMITS.max_bytes and ends at its deadline; one read of a deployment's pods ends at
+READ_DEADLINE_SECONDS, so a slow endpoint holds the reconcile of its own deployment for at most that long.
+Errors name the limit or the cause and never quote the response.
 """
 
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet_runtime import bounded
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..api import EdgeDeployment
 from ..api.models import DriftMonitoring
 
-SCRAPE_TIMEOUT = 2.0  # seconds per pod
+# per pod: no redirects, 4 MiB (a runtime's /metrics is a few KiB), 2 s for everything
+SCRAPE_LIMITS = bounded.Limits(max_bytes=4 << 20, deadline_seconds=2.0, max_redirects=0, connect_seconds=2.0,
+                               read_seconds=2.0)
+READ_DEADLINE_SECONDS = 5.0  # all pods of one deployment together
 WORKERS = 8  # pods read at once
 PROFILE_LABEL = "edgefleet.io/profile"
 
@@ -39,19 +47,40 @@ class PodDrift:
 
 
 def scrape(ip: str, port: int) -> str:
-    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=SCRAPE_TIMEOUT) as r:  # noqa: S310
-        return str(r.read(4 << 20).decode())
+    """A pod's /metrics text within SCRAPE_LIMITS; bounded.LimitExceeded or HTTPStatusError otherwise."""
+    host = f"[{ip}]" if ":" in ip else ip
+    url = f"http://{host}:{port}/metrics"
+    return b"".join(bounded.get(url, SCRAPE_LIMITS, allow_plain_http=True)).decode("utf-8", "replace")
+
+
+def why(error: Exception) -> str:
+    """What went wrong with a scrape, without a word of the response: the limit, the status or the cause."""
+    if isinstance(error, (bounded.LimitExceeded, bounded.HTTPStatusError)):
+        return str(error)
+    if isinstance(error, NotMetrics):
+        return "the answer is not Prometheus text"
+    text = str(error)
+    at = text.find("[Errno")  # requests/urllib3 wrap the OS error in their own words: keep only the cause
+    cause = text[at:].split("'")[0].split('"')[0].rstrip(")") if at >= 0 else ""
+    return f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+
+
+class NotMetrics(ValueError):
+    """The answer did not parse as Prometheus text (the parser's message would quote it)."""
 
 
 def parse(text: str) -> tuple[dict[str, float], int]:
     """(PSI by statistic, predictions in the window) of a runtime's /metrics text."""
     psi, samples = {}, 0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "edgefleet_runtime_drift_psi":
-                psi[s.labels.get("statistic", "")] = s.value
-            elif s.name == "edgefleet_runtime_drift_window_samples":
-                samples = int(s.value)
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "edgefleet_runtime_drift_psi":
+                    psi[s.labels.get("statistic", "")] = s.value
+                elif s.name == "edgefleet_runtime_drift_window_samples":
+                    samples = int(s.value)
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise NotMetrics() from e
     return psi, samples
 
 
@@ -83,14 +112,29 @@ def read_pods(pods: list[dict[str, Any]], ed: EdgeDeployment, fetch: Callable[[s
         d = PodDrift(pod["metadata"]["name"], pod["spec"].get("nodeName", ""))
         try:
             d.psi, d.samples = parse(fetch(pod["status"]["podIP"], ed.spec.runtime.port))
-        except Exception as e:  # unreachable, refused, not a runtime: reported in the condition
-            d.error = f"{type(e).__name__}: {e}"[:200]
+        except Exception as e:  # unreachable, refused, over a limit, not a runtime: reported in the condition
+            d.error = why(e)[:200]
         return d
 
     todo = [p for group in by_class.values() for p in group]
-    with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(todo)))) as pool:
-        read = dict(zip((p["metadata"]["name"] for p in todo), pool.map(one, todo), strict=True))
+    read = _all(one, todo)
     return {c: [read[p["metadata"]["name"]] for p in group] for c, group in by_class.items()}
+
+
+def _all(one: Callable[[dict[str, Any]], PodDrift], pods: list[dict[str, Any]]) -> dict[str, PodDrift]:
+    """``one(pod)`` for every pod, WORKERS at once, ending at READ_DEADLINE_SECONDS: a pod not read by then is
+    reported as such (its scrape ends at its own deadline, after this returns)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(pods))))
+    futures = {p["metadata"]["name"]: pool.submit(one, p) for p in pods}
+    wait(futures.values(), timeout=READ_DEADLINE_SECONDS)
+    pool.shutdown(wait=False, cancel_futures=True)
+    read = {}
+    for pod in pods:
+        name, future = pod["metadata"]["name"], futures[pod["metadata"]["name"]]
+        read[name] = future.result() if future.done() and not future.cancelled() else PodDrift(
+            name, pod["spec"].get("nodeName", ""),
+            error=f"not read within the drift read's deadline of {READ_DEADLINE_SECONDS:g} s")
+    return read
 
 
 Verdict = tuple[bool | None, str, str]  # the Drifting condition: status (None: Unknown), reason, message

@@ -27,14 +27,15 @@ from ..api import (
     label_selector_matches,
 )
 from ..api.federated import FAILED, SUCCEEDED, FederatedTraining, FederatedTrainingStatus
-from ..artifacts import StoreError, open_store
+from ..artifacts import StoreError, own_store
+from ..compiler import CompileError
 from ..federated_tls import make_bundle
 from ..kube import ApiError, Kube
 from ..render import federated as r
 from ..settings import Settings
 from .conditions import flipped, set_condition
 from .errors import as_permanent
-from .sources import config_map_bytes
+from .sources import config_map_bytes, uri_bytes
 
 log = logging.getLogger(__name__)
 KIND = "FederatedTraining"
@@ -174,14 +175,15 @@ def _clients(kube: Kube, ft: FederatedTraining) -> list[r.Client]:
 
 
 def _bytes_of(kube: Kube, settings: Settings, ns: str, ref: Source | DataRef, what: str) -> bytes:
+    """A ConfigMap key of the namespace, or a URI read anonymously within the limits (sources.uri_bytes)."""
     if ref.config_map is not None:
         return config_map_bytes(kube, ns, ref.config_map)
+    uri = ref.uri or ""  # admission: exactly one of uri and configMap
     try:
-        uri = ref.uri or ""  # admission: exactly one of uri and configMap
-        store = open_store(uri, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
-        return store.get(uri, getattr(ref, "digest", None) or "")
-    except StoreError as err:
-        raise RunFailed("InputUnavailable", f"{what}: {err}") from err
+        return uri_bytes(settings, uri, what, getattr(ref, "digest", None) or "", MAX_INPUT_BYTES)
+    except CompileError as err:
+        reason = "InputLimitExceeded" if err.reason == "SourceLimitExceeded" else "InputUnavailable"
+        raise RunFailed(reason, f"{err.message}. Fix: {err.fix}") from err
 
 
 def _apply_children(kube: Kube, settings: Settings, ft: FederatedTraining, source: EdgeModel,
@@ -222,7 +224,8 @@ def _run_secret(kube: Kube, settings: Settings, ft: FederatedTraining, source: E
 def _report(settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
     ref = r.report_ref(settings.artifact_store, ft)  # the same tag the server pushed, as the operator reaches it
     try:
-        store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
+        store = own_store(settings.artifact_store, ref, settings.artifact_insecure, settings.artifact_username,
+                          settings.artifact_password)
         report: dict[str, Any] = json.loads(store.get(ref, ""))
         return report
     except (StoreError, ValueError) as err:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from ..api import DataRef, EdgeModel, Source, label_selector_matches
 from ..api.compile import CompileRequest, Policy
-from ..artifacts import open_store
+from ..artifacts import own_store
 from ..compiler import CompileError, compile_model
 from ..compiler.core import encryption_key_from_pem
 from ..kube import ApiError, Kube
@@ -132,7 +132,8 @@ def _compile(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, targ
             policy = Policy.of(opt, _data(kube, namespace, opt.calibration, Path(tmp), "calibration"),
                                _data(kube, namespace, opt.evaluation, Path(tmp), "evaluation"),
                                settings.compile_timing_runs, settings.compile_host_latency_ms)
-            request = CompileRequest.of(em, {t: profiles[t].spec for t in targets}, str(source), policy)
+            request = CompileRequest.of(em, {t: profiles[t].spec for t in targets}, str(source), policy,
+                                         settings.source_max_bytes, settings.source_deadline_seconds)
             encryption = em.spec.encryption.public_key if em.spec.encryption else None
             variants = compile_isolated(request, settings, encryption)
         except CompileError as err:
@@ -147,8 +148,8 @@ def compile_isolated(request: CompileRequest, settings: Settings, encryption_pub
     signed with settings.signing_key_file and encrypted for ``encryption_public_key`` (PEM) when given."""
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
-        store = (settings.artifact_store, settings.artifact_insecure, settings.artifact_username,
-                 settings.artifact_password)
+        store = (settings.artifact_store, None, settings.artifact_insecure, settings.artifact_username,
+                 settings.artifact_password)  # own_store's arguments: the variants go to the operator's store
         signing = str(settings.signing_key_file) if settings.signing_key_file else None
         outcome = pool.submit(_compile_child, request, store, str(settings.compile_cache), signing,
                               encryption_public_key).result()
@@ -161,7 +162,7 @@ def _compile_child(request: CompileRequest, store: tuple[Any, ...], cache_dir: s
                    encryption_public_key: str | None = None) -> list[dict[str, Any]] | tuple[str, str, str]:
     try:
         key = encryption_key_from_pem(encryption_public_key) if encryption_public_key else None
-        return compile_model(request, open_store(*store), cache_dir, signing_key_file=signing_key_file,
+        return compile_model(request, own_store(*store), cache_dir, signing_key_file=signing_key_file,
                              encryption_key=key).to_status()
     except CompileError as err:
         return (err.reason, err.message, err.fix)

@@ -17,7 +17,7 @@ from typing import Any
 
 from edgefleet_runtime.sealed import ReportRejected, derive, open_sealed, seal
 
-from ..artifacts import StoreError, open_store
+from ..artifacts import StoreError, own_store
 from ..artifacts.store import push_file
 from ..kube import Kube
 from ..settings import Settings
@@ -57,8 +57,9 @@ def content_binding(key: str) -> str:
 def read_report(settings: Settings, ref: str, key: bytes, binding: str) -> dict[str, Any] | None:
     """The report at ``ref`` when it is sealed for ``binding`` with ``key``; None when nothing is there (yet).
     ReportRejected when something is there that does not verify."""
-    store = open_store(ref, settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
     try:
+        store = own_store(settings.artifact_store, ref, settings.artifact_insecure, settings.artifact_username,
+                          settings.artifact_password)
         raw = store.get(ref, "")
     except StoreError as err:
         log.debug("report %s not available: %s", ref, err)
