@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -57,7 +58,8 @@ class Reporter:
     """The run's report, pushed to the artifact store after each change (and printed)."""
 
     def __init__(self, report_ref: str | None):
-        self.ref, self.doc = report_ref, {"state": "Running", "rounds": [], "refusedClients": []}
+        self.ref = report_ref
+        self.doc: dict[str, Any] = {"state": "Running", "rounds": [], "refusedClients": []}
         self._lock = threading.Lock()  # rounds (server thread) and refused connections (gRPC threads) both report
 
     def update(self, **fields) -> None:

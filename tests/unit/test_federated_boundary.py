@@ -236,7 +236,8 @@ def test_federated_boundary_client_certificates_name_the_client_and_node_and_nev
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    bundle = make_bundle("fl-ft", ["fl-ft.team.svc"], {"fl-ft-c-vm-0": "vm", "fl-ft-c-vm-1": "vm", "fl-ft-c-pi-0": "pi"})
+    clients = {"fl-ft-c-vm-0": "vm", "fl-ft-c-vm-1": "vm", "fl-ft-c-pi-0": "pi"}
+    bundle = make_bundle("fl-ft", ["fl-ft.team.svc"], clients)
     ca = x509.load_pem_x509_certificate(bundle.ca_cert)
     keys = {bundle.server.key} | {p.key for p in bundle.clients.values()}
     assert len(keys) == 4  # every side its own key

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from edgefleet.federated_tls import make_bundle
 from edgefleet_runtime.federated import flower
+from edgefleet_runtime.federated.robust import fedavg
 from edgefleet_runtime.federated.trainer import (
     Head,
     HeadModel,
@@ -18,7 +19,6 @@ from edgefleet_runtime.federated.trainer import (
     loss_and_accuracy,
     train,
 )
-from edgefleet_runtime.federated.robust import fedavg
 from federated_helpers import (
     DIGITS,
     MODELS,

@@ -232,7 +232,8 @@ def _run_secrets(kube: Kube, settings: Settings, ft: FederatedTraining, source: 
     host = r.server_host(ft)
     bundle = make_bundle(run, [host, run, f"{run}.{ns}", f"{host}.cluster.local"],
                          {c.job_name(run): c.node for c in clients})
-    return ([r.render_secret(ft, model, evaluation), r.render_server_tls_secret(ft, tls_id, bundle.server_secret_data())]
+    return ([r.render_secret(ft, model, evaluation),
+             r.render_server_tls_secret(ft, tls_id, bundle.server_secret_data())]
             + [r.render_client_tls_secret(ft, c, tls_id, bundle.client_secret_data(c.job_name(run))) for c in clients])
 
 
@@ -249,7 +250,8 @@ def _report(settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
 
 def _from_report(report: dict[str, Any]) -> dict[str, Any]:
     rounds = [{k: v for k, v in {"round": x["round"], "clients": x["clients"], "failures": x.get("failures", 0),
-                                 "refused": len(x.get("refused") or []), "loss": x.get("loss"), "accuracy": x.get("accuracy")}.items() if v is not None}
+                                 "refused": len(x.get("refused") or []), "loss": x.get("loss"),
+                                 "accuracy": x.get("accuracy")}.items() if v is not None}
               for x in report.get("rounds", [])]
     out = {"rounds": rounds, "roundsDone": len(rounds), "refusedClients": _refused_clients(report)}
     for key in ("startAccuracy", "finalAccuracy"):

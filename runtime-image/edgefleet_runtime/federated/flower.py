@@ -247,7 +247,8 @@ def make_strategy(aggregation: str, *, min_clients: int, initial: Head, eval_x: 
             accepted = screened.accepted
             if len(accepted) < min_clients:
                 raise RoundFailed(f"round {server_round}: {len(accepted)} clients returned an update"
-                                  f"{_refused_text(refused)}, {len(failures)} failed; the minimum is {min_clients}", refused)
+                                  f"{_refused_text(refused)}, {len(failures)} failed; the minimum is {min_clients}",
+                                  refused)
             self.pending = {"clients": len(accepted), "failures": len(failures), "refused": refused,
                             "clipped": screened.clipped,
                             "bytes": [serde.fit_res_to_proto(r).ByteSize() for _, r in results],
