@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 from flwr.client import NumPyClient
-from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays, serde
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+    serde,
+)
 from flwr.proto.transport_pb2 import ClientMessage, Reason  # pylint: disable=no-name-in-module
 from flwr.proto.transport_pb2_grpc import FlowerServiceStub, add_FlowerServiceServicer_to_server
 from flwr.server import Server
@@ -93,14 +102,29 @@ class Traffic:
             self.messages.append(data)
 
 
+# numpy reads an .npy header with ast.literal_eval, which CPython 3.11.7 cannot run on two threads at once
+# ("AST constructor recursion depth mismatch", gh-106905): seen with the clients and the server in one process.
+_DECODE = threading.Lock()
+
+
+def decode(parameters: Parameters) -> list[np.ndarray]:
+    """Flower's parameters_to_ndarrays (np.load, allow_pickle=False), one thread at a time."""
+    with _DECODE:
+        return parameters_to_ndarrays(parameters)
+
+
 def _reply(client, server_msg, traffic: Traffic) -> ClientMessage | None:
     kind = server_msg.WhichOneof("msg")
-    c = client.to_client()
-    if kind == "fit_ins":
-        msg = ClientMessage(fit_res=serde.fit_res_to_proto(c.fit(serde.fit_ins_from_proto(server_msg.fit_ins))))
+    if kind == "fit_ins":  # what Flower's NumPyClient wrapper does, with the decode above
+        ins = serde.fit_ins_from_proto(server_msg.fit_ins)
+        params, n, metrics = client.fit(decode(ins.parameters), ins.config)
+        res = FitRes(Status(Code.OK, "Success"), ndarrays_to_parameters(params), n, metrics)
+        msg = ClientMessage(fit_res=serde.fit_res_to_proto(res))
     elif kind == "evaluate_ins":
-        res = c.evaluate(serde.evaluate_ins_from_proto(server_msg.evaluate_ins))
-        msg = ClientMessage(evaluate_res=serde.evaluate_res_to_proto(res))
+        ins = serde.evaluate_ins_from_proto(server_msg.evaluate_ins)
+        loss, n, metrics = client.evaluate(decode(ins.parameters), ins.config)
+        msg = ClientMessage(evaluate_res=serde.evaluate_res_to_proto(EvaluateRes(Status(Code.OK, "Success"),
+                                                                                 float(loss), n, metrics)))
     elif kind == "reconnect_ins":
         msg = ClientMessage(disconnect_res=ClientMessage.DisconnectRes(reason=Reason.ACK))
     else:
@@ -237,7 +261,7 @@ def make_strategy(aggregation: str, *, min_clients: int, initial: Head, eval_x: 
         start: list[np.ndarray] = initial.parameters()
 
         def configure_fit(self, server_round, parameters, client_manager):
-            self.start = parameters_to_ndarrays(parameters)
+            self.start = decode(parameters)
             return super().configure_fit(server_round, parameters, client_manager)
 
         def aggregate_fit(self, server_round, results, failures):
@@ -255,8 +279,8 @@ def make_strategy(aggregation: str, *, min_clients: int, initial: Head, eval_x: 
                             "train_loss": _train_loss(results, accepted)}
             return ndarrays_to_parameters(robust.aggregate(aggregation, accepted, trim_fraction)), {}
 
-        def evaluate(self, server_round, parameters):
-            loss, metrics = super().evaluate(server_round, parameters)
+        def evaluate(self, server_round, parameters):  # FedAvg's, with the decode above
+            loss, metrics = evaluate_fn(server_round, decode(parameters), {})
             if server_round > 0:
                 p = self.pending
                 on_round(RoundResult(server_round, p["clients"], p["failures"], loss, metrics["accuracy"],
@@ -279,7 +303,7 @@ def _updates(results, server_round: int) -> tuple[list[Update], list[Refusal]]:
     updates, refused = [], []
     for proxy, res in results:
         try:
-            updates.append(Update(proxy.cid, parameters_to_ndarrays(res.parameters), int(res.num_examples)))
+            updates.append(Update(proxy.cid, decode(res.parameters), int(res.num_examples)))
         except Exception as err:  # noqa: BLE001 - anything a client sends that numpy cannot read
             refused.append(Refusal(proxy.cid, "Malformed", f"parameters do not decode: {str(err)[:200]}",
                                    server_round))
@@ -351,7 +375,7 @@ def serve(address: str, tls: Tls, strategy, *, rounds: int, round_timeout: float
     def run() -> None:
         try:
             server.fit(num_rounds=rounds, timeout=round_timeout)
-            outcome["head"] = Head.of(parameters_to_ndarrays(server.parameters))
+            outcome["head"] = Head.of(decode(server.parameters))
         except Exception as err:  # noqa: BLE001 - reported to the caller by wait()
             outcome["error"] = err if isinstance(err, RoundFailed) else RoundFailed(f"{type(err).__name__}: {err}")
         finally:
