@@ -61,3 +61,53 @@ def fresh_head_model(seed: int = 1) -> bytes:
 def eval_data() -> tuple[np.ndarray, np.ndarray]:
     d = np.load(EVAL)
     return d["input"], d["y"]
+
+
+def client_names(n: int) -> dict[str, str]:
+    """Client certificate names -> node, for `make_bundle`: c0, c1, ... on node `node`."""
+    return {f"c{i}": "node" for i in range(n)}
+
+
+def tls_of(bundle, side: str):
+    """flower.Tls of the bundle's server (side "server") or of the named client."""
+    from edgefleet_runtime.federated import flower
+
+    pair = bundle.server if side == "server" else bundle.clients[side]
+    return flower.Tls(bundle.ca_cert, pair.cert, pair.key)
+
+
+def run_in_process(model, data, strategy, clients, *, rounds=3, wait_seconds=30.0, keep=False, tls=None,
+                   expected_clients=None, on_refusal=None):
+    """Flower rounds in threads over loopback mutual TLS: the server with `strategy`, one thread per client.
+    `tls`: the client-side flower.Tls of each client (default: its own certificate c0, c1, ...). Returns
+    (final head, traffic per client, errors the clients raised, the server's ServerRun)."""
+    import threading
+
+    from edgefleet.federated_tls import make_bundle
+    from edgefleet_runtime.federated import flower
+
+    bundle = make_bundle("t", ["localhost"], client_names(len(clients)))
+    tls = tls or [tls_of(bundle, f"c{i}") for i in range(len(clients))]
+    run = flower.serve("127.0.0.1:0", tls_of(bundle, "server"), strategy, rounds=rounds, round_timeout=60,
+                       wait_seconds=wait_seconds,
+                       expected_clients=len(clients) if expected_clients is None else expected_clients,
+                       on_refusal=on_refusal or (lambda r: None))
+    traffic = [flower.Traffic(keep_messages=keep) for _ in clients]
+    errors: list[BaseException] = []
+
+    def client_thread(c, t, client_tls):
+        try:
+            flower.run_client(f"127.0.0.1:{run.port}", c, client_tls, t, server_name="localhost")
+        except BaseException as err:  # noqa: BLE001 - the test looks at them
+            errors.append(err)
+
+    threads = [threading.Thread(target=client_thread, args=args, daemon=True)
+               for args in zip(clients, traffic, tls, strict=True)]
+    for t in threads:
+        t.start()
+    try:
+        head = run.wait(timeout=240)
+    finally:
+        for t in threads:
+            t.join(30)
+    return head, traffic, errors, run

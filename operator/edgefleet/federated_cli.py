@@ -1,10 +1,11 @@
 """`edgefleet-federated server|client`: the two processes of a FederatedTraining run (trainer image).
 
-server: starts from the source model's head, runs the Flower rounds over mutual TLS, evaluates each round on
-  the evaluation data, pushes a JSON report (rounds, clients, loss/accuracy, bytes per client) to the artifact
-  store after every round, and, only when every round completed and the result beats the start and the
-  accuracy gate, pushes the fine-tuned model (OCI, digest-pinned) and names it in the report. Exit 0 when
-  published, 1 when the run failed (the report says why), 2 for bad input.
+server: starts from the source model's head, runs the Flower rounds over mutual TLS (each client's
+  certificate names it; an identity joins once), screens and aggregates each round's updates, evaluates each
+  round on the evaluation data, pushes a JSON report (rounds, clients, loss/accuracy, bytes per client, the
+  refused clients and why) to the artifact store after every round, and, only when every round completed and
+  the result beats the start and the accuracy gate, pushes the fine-tuned model (OCI, digest-pinned) and names
+  it in the report. Exit 0 when published, 1 when the run failed (the report says why), 2 for bad input.
 client: computes its local data's features with the frozen body, answers the server's rounds and prints one
   JSON line per message it sent (kind, bytes): the data itself never leaves the process.
 """
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 MEDIA_TYPE = "application/vnd.onnx"
+MAX_REPORTED_REFUSALS = 1000
 
 
 def _tls(tls_dir: str, side: str):
@@ -54,15 +58,46 @@ class Reporter:
     """The run's report, pushed to the artifact store after each change (and printed)."""
 
     def __init__(self, report_ref: str | None):
-        self.ref, self.doc = report_ref, {"state": "Running", "rounds": []}
+        self.ref = report_ref
+        self.doc: dict[str, Any] = {"state": "Running", "rounds": [], "refusedClients": []}
+        self._lock = threading.Lock()  # rounds (server thread) and refused connections (gRPC threads) both report
 
     def update(self, **fields) -> None:
-        self.doc.update(fields)
-        click.echo(json.dumps(self.doc, sort_keys=True))
+        with self._lock:
+            self.doc.update(fields)
+            self._push()
+
+    def refused(self, refusals: list) -> None:
+        """Add refusals (robust.Refusal) to refusedClients, at most MAX_REPORTED_REFUSALS in all."""
+        if not refusals:
+            return
+        with self._lock:
+            room = MAX_REPORTED_REFUSALS - len(self.doc["refusedClients"])
+            self.doc["refusedClients"] += [r.to_dict() for r in refusals[:max(room, 0)]]
+            self._push()
+
+    def _push(self) -> None:
+        text = json.dumps(self.doc, sort_keys=True)
+        click.echo(text)
         if self.ref:
             from .compiler.cli import push_report
 
-            push_report(self.ref, json.dumps(self.doc, sort_keys=True).encode())
+            push_report(self.ref, text.encode())
+
+
+def gate(accuracy: float, start_accuracy: float, min_accuracy: float, rounds: int) -> str | None:
+    """Why the fine-tuned model must not be published (None: it may): it must beat the start and the gate."""
+    if accuracy > start_accuracy and accuracy >= min_accuracy:
+        return None
+    return (f"accuracy {accuracy:.4f} after {rounds} rounds does not beat the start ({start_accuracy:.4f}) and the "
+            f"gate ({min_accuracy:.4f}); nothing published")
+
+
+def _refused(err: Exception) -> bool:
+    """The server refused this client (its identity joined already, or the run is full): retrying cannot help."""
+    import grpc
+
+    return isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 @click.group()
@@ -78,8 +113,12 @@ def main() -> None:
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--min-clients", default=2, show_default=True)
 @click.option("--expected-clients", default=0, show_default=True)
-@click.option("--aggregation", type=click.Choice(["FedAvg", "FedProx"]), default="FedAvg", show_default=True)
+@click.option("--aggregation", type=click.Choice(["FedAvg", "FedProx", "TrimmedMean", "Median"]), default="FedAvg",
+              show_default=True)
 @click.option("--proximal-mu", default=0.0, show_default=True)
+@click.option("--trim-fraction", default=0.2, show_default=True, help="TrimmedMean: share dropped at each end")
+@click.option("--max-update-norm", type=float, help="refuse updates with a larger L2 norm [3 x the round's median]")
+@click.option("--max-samples-per-client", type=int, help="cap on a reported sample count [2 x the round's median]")
 @click.option("--epochs", default=5, show_default=True)
 @click.option("--learning-rate", default=0.5, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
@@ -89,8 +128,9 @@ def main() -> None:
 @click.option("--store", help="artifact store for the fine-tuned model, oci://host/repo")
 @click.option("--name", default="federated", show_default=True, help="artifact name (tag prefix)")
 @click.option("--report", "report_ref", help="oci://host/repo:tag for the JSON report")
-def server(model, eval_path, tls_dir, port, rounds, min_clients, expected_clients, aggregation, proximal_mu, epochs,
-           learning_rate, batch_size, round_timeout, wait_seconds, min_accuracy, store, name, report_ref):
+def server(model, eval_path, tls_dir, port, rounds, min_clients, expected_clients, aggregation, proximal_mu,
+           trim_fraction, max_update_norm, max_samples_per_client, epochs, learning_rate, batch_size, round_timeout,
+           wait_seconds, min_accuracy, store, name, report_ref):
     """Run the Flower server for `--rounds` rounds and publish the result when it beats the start."""
     from edgefleet_runtime.federated import flower
     from edgefleet_runtime.federated.trainer import loss_and_accuracy
@@ -106,24 +146,28 @@ def server(model, eval_path, tls_dir, port, rounds, min_clients, expected_client
     def on_round(r: flower.RoundResult) -> None:
         reporter.update(rounds=reporter.doc["rounds"] + [{
             "round": r.round, "clients": r.clients, "failures": r.failures, "loss": r.loss, "accuracy": r.accuracy,
-            "trainLoss": r.train_loss, "bytesPerClient": r.bytes_per_client}])
+            "trainLoss": r.train_loss, "bytesPerClient": r.bytes_per_client,
+            "refused": [x.client for x in r.refused], "samplesCapped": r.clipped}])
+        reporter.refused(r.refused)
 
+    limits = flower.Limits(max_update_norm, max_samples_per_client)
     strategy = flower.make_strategy(aggregation, min_clients=min_clients, initial=head_model.head, eval_x=ex,
-                                    eval_y=y, proximal_mu=proximal_mu, on_round=on_round,
-                                    fit_config={"epochs": epochs, "learningRate": learning_rate,
-                                                "batchSize": batch_size})
+                                    eval_y=y, proximal_mu=proximal_mu, limits=limits, trim_fraction=trim_fraction,
+                                    on_round=on_round, fit_config={"epochs": epochs, "learningRate": learning_rate,
+                                                                   "batchSize": batch_size})
     run = flower.serve(f"[::]:{port}", _tls(tls_dir, "server"), strategy, rounds=rounds,
-                       round_timeout=round_timeout, wait_seconds=wait_seconds, expected_clients=expected_clients)
+                       round_timeout=round_timeout, wait_seconds=wait_seconds, expected_clients=expected_clients,
+                       on_refusal=lambda refusal: reporter.refused([refusal]))
     try:
         head = run.wait()
     except flower.RoundFailed as err:
+        reporter.refused(err.refused)
         reporter.update(state="Failed", reason="RoundFailed", message=str(err))
         sys.exit(EXIT_FAILED)
     _, acc = loss_and_accuracy(head, ex, y)
-    if acc <= start_acc or acc < min_accuracy:
-        reporter.update(state="Failed", reason="AccuracyGate", finalAccuracy=acc,
-                        message=f"accuracy {acc:.4f} after {rounds} rounds does not beat the start ({start_acc:.4f}) "
-                                f"and the gate ({min_accuracy:.4f}); nothing published")
+    refusal = gate(acc, start_acc, min_accuracy, rounds)  # before any publish
+    if refusal:
+        reporter.update(state="Failed", reason="AccuracyGate", finalAccuracy=acc, message=refusal)
         sys.exit(EXIT_FAILED)
     published = None
     if store:
@@ -166,7 +210,7 @@ def client(model, data_path, index, address, server_name, tls_dir, retry_seconds
                                                                              "bytes": traffic.sent[-1][1]})))
             break
         except Exception as err:  # noqa: BLE001 - the server not up yet: retry until the deadline
-            if traffic.sent or time.monotonic() > deadline:
+            if traffic.sent or time.monotonic() > deadline or _refused(err):
                 raise
             click.echo(json.dumps({"event": "retry", "error": str(err)[:200]}))
             time.sleep(3)

@@ -1,5 +1,8 @@
-"""The mutual-TLS material of one FederatedTraining: a CA, a server certificate and a client certificate,
-all in memory (PEM bytes) for the Secret the operator manages. ECDSA P-256, valid for `days`."""
+"""The mutual-TLS material of one FederatedTraining: a CA, a server certificate and one certificate per
+client (its common name is the client's name, its DNS name the node's), all in memory (PEM bytes) for the
+Secrets the operator creates: one for the server, one per client, so that no pod holds another's key.
+ECDSA P-256, valid for `days`. The CA's key is never kept: once the bundle is made, no one can sign a new
+client for the run, so the clients it names are all the run admits."""
 
 from __future__ import annotations
 
@@ -13,17 +16,26 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 @dataclass(frozen=True)
+class KeyPair:
+    cert: bytes
+    key: bytes
+
+    def secret_data(self, ca_cert: bytes, side: str) -> dict[str, bytes]:
+        """The keys of this side's Secret: `ca.crt`, `<side>.crt`, `<side>.key` (the names the pods read)."""
+        return {"ca.crt": ca_cert, f"{side}.crt": self.cert, f"{side}.key": self.key}
+
+
+@dataclass(frozen=True)
 class TlsBundle:
     ca_cert: bytes
-    server_cert: bytes
-    server_key: bytes
-    client_cert: bytes
-    client_key: bytes
+    server: KeyPair
+    clients: dict[str, KeyPair]  # client name (its certificate's common name) -> its pair
 
-    def secret_data(self) -> dict[str, bytes]:
-        """Keys of the Secret: the pods mount the ones their side needs."""
-        return {"ca.crt": self.ca_cert, "server.crt": self.server_cert, "server.key": self.server_key,
-                "client.crt": self.client_cert, "client.key": self.client_key}
+    def server_secret_data(self) -> dict[str, bytes]:
+        return self.server.secret_data(self.ca_cert, "server")
+
+    def client_secret_data(self, client: str) -> dict[str, bytes]:
+        return self.clients[client].secret_data(self.ca_cert, "client")
 
 
 def _pem_key(key) -> bytes:
@@ -50,15 +62,20 @@ def _cert(subject: str, key, issuer: x509.Name, issuer_key, days: int, *, ca: bo
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def make_bundle(name: str, server_names: list[str], days: int = 30) -> TlsBundle:
-    """A fresh CA for run `name`, a server certificate for `server_names` and one client certificate."""
+def make_bundle(name: str, server_names: list[str], clients: dict[str, str], days: int = 30) -> TlsBundle:
+    """A fresh CA for run `name`, a server certificate for `server_names` and one certificate per client
+    (`clients`: its name, at most 64 characters, -> its node, a DNS name)."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"edgefleet federated CA {name}")])
-    ca = _cert(f"edgefleet federated CA {name}", ca_key, ca_name, ca_key, days, ca=True)
-    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    server = _cert(server_names[0], server_key, ca_name, ca_key, days, dns=server_names,
-                   usage=ExtendedKeyUsageOID.SERVER_AUTH)
-    client = _cert(f"{name}-client", client_key, ca_name, ca_key, days, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    ca_subject = f"edgefleet federated CA {name}"[:64]
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_subject)])
+    ca = _cert(ca_subject, ca_key, ca_name, ca_key, days, ca=True)
     pem = serialization.Encoding.PEM
-    return TlsBundle(ca.public_bytes(pem), server.public_bytes(pem), _pem_key(server_key),
-                     client.public_bytes(pem), _pem_key(client_key))
+
+    def pair(subject: str, dns: list[str], usage) -> KeyPair:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(subject, key, ca_name, ca_key, days, dns=dns, usage=usage)
+        return KeyPair(cert.public_bytes(pem), _pem_key(key))
+
+    server = pair(server_names[0], server_names, ExtendedKeyUsageOID.SERVER_AUTH)
+    return TlsBundle(ca.public_bytes(pem), server,
+                     {c: pair(c, [node], ExtendedKeyUsageOID.CLIENT_AUTH) for c, node in clients.items()})

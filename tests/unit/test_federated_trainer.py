@@ -3,8 +3,6 @@ rounds in process (server and clients in threads, real gRPC with mutual TLS on l
 
 from __future__ import annotations
 
-import threading
-
 import grpc
 import numpy as np
 import onnx
@@ -12,16 +10,25 @@ import onnxruntime as ort
 import pytest
 from edgefleet.federated_tls import make_bundle
 from edgefleet_runtime.federated import flower
+from edgefleet_runtime.federated.robust import fedavg
 from edgefleet_runtime.federated.trainer import (
     Head,
     HeadModel,
     UnsupportedModel,
-    fedavg,
     gradients,
     loss_and_accuracy,
     train,
 )
-from federated_helpers import DIGITS, MODELS, eval_data, fresh_head_model, noniid_shards
+from federated_helpers import (
+    DIGITS,
+    MODELS,
+    client_names,
+    eval_data,
+    fresh_head_model,
+    noniid_shards,
+    run_in_process,
+    tls_of,
+)
 from flwr.server.strategy.aggregate import aggregate
 from onnx import TensorProto, helper
 
@@ -136,10 +143,6 @@ def test_federated_fedprox_term_keeps_the_update_near_the_start(model, data):
 
 
 # ----------------------------------------------------------------------------- Flower in process
-def _tls(bundle, side):
-    return flower.Tls(bundle.ca_cert, getattr(bundle, f"{side}_cert"), getattr(bundle, f"{side}_key"))
-
-
 class Dies(flower.HeadClient):
     """A client that is gone in round `round` (its stream breaks, as when its pod is killed)."""
 
@@ -156,31 +159,12 @@ class Dies(flower.HeadClient):
 
 def _run(model, data, *, rounds=3, min_clients=3, clients=None, wait_seconds=30.0, keep=False):
     shards, (ex, ey) = data
-    bundle = make_bundle("t", ["localhost"])
     results: list[flower.RoundResult] = []
     strategy = flower.make_strategy("FedAvg", min_clients=min_clients, initial=model.head, eval_x=ex, eval_y=ey,
                                     fit_config=FIT, on_round=results.append)
     clients = clients or [flower.HeadClient(x, y, seed=i) for i, (x, y) in enumerate(shards)]
-    run = flower.serve("127.0.0.1:0", _tls(bundle, "server"), strategy, rounds=rounds, round_timeout=60,
-                       wait_seconds=wait_seconds, expected_clients=len(clients))
-    traffic = [flower.Traffic(keep_messages=keep) for _ in clients]
-    errors: list[BaseException] = []
-
-    def client_thread(c, t):
-        try:
-            flower.run_client(f"127.0.0.1:{run.port}", c, _tls(bundle, "client"), t, server_name="localhost")
-        except BaseException as err:  # noqa: BLE001 - the test looks at them
-            errors.append(err)
-
-    threads = [threading.Thread(target=client_thread, args=pair, daemon=True)
-               for pair in zip(clients, traffic, strict=True)]
-    for t in threads:
-        t.start()
-    try:
-        head = run.wait(timeout=240)
-    finally:
-        for t in threads:
-            t.join(30)
+    head, traffic, errors, _ = run_in_process(model, data, strategy, clients, rounds=rounds,
+                                              wait_seconds=wait_seconds, keep=keep)
     return head, results, traffic, errors
 
 
@@ -230,11 +214,12 @@ def test_federated_client_dying_fails_the_run_clearly_when_below_the_minimum(mod
 
 def test_federated_server_refuses_a_client_without_a_certificate_of_the_run(model, data):
     shards, (ex, ey) = data
-    bundle, other = make_bundle("t", ["localhost"]), make_bundle("other", ["localhost"])
+    bundle, other = make_bundle("t", ["localhost"], client_names(1)), make_bundle("other", ["localhost"],
+                                                                                   client_names(1))
     strategy = flower.make_strategy("FedAvg", min_clients=1, initial=model.head, eval_x=ex, eval_y=ey, fit_config=FIT)
-    run = flower.serve("127.0.0.1:0", _tls(bundle, "server"), strategy, rounds=1, round_timeout=30,
+    run = flower.serve("127.0.0.1:0", tls_of(bundle, "server"), strategy, rounds=1, round_timeout=30,
                        wait_seconds=3)
-    stranger = flower.Tls(bundle.ca_cert, other.client_cert, other.client_key)  # trusts the server, unknown to it
+    stranger = flower.Tls(bundle.ca_cert, other.clients["c0"].cert, other.clients["c0"].key)  # trusts the server
     with pytest.raises(grpc.FutureTimeoutError):
         _connect_once(run.port, stranger)
     with pytest.raises(flower.RoundFailed, match="only 0 of the minimum 1 clients connected"):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from edgefleet.api import load
 from edgefleet.api.base import format_errors
 from edgefleet.kube import ApiError
@@ -59,7 +62,7 @@ def client_jobs(kube) -> list[dict]:
     return [j for j in kube.list("Job", NS) if j["metadata"]["labels"]["app.kubernetes.io/component"] == "client"]
 
 
-def test_federated_run_starts_server_clients_and_a_secret_it_never_reads(kube):
+def test_federated_boundary_run_gives_each_pod_only_its_own_key_in_secrets_it_never_reads(kube):
     for verb in ("get", "list"):  # the chart lets the operator create Secrets in a user's namespace, not read them
         kube.fail(verb, "Secret", api_error(403, "secrets is forbidden", "Forbidden"))
     status = step(kube)
@@ -76,15 +79,33 @@ def test_federated_run_starts_server_clients_and_a_secret_it_never_reads(kube):
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--expected-clients=3" in args and "--min-clients=2" in args and "--min-accuracy=0.5" in args
     secret = kube.stored("Secret", "fl-ft-run", NS)
-    assert set(secret["data"]) == {"ca.crt", "server.crt", "server.key", "client.crt", "client.key", "model.onnx",
-                                   "eval.npz"}
+    assert set(secret["data"]) == {"model.onnx", "eval.npz"}  # the inputs only: no key in the shared Secret
     assert secret["metadata"]["ownerReferences"][0]["kind"] == "FederatedTraining"  # GC deletes it with the run
-    # the server mounts only its own key; clients only theirs, and never the evaluation data
-    def items(pod):
-        return {i["key"] for v in pod["spec"]["volumes"] if "secret" in v for i in v["secret"]["items"]}
-    assert items(job["spec"]["template"]) == {"ca.crt", "server.crt", "server.key", "model.onnx", "eval.npz"}
-    assert all(items(p) == {"ca.crt", "client.crt", "client.key", "model.onnx"} for p in pods)
-    # a second step changes nothing: the Secret is not made again, a lost client is not replaced by a new key
+    tls_id = job["metadata"]["annotations"]["edgefleet.io/tls-id"]
+    assert json.loads(job["metadata"]["annotations"]["edgefleet.io/clients"]) == [["vm", 0], ["vm", 1], ["vm", 2]]
+
+    def mounted(pod) -> dict[str, set[str]]:
+        return {v["secret"]["secretName"]: {i["key"] for i in v["secret"]["items"]}
+                for v in pod["spec"]["volumes"] if "secret" in v}
+
+    # the server mounts its own key and the inputs; each client its own key and the model, never the eval data
+    assert mounted(job["spec"]["template"]) == {"fl-ft-run": {"model.onnx", "eval.npz"},
+                                                f"fl-ft-server-tls-{tls_id}": {"ca.crt", "server.crt", "server.key"}}
+    for j in jobs:
+        own = f"{j['metadata']['name']}-tls-{tls_id}"
+        assert mounted(j["spec"]["template"]) == {"fl-ft-run": {"model.onnx"},
+                                                  own: {"ca.crt", "client.crt", "client.key"}}
+    tls = {n: kube.stored("Secret", n, NS) for n in [f"fl-ft-server-tls-{tls_id}"] +
+           [f"{j['metadata']['name']}-tls-{tls_id}" for j in jobs]}
+    assert all(t["metadata"]["ownerReferences"][0]["kind"] == "FederatedTraining" for t in tls.values())
+    assert set(tls[f"fl-ft-server-tls-{tls_id}"]["data"]) == {"ca.crt", "server.crt", "server.key"}
+    keys = [t["data"].get("client.key") or t["data"]["server.key"] for t in tls.values()]
+    assert len(set(keys)) == 4  # the server and each client: a key of its own
+    for j in jobs:  # each client's certificate names its Job (the server names refused clients by it)
+        cert = x509.load_pem_x509_certificate(base64.b64decode(
+            tls[f"{j['metadata']['name']}-tls-{tls_id}"]["data"]["client.crt"]))
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == j["metadata"]["name"]
+    # a second step changes nothing: no Secret is made again, a lost client is not replaced by a new key
     kube.calls.clear()
     step(kube)
     assert kube.stored("Secret", "fl-ft-run", NS)["data"] == secret["data"]
@@ -174,7 +195,7 @@ def test_federated_children_refused_fail_the_run_with_the_fix_and_transient_erro
                                              'edgefleet" cannot create resource "jobs"', "Forbidden"))
     status = step(kube)
     failed = cond(status, "Failed")
-    assert failed["reason"] == "Forbidden" and "the Secret, Service or Jobs of FederatedTraining team/ft" in \
+    assert failed["reason"] == "Forbidden" and "the Secrets, Service or Jobs of FederatedTraining team/ft" in \
         failed["message"]
     assert "Fix: grant the operator's ServiceAccount this permission" in failed["message"]
     assert [w["reason"] for w in kube.warnings()] == ["Forbidden"]
@@ -201,3 +222,96 @@ def test_federated_spec_errors_name_the_field_and_fix(change, message):
         load({"apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining", "metadata": {"name": "x"},
               "spec": spec(**change)})
     assert any(message in line for line in format_errors(err.value)), format_errors(err.value)
+
+
+def test_federated_boundary_spec_error_trim_fraction_needs_trimmed_mean():
+    with pytest.raises(ValidationError) as err:
+        load({"apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining", "metadata": {"name": "x"},
+              "spec": spec(aggregation={"strategy": "Median", "trimFraction": 0.2})})
+    assert any("aggregation.trimFraction applies to strategy TrimmedMean only" in line
+               for line in format_errors(err.value))
+
+
+def test_federated_boundary_server_gets_the_aggregation_and_its_bounds(kube):
+    obj = kube.get("FederatedTraining", "ft", NS)
+    obj["spec"]["aggregation"] = {"strategy": "TrimmedMean", "trimFraction": 0.25, "maxUpdateNorm": 2.5,
+                                  "maxSamplesPerClient": 500}
+    kube.add(obj)
+    step(kube)
+    args = kube.get("Job", "fl-ft", NS)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert {"--aggregation=TrimmedMean", "--trim-fraction=0.25", "--max-update-norm=2.5",
+            "--max-samples-per-client=500"} <= set(args)
+    assert not [a for a in args if a.startswith("--proximal-mu")]
+
+
+def test_federated_boundary_a_node_that_joins_later_gets_no_client(kube):
+    step(kube)
+    kube.add({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "late", "labels": {"edge": "yes"}}})
+    status = step(kube)
+    assert status["clients"] == 3  # the run admitted the clients it made certificates for, no more
+    assert sorted(j["metadata"]["name"] for j in client_jobs(kube)) == ["fl-ft-c-vm-0", "fl-ft-c-vm-1", "fl-ft-c-vm-2"]
+    # a client Job someone deleted comes back with its own Secret: the server refuses it if it had joined
+    kube.delete("Job", "fl-ft-c-vm-1", NS)
+    step(kube)
+    job = kube.get("Job", "fl-ft-c-vm-1", NS)
+    tls_id = kube.get("Job", "fl-ft", NS)["metadata"]["annotations"]["edgefleet.io/tls-id"]
+    assert any(v.get("secret", {}).get("secretName") == f"fl-ft-c-vm-1-tls-{tls_id}"
+               for v in job["spec"]["template"]["spec"]["volumes"])
+
+
+def test_federated_boundary_too_many_clients_fail_before_any_secret(kube):
+    for i in range(63):
+        kube.add({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"n{i}", "labels": {"edge": "yes"}}})
+    obj = kube.get("FederatedTraining", "ft", NS)
+    obj["spec"]["participants"]["clientsPerNode"] = 16  # 64 nodes x 16 = 1,024
+    kube.add(obj)
+    status = step(kube)
+    failed = cond(status, "Failed")
+    assert failed["reason"] == "TooManyClients" and "1024 clients, over the 1000" in failed["message"]
+    assert "narrow participants or lower clientsPerNode" in failed["message"]
+    assert kube.list("Secret", NS) == [] and kube.list("Job", NS) == []
+
+
+REFUSALS = [
+    {"client": "fl-ft-c-vm-2", "reason": "UpdateTooLarge", "message": "update norm 7.5 is above the bound 0.75",
+     "round": 1},
+    {"client": "fl-ft-c-vm-0", "reason": "DuplicateIdentity", "message": "a second connection (from ipv4:10.0.0.9)"},
+    {"client": "fl-ft-c-vm-2", "reason": "NonFinite", "message": "sent NaN or Inf parameters", "round": 2},
+]
+
+
+def test_federated_boundary_refused_clients_are_named_in_status_with_the_reason(kube):
+    step(kube)
+    kube.report = {"state": "Running", "startAccuracy": 0.09, "refusedClients": REFUSALS[:2], "rounds": [
+        {"round": 1, "clients": 2, "failures": 0, "loss": 1.2, "accuracy": 0.7, "refused": ["fl-ft-c-vm-2"]}]}
+    status = step(kube)
+    assert status["rounds"][0]["refused"] == 1
+    assert status["refusedClients"] == [
+        {"client": "fl-ft-c-vm-2", "reason": "UpdateTooLarge", "message": REFUSALS[0]["message"], "round": 1,
+         "count": 1},
+        {"client": "fl-ft-c-vm-0", "reason": "DuplicateIdentity", "message": REFUSALS[1]["message"], "count": 1}]
+    refused = cond(status, "ClientsRefused")
+    assert refused["status"] == "True" and refused["reason"] == "UpdatesRefused"
+    assert "fl-ft-c-vm-2: UpdateTooLarge in round 1; fl-ft-c-vm-0: DuplicateIdentity" in refused["message"]
+    assert [w["reason"] for w in kube.warnings()] == ["UpdatesRefused"]
+    # the next round refuses vm-2 again: the entry keeps the latest reason and counts; no second event
+    kube.report = {**kube.report, "refusedClients": REFUSALS, "state": "Failed", "reason": "RoundFailed",
+                   "message": "round 2: 1 clients returned an update, 1 refused (fl-ft-c-vm-2: NonFinite), 0 failed; "
+                              "the minimum is 2"}
+    status = step(kube)
+    vm2 = next(x for x in status["refusedClients"] if x["client"] == "fl-ft-c-vm-2")
+    assert (vm2["reason"], vm2["round"], vm2["count"]) == ("NonFinite", 2, 2)
+    assert cond(status, "Failed")["reason"] == "RoundFailed"
+    assert cond(status, "ClientsRefused")["status"] == "True"  # the failed run still names them
+    assert [w["reason"] for w in kube.warnings()] == ["UpdatesRefused", "RoundFailed"]
+
+
+def test_federated_boundary_report_refusals_are_bounded_and_sanitised(kube):
+    step(kube)
+    kube.report = {"state": "Running", "rounds": [], "refusedClients": [
+        "not a dict", {"reason": "NoClient"}, {"client": "x" * 400, "reason": "R" * 100, "message": "m" * 5000,
+                                              "round": -3}]}
+    status = step(kube)
+    [entry] = status["refusedClients"]
+    assert len(entry["client"]) == 253 and len(entry["reason"]) == 64 and len(entry["message"]) == 1024
+    assert "round" not in entry

@@ -12,6 +12,7 @@ from .models import HOST_PATH_RULE, DataRef, ObjectBase, Toleration
 
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
+CLIENTS_REFUSED = "ClientsRefused"  # True once the server refused a client's update or connection
 
 
 class ModelName(Model):
@@ -53,17 +54,32 @@ class LocalData(Model):
 
 
 class Aggregation(Model):
-    """How the server combines the clients' updates (Flower strategies)."""
+    """How the server screens and combines the clients' updates. Every update is screened first: one with NaN or
+    Inf, the wrong shape or no samples is refused, and so is one whose norm is above maxUpdateNorm; the sample
+    count a client reports is capped at maxSamplesPerClient. Refused clients are named in status.refusedClients."""
 
-    strategy: Literal["FedAvg", "FedProx"] = "FedAvg"
-    """FedAvg (sample-weighted mean) or FedProx (FedAvg with a proximal term on the clients)."""
+    strategy: Literal["FedAvg", "FedProx", "TrimmedMean", "Median"] = "FedAvg"
+    """FedAvg (mean weighted by the capped sample counts), FedProx (FedAvg with a proximal term on the clients),
+    TrimmedMean (per parameter, the mean after dropping the trimFraction largest and smallest values) or Median
+    (per parameter). TrimmedMean and Median ignore the sample counts and resist a minority of outliers."""
     proximal_mu: Annotated[float, Field(ge=0, le=100)] | None = None
     """FedProx's mu: how strongly local training is pulled towards the round's global model."""
+    trim_fraction: Annotated[float, Field(gt=0, lt=0.5)] | None = None
+    """TrimmedMean's share of values dropped at each end, rounded up, at least one value kept (default 0.2: with
+    3 to 5 clients, one at each end)."""
+    max_update_norm: Annotated[float, Field(gt=0, le=1e12)] | None = None
+    """Largest L2 norm of an update (a client's parameters minus the round's model); larger updates are refused.
+    Unset: 3 x the median norm of the round's updates, which needs at least 3 clients to single out one."""
+    max_samples_per_client: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    """Cap on the sample count a client reports (FedAvg's weight). Unset: 2 x the round's median count."""
 
     cel_rules = (
         Rule("!has(self.proximalMu) || self.strategy == 'FedProx'",
              "aggregation.proximalMu applies to strategy FedProx only; remove it or set strategy: FedProx",
              lambda s: s.proximal_mu is None or s.strategy == "FedProx", ".proximalMu"),
+        Rule("!has(self.trimFraction) || self.strategy == 'TrimmedMean'",
+             "aggregation.trimFraction applies to strategy TrimmedMean only; remove it or set strategy: TrimmedMean",
+             lambda s: s.trim_fraction is None or s.strategy == "TrimmedMean", ".trimFraction"),
     )
 
 
@@ -106,7 +122,8 @@ class FederatedTrainingSpec(Model):
     min_clients: Annotated[int, Field(ge=1, le=1000)] = 2
     """Clients that must return an update in every round; a round with fewer fails the run."""
     aggregation: Aggregation = Field(default_factory=Aggregation)
-    """FedAvg or FedProx."""
+    """How updates are screened (maxUpdateNorm, maxSamplesPerClient) and combined (FedAvg, FedProx, TrimmedMean,
+    Median)."""
     training: Training = Field(default_factory=Training)
     """Which layers train and the local optimiser's settings."""
     evaluation: Evaluation
@@ -124,10 +141,28 @@ class RoundStatus(Model):
     """Clients whose update was aggregated."""
     failures: Annotated[int, Field(ge=0)] = 0
     """Clients that were asked and did not answer."""
+    refused: Annotated[int, Field(ge=0)] = 0
+    """Clients whose update was refused (named in refusedClients)."""
     loss: float | None = None
     """Cross-entropy of the aggregated model on the evaluation data."""
     accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
     """Top-1 accuracy of the aggregated model on the evaluation data."""
+
+
+class RefusedClient(Model):
+    """A client the server refused: its update (NaN or Inf, too large, malformed) or its connection (an identity
+    that had already joined, or one more than the run admitted)."""
+
+    client: Annotated[str, Field(min_length=1, max_length=253)]
+    """The client's name as its certificate gives it (its Job's name), or the peer address without one."""
+    reason: Annotated[str, Field(min_length=1, max_length=64)]
+    """NonFinite, UpdateTooLarge, Malformed, NoSamples, DuplicateIdentity, TooManyClients or NoIdentity."""
+    message: Annotated[str, Field(max_length=1024)] = ""
+    """What the server saw (e.g. the update's norm and the bound)."""
+    round: Annotated[int, Field(ge=1)] | None = None
+    """The last round in which its update was refused (absent for a refused connection)."""
+    count: Annotated[int, Field(ge=1)] = 1
+    """How many times it was refused."""
 
 
 class FederatedTrainingStatus(Model):
@@ -136,7 +171,8 @@ class FederatedTrainingStatus(Model):
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """The .metadata.generation this status describes."""
     conditions: Conditions = Field(default_factory=list)
-    """Progressing, Succeeded, Failed."""
+    """Progressing, Succeeded, Failed, and ClientsRefused (True when the server refused a client; see
+    refusedClients)."""
     clients: Annotated[int, Field(ge=0)] | None = None
     """Client pods the run started."""
     rounds_done: Annotated[int, Field(ge=0)] = 0
@@ -144,6 +180,10 @@ class FederatedTrainingStatus(Model):
     rounds: Annotated[list[RoundStatus], Field(max_length=1000, json_schema_extra=list_map("round"))] = Field(
         default_factory=list)
     """Per round: clients, loss and accuracy."""
+    refused_clients: Annotated[list[RefusedClient], Field(max_length=1000,
+                                                          json_schema_extra=list_map("client"))] = Field(
+        default_factory=list)
+    """Clients the server refused, each with the reason (the latest one)."""
     start_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
     """Accuracy of the starting model on the evaluation data."""
     final_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None

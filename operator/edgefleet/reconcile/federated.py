@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from ..api import (
     format_errors,
     label_selector_matches,
 )
-from ..api.federated import FAILED, SUCCEEDED, FederatedTraining, FederatedTrainingStatus
+from ..api.federated import CLIENTS_REFUSED, FAILED, SUCCEEDED, FederatedTraining, FederatedTrainingStatus
 from ..artifacts import StoreError, own_store
 from ..compiler import CompileError
 from ..federated_tls import make_bundle
@@ -40,7 +41,8 @@ from .sources import config_map_bytes, uri_bytes
 log = logging.getLogger(__name__)
 KIND = "FederatedTraining"
 RELOOK_SECONDS = 5.0
-MAX_INPUT_BYTES = 900_000  # a Secret holds at most 1 MiB, TLS keys and base64 aside
+MAX_INPUT_BYTES = 900_000  # a Secret holds at most 1 MiB, base64 aside
+MAX_CLIENTS = 1000  # one certificate and one Secret each, all made in one step
 
 
 class RunFailed(Exception):
@@ -94,13 +96,17 @@ def _step(kube: Kube, settings: Settings, ft: FederatedTraining, status: dict[st
         raise RunFailed("NotEnoughClients", f"spec.minClients is {ft.spec.min_clients} but the participants give "
                         f"{len(clients)} clients ({len({c.node for c in clients})} nodes x clientsPerNode "
                         f"{ft.spec.participants.clients_per_node}); lower minClients or widen participants")
-    with _refusal_fails_the_run(f"the Secret, Service or Jobs of FederatedTraining {ns}/{ft.metadata['name']}",
+    if len(clients) > MAX_CLIENTS:
+        raise RunFailed("TooManyClients", f"the participants give {len(clients)} clients, over the {MAX_CLIENTS} "
+                        "one run admits; narrow participants or lower clientsPerNode")
+    with _refusal_fails_the_run(f"the Secrets, Service or Jobs of FederatedTraining {ns}/{ft.metadata['name']}",
                                 "FederatedTraining"):
-        _apply_children(kube, settings, ft, source, clients)
-    status["clients"] = len(clients)
+        admitted = _apply_children(kube, settings, ft, source, clients)
+    status["clients"] = len(admitted)
     report = _report(settings, ft)
     if report:
         status.update(_from_report(report))
+        _note_refusals(status, ft.metadata.get("generation"))
     job = kube.find("Job", r.run_name(ft), ns) or {}
     state = _job_state(job)
     if report and report.get("state") == "Failed":
@@ -187,23 +193,32 @@ def _bytes_of(kube: Kube, settings: Settings, ns: str, ref: Source | DataRef, wh
 
 
 def _apply_children(kube: Kube, settings: Settings, ft: FederatedTraining, source: EdgeModel,
-                    clients: list[r.Client]) -> None:
-    """The run's Secret first (created once, never read: AlreadyExists means made), then the Service, the
-    server Job and one Job per client. The server Job exists only after the Secret was made, so a step that
-    finds it skips the Secret (and the reads of the model and evaluation data)."""
+                    clients: list[r.Client]) -> list[r.Client]:
+    """The run's Secrets first (created once, never read: AlreadyExists means made), then the Service, the
+    server Job and one Job per admitted client; returns the admitted clients. The server Job exists only after
+    the Secrets were made, so a step that finds it skips them (and the reads of the model and evaluation data)
+    and takes the admitted clients and the TLS Secrets' suffix from its annotations: the CA's key is gone, so
+    a node that joins later gets no certificate and no client."""
     ns, run = ft.metadata["namespace"], r.run_name(ft)
-    if kube.find("Job", run, ns) is None:
-        kube.create(_run_secret(kube, settings, ft, source))
+    server = kube.find("Job", run, ns)
+    if server is None:
+        tls_id = secrets.token_hex(4)  # a failed step's Secrets (of another CA) are never mixed with these
+        for secret in _run_secrets(kube, settings, ft, source, clients, tls_id):
+            kube.create(secret)
         kube.apply(r.render_service(ft))
-        kube.apply(r.render_server_job(ft, settings, clients[0].node, len(clients)))
+        server = kube.apply(r.render_server_job(ft, settings, clients[0].node, clients, tls_id))
+    tls_id, admitted = r.admitted(server)
     service = kube.find("Service", run, ns) or kube.apply(r.render_service(ft))
     address = (service.get("spec") or {}).get("clusterIP", "")  # nodes without cluster DNS reach it too
-    for c in clients:
+    for c in admitted:
         if kube.find("Job", c.job_name(run), ns) is None:
-            kube.apply(r.render_client_job(ft, settings, c, address))
+            kube.apply(r.render_client_job(ft, settings, c, tls_id, address))
+    return admitted
 
 
-def _run_secret(kube: Kube, settings: Settings, ft: FederatedTraining, source: EdgeModel) -> dict[str, Any]:
+def _run_secrets(kube: Kube, settings: Settings, ft: FederatedTraining, source: EdgeModel, clients: list[r.Client],
+                 tls_id: str) -> list[dict[str, Any]]:
+    """The inputs Secret, the server's TLS Secret and one TLS Secret per client (each its own key)."""
     ns, run = ft.metadata["namespace"], r.run_name(ft)
     try:
         model = _bytes_of(kube, settings, ns, source.spec.source, "the source EdgeModel's spec.source")
@@ -217,8 +232,11 @@ def _run_secret(kube: Kube, settings: Settings, ft: FederatedTraining, source: E
         raise RunFailed("InputsTooLarge", f"the source model and spec.evaluation.data are {size} "
                         f"bytes together, over the {MAX_INPUT_BYTES} one Secret holds; use a smaller evaluation set")
     host = r.server_host(ft)
-    bundle = make_bundle(run, [host, run, f"{run}.{ns}", f"{host}.cluster.local"])
-    return r.render_secret(ft, bundle.secret_data(), model, evaluation)
+    bundle = make_bundle(run, [host, run, f"{run}.{ns}", f"{host}.cluster.local"],
+                         {c.job_name(run): c.node for c in clients})
+    return ([r.render_secret(ft, model, evaluation),
+             r.render_server_tls_secret(ft, tls_id, bundle.server_secret_data())]
+            + [r.render_client_tls_secret(ft, c, tls_id, bundle.client_secret_data(c.job_name(run))) for c in clients])
 
 
 def _report(settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
@@ -235,9 +253,10 @@ def _report(settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
 
 def _from_report(report: dict[str, Any]) -> dict[str, Any]:
     rounds = [{k: v for k, v in {"round": x["round"], "clients": x["clients"], "failures": x.get("failures", 0),
-                                 "loss": x.get("loss"), "accuracy": x.get("accuracy")}.items() if v is not None}
+                                 "refused": len(x.get("refused") or []), "loss": x.get("loss"),
+                                 "accuracy": x.get("accuracy")}.items() if v is not None}
               for x in report.get("rounds", [])]
-    out = {"rounds": rounds, "roundsDone": len(rounds)}
+    out = {"rounds": rounds, "roundsDone": len(rounds), "refusedClients": _refused_clients(report)}
     for key in ("startAccuracy", "finalAccuracy"):
         if report.get(key) is not None:
             out[key] = report[key]
@@ -245,6 +264,36 @@ def _from_report(report: dict[str, Any]) -> dict[str, Any]:
     if report.get("state") == "Succeeded" and pub.get("digest"):
         out.update(publishedRef=pub["ref"], publishedDigest=pub["digest"])
     return out
+
+
+def _refused_clients(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's refusals, one entry per client: the latest reason, message and round, and how many."""
+    by_client: dict[str, dict[str, Any]] = {}
+    for x in report.get("refusedClients") or []:
+        if not isinstance(x, dict) or not x.get("client"):
+            continue
+        client = str(x["client"])[:253]
+        entry = {"client": client, "reason": str(x.get("reason") or "Refused")[:64],
+                 "message": str(x.get("message") or "")[:1024],
+                 "count": by_client.get(client, {}).get("count", 0) + 1}
+        if isinstance(x.get("round"), int) and x["round"] >= 1:
+            entry["round"] = x["round"]
+        by_client[client] = entry
+    return list(by_client.values())[:1000]
+
+
+def _note_refusals(status: dict[str, Any], gen: int | None) -> None:
+    """ClientsRefused: True, naming the refused clients, once the server refused any."""
+    refused = status.get("refusedClients") or []
+    if not refused:
+        return
+    names = "; ".join(f"{x['client']}: {x['reason']}" + (f" in round {x['round']}" if "round" in x else "")
+                      for x in refused[:10])
+    more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
+    status["conditions"] = set_condition(
+        status.get("conditions", []), CLIENTS_REFUSED, True, "UpdatesRefused",
+        f"the server refused {len(refused)} client(s): {names}{more}; see status.refusedClients, and check "
+        "those clients' nodes (kubectl logs on their Jobs)", gen)
 
 
 def _job_state(job: dict[str, Any]) -> str:
@@ -274,7 +323,7 @@ def _finish(kube: Kube, obj: dict[str, Any], old: dict[str, Any], kind: str, rea
             gen: int | None, seen: dict[str, Any] | None = None) -> dict[str, Any]:
     """The terminal status: `seen` (the fields read this step, else the old status) with the condition."""
     status = dict(seen if seen is not None else old)
-    conds = set_condition(old.get("conditions", []), PROGRESSING, False, reason, message, gen)
+    conds = set_condition(status.get("conditions", []), PROGRESSING, False, reason, message, gen)
     status["conditions"] = set_condition(conds, kind, True, reason, message, gen)
     status.pop("publishedRef", None)
     status.pop("publishedDigest", None)
@@ -289,6 +338,6 @@ def _write(kube: Kube, obj: dict[str, Any], old: dict[str, Any], status: dict[st
         meta = obj["metadata"]
         kube.patch_status(KIND, meta["name"], meta["namespace"], status)
         for c in flipped(old.get("conditions", []), status.get("conditions", [])):
-            if c["status"] == "True" and c["type"] in (SUCCEEDED, FAILED):
-                kube.event(obj, c["reason"], c["message"], "Warning" if c["type"] == FAILED else "Normal")
+            if c["status"] == "True" and c["type"] in (SUCCEEDED, FAILED, CLIENTS_REFUSED):
+                kube.event(obj, c["reason"], c["message"], "Normal" if c["type"] == SUCCEEDED else "Warning")
     return status

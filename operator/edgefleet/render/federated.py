@@ -1,6 +1,8 @@
-"""Pure manifests of one FederatedTraining run: the run's Secret (TLS keys, source model, evaluation data),
-the server Job and its Service, and one client Job per (participating node, shard index). The Secret's keys
-are made by the reconciler (random); here it is only rendered and mounted: each side sees only its own key.
+"""Pure manifests of one FederatedTraining run: the run's inputs Secret (source model, evaluation data), a TLS
+Secret for the server and one per client, the server Job and its Service, and one client Job per
+(participating node, shard index). The keys are made by the reconciler (random); here they are only rendered
+and mounted. Each pod mounts only its own TLS Secret, so a node (whose kubelet may read the Secrets of its
+pods, and only those) never holds the server's key or another client's.
 
 The server is a Job, not a Deployment: a run ends, and the Job's completion (exit 0 = published, 1 = failed)
 is what the reconciler reads, beside the JSON report the server pushes to the artifact store every round.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,8 @@ INPUTS_DIR = "/var/run/edgefleet/inputs"
 TLS_DIR = "/var/run/edgefleet/tls"
 DATA_DIR = "/var/lib/edgefleet/federated-data"
 MODEL_FILE, EVAL_FILE = "model.onnx", "eval.npz"
+TLS_ID = "edgefleet.io/tls-id"  # server Job annotation: the suffix of the run's TLS Secrets' names
+CLIENTS = "edgefleet.io/clients"  # server Job annotation: the admitted clients, [[node, index], ...]
 SERVER_EXIT_NO_RETRY = [1, 2]  # 1 = the run failed (report says why), 2 = bad input: neither gets better by retrying
 
 
@@ -39,6 +44,9 @@ class Client:
     def job_name(self, run: str) -> str:
         """At most 63 characters (the Job's pods carry it as a label): run (40) + -c- + node (14) + -index."""
         return f"{run}-c-{_short(self.node, 14)}-{self.index}"
+
+    def tls_secret(self, run: str, tls_id: str) -> str:
+        return f"{self.job_name(run)}-tls-{tls_id}"
 
 
 def _short(value: str, size: int = 30) -> str:
@@ -88,12 +96,30 @@ def _meta(ft: FederatedTraining, name: str, component: str) -> dict[str, Any]:
             "ownerReferences": _owner(ft)}
 
 
-def render_secret(ft: FederatedTraining, tls: dict[str, bytes], model: bytes, evaluation: bytes) -> dict[str, Any]:
-    """The run's one Secret: the TLS bundle plus the inputs (model.onnx, eval.npz). It is created once and never
-    read back (the operator may create Secrets in the run's namespace, not read them); the run owns it."""
-    data = {**tls, MODEL_FILE: model, EVAL_FILE: evaluation}
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(ft, secret_name(ft), "run"),
+def server_tls_secret(ft: FederatedTraining, tls_id: str) -> str:
+    return f"{run_name(ft)}-server-tls-{tls_id}"
+
+
+def _secret(ft: FederatedTraining, name: str, component: str, data: dict[str, bytes]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(ft, name, component),
             "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())}}
+
+
+def render_secret(ft: FederatedTraining, model: bytes, evaluation: bytes) -> dict[str, Any]:
+    """The run's inputs (model.onnx, eval.npz). Like the TLS Secrets, it is created once and never read back
+    (the operator may create Secrets in the run's namespace, not read them); the run owns it."""
+    return _secret(ft, secret_name(ft), "run", {MODEL_FILE: model, EVAL_FILE: evaluation})
+
+
+def render_server_tls_secret(ft: FederatedTraining, tls_id: str, data: dict[str, bytes]) -> dict[str, Any]:
+    """ca.crt, server.crt, server.key: mounted by the server pod only."""
+    return _secret(ft, server_tls_secret(ft, tls_id), "server", data)
+
+
+def render_client_tls_secret(ft: FederatedTraining, client: Client, tls_id: str, data: dict[str, bytes]
+                             ) -> dict[str, Any]:
+    """ca.crt, client.crt, client.key of one client: mounted by that client's pod only."""
+    return _secret(ft, client.tls_secret(run_name(ft), tls_id), "client", data)
 
 
 def render_service(ft: FederatedTraining) -> dict[str, Any]:
@@ -102,9 +128,9 @@ def render_service(ft: FederatedTraining) -> dict[str, Any]:
                      "ports": [{"name": "flower", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
 
 
-def _secret_volume(ft: FederatedTraining, name: str, keys: list[str]) -> dict[str, Any]:
+def _secret_volume(name: str, secret: str, keys: list[str]) -> dict[str, Any]:
     items = [{"key": k, "path": k} for k in keys]
-    return {"name": name, "secret": {"secretName": secret_name(ft), "items": items, "defaultMode": 0o440}}
+    return {"name": name, "secret": {"secretName": secret, "items": items, "defaultMode": 0o440}}
 
 
 def _pod_spec(ft: FederatedTraining, node: str, container: dict[str, Any], volumes: list[dict[str, Any]],
@@ -133,33 +159,52 @@ def _inputs_mounts() -> list[dict[str, Any]]:
             {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]
 
 
-def _inputs_volumes(ft: FederatedTraining, side: str) -> list[dict[str, Any]]:
+def _inputs_volumes(ft: FederatedTraining, side: str, tls_secret: str) -> list[dict[str, Any]]:
     inputs = [MODEL_FILE, EVAL_FILE] if side == "server" else [MODEL_FILE]  # clients never see the eval data
-    return [_secret_volume(ft, "inputs", inputs), _secret_volume(ft, "tls", ["ca.crt", f"{side}.crt", f"{side}.key"]),
+    return [_secret_volume("inputs", secret_name(ft), inputs),
+            _secret_volume("tls", tls_secret, ["ca.crt", f"{side}.crt", f"{side}.key"]),
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
 
 
-def render_server_job(ft: FederatedTraining, settings: Settings, node: str, expected_clients: int) -> dict[str, Any]:
-    """The Flower server: every round, the report; at the end, the model, only when it beats the start."""
-    s = ft.spec
+def admitted(server_job: dict[str, Any]) -> tuple[str, list[Client]]:
+    """The TLS id and the clients a server Job was made for (its annotations); ("", []) when it has none."""
+    notes = server_job.get("metadata", {}).get("annotations") or {}
+    try:
+        pairs = json.loads(notes.get(CLIENTS, "[]"))
+        return str(notes.get(TLS_ID, "")), [Client(str(node), int(index)) for node, index in pairs]
+    except (TypeError, ValueError):
+        return "", []
+
+
+def render_server_job(ft: FederatedTraining, settings: Settings, node: str, clients: list[Client],
+                      tls_id: str) -> dict[str, Any]:
+    """The Flower server: every round, the report; at the end, the model, only when it beats the start and the
+    gate. It admits at most `clients` (their certificates, signed once, are the only ones of the run's CA);
+    its annotations record them and the TLS Secrets' suffix, for the steps that create the client Jobs."""
+    s, a = ft.spec, ft.spec.aggregation
     args = [f"--model={INPUTS_DIR}/{MODEL_FILE}", f"--eval={INPUTS_DIR}/{EVAL_FILE}", f"--tls-dir={TLS_DIR}",
             f"--port={PORT}", f"--rounds={s.rounds}", f"--min-clients={s.min_clients}",
-            f"--expected-clients={expected_clients}", f"--aggregation={s.aggregation.strategy}",
+            f"--expected-clients={len(clients)}", f"--aggregation={a.strategy}",
             f"--epochs={s.training.epochs}", f"--learning-rate={s.training.learning_rate}",
             f"--batch-size={s.training.batch_size}", f"--round-timeout={s.round_timeout_seconds}",
             f"--wait-seconds={s.round_timeout_seconds}",  # for the clients to connect, at the start and each round
             f"--store={pod_store(settings)}", f"--name={ft.metadata['namespace']}-{ft.spec.target_model.name}",
             f"--report={report_ref(pod_store(settings), ft)}"]
-    if s.aggregation.proximal_mu is not None:
-        args.append(f"--proximal-mu={s.aggregation.proximal_mu}")
+    optional = {"--proximal-mu": a.proximal_mu, "--trim-fraction": a.trim_fraction,
+                "--max-update-norm": a.max_update_norm, "--max-samples-per-client": a.max_samples_per_client}
+    args += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
     if s.evaluation.min_accuracy is not None:
         args.append(f"--min-accuracy={s.evaluation.min_accuracy}")
     env = [{"name": "EDGEFLEET_OCI_INSECURE", "value": "1"}] if settings.artifact_insecure else []
     container = _container(settings, ["server"] + args, _inputs_mounts(), env)
     container["ports"] = [{"name": "flower", "containerPort": PORT}]
     pod = {"metadata": {"labels": labels(ft, "server")},
-           "spec": _pod_spec(ft, node, container, _inputs_volumes(ft, "server"), "Never")}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(ft, run_name(ft), "server"),
+           "spec": _pod_spec(ft, node, container, _inputs_volumes(ft, "server", server_tls_secret(ft, tls_id)),
+                             "Never")}
+    meta = _meta(ft, run_name(ft), "server")
+    meta["annotations"] = {TLS_ID: tls_id, CLIENTS: json.dumps([[c.node, c.index] for c in clients],
+                                                               separators=(",", ":"))}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
             "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600,
                      "activeDeadlineSeconds": s.rounds * s.round_timeout_seconds + 900,
                      "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
@@ -167,17 +212,18 @@ def render_server_job(ft: FederatedTraining, settings: Settings, node: str, expe
                      "template": pod}}
 
 
-def render_client_job(ft: FederatedTraining, settings: Settings, client: Client,
+def render_client_job(ft: FederatedTraining, settings: Settings, client: Client, tls_id: str,
                       server: str = "") -> dict[str, Any]:
-    """One client: its node's data directory read-only; only the server's Service is its peer (`server`: its
-    ClusterIP, for clusters without DNS; the certificate is checked against the Service's name). One pod, never
-    replaced: a client that dies is a failure the server's rounds count, not a new participant."""
+    """One client: its node's data directory read-only, its own TLS Secret; only the server's Service is its
+    peer (`server`: its ClusterIP, for clusters without DNS; the certificate is checked against the Service's
+    name). One pod, never replaced: a client that dies is a failure the server's rounds count, not a new
+    participant (its identity has joined once; the server refuses it a second time)."""
     args = ["client", f"--model={INPUTS_DIR}/{MODEL_FILE}", f"--data={DATA_DIR}/{ft.spec.local_data.file_name}",
             f"--index={client.index}", f"--server={server or server_host(ft)}:{PORT}",
             f"--server-name={server_host(ft)}",
             f"--tls-dir={TLS_DIR}", f"--retry-seconds={ft.spec.round_timeout_seconds}"]
     mounts = _inputs_mounts() + [{"name": "data", "mountPath": DATA_DIR, "readOnly": True}]
-    volumes = _inputs_volumes(ft, "client") + [
+    volumes = _inputs_volumes(ft, "client", client.tls_secret(run_name(ft), tls_id)) + [
         {"name": "data", "hostPath": {"path": ft.spec.local_data.host_path, "type": "Directory"}}]
     meta = _meta(ft, client.job_name(run_name(ft)), "client")
     meta["labels"]["edgefleet.io/shard-index"] = str(client.index)

@@ -201,8 +201,3 @@ def train(head: Head, x: np.ndarray, y: np.ndarray, *, epochs: int = 5, learning
             b -= (step * gb + pull * (b - start.b)).astype(np.float32)
     return Head(w, b)
 
-
-def fedavg(updates: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
-    """Sample-weighted mean of parameter lists (FedAvg), for checking Flower's aggregation."""
-    total = sum(n for _, n in updates)
-    return [sum(p[i] * (n / total) for p, n in updates).astype(np.float32) for i in range(len(updates[0][0]))]
