@@ -36,7 +36,7 @@ def test_job_without_trust_settings_has_no_trust_args_or_volumes():
     job = render_compile_job(_request(None), Settings(artifact_store="oci://r:5000/m"))
     pod = job["spec"]["template"]["spec"]
     assert not [a for a in pod["containers"][0]["args"] if "key-file" in a]
-    assert [v["name"] for v in pod["volumes"]] == ["inputs", "work"]
+    assert [v["name"] for v in pod["volumes"]] == ["inputs", "work", "report-key"]  # the report key is not trust
 
 
 def test_job_signs_and_encrypts_and_its_args_run(tmp_path):

@@ -38,7 +38,7 @@ MODEL_DIGEST = "sha256:" + __import__("hashlib").sha256(MODEL).hexdigest()
 @pytest.fixture
 def tls(tmp_path, monkeypatch):
     """A certificate for localhost, trusted by requests through REQUESTS_CA_BUNDLE (spawned compiles inherit it)."""
-    bundle = make_bundle("sources", ["localhost"])
+    bundle = make_bundle("sources", ["localhost"], {})
     cert, key, ca = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"
     cert.write_bytes(bundle.server_cert)
     key.write_bytes(bundle.server_key)
