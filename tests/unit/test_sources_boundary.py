@@ -40,8 +40,8 @@ def tls(tmp_path, monkeypatch):
     """A certificate for localhost, trusted by requests through REQUESTS_CA_BUNDLE (spawned compiles inherit it)."""
     bundle = make_bundle("sources", ["localhost"], {})
     cert, key, ca = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"
-    cert.write_bytes(bundle.server_cert)
-    key.write_bytes(bundle.server_key)
+    cert.write_bytes(bundle.server.cert)
+    key.write_bytes(bundle.server.key)
     ca.write_bytes(bundle.ca_cert)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
     return cert, key
