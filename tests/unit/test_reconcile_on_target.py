@@ -39,11 +39,14 @@ def compile_report() -> dict:
     return {"variants": {CLASS: variant}}
 
 
-def bench_report(fp32_ms: float, int8_ms: float, node: str = "vm") -> dict:
-    def result(digest, p50):
+def bench_report(fp32_ms: float, int8_ms: float, node: str = "vm", fp32_accuracy: float = 0.98,
+                 int8_accuracy: float = 0.98) -> dict:
+    def result(digest, p50, accuracy):
         return {"digest": digest, "p50Ms1": p50, "p95Ms1": p50 * 2, "threadsN": 2, "p50MsN": p50, "p95MsN": p50 * 2,
-                "throughputPerSecond": 1000 / p50, "peakRssBytes": 80 << 20, "loadSeconds": 0.05, "accuracy": 0.98}
-    return {"kind": "BenchReport", "node": node, "results": [result(FP32, fp32_ms), result(INT8, int8_ms)]}
+                "throughputPerSecond": 1000 / p50, "peakRssBytes": 80 << 20, "loadSeconds": 0.05,
+                "accuracy": accuracy}
+    return {"kind": "BenchReport", "node": node, "results": [result(FP32, fp32_ms, fp32_accuracy),
+                                                             result(INT8, int8_ms, int8_accuracy)]}
 
 
 class Store:
@@ -261,3 +264,58 @@ def test_a_bench_job_the_api_server_cannot_take_falls_back_to_the_host_with_the_
     assert (v["state"], v["selection"], v["reason"], v["digest"]) == ("Ready", "host", "BenchUnavailable", FP32)
     assert "namespace edgefleet-system does not exist" in v["message"] and "EDGEFLEET_NAMESPACE" in v["message"]
     assert [e["reason"] for e in kube.warnings()] == ["BenchUnavailable"]
+
+
+def budget(kube, max_drop: float) -> None:
+    em = kube.stored("EdgeModel", "digits", NS)
+    em["spec"]["optimization"]["accuracyBudget"] = {"maxAccuracyDrop": max_drop}
+
+
+def test_boundary_a_candidate_outside_the_accuracy_budget_on_target_is_never_selected_however_fast(kube, store):
+    """int8 is 10x faster on the node but answers like a forged model there (accuracy 0.10 vs 0.98): the node's
+    own measurement gates the selection as the compile-time budget does."""
+    budget(kube, 1.0)
+    reconcile_model(kube, settings(), NS, "digits", world(kube))
+    (job,) = bench_jobs(kube)
+    finish(job, kube)
+    store.bench = bench_report(fp32_ms=0.30, int8_ms=0.03, int8_accuracy=0.10)
+    reconcile_model(kube, settings(), NS, "digits", world(kube))
+    v = variant(kube)
+    assert (v["state"], v["digest"]) == ("Ready", FP32)
+    assert v["digest"] != INT8
+
+
+def test_boundary_on_target_accuracy_drops_are_measured_against_the_source(kube, store):
+    budget(kube, 1.0)
+    reconcile_model(kube, settings(), NS, "digits", world(kube))
+    (job,) = bench_jobs(kube)
+    finish(job, kube)
+    # the anchor (fp32, compile-time delta 0.0) sets the source at 0.98; int8 drops 30 points on the node
+    store.bench = bench_report(fp32_ms=0.30, int8_ms=0.03, fp32_accuracy=0.98, int8_accuracy=0.68)
+    reconcile_model(kube, settings(), NS, "digits", world(kube))
+    assert variant(kube)["digest"] == FP32  # fp32 is within budget: chosen
+    from edgefleet.render.bench_job import accuracy_drops_on_target, on_target_results, within_budget_on_target
+
+    candidates = [{"digest": FP32, "accuracyDelta": 0.0}, {"digest": INT8, "accuracyDelta": -0.5}]
+    drops = accuracy_drops_on_target(on_target_results(bench_report(1, 1, fp32_accuracy=0.5, int8_accuracy=0.2)),
+                                     candidates)
+    assert drops == {FP32: 0.0, INT8: 30.0}
+    assert within_budget_on_target(drops, [FP32, INT8], 1.0) == [FP32]
+    assert within_budget_on_target(drops, [FP32, INT8], None) == [FP32, INT8]
+    assert within_budget_on_target({}, [FP32, INT8], 1.0) == [FP32, INT8]  # no labels: compile-time verdict
+
+
+def test_boundary_the_on_target_gate_is_anchored_on_the_candidate_closest_to_the_source(kube, store):
+    budget(kube, 1.0)
+    reconcile_model(kube, settings(), NS, "digits", world(kube))
+    (job,) = bench_jobs(kube)
+    finish(job, kube)
+    em = kube.stored("EdgeModel", "digits", NS)
+    for c in em["status"]["variants"][0]["candidates"]:
+        c["accuracyDelta"] = 0.0  # the compile host measured both at the source's accuracy
+    store.bench = bench_report(fp32_ms=0.30, int8_ms=0.03, fp32_accuracy=0.10, int8_accuracy=0.98)
+    reconcile_model(kube, settings(), NS, "digits", world(kube))
+    v = variant(kube)
+    # anchored on the best compile-time delta (fp32 first at 0.0): fp32 is the reference, int8 gains -> int8 wins;
+    # the gate never removes the candidate that keeps accuracy
+    assert (v["state"], v["digest"]) == ("Ready", INT8)

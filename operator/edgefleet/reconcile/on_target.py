@@ -27,11 +27,13 @@ from ..render.bench_job import (
     PROFILE,
     BenchCandidate,
     BenchJobRequest,
+    accuracy_drops_on_target,
     bench_labels,
     choose_on_target,
     on_target_results,
     render_bench_inputs,
     render_bench_job,
+    within_budget_on_target,
 )
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, render_report_key, report_ref
 from ..settings import Settings
@@ -74,7 +76,8 @@ def _advance(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, v: d
         req = _request(kube, settings, em, namespace, v, profile, node)
     except CompileError as err:
         return _host(v, err.reason, f"{err.message}. Fix: {err.fix}")
-    return _follow_job(kube, settings, req, v)
+    budget = em.spec.optimization.accuracy_budget
+    return _follow_job(kube, settings, req, v, budget.max_accuracy_drop if budget else None)
 
 
 def _host_reason(settings: Settings, em: EdgeModel, profile: HardwareProfile | None) -> tuple[str, str] | None:
@@ -143,7 +146,8 @@ def _request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, v: d
                            runs=settings.bench_runs)
 
 
-def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[str, Any]) -> dict[str, Any]:
+def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[str, Any], max_drop: float | None
+                ) -> dict[str, Any]:
     manifest = render_bench_job(req, settings)
     name, ns = manifest["metadata"]["name"], settings.namespace
     ref = report_ref(settings.artifact_store, name)
@@ -151,7 +155,7 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
     _delete_stale(kube, ns, req, name)
     job = kube.find("Job", name, ns)
     if job is None:
-        found = _sealed_report(settings, ref, master, name, v)
+        found = _sealed_report(settings, ref, master, name, v, max_drop)
         if found is not None:
             return found
         try:
@@ -172,7 +176,7 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
             kube.create(render_report_key(job, job_key(master, name)))
             kube.apply(render_bench_inputs(req, job))
         return _benchmarking(v, req.node, name)
-    found = _sealed_report(settings, ref, master, name, v)
+    found = _sealed_report(settings, ref, master, name, v, max_drop)
     if found is not None:
         return found
     if state == "Failed":
@@ -185,8 +189,8 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
                  "registry")
 
 
-def _sealed_report(settings: Settings, ref: str, master: bytes, job: str, v: dict[str, Any]
-                   ) -> dict[str, Any] | None:
+def _sealed_report(settings: Settings, ref: str, master: bytes, job: str, v: dict[str, Any],
+                   max_drop: float | None) -> dict[str, Any] | None:
     """The variant as the Job's report decides it; None while there is none. A report not sealed by this Job
     is never used: the compile host's choice stays, naming the refusal."""
     try:
@@ -194,7 +198,7 @@ def _sealed_report(settings: Settings, ref: str, master: bytes, job: str, v: dic
     except ReportRejected as err:
         return _host(v, "BenchReportRejected", f"the benchmark report {ref} was refused ({err}): something other "
                      f"than benchmark Job {job} wrote it")
-    return None if report is None else _from_report(v, report, job)
+    return None if report is None else _from_report(v, report, job, max_drop)
 
 
 def _refusal(err: Exception, ns: str, name: str) -> str | None:
@@ -214,7 +218,7 @@ def _delete_stale(kube: Kube, ns: str, req: BenchJobRequest, keep: str) -> None:
             kube.delete("Job", meta["name"], ns)
 
 
-def _from_report(v: dict[str, Any], report: dict[str, Any], job: str) -> dict[str, Any]:
+def _from_report(v: dict[str, Any], report: dict[str, Any], job: str, max_drop: float | None) -> dict[str, Any]:
     try:
         results = on_target_results(report)
     except ValueError as err:
@@ -223,7 +227,13 @@ def _from_report(v: dict[str, Any], report: dict[str, Any], job: str) -> dict[st
     for c in candidates:
         if c["digest"] in results:
             c["onTarget"] = results[c["digest"]].model_dump(by_alias=True, exclude_none=True)
-    best = choose_on_target(results, [c["digest"] for c in candidates], threads=1)
+    drops = accuracy_drops_on_target(results, candidates)
+    allowed = within_budget_on_target(drops, [c["digest"] for c in candidates], max_drop)
+    if not allowed:
+        return _outside_budget(v, candidates, drops, max_drop, job)
+    best = choose_on_target(results, allowed, threads=1)
+    if best is None and candidates[0]["digest"] not in allowed:  # the host's choice failed the budget on the node
+        return _outside_budget(v, candidates, drops, max_drop, job)
     if best is None:
         errors = "; ".join(f"{c['name']}: {c.get('onTarget', {}).get('error', 'not in the report')}"
                            for c in candidates)
@@ -243,6 +253,16 @@ def _from_report(v: dict[str, Any], report: dict[str, Any], job: str) -> dict[st
     out.update({"state": "Ready", "selection": "onTarget", "onTarget": ot, "reason": "FastestOnTarget",
                 "message": message, "candidates": [chosen] + [c for c in candidates if c is not chosen]})
     return out
+
+
+def _outside_budget(v: dict[str, Any], candidates: list[dict[str, Any]], drops: dict[str, float],
+                    max_drop: float | None, job: str) -> dict[str, Any]:
+    """Every candidate lost more accuracy on the node than the budget allows: none is served, however fast."""
+    lost = "; ".join(f"{c['name']}: {drops.get(c['digest'])} points" for c in candidates)
+    return {**v, "state": "Failed", "candidates": candidates, "reason": "OnTargetAccuracyOutOfBudget",
+            "message": (f"{_compiled(v)}{NOTE}benchmark Job {job}: every candidate's accuracy on the node drops "
+                        f"more than maxAccuracyDrop {max_drop} points against the source ({lost}). Fix: check the "
+                        "variants' digests and the class's runtime, or widen spec.optimization.accuracyBudget")[:4096]}
 
 
 def _benchmarking(v: dict[str, Any], node: str, job: str) -> dict[str, Any]:

@@ -226,6 +226,30 @@ def choose_on_target(results: dict[str, OnTargetResult], allowed: list[str], thr
     return min(measured, key=measured.__getitem__) if measured else None
 
 
+def accuracy_drops_on_target(results: dict[str, OnTargetResult], candidates: list[dict[str, Any]]
+                             ) -> dict[str, float]:
+    """Each measured candidate's on-target accuracy drop in points against the source model, by digest.
+
+    The source is not measured on the node; the candidate the compiler found closest to it (highest compile-time
+    ``accuracyDelta``, e.g. fp32 at 0.0) anchors it: source accuracy = anchor's on-target accuracy - its delta.
+    Empty when the evaluation data has no labels (no accuracy was measured)."""
+    measured = [c for c in candidates if c.get("accuracyDelta") is not None
+                and (r := results.get(c["digest"])) is not None and r.accuracy is not None and not r.error]
+    if not measured:
+        return {}
+    anchor = max(measured, key=lambda c: c["accuracyDelta"])
+    source = float(results[anchor["digest"]].accuracy or 0.0) * 100 - anchor["accuracyDelta"]
+    return {c["digest"]: round(source - float(results[c["digest"]].accuracy or 0.0) * 100, 4) for c in measured}
+
+
+def within_budget_on_target(drops: dict[str, float], digests: list[str], max_drop: float | None) -> list[str]:
+    """``digests`` whose on-target accuracy drop is within ``max_drop`` points (all of them without a budget;
+    a candidate with no on-target accuracy keeps its compile-time verdict)."""
+    if max_drop is None:
+        return list(digests)
+    return [d for d in digests if drops.get(d, 0.0) <= max_drop]
+
+
 def gate_verdict(gate: RolloutGate | None, result: OnTargetResult | None, threads: int | None = None
                  ) -> tuple[str, list[str]]:
     """("Pass" | "Wait" | "Fail", why with the numbers). No gate: Pass. No result yet: Wait (the class's
