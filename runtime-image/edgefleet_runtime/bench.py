@@ -382,12 +382,15 @@ def _encrypted(path: Path) -> bool:
         return is_encrypted(f.read(len(MAGIC)))
 
 
+REPORT_PUSH_SECONDS = 300.0  # the push, every request and retry together
+
+
 def push_report(uri: str, data: bytes, insecure: bool = False) -> None:
     """Push ``data`` as a one-file artifact to ``oci://HOST[:PORT]/REPO:TAG`` (as the compile Job's report)."""
     import tempfile
 
-    import oras.client
-
+    from .bounded import Deadline, Limits
+    from .fetch import registry_client
     from .sealed import seal_from_env
 
     data = seal_from_env(data)  # the operator accepts only a report sealed with this Job's key
@@ -395,7 +398,8 @@ def push_report(uri: str, data: bytes, insecure: bool = False) -> None:
     registry, _, repo = rest.partition("/")
     if not repo or ":" not in repo.rsplit("/", 1)[-1]:
         raise BenchError(f"--report {uri}: an oci:// report needs a tag, oci://HOST:PORT/REPO:TAG")
-    client = oras.client.OrasClient(hostname=registry, insecure=insecure)
+    limits = Limits(max_bytes=0, deadline_seconds=REPORT_PUSH_SECONDS)
+    client = registry_client(registry, insecure, limits, Deadline(limits.deadline_seconds))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "report.json"
         path.write_bytes(data)

@@ -110,7 +110,7 @@ def _short(error: Exception) -> str:
     return text[:200]
 
 
-def _registry(host: str, plain_http: bool, limits: bounded.Limits, deadline: bounded.Deadline):
+def registry_client(host: str, plain_http: bool, limits: bounded.Limits, deadline: bounded.Deadline):
     """An ORAS registry client whose requests end by ``deadline``, refuse redirects that lower security, and
     retry a bounded number of times (ORAS's own retry sleeps 3, 5, 11, 29, 83 s, silently, and its requests
     have no timeout)."""
@@ -175,7 +175,7 @@ def _oci_chunks(ref: str, digest: str, insecure: bool, found: dict, limits: boun
     target = ref[len("oci://") :]
     host = target.split("/", 1)[0]
     plain_http = insecure or _is_loopback(host)
-    registry = _registry(host, plain_http, limits, deadline)
+    registry = registry_client(host, plain_http, limits, deadline)
     container = oras.container.Container(target)
     if credentials:
         try:  # pull secrets mounted as a Docker config ($DOCKER_CONFIG or ~/.docker/config.json)

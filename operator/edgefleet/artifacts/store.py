@@ -115,6 +115,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+OPERATION_SECONDS = 300.0  # one push or pull of the operator's store, every request and retry together
+
+
 class OCIStore:
     """An OCI registry through ORAS: one manifest per variant, the report as manifest annotations (and the
     signature, ``io.edgefleet.signature``, when the variant is signed: one push, no referrers API needed).
@@ -124,15 +127,27 @@ class OCIStore:
     """
 
     def __init__(self, registry: str, repository: str = "edgefleet/models", insecure: bool = True,
-                 username: str | None = None, password: str | None = None):
-        import oras.client
-
+                 username: str | None = None, password: str | None = None,
+                 operation_seconds: float = OPERATION_SECONDS):
         self.registry = registry.rstrip("/")
         self.repository = repository.strip("/")
         self.insecure = insecure
-        self._client = oras.client.OrasClient(hostname=self.registry, insecure=insecure)
-        if username:
-            self._client.login(username, password or "", tls_verify=not insecure, hostname=self.registry)
+        self._login = (username, password or "") if username else None
+        self.operation_seconds = operation_seconds
+
+    @property
+    def _client(self):
+        """A registry client for one operation: every request times out, the retries (bounded, with jitter) and
+        the operation end within ``operation_seconds``, redirects never lower security
+        (``edgefleet_runtime.fetch.registry_client``, the client the runtime fetches with)."""
+        from edgefleet_runtime.bounded import Deadline, Limits
+        from edgefleet_runtime.fetch import registry_client
+
+        limits = Limits(max_bytes=0, deadline_seconds=self.operation_seconds)
+        client = registry_client(self.registry, self.insecure, limits, Deadline(limits.deadline_seconds))
+        if self._login:
+            client.login(*self._login, tls_verify=not self.insecure, hostname=self.registry)
+        return client
 
     def _target(self, suffix: str) -> str:
         return f"{self.registry}/{self.repository}{suffix}"
