@@ -47,7 +47,7 @@ class FakeKube(Kube):
         self.objects: dict[tuple[str, str | None, str], dict] = {}
         self.events: list[dict] = []
         self.calls: list[tuple[str, str, str | None]] = []  # (verb, kind, name)
-        self._errors: dict[tuple[str, str, str | None], Exception] = {}
+        self._errors: dict[tuple[str, str, str | None], Exception | None] = {}
         self._uids = itertools.count(1)
 
     # ---- test controls
@@ -55,6 +55,11 @@ class FakeKube(Kube):
     def fail(self, verb: str, kind: str, error: Exception, name: str | None = None) -> None:
         """Raise `error` on every `verb` ("apply", "list", ...) of `kind` (named `name`, or any)."""
         self._errors[(verb, kind, name)] = error
+
+    def allow(self, verb: str, kind: str, name: str) -> None:
+        """Let `verb` of the object `name` through a `fail` of its whole kind (RBAC that names one object, e.g. the
+        operator's own Secret in its namespace)."""
+        self._errors[(verb, kind, name)] = None
 
     def heal(self) -> None:
         self._errors.clear()
@@ -151,7 +156,10 @@ class FakeKube(Kube):
 
     def _record(self, verb: str, kind: str, name: str | None) -> None:
         self.calls.append((verb, kind, name))
-        error = self._errors.get((verb, kind, name)) or self._errors.get((verb, kind, None))
+        if (verb, kind, name) in self._errors:
+            error = self._errors[(verb, kind, name)]
+        else:
+            error = self._errors.get((verb, kind, None))
         if error is not None:
             raise error
 

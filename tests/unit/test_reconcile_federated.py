@@ -46,7 +46,7 @@ def kube(monkeypatch):
     fake.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining",
               "metadata": {"name": "ft", "namespace": NS, "uid": "1234567890", "generation": 1}, "spec": spec()})
     fake.report = None
-    monkeypatch.setattr("edgefleet.reconcile.federated._report", lambda settings, ft: fake.report)
+    monkeypatch.setattr("edgefleet.reconcile.federated._report", lambda kube, settings, ft: fake.report)
     return fake
 
 
@@ -65,6 +65,7 @@ def client_jobs(kube) -> list[dict]:
 def test_federated_boundary_run_gives_each_pod_only_its_own_key_in_secrets_it_never_reads(kube):
     for verb in ("get", "list"):  # the chart lets the operator create Secrets in a user's namespace, not read them
         kube.fail(verb, "Secret", api_error(403, "secrets is forbidden", "Forbidden"))
+    kube.allow("get", "Secret", SETTINGS.results_key_secret)  # its own report key, in its own namespace
     status = step(kube)
     assert cond(status, "Progressing")["status"] == "True" and status["clients"] == 3
     jobs = client_jobs(kube)
@@ -90,7 +91,8 @@ def test_federated_boundary_run_gives_each_pod_only_its_own_key_in_secrets_it_ne
 
     # the server mounts its own key and the inputs; each client its own key and the model, never the eval data
     assert mounted(job["spec"]["template"]) == {"fl-ft-run": {"model.onnx", "eval.npz"},
-                                                f"fl-ft-server-tls-{tls_id}": {"ca.crt", "server.crt", "server.key"}}
+                                                f"fl-ft-server-tls-{tls_id}": {"ca.crt", "server.crt", "server.key"},
+                                                "fl-ft-report-key": {"key"}}  # seals its report (reports.py)
     for j in jobs:
         own = f"{j['metadata']['name']}-tls-{tls_id}"
         assert mounted(j["spec"]["template"]) == {"fl-ft-run": {"model.onnx"},
@@ -116,6 +118,7 @@ def test_federated_secret_that_exists_already_counts_as_made(kube):
     kube.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fl-ft-run", "namespace": NS},
               "data": {"ca.crt": "eA=="}})
     kube.fail("get", "Secret", api_error(403, "secrets is forbidden", "Forbidden"))
+    kube.allow("get", "Secret", SETTINGS.results_key_secret)  # its own report key, in its own namespace
     status = step(kube)  # 409 AlreadyExists from create: the run goes on
     assert cond(status, "Progressing")["status"] == "True"
     assert ("create", "Secret", "fl-ft-run") in kube.calls and kube.find("Job", "fl-ft", NS) is not None

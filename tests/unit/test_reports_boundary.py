@@ -175,3 +175,36 @@ def test_boundary_a_forged_compile_cache_entry_is_ignored_and_a_job_runs(kube, r
     assert {v["state"] for v in variants.values()} == {"Compiling"}  # a Job of its own, not the forged cache
     assert len(kube.list("Job", settings().namespace)) == 1
     assert [e["reason"] for e in kube.warnings()] == ["ReportRejected"]
+
+
+def test_boundary_a_federated_server_report_is_accepted_only_when_sealed_for_this_run(kube, registry):
+    """The server's report decides the publish (the target EdgeModel's new source, then signed and rolled out):
+    a report pushed by anything but this run's server pod, or sealed for a namesake run, is refused."""
+    from edgefleet.api.federated import FederatedTraining
+    from edgefleet.reconcile import federated
+    from edgefleet.reconcile.reports import master_key
+    from edgefleet.render import federated as r
+
+    def run(uid: str) -> FederatedTraining:
+        return FederatedTraining.model_validate({
+            "apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining",
+            "metadata": {"name": "ft", "namespace": NS, "uid": uid, "generation": 1},
+            "spec": {"sourceModel": {"name": "digits"}, "targetModel": {"name": "digits"},
+                     "participants": {"nodeSelector": {"matchLabels": {"edge": "yes"}}},
+                     "localData": {"hostPath": "/var/lib/digits"},
+                     "evaluation": {"data": {"configMap": {"name": "inputs", "key": "eval.npz"}}}}})
+
+    ft, namesake = run("uid-now"), run("uid-before")
+    ref = r.report_ref(settings().artifact_store, ft)
+    master = master_key(kube, settings())
+    published = json.dumps({"state": "Succeeded", "published": {"digest": FORGED}}).encode()
+    registry.tags[ref] = published  # unsealed
+    with pytest.raises(federated.RunFailed, match="ReportRejected|not a sealed report"):
+        federated._report(kube, settings(), ft)
+    old = r.report_binding(namesake)  # the run of a deleted FederatedTraining of the same name
+    registry.tags[ref] = seal(derive(master, f"job:{old}"), old, published)
+    with pytest.raises(federated.RunFailed, match="replayed"):
+        federated._report(kube, settings(), ft)
+    binding = r.report_binding(ft)
+    registry.tags[ref] = seal(derive(master, f"job:{binding}"), binding, published)
+    assert federated._report(kube, settings(), ft)["published"]["digest"] == FORGED  # what this run's server said

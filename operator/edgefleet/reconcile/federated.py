@@ -8,7 +8,6 @@ and the gate, and the target EdgeModel's source changes only on a Succeeded repo
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import Iterator
@@ -28,14 +27,15 @@ from ..api import (
     label_selector_matches,
 )
 from ..api.federated import CLIENTS_REFUSED, FAILED, SUCCEEDED, FederatedTraining, FederatedTrainingStatus
-from ..artifacts import StoreError, own_store
 from ..compiler import CompileError
 from ..federated_tls import make_bundle
 from ..kube import ApiError, Kube
 from ..render import federated as r
+from ..render.compile_job import render_report_key
 from ..settings import Settings
 from .conditions import flipped, set_condition
 from .errors import as_permanent
+from .reports import ReportRejected, job_key, master_key, read_report
 from .sources import config_map_bytes, uri_bytes
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _step(kube: Kube, settings: Settings, ft: FederatedTraining, status: dict[st
                                 "FederatedTraining"):
         admitted = _apply_children(kube, settings, ft, source, clients)
     status["clients"] = len(admitted)
-    report = _report(settings, ft)
+    report = _report(kube, settings, ft)
     if report:
         status.update(_from_report(report))
         _note_refusals(status, ft.metadata.get("generation"))
@@ -207,6 +207,7 @@ def _apply_children(kube: Kube, settings: Settings, ft: FederatedTraining, sourc
             kube.create(secret)
         kube.apply(r.render_service(ft))
         server = kube.apply(r.render_server_job(ft, settings, clients[0].node, clients, tls_id))
+        kube.create(render_report_key(server, job_key(master_key(kube, settings), r.report_binding(ft))))
     tls_id, admitted = r.admitted(server)
     service = kube.find("Service", run, ns) or kube.apply(r.render_service(ft))
     address = (service.get("spec") or {}).get("clusterIP", "")  # nodes without cluster DNS reach it too
@@ -239,16 +240,16 @@ def _run_secrets(kube: Kube, settings: Settings, ft: FederatedTraining, source: 
             + [r.render_client_tls_secret(ft, c, tls_id, bundle.client_secret_data(c.job_name(run))) for c in clients])
 
 
-def _report(settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
+def _report(kube: Kube, settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
+    """The server's report, sealed with the run's key for this FederatedTraining (reports.py); one that is not
+    fails the run (nothing it says is acted on)."""
     ref = r.report_ref(settings.artifact_store, ft)  # the same tag the server pushed, as the operator reaches it
+    binding = r.report_binding(ft)
     try:
-        store = own_store(settings.artifact_store, ref, settings.artifact_insecure, settings.artifact_username,
-                          settings.artifact_password)
-        report: dict[str, Any] = json.loads(store.get(ref, ""))
-        return report
-    except (StoreError, ValueError) as err:
-        log.debug("federated report %s not available: %s", ref, err)
-        return None
+        return read_report(settings, ref, job_key(master_key(kube, settings), binding), binding)
+    except ReportRejected as err:
+        raise RunFailed("ReportRejected", f"the server report {ref} was refused ({err}): something other than "
+                        "this run's server wrote it; restrict pushes to the artifact store (docs/security.md)") from err
 
 
 def _from_report(report: dict[str, Any]) -> dict[str, Any]:

@@ -267,7 +267,7 @@ def model_job(name: str, settings: Settings, labels: dict[str, str], req: Any, a
     """A Job the operator runs for an EdgeModel (compile, bench): the model and its report named in annotations,
     deterministic failures not retried, pod disruptions ignored, kept an hour after it finishes. Its container
     seals the report with the Job's own key (``render_report_key``), bound to the Job's name."""
-    pod = _with_report_key(name, pod, policy.container)
+    pod = with_report_key(pod, policy.container, report_key_secret(name), name)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -297,18 +297,19 @@ def report_key_secret(job_name: str) -> str:
     return f"{job_name}-report-key"
 
 
-def _with_report_key(name: str, pod: dict[str, Any], container: str) -> dict[str, Any]:
-    """``pod`` with the report key mounted into ``container`` and named to it (EDGEFLEET_REPORT_KEY_FILE and
-    EDGEFLEET_REPORT_BINDING, which ``edgefleet_runtime.sealed.seal_from_env`` reads)."""
+def with_report_key(pod: dict[str, Any], container: str, secret: str, binding: str) -> dict[str, Any]:
+    """``pod`` (a pod spec) with the report key of Secret ``secret`` mounted into ``container`` and named to it
+    with its ``binding`` (EDGEFLEET_REPORT_KEY_FILE and EDGEFLEET_REPORT_BINDING, which
+    ``edgefleet_runtime.sealed.seal_from_env`` reads)."""
     def mounted(c: dict[str, Any]) -> dict[str, Any]:
         if c["name"] != container:
             return c
         return {**c, "env": [*c.get("env", []), {"name": KEY_FILE_ENV, "value": f"{REPORT_KEY_DIR}/key"},
-                             {"name": BINDING_ENV, "value": name}],
+                             {"name": BINDING_ENV, "value": binding}],
                 "volumeMounts": [*c.get("volumeMounts", []),
                                  {"name": "report-key", "mountPath": REPORT_KEY_DIR, "readOnly": True}]}
 
-    volume = {"name": "report-key", "secret": {"secretName": report_key_secret(name),
+    volume = {"name": "report-key", "secret": {"secretName": secret,
                                                "items": [{"key": "key", "path": "key"}], "defaultMode": 0o440}}
     return {**pod, "containers": [mounted(c) for c in pod["containers"]],
             "volumes": [*pod.get("volumes", []), volume]}

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..api.federated import FederatedTraining
 from ..settings import Settings
+from .compile_job import report_key_secret, with_report_key
 from .workload import restricted_security_context
 
 MANAGED_BY = "edgefleet"
@@ -198,9 +199,9 @@ def render_server_job(ft: FederatedTraining, settings: Settings, node: str, clie
     env = [{"name": "EDGEFLEET_OCI_INSECURE", "value": "1"}] if settings.artifact_insecure else []
     container = _container(settings, ["server"] + args, _inputs_mounts(), env)
     container["ports"] = [{"name": "flower", "containerPort": PORT}]
+    spec = _pod_spec(ft, node, container, _inputs_volumes(ft, "server", server_tls_secret(ft, tls_id)), "Never")
     pod = {"metadata": {"labels": labels(ft, "server")},
-           "spec": _pod_spec(ft, node, container, _inputs_volumes(ft, "server", server_tls_secret(ft, tls_id)),
-                             "Never")}
+           "spec": with_report_key(spec, "trainer", report_key_secret(run_name(ft)), report_binding(ft))}
     meta = _meta(ft, run_name(ft), "server")
     meta["annotations"] = {TLS_ID: tls_id, CLIENTS: json.dumps([[c.node, c.index] for c in clients],
                                                                separators=(",", ":"))}
@@ -210,6 +211,11 @@ def render_server_job(ft: FederatedTraining, settings: Settings, node: str, clie
                      "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
                          "containerName": "trainer", "operator": "In", "values": SERVER_EXIT_NO_RETRY}}]},
                      "template": pod}}
+
+
+def report_binding(ft: FederatedTraining) -> str:
+    """What the server's report is sealed for: this FederatedTraining object (its uid), never a namesake's run."""
+    return f"{ft.metadata['namespace']}/{run_name(ft)}/{ft.metadata.get('uid', '')}"
 
 
 def render_client_job(ft: FederatedTraining, settings: Settings, client: Client, tls_id: str,
