@@ -1,5 +1,10 @@
 """Manifests for one hardware class of an EdgeDeployment: a DaemonSet (PerNode) or a Deployment
-(Replicas) that fetches the class's variant into the node cache and serves it, plus the Service."""
+(Replicas) that fetches the class's variant into the node cache and serves it, plus the Service.
+
+The node cache is a CSI ephemeral volume of the edgefleet node cache driver (the chart's DaemonSet in the
+operator's namespace, edgefleet_runtime.cachedriver): the kubelet tells the driver the pod's namespace, and
+the driver mounts that namespace's own folder of the node's cache, owned by the runtime user. Unprivileged
+classes thus render pods that Pod Security `restricted` admits (docs/security.md, "Runtime pods")."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from .placement import higher_priority, node_affinity
 
 RUNTIME_UID = 10001  # the runtime images run as this user
 CACHE_MOUNT = RUNTIME_CACHE_MOUNT  # device mounts may not use it (admission refuses them)
+CACHE_DRIVER = "cache.edgefleet.io"  # the CSI driver of the node cache (CSIDriver in the chart)
+MODELS_FOLDER = "models"  # the variants' folder in the namespace's part of the node cache
 DIGEST_ANNOTATION = "edgefleet.io/variant-digest"
 TEMPLATE_HASH = "edgefleet.io/template-hash"
 # On SIGTERM the runtime answers not-ready but keeps serving this long, so kube-proxy drops the pod from the
@@ -130,8 +137,14 @@ SPOOL_MAX_COUNT = 1_000_000  # the spool is bounded by feedback.hardExamples.max
 
 
 def spool_path(ed: EdgeDeployment) -> str:
-    """The spool's folder inside the node cache: one per EdgeDeployment, kept across pod restarts."""
-    return f"hard-examples/{ed.metadata['namespace']}/{ed.metadata['name']}"
+    """The spool's folder in the namespace's part of the node cache: one per EdgeDeployment, kept across pod
+    restarts."""
+    return f"hard-examples/{ed.metadata['name']}"
+
+
+def cache_volume(name: str, folder: str) -> dict[str, Any]:
+    """A CSI ephemeral volume: `folder` of the pod's own namespace's part of the node cache."""
+    return {"name": name, "csi": {"driver": CACHE_DRIVER, "volumeAttributes": {"folder": folder}}}
 
 
 def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: bool
@@ -157,15 +170,16 @@ def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: 
                  f"--hard-examples-upload-interval={hard.upload_interval_seconds}"]
         if insecure:
             args.append("--hard-examples-insecure")
-        mounts.append({"name": "model-cache", "mountPath": SPOOL_MOUNT, "subPath": spool_path(ed)})
+        mounts.append({"name": "hard-examples", "mountPath": SPOOL_MOUNT})
         mounts.append({"name": "tmp", "mountPath": "/tmp"})  # the push's scratch files; the root fs is read-only
+        volumes.append(cache_volume("hard-examples", spool_path(ed)))
         volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}})
         env.append({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
     return args, mounts, volumes, env
 
 
-def _blob(node_cache: str, digest: str) -> str:
-    return f"{CACHE_MOUNT}/sha256/{digest.split(':', 1)[1]}" if node_cache else digest
+def _blob(digest: str) -> str:
+    return f"{CACHE_MOUNT}/sha256/{digest.split(':', 1)[1]}"
 
 
 def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, insecure: bool,
@@ -183,20 +197,6 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
                   f"--name={model}", *trust_fetch]
     if insecure:
         fetch_args.append("--insecure")
-    prepare = {  # hostPath directories are created root-owned: hand the cache to the runtime user
-        "name": "prepare-cache",
-        "image": profile.spec.runtime_image,
-        "command": ["edgefleet-runtime"],
-        "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}",
-                 *([f"--spool={spool_path(ed)}"] if ed.spec.feedback and ed.spec.feedback.hard_examples else [])],
-        "volumeMounts": mounts,
-        "securityContext": {
-            "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-    }
     init = {
         "name": "fetch-model",
         "image": profile.spec.runtime_image,
@@ -206,7 +206,7 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "securityContext": _restricted(False),
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
     }
-    serve_args = ["serve", f"--model={_blob(CACHE_MOUNT, variant.digest)}", f"--digest={variant.digest}",
+    serve_args = ["serve", f"--model={_blob(variant.digest)}", f"--digest={variant.digest}",
                   f"--name={model}", f"--port={port}", f"--shutdown-delay={SHUTDOWN_DELAY_SECONDS}", *trust_serve]
     if ed.spec.runtime.threads:
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
@@ -235,12 +235,12 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}, *feedback_env],
     }
-    return [prepare, init], [serve]
+    return [init], [serve]
 
 
-def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
+def _volumes(ed: EdgeDeployment, profile: HardwareProfile,
              evaluation: ConfigMapKeyRef | None = None) -> list[dict[str, Any]]:
-    volumes = [{"name": "model-cache", "hostPath": {"path": node_cache, "type": "DirectoryOrCreate"}}]
+    volumes = [cache_volume("model-cache", MODELS_FOLDER)]
     volumes += _trust(ed)[4]
     volumes += _feedback(ed, evaluation, False)[2]
     if ed.spec.runtime.workers > 1:
@@ -250,7 +250,7 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
 
 
 def _pod_template(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, profiles: list[HardwareProfile],
-                  node_cache: str, insecure: bool, evaluation: ConfigMapKeyRef | None = None) -> dict[str, Any]:
+                  insecure: bool, evaluation: ConfigMapKeyRef | None = None) -> dict[str, Any]:
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
     init, containers = _containers(ed, profile, variant, insecure, evaluation)
     affinity = node_affinity(
@@ -260,9 +260,10 @@ def _pod_template(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant
     spec: dict[str, Any] = {
         "initContainers": init,
         "containers": containers,
-        "volumes": _volumes(ed, profile, node_cache, evaluation),
+        "volumes": _volumes(ed, profile, evaluation),
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in profile.spec.tolerations],
-        "securityContext": {"fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {"fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"},
+                            **({} if profile.spec.privileged else {"runAsNonRoot": True})},
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
@@ -299,7 +300,6 @@ def render_class(
     profile: HardwareProfile,
     variant: Variant,
     profiles: list[HardwareProfile],
-    node_cache: str,
     replicas: int | None = None,
     insecure: bool = False,
     evaluation: ConfigMapKeyRef | None = None,
@@ -308,7 +308,7 @@ def render_class(
     `evaluation`: the EdgeModel's evaluation data, mounted as the drift reference when spec.monitoring.drift."""
     name = child_name(ed.metadata["name"], profile.metadata["name"])
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
-    template = _pod_template(ed, profile, variant, profiles, node_cache, insecure, evaluation)
+    template = _pod_template(ed, profile, variant, profiles, insecure, evaluation)
     max_unavailable = ed.spec.rollout.max_unavailable
     spec = {
         "selector": {"matchLabels": labels},
