@@ -227,7 +227,7 @@ class LocalDataPath(Model):
     """A node directory FederatedTraining clients of some namespaces may read (mounted read-only)."""
 
     host_path: Annotated[
-        str, Field(min_length=2, max_length=4096, pattern=ABSOLUTE_PATH), *checked(HOST_PATH_RULE),
+        str, Field(min_length=1, max_length=4096, pattern=ABSOLUTE_PATH), *checked(HOST_PATH_RULE),
         *checked(NOT_ROOT_RULE),
     ]
     """Absolute directory on the nodes of this class, not '/' and without '..'; a FederatedTraining's
