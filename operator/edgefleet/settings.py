@@ -80,8 +80,6 @@ class Settings(BaseSettings):
     (EDGEFLEET_SIGNING_KEY_FILE); unset: variants are published unsigned."""
     signing_key_secret: str | None = None
     """Secret in the operator's namespace, key `key`, that compile Jobs mount to sign with; unset: Jobs do not sign."""
-    node_cache: str = "/var/lib/edgefleet/cache"
-    """hostPath on every edge node where variants are cached by digest."""
     watch_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Namespaces to watch (comma-separated in the environment); empty means all."""
     resync_seconds: float = 60.0

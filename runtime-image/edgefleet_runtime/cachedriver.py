@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -80,7 +81,7 @@ def _file(package: str) -> descriptor_pb2.FileDescriptorProto:
 
 
 POOL = descriptor_pool.DescriptorPool()
-pb: dict[str, type] = {}  # message name -> class
+pb: dict[str, Any] = {}  # message name -> message class
 for _package in MESSAGES:
     POOL.Add(_file(_package))
     for _name in MESSAGES[_package]:

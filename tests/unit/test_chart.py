@@ -118,7 +118,15 @@ def test_operator_deployment_defaults(helm):
     assert env["EDGEFLEET_WATCH_NAMESPACES"]["value"] == ""
     assert env["EDGEFLEET_ARTIFACT_STORE"]["value"] == ""
     assert env["EDGEFLEET_ARTIFACT_INSECURE"]["value"] == "false"
-    assert env["EDGEFLEET_NODE_CACHE"]["value"] == "/var/lib/edgefleet/cache"
+    assert "EDGEFLEET_NODE_CACHE" not in env  # the node cache belongs to its CSI driver, not to the operator
+    (driver,) = by_kind(docs, "CSIDriver")
+    assert driver["metadata"]["name"] == "cache.edgefleet.io" and driver["spec"]["podInfoOnMount"] is True
+    assert driver["spec"]["volumeLifecycleModes"] == ["Ephemeral"]
+    (cache,) = by_kind(docs, "DaemonSet")
+    assert cache["metadata"]["namespace"] == "edgefleet-system"
+    volumes = {v["name"]: v for v in cache["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cache"]["hostPath"]["path"] == "/var/lib/edgefleet/cache"
+    assert cache["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/edgefleet/runtime-cpu:{app_version}"
     assert env["EDGEFLEET_LOG_LEVEL"]["value"] == "INFO"
     assert env["EDGEFLEET_BUILTIN_PROFILES"]["value"] == "true"
     assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == f"ghcr.io/edgefleet/compiler:{app_version}"
@@ -168,7 +176,9 @@ def test_non_default_values(helm):
                                                                                "key": "password"}
     assert env["EDGEFLEET_COMPILE_EXECUTOR"]["value"] == "job"
     assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == "ghcr.io/edgefleet/compiler:0.1.0"
-    assert env["EDGEFLEET_NODE_CACHE"]["value"] == "/data/edgefleet"
+    (cache,) = by_kind(docs, "DaemonSet")
+    assert "--root=/data/edgefleet" in cache["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert cache["metadata"]["namespace"] == "ops"
     assert env["EDGEFLEET_LOG_LEVEL"]["value"] == "DEBUG"
     assert env["EDGEFLEET_BUILTIN_PROFILES"]["value"] == "false"
     pod = dep["spec"]["template"]["spec"]
