@@ -372,7 +372,7 @@ def baseline_manifests(ed_doc: dict, profiles: list[HardwareProfile], variants: 
     out = []
     for cls in classes:
         v = Variant.model_validate(variants[cls])
-        out.append(render_class(ed, by_name[cls], v, profiles, None, True))
+        out.append(render_class(ed, by_name[cls], v, profiles, "/var/lib/edgefleet/cache", None, True))
     out.append(render_service(ed))
     for o in out:
         o["metadata"].pop("ownerReferences", None)

@@ -110,7 +110,7 @@ def _apply(cluster, ctx, variant: dict, decrypt: bool = False) -> dict:
                               "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": cluster.real_node["name"]}}})
     artifact = variant["artifact"].replace(cluster.registry, cluster.pod_registry)
     v = Variant(profile=ctx["profile"].metadata["name"], artifact=artifact, digest=variant["digest"], state="Ready")
-    ds = render_class(ed, ctx["profile"], v, ctx["profiles"], insecure=True)
+    ds = render_class(ed, ctx["profile"], v, ctx["profiles"], str(ctx["cache"]), insecure=True)
     ds["metadata"].pop("ownerReferences", None)
     pod = ds["spec"]["template"]["spec"]
     # the management API (off in what the operator renders) lets this test ask the running server to reload

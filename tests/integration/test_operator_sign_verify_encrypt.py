@@ -87,7 +87,7 @@ def test_operator_publishes_signed_ciphertext_and_the_rendered_pod_serves_it(ope
     # the DaemonSet the operator applied carries the flags and volumes
     (ds,) = [d for d in items(cluster, namespace, "daemonsets") if d["metadata"]["name"] == "digits-cpu-amd64"]
     pod = ds["spec"]["template"]["spec"]
-    fetch, serve = pod["initContainers"][0], pod["containers"][0]
+    fetch, serve = pod["initContainers"][1], pod["containers"][0]
     assert "--require-signature" in fetch["args"] and f"--public-key={TRUST_KEYS_MOUNT}" in fetch["args"]
     assert f"--decryption-key-file={DECRYPTION_KEY_MOUNT}/key" in serve["args"]
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -49,9 +49,9 @@ def _pod_args(ref: str, digest: str, profile_name: str) -> tuple[list[str], list
     ed = EdgeDeployment(metadata={"name": "digits", "namespace": "default", "uid": str(uuid.uuid4())},
                         spec={"model_ref": {"name": "digits"}})
     variant = Variant(profile=profile_name, artifact=ref, digest=digest, state="Ready")
-    pod = render_class(ed, profile, variant, profiles)["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["initContainers"]] == ["fetch-model"]
-    (init,), (serve,) = pod["initContainers"], pod["containers"]
+    pod = render_class(ed, profile, variant, profiles, CACHE_MOUNT)["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["prepare-cache", "fetch-model"]
+    init, (serve,) = pod["initContainers"][1], pod["containers"]
     assert init["command"] == serve["command"] == ["edgefleet-runtime"]
     return init["args"], serve["args"]
 

@@ -60,8 +60,8 @@ def _pod_args(ref: str, digest: str, encrypted: bool) -> tuple[list[str], list[s
     ed = EdgeDeployment(metadata={"name": "digits", "namespace": "default", "uid": str(uuid.uuid4())},
                         spec={"modelRef": {"name": "digits"}, "trust": trust_spec})
     variant = Variant(profile="cpu-amd64", artifact=ref, digest=digest, state="Ready")
-    pod = render_class(ed, profile, variant, profiles)["spec"]["template"]["spec"]
-    return pod["initContainers"][0]["args"], pod["containers"][0]["args"]
+    pod = render_class(ed, profile, variant, profiles, CACHE_MOUNT)["spec"]["template"]["spec"]
+    return pod["initContainers"][1]["args"], pod["containers"][0]["args"]
 
 
 def _local(args: list[str], keys: Path, cache: Path) -> list[str]:

@@ -220,6 +220,7 @@ def test_rendered_pod_serves_grpc(start_server, digits, reference):
 
     from edgefleet.api import EdgeDeployment, Variant, builtin_profiles
     from edgefleet.render import render_class, render_service
+    from edgefleet.render.workload import CACHE_MOUNT
 
     profiles = builtin_profiles()
     profile = next(p for p in profiles if p.metadata["name"] == "cpu-amd64")
@@ -228,7 +229,7 @@ def test_rendered_pod_serves_grpc(start_server, digits, reference):
         spec={"modelRef": {"name": "digits"}, "runtime": {"grpcPort": 8081}},
     )
     variant = Variant(profile="cpu-amd64", artifact="oci://r/x@" + digits[1], digest=digits[1], state="Ready")
-    serve = render_class(ed, profile, variant, profiles)["spec"]["template"]["spec"]["containers"][0]
+    serve = render_class(ed, profile, variant, profiles, CACHE_MOUNT)["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "grpc", "containerPort": 8081, "protocol": "TCP"} in serve["ports"]
     assert "--grpc-port=8081" in serve["args"]
     service_ports = render_service(ed)["spec"]["ports"]

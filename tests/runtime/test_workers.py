@@ -256,7 +256,7 @@ def test_rendered_pod_runs_workers(start_server, digits, tmp_path):
 
     from edgefleet.api import EdgeDeployment, Variant, builtin_profiles
     from edgefleet.render import render_class
-    from edgefleet.render.workload import METRICS_MOUNT
+    from edgefleet.render.workload import CACHE_MOUNT, METRICS_MOUNT
     from pydantic import ValidationError
 
     profiles = builtin_profiles()
@@ -264,13 +264,13 @@ def test_rendered_pod_runs_workers(start_server, digits, tmp_path):
     meta = {"name": "digits", "namespace": "default", "uid": str(uuid.uuid4())}
     ed = EdgeDeployment(metadata=meta, spec={"modelRef": {"name": "digits"}, "runtime": {"workers": 2}})
     variant = Variant(profile="cpu-amd64", artifact="oci://r/x@" + digits[1], digest=digits[1], state="Ready")
-    pod = render_class(ed, profile, variant, profiles)["spec"]["template"]["spec"]
+    pod = render_class(ed, profile, variant, profiles, CACHE_MOUNT)["spec"]["template"]["spec"]
     serve = pod["containers"][0]
     assert "--workers=2" in serve["args"] and f"--metrics-dir={METRICS_MOUNT}" in serve["args"]
     assert {"name": "runtime-metrics", "mountPath": METRICS_MOUNT} in serve["volumeMounts"]
     assert {"name": "runtime-metrics", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
     one = EdgeDeployment(metadata=meta, spec={"modelRef": {"name": "digits"}})
-    one_serve = render_class(one, profile, variant, profiles)["spec"]["template"]["spec"]
+    one_serve = render_class(one, profile, variant, profiles, CACHE_MOUNT)["spec"]["template"]["spec"]
     assert not any(a.startswith("--workers") for a in one_serve["containers"][0]["args"])  # default: unchanged pod
     args = [a for a in serve["args"][1:] if not a.startswith(("--model=", "--digest=", "--name=", "--port="))]
     args = [f"--metrics-dir={tmp_path / 'metrics'}" if a.startswith("--metrics-dir=") else a for a in args]

@@ -76,7 +76,7 @@ def deployment() -> EdgeDeployment:
 
 def runtime_resources(profile: HardwareProfile) -> dict:
     variant = Variant(profile=profile.metadata["name"], state="Ready", digest="sha256:" + "a" * 64, artifact="x")
-    ds = render_class(deployment(), profile, variant, [profile])
+    ds = render_class(deployment(), profile, variant, [profile], "/var/lib/edgefleet/cache")
     return next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "runtime")["resources"]
 
 

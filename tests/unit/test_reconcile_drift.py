@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from edgefleet.api import EdgeDeployment, builtin_profiles
 from edgefleet.reconcile import World, reconcile_deployment
-from edgefleet.render.workload import CACHE_DRIVER, SPOOL_MOUNT, spool_path
+from edgefleet.render.workload import SPOOL_MOUNT, spool_path
 from edgefleet.settings import Settings
 from fake_kube import FakeKube
 
@@ -213,17 +213,16 @@ def test_hard_examples_spool_on_the_node_cache_and_upload_flags():
     reconcile(kube)
     c = runtime(kube)
     ed = EdgeDeployment.model_validate(kube.stored("EdgeDeployment", "digits", NS))
-    assert spool_path(ed) == "hard-examples/digits"  # in the namespace's own part of the node cache
+    assert spool_path(ed) == f"hard-examples/{NS}/digits"
     assert {f"--hard-examples-dir={SPOOL_MOUNT}", "--hard-examples-below=0.6", "--hard-examples-sample-rate=0.5",
             f"--hard-examples-max-bytes={1 << 20}", "--hard-examples-upload=oci://registry.local:5000/fleet/hard",
             "--hard-examples-batch=20", "--hard-examples-upload-interval=15"} <= set(c["args"])
-    # the spool is a read-write folder of the namespace's node cache (survives restarts); the models stay read-only
+    # the spool is a read-write folder of the node cache (survives restarts); the cache itself stays read-only
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert mounts[SPOOL_MOUNT] == {"name": "hard-examples", "mountPath": SPOOL_MOUNT}
-    assert {"name": "hard-examples", "csi": {"driver": CACHE_DRIVER, "volumeAttributes": {
-        "folder": spool_path(ed)}}} in c["volumes"]
+    assert mounts[SPOOL_MOUNT] == {"name": "model-cache", "mountPath": SPOOL_MOUNT, "subPath": spool_path(ed)}
     assert mounts["/var/lib/edgefleet/cache"]["readOnly"] is True
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c["env"]
     # the push needs scratch space and the root filesystem is read-only: a small emptyDir at /tmp
     assert mounts["/tmp"]["name"] == "tmp" and {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}} in c["volumes"]
-    assert [i["name"] for i in c["init"]] == ["fetch-model"]  # the driver makes the folders, no root container
+    prepare = next(i for i in c["init"] if i["name"] == "prepare-cache")
+    assert f"--spool={spool_path(ed)}" in prepare["args"]  # created and handed to the runtime user

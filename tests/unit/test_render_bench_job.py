@@ -62,7 +62,7 @@ def _class_pod(profile_name: str) -> dict:
                                         "spec": {"modelRef": {"name": "digits"}}})
     variant = Variant(profile=profile_name, artifact=FP32.artifact, digest=FP32.digest, state="Ready")
     profile = PROFILES[profile_name]
-    return render_class(ed, profile, variant, list(PROFILES.values()))["spec"][
+    return render_class(ed, profile, variant, list(PROFILES.values()), "/var/lib/edgefleet/cache")["spec"][
         "template"]["spec"]
 
 

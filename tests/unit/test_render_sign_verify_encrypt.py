@@ -19,12 +19,12 @@ def _pod(trust: dict | None):
     spec = {"modelRef": {"name": "digits"}, **({"trust": trust} if trust is not None else {})}
     ed = EdgeDeployment(metadata={"name": "digits", "namespace": "ns", "uid": str(uuid.uuid4())}, spec=spec)
     variant = Variant(profile="cpu-amd64", artifact="oci://r/m@" + DIGEST, digest=DIGEST, state="Ready")
-    return render_class(ed, profile, variant, profiles)["spec"]["template"]["spec"]
+    return render_class(ed, profile, variant, profiles, "/var/lib/edgefleet/cache")["spec"]["template"]["spec"]
 
 
 def test_without_trust_the_pods_carry_no_trust_flags_or_volumes():
     pod = _pod(None)
-    args = pod["initContainers"][0]["args"] + pod["containers"][0]["args"]
+    args = pod["initContainers"][1]["args"] + pod["containers"][0]["args"]
     assert not [a for a in args if a.startswith(("--public-key", "--require-signature", "--decryption-key"))]
     assert [v["name"] for v in pod["volumes"]] == ["model-cache"]
 
@@ -32,7 +32,7 @@ def test_without_trust_the_pods_carry_no_trust_flags_or_volumes():
 def test_trust_passes_keys_from_secret_volumes_to_fetch_and_serve():
     pod = _pod({"publicKeysSecret": "team-keys", "requireSignature": True,
                 "decryptionKeySecret": {"name": "digits-kek", "key": "kek"}})
-    fetch, serve = pod["initContainers"][0], pod["containers"][0]
+    fetch, serve = pod["initContainers"][1], pod["containers"][0]
     for c in (fetch, serve):
         assert f"--public-key={TRUST_KEYS_MOUNT}" in c["args"] and "--require-signature" in c["args"]
         assert {"name": "trust-public-keys", "mountPath": TRUST_KEYS_MOUNT, "readOnly": True} in c["volumeMounts"]
@@ -50,8 +50,8 @@ def test_trust_passes_keys_from_secret_volumes_to_fetch_and_serve():
 
 def test_public_keys_without_require_check_present_signatures_only():
     pod = _pod({"publicKeysSecret": "team-keys"})
-    assert "--require-signature" not in pod["initContainers"][0]["args"]
-    assert f"--public-key={TRUST_KEYS_MOUNT}" in pod["initContainers"][0]["args"]
+    assert "--require-signature" not in pod["initContainers"][1]["args"]
+    assert f"--public-key={TRUST_KEYS_MOUNT}" in pod["initContainers"][1]["args"]
 
 
 def test_require_signature_without_keys_is_refused_naming_the_field():
@@ -80,7 +80,7 @@ def _strategy(profile_name: str, spec: dict) -> dict:
     ed = EdgeDeployment(metadata={"name": "digits", "namespace": "ns", "uid": str(uuid.uuid4())},
                         spec={"modelRef": {"name": "digits"}, **spec})
     variant = Variant(profile=profile_name, artifact="oci://r/m@" + DIGEST, digest=DIGEST, state="Ready")
-    return render_class(ed, profile, variant, profiles)["spec"]["updateStrategy"]
+    return render_class(ed, profile, variant, profiles, "/var/lib/edgefleet/cache")["spec"]["updateStrategy"]
 
 
 def test_verifying_classes_surge_so_a_refused_variant_never_removes_a_nodes_serving_pod():

@@ -20,7 +20,7 @@ def _render(rollout: dict, profile_name: str = "intel-openvino", mode: str = "Pe
                         spec={"modelRef": {"name": "digits"}, "mode": mode, "rollout": rollout,
                               **({"replicas": 2} if mode == "Replicas" else {})})
     variant = Variant(profile=profile_name, artifact="oci://r/m@" + DIGEST, digest=DIGEST, state="Ready")
-    return render_class(ed, profile, variant, profiles, replicas=2)
+    return render_class(ed, profile, variant, profiles, "/var/lib/edgefleet/cache", replicas=2)
 
 
 def test_per_node_surges_when_asked():

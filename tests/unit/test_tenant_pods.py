@@ -3,7 +3,10 @@
 Unprivileged classes render pods that Pod Security `restricted` admits (checked by a small checker of the
 restricted rules below, itself shown to catch the pods that break them); a privileged class runs only where
 its HardwareProfile lists the namespace; a FederatedTraining's host path and tolerations must be allowed by the
-classes of its nodes, and '/' or control-plane tolerations never are."""
+classes of its nodes, and '/' or control-plane tolerations never are.
+
+The restricted pods need the node cache's CSI driver, opt-in for now (Settings.node_cache_driver): these tests
+turn it on; without it the pods keep the hostPath cache and its root init container."""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from federated_helpers import EVAL, fresh_head_model
 from pydantic import ValidationError
 
 PROFILES = {p.metadata["name"]: p for p in builtin_profiles()}
+DRIVER = Settings(node_cache_driver=True)  # the node cache through its CSI driver
+HOST_CACHE = "/var/lib/edgefleet/cache"
 DIGEST = "sha256:" + "cd" * 32
 
 # ---- Pod Security Standards, `restricted` (which includes `baseline`), as the pod-security admission checks ----
@@ -95,8 +100,8 @@ def _deployment(namespace: str = "t", **spec: Any) -> EdgeDeployment:
 
 def _pod(profile: str, ed: EdgeDeployment | None = None) -> dict[str, Any]:
     variant = Variant(profile=profile, artifact=f"oci://r.example/m@{DIGEST}", digest=DIGEST, state="Ready")
-    return render_class(ed or _deployment(), PROFILES[profile], variant, list(PROFILES.values()))["spec"][
-        "template"]["spec"]
+    return render_class(ed or _deployment(), PROFILES[profile], variant, list(PROFILES.values()), HOST_CACHE,
+                        cache_driver=True)["spec"]["template"]["spec"]
 
 
 FULL = {"trust": {"publicKeysSecret": "keys", "requireSignature": True,
@@ -180,9 +185,31 @@ def _profiles(**coral_spec: Any) -> list[HardwareProfile]:
     return [coral if p.metadata["name"] == "coral-edgetpu" else p for p in PROFILES.values()]
 
 
+def _reconciled_pod(settings: Settings) -> dict[str, Any]:
+    kube = _deployment_kube("t")
+    reconcile_deployment(kube, settings, "t", "digits", World(dict(CORAL_NODE), list(PROFILES.values())))
+    return kube.stored("DaemonSet", "digits-cpu-arm64", "t")["spec"]["template"]["spec"]
+
+
+def test_tenant_cache_driver_is_opt_in_and_the_operator_renders_what_the_setting_says(monkeypatch):
+    """Off (the default): the hostPath cache and its root init container, which `restricted` refuses; on
+    (EDGEFLEET_NODE_CACHE_DRIVER): the driver's volume, and the pod passes."""
+    monkeypatch.delenv("EDGEFLEET_NODE_CACHE_DRIVER", raising=False)
+    off = _reconciled_pod(Settings())
+    assert off["volumes"][0] == {"name": "model-cache",
+                                 "hostPath": {"path": Settings().node_cache, "type": "DirectoryOrCreate"}}
+    assert [c["name"] for c in off["initContainers"]] == ["prepare-cache", "fetch-model"]
+    assert "volume model-cache: ['hostPath']" in restricted_violations(off)
+    monkeypatch.setenv("EDGEFLEET_NODE_CACHE_DRIVER", "true")
+    on = _reconciled_pod(Settings())
+    assert on["volumes"][0] == {"name": "model-cache", "csi": {"driver": CACHE_DRIVER,
+                                                               "volumeAttributes": {"folder": "models"}}}
+    assert restricted_violations(on) == []
+
+
 def test_tenant_privileged_class_without_opt_in_is_refused_naming_allowed_namespaces():
     kube = _deployment_kube("t")
-    reconcile_deployment(kube, Settings(), "t", "digits", World(dict(CORAL_NODE), _profiles()))
+    reconcile_deployment(kube, DRIVER, "t", "digits", World(dict(CORAL_NODE), _profiles()))
     assert kube.stored("DaemonSet", "digits-coral-edgetpu", "t") is None  # fail closed: nothing privileged runs
     assert kube.stored("DaemonSet", "digits-cpu-arm64", "t") is not None  # the other class is served
     status = kube.stored("EdgeDeployment", "digits", "t")["status"]
@@ -198,14 +225,14 @@ def test_tenant_privileged_class_without_opt_in_is_refused_naming_allowed_namesp
 
 def test_tenant_privileged_class_runs_once_the_admin_lists_the_namespace_and_stops_when_removed():
     kube = _deployment_kube("t")
-    reconcile_deployment(kube, Settings(), "t", "digits", World(dict(CORAL_NODE), _profiles(allowed_namespaces=["t"])))
+    reconcile_deployment(kube, DRIVER, "t", "digits", World(dict(CORAL_NODE), _profiles(allowed_namespaces=["t"])))
     ds = kube.stored("DaemonSet", "digits-coral-edgetpu", "t")
     assert ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] is True
     # the admin takes the opt-in back: the privileged workload goes, it is not kept "serving what it runs"
-    reconcile_deployment(kube, Settings(), "t", "digits", World(dict(CORAL_NODE), _profiles(allowed_namespaces=["x"])))
+    reconcile_deployment(kube, DRIVER, "t", "digits", World(dict(CORAL_NODE), _profiles(allowed_namespaces=["x"])))
     assert kube.stored("DaemonSet", "digits-coral-edgetpu", "t") is None
     other = _deployment_kube("x")  # the namespace the admin listed
-    reconcile_deployment(other, Settings(), "x", "digits", World(dict(CORAL_NODE), _profiles(allowed_namespaces=["x"])))
+    reconcile_deployment(other, DRIVER, "x", "digits", World(dict(CORAL_NODE), _profiles(allowed_namespaces=["x"])))
     assert other.stored("DaemonSet", "digits-coral-edgetpu", "x") is not None
 
 
@@ -214,7 +241,7 @@ def test_tenant_allowed_namespaces_also_limits_an_unprivileged_class():
     arm = PROFILES["cpu-arm64"]
     limited = arm.model_copy(update={"spec": arm.spec.model_copy(update={"allowed_namespaces": ["prod"]})})
     profiles = [limited if p is arm else p for p in _profiles(allowed_namespaces=["t"])]
-    reconcile_deployment(kube, Settings(), "t", "digits", World(dict(CORAL_NODE), profiles))
+    reconcile_deployment(kube, DRIVER, "t", "digits", World(dict(CORAL_NODE), profiles))
     assert kube.stored("DaemonSet", "digits-cpu-arm64", "t") is None
     degraded = next(c for c in kube.stored("EdgeDeployment", "digits", "t")["status"]["conditions"]
                     if c["type"] == "Degraded")
