@@ -31,6 +31,7 @@ def _namespaces(cluster) -> set[str]:
 
 def _patch(cluster, name: str, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     """Set the spec fields `edit` returns for the live spec, only if nobody changed the profile meanwhile."""
+    why = ""
     for _ in range(ATTEMPTS):
         live = json.loads(cluster.kubectl("get", "hardwareprofile", name, "-o", "json").stdout)
         fields = edit(live["spec"])
@@ -38,10 +39,12 @@ def _patch(cluster, name: str, edit: Callable[[dict[str, Any]], dict[str, Any]])
             return
         ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": live["metadata"]["resourceVersion"]},
                *({"op": "add", "path": f"/spec/{k}", "value": v} for k, v in fields.items())]
-        if cluster.kubectl("patch", "hardwareprofile", name, "--type=json", "-p", json.dumps(ops),
-                           check=False).returncode == 0:
+        done = cluster.kubectl("patch", "hardwareprofile", name, "--type=json", "-p", json.dumps(ops), check=False)
+        if done.returncode == 0:
             return
-    raise AdminError(f"HardwareProfile {name}: could not patch {sorted(fields)} in {ATTEMPTS} attempts")
+        why = done.stderr.strip()
+    raise AdminError(f"HardwareProfile {name}: patching spec {', '.join(sorted(fields))} failed {ATTEMPTS} times; "
+                     f"last: {why}")
 
 
 def trust_with_privileged_classes(cluster, namespace: str) -> list[str]:
