@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgefleet.api import EdgeDeployment, HardwareProfile, Variant
 from edgefleet.render import render_class, render_service, resolve_nodes
+from edgefleet_dev.admin import trust_with_privileged_classes
 from edgefleet_dev.devcluster import cluster as dc
 from edgefleet_dev.devcluster.fleet import load_fleet
 from kubernetes import client, config, watch
@@ -558,6 +559,9 @@ def run(args) -> dict:
         wait_until("default service accounts", lambda: all(
             cluster.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0 for ns in (NS_BASE, NS_EF)),
             60, 0.5)
+        # as the fleet's admin: the Coral boxes' privileged class serves only namespaces it lists (else the
+        # EdgeDeployment is Degraded ClassNotAllowed and never Available)
+        trust_with_privileged_classes(cluster, NS_EF)
 
         nodes = {n["metadata"]["name"]: n["metadata"].get("labels", {})
                  for n in json.loads(cluster.kubectl("get", "nodes", "-o", "json", timeout=120).stdout)["items"]}

@@ -7,13 +7,17 @@ from collections import Counter
 import yaml
 from edgefleet.api import HardwareProfile
 from edgefleet.render import resolve_nodes
+from edgefleet_dev.admin import trust_with_privileged_classes
 from kube_helpers import apply, get, is_ready, items
 
 QUICKSTART = "examples/quickstart"
 
 
 def quickstart_into(cluster, namespace: str) -> list[dict]:
-    """The quickstart's objects, moved into `namespace` (the example itself uses edgefleet-demo)."""
+    """The quickstart's objects, moved into `namespace` (the example itself uses edgefleet-demo). The fleet has
+    Coral boxes: as their admin would, the test first trusts `namespace` with the privileged classes
+    (spec.allowedNamespaces), else coral-edgetpu refuses it (ClassNotAllowed) and the quickstart never settles."""
+    trust_with_privileged_classes(cluster, namespace)
     docs = [d for d in yaml.safe_load_all(cluster.kubectl("kustomize", QUICKSTART).stdout) if d]
     docs = [d for d in docs if d["kind"] != "Namespace"]
     for d in docs:

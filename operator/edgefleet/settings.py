@@ -81,7 +81,12 @@ class Settings(BaseSettings):
     signing_key_secret: str | None = None
     """Secret in the operator's namespace, key `key`, that compile Jobs mount to sign with; unset: Jobs do not sign."""
     node_cache: str = "/var/lib/edgefleet/cache"
-    """hostPath on every edge node where variants are cached by digest."""
+    """hostPath on every edge node where variants are cached by digest (without node_cache_driver)."""
+    node_cache_driver: bool = False
+    """Give runtime pods the node cache through its CSI driver (cache.edgefleet.io, chart value
+    nodeCache.enabled) instead of the node_cache hostPath: each namespace gets its own folder, and pods of
+    unprivileged classes pass Pod Security `restricted` (docs/security.md, "Runtime pods"). Off by default until
+    the driver has run under a real kubelet."""
     watch_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Namespaces to watch (comma-separated in the environment); empty means all."""
     resync_seconds: float = 60.0

@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache", required=True, help="the node cache (a hostPath volume)")
     c.add_argument("--uid", type=int, default=10001, help="user (and group) that fetch and serve run as")
     c.add_argument("--spool", help="also create this folder under the cache (a hard-example spool, relative)")
+    d = sub.add_parser("cache-driver", help="the node cache's CSI driver (cache.edgefleet.io): each namespace's "
+                       "pods get their own folder of the cache (a DaemonSet in the operator's namespace)")
+    d.add_argument("--root", default="/var/lib/edgefleet/cache", help="the node cache on the host")
+    d.add_argument("--uid", type=int, default=10001, help="user (and group) the runtime pods run as")
+    d.add_argument("--node", default=os.environ.get("NODE_NAME", ""), help="this node's name (NODE_NAME)")
+    d.add_argument("--csi-socket", default="/var/lib/kubelet/plugins/cache.edgefleet.io/csi.sock")
+    d.add_argument("--registration-socket",
+                   default="/var/lib/kubelet/plugins_registry/cache.edgefleet.io-reg.sock")
     _bench_arguments(sub)
     return p
 
@@ -307,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_cache(args.cache, args.uid, args.spool)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "cache-driver":
+        from .cachedriver import run
+
+        return run(args.root, args.uid, args.node, args.csi_socket, args.registration_socket)
     return _serve(args, argv)
 
 

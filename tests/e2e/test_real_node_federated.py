@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from federated_helpers import EVAL, eval_data, fresh_head_model, noniid_shards, shard_npz
 from kube_helpers import apply, get, items, wait_for
-from real_node_helpers import TOLERATION
+from real_node_helpers import TOLERATION, real_node_class, tolerating_real_node
 
 pytestmark = pytest.mark.cluster
 
@@ -48,6 +48,7 @@ def note(key: str, value: float) -> None:
 def fl(edgefleet_api, real_node):
     """The module's namespace, the shards on the node's disk, and the operator watching that namespace with the
     trainer image pinned as the chart pins it (images.registry + images.digests)."""
+    from edgefleet_dev.admin import local_data_allowed
     from edgefleet_dev.net import free_port
     from kopf.testing import KopfRunner
 
@@ -74,8 +75,13 @@ def fl(edgefleet_api, real_node):
               "binaryData": {"start.onnx": base64.b64encode(fresh_head_model()).decode(),
                              "eval.npz": base64.b64encode(EVAL.read_bytes()).decode()}}
     apply(cluster, ns, inputs)
+    # as the cluster admin: the real node's class lets this namespace read the shards' folder and tolerate the
+    # node's taint (spec.localDataPaths, spec.tolerations), else the run fails HostPathNotAllowed
+    profile = real_node_class(cluster)
     try:
-        with KopfRunner(["run", "--standalone", "--namespace", ns, "-m", "edgefleet.handlers"], timeout=60) as runner:
+        with tolerating_real_node(cluster, profile), local_data_allowed(cluster, profile, str(data), ns), \
+                KopfRunner(["run", "--standalone", "--namespace", ns, "-m", "edgefleet.handlers"],
+                           timeout=60) as runner:
             yield {"cluster": cluster, "ns": ns, "data": data, "shards": shards, "store": store, "runner": runner}
     finally:
         for k, v in saved.items():

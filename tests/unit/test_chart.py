@@ -119,6 +119,9 @@ def test_operator_deployment_defaults(helm):
     assert env["EDGEFLEET_ARTIFACT_STORE"]["value"] == ""
     assert env["EDGEFLEET_ARTIFACT_INSECURE"]["value"] == "false"
     assert env["EDGEFLEET_NODE_CACHE"]["value"] == "/var/lib/edgefleet/cache"
+    # the node cache's CSI driver is opt-in: off, runtime pods keep the hostPath cache
+    assert env["EDGEFLEET_NODE_CACHE_DRIVER"]["value"] == "false"
+    assert not by_kind(docs, "CSIDriver") and not by_kind(docs, "DaemonSet")
     assert env["EDGEFLEET_LOG_LEVEL"]["value"] == "INFO"
     assert env["EDGEFLEET_BUILTIN_PROFILES"]["value"] == "true"
     assert env["EDGEFLEET_COMPILER_IMAGE"]["value"] == f"ghcr.io/edgefleet/compiler:{app_version}"
@@ -182,6 +185,50 @@ def test_non_default_values(helm):
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
 
 
+def _driver(docs: list[dict]) -> tuple[dict, dict[str, dict], dict[str, dict]]:
+    """The node cache driver's container, its volumes and its mounts, by name."""
+    (cache,) = by_kind(docs, "DaemonSet")
+    pod = cache["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    return c, {v["name"]: v for v in pod["volumes"]}, {m["name"]: m for m in c["volumeMounts"]}
+
+
+def test_node_cache_driver_when_enabled(helm):
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    docs = render(helm, "--set", "nodeCache.enabled=true")
+    assert env_of(operator_container(docs))["EDGEFLEET_NODE_CACHE_DRIVER"]["value"] == "true"
+    (driver,) = by_kind(docs, "CSIDriver")
+    assert driver["metadata"]["name"] == "cache.edgefleet.io" and driver["spec"]["podInfoOnMount"] is True
+    assert driver["spec"]["volumeLifecycleModes"] == ["Ephemeral"]
+    (cache,) = by_kind(docs, "DaemonSet")
+    assert cache["metadata"]["namespace"] == "edgefleet-system"
+    c, volumes, mounts = _driver(docs)
+    assert c["image"] == f"ghcr.io/edgefleet/runtime-cpu:{app_version}"
+    assert volumes["cache"]["hostPath"]["path"] == "/var/lib/edgefleet/cache"
+    assert volumes["pods"]["hostPath"]["path"] == mounts["pods"]["mountPath"] == "/var/lib/kubelet/pods"
+    assert "--csi-socket=/var/lib/kubelet/plugins/cache.edgefleet.io/csi.sock" in c["args"]
+
+
+def test_node_cache_driver_follows_the_kubelet_dir_and_host_path(helm):
+    """A kubelet with another --root-dir (k0s, microk8s, the dev cluster's real node): every kubelet path of the
+    driver moves with nodeCache.kubeletDir, on the host and in the container alike (the socket path the driver
+    registers is the one the kubelet dials)."""
+    kubelet = "/data/k/kubelet"
+    docs = render(helm, "--set", "nodeCache.enabled=true", "--set", f"nodeCache.kubeletDir={kubelet}",
+                  "--set", "nodeCache.hostPath=/data/edgefleet", namespace="ops")
+    (cache,) = by_kind(docs, "DaemonSet")
+    assert cache["metadata"]["namespace"] == "ops"
+    c, volumes, mounts = _driver(docs)
+    assert "--root=/data/edgefleet" in c["args"]
+    assert f"--csi-socket={kubelet}/plugins/cache.edgefleet.io/csi.sock" in c["args"]
+    assert f"--registration-socket={kubelet}/plugins_registry/cache.edgefleet.io-reg.sock" in c["args"]
+    for name, path in [("plugin", "plugins/cache.edgefleet.io"), ("registration", "plugins_registry"),
+                       ("pods", "pods")]:
+        assert volumes[name]["hostPath"]["path"] == mounts[name]["mountPath"] == f"{kubelet}/{path}"
+    assert mounts["pods"]["mountPropagation"] == "Bidirectional"
+    assert "/var/lib/kubelet" not in json.dumps(cache)
+
+
 def test_rbac_and_service_account_can_be_turned_off(helm):
     docs = render(helm, "--set", "rbac.create=false", "--set", "serviceAccount.create=false",
                   "--set", "serviceAccount.name=my-operator")
@@ -221,6 +268,8 @@ def test_builtin_profiles_are_applied_by_the_operator(helm, flag, expected):
         ("logLevel=verbose", "logLevel", "DEBUG"),
         ("watchNamespaces={Bad_NS}", "watchNamespaces", "pattern"),
         ("nodeCache.hostPath=relative/path", "nodeCache/hostPath", "pattern"),
+        ("nodeCache.kubeletDir=var/lib/kubelet", "nodeCache/kubeletDir", "pattern"),
+        ("nodeCache.kubeletDir=/var/lib/kubelet/", "nodeCache/kubeletDir", "pattern"),
         ("no.such.key=1", "additional properties 'no' not allowed", ""),
     ],
 )

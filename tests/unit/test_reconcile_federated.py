@@ -32,6 +32,14 @@ def spec(**over) -> dict:
     return s
 
 
+# the class of the participating node: it allows the run's data directory for NS and its toleration
+EDGE_PROFILE = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "HardwareProfile", "metadata": {"name": "edge"},
+                "spec": {"nodeSelector": {"matchLabels": {"edge": "yes"}}, "runtimeImage": "reg/runtime:1",
+                         "target": {"format": "onnx", "precision": "fp32", "runtime": "onnxruntime"},
+                         "tolerations": [{"key": "edgefleet.io/real-node", "operator": "Exists"}],
+                         "localDataPaths": [{"hostPath": "/var/lib", "namespaces": [NS]}]}}
+
+
 @pytest.fixture
 def kube(monkeypatch):
     fake = FakeKube()
@@ -41,6 +49,7 @@ def kube(monkeypatch):
     fake.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
               "metadata": {"name": "digits", "namespace": NS},
               "spec": {"source": {"configMap": {"name": "inputs", "key": "model.onnx"}}, "format": "onnx"}})
+    fake.add(EDGE_PROFILE)
     fake.add({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "vm", "labels": {"edge": "yes"}}})
     fake.add({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "kwok-1", "labels": {"edge": "no"}}})
     fake.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining",

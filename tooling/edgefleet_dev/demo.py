@@ -26,6 +26,7 @@ from edgefleet.progress import Progress
 from edgefleet.render import resolve_nodes
 
 from . import stack
+from .admin import trust_with_privileged_classes
 from .devcluster import cluster as dc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -321,6 +322,14 @@ def tolerate_real_node(cluster, echo) -> str:
     return mine
 
 
+def trust_demo_namespace(cluster, echo) -> None:
+    """As the cluster admin: the fleet has Coral boxes, whose class runs privileged pods and so serves only the
+    namespaces its HardwareProfile lists (spec.allowedNamespaces, docs/security.md)."""
+    names = trust_with_privileged_classes(cluster, NAMESPACE)
+    echo(f"as the cluster admin: namespace {NAMESPACE} may use the privileged classes {', '.join(names)} "
+         f"(their HardwareProfiles' spec.allowedNamespaces)")
+
+
 def serve_on_real_node(cluster, profile: str, em: dict, echo, timeout: float) -> dict:
     """This machine's answers: the runtime pod of its class on the real node, queried at its pod IP."""
     digest = next((v["digest"] for v in em["status"]["variants"] if v["profile"] == profile
@@ -348,6 +357,7 @@ def run_demo(name: str, echo, timeout: float = 600) -> tuple[list[dict], dict]:
         cluster = stack.up(name, echo=echo, real_node=True)
         install_chart_on_real_node(cluster, echo)
         profile = tolerate_real_node(cluster, echo)
+        trust_demo_namespace(cluster, echo)
         echo("applying examples/quickstart/ (kubectl apply --server-side -k examples/quickstart/)")
         cluster.kubectl("apply", "--server-side", "-k", str(QUICKSTART))
         em, ed = wait_served(cluster, echo, timeout)
@@ -361,6 +371,7 @@ def run_demo(name: str, echo, timeout: float = 600) -> tuple[list[dict], dict]:
     install_chart(cluster, echo)
     operator = start_operator(cluster, cluster.state / "logs" / "operator.log", echo)
     try:
+        trust_demo_namespace(cluster, echo)
         echo("applying examples/quickstart/ (kubectl apply --server-side -k examples/quickstart/)")
         cluster.kubectl("apply", "--server-side", "-k", str(QUICKSTART))
         em, ed = wait_served(cluster, echo, timeout)

@@ -3,12 +3,20 @@ with Flower, and publish the result as a new source of an EdgeModel when it beat
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field
 
 from .base import API_VERSION, Conditions, Digest, LabelSelector, Model, Name, Rule, checked, list_map
-from .models import HOST_PATH_RULE, DataRef, ObjectBase, Toleration
+from .models import HOST_PATH_RULE, NOT_ROOT, DataRef, ObjectBase, Toleration
+
+LOCAL_DATA_NOT_ROOT = Rule(
+    f"!self.matches(r'{NOT_ROOT}')",
+    "localData.hostPath must not be '/' (the whole node): name the directory that holds the training data,"
+    " one the HardwareProfiles allow in spec.localDataPaths",
+    lambda v: re.fullmatch(NOT_ROOT, v) is None,
+)
 
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
@@ -20,6 +28,16 @@ class ModelName(Model):
 
     name: Name
     """The EdgeModel's name."""
+
+
+CONTROL_PLANE_TAINTS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
+NO_CONTROL_PLANE_RULE = Rule(
+    "self.all(t, has(t.key) && t.key != '' && !(t.key in " + str(list(CONTROL_PLANE_TAINTS)) + "))",
+    "participants.tolerations: training pods may not tolerate the control plane's taints "
+    f"({', '.join(CONTROL_PLANE_TAINTS)}) nor every taint (a toleration without key); tolerate only your edge"
+    " nodes' taints, e.g. node-role.kubernetes.io/edge",
+    lambda ts: all(t.key and t.key not in CONTROL_PLANE_TAINTS for t in ts),
+)
 
 
 class Participants(Model):
@@ -34,8 +52,11 @@ class Participants(Model):
     clients_per_node: Annotated[int, Field(ge=1, le=16)] = 1
     """Client pods per node, each with its own shard index 0..clientsPerNode-1 (several data owners on one node,
     or a small cluster)."""
-    tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
-    """Tolerations of the client (and server) pods, e.g. for tainted edge nodes."""
+    tolerations: Annotated[list[Toleration], Field(max_length=32), *checked(NO_CONTROL_PLANE_RULE)] = Field(
+        default_factory=list)
+    """Tolerations of the client (and server) pods, e.g. for tainted edge nodes: each must be one that the
+    HardwareProfile of every participating node lists (spec.tolerations), and none may tolerate the
+    control plane's taints or every taint."""
 
     cel_rules = (
         Rule("has(self.nodeSelector) || (has(self.hardwareClasses) && size(self.hardwareClasses) > 0)",
@@ -47,8 +68,11 @@ class Participants(Model):
 class LocalData(Model):
     """Where each client finds its data on its node: an .npz keyed by the model's input names plus `y`."""
 
-    host_path: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$"), *checked(HOST_PATH_RULE)]
-    """A directory on the node, mounted read-only into the client pods."""
+    host_path: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$"), *checked(HOST_PATH_RULE),
+                         *checked(LOCAL_DATA_NOT_ROOT)]
+    """A directory on the node, mounted read-only into the client pods. It must be, or lie below, a
+    directory that the HardwareProfile of every participating node allows for this namespace
+    (spec.localDataPaths); '/' never is."""
     file_name: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9{}]+$")] = "data-{index}.npz"
     """The file in hostPath each client reads; `{index}` becomes its shard index."""
 

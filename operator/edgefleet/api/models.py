@@ -213,6 +213,35 @@ NOT_THE_CACHE = Rule(
 )
 
 
+NOT_ROOT = r"^/+$"
+NOT_ROOT_RULE = Rule(
+    f"!self.matches(r'{NOT_ROOT}')",
+    "localDataPaths[].hostPath must not be '/': allow the one directory that holds the training data,"
+    " e.g. /var/lib/edgefleet-data",
+    lambda v: re.fullmatch(NOT_ROOT, v) is None,
+)
+Namespaces = Annotated[list[Name], Field(max_length=256, json_schema_extra={"x-kubernetes-list-type": "set"})]
+
+
+class LocalDataPath(Model):
+    """A node directory FederatedTraining clients of some namespaces may read (mounted read-only)."""
+
+    host_path: Annotated[
+        str, Field(min_length=1, max_length=4096, pattern=ABSOLUTE_PATH), *checked(HOST_PATH_RULE),
+        *checked(NOT_ROOT_RULE),
+    ]
+    """Absolute directory on the nodes of this class, not '/' and without '..'; a FederatedTraining's
+    spec.localData.hostPath must be it or a folder below it."""
+    namespaces: Annotated[list[Name], Field(min_length=1, max_length=256,
+                                            json_schema_extra={"x-kubernetes-list-type": "set"})]
+    """Namespaces whose FederatedTrainings may read it (at least one)."""
+
+
+def is_privileged(spec: HardwareProfileSpec) -> bool:
+    """A class whose pods Pod Security `restricted` refuses: a privileged container or host device paths."""
+    return spec.privileged or bool(spec.device_mounts)
+
+
 def _short_name(what: str) -> Rule:
     return Rule(
         "self.metadata.name.size() <= 63",
@@ -255,6 +284,13 @@ class HardwareProfileSpec(Model):
     """Run the inference container privileged (some USB accelerators need it to reach /dev/bus/usb)."""
     budget: Budget | None = None
     """Optional model-size and memory limits of this hardware."""
+    allowed_namespaces: Namespaces | None = None
+    """Namespaces whose EdgeDeployments may use this class. Omitted or empty: every namespace for an
+    unprivileged class, none for a privileged one (privileged: true or deviceMounts), whose pods Pod Security
+    `restricted` and `baseline` refuse; a cluster admin lists the namespaces trusted with such pods."""
+    local_data_paths: Annotated[list[LocalDataPath], Field(max_length=16)] = Field(default_factory=list)
+    """Node directories FederatedTraining clients on this class's nodes may read, per namespace; omitted:
+    none (a FederatedTraining naming any other spec.localData.hostPath fails)."""
 
 
 class HardwareProfileStatus(Model):

@@ -17,6 +17,7 @@ from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
 from ..render.bench_job import gate_verdict
 from ..render.placement import PlacementError
+from ..render.tenancy import class_refusal
 from ..settings import Settings
 from .applied import apply_changed
 from .conditions import (
@@ -133,6 +134,10 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
     for profile_name in sorted(per_class):
         variant = variants.get(profile_name)
         existing = children.get((kind, child_name(name, profile_name)))
+        refused = class_refusal(profiles[profile_name], namespace)
+        if refused is not None:  # fail closed: no workload, and one made before the refusal is pruned
+            failures[profile_name] = PermanentError(refused.reason, refused.message, refused.fix)
+            continue
         if variant is None:
             missing.append(profile_name)
             if existing is not None:  # recompiling or failed: keep serving what the nodes have
@@ -239,7 +244,7 @@ def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: Ha
     """Render and apply the workload of one class (a wave of a rollout); the live object."""
     profile_name = profile.metadata["name"]
     manifest = render_class(ed, profile, variant, world.profiles, settings.node_cache, replicas,
-                            settings.artifact_insecure, evaluation)
+                            settings.artifact_insecure, evaluation, settings.node_cache_driver)
     decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
     if decision is not None:
         rollouts[profile_name] = decision

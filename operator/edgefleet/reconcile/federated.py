@@ -32,6 +32,7 @@ from ..federated_tls import make_bundle
 from ..kube import ApiError, Kube
 from ..render import federated as r
 from ..render.compile_job import render_report_key
+from ..render.tenancy import federated_refusal
 from ..settings import Settings
 from .conditions import flipped, set_condition
 from .errors import as_permanent
@@ -175,9 +176,16 @@ def participating_nodes(ft: FederatedTraining, nodes: list[dict[str, Any]],
 
 
 def _clients(kube: Kube, ft: FederatedTraining) -> list[r.Client]:
+    """The run's clients, once every participating node's class allows its host path and tolerations."""
     profiles = [HardwareProfile.model_validate(p) for p in kube.list("HardwareProfile")]
-    nodes = participating_nodes(ft, kube.list("Node"), profiles)
-    return [r.Client(n, i) for n in nodes for i in range(ft.spec.participants.clients_per_node)]
+    nodes = kube.list("Node")
+    names = set(participating_nodes(ft, nodes, profiles))
+    classes = {n["metadata"]["name"]: best_profile(profiles, n["metadata"].get("labels") or {})
+               for n in nodes if n["metadata"]["name"] in names}
+    refused = federated_refusal(ft, classes)
+    if refused is not None:
+        raise RunFailed(refused.reason, f"{refused.message}. Fix: {refused.fix}")
+    return [r.Client(n, i) for n in sorted(names) for i in range(ft.spec.participants.clients_per_node)]
 
 
 def _bytes_of(kube: Kube, settings: Settings, ns: str, ref: Source | DataRef, what: str) -> bytes:

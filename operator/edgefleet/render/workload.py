@@ -1,5 +1,12 @@
 """Manifests for one hardware class of an EdgeDeployment: a DaemonSet (PerNode) or a Deployment
-(Replicas) that fetches the class's variant into the node cache and serves it, plus the Service."""
+(Replicas) that fetches the class's variant into the node cache and serves it, plus the Service.
+
+The node cache is, by default, a hostPath (Settings.node_cache) that a root init container (prepare-cache)
+hands to the runtime user. With `cache_driver` (Settings.node_cache_driver) it is a CSI ephemeral volume of the
+edgefleet node cache driver (the chart's DaemonSet in the operator's namespace, edgefleet_runtime.cachedriver):
+the kubelet tells the driver the pod's namespace, and the driver mounts that namespace's own folder of the
+node's cache, owned by the runtime user. Unprivileged classes then render pods that Pod Security `restricted`
+admits (docs/security.md, "Runtime pods")."""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ from .placement import higher_priority, node_affinity
 
 RUNTIME_UID = 10001  # the runtime images run as this user
 CACHE_MOUNT = RUNTIME_CACHE_MOUNT  # device mounts may not use it (admission refuses them)
+CACHE_DRIVER = "cache.edgefleet.io"  # the CSI driver of the node cache (CSIDriver in the chart)
+MODELS_FOLDER = "models"  # the variants' folder in the namespace's part of the node cache
 DIGEST_ANNOTATION = "edgefleet.io/variant-digest"
 TEMPLATE_HASH = "edgefleet.io/template-hash"
 # On SIGTERM the runtime answers not-ready but keeps serving this long, so kube-proxy drops the pod from the
@@ -129,12 +138,20 @@ METRICS_MOUNT = "/run/edgefleet/metrics"  # serve --workers: the workers' shared
 SPOOL_MAX_COUNT = 1_000_000  # the spool is bounded by feedback.hardExamples.maxBytesPerNode
 
 
-def spool_path(ed: EdgeDeployment) -> str:
-    """The spool's folder inside the node cache: one per EdgeDeployment, kept across pod restarts."""
+def spool_path(ed: EdgeDeployment, cache_driver: bool = False) -> str:
+    """The spool's folder inside the node cache: one per EdgeDeployment, kept across pod restarts. With the
+    cache driver it lies in the namespace's own part of the cache, so the namespace is not part of it."""
+    if cache_driver:
+        return f"hard-examples/{ed.metadata['name']}"
     return f"hard-examples/{ed.metadata['namespace']}/{ed.metadata['name']}"
 
 
-def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: bool
+def cache_volume(name: str, folder: str) -> dict[str, Any]:
+    """A CSI ephemeral volume: `folder` of the pod's own namespace's part of the node cache."""
+    return {"name": name, "csi": {"driver": CACHE_DRIVER, "volumeAttributes": {"folder": folder}}}
+
+
+def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: bool, cache_driver: bool
               ) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(serve args, serve mounts, volumes, env) of spec.monitoring and spec.feedback."""
     monitoring, hard = ed.spec.monitoring, ed.spec.feedback.hard_examples if ed.spec.feedback else None
@@ -157,19 +174,42 @@ def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: 
                  f"--hard-examples-upload-interval={hard.upload_interval_seconds}"]
         if insecure:
             args.append("--hard-examples-insecure")
-        mounts.append({"name": "model-cache", "mountPath": SPOOL_MOUNT, "subPath": spool_path(ed)})
+        if cache_driver:
+            mounts.append({"name": "hard-examples", "mountPath": SPOOL_MOUNT})
+            volumes.append(cache_volume("hard-examples", spool_path(ed, cache_driver)))
+        else:
+            mounts.append({"name": "model-cache", "mountPath": SPOOL_MOUNT, "subPath": spool_path(ed)})
         mounts.append({"name": "tmp", "mountPath": "/tmp"})  # the push's scratch files; the root fs is read-only
         volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}})
         env.append({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
     return args, mounts, volumes, env
 
 
-def _blob(node_cache: str, digest: str) -> str:
-    return f"{CACHE_MOUNT}/sha256/{digest.split(':', 1)[1]}" if node_cache else digest
+def _blob(digest: str) -> str:
+    return f"{CACHE_MOUNT}/sha256/{digest.split(':', 1)[1]}"
+
+
+def _prepare_cache(ed: EdgeDeployment, profile: HardwareProfile) -> dict[str, Any]:
+    """The root init container of the hostPath cache: hostPath directories are created root-owned, so it hands
+    the cache (and the spool) to the runtime user. The cache driver makes it unnecessary."""
+    return {
+        "name": "prepare-cache",
+        "image": profile.spec.runtime_image,
+        "command": ["edgefleet-runtime"],
+        "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}",
+                 *([f"--spool={spool_path(ed)}"] if ed.spec.feedback and ed.spec.feedback.hard_examples else [])],
+        "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
+        "securityContext": {
+            "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
 
 
 def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, insecure: bool,
-                evaluation: ConfigMapKeyRef | None = None) -> tuple[list[Any], list[Any]]:
+                evaluation: ConfigMapKeyRef | None, cache_driver: bool) -> tuple[list[Any], list[Any]]:
     model = ed.spec.model_ref.name
     port = ed.spec.runtime.port
     mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
@@ -183,20 +223,6 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
                   f"--name={model}", *trust_fetch]
     if insecure:
         fetch_args.append("--insecure")
-    prepare = {  # hostPath directories are created root-owned: hand the cache to the runtime user
-        "name": "prepare-cache",
-        "image": profile.spec.runtime_image,
-        "command": ["edgefleet-runtime"],
-        "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}",
-                 *([f"--spool={spool_path(ed)}"] if ed.spec.feedback and ed.spec.feedback.hard_examples else [])],
-        "volumeMounts": mounts,
-        "securityContext": {
-            "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-    }
     init = {
         "name": "fetch-model",
         "image": profile.spec.runtime_image,
@@ -206,11 +232,11 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "securityContext": _restricted(False),
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
     }
-    serve_args = ["serve", f"--model={_blob(CACHE_MOUNT, variant.digest)}", f"--digest={variant.digest}",
+    serve_args = ["serve", f"--model={_blob(variant.digest)}", f"--digest={variant.digest}",
                   f"--name={model}", f"--port={port}", f"--shutdown-delay={SHUTDOWN_DELAY_SECONDS}", *trust_serve]
     if ed.spec.runtime.threads:
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
-    feedback_args, feedback_mounts, _, feedback_env = _feedback(ed, evaluation, insecure)
+    feedback_args, feedback_mounts, _, feedback_env = _feedback(ed, evaluation, insecure, cache_driver)
     serve_args += feedback_args
     ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
     if ed.spec.runtime.grpc_port:
@@ -235,14 +261,17 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}, *feedback_env],
     }
-    return [prepare, init], [serve]
+    return ([] if cache_driver else [_prepare_cache(ed, profile)]) + [init], [serve]
 
 
 def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
-             evaluation: ConfigMapKeyRef | None = None) -> list[dict[str, Any]]:
-    volumes = [{"name": "model-cache", "hostPath": {"path": node_cache, "type": "DirectoryOrCreate"}}]
+             evaluation: ConfigMapKeyRef | None, cache_driver: bool) -> list[dict[str, Any]]:
+    if cache_driver:
+        volumes = [cache_volume("model-cache", MODELS_FOLDER)]
+    else:
+        volumes = [{"name": "model-cache", "hostPath": {"path": node_cache, "type": "DirectoryOrCreate"}}]
     volumes += _trust(ed)[4]
-    volumes += _feedback(ed, evaluation, False)[2]
+    volumes += _feedback(ed, evaluation, False, cache_driver)[2]
     if ed.spec.runtime.workers > 1:
         volumes.append({"name": "runtime-metrics", "emptyDir": {"sizeLimit": "64Mi"}})
     volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.spec.device_mounts or []]
@@ -250,9 +279,10 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
 
 
 def _pod_template(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, profiles: list[HardwareProfile],
-                  node_cache: str, insecure: bool, evaluation: ConfigMapKeyRef | None = None) -> dict[str, Any]:
+                  node_cache: str, insecure: bool, evaluation: ConfigMapKeyRef | None,
+                  cache_driver: bool) -> dict[str, Any]:
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
-    init, containers = _containers(ed, profile, variant, insecure, evaluation)
+    init, containers = _containers(ed, profile, variant, insecure, evaluation, cache_driver)
     affinity = node_affinity(
         [profile.spec.node_selector, ed.spec.node_selector],
         [p.spec.node_selector for p in higher_priority(profile, profiles)],
@@ -260,9 +290,10 @@ def _pod_template(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant
     spec: dict[str, Any] = {
         "initContainers": init,
         "containers": containers,
-        "volumes": _volumes(ed, profile, node_cache, evaluation),
+        "volumes": _volumes(ed, profile, node_cache, evaluation, cache_driver),
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in profile.spec.tolerations],
-        "securityContext": {"fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {"fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"},
+                            **({"runAsNonRoot": True} if cache_driver and not profile.spec.privileged else {})},
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
@@ -303,12 +334,15 @@ def render_class(
     replicas: int | None = None,
     insecure: bool = False,
     evaluation: ConfigMapKeyRef | None = None,
+    cache_driver: bool = False,
 ) -> dict[str, Any]:
     """The DaemonSet (PerNode) or Deployment (Replicas; `replicas` for this class) serving `variant`;
-    `evaluation`: the EdgeModel's evaluation data, mounted as the drift reference when spec.monitoring.drift."""
+    `evaluation`: the EdgeModel's evaluation data, mounted as the drift reference when spec.monitoring.drift.
+    The node cache is the hostPath `node_cache`, or with `cache_driver` the namespace's own CSI volume of the
+    node cache driver (then `node_cache` is unused)."""
     name = child_name(ed.metadata["name"], profile.metadata["name"])
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
-    template = _pod_template(ed, profile, variant, profiles, node_cache, insecure, evaluation)
+    template = _pod_template(ed, profile, variant, profiles, node_cache, insecure, evaluation, cache_driver)
     max_unavailable = ed.spec.rollout.max_unavailable
     spec = {
         "selector": {"matchLabels": labels},
