@@ -3,11 +3,9 @@ the on-target choice and the rollout gate are pure too."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import yaml
 from edgefleet.api import EdgeDeployment, Variant, builtin_profiles
 from edgefleet.api.models import OnTargetResult, RolloutGate
 from edgefleet.render.bench_job import (
@@ -29,6 +27,7 @@ from edgefleet.render.bench_job import (
 from edgefleet.render.compile_job import report_ref
 from edgefleet.render.workload import render_class
 from edgefleet.settings import Settings
+from golden import assert_golden
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "data" / "render" / "bench_job_nvidia_gpu.yaml"
@@ -50,11 +49,7 @@ def request(**over) -> BenchJobRequest:
 
 
 def test_golden(settings):
-    text = yaml.safe_dump(render_bench_job(request(), settings), sort_keys=True)
-    if os.environ.get("EDGEFLEET_UPDATE_GOLDEN"):
-        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(text)
-    assert text == GOLDEN.read_text(), "rerun with EDGEFLEET_UPDATE_GOLDEN=1 and review the diff"
+    assert_golden("bench_job_nvidia_gpu", render_bench_job(request(), settings))
 
 
 def _class_pod(profile_name: str) -> dict:

@@ -1,0 +1,52 @@
+"""Golden renders: the workload of every built-in profile (cache on the node's hostPath, and the restricted CSI
+cache), the compile Job and the federated server and client Jobs. A change to what the operator applies shows up
+as a reviewed diff of tests/data/render/ (EDGEFLEET_UPDATE_GOLDEN=1 regenerates)."""
+
+from __future__ import annotations
+
+import pytest
+from edgefleet.api import EdgeDeployment, Variant, builtin_profiles
+from edgefleet.api.federated import FederatedTraining
+from edgefleet.render import federated as fed
+from edgefleet.render import render_class
+from edgefleet.render.compile_job import render_compile_job
+from edgefleet.settings import Settings
+from golden import assert_golden
+from test_render_compile_job import request
+
+PROFILES = {p.metadata["name"]: p for p in builtin_profiles()}
+SETTINGS = Settings(namespace="edgefleet-system", artifact_store="oci://registry.local:5000/edgefleet/models",
+                    trainer_image="ghcr.io/edgefleet/trainer:0.1.0")
+
+
+def deployment() -> EdgeDeployment:
+    return EdgeDeployment.model_validate({
+        "metadata": {"name": "digits", "namespace": "shop", "uid": "uid-1", "generation": 2},
+        "spec": {"modelRef": {"name": "digits"}}})
+
+
+@pytest.mark.parametrize("cache_driver", [False, True], ids=["hostpath", "csi"])
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_golden_workload_of_every_builtin_profile(profile, cache_driver):
+    variant = Variant(profile=profile, state="Ready", digest="sha256:" + "a" * 64,
+                      artifact=f"oci://registry.local:5000/edgefleet/models/digits-{profile}@sha256:{'a' * 64}")
+    manifest = render_class(deployment(), PROFILES[profile], variant, list(PROFILES.values()),
+                            "/var/lib/edgefleet/cache", cache_driver=cache_driver)
+    assert_golden(f"workload_{profile}_{'csi' if cache_driver else 'hostpath'}", manifest)
+
+
+def test_golden_compile_job():
+    assert_golden("compile_job", render_compile_job(request(), SETTINGS))
+
+
+def test_golden_federated_server_and_client_jobs():
+    ft = FederatedTraining.model_validate({
+        "apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining",
+        "metadata": {"name": "ft", "namespace": "shop", "uid": "uid-2", "generation": 1},
+        "spec": {"sourceModel": {"name": "digits"}, "targetModel": {"name": "digits"},
+                 "participants": {"nodeSelector": {"matchLabels": {"edge": "yes"}}, "clientsPerNode": 2},
+                 "localData": {"hostPath": "/var/lib/digits"},
+                 "evaluation": {"data": {"configMap": {"name": "inputs", "key": "eval.npz"}}, "minAccuracy": 0.5}}})
+    clients = [fed.Client("node-a", 0), fed.Client("node-a", 1)]
+    assert_golden("federated_jobs", [fed.render_server_job(ft, SETTINGS, "node-a", clients, "tls0"),
+                                     fed.render_client_job(ft, SETTINGS, clients[1], "tls0", "10.96.0.10")])
