@@ -282,7 +282,7 @@ def _ft_kube(spec: dict[str, Any], paths: list[dict[str, Any]], monkeypatch) -> 
     kube.add({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "vm", "labels": {"edge": "yes"}}})
     kube.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "FederatedTraining",
               "metadata": {"name": "ft", "namespace": NS, "uid": "1234567890", "generation": 1}, "spec": spec})
-    monkeypatch.setattr("edgefleet.reconcile.federated._report", lambda settings, ft: None)
+    monkeypatch.setattr("edgefleet.reconcile.federated._report", lambda kube, settings, ft: None)
     return kube
 
 
