@@ -63,6 +63,7 @@ from edgefleet.api import EdgeDeployment, HardwareProfile, Variant
 from edgefleet.render import render_class, render_service, resolve_nodes
 from edgefleet_dev.admin import trust_with_privileged_classes
 from edgefleet_dev.devcluster import cluster as dc
+from edgefleet_dev.devcluster import procs
 from edgefleet_dev.devcluster.fleet import load_fleet
 from kubernetes import client, config, watch
 
@@ -417,9 +418,9 @@ def restart_apiserver(cluster: dc.Cluster, timeout: float) -> float:
     (The devcluster has no public restart: its own start/stop helpers are used, as `up` uses them.)"""
     state, ports = cluster.state, json.loads((cluster.state / "cluster.json").read_text())["ports"]
     t = time.monotonic()
-    dc._stop(state, "kube-apiserver")
-    dc._start(state, "kube-apiserver", dc._args(state, ports)["kube-apiserver"])
-    dc._wait("kube-apiserver /readyz", lambda: dc._https_ok(f"{cluster.server}/readyz", state), timeout, state,
+    procs.stop(state, "kube-apiserver")
+    procs.start(state, "kube-apiserver", dc._args(state, ports)["kube-apiserver"])
+    procs.wait("kube-apiserver /readyz", lambda: dc._https_ok(f"{cluster.server}/readyz", state), timeout, state,
              "kube-apiserver")
     return time.monotonic() - t
 

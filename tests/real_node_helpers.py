@@ -238,13 +238,14 @@ def registry_stopped(cluster):
     """The cluster's registry process stopped (the node is offline from its artifact store), then started
     again on the same port and storage."""
     from edgefleet_dev.devcluster import cluster as dc
+    from edgefleet_dev.devcluster import procs
 
     state = cluster.state
-    assert dc._stop(state, "registry"), "the cluster's registry was not running"
+    assert procs.stop(state, "registry"), "the cluster's registry was not running"
     try:
         yield
     finally:
-        dc._start(state, "registry", dc._args(state, cluster.info["ports"])["registry"],
+        procs.start(state, "registry", dc._args(state, cluster.info["ports"])["registry"],
                   env={"OTEL_TRACES_EXPORTER": "none"})
         wait_for(lambda: registry_up(cluster), 30, 0.2, "the registry to answer again")
 

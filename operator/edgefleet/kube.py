@@ -193,7 +193,8 @@ class Kube:
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """POST `obj`; None when it exists already (409 AlreadyExists). For objects the operator may create but
-        not read (a FederatedTraining run's Secret): the answer is never a copy of someone else's object."""
+        not read (a FederatedTraining run's Secret): the answer is never a copy of someone else's object. A 404
+        (the namespace or kind is missing) is an ApiError, as in `apply`."""
         meta = obj["metadata"]
         try:
             return self._call("POST", _path(obj["kind"], meta.get("namespace")), body=obj,
@@ -202,6 +203,8 @@ class Kube:
             if err.status == 409:
                 return None
             raise
+        except NotFound as err:  # as in apply: a missing namespace or kind, which no retry fixes
+            raise ApiError(404, err.body or json.dumps({"reason": "NotFound", "message": str(err)})) from err
 
     def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
         try:

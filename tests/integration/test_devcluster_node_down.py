@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from edgefleet_dev import toolchain as components
 from edgefleet_dev.devcluster import cluster as dc
-from edgefleet_dev.devcluster import node
+from edgefleet_dev.devcluster import node, procs
 from kube_helpers import apply, get, is_ready, wait_for
 from test_devcluster_node import build_echo_image, echo_pod
 
@@ -136,7 +136,7 @@ def test_stopping_the_real_node_leaves_nothing_behind(cluster, tmp_path):
     """The session's own cluster: stop its real node, start it again, run a pod, stop it: nothing left, host
     state as after the first stop. Then the node starts again for the tests after this one."""
     name = cluster.state.name
-    if cluster.real_node is None or name not in dc.started_here:
+    if cluster.real_node is None or name not in procs.started_here:
         pytest.skip(f"cluster {name!r} has no real node this session started (it may serve other sessions)")
     dc.stop_real_node(name, echo=lambda _: None)
     try:

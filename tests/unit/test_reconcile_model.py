@@ -51,8 +51,10 @@ def test_a_refused_compile_job_fails_the_variants_with_the_reason(kube):
     assert [e["reason"] for e in kube.warnings()] == ["InvalidManifest"]
 
 
-def test_a_compile_job_into_a_missing_namespace_fails_the_variants_with_the_fix_not_retried(kube):
-    kube.fail("apply", "Job", no_namespace("edgefleet-system"))
+@pytest.mark.parametrize("first_write", [("apply", "Job"), ("create", "Secret")])
+def test_a_compile_job_into_a_missing_namespace_fails_the_variants_with_the_fix_not_retried(kube, first_write):
+    """Whichever write reaches the missing namespace first (the operator's report key, or the Job)."""
+    kube.fail(*first_write, no_namespace("edgefleet-system"))
     reconcile_model(kube, job_settings(), NS, "digits", World({}, builtin_profiles()))
     variants = {v["profile"]: v for v in status(kube)["variants"]}
     assert {v["reason"] for v in variants.values()} == {"NamespaceNotFound"}
