@@ -65,6 +65,7 @@ def fl(edgefleet_api, real_node):
     # one address of the registry for the operator (on this host) and the pods: the node's bridge IP
     store = f"oci://{cluster.pod_registry}/{STORE_REPO}"
     env = {"KUBECONFIG": str(cluster.kubeconfig), "EDGEFLEET_ARTIFACT_STORE": store,
+           "EDGEFLEET_NAMESPACE": ns,  # the operator's own namespace (its report key) must exist, as in an install
            "EDGEFLEET_ARTIFACT_INSECURE": "true", "EDGEFLEET_BUILTIN_PROFILES": "false",
            "EDGEFLEET_WATCH_NAMESPACES": ns, "EDGEFLEET_IMAGE_REGISTRY": "ghcr.io/edgefleet",
            "EDGEFLEET_IMAGE_DIGESTS": json.dumps(real_node), "EDGEFLEET_COMPILE_TIMING_RUNS": "5",
