@@ -21,8 +21,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgefleet_runtime.sealed import derive
-
 from ..api import ConfigMapKeyRef, EdgeModel, HardwareProfileSpec
 from ..api.compile import CompileRequest, Policy
 from ..compiler import CompileError, VariantReport
@@ -42,7 +40,15 @@ from ..render.compile_job import (
     report_ref,
 )
 from ..settings import Settings
-from .reports import ReportRejected, content_binding, job_key, master_key, read_report, seal_into_store
+from .reports import (
+    ReportRejected,
+    cache_key,
+    content_binding,
+    job_key,
+    master_key,
+    read_report,
+    seal_into_store,
+)
 from .sources import config_map_bytes, without_none
 from .world import World
 
@@ -122,7 +128,7 @@ class Sealed:
         """Status variants from the compile cache when it holds this compile with every target Ready."""
         ref, binding = content_report_ref(self.settings.artifact_store, self.content), content_binding(self.content)
         try:
-            report = _all_ready(read_report(self.settings, ref, derive(self.master, binding), binding), targets)
+            report = _all_ready(read_report(self.settings, ref, cache_key(self.master, self.content), binding), targets)
         except ReportRejected as err:
             self._event(ref, str(err), "ignored; a compile Job runs instead")
             return None

@@ -25,7 +25,7 @@ from ..settings import Settings
 log = logging.getLogger(__name__)
 REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
 
-__all__ = ["ReportRejected", "content_binding", "job_key", "master_key", "read_report", "seal_into_store"]
+__all__ = ["ReportRejected", "cache_key", "content_binding", "job_key", "master_key", "read_report", "seal_into_store"]
 
 
 def master_key(kube: Kube, settings: Settings) -> bytes:
@@ -54,6 +54,11 @@ def content_binding(key: str) -> str:
     return f"content:{key}"
 
 
+def cache_key(master: bytes, content_key: str) -> bytes:
+    """The key of the compile-cache entry for ``content_key``: only the operator holds it."""
+    return derive(master, content_binding(content_key))
+
+
 def read_report(settings: Settings, ref: str, key: bytes, binding: str) -> dict[str, Any] | None:
     """The report at ``ref`` when it is sealed for ``binding`` with ``key``; None when nothing is there (yet).
     ReportRejected when something is there that does not verify."""
@@ -77,7 +82,7 @@ def seal_into_store(settings: Settings, ref: str, master: bytes, content_key: st
     """Push an accepted report to ``ref`` sealed with the operator's own key (best effort: a failure only means
     the next identical compile runs a Job again)."""
     binding = content_binding(content_key)
-    data = seal(derive(master, binding), binding, json.dumps(report, sort_keys=True).encode())
+    data = seal(cache_key(master, content_key), binding, json.dumps(report, sort_keys=True).encode())
     try:
         push_file(ref, data, REPORT_MEDIA_TYPE, settings.artifact_insecure, settings.artifact_username,
                   settings.artifact_password)
