@@ -106,7 +106,9 @@ def _convergence(cluster, namespace: str):
     if status.get("observedGeneration") != ed["metadata"]["generation"]:
         return f"EdgeDeployment observedGeneration {status.get('observedGeneration')} != {ed['metadata']['generation']}"
     counts = Counter(p["metadata"]["labels"]["edgefleet.io/profile"] for p in pods)
-    classes = {c["profile"]: (c["desired"], c["ready"]) for c in status.get("classes", [])}
+    # a class whose nodes all have taints the deployment does not tolerate keeps a workload with no pods (0, 0)
+    classes = {c["profile"]: (c["desired"], c["ready"]) for c in status.get("classes", [])
+               if c["profile"] in counts or (c["desired"], c["ready"]) != (0, 0)}
     if classes != {k: (n, n) for k, n in counts.items()}:
         return f"EdgeDeployment classes (desired, ready) {classes}, pods per class {dict(counts)}"
     return served, variants, ed
