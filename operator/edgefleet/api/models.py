@@ -470,7 +470,7 @@ class Distillation(Model):
     data: Literal["calibration"] = "calibration"
     """Where the transfer inputs come from: calibration (optimization.calibration, augmented by mixing
     samples); the teacher labels them."""
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 30
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 60
     """Training epochs over the transfer set."""
     temperature: Annotated[float, Field(ge=0.5, le=20)] = 4.0
     """Softmax temperature of the soft targets (higher: more of the teacher's ranking of wrong classes)."""
