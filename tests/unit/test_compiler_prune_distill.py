@@ -11,16 +11,15 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from edgefleet.api.base import format_errors
+from edgefleet.api.models import Distillation, Optimization, Pruning
+from edgefleet.compiler import CompileError, CompileRequest, Policy, compile_model, core, load_profiles, train
+from edgefleet.compiler.types import Candidate, CompileTarget, Latency, Metrics
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
-from edgefleet.api.base import format_errors
-from edgefleet.api.models import Distillation, Optimization, Pruning
-from edgefleet.compiler import CompileError, CompileRequest, Policy, compile_model, load_profiles
-from edgefleet.compiler import core, train
-from edgefleet.compiler.types import Candidate, CompileTarget, Latency, Metrics
-
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+INT8 = CompileTarget(format="onnx", precision="int8", runtime="onnxruntime")
 MODEL, CALIB, EVAL = QUICKSTART / "digits_cnn.onnx", QUICKSTART / "digits_calib.npz", QUICKSTART / "digits_eval.npz"
 
 
@@ -103,7 +102,7 @@ def _cand(name: str, p50: float, size: int, quant: str = "none") -> Candidate:
 
 
 def test_prune_selection_prefers_the_untrained_candidate_unless_faster_by_the_margin():
-    target = CompileTarget(format="onnx", precision="int8", runtime="onnxruntime")
+    target = INT8
     near = [_cand("fp32", 1.0, 1000), _cand("pruned", 0.97, 300)]
     assert core._select(near, target, True).name == "fp32"
     core._explain(near, near[0], True)
@@ -212,7 +211,7 @@ def compile_job_args(compile_job, policy: Policy) -> list[str]:
 
     req = compile_job.CompileJobRequest(
         model_namespace="ns", generation=1,
-        request=CompileRequest(source="https://example.com/m.onnx", targets={"cpu-amd64": CompileTarget(format="onnx", precision="int8", runtime="onnxruntime")},
-                               policy=policy, name="m"))
+        request=CompileRequest(source="https://example.com/m.onnx", targets={"cpu-amd64": INT8}, policy=policy,
+                               name="m"))
     settings = Settings(namespace="edgefleet-system", artifact_store="oci://registry.local:5000/edgefleet/models")
     return compile_job.render_compile_job(req, settings)["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from ..progress import Progress
 from ..api.models import Distillation, Pruning
+from ..progress import Progress
 from .types import QUANTIZATIONS, AccuracyBudget, CompileError, CompileRequest, Policy
 
 EXIT_VARIANT_FAILED = 1  # the request was fine, but at least one profile has no variant
@@ -56,8 +56,8 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
               help="Encrypt every published variant (AES-256-GCM) for this P-256 public key (PEM; "
                    "`edgefleet keygen encryption`) or under this 32-byte key.")
 def compile_command(source, profiles, profiles_file, quantization, sparsity, calibration, evaluation,
-                    max_accuracy_drop, min_cosine, input_shapes, pruning, distillation, digest, out, reports, name, cache_dir, timing_runs,
-                    quiet, signing_key_file, encryption_key_file):
+                    max_accuracy_drop, min_cosine, input_shapes, pruning, distillation, digest, out, reports, name,
+                    cache_dir, timing_runs, quiet, signing_key_file, encryption_key_file):
     """Compile SOURCE (.onnx/.tflite path, https:// or oci://) into one measured variant per profile."""
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice goes to the root logger
     from ..artifacts import StoreError, open_store

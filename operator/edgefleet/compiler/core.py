@@ -503,10 +503,11 @@ class _Session:
         def run_source(batch: np.ndarray) -> np.ndarray:
             return run_all(runner, {name: batch})[0]
 
-        if kind == "pruned":
-            p = self.policy.pruning
+        p, d = self.policy.pruning, self.policy.distillation
+        if kind == "pruned" and p is not None:
             return train.prune(self.normalized, run_source, x, p.ratio, p.epochs, p.seed, p.deadline_seconds, self.say)
-        d = self.policy.distillation
+        if d is None:  # pragma: no cover - plan() adds student candidates only with a distillation
+            raise CompileError("InvalidRequest", f"no optimization for candidate {kind}")
         return train.distill(self.normalized, run_source, x, d.student, d.epochs, d.temperature, d.seed,
                              d.deadline_seconds, self.say)
 
