@@ -872,7 +872,7 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
             v.message = ("no candidate fits the HardwareProfile's spec.budget.maxModelSizeBytes: "
                          + "; ".join(f"{c.name}: {c.why}" for c in cands)
                          + ". Fix: raise spec.budget.maxModelSizeBytes, allow int8 (quantization auto), or prune "
-                         "(optimization.sparsity)")
+                         "(optimization.pruning, optimization.sparsity) or distill (optimization.distillation)")
         elif len(failed) == len(cands):
             v.reason = failed[0].reason or "PassFailed"
             v.message = "; ".join(f"{c.name}: {c.why}" for c in cands)
