@@ -14,7 +14,16 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from .models import AccuracyBudget, EdgeModel, HardwareProfileSpec, Optimization, Quantization, Target
+from .models import (
+    AccuracyBudget,
+    Distillation,
+    EdgeModel,
+    HardwareProfileSpec,
+    Optimization,
+    Pruning,
+    Quantization,
+    Target,
+)
 
 
 class CompileTarget(Target):
@@ -51,6 +60,8 @@ class Policy:
     # test hook (operator setting compile_host_latency_ms): candidate name -> the p50 at 1 thread (ms) the host
     # reports instead of its measurement, so a test can make the host prefer one candidate; part of the cache key
     hostLatencyMs: dict[str, float] = field(default_factory=dict)
+    pruning: Pruning | None = None  # structured pruning + fine-tuning (pruned, pruned+int8 candidates)
+    distillation: Distillation | None = None  # a student trained on the source's outputs (student candidates)
 
     @classmethod
     def of(cls, opt: Optimization, calibration: Path | None, evaluation: Path | None, timing_runs: int,
@@ -58,7 +69,8 @@ class Policy:
         """The policy of an EdgeModel's spec.optimization, its data found at ``calibration``/``evaluation``."""
         return cls(quantization=opt.quantization, sparsity=opt.sparsity, calibration=calibration,
                    evaluation=evaluation, accuracyBudget=opt.accuracy_budget, timingRuns=timing_runs,
-                   inputShapes=dict(opt.input_shapes or {}), hostLatencyMs=dict(host_latency_ms or {}))
+                   inputShapes=dict(opt.input_shapes or {}), hostLatencyMs=dict(host_latency_ms or {}),
+                   pruning=opt.pruning, distillation=opt.distillation)
 
 
 SOURCE_MAX_BYTES = 2 << 30  # ONNX protobufs end at 2 GiB

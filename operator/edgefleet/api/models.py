@@ -433,6 +433,53 @@ INPUT_NAMES = Rule(
 )
 
 
+STUDENT = r"^mlp:\[[1-9][0-9]{0,3}(,[1-9][0-9]{0,3}){0,3}\]$"
+STUDENT_RULE = Rule(
+    f"self.matches(r'{STUDENT}')",
+    "distillation.student must name an architecture: mlp:[H] or mlp:[H1,H2] (1 to 4 hidden layers of 1..9999"
+    " units, no spaces), e.g. mlp:[64]",
+    lambda v: re.fullmatch(STUDENT, v) is not None,
+)
+TRAIN_SEED = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TRAIN_DEADLINE = Annotated[int, Field(ge=1, le=86_400)]
+
+
+class Pruning(Model):
+    """Structured pruning: whole filters of each convolution and hidden units of each inner fully connected
+    layer are removed (smallest L1 norm first), then the smaller model is fine-tuned on the calibration inputs
+    against the source model's outputs. The `pruned` and `pruned+int8` candidates are measured and gated on
+    the accuracy budget like every candidate."""
+
+    ratio: Annotated[float, Field(ge=0.05, le=0.9)] = 0.5
+    """Fraction of the filters (hidden units) removed from every prunable layer, 0.05 to 0.9."""
+    epochs: Annotated[int, Field(ge=0, le=500)] = 10
+    """Fine-tuning epochs over the transfer set built from the calibration inputs (0: no fine-tuning)."""
+    seed: TRAIN_SEED = 0
+    """Seed of the fine-tuning: the same seed, data and model give the same bytes."""
+    deadline_seconds: TRAIN_DEADLINE = 900
+    """Longest the fine-tuning may run; past it the pruned candidates fail with TrainingDeadlineExceeded."""
+
+
+class Distillation(Model):
+    """Knowledge distillation: a small student network is trained on the source model's (the teacher's) soft
+    outputs over the transfer inputs, exported to ONNX, then quantized and measured like every candidate
+    (`student`, `student+int8`)."""
+
+    student: Annotated[str, Field(min_length=1, max_length=64), *checked(STUDENT_RULE)]
+    """The student's architecture: mlp:[H1,...] (a fully connected network with these hidden widths)."""
+    data: Literal["calibration"] = "calibration"
+    """Where the transfer inputs come from: calibration (optimization.calibration, augmented by mixing
+    samples); the teacher labels them."""
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 60
+    """Training epochs over the transfer set."""
+    temperature: Annotated[float, Field(ge=0.5, le=20)] = 4.0
+    """Softmax temperature of the soft targets (higher: more of the teacher's ranking of wrong classes)."""
+    seed: TRAIN_SEED = 0
+    """Seed of the training: the same seed, data and teacher give the same bytes."""
+    deadline_seconds: TRAIN_DEADLINE = 900
+    """Longest the training may run; past it the student candidates fail with TrainingDeadlineExceeded."""
+
+
 class Optimization(Model):
     """How the model may be optimized per hardware class: quantization, calibration data, pruning
     and the accuracy the result must keep. Variants that break the accuracy budget are rejected
@@ -458,6 +505,12 @@ class Optimization(Model):
     """Every dim, batch included, of model inputs whose dims are dynamic, by input name, e.g.
     {"x": [1, 3, 48, 192]}. Without it (or evaluation data, or the model's metadata) quantization auto
     refuses a model whose input dims it cannot know."""
+    pruning: Pruning | None = None
+    """Structured pruning (filters/hidden units removed, then fine-tuned): adds the pruned and pruned+int8
+    candidates. Needs calibration data."""
+    distillation: Distillation | None = None
+    """Knowledge distillation into a smaller student: adds the student and student+int8 candidates. Needs
+    calibration data (the transfer inputs)."""
     selection: Literal["host", "onTarget"] | None = None
     """Where the chosen variant is measured: onTarget runs the candidates that passed the accuracy gate
     in a benchmark Job on one node of each hardware class and picks the fastest there; host keeps the
@@ -470,6 +523,21 @@ class Optimization(Model):
             "optimization.calibration is required when optimization.quantization is static-int8:"
             " add calibration data (uri or configMap) or choose dynamic-int8",
             lambda s: s.quantization != "static-int8" or s.calibration is not None,
+            ".calibration",
+        ),
+        Rule(
+            "!has(self.pruning) || has(self.calibration)",
+            "optimization.calibration is required when optimization.pruning is set: the pruned model is"
+            " fine-tuned on those inputs; add calibration data (uri or configMap) or remove pruning",
+            lambda s: s.pruning is None or s.calibration is not None,
+            ".calibration",
+        ),
+        Rule(
+            "!has(self.distillation) || has(self.calibration)",
+            "optimization.calibration is required when optimization.distillation is set: the student learns"
+            " the teacher's outputs on those inputs (distillation.data: calibration); add calibration data"
+            " (uri or configMap) or remove distillation",
+            lambda s: s.distillation is None or s.calibration is not None,
             ".calibration",
         ),
     )
@@ -561,6 +629,8 @@ class VariantCandidate(Model):
     """Median single-input latency at 1 thread measured by the compiler on its host, in milliseconds."""
     accuracy_delta: float | None = None
     """Accuracy change against the source model in percentage points (negative is a loss)."""
+    agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Top-1 agreement with the source model on the evaluation data (0..1), e.g. of a distilled student."""
     on_target: OnTargetResult | None = None
     """The candidate's numbers from the benchmark Job on a node of the class."""
 

@@ -19,7 +19,9 @@ One entry point, used by ``edgefleet compile``, by the operator in-process and i
            sparsity=0.0,                             # magnitude pruning fraction 0..0.95 (artifact gzip-compressed)
            calibration: Path | None, evaluation: Path | None,   # .npz (keys = input names, labels "y") or .npy dir
            accuracyBudget: AccuracyBudget | None = None,   # the API's; None: the default below
-           timingRuns=50, threads=None)              # latency runs; N for the N-thread figure (default cpu count)
+           timingRuns=50, threads=None,              # latency runs; N for the N-thread figure (default cpu count)
+           pruning: Pruning | None, distillation: Distillation | None)  # the API's; trained candidates pruned,
+                                                     # pruned+int8, student, student+int8 (docs/optimization.md)
 
     CompileResult: source, sourceDigest, sourceFormat, sourceSizeBytes, cacheHit, workDone, toolchain,
                    variants: dict[profile, VariantReport], ok, to_status() -> list[dict], to_dict(), to_json()

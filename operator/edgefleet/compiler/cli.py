@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ..api.models import Distillation, Pruning
 from ..progress import Progress
 from .types import QUANTIZATIONS, AccuracyBudget, CompileError, CompileRequest, Policy
 
@@ -33,6 +34,12 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x48x192",
               help="Every dim of a model input whose dims are dynamic (repeatable); without it, evaluation data or "
                    "the model's metadata, quantization auto refuses a model whose dims it cannot know.")
+@click.option("--pruning", default=None, metavar="JSON",
+              help='Structured pruning, as EdgeModel spec.optimization.pruning, e.g. {"ratio":0.5,"epochs":10} '
+                   "(needs --calibration and the train extra).")
+@click.option("--distillation", default=None, metavar="JSON",
+              help='Knowledge distillation, as spec.optimization.distillation, e.g. {"student":"mlp:[64]"} '
+                   "(needs --calibration and the train extra).")
 @click.option("--digest", default=None, help="Expected sha256:<hex> of the source.")
 @click.option("--out", "out", required=True, help="Output directory or oci://HOST:PORT/REPO.")
 @click.option("--report", "reports", multiple=True,
@@ -49,8 +56,8 @@ REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
               help="Encrypt every published variant (AES-256-GCM) for this P-256 public key (PEM; "
                    "`edgefleet keygen encryption`) or under this 32-byte key.")
 def compile_command(source, profiles, profiles_file, quantization, sparsity, calibration, evaluation,
-                    max_accuracy_drop, min_cosine, input_shapes, digest, out, reports, name, cache_dir, timing_runs,
-                    quiet, signing_key_file, encryption_key_file):
+                    max_accuracy_drop, min_cosine, input_shapes, pruning, distillation, digest, out, reports, name,
+                    cache_dir, timing_runs, quiet, signing_key_file, encryption_key_file):
     """Compile SOURCE (.onnx/.tflite path, https:// or oci://) into one measured variant per profile."""
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice goes to the root logger
     from ..artifacts import StoreError, open_store
@@ -97,6 +104,8 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
             accuracyBudget=None if max_accuracy_drop is None and min_cosine is None else AccuracyBudget(
                 max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine),
             timingRuns=timing_runs, inputShapes=dict(parse_input_shape(s) for s in input_shapes),
+            pruning=_training_spec(Pruning, "pruning", pruning, calibration),
+            distillation=_training_spec(Distillation, "distillation", distillation, calibration),
         )
         request = CompileRequest(source=source, targets={n: all_profiles[n] for n in names}, policy=policy,
                                  digest=digest, name=name)
@@ -134,6 +143,31 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         else:
             click.echo(f"{name}\tFailed\t{v.reason}\t{v.message}")
     sys.exit(0 if result.ok else EXIT_VARIANT_FAILED)
+
+
+def _training_spec(kind, field: str, text: str | None, calibration: str | None):
+    """--pruning / --distillation JSON as the API model; CompileError naming the field otherwise."""
+    if text is None:
+        return None
+    import json
+
+    from pydantic import ValidationError
+
+    from ..api.base import format_errors
+
+    try:
+        spec = kind.model_validate(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise CompileError("InvalidRequest", f"--{field} is not JSON: {e}",
+                           f"pass optimization.{field} as JSON, e.g. " + ('{"ratio":0.5}' if field == "pruning"
+                                                                          else '{"student":"mlp:[64]"}')) from e
+    except ValidationError as e:
+        raise CompileError("InvalidRequest", "; ".join(f"optimization.{field}.{line}" for line in format_errors(e)),
+                           f"fix optimization.{field} (docs/optimization.md)") from e
+    if calibration is None:
+        raise CompileError("InvalidRequest", f"optimization.{field} trains on calibration inputs; none were given",
+                           "pass --calibration DATA")
+    return spec
 
 
 def _encryption_key(path: str | None):

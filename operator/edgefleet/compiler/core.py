@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,13 @@ def toolchain_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "absent"
 
 
 def _has(mod: str) -> bool:
@@ -232,7 +240,7 @@ def plan(target: CompileTarget, source_format: str, policy: Policy) -> tuple[lis
             return [], "UnsupportedTarget", f"no ONNX path to format {target.format} / runtime {target.runtime}"
         specs = [Spec(w if w != "none" else "fp32", "onnx", _PRECISION[w], w, "onnxruntime", w) for w in
                  ["none", "fp16", "dynamic-int8", "static-int8"] if w in wanted]
-        return specs, None, ""
+        return specs + _trained_specs(policy, wanted), None, ""
     # tflite source
     if target.format != "tflite" or target.runtime != "litert":
         return [], "ConversionUnavailable", (
@@ -249,6 +257,28 @@ def plan(target: CompileTarget, source_format: str, policy: Policy) -> tuple[lis
     if "static-int8" in wanted:
         specs.append(Spec("litert-static-int8", "tflite", "int8", "static-int8", "litert", "tfl-static"))
     return specs, None, ""
+
+
+TRAINED = ("pruned", "student")  # candidates the compiler trains (compiler/train.py): chosen only when they win
+
+
+def _trained_specs(policy: Policy, wanted: list[str]) -> list[Spec]:
+    """pruned, pruned+int8, student, student+int8 (as asked for by optimization.pruning / .distillation and
+    allowed by the quantization): ONNX Runtime targets only."""
+    int8 = "static-int8" if "static-int8" in wanted else ("dynamic-int8" if "dynamic-int8" in wanted else None)
+    out = []
+    for kind, asked in (("pruned", policy.pruning), ("student", policy.distillation)):
+        if asked is None:
+            continue
+        if "none" in wanted:
+            out.append(Spec(kind, "onnx", "fp32", "none", "onnxruntime", kind))
+        if int8:
+            out.append(Spec(f"{kind}+int8", "onnx", "int8", int8, "onnxruntime", f"{kind}+{int8}"))
+    return out
+
+
+def _is_trained(name: str) -> bool:
+    return name.split("+")[0] in TRAINED
 
 
 def measurable(target: CompileTarget) -> tuple[bool, str]:
@@ -268,7 +298,9 @@ class _Session:
         self.request, self.policy, self.fmt, self.say, self.tmp = request, request.policy, fmt, progress, tmp
         self.on_candidate: CandidateProgress = lambda profile, done, total, name: None
         self.source = data
+        self.request_size = len(data)
         self.built: dict[str, tuple[bytes, str] | CompileError] = {}
+        self.trained: dict[str, Any] = {}  # pruned | student -> train.Outcome, or the CompileError it raised
         self.measured: dict[tuple[str, str], Candidate] = {}
         self.work = 0
         self.normalization: dict = {}
@@ -392,6 +424,8 @@ class _Session:
     def _build(self, spec: Spec) -> tuple[bytes, str]:
         b = spec.build
         self.say(f"build: {spec.name}")
+        if _is_trained(b):
+            return self._build_trained(b), onnx_passes.ONNX_MEDIA
         if b.startswith("onnx2tf-"):
             src = onnx_passes.prune(self.normalized, self.policy.sparsity) if self.policy.sparsity else self.normalized
             return tflite_convert.build(src, b.removeprefix("onnx2tf-"), self.calib_feeds, self.tmp / "onnx2tf",
@@ -437,14 +471,62 @@ class _Session:
             return onnx_passes.compress(out), onnx_passes.GZIP_MEDIA
         return out, onnx_passes.ONNX_MEDIA
 
+    def train(self, kind: str):
+        """The pruned model or the student (train.Outcome), trained once per compile; CompileError if it failed."""
+        if kind not in self.trained:
+            try:
+                self.trained[kind] = self._train(kind)
+            except CompileError as e:
+                self.trained[kind] = e
+            except Exception as e:  # a model the training cannot take: named, the other candidates go on
+                self.trained[kind] = CompileError("TrainingFailed", f"{kind}: {type(e).__name__}: "
+                                                  f"{str(e).splitlines()[0][:300] if str(e) else ''}")
+        out = self.trained[kind]
+        if isinstance(out, CompileError):
+            raise out
+        return out
+
+    def _train(self, kind: str):
+        from . import train
+
+        if self.calib_feeds is None:
+            field = "pruning" if kind == "pruned" else "distillation"
+            raise CompileError("NoCalibrationData", f"optimization.{field} trains on the calibration inputs",
+                               "add optimization.calibration (--calibration)")
+        if len(self.calib_feeds) != 1:
+            raise CompileError("PruningUnsupported" if kind == "pruned" else "DistillationUnsupported",
+                               f"the model has {len(self.calib_feeds)} inputs; training takes one",
+                               f"remove optimization.{'pruning' if kind == 'pruned' else 'distillation'}")
+        (name, x), = self.calib_feeds.items()
+        runner = open_runner(self.ref_runtime, self.source, default_threads())
+
+        def run_source(batch: np.ndarray) -> np.ndarray:
+            return run_all(runner, {name: batch})[0]
+
+        p, d = self.policy.pruning, self.policy.distillation
+        if kind == "pruned" and p is not None:
+            return train.prune(self.normalized, run_source, x, p.ratio, p.epochs, p.seed, p.deadline_seconds, self.say)
+        if d is None:  # pragma: no cover - plan() adds student candidates only with a distillation
+            raise CompileError("InvalidRequest", f"no optimization for candidate {kind}")
+        return train.distill(self.normalized, run_source, x, d.student, d.epochs, d.temperature, d.seed,
+                             d.deadline_seconds, self.say)
+
+    def _build_trained(self, build: str) -> bytes:
+        kind, _, quant = build.partition("+")
+        fp32 = onnx_passes.optimize(self.train(kind).onnx)
+        if quant == "static-int8":
+            return onnx_passes.static_int8(fp32, self.calib_batches())
+        if quant == "dynamic-int8":
+            return onnx_passes.dynamic_int8(fp32)
+        return fp32
+
     # -- measuring
     def candidate(self, spec: Spec) -> Candidate:
         key = (spec.build, spec.runtime)
         if key in self.measured:
             return replace(self.measured[key], latency=replace(self.measured[key].latency),
                            metrics=replace(self.measured[key].metrics))
-        name = spec.name if self.policy.sparsity == 0 or self.fmt != "onnx" else (
-            f"pruned{int(self.policy.sparsity * 100)}-{spec.name}")
+        name = _name_of(self, spec)
         c = Candidate(name=name, format=spec.format, precision=spec.precision, quantization=spec.quantization,
                       runtime=spec.runtime)
         try:
@@ -508,9 +590,10 @@ def _select(cands: list[Candidate], target: CompileTarget, on_target: bool) -> C
     if on_target:
         fastest = min(_p50(c) for c in ok)
         near = [c for c in ok if _p50(c) <= fastest * (1 + FASTER_MARGIN)]
-        return min(near, key=lambda c: (c.sizeBytes or 0, _p50(c)))
+        return min(near, key=lambda c: (_is_trained(c.name), c.sizeBytes or 0, _p50(c)))
     order = _PREFERENCE.get(target.precision, ["none"])
-    return min(ok, key=lambda c: (order.index(c.quantization) if c.quantization in order else 99, c.sizeBytes or 0))
+    return min(ok, key=lambda c: (order.index(c.quantization) if c.quantization in order else 99,
+                                  _is_trained(c.name), c.sizeBytes or 0))
 
 
 def _explain(cands: list[Candidate], chosen: Candidate | None, on_target: bool) -> None:
@@ -533,6 +616,10 @@ def _explain(cands: list[Candidate], chosen: Candidate | None, on_target: bool) 
         elif _p50(c) > _p50(chosen) * (1 + FASTER_MARGIN):
             c.why = (f"slower: p50 {_p50(c):.3f} ms vs {_p50(chosen):.3f} ms "
                      f"({_p50(c) / _p50(chosen):.2f}x)")
+        elif _is_trained(c.name) and not _is_trained(chosen.name):
+            c.why = (f"not faster than {chosen.name} by more than {FASTER_MARGIN:.0%} (p50 {_p50(c):.3f} vs "
+                     f"{_p50(chosen):.3f} ms): a trained candidate is chosen only when it wins on latency or "
+                     "nothing else fits the size budget")
         else:
             c.why = f"as fast but larger: {c.sizeBytes} vs {chosen.sizeBytes} bytes"
 
@@ -545,6 +632,13 @@ def _cache_key(src_digest: str, request: CompileRequest, target: CompileTarget, 
                              "minCosine": budget.min_cosine if budget else None}
     pol["calibration"] = data_digests.get("calibration")
     pol["evaluation"] = data_digests.get("evaluation")
+    for key in ("pruning", "distillation"):  # only when set: the keys of untrained compiles stay as they were
+        asked = getattr(request.policy, key)
+        if asked is None:
+            pol.pop(key)
+        else:
+            pol[key] = asked.to_dict()
+            versions = {**versions, "torch": _version("torch")}
     blob = json.dumps({"source": src_digest, "policy": pol, "target": target.to_dict(), "toolchain": versions},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -770,6 +864,7 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
     chosen = _select(cands, target, on_target)
     _explain(cands, chosen, on_target)
     v.candidates = cands
+    v.training = _training_summary(s, cands) or None
     if chosen is None:
         failed = [c for c in cands if c.state == "Failed"]
         if any(c.reason == OVER_SIZE for c in failed) and len(failed) == len(cands):
@@ -777,7 +872,7 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
             v.message = ("no candidate fits the HardwareProfile's spec.budget.maxModelSizeBytes: "
                          + "; ".join(f"{c.name}: {c.why}" for c in cands)
                          + ". Fix: raise spec.budget.maxModelSizeBytes, allow int8 (quantization auto), or prune "
-                         "(optimization.sparsity)")
+                         "(optimization.pruning, optimization.sparsity) or distill (optimization.distillation)")
         elif len(failed) == len(cands):
             v.reason = failed[0].reason or "PassFailed"
             v.message = "; ".join(f"{c.name}: {c.why}" for c in cands)
@@ -785,6 +880,7 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
             v.reason = "AccuracyBudgetExceeded"
             v.message = "no candidate is inside the accuracy budget: " + "; ".join(
                 f"{c.name}: {c.budgetFailure or c.why}" for c in cands)
+        v.message += _training_line(v.training)
         s.say(f"{profile}: Failed {v.reason}: {v.message}")
         if v.reason not in ("RunFailed", "PassFailed"):  # deterministic outcomes only
             _store_failure(cache, key, v)
@@ -797,7 +893,8 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
     quality = (f"accuracy {m.accuracy:.4f} ({m.accuracyDelta:+.2f} points)" if m.accuracy is not None
                else f"cosine {m.cosine:.4f}")
     v.message = (f"{chosen.name}: {src_size / (chosen.sizeBytes or src_size):.2f}x smaller than the source, p50 "
-                 f"{_p50(chosen):.3f} ms @1 thread, {quality}" + (f"; {note}" if note else ""))
+                 f"{_p50(chosen):.3f} ms @1 thread, {quality}" + (f"; {note}" if note else "")
+                 + _training_line(v.training))
     # cache entry: artifact + report, written atomically (rename of a complete directory)
     entry = cache / "variants" / key
     tmp = cache / "variants" / f".tmp-{key}-{os.getpid()}"
@@ -819,6 +916,46 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
     return v
 
 
+def _training_summary(s: _Session, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+    """Each trained model against the teacher (the source, as the fp32 candidate measured it)."""
+    by_name = {c.name: c for c in cands}
+    teacher = by_name.get(_name_of(s, Spec("fp32", "onnx", "fp32", "none", "onnxruntime", "none")))
+    out: dict[str, dict[str, Any]] = {}
+    for kind, outcome in sorted(s.trained.items()):
+        if not any(n.split("+")[0] == kind for n in by_name):
+            continue  # this profile has no candidate of it (e.g. a .tflite target)
+        if isinstance(outcome, CompileError):
+            out[kind] = {"reason": outcome.reason, "message": outcome.message + (f" Fix: {outcome.fix}"
+                                                                                if outcome.fix else "")}
+            continue
+        mine = by_name.get(kind) or by_name.get(next((n for n in by_name if n.startswith(kind + "+")), ""))
+        row: dict[str, Any] = {"detail": outcome.detail, "epochs": outcome.epochs, "loss": round(outcome.loss, 6),
+                               "seconds": outcome.seconds, "transferSamples": outcome.transferSamples,
+                               "teacherSizeBytes": s.request_size, "candidate": mine.name if mine else None}
+        if mine is not None and mine.sizeBytes is not None:
+            row.update(sizeBytes=mine.sizeBytes, p50Ms=mine.latency.p50Ms1, agreement=mine.metrics.agreement,
+                       accuracyDelta=mine.metrics.accuracyDelta)
+        if teacher is not None and teacher.latency.p50Ms1 is not None:
+            row.update(teacherSizeBytes=teacher.sizeBytes, teacherP50Ms=teacher.latency.p50Ms1)
+        out[kind] = row
+    return out
+
+
+def _training_line(training: dict[str, dict[str, Any]] | None) -> str:
+    """'; student (mlp:[64]) vs teacher: 23.2x smaller, p50 0.012 vs 0.130 ms, agreement 0.958' per trained model."""
+    parts = []
+    for kind, t in sorted((training or {}).items()):
+        if "reason" in t:
+            parts.append(f"{kind} failed: {t['reason']}: {t['message']}")
+        elif t.get("sizeBytes") and t.get("teacherSizeBytes"):
+            p50 = (f", p50 {t['p50Ms']:.3f} vs {t['teacherP50Ms']:.3f} ms"
+                   if t.get("p50Ms") is not None and t.get("teacherP50Ms") is not None else "")
+            agree = f", agreement {t['agreement']:.3f}" if t.get("agreement") is not None else ""
+            parts.append(f"{t['candidate']} ({t['detail']}) vs teacher: "
+                         f"{t['teacherSizeBytes'] / t['sizeBytes']:.1f}x smaller{p50}{agree}")
+    return "".join(f"; {p}" for p in parts)
+
+
 def _store_failure(cache: Path, key: str, v: VariantReport) -> None:
     entry = cache / "variants" / key
     entry.mkdir(parents=True, exist_ok=True)
@@ -828,6 +965,6 @@ def _store_failure(cache: Path, key: str, v: VariantReport) -> None:
 
 
 def _name_of(s: _Session, spec: Spec) -> str:
-    if s.policy.sparsity and s.fmt == "onnx":
+    if s.policy.sparsity and s.fmt == "onnx" and not _is_trained(spec.build):
         return f"pruned{int(s.policy.sparsity * 100)}-{spec.name}"
     return spec.name

@@ -106,6 +106,10 @@ class VariantReport:
     latency: Latency | None = None
     metrics: Metrics | None = None
     candidates: list[Candidate] = field(default_factory=list)
+    # pruned / student -> how the training went and the trained model against the source (the teacher):
+    # detail, epochs, loss, seconds, transferSamples, sizeBytes, teacherSizeBytes, p50Ms, teacherP50Ms,
+    # agreement, accuracyDelta; or {"reason", "message"} when it failed
+    training: dict[str, dict[str, Any]] | None = None
     cacheKey: str = ""
     cacheHit: bool = False
 
@@ -158,7 +162,7 @@ class VariantReport:
             entry = {"name": c.name, "artifact": c.artifact, "digest": self.digest if chosen else c.sha256,
                      "format": c.format, "precision": c.precision, "quantization": c.quantization,
                      "sizeBytes": self.sizeBytes if chosen else c.sizeBytes, "latencyP50Ms": c.latency.p50Ms1,
-                     "accuracyDelta": c.metrics.accuracyDelta}
+                     "accuracyDelta": c.metrics.accuracyDelta, "agreement": c.metrics.agreement}
             out.append({k: v for k, v in entry.items() if v is not None})
         return out
 

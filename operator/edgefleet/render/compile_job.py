@@ -137,6 +137,10 @@ def _key_blob(req: CompileJobRequest, settings: Settings) -> dict[str, Any]:
     }
     if policy.inputShapes:  # only when set: the Jobs of models without it keep their names
         blob["inputShapes"] = policy.inputShapes
+    for key in ("pruning", "distillation"):  # likewise
+        asked = getattr(policy, key)
+        if asked is not None:
+            blob[key] = asked.to_dict()
     if req.encryption_public_key:  # likewise: a new key is a new Job (rotation re-encrypts)
         blob["encryption"] = hashlib.sha256(req.encryption_public_key.encode()).hexdigest()
     if settings.signing_key_secret:
@@ -200,6 +204,11 @@ def _args(req: CompileJobRequest, settings: Settings, name: str) -> list[str]:
     if r.digest:
         args.append(f"--digest={r.digest}")
     args += [f"--input-shape={n}={'x'.join(map(str, dims))}" for n, dims in sorted(policy.inputShapes.items())]
+    if policy.pruning is not None:
+        args.append(f"--pruning={json.dumps(policy.pruning.to_dict(), sort_keys=True, separators=(',', ':'))}")
+    if policy.distillation is not None:
+        args.append("--distillation="
+                    + json.dumps(policy.distillation.to_dict(), sort_keys=True, separators=(",", ":")))
     args += [f"--name={req.model_name}", f"--out={settings.artifact_store}",
              f"--report={report_ref(settings.artifact_store, name)}",
              f"--cache-dir={CACHE_DIR}",
