@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache", required=True, help="cache dir; the blob lands in DIR/sha256/<hex>")
     f.add_argument("--name", help="also point DIR/current/NAME at the blob")
     f.add_argument("--insecure", action="store_true", help="allow plain http to a non-loopback registry")
+    f.add_argument("--delta", action="append", default=[], metavar="base=sha256:..,digest=sha256:..,ref=REF",
+                   help="a delta to this variant from the variant `base`: used when the cache holds `base`, the "
+                   "result verified like a full download, the full variant fetched on any failure (repeatable)")
     _trust_arguments(f)
 
     c = sub.add_parser("prepare-cache", help="create the node cache's folders and hand them to the runtime user "
@@ -365,15 +368,17 @@ def _fail(command: str, code: int, text: str) -> int:
 
 def _fetch(args) -> int:
     from .digest import DigestError
-    from .fetch import FetchError, RegistryUnreachable, fetch
+    from .fetch import DeltaSource, FetchError, RegistryUnreachable, fetch
     from .trust import TrustError
 
     try:
         policy = _policy(args)
-    except TrustError as e:
+        deltas = [DeltaSource.parse(text) for text in args.delta]
+    except ValueError as e:  # TrustError and DigestError are ValueErrors
         return _fail("fetch", EXIT_USAGE, str(e))
     try:
-        path = fetch(args.ref, args.digest, args.cache, name=args.name, insecure=args.insecure, policy=policy)
+        path = fetch(args.ref, args.digest, args.cache, name=args.name, insecure=args.insecure, policy=policy,
+                     deltas=deltas)
     except TrustError as e:
         log.error("fetch refused", extra={"reason": e.reason, "error": str(e)})
         return _fail("fetch", EXIT_SIGNATURE, f"refused ({e.reason}): {e}")

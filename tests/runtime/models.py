@@ -117,3 +117,24 @@ def int8_tflite(path: Path, seed: int = 0):
         return ((yq - out_zp) * out_scale).astype(np.float32)
 
     return path, reference
+
+
+QUICKSTART = REPO / "examples" / "quickstart"
+
+
+def head_update(dest: Path, epochs: int = 3, learning_rate: float = 0.1, samples: int = 200) -> tuple[Path, Path]:
+    """A federated-style head update of the quickstart's digits CNN: its last layer fine-tuned with the project's
+    own trainer (edgefleet_runtime.federated.trainer) on the first ``samples`` of digits_eval.npz, every other
+    byte unchanged. Returns (base, updated) model files."""
+    from edgefleet_runtime.federated.trainer import HeadModel, train
+
+    dest.mkdir(parents=True, exist_ok=True)
+    base = dest / "digits_base.onnx"
+    shutil.copyfile(QUICKSTART / "digits_cnn.onnx", base)
+    data = np.load(QUICKSTART / "digits_eval.npz")
+    model = HeadModel(base.read_bytes())
+    features = model.features({"input": data["input"][:samples]})
+    head = train(model.head, features, data["y"][:samples], epochs=epochs, learning_rate=learning_rate)
+    updated = dest / "digits_head_update.onnx"
+    updated.write_bytes(model.with_head(head))
+    return base, updated
