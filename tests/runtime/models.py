@@ -138,3 +138,26 @@ def head_update(dest: Path, epochs: int = 3, learning_rate: float = 0.1, samples
     updated = dest / "digits_head_update.onnx"
     updated.write_bytes(model.with_head(head))
     return base, updated
+
+
+def swapped_classes(dest: Path) -> Path:
+    """The quickstart's digits CNN with its head's classes rotated by one (logits of class k answer for k+1): a
+    variant that runs fine and disagrees with the original on every input."""
+    from edgefleet_runtime.federated.trainer import Head, HeadModel
+
+    model = HeadModel((QUICKSTART / "digits_cnn.onnx").read_bytes())
+    order = np.roll(np.arange(model.head.w.shape[1]), 1)
+    out = dest / "digits_swapped.onnx"
+    dest.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.with_head(Head(model.head.w[:, order].copy(), model.head.b[order].copy())))
+    return out
+
+
+def reference_outputs(path: Path, inputs: np.ndarray) -> np.ndarray:
+    """The logits ONNX Runtime gives for ``inputs`` with the model at ``path`` (what a served answer must equal)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: inputs})[0]
