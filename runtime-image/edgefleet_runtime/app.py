@@ -337,6 +337,7 @@ class App:
         self.metrics = metrics
         self.management = management  # None: the repository routes are off on this port
         self.monitor = monitor  # monitor.Monitor (serve --monitoring), or None: off
+        self.control = None  # control.Control (serve --control-dir): its shadow candidate sees a sample of requests
         self.draining = False
         self.server_meta = orjson.dumps(
             {"name": server_name, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
@@ -456,6 +457,9 @@ class App:
         self.metrics.batch.observe(first.shape[0] if first.ndim else 1)
         if self.monitor is not None:
             self.monitor.observe(model, feeds, results)
+        shadow = self.control.shadow if self.control is not None else None
+        if shadow is not None:
+            shadow.offer(feeds, results)
         return results
 
     def _infer(self, name, version, headers, body):

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="poll --model (e.g. CACHE/current/NAME) and hot-swap when it points at a new blob",
     )
     s.add_argument("--watch-interval", type=float, default=2.0, help="seconds between --watch polls")
+    s.add_argument(
+        "--control-dir",
+        default=os.environ.get("EDGEFLEET_CONTROL_DIR") or None,
+        help="a folder (the pod's annotations through the downward API) with `active` (digest to switch to in "
+        "place), `prefetch` and `shadow` (JSON): read every 0.5 s (edgefleet_runtime.control); needs --cache",
+    )
     s.add_argument("--cache", help="node cache dir (CACHE/sha256/<hex>): the only place the management API loads from")
     s.add_argument(
         "--management-token-file",
@@ -131,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache", required=True, help="cache dir; the blob lands in DIR/sha256/<hex>")
     f.add_argument("--name", help="also point DIR/current/NAME at the blob")
     f.add_argument("--insecure", action="store_true", help="allow plain http to a non-loopback registry")
+    f.add_argument("--delta", action="append", default=[], metavar="base=sha256:..,digest=sha256:..,ref=REF",
+                   help="a delta to this variant from the variant `base`: used when the cache holds `base`, the "
+                   "result verified like a full download, the full variant fetched on any failure (repeatable)")
     _trust_arguments(f)
 
     c = sub.add_parser("prepare-cache", help="create the node cache's folders and hand them to the runtime user "
@@ -365,15 +374,17 @@ def _fail(command: str, code: int, text: str) -> int:
 
 def _fetch(args) -> int:
     from .digest import DigestError
-    from .fetch import FetchError, RegistryUnreachable, fetch
+    from .fetch import DeltaSource, FetchError, RegistryUnreachable, fetch
     from .trust import TrustError
 
     try:
         policy = _policy(args)
-    except TrustError as e:
+        deltas = [DeltaSource.parse(text) for text in args.delta]
+    except ValueError as e:  # TrustError and DigestError are ValueErrors
         return _fail("fetch", EXIT_USAGE, str(e))
     try:
-        path = fetch(args.ref, args.digest, args.cache, name=args.name, insecure=args.insecure, policy=policy)
+        path = fetch(args.ref, args.digest, args.cache, name=args.name, insecure=args.insecure, policy=policy,
+                     deltas=deltas)
     except TrustError as e:
         log.error("fetch refused", extra={"reason": e.reason, "error": str(e)})
         return _fail("fetch", EXIT_SIGNATURE, f"refused ({e.reason}): {e}")
@@ -446,6 +457,11 @@ def _serve(args, argv: list[str]) -> int:
         limits = _limits(args)
     except ValueError as e:
         return _die(EXIT_USAGE, str(e))
+    if args.control_dir and not args.cache:
+        return _die(EXIT_USAGE, "--control-dir needs --cache: activation, prefetch and shadow use cached variants")
+    if args.control_dir and args.workers > 1:
+        return _die(EXIT_USAGE, f"--workers {args.workers} cannot be combined with --control-dir: a switch would "
+                    "reach one worker only; serve with --workers 1")
     if args.workers > 1 and worker_index() is None:
         return supervise(args, argv)  # before the model's imports: the supervisor stays small
     return _serve_model(args, digest, limits, worker_index())
@@ -495,6 +511,7 @@ def _serve_model(args, digest: str, limits, worker: int | None) -> int:
 
     app = App(slot, metrics, management=management if args.management_port is None else None, monitor=monitor,
               budget=MemoryBudget(limits.body_budget_bytes))
+    app.control = _control(args, slot, metrics, policy)
     try:
         servers = _listeners(args, app, management, limits)
     except (OSError, RuntimeError) as e:
@@ -526,13 +543,15 @@ def _serve_model(args, digest: str, limits, worker: int | None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
 
-    interval = args.watch_interval if args.watch else 0.5
+    interval = args.watch_interval if args.watch and app.control is None else 0.5
     while not stop.wait(interval):
         if hup.is_set():
             hup.clear()
             threading.Thread(target=slot.check_watch, kwargs={"force": True}, daemon=True).start()
         elif args.watch:
             slot.check_watch()
+        if app.control is not None:
+            app.control.poll()
 
     app.draining = True
     metrics.ready.set(0)
@@ -567,6 +586,25 @@ def _feedback(args, monitor, slot, registry):
     registry.register(uploader)
     uploader.start()
     return uploader
+
+
+def _control(args, slot, metrics, policy):
+    """The control folder's poller (serve --control-dir), or None."""
+    if not args.control_dir:
+        return None
+    from .app import Metrics, ModelSlot
+    from .control import Control
+    from .shadow import Shadow, ShadowMetrics
+
+    shadow_metrics = ShadowMetrics(metrics.registry)
+
+    def candidate(path: str, digest: str, rate: float) -> Shadow:
+        beside = ModelSlot(args.name, Metrics(), policy=policy, **_from_args(args, SLOT_FLAGS))  # its own metrics
+        return Shadow(beside.load(path, digest), rate, shadow_metrics)
+
+    control = Control(args.control_dir, args.cache, slot, metrics.registry, candidate, {"policy": policy})
+    control.poll()
+    return control
 
 
 def _listeners(args, app, management, limits) -> list:

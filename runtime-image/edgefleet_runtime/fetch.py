@@ -12,6 +12,7 @@ is kept as ``DIR/sha256/<hex>.sig`` so ``serve`` checks it again at load.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -22,7 +23,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from . import bounded, trust
+from . import bounded, delta, trust
 from .digest import CHUNK, DigestError, blob_path, current_path, file_digest, parse_digest
 
 log = logging.getLogger("edgefleet_runtime.fetch")
@@ -56,6 +57,46 @@ RETRY_STATUS = frozenset({502, 503, 504})
 MAX_BYTES = 16 << 30  # per fetch, EDGEFLEET_FETCH_MAX_BYTES overrides
 DEADLINE_SECONDS = 1800.0  # per fetch, all requests and retries together; EDGEFLEET_FETCH_DEADLINE_SECONDS overrides
 MAX_MANIFEST_BYTES = 4 << 20  # what distribution itself accepts for a manifest
+
+
+DELTA_DEADLINE_SECONDS = 300.0  # a delta attempt, before the full download takes over
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaSource:
+    """A delta to the variant being fetched: ``ref`` holds bytes with ``digest`` that turn the variant ``base``
+    (when the cache holds it) into the target; ``size_bytes`` (0: unknown) caps the download."""
+
+    base: str
+    ref: str
+    digest: str
+    size_bytes: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> DeltaSource:
+        """``base=sha256:..,digest=sha256:..,ref=REF[,sizeBytes=N]`` (the ``--delta`` flag); ValueError naming
+        what is wrong."""
+        fields: dict[str, str] = {}
+        rest = text
+        while rest:
+            key, eq, rest = rest.partition("=")
+            if not eq:
+                raise ValueError(f"--delta {text!r}: expected base=sha256:..,digest=sha256:..,ref=REF")
+            if key == "ref":  # last: a URL may hold commas
+                value, rest = rest, ""
+            else:
+                value, _, rest = rest.partition(",")
+            fields[key.strip()] = value.strip()
+        unknown = set(fields) - {"base", "digest", "ref", "sizeBytes"}
+        missing = {"base", "digest", "ref"} - set(fields)
+        if unknown or missing:
+            raise ValueError(f"--delta {text!r}: unknown {sorted(unknown)}, missing {sorted(missing)}; expected "
+                             "base=sha256:..,digest=sha256:..,ref=REF (ref last)")
+        parse_digest(fields["base"])
+        parse_digest(fields["digest"])
+        if not fields.get("sizeBytes", "0").isdigit():
+            raise ValueError(f"--delta {text!r}: sizeBytes must be a whole number of bytes")
+        return cls(fields["base"], fields["ref"], fields["digest"], int(fields.get("sizeBytes", "0")))
 
 
 def default_limits() -> bounded.Limits:
@@ -300,9 +341,15 @@ def fetch(
     insecure: bool = False,
     policy: trust.Policy | None = None,
     limits: bounded.Limits | None = None,
+    deltas: list[DeltaSource] | tuple[DeltaSource, ...] = (),
+    stats: dict | None = None,
 ) -> Path:
     """Make ``cache/sha256/<hex>`` hold the artifact; return its path. Raises DigestError/FetchError (FetchLimit
-    past ``limits``, default_limits() when None), and trust.TrustError when ``policy`` refuses the signature."""
+    past ``limits``, default_limits() when None), and trust.TrustError when ``policy`` refuses the signature.
+
+    ``deltas``: deltas to this artifact from variants the cache may hold; the first whose base is cached is
+    tried, and any failure of it falls back to the full download (``fetch_delta``). ``stats`` (when given)
+    gets ``method`` ("cached", "delta" or "full"), ``bytes`` downloaded and ``delta_error`` when one failed."""
     parse_digest(digest)
     limits = limits or default_limits()
     deadline = bounded.Deadline(limits.deadline_seconds)
@@ -312,12 +359,21 @@ def fetch(
     if dest.exists():
         if file_digest(dest) == digest and _cached_signature_ok(policy, dest, digest, ref):
             log.info("artifact already cached", extra={"digest": digest, "path": str(dest)})
+            if stats is not None:
+                stats.update(method="cached", bytes=0)
             if name:
                 point_current(cache, name, digest)
             return dest
         log.warning("cached artifact is corrupt or not trusted; fetching it again", extra={"path": str(dest)})
         dest.chmod(0o644)
         dest.unlink()
+    for source in deltas:
+        if blob_path(cache, source.base).exists():
+            if fetch_delta(source, ref, digest, cache, insecure, policy, limits, stats):
+                if name:
+                    point_current(cache, name, digest)
+                return dest
+            break
     found: dict = {"signature": None, "where": ""}
     if ref.startswith("file://") or ref.startswith("/"):
         src = urllib.parse.unquote(urllib.parse.urlparse(ref).path) if ref.startswith("file://") else ref
@@ -345,17 +401,118 @@ def fetch(
     except BaseException:
         tmp.unlink()
         raise
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _keep_signature(dest, found["signature"])
-    tmp.chmod(0o444)
-    os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    _install(tmp, dest, found["signature"])
     log.info(
         "artifact fetched", extra={"ref": ref, "digest": digest, "path": str(dest), "size_bytes": dest.stat().st_size}
     )
+    if stats is not None:
+        stats.update(method="full", bytes=stats.get("bytes", 0) + dest.stat().st_size)
     if name:
         point_current(cache, name, digest)
     return dest
+
+
+def _install(tmp: Path, dest: Path, signature: str | None) -> None:
+    """Rename a verified temp file into the cache under its digest, its signature beside it first."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _keep_signature(dest, signature)
+    tmp.chmod(0o444)
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+
+
+def fetch_delta(source: DeltaSource, ref: str, digest: str, cache: Path, insecure: bool, policy: trust.Policy,
+                limits: bounded.Limits, stats: dict | None = None) -> bool:
+    """Build the variant ``digest`` from the cached base and the delta, verify it (digest, then signature read
+    from ``ref`` as for a full download) and install it. False on any failure (logged, ``stats["delta_error"]``):
+    the caller then downloads the full variant; nothing unverified ever enters the cache."""
+    small = bounded.Limits(min(limits.max_bytes, source.size_bytes or limits.max_bytes),
+                           min(limits.deadline_seconds, DELTA_DEADLINE_SECONDS))
+    deadline = bounded.Deadline(small.deadline_seconds)
+    fetched = 0
+    try:
+        base = blob_path(cache, source.base).read_bytes()
+        data = b"".join(_capped(_source_chunks(source.ref, source.digest, insecure, {}, small, deadline),
+                                small.max_bytes, source.ref))
+        fetched = len(data)
+        if "sha256:" + hashlib.sha256(data).hexdigest() != source.digest:
+            raise DigestError(f"delta {source.ref} does not have its digest {source.digest}")
+        if delta.header(data)[2] != digest:
+            raise delta.DeltaError(f"delta {source.ref} is for {delta.header(data)[2]}, not {digest}")
+        out = delta.apply(base, data, limits.max_bytes)
+        signature, where = _target_signature(ref, digest, insecure, policy, small, deadline)
+        _check_signature(policy, digest, signature, ref, where)
+        tmp, got = _write_stream([out], cache / "tmp")
+        if got != digest:  # delta.apply checked it; a cheap second look before the rename
+            tmp.unlink()
+            raise DigestError(f"delta result has {got}, not {digest}")
+        _install(tmp, blob_path(cache, digest), signature)
+    except Exception as e:  # noqa: BLE001 - every failure of the delta path falls back to the full download
+        log.warning("delta not used; fetching the full variant", extra={
+            "delta": source.ref, "base": source.base, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        if stats is not None:
+            stats.update(delta_error=f"{type(e).__name__}: {str(e)[:300]}", bytes=stats.get("bytes", 0) + fetched)
+        return False
+    log.info("artifact built from a delta", extra={
+        "ref": ref, "digest": digest, "delta": source.ref, "base": source.base, "delta_bytes": fetched,
+        "size_bytes": len(out)})
+    if stats is not None:
+        stats.update(method="delta", bytes=stats.get("bytes", 0) + fetched)
+    return True
+
+
+def _source_chunks(ref: str, digest: str, insecure: bool, found: dict, limits: bounded.Limits,
+                   deadline: bounded.Deadline):
+    """The bytes ``ref`` names (file://, oci://, https://), within ``limits``; no signature read."""
+    if ref.startswith("file://") or ref.startswith("/"):
+        src = urllib.parse.unquote(urllib.parse.urlparse(ref).path) if ref.startswith("file://") else ref
+        if not os.path.isfile(src):
+            raise FetchError(f"{ref}: no such file")
+        return _file_chunks(src)
+    if ref.startswith("oci://"):
+        return _oci_chunks(ref, digest, insecure, found, limits, deadline)
+    if ref.startswith(("https://", "http://")):
+        return _http_chunks(ref, insecure, limits, deadline)
+    raise FetchError(f"unsupported ref {ref!r}: use oci://host/repo@sha256:..., file:///path or https://")
+
+
+def _capped(chunks, max_bytes: int, what: str):
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            raise FetchLimit("size", f"{what} is larger than {max_bytes} bytes")
+        yield chunk
+
+
+def _target_signature(ref: str, digest: str, insecure: bool, policy: trust.Policy, limits: bounded.Limits,
+                      deadline: bounded.Deadline) -> tuple[str | None, str]:
+    """(signature, where it was looked for) of the variant ``ref`` without downloading it: ``<file>.sig``,
+    ``<url>.sig`` or the manifest's annotation, the places a full download reads."""
+    if ref.startswith("file://") or ref.startswith("/"):
+        src = urllib.parse.unquote(urllib.parse.urlparse(ref).path) if ref.startswith("file://") else ref
+        return trust.read_signature_file(trust.signature_path(src)), f"no {trust.signature_path(src)}"
+    if not policy.checks_signatures:
+        return None, ""
+    if ref.startswith(("https://", "http://")):
+        if ref.startswith("http://") and not (insecure or _is_loopback(urllib.parse.urlparse(ref).netloc)):
+            raise FetchError(f"refusing plain http for {bounded.safe_url(ref)}; pass --insecure to allow it")
+        return _http_signature(ref, deadline), f"no {ref}{trust.SIGNATURE_SUFFIX}"
+    if ref.startswith("oci://"):
+        import oras.container
+
+        target = ref[len("oci://"):]
+        host = target.split("/", 1)[0]
+        registry = registry_client(host, insecure or _is_loopback(host), limits, deadline)
+        container = oras.container.Container(target)
+        with contextlib.suppress(Exception):
+            registry.auth.load_configs(container)
+        if container.digest == digest:
+            return None, f"{ref} names the blob itself; signatures are read from its manifest: give the manifest's ref"
+        manifest = _manifest(registry, container, ref, limits, deadline)
+        annotation = (manifest.get("annotations") or {}).get(trust.SIGNATURE_ANNOTATION)
+        return annotation, f"the manifest of {ref} has no {trust.SIGNATURE_ANNOTATION} annotation"
+    raise FetchError(f"unsupported ref {ref!r}")
 
 
 @contextlib.contextmanager

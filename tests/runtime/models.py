@@ -117,3 +117,47 @@ def int8_tflite(path: Path, seed: int = 0):
         return ((yq - out_zp) * out_scale).astype(np.float32)
 
     return path, reference
+
+
+QUICKSTART = REPO / "examples" / "quickstart"
+
+
+def head_update(dest: Path, epochs: int = 3, learning_rate: float = 0.1, samples: int = 200) -> tuple[Path, Path]:
+    """A federated-style head update of the quickstart's digits CNN: its last layer fine-tuned with the project's
+    own trainer (edgefleet_runtime.federated.trainer) on the first ``samples`` of digits_eval.npz, every other
+    byte unchanged. Returns (base, updated) model files."""
+    from edgefleet_runtime.federated.trainer import HeadModel, train
+
+    dest.mkdir(parents=True, exist_ok=True)
+    base = dest / "digits_base.onnx"
+    shutil.copyfile(QUICKSTART / "digits_cnn.onnx", base)
+    data = np.load(QUICKSTART / "digits_eval.npz")
+    model = HeadModel(base.read_bytes())
+    features = model.features({"input": data["input"][:samples]})
+    head = train(model.head, features, data["y"][:samples], epochs=epochs, learning_rate=learning_rate)
+    updated = dest / "digits_head_update.onnx"
+    updated.write_bytes(model.with_head(head))
+    return base, updated
+
+
+def swapped_classes(dest: Path) -> Path:
+    """The quickstart's digits CNN with its head's classes rotated by one (logits of class k answer for k+1): a
+    variant that runs fine and disagrees with the original on every input."""
+    from edgefleet_runtime.federated.trainer import Head, HeadModel
+
+    model = HeadModel((QUICKSTART / "digits_cnn.onnx").read_bytes())
+    order = np.roll(np.arange(model.head.w.shape[1]), 1)
+    out = dest / "digits_swapped.onnx"
+    dest.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.with_head(Head(model.head.w[:, order].copy(), model.head.b[order].copy())))
+    return out
+
+
+def reference_outputs(path: Path, inputs: np.ndarray) -> np.ndarray:
+    """The logits ONNX Runtime gives for ``inputs`` with the model at ``path`` (what a served answer must equal)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: inputs})[0]

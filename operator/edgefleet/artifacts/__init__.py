@@ -12,6 +12,7 @@ Public API::
     open_store(spec: str) -> ArtifactStore                  # "oci://host:port/repo" or a directory
     own_store(spec, ref, insecure, username, password)      # the operator's store, its credentials: spec's host only
     ArtifactRef(ref: str, digest: str, sizeBytes: int, mediaType: str)
+    publish_delta(store, name=, base_ref=, base_digest=, target_ref=, target_digest=) -> PublishedDelta | None
 
 ``digest`` is always ``sha256:<hex>`` of the model bytes (the OCI layer), so a node verifies the
 bytes it serves whatever store they came from. The OCI store pushes one manifest per variant with the
@@ -19,6 +20,7 @@ compile report as manifest annotations (``io.edgefleet.*``) and refers to it by 
 No Kubernetes imports here.
 """
 
+from .deltas import PublishedDelta, publish_delta
 from .store import (
     ArtifactRef,
     ArtifactStore,
@@ -32,6 +34,6 @@ from .store import (
 )
 
 __all__ = [
-    "ArtifactRef", "ArtifactStore", "DigestError", "LocalStore", "OCIStore", "StoreError", "open_store",
-    "own_store", "parse_digest",
+    "ArtifactRef", "ArtifactStore", "DigestError", "LocalStore", "OCIStore", "PublishedDelta", "StoreError",
+    "open_store", "own_store", "parse_digest", "publish_delta",
 ]
