@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     compile_tolerations: list[dict] = Field(default_factory=list)
     """Tolerations of the compile Jobs' pods (JSON list of core/v1 Toleration in EDGEFLEET_COMPILE_TOLERATIONS)."""
     compile_deadline_seconds: int = 3600
+    compile_jobs_per_namespace: int = Field(default=2, ge=1)
+    """Compile Jobs that may run at once for the models of one namespace (EDGEFLEET_COMPILE_JOBS_PER_NAMESPACE): a
+    namespace applying many models waits for its own slots and never holds the compile nodes from the others."""
     """activeDeadlineSeconds of a compile Job: past it the Job fails and its variants are Failed."""
     compile_cache: Path = Field(default_factory=lambda: _cache() / "compile")
     compile_host_latency_ms: dict[str, float] = Field(default_factory=dict)

@@ -225,3 +225,35 @@ def test_boundary_a_federated_server_report_is_accepted_only_when_sealed_for_thi
     binding = r.report_binding(ft)
     registry.tags[ref] = seal(derive(master, f"job:{binding}"), binding, published)
     assert federated._report(kube, settings(), ft)["published"]["digest"] == FORGED  # what this run's server said
+
+
+def test_tenant_compile_slots_a_namespace_waits_for_its_own_and_never_holds_another_namespaces_compiles(kube,
+                                                                                                       registry):
+    """EDGEFLEET_COMPILE_JOBS_PER_NAMESPACE: a namespace at its limit of running compile Jobs queues its next
+    compile (Compiling, reason CompileQueued, naming its Jobs); another namespace's compile starts meanwhile."""
+    def model(ns: str, name: str) -> None:
+        kube.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+                  "metadata": {"name": name, "namespace": ns, "uid": f"uid-{ns}-{name}", "generation": 1},
+                  "spec": {"source": {"uri": f"https://models.local/{name}.onnx"}, "format": "onnx",
+                           "targetProfiles": {"names": TARGETS}}})
+
+    slots = Settings(compile_executor="job", artifact_store=STORE, compile_jobs_per_namespace=2)
+    world = World({}, builtin_profiles())
+    for name in ("a", "b", "c"):
+        model(NS, name)
+    model("other", "d")
+    for name in ("a", "b", "c"):
+        reconcile_model(kube, slots, NS, name, world)
+    status = {v["profile"]: v for v in kube.stored("EdgeModel", "c", NS)["status"]["variants"]}
+    assert {v["state"] for v in status.values()} == {"Compiling"}
+    assert {v["reason"] for v in status.values()} == {"CompileQueued"}
+    assert "limit is 2" in status["cpu-arm64"]["message"] and "EDGEFLEET_COMPILE_JOBS_PER_NAMESPACE" in \
+        status["cpu-arm64"]["message"]
+    assert len(kube.list("Job", slots.namespace)) == 2
+    reconcile_model(kube, slots, "other", "d", world)  # another namespace is not held up
+    assert len(kube.list("Job", slots.namespace)) == 3
+    first = sorted(j["metadata"]["name"] for j in kube.list("Job", slots.namespace)
+                   if j["metadata"]["labels"]["edgefleet.io/model-namespace"] == NS)[0]
+    finish(kube, first)  # a slot frees: the queued compile starts
+    reconcile_model(kube, slots, NS, "c", world)
+    assert len(kube.list("Job", slots.namespace)) == 4

@@ -29,6 +29,7 @@ from ..render.compile_job import (
     INPUTS_DIR,
     MODEL_NAME,
     MODEL_NAMESPACE,
+    WATCH_LABELS,
     CompileJobRequest,
     compile_labels,
     content_key,
@@ -80,6 +81,9 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
         if found is not None:  # the same compile, done earlier for another generation of this model
             log.info("EdgeModel %s/%s: compile of %s found in the store, no Job", namespace, req.model_name, targets)
             return found
+        busy = _running_jobs(kube, ns, namespace)
+        if len(busy) >= settings.compile_jobs_per_namespace:
+            return _queued(targets, namespace, busy, settings.compile_jobs_per_namespace)
         job = kube.apply(manifest)
         kube.create(render_report_key(job, job_key(master, name)))
         kube.apply(render_compile_inputs(req, job))
@@ -248,6 +252,21 @@ def _from_report(report: dict[str, Any], targets: list[str], ref: str) -> list[d
         else:
             out.append(_failed(t, "CompileReportIncomplete", f"the compile report {ref} has no variant for {t}"))
     return out
+
+
+def _running_jobs(kube: Kube, ns: str, model_namespace: str) -> list[str]:
+    """The compile Jobs of ``model_namespace``'s models still running (their slots)."""
+    jobs = kube.list("Job", ns, {**WATCH_LABELS, "app.kubernetes.io/component": "compile",
+                                 MODEL_NAMESPACE: model_namespace})
+    return sorted(j["metadata"]["name"] for j in jobs if job_state(j)[0] == "Running")
+
+
+def _queued(targets: list[str], namespace: str, busy: list[str], slots: int) -> list[dict[str, Any]]:
+    """Compiling, waiting for one of the namespace's compile slots (a Job event of a finishing Job retries)."""
+    why = (f"queued: namespace {namespace} has {len(busy)} compile Jobs running ({', '.join(busy[:3])}), its limit "
+           f"is {slots} (the operator's EDGEFLEET_COMPILE_JOBS_PER_NAMESPACE); this compile starts when one ends "
+           "(at the next resync at the latest)")
+    return [{"profile": t, "state": "Compiling", "reason": "CompileQueued", "message": why} for t in targets]
 
 
 def _compiling(targets: list[str]) -> list[dict[str, Any]]:
