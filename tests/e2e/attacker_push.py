@@ -41,12 +41,20 @@ def _forged_report(original: bytes, forged_digest: str) -> bytes | None:
     report = json.loads(doc["report"]) if sealed else doc
     if not isinstance(report, dict):
         return None
-    for entry in report.get("variants", []) + report.get("candidates", []):
-        if isinstance(entry, dict) and "digest" in entry:
-            entry["digest"] = forged_digest
+    report = _swap_digests(report, forged_digest)
     if sealed:  # the envelope kept, the MAC guessed
         return json.dumps({**doc, "report": json.dumps(report), "mac": "0" * 64}).encode()
     return json.dumps(report).encode()
+
+
+def _swap_digests(node, forged_digest: str):
+    """``node`` with every ``digest`` field, at any depth, naming ``forged_digest``."""
+    if isinstance(node, dict):
+        return {k: forged_digest if k == "digest" and isinstance(v, str) else _swap_digests(v, forged_digest)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_swap_digests(v, forged_digest) for v in node]
+    return node
 
 
 def main(registry: str, repository: str) -> dict:
