@@ -45,13 +45,14 @@ def chart_values(cluster, digests: dict[str, str], executor: str = "job", reposi
     return {"crds": {"enabled": False}, **real_node_values(cluster, digests, repository, executor)}
 
 
-def install_operator(cluster, values: dict, tmp: Path, timeout: float = 180) -> float:
-    """helm upgrade --install into a namespace that enforces the restricted Pod Security Standard; returns
-    seconds until the operator pod is Ready."""
+def install_operator(cluster, values: dict, tmp: Path, timeout: float = 180, pod_security: str = "restricted") -> float:
+    """helm upgrade --install into a namespace that enforces `pod_security` (the restricted Pod Security Standard
+    unless the release carries the node cache's CSI driver, a privileged DaemonSet); returns seconds until the
+    operator pod is Ready."""
     ns = OPERATOR_NAMESPACE
     wait_for(lambda: _not_terminating(cluster, ns), 120, 1, f"namespace {ns} left by an earlier run to be deleted")
     cluster.kubectl("create", "namespace", ns, check=False)
-    cluster.kubectl("label", "--overwrite", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    cluster.kubectl("label", "--overwrite", "namespace", ns, f"pod-security.kubernetes.io/enforce={pod_security}")
     path = tmp / "values.json"
     path.write_text(json.dumps(values))
     started = time.monotonic()
