@@ -22,7 +22,6 @@ import logging
 import random
 import re
 import threading
-import types
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ EXAMPLE_MEDIA_TYPE = "application/vnd.edgefleet.hard-example.v1+npz"
 ARTIFACT_TYPE = "application/vnd.edgefleet.hard-examples.v1"
 ANNOTATION = "io.edgefleet.hard-examples."  # + model, model-digest, class, node, count
 MAX_BACKOFF = 600.0
+PUSH_SECONDS = 120.0  # one batch's push, retries included
 LOCK = ".upload.lock"  # in the spool: one uploader per spool at a time, across processes
 MAX_EVAL_SAMPLES = 5000
 
@@ -149,15 +149,11 @@ class Uploader:
         return len(files)
 
     def _oras_push(self, files: list[Path], annotations: dict[str, str], tag: str) -> None:
-        import oras.client
-        import oras.provider
+        from .fetch import registry_for
 
-        host = self.destination.split("/", 1)[0]
-        plain = self.insecure or host.split(":")[0] in ("127.0.0.1", "localhost")
-        client = oras.client.OrasClient(hostname=host, insecure=plain)
-        # one try per request: oras-py retries a refused connection for ~2 minutes; the loop backs off itself
-        remote = getattr(client, "remote", client)  # oras-py 0.2: the client is the Registry
-        remote.do_request = types.MethodType(oras.provider.Registry.do_request.__wrapped__, remote)
+        # the project's registry client: every request times out within PUSH_SECONDS, one try each (the upload
+        # loop backs off itself between batches)
+        client = registry_for(self.destination.split("/", 1)[0], self.insecure, PUSH_SECONDS, attempts=1)
         paths = [f"{f}:{EXAMPLE_MEDIA_TYPE}" for f in files]  # each layer is titled with its file name
         # oras writes the empty config to $TMPDIR (an emptyDir at /tmp in the pod: the root filesystem is read-only)
         resp = client.push(target=f"{self.destination}:{tag}", files=paths, manifest_annotations=annotations,

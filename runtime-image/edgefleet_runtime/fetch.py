@@ -151,10 +151,11 @@ def _short(error: Exception) -> str:
     return text[:200]
 
 
-def registry_client(host: str, plain_http: bool, limits: bounded.Limits, deadline: bounded.Deadline):
+def registry_client(host: str, plain_http: bool, limits: bounded.Limits, deadline: bounded.Deadline,
+                    attempts: int | None = None):
     """An ORAS registry client whose requests end by ``deadline``, refuse redirects that lower security, and
-    retry a bounded number of times (ORAS's own retry sleeps 3, 5, 11, 29, 83 s, silently, and its requests
-    have no timeout)."""
+    retry a bounded number of times (``attempts``; ORAS's own retry sleeps 3, 5, 11, 29, 83 s, silently, and its
+    requests have no timeout)."""
     import oras.provider
 
     def sleep(seconds: float) -> None:
@@ -163,11 +164,18 @@ def registry_client(host: str, plain_http: bool, limits: bounded.Limits, deadlin
     class Registry(oras.provider.Registry):
         def do_request(self, *args, **kwargs):
             unretried = oras.provider.Registry.do_request.__wrapped__
-            return with_retries(lambda: unretried(self, *args, **kwargs), host, sleep=sleep)
+            return with_retries(lambda: unretried(self, *args, **kwargs), host, attempts, sleep=sleep)
 
     registry = Registry(hostname=host, insecure=plain_http)
     bounded.guard_session(registry.session, limits, deadline, allow_plain_http=plain_http)
     return registry
+
+
+def registry_for(host: str, insecure: bool, seconds: float, attempts: int | None = None):
+    """``registry_client`` for one operation of at most ``seconds``, with the one plain-HTTP rule: plain only when
+    ``insecure`` is set or the registry is on loopback."""
+    limits = bounded.Limits(max_bytes=0, deadline_seconds=seconds)
+    return registry_client(host, insecure or _is_loopback(host), limits, bounded.Deadline(seconds), attempts)
 
 
 def _is_loopback(netloc: str) -> bool:

@@ -29,3 +29,17 @@ def test_a_registry_that_never_answers_fails_the_operation_within_its_deadline(s
         else:
             store.put(b"model", name="digits", media_type="application/octet-stream")
     assert time.monotonic() - started < 8.0  # the 2 s deadline, plus the last request's own bound
+
+
+def test_products_make_registry_clients_in_one_place_only():
+    """Every registry request of the operator, compiler and runtime goes through
+    edgefleet_runtime.fetch.registry_client (timeouts, bounded retries, one plain-HTTP rule): no other module
+    builds an ORAS client."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    makers = re.compile(r"OrasClient\(|oras\.client\b|Registry\(hostname=|class \w+\(oras\.provider\.Registry\)")
+    found = {str(p.relative_to(root)) for base in ("operator/edgefleet", "runtime-image/edgefleet_runtime")
+             for p in (root / base).rglob("*.py") if makers.search(p.read_text())}
+    assert found == {"runtime-image/edgefleet_runtime/fetch.py"}, found

@@ -29,11 +29,14 @@ EXAMPLE_MEDIA_TYPE = "application/vnd.edgefleet.hard-example.v1+npz"  # as edgef
 ANNOTATION = "io.edgefleet.hard-examples."
 
 
-def _client(registry: str, insecure: bool):
-    import oras.client
+OPERATION_SECONDS = 120.0
 
-    host = registry.rsplit(":", 1)[0]
-    return oras.client.OrasClient(hostname=registry, insecure=insecure or host in ("127.0.0.1", "localhost"))
+
+def _client(registry: str, insecure: bool):
+    """The project's registry client (timeouts, bounded retries, one plain-HTTP rule) for one operation."""
+    from edgefleet_runtime.fetch import registry_for
+
+    return registry_for(registry, insecure, OPERATION_SECONDS)
 
 
 def batch_refs(ref: str, insecure: bool = False) -> list[str]:
