@@ -15,7 +15,8 @@ NS = "shop"
 @pytest.fixture
 def kube(monkeypatch) -> FakeKube:
     # no report in the artifact store yet (the Job never ran), so the reconciler starts the Job
-    monkeypatch.setattr("edgefleet.reconcile.compile_job.read_report", lambda settings, ref, key, binding: None)
+    for module in ("compile_job", "model_jobs"):
+        monkeypatch.setattr(f"edgefleet.reconcile.{module}.read_report", lambda settings, ref, key, binding: None)
     fake = FakeKube()
     fake.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
               "metadata": {"name": "digits", "namespace": NS},

@@ -67,7 +67,7 @@ class Store:
 def store(monkeypatch) -> Store:
     s = Store()
     monkeypatch.setattr("edgefleet.reconcile.compile_job.read_report", s.read)
-    monkeypatch.setattr("edgefleet.reconcile.on_target.read_report", s.read)
+    monkeypatch.setattr("edgefleet.reconcile.model_jobs.read_report", s.read)
     monkeypatch.setattr("edgefleet.reconcile.compile_job.seal_into_store", s.seal)
     return s
 

@@ -1,22 +1,18 @@
-"""Compile executor ``job``: one Kubernetes Job per (model generation, inputs), results read back from the
-artifact store. Level-based and non-blocking: each reconcile looks at the Job and returns at once.
+"""Compile executor ``job``: one Kubernetes Job per (model generation, inputs), followed through the model-Job
+pipeline (``model_jobs``); what its states mean for the model's status variants is ``CompileOutcome``:
 
-- no Job: if its report is already in the store (the Job ran and its TTL removed it), use it; else apply the
-  Job, the ConfigMap of its inputs and the Secret of its report key, and leave the variants Compiling.
-- Job running: Compiling (a Job watch event marks the EdgeModel dirty when it changes).
-- Job finished: the report pushed by ``edgefleet compile --report oci://...`` becomes the status variants.
-  Every report is read through ``reports.read_report``: sealed with the Job's key and bound to its name, or
-  refused (variants Failed, reason ReportRejected, a Warning event naming the tag).
-  A failed Job without a report -> every variant Failed, reason CompileJobFailed, the Job's message.
-  A complete Job without a report is given REPORT_GRACE_SECONDS before CompileReportMissing.
+- Job running: Compiling. Before a Job starts: the compile cache (``compiled-<content key>``, sealed by the
+  operator) may hold this compile, or the namespace has no free compile slot (Compiling, CompileQueued).
+- Job finished: the sealed report pushed by ``edgefleet compile --report oci://...`` becomes the status variants;
+  a report that does not verify fails them (ReportRejected, one Warning event naming the tag). A failed Job
+  without a report -> CompileJobFailed; a complete one without -> CompileReportMissing after the grace.
 
 The Job's name is a pure function of its inputs (render/compile_job.py), so a restarted operator finds the
-Job it started. Running Jobs of the same model with other inputs (an older generation) are deleted.
+Job it started.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,24 +33,14 @@ from ..render.compile_job import (
     inputs_size,
     render_compile_inputs,
     render_compile_job,
-    render_report_key,
-    report_ref,
 )
 from ..settings import Settings
-from .reports import (
-    ReportRejected,
-    cache_key,
-    content_binding,
-    job_key,
-    master_key,
-    read_report,
-    seal_into_store,
-)
+from .model_jobs import ModelJob, follow, job_state
+from .reports import ReportRejected, cache_key, content_binding, master_key, read_report, seal_into_store
 from .sources import config_map_bytes, without_none
 from .world import World
 
 log = logging.getLogger(__name__)
-REPORT_GRACE_SECONDS = 120.0
 MAX_INPUTS_BYTES = 1_000_000  # a ConfigMap holds at most 1 MiB
 
 
@@ -67,92 +53,78 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
     except CompileError as err:
         return [without_none(err.to_status_variant(t)) for t in targets]
     manifest = render_compile_job(req, settings)
-    name, ns = manifest["metadata"]["name"], settings.namespace
-    ref = report_ref(settings.artifact_store, name)
-    master = master_key(kube, settings)
-    sealed = Sealed(kube, settings, em, master, content_key(req, settings))
-    _delete_stale(kube, ns, req, name)
-    job = kube.find("Job", name, ns)
-    if job is None:
-        found = sealed.job_report(ref, name, targets, rerun=True)
-        if found is not None:  # finished earlier and removed by its TTL
-            return found
-        found = sealed.cached(targets)
-        if found is not None:  # the same compile, done earlier for another generation of this model
-            log.info("EdgeModel %s/%s: compile of %s found in the store, no Job", namespace, req.model_name, targets)
-            return found
-        busy = _running_jobs(kube, ns, namespace)
-        if len(busy) >= settings.compile_jobs_per_namespace:
-            return _queued(targets, namespace, busy, settings.compile_jobs_per_namespace)
-        job = kube.apply(manifest)
-        kube.create(render_report_key(job, job_key(master, name)))
-        kube.apply(render_compile_inputs(req, job))
-        log.info("EdgeModel %s/%s: compile Job %s/%s started for %s", namespace, req.model_name, ns, name, targets)
-        return _compiling(targets)
-    state, message, finished = job_state(job)
-    if state == "Running":
-        if kube.find("ConfigMap", name, ns) is None:  # the operator stopped between the applies
-            kube.create(render_report_key(job, job_key(master, name)))
-            kube.apply(render_compile_inputs(req, job))
-        return _compiling(targets)
-    found = sealed.job_report(ref, name, targets)
+    labels = compile_labels(req)
+    outcome = CompileOutcome(settings, master_key(kube, settings), content_key(req, settings), targets,
+                             f"{settings.namespace}/{manifest['metadata']['name']}")
+    job: ModelJob[list[dict[str, Any]]] = ModelJob(
+        "compile", manifest, lambda live: render_compile_inputs(req, live),
+        {MODEL_NAMESPACE: labels[MODEL_NAMESPACE], MODEL_NAME: labels[MODEL_NAME]}, _event_on(em), outcome,
+        before_start=lambda: _without_job(kube, settings, em, namespace, outcome))
+    return follow(kube, settings, job)
+
+
+def _event_on(em: EdgeModel) -> dict[str, Any]:
+    return {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel", "metadata": em.metadata}
+
+
+def _without_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, outcome: CompileOutcome
+                 ) -> list[dict[str, Any]] | None:
+    """Before a Job starts: the compile cache (the same compile, done for another generation of this model), then
+    the namespace's compile slots; None: start the Job."""
+    try:
+        found = outcome.cached()
+    except ReportRejected as err:
+        kube.event(_event_on(em), "ReportRejected",
+                   f"report {outcome.cache_ref} refused ({err}); ignored; a compile Job runs instead", "Warning")
+        found = None
     if found is not None:
+        log.info("EdgeModel %s/%s: compile of %s found in the store, no Job", namespace, em.metadata["name"],
+                 outcome.targets)
         return found
-    if state == "Failed":
-        return [_failed(t, "CompileJobFailed", f"compile Job {ns}/{name} failed: {message}. Fix: read its "
-                        f"logs (kubectl logs -n {ns} job/{name}) while it exists") for t in targets]
-    if finished and _age(finished) < REPORT_GRACE_SECONDS:
-        return _compiling(targets)  # retried by the next Job event or resync
-    return [_failed(t, "CompileReportMissing", f"compile Job {ns}/{name} completed but its report {ref} is not in "
-                    "the artifact store. Fix: check that the compiler image pushes --report and can reach the "
-                    "registry") for t in targets]
+    busy = _running_jobs(kube, settings.namespace, namespace)
+    if len(busy) >= settings.compile_jobs_per_namespace:
+        return _queued(outcome.targets, namespace, busy, settings.compile_jobs_per_namespace)
+    return None
 
 
-class Sealed:
-    """Reading a compile's reports for one model: the Job's own (sealed with its key) and the compile cache's
-    (sealed by the operator); a report that does not verify is refused with a Warning event on the model."""
+class CompileOutcome:
+    """What a compile Job's states mean for the model's status variants. An accepted report with every target
+    Ready is sealed again by the operator into the compile cache (``compiled-<content key>``)."""
 
-    def __init__(self, kube: Kube, settings: Settings, em: EdgeModel, master: bytes, content: str):
-        self.kube, self.settings, self.em, self.master, self.content = kube, settings, em, master, content
+    def __init__(self, settings: Settings, master: bytes, content: str, targets: list[str], job: str):
+        self.settings, self.master, self.content, self.targets, self.job = settings, master, content, targets, job
+        self.cache_ref = content_report_ref(settings.artifact_store, content)
 
-    def job_report(self, ref: str, job: str, targets: list[str], rerun: bool = False) -> list[dict[str, Any]] | None:
-        """Status variants from the Job's report; None when it is not there yet. With ``rerun`` (no Job exists), a
-        report that does not verify is ignored with a Warning event and None is returned: the Job runs again and
-        its sealed report replaces the forgery."""
-        try:
-            report = read_report(self.settings, ref, job_key(self.master, job), job)
-        except ReportRejected as err:
-            if rerun:
-                self._event(ref, str(err), "ignored; the compile Job runs again")
-                return None
-            return self._rejected(ref, str(err), targets)
-        if report is None:
-            return None
-        if _all_ready(report, targets) is not None:
-            cache = content_report_ref(self.settings.artifact_store, self.content)
-            seal_into_store(self.settings, cache, self.master, self.content, report)
-        return _from_report(report, targets, ref)
+    def running(self) -> list[dict[str, Any]]:
+        return _compiling(self.targets)
 
-    def cached(self, targets: list[str]) -> list[dict[str, Any]] | None:
+    def report(self, report: dict[str, Any], ref: str) -> list[dict[str, Any]]:
+        if _all_ready(report, self.targets) is not None:
+            seal_into_store(self.settings, self.cache_ref, self.master, self.content, report)
+        return _from_report(report, self.targets, ref)
+
+    def cached(self) -> list[dict[str, Any]] | None:
         """Status variants from the compile cache when it holds this compile with every target Ready."""
-        ref, binding = content_report_ref(self.settings.artifact_store, self.content), content_binding(self.content)
-        try:
-            report = _all_ready(read_report(self.settings, ref, cache_key(self.master, self.content), binding), targets)
-        except ReportRejected as err:
-            self._event(ref, str(err), "ignored; a compile Job runs instead")
-            return None
-        return None if report is None else _from_report(report, targets, ref)
+        report = _all_ready(read_report(self.settings, self.cache_ref, cache_key(self.master, self.content),
+                                        content_binding(self.content)), self.targets)
+        return None if report is None else _from_report(report, self.targets, self.cache_ref)
 
-    def _rejected(self, ref: str, why: str, targets: list[str]) -> list[dict[str, Any]]:
+    def rejected(self, ref: str, why: str) -> list[dict[str, Any]]:
         """Failed variants naming the refusal (their Degraded condition posts the one Warning event)."""
         return [_failed(t, "ReportRejected", f"the compile report {ref} was refused: {why}. Something other than "
                         "this compile Job wrote it. Fix: allow pushes to the artifact store only with the "
                         "credentials of edgefleet's Jobs (docs/security.md), then change the EdgeModel's spec to "
-                        "compile again") for t in targets]
+                        "compile again") for t in self.targets]
 
-    def _event(self, ref: str, why: str, outcome: str) -> None:
-        obj = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel", "metadata": self.em.metadata}
-        self.kube.event(obj, "ReportRejected", f"report {ref} refused ({why}); {outcome}", "Warning")
+    def failed(self, message: str) -> list[dict[str, Any]]:
+        ns, name = self.job.split("/", 1)
+        return [_failed(t, "CompileJobFailed", f"compile Job {self.job} failed: {message}. Fix: read its logs "
+                        f"(kubectl logs -n {ns} job/{name}) while it exists") for t in self.targets]
+
+    def missing(self, ref: str) -> list[dict[str, Any]]:
+        return [_failed(t, "CompileReportMissing", f"compile Job {self.job} completed but its report {ref} is not "
+                        "in the artifact store. Fix: check that the compiler image pushes --report and can reach "
+                        "the registry") for t in self.targets]
 
 
 def job_request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str,
@@ -207,30 +179,6 @@ def _copy(kube: Kube, namespace: str, ref: ConfigMapKeyRef, role: str, files: di
     return name
 
 
-def _delete_stale(kube: Kube, ns: str, req: CompileJobRequest, keep: str) -> None:
-    """Running compile Jobs of this model with other inputs (an older generation) are no longer wanted."""
-    labels = compile_labels(req)
-    for job in kube.list("Job", ns, {MODEL_NAMESPACE: labels[MODEL_NAMESPACE], MODEL_NAME: labels[MODEL_NAME]}):
-        meta = job["metadata"]
-        if meta["name"] != keep and job_state(job)[0] == "Running" and not meta.get("deletionTimestamp"):
-            log.info("deleting stale compile Job %s/%s", ns, meta["name"])
-            kube.delete("Job", meta["name"], ns)
-
-
-def job_state(job: dict[str, Any]) -> tuple[str, str, str | None]:
-    """(Running | Complete | Failed, message, when it finished)."""
-    status = job.get("status") or {}
-    for cond in status.get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        if cond["type"] == "Complete":
-            return "Complete", cond.get("message", ""), status.get("completionTime") or cond.get("lastTransitionTime")
-        if cond["type"] == "Failed":
-            message = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".rstrip(": ")
-            return "Failed", message, cond.get("lastTransitionTime")
-    return "Running", "", None
-
-
 def _all_ready(report: dict[str, Any] | None, targets: list[str]) -> dict[str, Any] | None:
     """A cached report worth reusing: every target Ready (a failure is retried by a Job of this model's own)."""
     variants = (report or {}).get("variants") or {}
@@ -275,8 +223,3 @@ def _compiling(targets: list[str]) -> list[dict[str, Any]]:
 
 def _failed(profile: str, reason: str, message: str) -> dict[str, Any]:
     return {"profile": profile, "state": "Failed", "reason": reason, "message": message}
-
-
-def _age(timestamp: str) -> float:
-    when = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    return (datetime.datetime.now(datetime.UTC) - when).total_seconds()

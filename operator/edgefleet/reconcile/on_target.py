@@ -35,11 +35,10 @@ from ..render.bench_job import (
     render_bench_job,
     within_budget_on_target,
 )
-from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE, render_report_key, report_ref
+from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE
 from ..settings import Settings
-from .compile_job import REPORT_GRACE_SECONDS, _age, job_state
 from .errors import as_permanent
-from .reports import ReportRejected, job_key, master_key, read_report
+from .model_jobs import ModelJob, follow
 from .sources import config_map_bytes
 from .world import World
 
@@ -149,85 +148,53 @@ def _request(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, v: d
 def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[str, Any], max_drop: float | None
                 ) -> dict[str, Any]:
     manifest = render_bench_job(req, settings)
-    name, ns = manifest["metadata"]["name"], settings.namespace
-    ref = report_ref(settings.artifact_store, name)
-    master = master_key(kube, settings)
-    _delete_stale(kube, ns, req, name)
-    job = kube.find("Job", name, ns)
-    if job is None:
-        try:
-            found = _stored_report(settings, ref, master, name, v, max_drop)
-        except ReportRejected as err:  # the Job runs again: its sealed report replaces the forgery
-            obj = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
-                   "metadata": {"name": req.model_name, "namespace": req.model_namespace}}
-            kube.event(obj, "ReportRejected", f"report {ref} refused ({err}); the benchmark Job runs again", "Warning")
-            found = None
-        if found is not None:
-            return found
-        try:
-            job = kube.apply(manifest)
-            kube.create(render_report_key(job, job_key(master, name)))
-            kube.apply(render_bench_inputs(req, job))
-        except ApiError as err:
-            why = _refusal(err, ns, name)
-            if why is None:
-                raise
-            return _host(v, "BenchUnavailable", why)
-        log.info("EdgeModel %s/%s: bench Job %s/%s started on %s for %s", req.model_namespace, req.model_name, ns,
-                 name, req.node, v["profile"])
-        return _benchmarking(v, req.node, name)
-    state, message, finished = job_state(job)
-    if state == "Running":
-        if kube.find("ConfigMap", name, ns) is None:  # the operator stopped between the applies
-            kube.create(render_report_key(job, job_key(master, name)))
-            kube.apply(render_bench_inputs(req, job))
-        return _benchmarking(v, req.node, name)
-    found = _sealed_report(settings, ref, master, name, v, max_drop)
-    if found is not None:
-        return found
-    if state == "Failed":
-        return _host(v, "BenchJobFailed", f"benchmark Job {ns}/{name} on {req.node} failed: {message}. Fix: read "
-                     f"its logs (kubectl logs -n {ns} job/{name}) while it exists; it is retried after its TTL")
-    if finished and _age(finished) < REPORT_GRACE_SECONDS:
-        return _benchmarking(v, req.node, name)
-    return _host(v, "BenchReportMissing", f"benchmark Job {ns}/{name} completed but its report {ref} is not in the "
-                 "artifact store. Fix: check that the runtime image has `edgefleet-runtime bench` and reaches the "
-                 "registry")
+    labels = bench_labels(req)
+    outcome = BenchOutcome(v, req.node, f"{settings.namespace}/{manifest['metadata']['name']}", max_drop)
+    event_on = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+                "metadata": {"name": req.model_name, "namespace": req.model_namespace}}
+    job: ModelJob[dict[str, Any]] = ModelJob(
+        "benchmark", manifest, lambda live: render_bench_inputs(req, live),
+        {k: labels[k] for k in (MODEL_NAMESPACE, MODEL_NAME, PROFILE)}, event_on, outcome,
+        refused=lambda err: outcome.unavailable(err, settings.namespace))
+    return follow(kube, settings, job)
 
 
-def _sealed_report(settings: Settings, ref: str, master: bytes, job: str, v: dict[str, Any],
-                   max_drop: float | None) -> dict[str, Any] | None:
-    """The variant as the Job's report decides it; None while there is none. A report not sealed by this Job
-    is never used: the compile host's choice stays, naming the refusal."""
-    try:
-        return _stored_report(settings, ref, master, job, v, max_drop)
-    except ReportRejected as err:
-        return _host(v, "BenchReportRejected", f"the benchmark report {ref} was refused ({err}): something other "
-                     f"than benchmark Job {job} wrote it")
+class BenchOutcome:
+    """What a bench Job's states mean for one Ready variant: the node's choice from its sealed report, else the
+    compile host's choice naming why."""
 
+    def __init__(self, v: dict[str, Any], node: str, job: str, max_drop: float | None):
+        self.v, self.node, self.job, self.max_drop = v, node, job, max_drop
 
-def _stored_report(settings: Settings, ref: str, master: bytes, job: str, v: dict[str, Any],
-                   max_drop: float | None) -> dict[str, Any] | None:
-    """The variant as the Job's sealed report decides it; None while there is none; ReportRejected for a forgery."""
-    report = read_report(settings, ref, job_key(master, job), job)
-    return None if report is None else _from_report(v, report, job, max_drop)
+    def running(self) -> dict[str, Any]:
+        return _benchmarking(self.v, self.node, self.job.split("/", 1)[1])
+
+    def report(self, report: dict[str, Any], ref: str) -> dict[str, Any]:
+        return _from_report(self.v, report, self.job.split("/", 1)[1], self.max_drop)
+
+    def rejected(self, ref: str, why: str) -> dict[str, Any]:
+        return _host(self.v, "BenchReportRejected", f"the benchmark report {ref} was refused ({why}): something "
+                     f"other than benchmark Job {self.job.split('/', 1)[1]} wrote it")
+
+    def failed(self, message: str) -> dict[str, Any]:
+        ns, name = self.job.split("/", 1)
+        return _host(self.v, "BenchJobFailed", f"benchmark Job {self.job} on {self.node} failed: {message}. Fix: "
+                     f"read its logs (kubectl logs -n {ns} job/{name}) while it exists; it is retried after its TTL")
+
+    def missing(self, ref: str) -> dict[str, Any]:
+        return _host(self.v, "BenchReportMissing", f"benchmark Job {self.job} completed but its report {ref} is not "
+                     "in the artifact store. Fix: check that the runtime image has `edgefleet-runtime bench` and "
+                     "reaches the registry")
+
+    def unavailable(self, err: ApiError, ns: str) -> dict[str, Any] | None:
+        why = _refusal(err, ns, self.job.split("/", 1)[1])
+        return None if why is None else _host(self.v, "BenchUnavailable", why)
 
 
 def _refusal(err: Exception, ns: str, name: str) -> str | None:
     """Why the API server will never take the bench Job (a missing namespace, a 4xx refusal); None: transient."""
     problem = as_permanent(err, f"benchmark Job {ns}/{name}")
     return None if problem is None else f"{problem.message}. Fix: {problem.fix}"
-
-
-def _delete_stale(kube: Kube, ns: str, req: BenchJobRequest, keep: str) -> None:
-    """Running bench Jobs of this model and class with other inputs (an older generation) are not wanted."""
-    labels = bench_labels(req)
-    wanted = {k: labels[k] for k in (MODEL_NAMESPACE, MODEL_NAME, PROFILE)}
-    for job in kube.list("Job", ns, wanted):
-        meta = job["metadata"]
-        if meta["name"] != keep and job_state(job)[0] == "Running" and not meta.get("deletionTimestamp"):
-            log.info("deleting stale bench Job %s/%s", ns, meta["name"])
-            kube.delete("Job", meta["name"], ns)
 
 
 def _from_report(v: dict[str, Any], report: dict[str, Any], job: str, max_drop: float | None) -> dict[str, Any]:
