@@ -34,6 +34,7 @@ from .base import (
     is_label_key,
     list_map,
 )
+from .preprocessing import Postprocessing, Preprocessing
 
 Format = Literal["onnx", "tflite", "openvino", "coreml"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -578,6 +579,10 @@ class EdgeModelSpec(Model):
     """HardwareProfiles to compile for; omitted means every profile that matches at least one node."""
     encryption: Encryption | None = None
     """Encrypt the published variants at rest (AES-256-GCM); omitted means they are stored in the clear."""
+    preprocessing: Preprocessing | None = None
+    """How the runtime turns an encoded input (JPEG/PNG) into the model's tensor; the same on every class."""
+    postprocessing: Postprocessing | None = None
+    """What the runtime adds to the model's answer (softmax, top-k with labels); the same on every class."""
 
 
 class OnTargetResult(Model):
