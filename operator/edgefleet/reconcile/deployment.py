@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from ..api import ConfigMapKeyRef, EdgeDeployment, EdgeModel, HardwareProfile, Variant, label_selector_matches
 from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
+from ..render.workload import model_transform
 from ..render.bench_job import gate_verdict
 from ..render.placement import PlacementError
 from ..render.tenancy import class_refusal
@@ -99,8 +100,9 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     gated: dict[str, tuple[str, list[str]]] = {}
     host_only = (model or {}).get("spec", {}).get("optimization", {}).get("selection") == "host"
     evaluation = _evaluation(ed, model)
+    transform = model_transform((model or {}).get("spec"))
     applied, missing, rollouts, failures = _apply_classes(kube, settings, ed, world, per_class, variants, replicas,
-                                                          children, gated, host_only, evaluation)
+                                                          children, gated, host_only, evaluation, transform)
     service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
     health = _health(kube, namespace, name, applied, time.time())
@@ -119,7 +121,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
 def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter[str],
                    variants: dict[str, Variant], replicas: dict[str, int], children: Children,
                    gated: dict[str, tuple[str, list[str]]], host_only: bool = False,
-                   evaluation: ConfigMapKeyRef | None = None
+                   evaluation: ConfigMapKeyRef | None = None, transform: str | None = None
                    ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Decision], dict[str, PermanentError]]:
     """Apply the workload of every class with a Ready variant that passes spec.rollout.gate. A class without
     one, held by the gate (into ``gated``), or whose workload the API refuses for good, keeps what it runs.
@@ -157,7 +159,8 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
             continue
         try:
             applied[profile_name] = _apply_class(kube, settings, ed, profiles[profile_name], variant, world,
-                                                 replicas.get(profile_name), existing, rollouts, evaluation)
+                                                 replicas.get(profile_name), existing, rollouts, evaluation,
+                                                 transform)
         except (PlacementError, ApiError) as err:
             problem = as_permanent(err, f"{kind} {namespace}/{child_name(name, profile_name)}")
             if problem is None:
@@ -240,11 +243,11 @@ def _drift(kube: Kube, ed: EdgeDeployment, model: dict[str, Any] | None, applied
 def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: HardwareProfile, variant: Variant,
                  world: World,
                  replicas: int | None, existing: dict[str, Any] | None, rollouts: dict[str, Decision],
-                 evaluation: ConfigMapKeyRef | None = None) -> dict[str, Any]:
+                 evaluation: ConfigMapKeyRef | None = None, transform: str | None = None) -> dict[str, Any]:
     """Render and apply the workload of one class (a wave of a rollout); the live object."""
     profile_name = profile.metadata["name"]
     manifest = render_class(ed, profile, variant, world.profiles, settings.node_cache, replicas,
-                            settings.artifact_insecure, evaluation, settings.node_cache_driver)
+                            settings.artifact_insecure, evaluation, settings.node_cache_driver, transform)
     decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
     if decision is not None:
         rollouts[profile_name] = decision
