@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     _monitoring_arguments(s)
     _transform_argument(s)
 
+    from .pipeline.cli import add_parser as pipeline_parser
+
+    pipeline_parser(sub, _trust_arguments, _transform_argument)
+
     f = sub.add_parser("fetch", help="pull and verify an artifact into the node-local cache (init container)")
     f.add_argument("--ref", required=True, help="oci://host/repo@sha256:..., file:///path or https://...")
     f.add_argument("--digest", required=True, help="sha256:<hex> of the model bytes")
@@ -344,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_cache(args.cache, args.uid, args.spool)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "pipeline":
+        from .pipeline.cli import run
+
+        return run(args, _policy, _transform, _die)
     if args.command == "cache-driver":
         from .cachedriver import run
 

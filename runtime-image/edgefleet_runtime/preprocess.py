@@ -33,7 +33,12 @@ class TransformError(ValueError):
 
 
 class ImageError(ValueError):
-    """An input image that is refused (corrupt, not JPEG/PNG, too large): a 400 for the client."""
+    """An input image that is refused (corrupt, not JPEG/PNG, too large): a 400 for the client. ``reason``:
+    corrupt, unsupported or too_large (the pipeline counts refused frames by it)."""
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _field(d: dict, key: str, kind, default, where: str, choices=None):
@@ -153,16 +158,17 @@ class ImageTransform:
         from PIL import Image, UnidentifiedImageError
 
         if len(data) > self.max_encoded_bytes:
-            raise ImageError(f"encoded image of {len(data)} bytes is over maxEncodedBytes {self.max_encoded_bytes}")
+            raise ImageError(f"encoded image of {len(data)} bytes is over maxEncodedBytes {self.max_encoded_bytes}",
+                             "too_large")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data), formats=FORMATS)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise ImageError(f"image refused as a decompression bomb, over maxPixels {self.max_pixels}: "
-                             f"{str(e)[:200]}") from None
+                             f"{str(e)[:200]}", "too_large") from None
         except UnidentifiedImageError as e:
-            raise ImageError(f"not a JPEG or PNG image the runtime can read: {str(e)[:200]}") from None
+            raise ImageError(f"not a JPEG or PNG image the runtime can read: {str(e)[:200]}", "unsupported") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(f"corrupt image: {str(e)[:200]}") from None
         self.check_size(*img.size)
@@ -171,7 +177,7 @@ class ImageTransform:
     def check_size(self, width: int, height: int) -> None:
         if width < 1 or height < 1 or width * height > self.max_pixels:
             raise ImageError(f"image of {width}x{height} pixels is refused: over maxPixels {self.max_pixels} "
-                             "(or empty); send a smaller image")
+                             "(or empty); send a smaller image", "too_large")
 
     def decode(self, data: bytes) -> np.ndarray:
         """One encoded image -> its tensor (without the batch dimension)."""
