@@ -14,6 +14,11 @@ import urllib.request
 import numpy as np
 import pytest
 from conftest import models
+from edgefleet_runtime.app import Metrics, ModelSlot
+from edgefleet_runtime.pipeline.config import ConfigError, parse
+from edgefleet_runtime.pipeline.diskqueue import DiskQueue
+from edgefleet_runtime.pipeline.runner import Pipeline
+from edgefleet_runtime.preprocess import Transform
 from PIL import Image
 from pipeline_helpers import (
     FFMPEG,
@@ -25,12 +30,6 @@ from pipeline_helpers import (
     make_video,
     need,
 )
-
-from edgefleet_runtime.app import Metrics, ModelSlot
-from edgefleet_runtime.pipeline.config import ConfigError, parse
-from edgefleet_runtime.pipeline.diskqueue import DiskQueue
-from edgefleet_runtime.pipeline.runner import Pipeline
-from edgefleet_runtime.preprocess import Transform
 
 QUICKSTART = models.REPO / "examples" / "quickstart"
 MODEL = QUICKSTART / "digits_cnn.onnx"

@@ -15,10 +15,10 @@ from pydantic import ValidationError
 from ..api import ConfigMapKeyRef, EdgeDeployment, EdgeModel, HardwareProfile, Variant, label_selector_matches
 from ..kube import ApiError, Kube
 from ..render import child_labels, child_name, render_class, render_service, resolve_nodes, split_replicas, waves_of
-from ..render.workload import model_transform
 from ..render.bench_job import gate_verdict
 from ..render.placement import PlacementError
 from ..render.tenancy import class_refusal
+from ..render.workload import model_transform
 from ..settings import Settings
 from .applied import apply_changed
 from .conditions import (

@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api import ConfigMapKeyRef, EdgeDeployment, HardwareProfile, Variant
-from ..api.preprocessing import Postprocessing, Preprocessing
 from ..api.models import RUNTIME_CACHE_MOUNT
+from ..api.preprocessing import Postprocessing, Preprocessing
 from .placement import higher_priority, node_affinity
 
 RUNTIME_UID = 10001  # the runtime images run as this user

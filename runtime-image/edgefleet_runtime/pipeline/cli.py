@@ -3,7 +3,6 @@ pipeline of --config until SIGTERM, or until its finite sources are done and the
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
