@@ -124,3 +124,55 @@ def test_preprocess_model_without_a_declaration_renders_no_transform():
     assert model_transform(edgemodel()["spec"]) is None
     assert model_transform(None) is None
     assert model_transform(edgemodel({"image": {"width": 0}})["spec"]) is None  # invalid: left out
+
+
+def test_pipeline_rendered_config_is_what_the_runtime_parses():
+    from edgefleet.api import EdgeDeployment
+    from edgefleet.api.preprocessing import MqttSink, PipelineSink, PipelineSource, WebhookSink
+    from edgefleet.render.workload import pipeline_config
+    from edgefleet_runtime.pipeline import config as runtime_config
+
+    ed = EdgeDeployment.model_validate({
+        "metadata": {"name": "line", "namespace": "shop", "uid": "u"},
+        "spec": {"modelRef": {"name": "digits"}, "pipeline": {
+            "sources": [{"name": "cam", "kind": "mjpeg", "url": "http://cam.local/video", "fps": 5, "every": 2,
+                         "timeoutSeconds": 3, "maxFrameBytes": 4096, "retryMaxSeconds": 2, "loop": False}],
+            "sinks": [{"name": "broker", "batch": 10, "mqtt": {"host": "mqtt.local", "port": 8883, "topic": "a/b",
+                                                               "qos": 2, "clientId": "c", "keepaliveSeconds": 60,
+                                                               "timeoutSeconds": 2}},
+                      {"name": "hook", "webhook": {"url": "https://hooks.local/x", "timeoutSeconds": 1}}],
+            "queue": {"maxItems": 7, "maxItemBytes": 2048}, "maxPendingFrames": 3}}})
+    parsed = runtime_config.parse(pipeline_config(ed))
+    src = parsed.sources[0]
+    assert (src.kind, src.url, src.fps, src.every, src.timeout_seconds, src.max_frame_bytes) == (
+        "mjpeg", "http://cam.local/video", 5.0, 2, 3.0, 4096)
+    assert parsed.sinks[0].mqtt.qos == 2 and parsed.sinks[0].mqtt.client_id == "c" and parsed.sinks[0].batch == 10
+    assert parsed.sinks[1].webhook.url == "https://hooks.local/x"
+    assert (parsed.queue.max_items, parsed.queue.max_item_bytes, parsed.max_pending_frames) == (7, 2048, 3)
+    # every API field is one the runtime reads (the runtime refuses unknown ones)
+    assert {f.alias for f in PipelineSource.model_fields.values()} == {
+        "name", "kind", "url", "fps", "every", "loop", "timeoutSeconds", "maxFrameBytes", "retryMaxSeconds"}
+    assert {f.alias for f in PipelineSink.model_fields.values()} == {"name", "mqtt", "webhook", "batch"}
+    assert {f.alias for f in MqttSink.model_fields.values()} == {
+        "host", "port", "topic", "qos", "clientId", "keepaliveSeconds", "timeoutSeconds"}
+    assert {f.alias for f in WebhookSink.model_fields.values()} == {"url", "timeoutSeconds"}
+
+
+def test_pipeline_api_refuses_bad_sinks_and_sources_naming_the_field():
+    base = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDeployment",
+            "metadata": {"name": "line", "namespace": "shop"}, "spec": {"modelRef": {"name": "digits"}}}
+    from edgefleet.api import EdgeDeployment
+
+    def refused(pipeline: dict) -> list[str]:
+        with pytest.raises(ValidationError) as e:
+            EdgeDeployment.model_validate({**base, "spec": {**base["spec"], "pipeline": pipeline}})
+        return format_errors(e.value)
+
+    src = {"name": "cam", "kind": "video", "url": "rtsp://x"}
+    lines = refused({"sources": [src], "sinks": [{"name": "b"}]})
+    assert any(line.startswith("spec.pipeline.sinks[0]") and "exactly one of mqtt or webhook" in line
+               for line in lines), lines
+    lines = refused({"sources": [{**src, "kind": "mjpeg"}], "sinks": [{"name": "b", "webhook": {"url": "http://h/"}}]})
+    assert any(line.startswith("spec.pipeline.sources[0].url") for line in lines), lines
+    lines = refused({"sources": [src], "sinks": [{"name": "b", "mqtt": {"host": "h", "topic": "a/#"}}]})
+    assert any(line.startswith("spec.pipeline.sinks[0].mqtt.topic") for line in lines), lines

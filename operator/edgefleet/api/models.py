@@ -34,7 +34,7 @@ from .base import (
     is_label_key,
     list_map,
 )
-from .preprocessing import Postprocessing, Preprocessing
+from .preprocessing import PipelineSpec, Postprocessing, Preprocessing
 
 Format = Literal["onnx", "tflite", "openvino", "coreml"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -983,6 +983,9 @@ class EdgeDeploymentSpec(Model):
     """Confidence, class counts and drift metrics on each runtime pod; omitted: the runtime exports none."""
     feedback: Feedback | None = None
     """Hard examples spooled on the nodes and uploaded as OCI artifacts; omitted: none are kept."""
+    pipeline: PipelineSpec | None = None
+    """A data pipeline beside the runtime on each node: sources (files, MJPEG, RTSP/video) through the model to
+    sinks (MQTT, webhook) with an on-disk queue for a lost uplink; needs the EdgeModel's spec.preprocessing."""
 
     cel_rules = (
         Rule(

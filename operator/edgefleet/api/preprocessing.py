@@ -95,3 +95,118 @@ class Postprocessing(Model):
     """How many classes to return per input."""
     labels: Annotated[list[Label], Field(max_length=4096)] | None = None
     """Class names, by index; topk_labels is returned when given."""
+
+
+SinkName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+HttpUrl = Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://[^\s]+$")]
+
+
+class PipelineSource(Model):
+    """Where frames come from, on the node."""
+
+    name: SinkName
+    """Name of the source in results and metrics (a DNS label)."""
+    kind: Literal["directory", "file", "mjpeg", "video"]
+    """directory or file: images (JPEG/PNG) on the node; mjpeg: an HTTP multipart JPEG stream; video: an RTSP, HTTP
+    or file video decoded by FFmpeg (PyAV)."""
+    url: Annotated[str, Field(min_length=1, max_length=2048)]
+    """A path for directory and file, http(s):// for mjpeg, rtsp://, http(s):// or a path for video."""
+    fps: Annotated[float, Field(ge=0.01, le=1000)] | None = None
+    """Take at most this many frames a second (a live stream skips, a file or directory plays at this rate)."""
+    every: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    """Take one frame in `every`."""
+    loop: bool = False
+    """directory, file, a video file: start again at the end."""
+    timeout_seconds: Annotated[float, Field(ge=0.1, le=600)] = 10.0
+    """Connect and read deadline of a network source."""
+    max_frame_bytes: Annotated[int, Field(ge=1024, le=1 << 28)] = 16 << 20
+    """An encoded frame (an image file, an MJPEG part) larger than this is refused and counted."""
+    retry_max_seconds: Annotated[float, Field(ge=0.1, le=3600)] = 30.0
+    """Longest wait between reconnects of an unreachable stream."""
+
+    cel_rules = (
+        Rule(
+            "self.kind != 'mjpeg' || self.url.startsWith('http://') || self.url.startsWith('https://')",
+            "pipeline.sources[].url: an mjpeg source needs an http:// or https:// URL",
+            lambda s: s.kind != "mjpeg" or s.url.startswith(("http://", "https://")),
+            ".url",
+        ),
+    )
+
+
+class MqttSink(Model):
+    """An MQTT broker; results are published with QoS 1 or 2 and count as delivered once acknowledged."""
+
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    """Broker host name or address."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    """Broker port."""
+    topic: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^+#]+$")] = "edgefleet/results"
+    """Topic the results are published to (no wildcards)."""
+    qos: Annotated[int, Field(ge=1, le=2)] = 1
+    """MQTT quality of service: 1 (at least once) or 2 (exactly once)."""
+    client_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    """MQTT client id; omitted means a random one."""
+    keepalive_seconds: Annotated[int, Field(ge=5, le=3600)] = 30
+    """MQTT keep-alive."""
+    timeout_seconds: Annotated[float, Field(ge=0.1, le=120)] = 5.0
+    """Connect and acknowledgement deadline."""
+
+
+class WebhookSink(Model):
+    """An HTTP endpoint; each batch is POSTed as a JSON array and counts as delivered on a 2xx answer."""
+
+    url: HttpUrl
+    """http:// or https:// URL."""
+    timeout_seconds: Annotated[float, Field(ge=0.1, le=120)] = 5.0
+    """Request deadline."""
+
+
+class PipelineSink(Model):
+    """Where results go: exactly one of mqtt or webhook."""
+
+    name: SinkName
+    """Name of the sink in metrics (a DNS label)."""
+    mqtt: MqttSink | None = None
+    """Publish to an MQTT broker."""
+    webhook: WebhookSink | None = None
+    """POST to an HTTP endpoint."""
+    batch: Annotated[int, Field(ge=1, le=1000)] = 64
+    """Results sent at once."""
+
+    cel_rules = (
+        Rule(
+            "has(self.mqtt) != has(self.webhook)",
+            "pipeline.sinks[]: set exactly one of mqtt or webhook",
+            lambda s: (s.mqtt is None) != (s.webhook is None),
+        ),
+    )
+
+
+class PipelineQueue(Model):
+    """The on-disk queue in front of each sink: results wait there while the uplink is down and are delivered in
+    order when it returns; when full, the oldest are dropped and counted."""
+
+    max_items: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    """Results kept per sink at most."""
+    max_item_bytes: Annotated[int, Field(ge=1024, le=16 << 20)] = 256 << 10
+    """Largest result kept."""
+    size_limit_bytes: Annotated[int, Field(ge=1 << 20, le=1 << 40)] = 1 << 30
+    """Size limit of the queue's volume (an emptyDir: kept across container restarts, not pod replacement)."""
+
+
+class PipelineSpec(Model):
+    """A data pipeline beside the runtime on every node of the deployment: frames from the node's sources run
+    through the served variant (with the EdgeModel's spec.preprocessing, which it needs) and the results go to
+    the sinks. docs/pipeline.md."""
+
+    sources: Annotated[list[PipelineSource], Field(min_length=1, max_length=16)]
+    """Frame sources on the node."""
+    sinks: Annotated[list[PipelineSink], Field(min_length=1, max_length=8)]
+    """Where results go."""
+    queue: PipelineQueue = Field(default_factory=PipelineQueue)
+    """The on-disk queue in front of each sink."""
+    max_pending_frames: Annotated[int, Field(ge=1, le=1024)] = 8
+    """Frames of live sources waiting for the model; beyond it the oldest is dropped and counted."""
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] = 9102
+    """Port of the pipeline's Prometheus /metrics."""

@@ -283,7 +283,52 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}, *feedback_env],
     }
-    return ([] if cache_driver else [_prepare_cache(ed, profile)]) + [init], [serve]
+    containers = [serve]
+    if ed.spec.pipeline is not None:
+        containers.append(_pipeline_container(ed, profile, variant, transform, trust_serve,
+                                              [{**m, "readOnly": True} for m in mounts] + trust_serve_mounts
+                                              + device_mounts))
+    return ([] if cache_driver else [_prepare_cache(ed, profile)]) + [init], containers
+
+
+PIPELINE_QUEUE_MOUNT = "/var/lib/edgefleet/pipeline"  # the pipeline's on-disk queues (an emptyDir)
+
+
+def pipeline_config(ed: EdgeDeployment) -> str:
+    """spec.pipeline as the runtime's `pipeline --config-json` (edgefleet_runtime.pipeline.config)."""
+    spec = ed.spec.pipeline
+    assert spec is not None
+    dumped = spec.model_dump(by_alias=True, exclude_none=True)
+    queue = {"path": PIPELINE_QUEUE_MOUNT, "maxItems": spec.queue.max_items, "maxItemBytes": spec.queue.max_item_bytes}
+    config = {"name": ed.metadata["name"], "sources": dumped["sources"], "sinks": dumped["sinks"], "queue": queue,
+              "maxPendingFrames": spec.max_pending_frames}
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _pipeline_container(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, transform: str | None,
+                        trust_args: list[str], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pipeline beside the runtime: the same image, variant, trust flags, device mounts (cameras) and
+    transform, its queues on an emptyDir (kept across container restarts)."""
+    spec = ed.spec.pipeline
+    assert spec is not None and variant.digest is not None
+    args = ["pipeline", f"--model={_blob(variant.digest)}", f"--digest={variant.digest}",
+            f"--name={ed.spec.model_ref.name}", f"--config-json={pipeline_config(ed)}",
+            f"--metrics-port={spec.metrics_port}", *trust_args]
+    if transform is not None:
+        args.append(f"--transform={transform}")
+    if ed.spec.runtime.threads:
+        args.append(f"--threads={ed.spec.runtime.threads}")
+    return {
+        "name": "pipeline",
+        "image": profile.spec.runtime_image,
+        "command": ["edgefleet-runtime"],
+        "args": args,
+        "ports": [{"name": "pipeline-metrics", "containerPort": spec.metrics_port, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": mounts + [{"name": "pipeline-queue", "mountPath": PIPELINE_QUEUE_MOUNT}],
+        "securityContext": _restricted(profile.spec.privileged),
+        "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}],
+    }
 
 
 def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
@@ -296,6 +341,9 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
     volumes += _feedback(ed, evaluation, False, cache_driver)[2]
     if ed.spec.runtime.workers > 1:
         volumes.append({"name": "runtime-metrics", "emptyDir": {"sizeLimit": "64Mi"}})
+    if ed.spec.pipeline is not None:
+        size = str(ed.spec.pipeline.queue.size_limit_bytes)
+        volumes.append({"name": "pipeline-queue", "emptyDir": {"sizeLimit": size}})
     volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.spec.device_mounts or []]
     return volumes
 
