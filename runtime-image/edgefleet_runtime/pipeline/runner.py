@@ -22,7 +22,7 @@ from ..preprocess import OUTPUT_INDICES, OUTPUT_LABELS, OUTPUT_SCORES, ImageErro
 from . import sources
 from .config import PipelineConfig, Sink, Source
 from .diskqueue import DiskQueue, QueueFullItem
-from .sinks import SinkError, open_sink
+from .sinks import open_sink
 
 log = logging.getLogger("edgefleet_runtime.pipeline")
 
@@ -38,7 +38,8 @@ class PipelineMetrics:
         self.dropped = Counter("edgefleet_pipeline_frames_dropped", "Frames dropped before the model, by reason "
                                "(busy: the model fell behind)", ["source", "reason"], registry=r)
         self.bad = Counter("edgefleet_pipeline_bad_input", "Refused input, by reason (unreachable, corrupt, "
-                           "too_large, unsupported, unreadable)", ["source", "reason"], registry=r)
+                           "too_large, unsupported, unreadable, inference_failed, error)", ["source", "reason"],
+                           registry=r)
         self.inference = Histogram("edgefleet_pipeline_inference_seconds", "Transform and model run of one frame",
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.capture_to_sink = Histogram("edgefleet_pipeline_capture_to_sink_seconds", "From capture to the sink's "
@@ -72,7 +73,7 @@ class SinkWorker:
                 continue
             try:
                 self.client.send(items)
-            except SinkError as e:
+            except Exception as e:  # SinkError, or a client library's surprise: the batch stays queued
                 self.metrics.sink_errors.labels(name).inc()
                 if str(e) != self.last_error:
                     log.warning("sink unavailable; results wait on disk", extra={"sink": name, "error": str(e),
@@ -129,6 +130,10 @@ class Pipeline:
                     self._bad(src.name, "unreachable", str(e))
                     stop.wait(delay)
                     delay = min(delay * 2, src.retry_max_seconds)
+                except Exception as e:  # a decoder's surprise must not end the source: count, wait, reopen
+                    self._bad(src.name, "error", f"{type(e).__name__}: {e}")
+                    stop.wait(delay)
+                    delay = min(delay * 2, src.retry_max_seconds)
         finally:
             with self.cond:
                 self.sources_left -= 1
@@ -181,7 +186,11 @@ class Pipeline:
             self._bad(frame.source, e.reason, str(e))
             return
         names = list(self.model.model_outputs)
-        results = self.model.backend.run({bound.input: tensor[None]}, names)
+        try:
+            results = self.model.backend.run({bound.input: tensor[None]}, names)
+        except Exception as e:  # the backend refused this frame: count it, keep going
+            self._bad(frame.source, "inference_failed", f"{type(e).__name__}: {str(e)[:300]}")
+            return
         results = bound.finish(results, [OUTPUT_INDICES])
         self.metrics.inference.observe(time.perf_counter() - t0)
         body = orjson.dumps(self._record(frame, results), option=orjson.OPT_SERIALIZE_NUMPY)
