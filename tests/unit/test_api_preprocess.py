@@ -176,3 +176,34 @@ def test_pipeline_api_refuses_bad_sinks_and_sources_naming_the_field():
     assert any(line.startswith("spec.pipeline.sources[0].url") for line in lines), lines
     lines = refused({"sources": [src], "sinks": [{"name": "b", "mqtt": {"host": "h", "topic": "a/#"}}]})
     assert any(line.startswith("spec.pipeline.sinks[0].mqtt.topic") for line in lines), lines
+
+
+def test_pipeline_without_model_preprocessing_is_degraded_and_not_rendered():
+    kube = FakeKube()
+    profiles = builtin_profiles()
+    model = edgemodel()  # no spec.preprocessing
+    model["metadata"]["name"] = "digits"
+    model["status"] = {"variants": [{"profile": "cpu-amd64", "state": "Ready", "format": "onnx", "digest": DIGEST,
+                                     "artifact": f"oci://r.local/m@{DIGEST}"}]}
+    kube.add(model)
+    pipeline = {"sources": [{"name": "cam", "kind": "video", "url": "rtsp://cam.local/s"}],
+                "sinks": [{"name": "b", "mqtt": {"host": "mqtt.local"}}]}
+    kube.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDeployment",
+              "metadata": {"name": "digits", "namespace": "shop"},
+              "spec": {"modelRef": {"name": "digits"}, "pipeline": pipeline}})
+    world = World({"amd": {"kubernetes.io/arch": "amd64"}}, profiles)
+    reconcile_deployment(kube, Settings(), "shop", "digits", world)
+    ds = kube.stored("DaemonSet", "digits-cpu-amd64", "shop")
+    assert [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]] == ["runtime"]  # still serving
+    conditions = {c["type"]: c for c in kube.stored("EdgeDeployment", "digits", "shop")["status"]["conditions"]}
+    degraded = conditions["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "PipelineNeedsPreprocessing"
+    assert "spec.preprocessing.image" in degraded["message"]
+
+    model["spec"]["preprocessing"] = {"image": {"width": 8, "height": 8, "color": "GRAY"}}
+    kube.add(model)
+    reconcile_deployment(kube, Settings(), "shop", "digits", world)
+    ds = kube.stored("DaemonSet", "digits-cpu-amd64", "shop")
+    assert [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]] == ["runtime", "pipeline"]
+    conditions = {c["type"]: c for c in kube.stored("EdgeDeployment", "digits", "shop")["status"]["conditions"]}
+    assert conditions["Degraded"]["reason"] != "PipelineNeedsPreprocessing"

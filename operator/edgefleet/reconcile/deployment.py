@@ -101,14 +101,16 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     host_only = (model or {}).get("spec", {}).get("optimization", {}).get("selection") == "host"
     evaluation = _evaluation(ed, model)
     transform = model_transform((model or {}).get("spec"))
-    applied, missing, rollouts, failures = _apply_classes(kube, settings, ed, world, per_class, variants, replicas,
-                                                          children, gated, host_only, evaluation, transform)
+    pipeline_problem = _pipeline_problem(ed, model, transform)
+    rendered = ed if pipeline_problem is None else _without_pipeline(ed)  # no pipeline that could only crash
+    applied, missing, rollouts, failures = _apply_classes(kube, settings, rendered, world, per_class, variants,
+                                                          replicas, children, gated, host_only, evaluation, transform)
     service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
     health = _health(kube, namespace, name, applied, time.time())
     drift = _drift(kube, ed, model, applied)
     _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
-                                         service, health, gated, drift))
+                                         service, health, gated, drift, pipeline_problem))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
     if drift is not None and ed.spec.monitoring and ed.spec.monitoring.drift:  # the only timer monitoring adds
         waits.append(float(ed.spec.monitoring.drift.interval_seconds))
@@ -215,6 +217,24 @@ class Outcome:
     health: dict[str, ClassHealth]
     gated: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # class -> (Wait | Fail, why)
     drift: tuple[bool | None, str, str] | None = None  # the Drifting condition; None: drift is off
+    pipeline_problem: str | None = None  # why spec.pipeline is not rendered (the fix included)
+
+
+def _pipeline_problem(ed: EdgeDeployment, model: dict[str, Any] | None, transform: str | None) -> str | None:
+    """Why spec.pipeline cannot run with this EdgeModel (it turns frames into the model's input with the model's
+    spec.preprocessing.image), with the fix; None when it can or is not asked for."""
+    if ed.spec.pipeline is None or model is None:
+        return None
+    declared = (model.get("spec") or {}).get("preprocessing") or {}
+    if transform is not None and isinstance(declared, dict) and declared.get("image") is not None:
+        return None  # model_transform validated it
+    return (f"spec.pipeline needs EdgeModel {ed.spec.model_ref.name!r} to declare spec.preprocessing.image (how a "
+            "frame becomes the model's input); add it to the EdgeModel, or remove spec.pipeline. The runtime "
+            "serves without the pipeline meanwhile")
+
+
+def _without_pipeline(ed: EdgeDeployment) -> EdgeDeployment:
+    return ed.model_copy(update={"spec": ed.spec.model_copy(update={"pipeline": None})})
 
 
 def _evaluation(ed: EdgeDeployment, model: dict[str, Any] | None) -> ConfigMapKeyRef | None:
@@ -452,6 +472,8 @@ def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
     if stuck:
         why = "; ".join(f"{p}: {out.health[p].message}. Fix: {h.fix}" for p, h in sorted(stuck.items()))
         return stuck[min(stuck)].reason, why
+    if out.pipeline_problem:
+        return "PipelineNeedsPreprocessing", out.pipeline_problem
     if not out.model_found:
         return "ModelNotFound", f"EdgeModel {ed.spec.model_ref.name!r} does not exist in this namespace"
     if out.missing:
