@@ -259,3 +259,42 @@ def test_pipeline_cli_refuses_a_model_without_image_preprocessing(tmp_path):
             "--model", str(MODEL), "--digest", models.sha256(MODEL)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "spec.preprocessing.image" in done.stderr
+
+
+def test_pipeline_webhook_sink_retries_a_failing_endpoint_in_order(tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+    state = {"failures": 0, "down_until": 0.0}
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if time.monotonic() < state["down_until"]:
+                state["failures"] += 1
+                self.send_response(503)
+                self.end_headers()
+                return
+            received.extend(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    digit_frames(tmp_path / "frames", 40)
+    cfg = {"name": "line", "queue": {"path": str(tmp_path / "queue")},
+           "sources": [{"name": "cam", "kind": "directory", "url": str(tmp_path / "frames"), "fps": 20}],
+           "sinks": [{"name": "hook", "batch": 5,
+                      "webhook": {"url": f"http://127.0.0.1:{server.server_port}/results", "timeoutSeconds": 2}}]}
+    pipeline = Pipeline(parse(json.dumps(cfg)), loaded_model())
+    state["down_until"] = time.monotonic() + 1.0  # the endpoint answers 503 for its first second
+    try:
+        assert pipeline.run(threading.Event(), drain_seconds=30) == 0
+    finally:
+        server.shutdown()
+    assert state["failures"] > 0
+    assert first_seen([r["frame"] for r in received]) == list(range(40))
+    assert pipeline.metrics.sink_errors.labels("hook")._value.get() == state["failures"]
