@@ -17,6 +17,7 @@ from .config import Source
 
 MAX_DIRECTORY_FILES = 1_000_000
 READ_CHUNK = 64 << 10
+MAX_BURST_SECONDS = 1.0  # a source that fell behind its fps catches up at most this much
 
 
 @dataclass
@@ -59,11 +60,10 @@ class Sampler:
         if self.pace:
             if now < self.next_due:
                 self.stop.wait(self.next_due - now)
-            self.next_due = max(self.next_due + self.interval, time.monotonic() - self.interval)
-            return True
-        if now < self.next_due:
+        elif now < self.next_due:
             return False
-        self.next_due = max(self.next_due + self.interval, now - self.interval)
+        # keep the schedule (a late frame is made up by the next ones), but never catch up more than MAX_BURST
+        self.next_due = max(self.next_due + self.interval, time.monotonic() - MAX_BURST_SECONDS)
         return True
 
 
