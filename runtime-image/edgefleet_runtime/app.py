@@ -20,7 +20,15 @@ from .backends import Backend, ModelLoadError, TensorSpec, open_backend, read_mo
 from .budget import Lease, MemoryBudget
 from .digest import DigestError, digest_from_cache_path, parse_digest
 from .management import OFF_MESSAGE, Management
-from .protocol import MemoryRefused, RequestError, decode_infer_request, encode_infer_response, header_int
+from .preprocess import Bound, ImageError, Transform, TransformError
+from .protocol import (
+    MemoryRefused,
+    RequestError,
+    charge,
+    decode_infer_request,
+    encode_infer_response,
+    header_int,
+)
 
 log = logging.getLogger("edgefleet_runtime")
 
@@ -144,21 +152,30 @@ class LoadedModel:
     backend: Backend
     load_seconds: float
     max_batch: int = 256
+    transform: Bound | None = None  # the declared pre- and post-processing, checked against this model
     inputs: dict[str, TensorSpec] = field(init=False)
     outputs: dict[str, TensorSpec] = field(init=False)
     metadata_json: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.inputs = {t.name: t for t in self.backend.inputs}
-        self.outputs = {t.name: t for t in self.backend.outputs}
+        self.model_outputs = {t.name: t for t in self.backend.outputs}  # what the backend computes
+        extra = self.transform.extra_outputs() if self.transform else []
+        self.outputs = {**self.model_outputs, **{t.name: t for t in extra}}  # what a client may ask for
         self.body_limit = request_limit(self.backend.inputs, self.max_batch)
+        image = self.transform.image if self.transform else None
+        self.encoded: dict[str, TensorSpec] = {}  # inputs that also take encoded images (BYTES)
+        if image is not None and self.transform and self.transform.input:
+            self.encoded[self.transform.input] = TensorSpec(self.transform.input, "BYTES", (-1,))
+            if self.body_limit is not None:  # the encoded images of one request: maxEncodedBytes in all
+                self.body_limit = max(self.body_limit, SMALL_BODY + image.max_encoded_bytes)
         self.metadata_json = orjson.dumps(
             {
                 "name": self.name,
                 "versions": [self.version],
                 "platform": self.backend.platform,
                 "inputs": [t.metadata() for t in self.backend.inputs],
-                "outputs": [t.metadata() for t in self.backend.outputs],
+                "outputs": [t.metadata() for t in self.outputs.values()],
             }
         )
 
@@ -188,8 +205,10 @@ class ModelSlot:
         cache_dir: str | None = None,
         max_batch: int = 256,
         policy: trust.Policy | None = None,
+        transform: Transform | None = None,
     ):
         self.name = name
+        self.transform = transform
         self.policy = policy or trust.Policy()
         self.metrics = metrics
         self.backend_kind = backend
@@ -221,12 +240,13 @@ class ModelSlot:
                     _warmup(backend)
                 except Exception as e:
                     raise ModelLoadError(f"warm-up inference failed on {path}: {e}") from e
+                bound = self._bind(backend)
             except (DigestError, trust.TrustError, ModelLoadError, OSError):
                 self.metrics.reloads.labels("failed").inc()
                 raise
             seconds = time.perf_counter() - t0
             model = LoadedModel(
-                self.name, parse_digest(digest)[:12], digest, os.fspath(path), backend, seconds, self.max_batch
+                self.name, parse_digest(digest)[:12], digest, os.fspath(path), backend, seconds, self.max_batch, bound
             )
             previous = self.current
             self.current = model  # the atomic swap
@@ -246,6 +266,21 @@ class ModelSlot:
                 },
             )
             return model
+
+    def _bind(self, backend: Backend) -> Bound | None:
+        """The declared transform against this model's inputs and outputs; ModelLoadError naming the field."""
+        if self.transform is None:
+            return None
+        if self.transform.image is not None:
+            try:
+                import PIL  # noqa: F401 - the image pre-processing needs Pillow (the runtime's `pipeline` extra)
+            except ImportError:
+                raise ModelLoadError("the model declares image pre-processing but Pillow is not installed; "
+                                     "install edgefleet-runtime[pipeline]") from None
+        try:
+            return Bound.of(self.transform, backend.inputs, backend.outputs)
+        except TransformError as e:
+            raise ModelLoadError(f"the model's declared transform does not fit it: {e}") from None
 
     def _check_signature(self, path: str, digest: str) -> None:
         """The signature kept beside the blob (``<blob>.sig``) against the policy's keys."""
@@ -444,9 +479,15 @@ class App:
         return model
 
     def run(self, model: LoadedModel, feeds: dict, output_names: list[str]) -> dict:
-        """Run the backend (REST and gRPC); RequestError 400 when it refuses inputs, 500 when it fails."""
+        """Run the backend (REST and gRPC); RequestError 400 when it refuses inputs, 500 when it fails. Outputs
+        of the declared post-processing are computed from the model's."""
+        names = output_names
+        if model.transform is not None and model.transform.output is not None:
+            names = [n for n in output_names if n in model.model_outputs]
+            if model.transform.output not in names and len(names) < len(output_names):
+                names.append(model.transform.output)
         try:
-            results = model.backend.run(feeds, output_names)
+            results = model.backend.run(feeds, names)
         except Exception as e:  # the backend refused inputs that passed metadata checks
             msg = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
             status = 400 if "INVALID_ARGUMENT" in msg or "InvalidArgument" in type(e).__name__ else 500
@@ -460,6 +501,8 @@ class App:
         shadow = self.control.shadow if self.control is not None else None
         if shadow is not None:
             shadow.offer(feeds, results)
+        if model.transform is not None:
+            results = model.transform.finish(results, output_names)
         return results
 
     def _infer(self, name, version, headers, body):
@@ -470,10 +513,16 @@ class App:
         enc = headers.get("content-encoding")
         if enc and enc.lower() != "identity":
             raise RequestError(415, f"Content-Encoding {enc!r} is not supported")
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         with Lease(self.budget) as lease:
-            req_id, feeds, wanted = decode_infer_request(
-                body, header_length, model.name, model.inputs, model.outputs, lease
-            )
+            if content_type.startswith("image/"):
+                req_id, feeds, wanted = None, self._image_body(model, content_type, body, lease), [
+                    (n, False) for n in model.outputs]
+            else:
+                req_id, feeds, wanted = decode_infer_request(
+                    body, header_length, model.name, model.inputs, model.outputs, lease, model.encoded
+                )
+                self._decode_images(model, feeds, lease)
             results = self.run(model, feeds, [n for n, _ in wanted])
             out, json_len = encode_infer_response(model.name, model.version, req_id, results, wanted)
         self.metrics.latency.observe(time.perf_counter() - t0)
@@ -486,11 +535,56 @@ class App:
             [("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", str(json_len))],
         )
 
+    @staticmethod
+    def _image_body(model: LoadedModel, content_type: str, body: bytes, lease: Lease) -> dict:
+        """An image/jpeg or image/png body: one image for the input the declared pre-processing feeds."""
+        if not model.encoded:
+            raise RequestError(415, f"model '{model.name}' declares no image pre-processing "
+                                    "(EdgeModel spec.preprocessing.image); send Open Inference Protocol JSON")
+        if content_type not in ("image/jpeg", "image/png"):
+            raise RequestError(415, f"Content-Type {content_type} is not supported; send image/jpeg or image/png")
+        name = next(iter(model.encoded))
+        return {name: _decode(model, [body], lease)}
+
+    @staticmethod
+    def _decode_images(model: LoadedModel, feeds: dict, lease: Lease) -> None:
+        """Encoded images (BYTES) given for an input with declared pre-processing -> the model's tensor."""
+        for name in model.encoded:
+            arr = feeds.get(name)
+            if arr is not None and arr.dtype == object:
+                feeds[name] = _decode(model, list(arr.ravel()), lease)
+
     def _repository(self, method: str, rest: list[str], headers: dict, body: bytes):
         if self.management is None:
             raise RequestError(404, OFF_MESSAGE)
         status, out_headers, out = self.management.handle(method, rest, headers, body)
         return self._reply("repository", status, out, out_headers)
+
+
+def _decode(model: LoadedModel, images: list, lease: Lease) -> np.ndarray:
+    """Decode and transform encoded images, each one's pixels charged to the memory budget before decoding;
+    RequestError 400 naming what is wrong with a refused image."""
+    assert model.transform is not None and model.transform.image is not None
+    image = model.transform.image
+    if not images:
+        raise RequestError(400, "no image given: send at least one encoded image")
+    if sum(len(b) if isinstance(b, bytes) else 0 for b in images) > image.max_encoded_bytes:
+        raise RequestError(413, f"the request's images are over maxEncodedBytes {image.max_encoded_bytes}")
+    out = []
+    for i, data in enumerate(images):
+        if not isinstance(data, bytes):
+            raise RequestError(400, f"image {i}: send encoded images as binary data (parameters.binary_data_size) "
+                                    "or as an image/jpeg or image/png body, not as JSON text")
+        try:
+            img = image.open(data)
+            charge(lease, img.size[0] * img.size[1] * 4, f"image {i} ({img.size[0]}x{img.size[1]} decoded)")
+            img.load()
+            out.append(image.from_image(img))
+        except ImageError as e:
+            raise RequestError(400, f"image {i}: {e}") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise RequestError(400, f"image {i}: corrupt image: {str(e)[:200]}") from None
+    return np.stack(out)
 
 
 class ManagementApp:

@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "a new temporary directory; give a writable volume such as an emptyDir under a read-only root)",
     )
     _monitoring_arguments(s)
+    _transform_argument(s)
+
+    from .pipeline.cli import add_parser as pipeline_parser
+
+    pipeline_parser(sub, _trust_arguments, _transform_argument)
 
     f = sub.add_parser("fetch", help="pull and verify an artifact into the node-local cache (init container)")
     f.add_argument("--ref", required=True, help="oci://host/repo@sha256:..., file:///path or https://...")
@@ -178,6 +183,25 @@ def _bench_arguments(sub) -> None:
     b.add_argument("--out", help="write the JSON report to this file (default: stdout)")
     b.add_argument("--report", help="also push the JSON report to oci://HOST:PORT/REPO:TAG (the bench Job)")
     b.add_argument("--insecure", action="store_true", help="plain http to the --report registry")
+
+
+def _transform_argument(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--transform",
+        default=os.environ.get("EDGEFLEET_TRANSFORM") or None,
+        help="the model's declared pre- and post-processing as JSON, e.g. '{\"preprocessing\": {\"image\": "
+        "{\"width\": 224, \"height\": 224}}, \"postprocessing\": {\"topK\": 5}}' (the operator renders it "
+        "from the EdgeModel); encoded images (JPEG/PNG) are then accepted",
+    )
+
+
+def _transform(args):
+    """The parsed --transform, or None; ValueError (TransformError) naming the field."""
+    if not args.transform:
+        return None
+    from .preprocess import Transform
+
+    return Transform.from_json(args.transform)
 
 
 def _monitoring_arguments(s: argparse.ArgumentParser) -> None:
@@ -324,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_cache(args.cache, args.uid, args.spool)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "pipeline":
+        from .pipeline.cli import run
+
+        return run(args, _policy, _transform, _die)
     if args.command == "cache-driver":
         from .cachedriver import run
 
@@ -485,11 +513,12 @@ def _serve_model(args, digest: str, limits, worker: int | None) -> int:
         args.grpc_port = args.grpc_port if worker == 0 else None  # gRPC in one worker only
     try:
         policy = _policy(args)
+        transform = _transform(args)
         metrics = Metrics()
         monitor = _monitor(args, metrics.registry)
     except ValueError as e:  # TrustError is a ValueError
         return die(EXIT_USAGE, str(e))
-    slot = ModelSlot(args.name, metrics, policy=policy, **_from_args(args, SLOT_FLAGS))
+    slot = ModelSlot(args.name, metrics, policy=policy, transform=transform, **_from_args(args, SLOT_FLAGS))
     try:
         management = _management(args, slot)
     except ManagementError as e:

@@ -162,13 +162,17 @@ def _json_values(name: str, data: list, datatype: str, dtype: np.dtype, has_bool
     return out
 
 
-def check_tensor(name: str, datatype, shape, model_name: str, inputs: dict[str, TensorSpec], feeds: dict):
-    """One input's name, datatype and shape against the model (REST and gRPC): ``(spec, element count)``."""
+def check_tensor(name: str, datatype, shape, model_name: str, inputs: dict[str, TensorSpec], feeds: dict,
+                 encoded: dict[str, TensorSpec] | None = None):
+    """One input's name, datatype and shape against the model (REST and gRPC): ``(spec, element count)``.
+    ``encoded``: inputs that also take encoded images as BYTES (the model's declared pre-processing)."""
     spec = inputs.get(name)
     if spec is None:
         raise _bad(f"unexpected input '{name}' for model '{model_name}'; expected inputs: {', '.join(inputs)}")
     if name in feeds:
         raise _bad(f"input '{name}' is given more than once")
+    if encoded and datatype == "BYTES" and name in encoded:
+        spec = encoded[name]
     if datatype != spec.datatype:
         if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
             raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
@@ -226,9 +230,10 @@ def decode_infer_request(
     inputs: dict[str, TensorSpec],
     outputs: dict[str, TensorSpec],
     lease: Lease | None = None,
+    encoded: dict[str, TensorSpec] | None = None,
 ):
     """Return ``(request_id, feeds, [(output_name, binary)])`` or raise RequestError. ``lease``: what decoding
-    grows by (binary BYTES) is charged to it."""
+    grows by (binary BYTES) is charged to it; ``encoded``: inputs that also take BYTES (encoded images)."""
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
@@ -263,7 +268,7 @@ def decode_infer_request(
         if not isinstance(name, str):
             raise _bad(f"inputs[{i}].name must be a string")
         datatype, shape = t.get("datatype"), t.get("shape")
-        spec, count = check_tensor(name, datatype, shape, model_name, inputs, feeds)
+        spec, count = check_tensor(name, datatype, shape, model_name, inputs, feeds, encoded)
         dtype = spec.dtype
         tparams = t.get("parameters") or {}
         if not isinstance(tparams, dict):

@@ -50,3 +50,21 @@ def test_golden_federated_server_and_client_jobs():
     clients = [fed.Client("node-a", 0), fed.Client("node-a", 1)]
     assert_golden("federated_jobs", [fed.render_server_job(ft, SETTINGS, "node-a", clients, "tls0"),
                                      fed.render_client_job(ft, SETTINGS, clients[1], "tls0", "10.96.0.10")])
+
+
+def test_golden_workload_with_a_pipeline_and_preprocessing():
+    from edgefleet.render.workload import model_transform
+
+    ed = EdgeDeployment.model_validate({
+        "metadata": {"name": "line", "namespace": "shop", "uid": "uid-1", "generation": 1},
+        "spec": {"modelRef": {"name": "digits"}, "pipeline": {
+            "sources": [{"name": "cam", "kind": "video", "url": "rtsp://camera.local/stream", "fps": 25}],
+            "sinks": [{"name": "broker", "mqtt": {"host": "mqtt.local", "topic": "line/results"}}],
+            "queue": {"maxItems": 50000}}}})
+    transform = model_transform({"preprocessing": {"image": {"width": 8, "height": 8, "color": "GRAY"}},
+                                 "postprocessing": {"softmax": True, "topK": 1}})
+    variant = Variant(profile="cpu-amd64", state="Ready", digest="sha256:" + "a" * 64,
+                      artifact=f"oci://registry.local:5000/edgefleet/models/digits-cpu-amd64@sha256:{'a' * 64}")
+    manifest = render_class(ed, PROFILES["cpu-amd64"], variant, list(PROFILES.values()), "/var/lib/edgefleet/cache",
+                            cache_driver=True, transform=transform)
+    assert_golden("workload_cpu-amd64_pipeline", manifest)

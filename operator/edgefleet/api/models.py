@@ -34,6 +34,7 @@ from .base import (
     is_label_key,
     list_map,
 )
+from .preprocessing import PipelineSpec, Postprocessing, Preprocessing
 
 Format = Literal["onnx", "tflite", "openvino", "coreml"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -578,6 +579,10 @@ class EdgeModelSpec(Model):
     """HardwareProfiles to compile for; omitted means every profile that matches at least one node."""
     encryption: Encryption | None = None
     """Encrypt the published variants at rest (AES-256-GCM); omitted means they are stored in the clear."""
+    preprocessing: Preprocessing | None = None
+    """How the runtime turns an encoded input (JPEG/PNG) into the model's tensor; the same on every class."""
+    postprocessing: Postprocessing | None = None
+    """What the runtime adds to the model's answer (softmax, top-k with labels); the same on every class."""
 
 
 class OnTargetResult(Model):
@@ -978,6 +983,9 @@ class EdgeDeploymentSpec(Model):
     """Confidence, class counts and drift metrics on each runtime pod; omitted: the runtime exports none."""
     feedback: Feedback | None = None
     """Hard examples spooled on the nodes and uploaded as OCI artifacts; omitted: none are kept."""
+    pipeline: PipelineSpec | None = None
+    """A data pipeline beside the runtime on each node: sources (files, MJPEG, RTSP/video) through the model to
+    sinks (MQTT, webhook) with an on-disk queue for a lost uplink; needs the EdgeModel's spec.preprocessing."""
 
     cel_rules = (
         Rule(

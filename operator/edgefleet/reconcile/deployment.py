@@ -18,6 +18,7 @@ from ..render import child_labels, child_name, render_class, render_service, res
 from ..render.bench_job import gate_verdict
 from ..render.placement import PlacementError
 from ..render.tenancy import class_refusal
+from ..render.workload import model_transform
 from ..settings import Settings
 from .applied import apply_changed
 from .conditions import (
@@ -99,14 +100,17 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     gated: dict[str, tuple[str, list[str]]] = {}
     host_only = (model or {}).get("spec", {}).get("optimization", {}).get("selection") == "host"
     evaluation = _evaluation(ed, model)
-    applied, missing, rollouts, failures = _apply_classes(kube, settings, ed, world, per_class, variants, replicas,
-                                                          children, gated, host_only, evaluation)
+    transform = model_transform((model or {}).get("spec"))
+    pipeline_problem = _pipeline_problem(ed, model, transform)
+    rendered = ed if pipeline_problem is None else _without_pipeline(ed)  # no pipeline that could only crash
+    applied, missing, rollouts, failures = _apply_classes(kube, settings, rendered, world, per_class, variants,
+                                                          replicas, children, gated, host_only, evaluation, transform)
     service = _apply_service(kube, ed, namespace)
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
     health = _health(kube, namespace, name, applied, time.time())
     drift = _drift(kube, ed, model, applied)
     _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
-                                         service, health, gated, drift))
+                                         service, health, gated, drift, pipeline_problem))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
     if drift is not None and ed.spec.monitoring and ed.spec.monitoring.drift:  # the only timer monitoring adds
         waits.append(float(ed.spec.monitoring.drift.interval_seconds))
@@ -119,7 +123,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
 def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: World, per_class: Counter[str],
                    variants: dict[str, Variant], replicas: dict[str, int], children: Children,
                    gated: dict[str, tuple[str, list[str]]], host_only: bool = False,
-                   evaluation: ConfigMapKeyRef | None = None
+                   evaluation: ConfigMapKeyRef | None = None, transform: str | None = None
                    ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Decision], dict[str, PermanentError]]:
     """Apply the workload of every class with a Ready variant that passes spec.rollout.gate. A class without
     one, held by the gate (into ``gated``), or whose workload the API refuses for good, keeps what it runs.
@@ -157,7 +161,8 @@ def _apply_classes(kube: Kube, settings: Settings, ed: EdgeDeployment, world: Wo
             continue
         try:
             applied[profile_name] = _apply_class(kube, settings, ed, profiles[profile_name], variant, world,
-                                                 replicas.get(profile_name), existing, rollouts, evaluation)
+                                                 replicas.get(profile_name), existing, rollouts, evaluation,
+                                                 transform)
         except (PlacementError, ApiError) as err:
             problem = as_permanent(err, f"{kind} {namespace}/{child_name(name, profile_name)}")
             if problem is None:
@@ -212,6 +217,24 @@ class Outcome:
     health: dict[str, ClassHealth]
     gated: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # class -> (Wait | Fail, why)
     drift: tuple[bool | None, str, str] | None = None  # the Drifting condition; None: drift is off
+    pipeline_problem: str | None = None  # why spec.pipeline is not rendered (the fix included)
+
+
+def _pipeline_problem(ed: EdgeDeployment, model: dict[str, Any] | None, transform: str | None) -> str | None:
+    """Why spec.pipeline cannot run with this EdgeModel (it turns frames into the model's input with the model's
+    spec.preprocessing.image), with the fix; None when it can or is not asked for."""
+    if ed.spec.pipeline is None or model is None:
+        return None
+    declared = (model.get("spec") or {}).get("preprocessing") or {}
+    if transform is not None and isinstance(declared, dict) and declared.get("image") is not None:
+        return None  # model_transform validated it
+    return (f"spec.pipeline needs EdgeModel {ed.spec.model_ref.name!r} to declare spec.preprocessing.image (how a "
+            "frame becomes the model's input); add it to the EdgeModel, or remove spec.pipeline. The runtime "
+            "serves without the pipeline meanwhile")
+
+
+def _without_pipeline(ed: EdgeDeployment) -> EdgeDeployment:
+    return ed.model_copy(update={"spec": ed.spec.model_copy(update={"pipeline": None})})
 
 
 def _evaluation(ed: EdgeDeployment, model: dict[str, Any] | None) -> ConfigMapKeyRef | None:
@@ -240,11 +263,11 @@ def _drift(kube: Kube, ed: EdgeDeployment, model: dict[str, Any] | None, applied
 def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: HardwareProfile, variant: Variant,
                  world: World,
                  replicas: int | None, existing: dict[str, Any] | None, rollouts: dict[str, Decision],
-                 evaluation: ConfigMapKeyRef | None = None) -> dict[str, Any]:
+                 evaluation: ConfigMapKeyRef | None = None, transform: str | None = None) -> dict[str, Any]:
     """Render and apply the workload of one class (a wave of a rollout); the live object."""
     profile_name = profile.metadata["name"]
     manifest = render_class(ed, profile, variant, world.profiles, settings.node_cache, replicas,
-                            settings.artifact_insecure, evaluation, settings.node_cache_driver)
+                            settings.artifact_insecure, evaluation, settings.node_cache_driver, transform)
     decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
     if decision is not None:
         rollouts[profile_name] = decision
@@ -449,6 +472,8 @@ def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
     if stuck:
         why = "; ".join(f"{p}: {out.health[p].message}. Fix: {h.fix}" for p, h in sorted(stuck.items()))
         return stuck[min(stuck)].reason, why
+    if out.pipeline_problem:
+        return "PipelineNeedsPreprocessing", out.pipeline_problem
     if not out.model_found:
         return "ModelNotFound", f"EdgeModel {ed.spec.model_ref.name!r} does not exist in this namespace"
     if out.missing:

@@ -14,8 +14,11 @@ import hashlib
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..api import ConfigMapKeyRef, EdgeDeployment, HardwareProfile, Variant
 from ..api.models import RUNTIME_CACHE_MOUNT
+from ..api.preprocessing import Postprocessing, Preprocessing
 from .placement import higher_priority, node_affinity
 
 RUNTIME_UID = 10001  # the runtime images run as this user
@@ -185,6 +188,22 @@ def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: 
     return args, mounts, volumes, env
 
 
+def model_transform(spec: dict[str, Any] | None) -> str | None:
+    """The EdgeModel's spec.preprocessing and spec.postprocessing as the runtime's `--transform` JSON (compact,
+    sorted: the pod template's hash changes only when they do); None when it declares neither. An invalid one
+    (admission refuses it; the EdgeModel's reconciler reports it) is left out."""
+    out: dict[str, Any] = {}
+    for key, model in (("preprocessing", Preprocessing), ("postprocessing", Postprocessing)):
+        value = (spec or {}).get(key)
+        if value is None:
+            continue
+        try:
+            out[key] = model.model_validate(value).model_dump(by_alias=True, exclude_none=True)
+        except ValidationError:
+            return None
+    return json.dumps(out, sort_keys=True, separators=(",", ":")) if out else None
+
+
 def _blob(digest: str) -> str:
     return f"{CACHE_MOUNT}/sha256/{digest.split(':', 1)[1]}"
 
@@ -209,7 +228,8 @@ def _prepare_cache(ed: EdgeDeployment, profile: HardwareProfile) -> dict[str, An
 
 
 def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, insecure: bool,
-                evaluation: ConfigMapKeyRef | None, cache_driver: bool) -> tuple[list[Any], list[Any]]:
+                evaluation: ConfigMapKeyRef | None, cache_driver: bool,
+                transform: str | None = None) -> tuple[list[Any], list[Any]]:
     model = ed.spec.model_ref.name
     port = ed.spec.runtime.port
     mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
@@ -238,6 +258,8 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
     feedback_args, feedback_mounts, _, feedback_env = _feedback(ed, evaluation, insecure, cache_driver)
     serve_args += feedback_args
+    if transform is not None:  # the same declared pre- and post-processing on every class
+        serve_args.append(f"--transform={transform}")
     ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
     if ed.spec.runtime.grpc_port:
         serve_args.append(f"--grpc-port={ed.spec.runtime.grpc_port}")
@@ -261,7 +283,52 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}, *feedback_env],
     }
-    return ([] if cache_driver else [_prepare_cache(ed, profile)]) + [init], [serve]
+    containers = [serve]
+    if ed.spec.pipeline is not None:
+        containers.append(_pipeline_container(ed, profile, variant, transform, trust_serve,
+                                              [{**m, "readOnly": True} for m in mounts] + trust_serve_mounts
+                                              + device_mounts))
+    return ([] if cache_driver else [_prepare_cache(ed, profile)]) + [init], containers
+
+
+PIPELINE_QUEUE_MOUNT = "/var/lib/edgefleet/pipeline"  # the pipeline's on-disk queues (an emptyDir)
+
+
+def pipeline_config(ed: EdgeDeployment) -> str:
+    """spec.pipeline as the runtime's `pipeline --config-json` (edgefleet_runtime.pipeline.config)."""
+    spec = ed.spec.pipeline
+    assert spec is not None
+    dumped = spec.model_dump(by_alias=True, exclude_none=True)
+    queue = {"path": PIPELINE_QUEUE_MOUNT, "maxItems": spec.queue.max_items, "maxItemBytes": spec.queue.max_item_bytes}
+    config = {"name": ed.metadata["name"], "sources": dumped["sources"], "sinks": dumped["sinks"], "queue": queue,
+              "maxPendingFrames": spec.max_pending_frames}
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _pipeline_container(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, transform: str | None,
+                        trust_args: list[str], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pipeline beside the runtime: the same image, variant, trust flags, device mounts (cameras) and
+    transform, its queues on an emptyDir (kept across container restarts)."""
+    spec = ed.spec.pipeline
+    assert spec is not None and variant.digest is not None
+    args = ["pipeline", f"--model={_blob(variant.digest)}", f"--digest={variant.digest}",
+            f"--name={ed.spec.model_ref.name}", f"--config-json={pipeline_config(ed)}",
+            f"--metrics-port={spec.metrics_port}", *trust_args]
+    if transform is not None:
+        args.append(f"--transform={transform}")
+    if ed.spec.runtime.threads:
+        args.append(f"--threads={ed.spec.runtime.threads}")
+    return {
+        "name": "pipeline",
+        "image": profile.spec.runtime_image,
+        "command": ["edgefleet-runtime"],
+        "args": args,
+        "ports": [{"name": "pipeline-metrics", "containerPort": spec.metrics_port, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": mounts + [{"name": "pipeline-queue", "mountPath": PIPELINE_QUEUE_MOUNT}],
+        "securityContext": _restricted(profile.spec.privileged),
+        "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}],
+    }
 
 
 def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
@@ -274,15 +341,18 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
     volumes += _feedback(ed, evaluation, False, cache_driver)[2]
     if ed.spec.runtime.workers > 1:
         volumes.append({"name": "runtime-metrics", "emptyDir": {"sizeLimit": "64Mi"}})
+    if ed.spec.pipeline is not None:
+        size = str(ed.spec.pipeline.queue.size_limit_bytes)
+        volumes.append({"name": "pipeline-queue", "emptyDir": {"sizeLimit": size}})
     volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.spec.device_mounts or []]
     return volumes
 
 
 def _pod_template(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, profiles: list[HardwareProfile],
                   node_cache: str, insecure: bool, evaluation: ConfigMapKeyRef | None,
-                  cache_driver: bool) -> dict[str, Any]:
+                  cache_driver: bool, transform: str | None = None) -> dict[str, Any]:
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
-    init, containers = _containers(ed, profile, variant, insecure, evaluation, cache_driver)
+    init, containers = _containers(ed, profile, variant, insecure, evaluation, cache_driver, transform)
     affinity = node_affinity(
         [profile.spec.node_selector, ed.spec.node_selector],
         [p.spec.node_selector for p in higher_priority(profile, profiles)],
@@ -335,14 +405,17 @@ def render_class(
     insecure: bool = False,
     evaluation: ConfigMapKeyRef | None = None,
     cache_driver: bool = False,
+    transform: str | None = None,
 ) -> dict[str, Any]:
     """The DaemonSet (PerNode) or Deployment (Replicas; `replicas` for this class) serving `variant`;
     `evaluation`: the EdgeModel's evaluation data, mounted as the drift reference when spec.monitoring.drift.
     The node cache is the hostPath `node_cache`, or with `cache_driver` the namespace's own CSI volume of the
-    node cache driver (then `node_cache` is unused)."""
+    node cache driver (then `node_cache` is unused). `transform`: the EdgeModel's declared pre- and
+    post-processing (model_transform), handed to the runtime as `--transform`."""
     name = child_name(ed.metadata["name"], profile.metadata["name"])
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
-    template = _pod_template(ed, profile, variant, profiles, node_cache, insecure, evaluation, cache_driver)
+    template = _pod_template(ed, profile, variant, profiles, node_cache, insecure, evaluation, cache_driver,
+                             transform)
     max_unavailable = ed.spec.rollout.max_unavailable
     spec = {
         "selector": {"matchLabels": labels},
