@@ -75,8 +75,10 @@ IMAGES: dict[str, ImageSpec] = {
                   "Flower and ONNX, numpy head training; pushes results with the operator's artifact client",
                   "operator", ("runtime", "federated"), entrypoint=("edgefleet-federated",), ports=(9092,),
                   dockerfile="operator/Dockerfile.trainer"),
-        _runtime("runtime-cpu", ("onnx", "litert"), "edgefleet-runtime with ONNX Runtime and LiteRT (XNNPACK)"),
-        _runtime("runtime-openvino", ("onnx", "openvino"), "edgefleet-runtime with OpenVINO and ONNX Runtime",
+        _runtime("runtime-cpu", ("onnx", "litert", "delta", "pipeline"),
+                 "edgefleet-runtime with ONNX Runtime and LiteRT (XNNPACK), delta downloads and the node pipeline"),
+        _runtime("runtime-openvino", ("onnx", "openvino", "delta", "pipeline"),
+                 "edgefleet-runtime with OpenVINO and ONNX Runtime, delta downloads and the node pipeline",
                  env={"EDGEFLEET_BACKEND": "openvino"}, platforms=("linux/amd64",)),
         _runtime("runtime-coral", ("litert",), "edgefleet-runtime with LiteRT; loads the Edge TPU delegate "
                  "(libedgetpu.so.1) when the device and library are present, else CPU",
