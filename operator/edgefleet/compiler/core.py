@@ -39,6 +39,7 @@ CandidateProgress = Callable[[str, int, int, str], None]  # (profile, candidates
 FASTER_MARGIN = 0.05  # candidates within 5 % of the fastest count as equally fast; the smaller wins
 TFLITE_MEDIA = litert.TFLITE_MEDIA
 OPENVINO_MEDIA = "application/vnd.edgefleet.model.openvino-ir+zip"
+FP16_TRIES = 4  # fp16 conversions tried per model, each keeping more of the graph fp32
 CANDIDATES = "candidates"  # cache entry folder: the bytes of the candidates inside the budget, by name
 
 
@@ -270,6 +271,7 @@ class _Session:
         self.source = data
         self.built: dict[str, tuple[bytes, str] | CompileError] = {}
         self.measured: dict[tuple[str, str], Candidate] = {}
+        self.checked: dict[str, list[np.ndarray]] = {}  # outputs on the evaluation data by candidate digest
         self.work = 0
         self.normalization: dict = {}
         if fmt == "onnx":
@@ -424,7 +426,7 @@ class _Session:
         if b == "none":
             out = base
         elif b == "fp16":
-            out = onnx_passes.to_fp16(base, {k: v.shape for k, v in self.feed1.items()})
+            out = self.fp16(base)
         elif b == "dynamic-int8":
             out = onnx_passes.dynamic_int8(base)
         elif b == "static-int8":
@@ -436,6 +438,45 @@ class _Session:
         if self.policy.sparsity > 0:
             return onnx_passes.compress(out), onnx_passes.GZIP_MEDIA
         return out, onnx_passes.ONNX_MEDIA
+
+    def fp16(self, base: bytes) -> bytes:
+        """fp16 that holds, decided by running it: each try runs on the evaluation data and is gated on the budget;
+        a try that fails keeps more of the graph fp32 (precision-sensitive ops, then the nodes its errors name).
+        When no try holds, the error lists what each one did (the report says why there is no fp16)."""
+        pinned = {k: v.shape for k, v in self.feed1.items()}
+        tries: list[str] = []
+        ops: tuple[str, ...] = ()
+        nodes: list[str] = []
+        for attempt in range(FP16_TRIES):
+            out = onnx_passes.to_fp16(base, pinned, keep_ops=ops, keep_nodes=nodes)
+            kept = f"fp32 kept for shape arithmetic{' + ' + ', '.join(ops) if ops else ''}" + (
+                f" + nodes {', '.join(nodes)}" if nodes else "")
+            try:
+                got = run_all(open_runner("onnxruntime", out, default_threads()), self.eval_feeds)
+            except Exception as e:
+                msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                tries.append(f"try {attempt + 1} ({kept}): does not run: {msg}")
+                named = onnx_passes.node_named_in(msg)
+                if named and named not in nodes and named in onnx_passes.node_names(base):
+                    nodes.append(named)
+                elif ops != onnx_passes.FP16_SENSITIVE_OPS:
+                    ops = onnx_passes.FP16_SENSITIVE_OPS
+                else:
+                    break
+                continue
+            ok, failure = self.gate(compare(self.ref_out, got, self.labels, self.synthetic))
+            if ok:
+                self.checked["sha256:" + sha256_hex(out)] = got
+                if attempt:
+                    self.say(f"fp16: holds on try {attempt + 1} ({kept}); before: " + "; ".join(tries))
+                return out
+            tries.append(f"try {attempt + 1} ({kept}): off budget: {failure}")
+            if ops == onnx_passes.FP16_SENSITIVE_OPS:
+                break
+            ops = onnx_passes.FP16_SENSITIVE_OPS
+        raise CompileError("Fp16DoesNotHold", "no fp16 conversion ran within the accuracy budget: " + "; ".join(tries),
+                           "serve the fp32 variant on this class, or widen the accuracy budget if the loss is "
+                           "acceptable")
 
     # -- measuring
     def candidate(self, spec: Spec) -> Candidate:
@@ -454,7 +495,8 @@ class _Session:
                 c.precision = litert.weights_precision(data)
             c.sha256, c.sizeBytes, c.mediaType = "sha256:" + sha256_hex(data), len(data), media
             self.say(f"measure: {c.name} ({c.sizeBytes} bytes) in {spec.runtime}")
-            out = run_all(open_runner(spec.runtime, data, default_threads()), self.eval_feeds)
+            out = self.checked.get(c.sha256) or run_all(open_runner(spec.runtime, data, default_threads()),
+                                                        self.eval_feeds)
             c.metrics = compare(self.ref_out, out, self.labels, self.synthetic)
             threads = self.policy.threads or default_threads()
             c.latency = latency(spec.runtime, data, self.feed1, self.policy.timingRuns, threads)
@@ -473,6 +515,8 @@ class _Session:
 
     def gate(self, m: Metrics) -> tuple[bool, str | None]:
         b = self.budget
+        if m.cosine is not None and not math.isfinite(m.cosine):
+            return False, "cosine vs source is not a number: outputs hold inf or NaN (an overflow)"
         if b.max_accuracy_drop is not None and m.accuracy is not None:
             drop = ((m.referenceAccuracy or 0.0) - m.accuracy) * 100
             if drop > b.max_accuracy_drop + 1e-9:
