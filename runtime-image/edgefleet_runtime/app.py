@@ -188,8 +188,10 @@ class ModelSlot:
         cache_dir: str | None = None,
         max_batch: int = 256,
         policy: trust.Policy | None = None,
+        precision: str = "auto",
     ):
         self.name = name
+        self.precision = precision  # TensorRT flags (trtcache); auto = the served model's own precision
         self.policy = policy or trust.Policy()
         self.metrics = metrics
         self.backend_kind = backend
@@ -214,8 +216,11 @@ class ModelSlot:
                     self.threads,
                     self.execution_provider,
                     self.delegate,
+                    digest=digest,
                     data=data,
                     packaging=packaging,
+                    precision=self.precision,
+                    cache_dir=self.cache_dir,
                 )
                 try:
                     _warmup(backend)

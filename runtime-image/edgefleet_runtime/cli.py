@@ -23,6 +23,7 @@ from .exitcodes import (  # noqa: F401 - re-exported: tests and callers read the
     EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
+from .trtcache import PRECISIONS
 
 log = logging.getLogger("edgefleet_runtime")
 
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=EXECUTION_PROVIDERS,
         default=os.environ.get("EDGEFLEET_EXECUTION_PROVIDER", "auto"),
         help="onnxruntime execution provider (auto = TensorRT/CUDA/OpenVINO when present, then CPU)",
+    )
+    s.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=os.environ.get("EDGEFLEET_PRECISION", "auto"),
+        help="TensorRT precision flags (auto = the served model's: fp16 weights -> fp16, QDQ -> int8); with --cache, "
+        "engines are cached under CACHE/tensorrt keyed by variant digest + TensorRT + CUDA + GPU",
     )
     s.add_argument(
         "--delegate",
@@ -284,7 +292,7 @@ LIMIT_FLAGS = {
 # ModelSlot keyword -> the flag's dest
 SLOT_FLAGS = {
     "backend": "backend", "threads": "threads", "execution_provider": "execution_provider", "delegate": "delegate",
-    "cache_dir": "cache", "max_batch": "max_batch",
+    "cache_dir": "cache", "max_batch": "max_batch", "precision": "precision",
 }
 
 
