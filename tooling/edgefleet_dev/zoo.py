@@ -256,11 +256,13 @@ def make_data(model: ZooModel, n: int, seed: int) -> dict[str, np.ndarray]:
             for name, (shape, kind) in model.inputs.items()}
 
 
-def write_data(model: ZooModel, source: Path, folder: Path, n_eval: int = 8, n_calib: int = 8
+def write_data(model: ZooModel, source: Path, folder: Path, n_eval: int | None = None, n_calib: int = 8
                ) -> tuple[Path, Path]:
-    """``eval.npz`` (with labels ``y`` = the source's top-1 for classifiers) and ``calib.npz`` under ``folder``."""
+    """``eval.npz`` (with labels ``y`` = the source's top-1 for classifiers) and ``calib.npz`` under ``folder``.
+    ``n_eval`` defaults to 128 for classifiers (one flipped near-tie is 0.8 points of agreement, inside a 1-point
+    budget) and 8 otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
-    ev = make_data(model, n_eval, seed=1)
+    ev = make_data(model, n_eval or (128 if model.classifier else 8), seed=1)
     if model.classifier:
         ev["y"] = top1(source, ev)
     calib = make_data(model, n_calib, seed=2)
