@@ -113,13 +113,32 @@ def test_fp16_off_budget_keeps_the_sensitive_ops_fp32_on_a_second_try(tmp_path):
     assert "LayerNormalization" in line and "try 1 (fp32 kept for shape arithmetic): off budget: cosine" in line
 
 
-def test_fp16_that_cannot_hold_fails_and_says_what_each_try_did(tmp_path):
+def test_fp16_that_cannot_hold_loses_on_the_budget_and_says_what_each_try_did(tmp_path):
     v = compile_fp16(tmp_path, large_weight_model("Mul"), [])  # a Mul is not a sensitive op: no try keeps it
-    assert v.state == "Failed"
+    assert v.state == "Failed" and v.reason == "AccuracyBudgetExceeded"
+    fp16 = next(c for c in v.candidates if c.name == "fp16")
+    assert fp16.state == "Lost" and not fp16.withinBudget
+    assert fp16.why.startswith("outside the accuracy budget: cosine vs source")
+    assert "fp16 tries: try 1 (fp32 kept for shape arithmetic): off budget: cosine" in fp16.why
+    assert "try 2 (fp32 kept for shape arithmetic + Resize" in fp16.why
+
+
+def test_fp16_that_does_not_run_fails_and_names_the_error(tmp_path, monkeypatch):
+    """Every try's model is refused by ONNX Runtime (here: made so by a converter that drops the graph's output
+    node): the candidate is Failed, reason Fp16DoesNotHold, with each try's error."""
+    real = onnx_passes.to_fp16
+
+    def broken(data, shapes=None, keep_ops=(), keep_nodes=None):
+        m = onnx.load_from_string(real(data, shapes, keep_ops, keep_nodes))
+        del m.graph.node[:]
+        return m.SerializeToString()
+
+    monkeypatch.setattr(onnx_passes, "to_fp16", broken)
+    v = compile_fp16(tmp_path, large_weight_model("Mul"), [])
     fp16 = next(c for c in v.candidates if c.name == "fp16")
     assert fp16.state == "Failed" and fp16.reason == "Fp16DoesNotHold"
-    assert "try 1 (fp32 kept for shape arithmetic)" in fp16.why and "try 2 (fp32 kept for shape arithmetic + Resize" \
-        in fp16.why and "off budget: cosine" in fp16.why and "Fix: serve the fp32 variant" in fp16.why
+    assert fp16.why.startswith("no fp16 conversion runs: try 1 (fp32 kept for shape arithmetic): does not run: ")
+    assert "try 2 (fp32 kept for shape arithmetic + Resize" in fp16.why and "Fix: serve the fp32 variant" in fp16.why
 
 
 @pytest.mark.parametrize("message, node", [

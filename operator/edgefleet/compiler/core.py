@@ -272,6 +272,7 @@ class _Session:
         self.built: dict[str, tuple[bytes, str] | CompileError] = {}
         self.measured: dict[tuple[str, str], Candidate] = {}
         self.checked: dict[str, list[np.ndarray]] = {}  # outputs on the evaluation data by candidate digest
+        self.fp16_tries = ""  # what each fp16 try did, when none held
         self.work = 0
         self.normalization: dict = {}
         if fmt == "onnx":
@@ -442,11 +443,13 @@ class _Session:
     def fp16(self, base: bytes) -> bytes:
         """fp16 that holds, decided by running it: each try runs on the evaluation data and is gated on the budget;
         a try that fails keeps more of the graph fp32 (precision-sensitive ops, then the nodes its errors name).
-        When no try holds, the error lists what each one did (the report says why there is no fp16)."""
+        When tries run but none is within budget, the last one is returned (it loses on the budget, and its reason
+        lists every try: ``fp16_tries``); when none runs, the error lists what each one did."""
         pinned = {k: v.shape for k, v in self.feed1.items()}
         tries: list[str] = []
         ops: tuple[str, ...] = ()
         nodes: list[str] = []
+        ran: bytes | None = None
         for attempt in range(FP16_TRIES):
             out = onnx_passes.to_fp16(base, pinned, keep_ops=ops, keep_nodes=nodes)
             kept = f"fp32 kept for shape arithmetic{' + ' + ', '.join(ops) if ops else ''}" + (
@@ -464,19 +467,24 @@ class _Session:
                 else:
                     break
                 continue
+            self.checked["sha256:" + sha256_hex(out)] = got
             ok, failure = self.gate(compare(self.ref_out, got, self.labels, self.synthetic))
             if ok:
-                self.checked["sha256:" + sha256_hex(out)] = got
                 if attempt:
                     self.say(f"fp16: holds on try {attempt + 1} ({kept}); before: " + "; ".join(tries))
                 return out
             tries.append(f"try {attempt + 1} ({kept}): off budget: {failure}")
+            ran = out
             if ops == onnx_passes.FP16_SENSITIVE_OPS:
                 break
             ops = onnx_passes.FP16_SENSITIVE_OPS
-        raise CompileError("Fp16DoesNotHold", "no fp16 conversion ran within the accuracy budget: " + "; ".join(tries),
-                           "serve the fp32 variant on this class, or widen the accuracy budget if the loss is "
-                           "acceptable")
+        self.fp16_tries = "; ".join(tries)
+        if ran is not None:
+            self.say(f"fp16: no try within the accuracy budget: {self.fp16_tries}")
+            return ran
+        raise CompileError("Fp16DoesNotHold", "no fp16 conversion runs: " + self.fp16_tries,
+                           "serve the fp32 variant on this class, or report the failing op to the converter "
+                           "(onnxruntime.transformers float16)")
 
     # -- measuring
     def candidate(self, spec: Spec) -> Candidate:
@@ -505,6 +513,8 @@ class _Session:
                 c.latency.p50Ms1 = self.policy.hostLatencyMs[name]
                 c.latency.measuredOn += " (p50 set by hostLatencyMs)"
             c.withinBudget, c.budgetFailure = self.gate(c.metrics)
+            if spec.build == "fp16" and not c.withinBudget and self.fp16_tries:
+                c.budgetFailure = f"{c.budgetFailure} (fp16 tries: {self.fp16_tries})"
         except CompileError as e:
             c.state, c.reason, c.why = "Failed", e.reason, e.message + (f" Fix: {e.fix}" if e.fix else "")
         except Exception as e:
