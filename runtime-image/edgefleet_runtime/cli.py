@@ -174,6 +174,10 @@ def _bench_arguments(sub) -> None:
         default=os.environ.get("EDGEFLEET_EXECUTION_PROVIDER", "auto"),
     )
     b.add_argument("--delegate", default=os.environ.get("EDGEFLEET_DELEGATE") or None)
+    b.add_argument("--cache", help="the node cache: TensorRT engines are built into CACHE/tensorrt, where serve "
+                   "--cache finds them (keyed by model digest + TensorRT + CUDA + GPU)")
+    b.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("EDGEFLEET_PRECISION", "auto"),
+                   help="TensorRT precision flags (auto = each model's own)")
     b.add_argument("--out", help="write the JSON report to this file (default: stdout)")
     b.add_argument("--report", help="also push the JSON report to oci://HOST:PORT/REPO:TAG (the bench Job)")
     b.add_argument("--insecure", action="store_true", help="plain http to the --report registry")
@@ -408,6 +412,7 @@ def _bench(args) -> int:
     opts = Options(
         backend=args.backend, execution_provider=args.execution_provider, delegate=args.delegate,
         threads_n=args.threads, runs=args.runs, max_samples=args.max_samples, timeout_seconds=args.timeout,
+        cache_dir=args.cache, precision=args.precision,
     )
     try:
         report = bench(args.model, args.eval, args.candidates, opts, args.max_accuracy_drop)

@@ -109,9 +109,10 @@ def test_jetpack_release_and_a_gpu_less_host(tmp_path):
     assert not here.complete()
 
 
-def test_the_backend_hands_tensorrt_the_flags_and_caches(tmp_path, monkeypatch):
-    """ONNX Runtime is asked for TensorRT (as on a GPU node with this stack); what it was given is recorded and
-    the session opened on CPU, since this host has no TensorRT."""
+@pytest.fixture
+def given(monkeypatch) -> list:
+    """ONNX Runtime is asked for TensorRT (as on a GPU node with the ORIN stack); the providers it was given are
+    recorded and the session opened on CPU, since this host has no TensorRT."""
     given: list = []
     real = ort.InferenceSession
 
@@ -123,6 +124,23 @@ def test_the_backend_hands_tensorrt_the_flags_and_caches(tmp_path, monkeypatch):
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", session)
     monkeypatch.setattr(trtcache, "detect", lambda: ORIN)
+    return given
+
+
+def test_the_bench_job_builds_the_engine_where_serve_finds_it(tmp_path, given):
+    from edgefleet_runtime import bench
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny(TensorProto.FLOAT16))
+    digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
+    bench._open(str(model), bench.Options(execution_provider="tensorrt", cache_dir=str(tmp_path / "c")), 1)
+    backends.open_backend(str(model), execution_provider="tensorrt", digest=digest, data=model.read_bytes(),
+                          packaging="file", cache_dir=str(tmp_path / "c"))  # what serve does after its fetch
+    (_, by_bench), (_, by_serve) = given[0][0], given[1][0]
+    assert by_bench == by_serve and by_bench["trt_engine_cache_path"].endswith(trtcache.engine_key(digest, ORIN))
+
+
+def test_the_backend_hands_tensorrt_the_flags_and_caches(tmp_path, given):
     model = tmp_path / "m.onnx"
     model.write_bytes(tiny(TensorProto.FLOAT16))
     b = backends.open_backend(str(model), execution_provider="tensorrt", digest=None,
