@@ -3,14 +3,15 @@ same run.
 
     python benchmarks/zoo/run.py [--models a,b] [--runs 30] [--timeout 400] [--json F] [--markdown docs/zoo.md]
 
-Per model: the raw source's size and p50 (ONNX Runtime CPU, 1 thread; .tflite sources in LiteRT), the variant
+Per model (cpu-amd64): the raw source's size and p50 (ONNX Runtime CPU, 1 thread; .tflite: LiteRT), the variant
 the compiler chose, its size ratio (source bytes / variant bytes) and speed ratio (source p50 / variant p50,
 > 1 = faster; both measured interleaved after the compile), its accuracy (classifiers: top-1 agreement with the
 source, in points) or cosine vs the source, whether the fp16 candidate held (ran, within budget), and why the
 other candidates lost. ``.tflite`` sources are compiled for a LiteRT CPU target: cpu-amd64 takes ONNX only.
 Each model runs in its own process, killed after --timeout seconds (2-core hosts). Evaluation data: made by
 edgefleet_dev.zoo (128 samples for classifiers, 8 otherwise; calibration 8 others). --from-json F re-prints an
-earlier run's table.
+earlier run's table. The same compile also builds the nvidia-jetson class (fp16 on TensorRT, measured on this
+CPU as a stand-in): its column says what a GPU/Jetson node would serve.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from edgefleet_dev import zoo
 
 LITERT_CPU = {"format": "tflite", "precision": "int8", "runtime": "litert"}
+GPU_CLASS = "nvidia-jetson"  # fp16 on TensorRT; nvidia-gpu has the same target, so the same variant
 
 
 def compile_one(name: str, runs: int) -> dict:
@@ -35,20 +37,23 @@ def compile_one(name: str, runs: int) -> dict:
     m = zoo.MODELS[name]
     src = zoo.fetch(m)
     ev, calib = zoo.write_data(m, src, zoo.cache_root() / m.name / "data")
+    profiles = load_profiles()
     if m.format == "onnx":
-        cls, target, runtime = "cpu-amd64", load_profiles()["cpu-amd64"], "onnxruntime"
+        cls, target, runtime = "cpu-amd64", profiles["cpu-amd64"], "onnxruntime"
     else:
         cls, target, runtime = "litert-cpu", CompileTarget(**LITERT_CPU), "litert"
+    targets = {cls: target, GPU_CLASS: profiles[GPU_CLASS]}  # one compile: the classes share built candidates
     feed1 = {k: v[:1] for k, v in load_arrays(ev).items() if k != "y"}
     budget = AccuracyBudget(max_accuracy_drop=1.0) if m.classifier else AccuracyBudget(min_cosine=m.min_cosine)
     pol = Policy(evaluation=ev, calibration=calib, accuracyBudget=budget, timingRuns=runs, threads=1)
     with tempfile.TemporaryDirectory() as tmp:
-        result = compile_model(CompileRequest(str(src), {cls: target}, pol), None, Path(tmp) / "cache")
+        result = compile_model(CompileRequest(str(src), targets, pol), None, Path(tmp) / "cache")
         v = result.variants[cls]
         chosen = v.artifact and Path(v.artifact.removeprefix("file://"))
         raw, var = paired_p50(runtime, src.read_bytes(), chosen.read_bytes() if chosen else None, feed1, runs * 2)
     return {"model": name, "task": m.task, "class": cls, "source": m.wheel.requirement, "license": m.wheel.license,
-            "sourceBytes": src.stat().st_size, "rawP50Ms": raw, "chosenP50Ms": var, "variant": v.to_dict()}
+            "sourceBytes": src.stat().st_size, "rawP50Ms": raw, "chosenP50Ms": var, "variant": v.to_dict(),
+            "gpuVariant": result.variants[GPU_CLASS].to_dict()}
 
 
 def paired_p50(runtime: str, raw: bytes, chosen: bytes | None, feed: dict, runs: int) -> tuple[float, float | None]:
@@ -87,6 +92,16 @@ def _fp16(cands: list[dict]) -> str:
     return f"{'yes' if c.get('withinBudget') else 'off budget'} ({_quality(c)})"
 
 
+def _gpu(r: dict) -> str:
+    g = r.get("gpuVariant")
+    if not g:
+        return "-"
+    if g["state"] != "Ready":
+        return f"{g['state']}: {g.get('reason')} ({(g.get('message') or '')[:80]})"
+    chosen = next(c for c in g["candidates"] if c["state"] == "Chosen")
+    return f"Ready {g['chosen']}, {r['sourceBytes'] / g['sizeBytes']:.2f}x smaller, {_quality(chosen)}"
+
+
 def _losers(cands: list[dict]) -> str:
     out = []
     for c in cands:
@@ -101,20 +116,21 @@ def _losers(cands: list[dict]) -> str:
 def row(r: dict) -> list[str]:
     if "error" in r:
         return [r["model"], r.get("task", ""), r.get("class", ""), "-", "-", "FAILED", "-", "-", r["error"][:160],
-                "-", ""]
+                "-", "-", ""]
     v = r["variant"]
     chosen = next((c for c in v["candidates"] if c["state"] == "Chosen"), None)
     raw = r["rawP50Ms"]
     base = [r["model"], r["task"], r["class"], f"{r['sourceBytes'] / 1e6:.2f} MB", f"{raw:.2f} ms"]
     if chosen is None:
-        return base + [f"none ({v.get('reason')})", "-", "-", "-", _fp16(v["candidates"]), _losers(v["candidates"])]
+        return base + [f"none ({v.get('reason')})", "-", "-", "-", _fp16(v["candidates"]), _gpu(r),
+                       _losers(v["candidates"])]
     p50 = r["chosenP50Ms"]
     return base + [chosen["name"], f"{r['sourceBytes'] / chosen['sizeBytes']:.2f}x", f"{raw / p50:.2f}x",
-                   _quality(chosen), _fp16(v["candidates"]), _losers(v["candidates"])]
+                   _quality(chosen), _fp16(v["candidates"]), _gpu(r), _losers(v["candidates"])]
 
 
 HEADER = ["model", "task", "class", "source size", "source p50", "chosen", "size ratio", "speed ratio",
-          "accuracy vs source", "fp16 holds?", "why the others lost"]
+          "accuracy vs source", "fp16 holds?", f"{GPU_CLASS} variant", "why the others lost"]
 
 
 def markdown(rows: list[list[str]]) -> str:
