@@ -11,7 +11,8 @@ other candidates lost. ``.tflite`` sources are compiled for a LiteRT CPU target:
 Each model runs in its own process, killed after --timeout seconds (2-core hosts). Evaluation data: made by
 edgefleet_dev.zoo (128 samples for classifiers, 8 otherwise; calibration 8 others). --from-json F re-prints an
 earlier run's table. The same compile also builds the nvidia-jetson class (fp16 on TensorRT, measured on this
-CPU as a stand-in): its column says what a GPU/Jetson node would serve.
+CPU as a stand-in): its column says what a GPU/Jetson node would serve; and a Core ML export (fp16 ML program,
+structure checked, not run: no Apple device here).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from edgefleet_dev import zoo
 
 LITERT_CPU = {"format": "tflite", "precision": "int8", "runtime": "litert"}
 GPU_CLASS = "nvidia-jetson"  # fp16 on TensorRT; nvidia-gpu has the same target, so the same variant
+COREML_CLASS, COREML = "apple-coreml", {"format": "coreml", "precision": "fp16", "runtime": "coreml"}
 
 
 def compile_one(name: str, runs: int) -> dict:
@@ -42,7 +44,8 @@ def compile_one(name: str, runs: int) -> dict:
         cls, target, runtime = "cpu-amd64", profiles["cpu-amd64"], "onnxruntime"
     else:
         cls, target, runtime = "litert-cpu", CompileTarget(**LITERT_CPU), "litert"
-    targets = {cls: target, GPU_CLASS: profiles[GPU_CLASS]}  # one compile: the classes share built candidates
+    targets = {cls: target, GPU_CLASS: profiles[GPU_CLASS],  # one compile: the classes share built candidates
+               COREML_CLASS: CompileTarget(**COREML)}
     feed1 = {k: v[:1] for k, v in load_arrays(ev).items() if k != "y"}
     budget = AccuracyBudget(max_accuracy_drop=1.0) if m.classifier else AccuracyBudget(min_cosine=m.min_cosine)
     pol = Policy(evaluation=ev, calibration=calib, accuracyBudget=budget, timingRuns=runs, threads=1)
@@ -53,7 +56,8 @@ def compile_one(name: str, runs: int) -> dict:
         raw, var = paired_p50(runtime, src.read_bytes(), chosen.read_bytes() if chosen else None, feed1, runs * 2)
     return {"model": name, "task": m.task, "class": cls, "source": m.wheel.requirement, "license": m.wheel.license,
             "sourceBytes": src.stat().st_size, "rawP50Ms": raw, "chosenP50Ms": var, "variant": v.to_dict(),
-            "gpuVariant": result.variants[GPU_CLASS].to_dict()}
+            "gpuVariant": result.variants[GPU_CLASS].to_dict(),
+            "coremlVariant": result.variants[COREML_CLASS].to_dict()}
 
 
 def paired_p50(runtime: str, raw: bytes, chosen: bytes | None, feed: dict, runs: int) -> tuple[float, float | None]:
@@ -102,6 +106,16 @@ def _gpu(r: dict) -> str:
     return f"Ready {g['chosen']}, {r['sourceBytes'] / g['sizeBytes']:.2f}x smaller, {_quality(chosen)}"
 
 
+def _coreml(r: dict) -> str:
+    g = r.get("coremlVariant")
+    if not g:
+        return "-"
+    if g["state"] != "Ready":
+        why = (g.get("message") or "").split(": ", 1)[-1].split(" Fix:")[0].replace("Core ML export: ", "")
+        return f"{g.get('reason')}: {why[:130]}"
+    return f".mlpackage {g['sizeBytes'] / 1e6:.2f} MB, structure checked, not run (no Apple device)"
+
+
 def _losers(cands: list[dict]) -> str:
     out = []
     for c in cands:
@@ -116,21 +130,22 @@ def _losers(cands: list[dict]) -> str:
 def row(r: dict) -> list[str]:
     if "error" in r:
         return [r["model"], r.get("task", ""), r.get("class", ""), "-", "-", "FAILED", "-", "-", r["error"][:160],
-                "-", "-", ""]
+                "-", "-", "-", ""]
     v = r["variant"]
     chosen = next((c for c in v["candidates"] if c["state"] == "Chosen"), None)
     raw = r["rawP50Ms"]
     base = [r["model"], r["task"], r["class"], f"{r['sourceBytes'] / 1e6:.2f} MB", f"{raw:.2f} ms"]
     if chosen is None:
         return base + [f"none ({v.get('reason')})", "-", "-", "-", _fp16(v["candidates"]), _gpu(r),
-                       _losers(v["candidates"])]
+                       _coreml(r), _losers(v["candidates"])]
     p50 = r["chosenP50Ms"]
     return base + [chosen["name"], f"{r['sourceBytes'] / chosen['sizeBytes']:.2f}x", f"{raw / p50:.2f}x",
-                   _quality(chosen), _fp16(v["candidates"]), _gpu(r), _losers(v["candidates"])]
+                   _quality(chosen), _fp16(v["candidates"]), _gpu(r), _coreml(r), _losers(v["candidates"])]
 
 
 HEADER = ["model", "task", "class", "source size", "source p50", "chosen", "size ratio", "speed ratio",
-          "accuracy vs source", "fp16 holds?", f"{GPU_CLASS} variant", "why the others lost"]
+          "accuracy vs source", "fp16 holds?", f"{GPU_CLASS} variant", f"{COREML_CLASS} export",
+          "why the others lost"]
 
 
 def markdown(rows: list[list[str]]) -> str:

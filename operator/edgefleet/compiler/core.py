@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import litert, onnx_passes, shapes, tflite_convert
+from . import coreml_export, litert, onnx_passes, shapes, tflite_convert
 from .measure import bind, compare, default_threads, latency, load_arrays, open_runner, run_all, synthetic
 from .types import (
     QUANTIZATIONS,
@@ -39,6 +39,7 @@ CandidateProgress = Callable[[str, int, int, str], None]  # (profile, candidates
 FASTER_MARGIN = 0.05  # candidates within 5 % of the fastest count as equally fast; the smaller wins
 TFLITE_MEDIA = litert.TFLITE_MEDIA
 OPENVINO_MEDIA = "application/vnd.edgefleet.model.openvino-ir+zip"
+NOT_MEASURED_COREML = "not measured: no Apple device (Core ML runs on macOS/iOS only)"
 FP16_TRIES = 4  # fp16 conversions tried per model, each keeping more of the graph fp32
 CANDIDATES = "candidates"  # cache entry folder: the bytes of the candidates inside the budget, by name
 
@@ -46,7 +47,7 @@ CANDIDATES = "candidates"  # cache entry folder: the bytes of the candidates ins
 def toolchain_versions() -> dict[str, str]:
     out = {"edgefleet-compiler": COMPILER_VERSION}
     for pkg in ("onnx", "onnxruntime", "numpy", "ai-edge-litert", "ai-edge-quantizer", "openvino", "nncf", "onnx2tf",
-                "tensorflow"):
+                "tensorflow", "coremltools", "onnx2torch", "torch"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -204,8 +205,16 @@ def plan(target: CompileTarget, source_format: str, policy: Policy) -> tuple[lis
         return [], "PrecisionNotSupported", (
             f"quantization {q} gives {_PRECISION[q]}, but the profile's target precision is {target.precision}")
     if target.format == "coreml" or target.runtime == "coreml":
-        return [], "ToolchainUnavailable", ("Core ML export is not built into this compiler yet (needs coremltools "
-                                            "on a supported host); compile in a macOS Job")
+        why = coreml_export.missing()
+        if why:
+            return [], "MissingExtra", why
+        if source_format != "onnx":
+            return [], "ConversionUnavailable", "the Core ML export takes an ONNX source; give one for this profile"
+        if q not in ("auto", "none", "fp16"):
+            return [], "PrecisionNotSupported", f"the Core ML export builds fp16 or fp32 ML programs, not {q}"
+        fp32 = target.precision == "fp32" or q == "none"
+        return [Spec("coreml-fp32" if fp32 else "coreml-fp16", "coreml", "fp32" if fp32 else "fp16",
+                     "none" if fp32 else "fp16", "coreml", "coreml-fp32" if fp32 else "coreml-fp16")], None, ""
     if source_format == "onnx":
         if target.format == "tflite" or target.runtime == "litert":
             why = tflite_convert.missing()
@@ -289,6 +298,7 @@ class _Session:
             self.normalized = data
             self.ref_runtime = "litert"
         ref = open_runner(self.ref_runtime, self.source, default_threads())
+        self.output_names = ref.output_names
         pol = self.policy
         self.inputs = self._declared_shapes(ref.inputs, pol.inputShapes)
         # data: validated before anything is built or published
@@ -416,6 +426,10 @@ class _Session:
                 raise CompileError("NeedsSignatures", "ai-edge-quantizer's static recipes need a model with "
                                    "signatures; this .tflite has none")
             return litert.quantize(self.source, "static_wi8_ai8", self.calib_batches()), TFLITE_MEDIA
+        if b in ("coreml-fp16", "coreml-fp32"):
+            pinned = {k: tuple(v.shape) for k, v in self.feed1.items()}
+            return coreml_export.export(self.normalized, pinned, self.output_names,
+                                        b.removeprefix("coreml-")), coreml_export.MEDIA
         if b in ("ov-fp32", "ov-int8"):
             from . import openvino_passes
 
@@ -502,6 +516,13 @@ class _Session:
             if spec.precision == "as-source":
                 c.precision = litert.weights_precision(data)
             c.sha256, c.sizeBytes, c.mediaType = "sha256:" + sha256_hex(data), len(data), media
+            if spec.runtime == "coreml":  # no Apple device here: a structural check instead of a measurement
+                c.why = coreml_export.check(data, {k: tuple(v.shape) for k, v in self.feed1.items()},
+                                            self.output_names)
+                c.latency.measuredOn = NOT_MEASURED_COREML
+                self.say(f"check: {c.name} ({c.sizeBytes} bytes): {c.why}")
+                self.measured[key] = c
+                return replace(c, latency=replace(c.latency), metrics=replace(c.metrics))
             self.say(f"measure: {c.name} ({c.sizeBytes} bytes) in {spec.runtime}")
             out = self.checked.get(c.sha256) or run_all(open_runner(spec.runtime, data, default_threads()),
                                                         self.eval_feeds)
@@ -556,7 +577,7 @@ def _p50(c: Candidate) -> float:
 
 
 def _select(cands: list[Candidate], target: CompileTarget, on_target: bool) -> Candidate | None:
-    ok = [c for c in cands if c.state != "Failed" and c.withinBudget]
+    ok = [c for c in cands if c.state != "Failed" and (c.withinBudget or c.latency.measuredOn == NOT_MEASURED_COREML)]
     if not ok:
         return None
     if on_target:
@@ -803,7 +824,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _ext(v: VariantReport) -> str:
     return {"onnx": "onnx.gz" if (v.mediaType or "").endswith("gzip") else "onnx", "tflite": "tflite",
-            "openvino": "ovzip"}.get(v.format or "", "bin")
+            "openvino": "ovzip", "coreml": "mlpackage.zip"}.get(v.format or "", "bin")
 
 
 def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src_size: int,
@@ -848,10 +869,13 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
     v.digest, v.sizeBytes, v.mediaType = chosen.sha256, chosen.sizeBytes, chosen.mediaType
     v.latency, v.metrics, v.loadSeconds = chosen.latency, chosen.metrics, chosen.latency.loadSeconds
     m = chosen.metrics
-    quality = (f"accuracy {m.accuracy:.4f} ({m.accuracyDelta:+.2f} points)" if m.accuracy is not None
-               else f"cosine {m.cosine:.4f}")
-    v.message = (f"{chosen.name}: {src_size / (chosen.sizeBytes or src_size):.2f}x smaller than the source, p50 "
-                 f"{_p50(chosen):.3f} ms @1 thread, {quality}" + (f"; {note}" if note else ""))
+    if chosen.latency.measuredOn == NOT_MEASURED_COREML:
+        v.message = f"{chosen.name}: converted; {NOT_MEASURED_COREML}; {chosen.why}"
+    else:
+        quality = (f"accuracy {m.accuracy:.4f} ({m.accuracyDelta:+.2f} points)" if m.accuracy is not None
+                   else f"cosine {m.cosine:.4f}")
+        v.message = (f"{chosen.name}: {src_size / (chosen.sizeBytes or src_size):.2f}x smaller than the source, "
+                     f"p50 {_p50(chosen):.3f} ms @1 thread, {quality}" + (f"; {note}" if note else ""))
     # cache entry: artifact + report, written atomically (rename of a complete directory)
     entry = cache / "variants" / key
     tmp = cache / "variants" / f".tmp-{key}-{os.getpid()}"
