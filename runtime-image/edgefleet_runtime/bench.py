@@ -212,7 +212,8 @@ def measure(path: str, arrays: dict[str, np.ndarray], opts: Options) -> dict:
     size = _batch_size(one.inputs)
     sample = {k: v[: size or 1] for k, v in feeds.items()}
     described = {"backend": one.name, **{k: v for k, v in one.describe().items()
-                                         if k in ("execution_providers", "device", "delegate", "format")}}
+                                         if k in ("execution_providers", "device", "delegate", "format",
+                                                  "tensorrt")}}  # tensorrt: precision, GPU stack, engine cache
     p50_1, p95_1 = _timed(one, sample, names, opts.runs)
     if opts.threads == 1:
         many, (p50_n, p95_n) = one, (p50_1, p95_1)

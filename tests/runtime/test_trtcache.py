@@ -138,6 +138,10 @@ def test_the_bench_job_builds_the_engine_where_serve_finds_it(tmp_path, given):
                           packaging="file", cache_dir=str(tmp_path / "c"))  # what serve does after its fetch
     (_, by_bench), (_, by_serve) = given[0][0], given[1][0]
     assert by_bench == by_serve and by_bench["trt_engine_cache_path"].endswith(trtcache.engine_key(digest, ORIN))
+    opts = bench.Options(execution_provider="tensorrt", cache_dir=str(tmp_path / "c"), runs=2, threads_n=1)
+    report = bench.measure(str(model), {"x": np.ones((2, 4), np.float16)}, opts)  # the bench report says it
+    assert report["tensorrt"]["engineCache"] == by_bench["trt_engine_cache_path"]
+    assert report["tensorrt"]["precision"] == "fp16" and report["tensorrt"]["stack"]["gpu"] == "Orin (nvgpu)"
 
 
 def test_the_backend_hands_tensorrt_the_flags_and_caches(tmp_path, given):
