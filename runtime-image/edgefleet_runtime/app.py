@@ -206,9 +206,11 @@ class ModelSlot:
         max_batch: int = 256,
         policy: trust.Policy | None = None,
         transform: Transform | None = None,
+        precision: str = "auto",
     ):
         self.name = name
         self.transform = transform
+        self.precision = precision  # TensorRT flags (trtcache); auto = the served model's own precision
         self.policy = policy or trust.Policy()
         self.metrics = metrics
         self.backend_kind = backend
@@ -233,8 +235,11 @@ class ModelSlot:
                     self.threads,
                     self.execution_provider,
                     self.delegate,
+                    digest=digest,
                     data=data,
                     packaging=packaging,
+                    precision=self.precision,
+                    cache_dir=self.cache_dir,
                 )
                 try:
                     _warmup(backend)

@@ -286,7 +286,11 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     platform = "onnxruntime_onnx"
 
-    def __init__(self, path: str | ModelSource, threads: int = 0, execution_provider: str = "auto"):
+    def __init__(self, path: str | ModelSource, threads: int = 0, execution_provider: str = "auto",
+                 precision: str = "auto", cache_dir: str | None = None, variant_digest: str | None = None):
+        """``precision`` (TensorRT flags; auto = the model's own), ``cache_dir`` (the node cache: TensorRT engine
+        and timing caches go under cache_dir/tensorrt) and ``variant_digest`` (part of the engine key) matter
+        only when the TensorRT execution provider is used (see trtcache)."""
         import onnxruntime as ort
 
         src = path if isinstance(path, ModelSource) else ModelSource(os.fspath(path), "onnx")
@@ -305,6 +309,11 @@ class OnnxRuntimeBackend(Backend):
                 )
             providers = [want] if want != "CPUExecutionProvider" else []
         providers.append("CPUExecutionProvider")
+        self.tensorrt: dict = {}
+        if _EP_NAMES["tensorrt"] in providers:
+            opts = self._tensorrt_options(src, precision, cache_dir, variant_digest)
+            configured: list = [(p, opts) if p == _EP_NAMES["tensorrt"] else p for p in providers]
+            providers = configured
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -329,8 +338,24 @@ class OnnxRuntimeBackend(Backend):
         values = self._run(output_names, feeds)
         return dict(zip(output_names, values, strict=True))
 
+    def _tensorrt_options(self, src: ModelSource, precision: str, cache_dir: str | None,
+                          variant_digest: str | None) -> dict[str, str]:
+        from . import trtcache
+
+        if precision == "auto":
+            data = src.data if src.data is not None else Path(src.path).read_bytes()
+            precision = trtcache.model_precision(data)
+        stack = trtcache.detect()
+        opts = trtcache.provider_options(precision, cache_dir, variant_digest, stack)
+        trtcache.prepare(opts)
+        self.tensorrt = {"precision": precision, "stack": stack.__dict__,
+                         "engineCache": opts.get("trt_engine_cache_path", "off: needs --cache, the variant digest "
+                                                 "and a complete GPU stack")}
+        return opts
+
     def describe(self):
-        return {"execution_providers": self.providers, **self.source.describe()}
+        extra = {"tensorrt": self.tensorrt} if self.tensorrt else {}
+        return {"execution_providers": self.providers, **self.source.describe(), **extra}
 
 
 # --------------------------------------------------------------------------- LiteRT
@@ -503,18 +528,21 @@ def open_backend(
     digest: str | None = None,
     data: bytes | None = None,
     packaging: str = "encrypted",
+    precision: str = "auto",
+    cache_dir: str | None = None,
 ) -> Backend:
     """Load ``path`` (any artifact format, see the module docstring), read once. ``digest``: checked against the
     bytes read, which are then unpacked and loaded (raises ``digest.DigestError``). ``data``: the
     model's bytes in memory instead of the file's, already verified (``packaging``: ``file`` when they are the file's
-    own bytes, read once and hashed; ``encrypted`` when decrypted)."""
+    own bytes, read once and hashed; ``encrypted`` when decrypted); ``digest`` then names them (the TensorRT engine
+    key). ``precision`` and ``cache_dir``: TensorRT flags and the node cache for its engines (see trtcache)."""
     src = open_source(path, digest) if data is None else source_from_bytes(path, data, packaging=packaging)
     if backend == "auto":
         backend = {"tflite": "litert", "openvino-ir": "openvino"}.get(src.fmt, "onnxruntime")
     if backend == "onnxruntime":
         if src.fmt == "openvino-ir":
             raise ModelLoadError(f"{path} is OpenVINO IR ({src.packaging}); serve it with --backend openvino or auto")
-        return OnnxRuntimeBackend(src, threads, execution_provider)
+        return OnnxRuntimeBackend(src, threads, execution_provider, precision, cache_dir, digest)
     if backend == "litert":
         if src.fmt != "tflite":
             raise ModelLoadError(f"{path} is {src.fmt} ({src.packaging}), not a .tflite; LiteRT cannot load it")

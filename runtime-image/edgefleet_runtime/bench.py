@@ -53,6 +53,8 @@ class Options:
     runs: int = 100
     max_samples: int = 1000
     timeout_seconds: float = 600.0
+    cache_dir: str | None = None  # the node cache: TensorRT engines built here are the ones serve reuses
+    precision: str = "auto"
 
     @property
     def threads(self) -> int:
@@ -175,7 +177,9 @@ def _open(path: str, opts: Options, threads: int):
     from .app import _warmup
     from .backends import open_backend
 
-    backend = open_backend(path, opts.backend, threads, opts.execution_provider, opts.delegate)
+    digest = _digest(Path(path)) if opts.cache_dir else None  # keys the TensorRT engine cache (trtcache)
+    backend = open_backend(path, opts.backend, threads, opts.execution_provider, opts.delegate, digest=digest,
+                           precision=opts.precision, cache_dir=opts.cache_dir)
     _warmup(backend)
     return backend
 
@@ -208,7 +212,8 @@ def measure(path: str, arrays: dict[str, np.ndarray], opts: Options) -> dict:
     size = _batch_size(one.inputs)
     sample = {k: v[: size or 1] for k, v in feeds.items()}
     described = {"backend": one.name, **{k: v for k, v in one.describe().items()
-                                         if k in ("execution_providers", "device", "delegate", "format")}}
+                                         if k in ("execution_providers", "device", "delegate", "format",
+                                                  "tensorrt")}}  # tensorrt: precision, GPU stack, engine cache
     p50_1, p95_1 = _timed(one, sample, names, opts.runs)
     if opts.threads == 1:
         many, (p50_n, p95_n) = one, (p50_1, p95_1)

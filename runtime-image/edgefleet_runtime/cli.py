@@ -23,6 +23,7 @@ from .exitcodes import (  # noqa: F401 - re-exported: tests and callers read the
     EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
+from .trtcache import PRECISIONS
 
 log = logging.getLogger("edgefleet_runtime")
 
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=EXECUTION_PROVIDERS,
         default=os.environ.get("EDGEFLEET_EXECUTION_PROVIDER", "auto"),
         help="onnxruntime execution provider (auto = TensorRT/CUDA/OpenVINO when present, then CPU)",
+    )
+    s.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=os.environ.get("EDGEFLEET_PRECISION", "auto"),
+        help="TensorRT precision flags (auto = the served model's: fp16 weights -> fp16, QDQ -> int8); with --cache, "
+        "engines are cached under CACHE/tensorrt keyed by variant digest + TensorRT + CUDA + GPU",
     )
     s.add_argument(
         "--delegate",
@@ -180,6 +188,10 @@ def _bench_arguments(sub) -> None:
         default=os.environ.get("EDGEFLEET_EXECUTION_PROVIDER", "auto"),
     )
     b.add_argument("--delegate", default=os.environ.get("EDGEFLEET_DELEGATE") or None)
+    b.add_argument("--cache", help="the node cache: TensorRT engines are built into CACHE/tensorrt, where serve "
+                   "--cache finds them (keyed by model digest + TensorRT + CUDA + GPU)")
+    b.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("EDGEFLEET_PRECISION", "auto"),
+                   help="TensorRT precision flags (auto = each model's own)")
     b.add_argument("--out", help="write the JSON report to this file (default: stdout)")
     b.add_argument("--report", help="also push the JSON report to oci://HOST:PORT/REPO:TAG (the bench Job)")
     b.add_argument("--insecure", action="store_true", help="plain http to the --report registry")
@@ -317,7 +329,7 @@ LIMIT_FLAGS = {
 # ModelSlot keyword -> the flag's dest
 SLOT_FLAGS = {
     "backend": "backend", "threads": "threads", "execution_provider": "execution_provider", "delegate": "delegate",
-    "cache_dir": "cache", "max_batch": "max_batch",
+    "cache_dir": "cache", "max_batch": "max_batch", "precision": "precision",
 }
 
 
@@ -439,6 +451,7 @@ def _bench(args) -> int:
     opts = Options(
         backend=args.backend, execution_provider=args.execution_provider, delegate=args.delegate,
         threads_n=args.threads, runs=args.runs, max_samples=args.max_samples, timeout_seconds=args.timeout,
+        cache_dir=args.cache, precision=args.precision,
     )
     try:
         report = bench(args.model, args.eval, args.candidates, opts, args.max_accuracy_drop)

@@ -14,7 +14,7 @@ _MESSAGES = {  # message -> [(field, number, type, repeated)]; a type starting w
     "GraphProto": [("node", 1, ".onnxscan.NodeProto", True), ("initializer", 5, ".onnxscan.TensorProto", True),
                    ("sparse_initializer", 15, ".onnxscan.SparseTensorProto", True)],
     "FunctionProto": [("node", 7, ".onnxscan.NodeProto", True)],
-    "NodeProto": [("attribute", 5, ".onnxscan.AttributeProto", True)],
+    "NodeProto": [("attribute", 5, ".onnxscan.AttributeProto", True), ("op_type", 4, "string", False)],
     "AttributeProto": [("t", 5, ".onnxscan.TensorProto", False), ("g", 6, ".onnxscan.GraphProto", False),
                        ("tensors", 10, ".onnxscan.TensorProto", True), ("graphs", 11, ".onnxscan.GraphProto", True),
                        ("sparse_tensor", 22, ".onnxscan.SparseTensorProto", False),
@@ -22,6 +22,7 @@ _MESSAGES = {  # message -> [(field, number, type, repeated)]; a type starting w
     "SparseTensorProto": [("values", 1, ".onnxscan.TensorProto", False),
                           ("indices", 2, ".onnxscan.TensorProto", False)],
     "TensorProto": [("name", 8, "string", False), ("external_data", 13, ".onnxscan.StringStringEntryProto", True),
+                    ("data_type", 2, "int32", False),
                     ("data_location", 14, "int32", False)],
     "StringStringEntryProto": [("key", 1, "string", False), ("value", 2, "string", False)],
 }  # fmt: skip
@@ -72,3 +73,15 @@ def _tensors(tensors, found: list) -> None:
         if t.data_location == EXTERNAL or len(t.external_data):
             location = next((e.value for e in t.external_data if e.key == "location"), "")
             found.append((t.name, location))
+
+
+FLOAT16 = 10  # TensorProto.DataType.FLOAT16
+
+
+def precision(data: bytes) -> str:
+    """int8 when the graph has QuantizeLinear/DequantizeLinear nodes, fp16 when an initializer is float16, else
+    fp32 (the main graph only); ValueError if the bytes do not parse."""
+    graph = _Model.FromString(data).graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
+        return "int8"
+    return "fp16" if any(t.data_type == FLOAT16 for t in graph.initializer) else "fp32"

@@ -97,11 +97,12 @@ def test_missing_optional_extra(tmp_path, monkeypatch):
 
 
 def test_variant_failure_exit_code(tmp_path):
+    """A profile whose variant cannot be built (the Core ML export makes no int8): exit 1, nothing published."""
     prof = tmp_path / "p.yaml"
     prof.write_text("apiVersion: edgefleet.io/v1alpha1\nkind: HardwareProfile\nmetadata: {name: mac}\n"
-                    "spec:\n  target: {format: coreml, precision: fp16, runtime: coreml}\n")
-    res, pub = run(tmp_path, DIGITS, "--profiles-file", prof, "--profile", "mac")
-    assert res.exit_code == 1 and "ToolchainUnavailable" in res.output and pub == []
+                    "spec:\n  target: {format: coreml, precision: int8, runtime: coreml}\n")
+    res, pub = run(tmp_path, DIGITS, "--profiles-file", prof, "--profile", "mac", "--quantization", "dynamic-int8")
+    assert res.exit_code == 1 and "PrecisionNotSupported" in res.output and pub == []
 
 
 def test_unknown_profile(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import litert, onnx_passes, shapes, tflite_convert
+from . import coreml_export, litert, onnx_passes, shapes, tflite_convert
 from .measure import bind, compare, default_threads, latency, load_arrays, open_runner, run_all, synthetic
 from .types import (
     QUANTIZATIONS,
@@ -40,13 +40,15 @@ CandidateProgress = Callable[[str, int, int, str], None]  # (profile, candidates
 FASTER_MARGIN = 0.05  # candidates within 5 % of the fastest count as equally fast; the smaller wins
 TFLITE_MEDIA = litert.TFLITE_MEDIA
 OPENVINO_MEDIA = "application/vnd.edgefleet.model.openvino-ir+zip"
+NOT_MEASURED_COREML = "not measured: no Apple device (Core ML runs on macOS/iOS only)"
+FP16_TRIES = 4  # fp16 conversions tried per model, each keeping more of the graph fp32
 CANDIDATES = "candidates"  # cache entry folder: the bytes of the candidates inside the budget, by name
 
 
 def toolchain_versions() -> dict[str, str]:
     out = {"edgefleet-compiler": COMPILER_VERSION}
     for pkg in ("onnx", "onnxruntime", "numpy", "ai-edge-litert", "ai-edge-quantizer", "openvino", "nncf", "onnx2tf",
-                "tensorflow"):
+                "tensorflow", "coremltools", "onnx2torch", "torch"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -211,8 +213,16 @@ def plan(target: CompileTarget, source_format: str, policy: Policy) -> tuple[lis
         return [], "PrecisionNotSupported", (
             f"quantization {q} gives {_PRECISION[q]}, but the profile's target precision is {target.precision}")
     if target.format == "coreml" or target.runtime == "coreml":
-        return [], "ToolchainUnavailable", ("Core ML export is not built into this compiler yet (needs coremltools "
-                                            "on a supported host); compile in a macOS Job")
+        why = coreml_export.missing()
+        if why:
+            return [], "MissingExtra", why
+        if source_format != "onnx":
+            return [], "ConversionUnavailable", "the Core ML export takes an ONNX source; give one for this profile"
+        if q not in ("auto", "none", "fp16"):
+            return [], "PrecisionNotSupported", f"the Core ML export builds fp16 or fp32 ML programs, not {q}"
+        fp32 = target.precision == "fp32" or q == "none"
+        return [Spec("coreml-fp32" if fp32 else "coreml-fp16", "coreml", "fp32" if fp32 else "fp16",
+                     "none" if fp32 else "fp16", "coreml", "coreml-fp32" if fp32 else "coreml-fp16")], None, ""
     if source_format == "onnx":
         if target.format == "tflite" or target.runtime == "litert":
             why = tflite_convert.missing()
@@ -302,6 +312,8 @@ class _Session:
         self.built: dict[str, tuple[bytes, str] | CompileError] = {}
         self.trained: dict[str, Any] = {}  # pruned | student -> train.Outcome, or the CompileError it raised
         self.measured: dict[tuple[str, str], Candidate] = {}
+        self.checked: dict[str, list[np.ndarray]] = {}  # outputs on the evaluation data by candidate digest
+        self.fp16_tries = ""  # what each fp16 try did, when none held
         self.work = 0
         self.normalization: dict = {}
         if fmt == "onnx":
@@ -318,6 +330,7 @@ class _Session:
             self.normalized = data
             self.ref_runtime = "litert"
         ref = open_runner(self.ref_runtime, self.source, default_threads())
+        self.output_names = ref.output_names
         pol = self.policy
         self.inputs = self._declared_shapes(ref.inputs, pol.inputShapes)
         # data: validated before anything is built or published
@@ -447,6 +460,10 @@ class _Session:
                 raise CompileError("NeedsSignatures", "ai-edge-quantizer's static recipes need a model with "
                                    "signatures; this .tflite has none")
             return litert.quantize(self.source, "static_wi8_ai8", self.calib_batches()), TFLITE_MEDIA
+        if b in ("coreml-fp16", "coreml-fp32"):
+            pinned = {k: tuple(v.shape) for k, v in self.feed1.items()}
+            return coreml_export.export(self.normalized, pinned, self.output_names,
+                                        b.removeprefix("coreml-")), coreml_export.MEDIA
         if b in ("ov-fp32", "ov-int8"):
             from . import openvino_passes
 
@@ -458,7 +475,7 @@ class _Session:
         if b == "none":
             out = base
         elif b == "fp16":
-            out = onnx_passes.to_fp16(base, {k: v.shape for k, v in self.feed1.items()})
+            out = self.fp16(base)
         elif b == "dynamic-int8":
             out = onnx_passes.dynamic_int8(base)
         elif b == "static-int8":
@@ -520,6 +537,52 @@ class _Session:
             return onnx_passes.dynamic_int8(fp32)
         return fp32
 
+    def fp16(self, base: bytes) -> bytes:
+        """fp16 that holds, decided by running it: each try runs on the evaluation data and is gated on the budget;
+        a try that fails keeps more of the graph fp32 (precision-sensitive ops, then the nodes its errors name).
+        When tries run but none is within budget, the last one is returned (it loses on the budget, and its reason
+        lists every try: ``fp16_tries``); when none runs, the error lists what each one did."""
+        pinned = {k: v.shape for k, v in self.feed1.items()}
+        tries: list[str] = []
+        ops: tuple[str, ...] = ()
+        nodes: list[str] = []
+        ran: bytes | None = None
+        for attempt in range(FP16_TRIES):
+            out = onnx_passes.to_fp16(base, pinned, keep_ops=ops, keep_nodes=nodes)
+            kept = f"fp32 kept for shape arithmetic{' + ' + ', '.join(ops) if ops else ''}" + (
+                f" + nodes {', '.join(nodes)}" if nodes else "")
+            try:
+                got = run_all(open_runner("onnxruntime", out, default_threads()), self.eval_feeds)
+            except Exception as e:
+                msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                tries.append(f"try {attempt + 1} ({kept}): does not run: {msg}")
+                named = onnx_passes.node_named_in(msg)
+                if named and named not in nodes and named in onnx_passes.node_names(base):
+                    nodes.append(named)
+                elif ops != onnx_passes.FP16_SENSITIVE_OPS:
+                    ops = onnx_passes.FP16_SENSITIVE_OPS
+                else:
+                    break
+                continue
+            self.checked["sha256:" + sha256_hex(out)] = got
+            ok, failure = self.gate(compare(self.ref_out, got, self.labels, self.synthetic))
+            if ok:
+                if attempt:
+                    self.say(f"fp16: holds on try {attempt + 1} ({kept}); before: " + "; ".join(tries))
+                return out
+            tries.append(f"try {attempt + 1} ({kept}): off budget: {failure}")
+            ran = out
+            if ops == onnx_passes.FP16_SENSITIVE_OPS:
+                break
+            ops = onnx_passes.FP16_SENSITIVE_OPS
+        self.fp16_tries = "; ".join(tries)
+        if ran is not None:
+            self.say(f"fp16: no try within the accuracy budget: {self.fp16_tries}")
+            return ran
+        raise CompileError("Fp16DoesNotHold", "no fp16 conversion runs: " + self.fp16_tries,
+                           "serve the fp32 variant on this class, or report the failing op to the converter "
+                           "(onnxruntime.transformers float16)")
+
     # -- measuring
     def candidate(self, spec: Spec) -> Candidate:
         key = (spec.build, spec.runtime)
@@ -535,8 +598,16 @@ class _Session:
             if spec.precision == "as-source":
                 c.precision = litert.weights_precision(data)
             c.sha256, c.sizeBytes, c.mediaType = "sha256:" + sha256_hex(data), len(data), media
+            if spec.runtime == "coreml":  # no Apple device here: a structural check instead of a measurement
+                c.why = coreml_export.check(data, {k: tuple(v.shape) for k, v in self.feed1.items()},
+                                            self.output_names)
+                c.latency.measuredOn = NOT_MEASURED_COREML
+                self.say(f"check: {c.name} ({c.sizeBytes} bytes): {c.why}")
+                self.measured[key] = c
+                return replace(c, latency=replace(c.latency), metrics=replace(c.metrics))
             self.say(f"measure: {c.name} ({c.sizeBytes} bytes) in {spec.runtime}")
-            out = run_all(open_runner(spec.runtime, data, default_threads()), self.eval_feeds)
+            out = self.checked.get(c.sha256) or run_all(open_runner(spec.runtime, data, default_threads()),
+                                                        self.eval_feeds)
             c.metrics = compare(self.ref_out, out, self.labels, self.synthetic)
             threads = self.policy.threads or default_threads()
             c.latency = latency(spec.runtime, data, self.feed1, self.policy.timingRuns, threads)
@@ -545,6 +616,8 @@ class _Session:
                 c.latency.p50Ms1 = self.policy.hostLatencyMs[name]
                 c.latency.measuredOn += " (p50 set by hostLatencyMs)"
             c.withinBudget, c.budgetFailure = self.gate(c.metrics)
+            if spec.build == "fp16" and not c.withinBudget and self.fp16_tries:
+                c.budgetFailure = f"{c.budgetFailure} (fp16 tries: {self.fp16_tries})"
         except CompileError as e:
             c.state, c.reason, c.why = "Failed", e.reason, e.message + (f" Fix: {e.fix}" if e.fix else "")
         except Exception as e:
@@ -555,6 +628,8 @@ class _Session:
 
     def gate(self, m: Metrics) -> tuple[bool, str | None]:
         b = self.budget
+        if m.cosine is not None and not math.isfinite(m.cosine):
+            return False, "cosine vs source is not a number: outputs hold inf or NaN (an overflow)"
         if b.max_accuracy_drop is not None and m.accuracy is not None:
             drop = ((m.referenceAccuracy or 0.0) - m.accuracy) * 100
             if drop > b.max_accuracy_drop + 1e-9:
@@ -584,7 +659,7 @@ def _p50(c: Candidate) -> float:
 
 
 def _select(cands: list[Candidate], target: CompileTarget, on_target: bool) -> Candidate | None:
-    ok = [c for c in cands if c.state != "Failed" and c.withinBudget]
+    ok = [c for c in cands if c.state != "Failed" and (c.withinBudget or c.latency.measuredOn == NOT_MEASURED_COREML)]
     if not ok:
         return None
     if on_target:
@@ -843,7 +918,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _ext(v: VariantReport) -> str:
     return {"onnx": "onnx.gz" if (v.mediaType or "").endswith("gzip") else "onnx", "tflite": "tflite",
-            "openvino": "ovzip"}.get(v.format or "", "bin")
+            "openvino": "ovzip", "coreml": "mlpackage.zip"}.get(v.format or "", "bin")
 
 
 def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src_size: int,
@@ -890,11 +965,14 @@ def _compile_one(s: _Session, profile: str, target: CompileTarget, key: str, src
     v.digest, v.sizeBytes, v.mediaType = chosen.sha256, chosen.sizeBytes, chosen.mediaType
     v.latency, v.metrics, v.loadSeconds = chosen.latency, chosen.metrics, chosen.latency.loadSeconds
     m = chosen.metrics
-    quality = (f"accuracy {m.accuracy:.4f} ({m.accuracyDelta:+.2f} points)" if m.accuracy is not None
-               else f"cosine {m.cosine:.4f}")
-    v.message = (f"{chosen.name}: {src_size / (chosen.sizeBytes or src_size):.2f}x smaller than the source, p50 "
-                 f"{_p50(chosen):.3f} ms @1 thread, {quality}" + (f"; {note}" if note else "")
-                 + _training_line(v.training))
+    if chosen.latency.measuredOn == NOT_MEASURED_COREML:
+        v.message = f"{chosen.name}: converted; {NOT_MEASURED_COREML}; {chosen.why}"
+    else:
+        quality = (f"accuracy {m.accuracy:.4f} ({m.accuracyDelta:+.2f} points)" if m.accuracy is not None
+                   else f"cosine {m.cosine:.4f}")
+        v.message = (f"{chosen.name}: {src_size / (chosen.sizeBytes or src_size):.2f}x smaller than the source, "
+                     f"p50 {_p50(chosen):.3f} ms @1 thread, {quality}" + (f"; {note}" if note else "")
+                     + _training_line(v.training))
     # cache entry: artifact + report, written atomically (rename of a complete directory)
     entry = cache / "variants" / key
     tmp = cache / "variants" / f".tmp-{key}-{os.getpid()}"

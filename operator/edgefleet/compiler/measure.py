@@ -23,6 +23,7 @@ class InputSpec:
 
 class Runner:
     inputs: list[InputSpec]
+    output_names: list[str]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -49,6 +50,7 @@ class BackendRunner(Runner):
         self.inputs = [InputSpec(t.name, [d if d >= 0 else None for d in t.shape], t.dtype.type)
                        for t in self.backend.inputs]
         self._outputs = [t.name for t in self.backend.outputs]
+        self.output_names = list(self._outputs)
 
     def run(self, feeds):
         out = self.backend.run(feeds, self._outputs)

@@ -6,6 +6,7 @@ Each pass takes and returns serialized model bytes, so candidates are independen
 from __future__ import annotations
 
 import gzip
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,9 +178,32 @@ def _no_fp16_between(graph: onnx.GraphProto, kept: set[str]) -> None:
         graph.value_info.remove(vi)
 
 
-def to_fp16(data: bytes, shapes: dict[str, tuple[int, ...]] | None = None) -> bytes:
+# ops whose fp16 arithmetic is the usual cause of a converted model leaving its budget: resampling and box/NMS
+# heads (coordinates past 2048 lose integer precision), normalisations and reductions (sums of squares overflow
+# 65504), exponentials
+FP16_SENSITIVE_OPS: tuple[str, ...] = (
+    "Resize", "Upsample", "NonMaxSuppression", "RoiAlign", "TopK", "Range", "CumSum", "LayerNormalization",
+    "InstanceNormalization", "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow",
+    "Sqrt", "Exp", "Log", "Softmax", "LogSoftmax", "Einsum",
+)
+_NODE_IN_ERROR = re.compile(r"(?:Name|node)[: ]*'([^']+)'")
+
+
+def node_named_in(message: str) -> str | None:
+    """The node an ONNX Runtime error names ("... running Sub node. Name:'/model.22/Sub' ..."), if any."""
+    m = _NODE_IN_ERROR.search(message)
+    return m.group(1) if m else None
+
+
+def node_names(data: bytes) -> set[str]:
+    """Node names as `to_fp16` sees them (unnamed nodes get ``<op>_<index>``)."""
+    return {n.name or f"{n.op_type}_{i}" for i, n in enumerate(load(data).graph.node)}
+
+
+def to_fp16(data: bytes, shapes: dict[str, tuple[int, ...]] | None = None, keep_ops: tuple[str, ...] = (),
+            keep_nodes: list[str] | None = None) -> bytes:
     """fp16 weights and compute, fp32 inputs/outputs (onnxruntime.transformers' converter); the nodes that
-    compute shapes stay fp32 (`shape_nodes`).
+    compute shapes stay fp32 (`shape_nodes`), and so do nodes of the ``keep_ops`` types and the ``keep_nodes``.
 
     The converter needs element types only, but gets them from ORT's symbolic shape inference, which
     simplifies every dynamic dimension with sympy: on PP-OCR's Resize chain over dynamic H/W that takes
@@ -204,14 +228,26 @@ def to_fp16(data: bytes, shapes: dict[str, tuple[int, ...]] | None = None) -> by
                 d.dim_value = int(n)
     for i, node in enumerate(model.graph.node):  # the converter keeps nodes fp32 by name
         node.name = node.name or f"{node.op_type}_{i}"
-    kept = shape_nodes(model)
+    kept = shape_nodes(model) + [n.name for n in model.graph.node
+                                 if n.op_type in keep_ops or n.name in (keep_nodes or ())]
     m = OnnxModel(model)
     m.convert_float_to_float16(keep_io_types=True, node_block_list=kept)
     _no_fp16_between(m.model.graph, set(kept))
     for vi in [*m.model.graph.input, *m.model.graph.output]:
         if vi.name in io:
             vi.type.CopyFrom(io[vi.name])
+    _forget_pinned_shapes(m.model.graph)
     return m.model.SerializeToString()
+
+
+def _forget_pinned_shapes(graph: onnx.GraphProto) -> None:
+    """Shape inference ran on the pinned input dims and left them in ``value_info``; ONNX Runtime trusts those
+    shapes and folds ``Shape`` nodes into constants, so a batch other than the pinned one would fail (a YOLOv8
+    head's Sub: "broadcast 2100 by 33600"; PP-OCR's classifier Reshape: "{16,2} to {1,2}"). Element types stay,
+    dims go."""
+    for vi in graph.value_info:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
 
 
 def dynamic_int8(data: bytes) -> bytes:
