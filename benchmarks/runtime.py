@@ -8,9 +8,11 @@ thread everywhere, servers one after another:
 * edgefleet  ``edgefleet-runtime serve`` over HTTP (JSON body; binary extension too) and over gRPC
              (``inference.GRPCInferenceService/ModelInfer`` with raw_input_contents)
 * edgefleet-wN        ``serve --workers N`` (``--workers 1 2`` by default: rows for 1 process and 2 workers)
+* grpcio-sync-floor / grpcio-aio-floor   grpcio's sync and asyncio servers answering ModelInfer with a canned
+             response (no decoding, no inference): what gRPC costs through grpcio before any work
 * granian / uvicorn   the same edgefleet App behind granian (WSGI, Rust HTTP) and uvicorn+httptools
              (ASGI): the HTTP layer is the only difference (the "harden our server or use a library" question)
-* edgefleet@REV       ``--baseline-rev REV``: the runtime package as it was at git revision REV (regressions)
+* edgefleet@REV       ``--baseline-rev REV``: the runtime package at git revision REV, REST and gRPC (before/after)
 * edgefleet+monitoring  ``--monitoring``: the same server with fleet monitoring on (confidence, class counts,
              drift against a bench reference, hard examples sampled at 1%); REST only
 * kserve     KServe's Python model server (``kserve.Model`` wrapping the same onnxruntime session)
@@ -24,10 +26,13 @@ Clients (the ``client`` column says which drove each row): HTTP rows are driven 
 a small Go program (standard library only; keep-alive connections, one request in flight on each, each on
 its own OS thread with a blocking socket: a write and a read system call per request, no netpoller hop in
 the measured latency, which is kept in nanoseconds; hey prints seconds to 4 decimals, too coarse for a
-0.1 ms goal). It is built with ``go build`` on first use and cached as
+0.1 ms goal). gRPC rows use the same program's minimal HTTP/2 client (``-grpc``, same cost model: one
+connection per client thread, a write and a read per call), so REST and gRPC are compared, not their clients
+(grpcio's Python client costs about 3x the CPU per call); ``NAME/py`` gRPC rows repeat them with grpcio.
+It is built with ``go build`` on first use and cached as
 ``$EDGEFLEET_CACHE/bin/edgefleet-loadgen-<source hash>``. ``--client python`` (or no Go) uses the Python
 raw-socket client threads instead; rows ``NAME/py`` repeat edgefleet JSON and KServe with it as a cross-check
-(``--no-cross-check`` leaves them out). The gRPC client sends pre-serialized bytes on one channel per
+(``--no-cross-check`` leaves them out). The grpcio client sends pre-serialized bytes on one channel per
 thread. ``client cpu`` is the client's CPU per request in the measured window.
 
     python benchmarks/runtime.py [--seconds 4] [--rounds 3] [--baseline-rev fd1974e] [--json PATH]
@@ -166,6 +171,55 @@ if __name__ == "__main__":
 
         Server("alt_server:make_wsgi", factory=True, working_dir=Path(__file__).parent, address="127.0.0.1",
                port=a.port, interface=Interfaces.WSGI, workers=1, blocking_threads=8, log_enabled=False).serve()
+"""
+
+
+# grpcio alone: ModelInfer answered with a canned response (no decoding, no inference). What any server built on
+# grpcio pays per call before doing anything: the floor under the edgefleet-grpc rows.
+GRPC_FLOOR_SERVER = r"""
+import asyncio, sys
+from concurrent import futures
+import grpc
+
+kind, port, answer = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "rb").read()
+method = {"ModelInfer": grpc.unary_unary_rpc_method_handler(
+    (lambda raw, ctx: answer) if kind == "sync" else None, request_deserializer=None, response_serializer=None)}
+
+
+async def infer(raw, ctx):
+    return answer
+
+
+def health(port):  # the readiness probe the benchmark waits for (HTTP/1.1 200 on the same port + 1)
+    import http.server, threading
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+        def log_message(self, *a):
+            pass
+    s = http.server.HTTPServer(("127.0.0.1", port), H)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+
+
+health(port + 1)
+if kind == "sync":
+    server = grpc.server(futures.ThreadPoolExecutor(20), options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService", method)])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+else:
+    async def main():
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        handler = grpc.unary_unary_rpc_method_handler(infer, request_deserializer=None, response_serializer=None)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelInfer": handler})])
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+    asyncio.run(main())
 """
 
 
@@ -330,15 +384,16 @@ def loadgen_binary(notes: list[str]) -> Path | None:
 
 
 def drive_loadgen(binary: Path, port: int, req: bytes, check, concurrency: int, seconds: float,
-                  cpu: Callable | None = None, warmup: float = 0.5) -> dict:
+                  cpu: Callable | None = None, warmup: float = 0.5, grpc_method: str | None = None) -> dict:
     """The same measurement as ``drive`` with the Go load generator: ``cpu()`` is read when it says
-    "start" and "end"; the first answer goes through ``check``."""
+    "start" and "end"; the first answer goes through ``check``. ``grpc_method``: ``req`` is a protobuf
+    message sent as a unary gRPC call of that method (cleartext HTTP/2, one connection per client)."""
     with tempfile.NamedTemporaryFile(prefix="edgefleet-bench-request-") as f:
         f.write(req)
         f.flush()
         proc = subprocess.Popen(
             [str(binary), "-addr", f"127.0.0.1:{port}", "-request", f.name, "-c", str(concurrency),
-             "-seconds", str(seconds), "-warmup", str(warmup)],
+             "-seconds", str(seconds), "-warmup", str(warmup), *(["-grpc", grpc_method] if grpc_method else [])],
             stdout=subprocess.PIPE,
         )  # fmt: skip
         marks = {}
@@ -377,6 +432,25 @@ def http_rows(results: dict, name: str, port: int, req: bytes, check, args, cpu:
         results[f"{name} c={c}"] = drive_http(port, req, check, c, args, cpu, args.client)
         if cross_check and args.client != PY_CLIENT and args.cross_check:
             results[f"{name}/py c={c}"] = drive_http(port, req, check, c, args, cpu, PY_CLIENT)
+
+
+GRPC_METHOD = "inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_rows(results: dict, name: str, port: int, cases: Cases, args, cpu: Callable) -> None:
+    """Rows ``name c=N`` driven by the Go load generator's gRPC client when it is there (the same client as the
+    REST rows, so the transports are compared, not the clients), and ``name/py c=N`` by grpcio client threads."""
+    req = cases.grpc_request()
+    for c in args.concurrency:
+        if args.loadgen:
+            res = drive_loadgen(args.loadgen, port, req, lambda status, body: cases.check_grpc(body), c,
+                                args.seconds, cpu, grpc_method=GRPC_METHOD)
+            res["client"] = "go loadgen h2c"
+            results[f"{name} c={c}"] = res
+        if not args.loadgen or args.cross_check:
+            res = drive(grpc_factory(port, req, cases.check_grpc), c, args.seconds, cpu=cpu)
+            res["client"] = "grpcio threads"
+            results[f"{name}{'/py' if args.loadgen else ''} c={c}"] = res
 
 
 def grpc_factory(port: int, req: bytes, check):
@@ -548,6 +622,15 @@ class Cases:
         req.raw_input_contents.append(self.x.tobytes())
         return req.SerializeToString()
 
+    def grpc_answer(self) -> bytes:
+        """The ModelInferResponse the server should give (what the floor servers send back as is)."""
+        from tritonclient.grpc import service_pb2
+
+        resp = service_pb2.ModelInferResponse(model_name="digits", id="bench")
+        resp.outputs.add(name="logits", datatype="FP32", shape=list(self.expected.shape))
+        resp.raw_output_contents.append(self.expected.astype("<f4").tobytes())
+        return resp.SerializeToString()
+
     def _close(self, got):
         np.testing.assert_allclose(got, self.expected.ravel(), rtol=1e-4, atol=1e-4)
 
@@ -582,12 +665,24 @@ def run_edgefleet(name, model, cases, args, results, env=None, cwd=None, grpc_to
     port, gport = free_port(), free_port()
     proc = serve(edgefleet_cmd(model, port, "--grpc-port", str(gport)), port, env, cwd)
     try:
-        for c in args.concurrency:
-            results[f"{name}-grpc c={c}"] = drive(
-                grpc_factory(gport, cases.grpc_request(), cases.check_grpc), c, args.seconds,
-                cpu=lambda: tree_cpu(proc.pid),
-            )
-            results[f"{name}-grpc c={c}"]["client"] = "grpcio threads"
+        grpc_rows(results, f"{name}-grpc", gport, cases, args, lambda: tree_cpu(proc.pid))
+    finally:
+        stop(proc)
+
+
+def run_grpc_floor(kind: str, cases: Cases, args, results: dict) -> None:
+    """Rows ``grpcio-KIND-floor c=N``: grpcio's sync or asyncio server answering a canned ModelInferResponse."""
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-grpc-floor-"))
+    (work / "server.py").write_text(GRPC_FLOOR_SERVER)
+    (work / "answer.bin").write_bytes(cases.grpc_answer())
+    port = free_port()
+    while port + 1 >= 65536:
+        port = free_port()
+    proc = subprocess.Popen([sys.executable, str(work / "server.py"), kind, str(port), str(work / "answer.bin")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port + 1, proc, "/")
+        grpc_rows(results, f"grpcio-{kind}-floor", port, cases, args, lambda: tree_cpu(proc.pid))
     finally:
         stop(proc)
 
@@ -636,10 +731,12 @@ RAW_OWN = "in-process, 1 session per thread"
 CONFIGS = {  # what each row runs (all: 1 intra-op thread per inference)
     "edgefleet": "serve, 1 process, thread per connection",
     "edgefleet-binary": "serve, 1 process, thread per connection",
-    "edgefleet-grpc": "serve --grpc-port, grpcio thread pool",
+    "edgefleet-grpc": "serve --grpc-port",
     "granian": "same App, granian WSGI, 1 worker, 8 threads",
     "uvicorn": "same App, uvicorn+httptools, 1 worker",
     "kserve": "kserve ModelServer, workers=1",
+    "grpcio-sync-floor": "grpcio sync server, 20 threads, canned answer (no decode, no inference)",
+    "grpcio-aio-floor": "grpcio asyncio server, canned answer (no decode, no inference)",
 }
 
 
@@ -696,6 +793,12 @@ def round_ratios(results: dict) -> dict:
         out["c8_throughput_share_of_raw" + tag] = ef8["throughput_rps"] / raw8["throughput_rps"]
         if "kserve c=8" in results:
             out["c8_throughput_over_kserve" + tag] = ef8["throughput_rps"] / results["kserve c=8"]["throughput_rps"]
+    if "edgefleet-grpc c=1" in results:  # the same client as the REST rows (go loadgen, else Python threads)
+        rest1, grpc1 = results["edgefleet c=1"], results["edgefleet-grpc c=1"]
+        out["grpc_p50_over_rest"] = grpc1["p50_ms"] / rest1["p50_ms"]
+        out["grpc_p50_overhead_over_rest"] = (grpc1["p50_ms"] - raw1["p50_ms"]) / (rest1["p50_ms"] - raw1["p50_ms"])
+        out["grpc_c8_throughput_over_rest"] = (results["edgefleet-grpc c=8"]["throughput_rps"]
+                                               / results["edgefleet c=8"]["throughput_rps"])
     if "edgefleet+monitoring c=1" in results:
         monitored = results["edgefleet+monitoring c=1"]["p50_ms"]
         out["monitoring_p50_overhead_ms"] = monitored - results["edgefleet c=1"]["p50_ms"]
@@ -704,7 +807,8 @@ def round_ratios(results: dict) -> dict:
 
 TARGETS = {"json_p50_overhead_ms": ("<=", 0.1), "binary_p50_overhead_ms": ("<=", 0.1),
            "c8_throughput_share_of_raw": (">=", 0.25), "c8_throughput_over_kserve": (">=", 4.0),
-           "monitoring_p50_overhead_ms": ("<=", 0.02)}  # fmt: skip
+           "monitoring_p50_overhead_ms": ("<=", 0.02), "grpc_p50_over_rest": ("<=", 1.5),
+           "grpc_p50_overhead_over_rest": ("<=", 1.5), "grpc_c8_throughput_over_rest": (">=", 1.0)}  # fmt: skip
 
 
 def goals(rounds: list[dict]) -> dict:
@@ -741,7 +845,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="repeat every case; the table shows medians")
     ap.add_argument("--kserve-venv", type=Path, default=CACHE / "kserve-venv")
     ap.add_argument("--skip-kserve", action="store_true")
-    ap.add_argument("--skip-alternatives", action="store_true", help="leave out granian and uvicorn")
+    ap.add_argument("--skip-alternatives", action="store_true",
+                    help="leave out granian, uvicorn and the grpcio floor rows")
     ap.add_argument("--baseline-rev", help="also run the runtime package of this git revision (e.g. fd1974e)")
     ap.add_argument("--monitoring", action="store_true",
                     help="also run edgefleet+monitoring: --monitoring, a drift reference and a hard-example spool")
@@ -801,10 +906,12 @@ def main() -> int:
             run_edgefleet("edgefleet+monitoring", model, cases, args, results, grpc_too=False, extra=monitoring)
         if args.baseline_rev:
             env = {**os.environ, "PYTHONPATH": str(baseline)}
-            run_edgefleet(f"edgefleet@{args.baseline_rev}", model, cases, args, results, env, baseline, False)
+            run_edgefleet(f"edgefleet@{args.baseline_rev}", model, cases, args, results, env, baseline)
         if not args.skip_alternatives:
             for kind in ("granian", "uvicorn"):
                 run_alt(kind, model, cases, args, results, notes if i == 0 else [])
+            for kind in ("sync", "aio"):
+                run_grpc_floor(kind, cases, args, results)
         if not args.skip_kserve:
             run_kserve(model, cases, args, results, notes)
         rounds.append(results)

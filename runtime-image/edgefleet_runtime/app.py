@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
@@ -17,21 +18,24 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__, trust
 from .backends import Backend, ModelLoadError, TensorSpec, open_backend, read_model
-from .budget import Lease, MemoryBudget
+from .budget import MemoryBudget
+from .dataplane import Control, DataPlane
+from .dataplane import LoadedModel as ServedModel
 from .digest import DigestError, digest_from_cache_path, parse_digest
 from .management import OFF_MESSAGE, Management
-from .preprocess import Bound, ImageError, Transform, TransformError
-from .protocol import (
-    MemoryRefused,
-    RequestError,
-    charge,
-    decode_infer_request,
-    encode_infer_response,
-    header_int,
-)
+from .preprocess import Bound, Transform, TransformError
+from .protocol import decode_image_request, decode_rest_request, encode_rest_response, header_int
+from .tensors import MemoryRefused, RequestError
+
+if TYPE_CHECKING:  # types only: monitor is imported when monitoring is on
+    from .monitor import Monitor
 
 log = logging.getLogger("edgefleet_runtime")
 
+Headers = dict[str, str]  # lowercase name -> value
+Body = bytes | bytearray
+Reply = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body
+WatchTarget = tuple[str, int | None, int | None, int | None]  # real path, inode, mtime, size (None: missing)
 JSON = [("Content-Type", "application/json")]
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -66,6 +70,7 @@ class Metrics:
             multiprocess_mode="livemostrecent",
         )
         self.reloads = Counter("edgefleet_runtime_reloads", "Model (re)load attempts", ["result"], registry=r)
+        self.info: Info | _ModelInfoGauge
         if self.multiprocess_dir is None:
             self.info = Info("edgefleet_runtime_model", "The model variant being served", registry=r)
         else:
@@ -82,7 +87,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self._children: dict = {}
+        self._children: dict[tuple[str, int], Counter] = {}
 
     def count_refused(self, reason: str) -> None:
         self.refused.labels(reason).inc()
@@ -101,7 +106,7 @@ def _multiprocess_registry(path: str) -> CollectorRegistry:
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path)
+    multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
     return registry
 
 
@@ -154,17 +159,23 @@ class LoadedModel:
     max_batch: int = 256
     transform: Bound | None = None  # the declared pre- and post-processing, checked against this model
     inputs: dict[str, TensorSpec] = field(init=False)
+    model_outputs: dict[str, TensorSpec] = field(init=False)
+    """What the backend computes."""
     outputs: dict[str, TensorSpec] = field(init=False)
+    """What a client may ask for: the model's outputs and those of the declared post-processing."""
+    encoded: dict[str, TensorSpec] = field(init=False)
+    """Inputs that also take encoded images (BYTES): the one the declared image pre-processing feeds."""
+    body_limit: int | None = field(init=False)
     metadata_json: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.inputs = {t.name: t for t in self.backend.inputs}
-        self.model_outputs = {t.name: t for t in self.backend.outputs}  # what the backend computes
+        self.model_outputs = {t.name: t for t in self.backend.outputs}
         extra = self.transform.extra_outputs() if self.transform else []
-        self.outputs = {**self.model_outputs, **{t.name: t for t in extra}}  # what a client may ask for
+        self.outputs = {**self.model_outputs, **{t.name: t for t in extra}}
         self.body_limit = request_limit(self.backend.inputs, self.max_batch)
         image = self.transform.image if self.transform else None
-        self.encoded: dict[str, TensorSpec] = {}  # inputs that also take encoded images (BYTES)
+        self.encoded = {}
         if image is not None and self.transform and self.transform.input:
             self.encoded[self.transform.input] = TensorSpec(self.transform.input, "BYTES", (-1,))
             if self.body_limit is not None:  # the encoded images of one request: maxEncodedBytes in all
@@ -222,7 +233,7 @@ class ModelSlot:
         self.current: LoadedModel | None = None
         self._lock = threading.Lock()
         self.watch_path: str | None = None
-        self._watch_target: tuple | None = None
+        self._watch_target: WatchTarget | None = None
 
     def load(self, path: str, digest: str) -> LoadedModel:
         with self._lock:
@@ -319,12 +330,12 @@ class ModelSlot:
         self._watch_target = self._target(path)
 
     @staticmethod
-    def _target(path: str):
+    def _target(path: str) -> WatchTarget:
         real = os.path.realpath(path)
         try:
             st = os.stat(real)
         except OSError:
-            return (real, None)
+            return (real, None, None, None)
         return (real, st.st_ino, st.st_mtime_ns, st.st_size)
 
     def check_watch(self, force: bool = False) -> bool:
@@ -363,22 +374,25 @@ class ModelSlot:
 
 
 class App:
+    """The REST adapter: OIP v2 routes over the data plane (``plane``), plus /metrics and the repository routes.
+    ``slot``, ``metrics``, ``budget`` and ``monitor`` are the plane's, named here for the listeners."""
+
     def __init__(
         self,
         slot: ModelSlot,
         metrics: Metrics,
         server_name: str = "edgefleet-runtime",
         management: Management | None = None,
-        monitor=None,
+        monitor: Monitor | None = None,
         budget: MemoryBudget | None = None,
+        plane: DataPlane | None = None,
     ):
+        self.plane = plane or DataPlane(slot, metrics, budget, monitor)
         self.slot = slot
-        self.budget = budget or MemoryBudget()  # the process's, shared by every listener (HTTPServer takes it)
+        self.budget = self.plane.budget  # the process's, shared by every listener (HTTPServer takes it)
         self.metrics = metrics
-        self.management = management  # None: the repository routes are off on this port
         self.monitor = monitor  # monitor.Monitor (serve --monitoring), or None: off
-        self.control = None  # control.Control (serve --control-dir): its shadow candidate sees a sample of requests
-        self.draining = False
+        self.management = management  # None: the repository routes are off on this port
         self.server_meta = orjson.dumps(
             {"name": server_name, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
         )
@@ -386,8 +400,24 @@ class App:
         self._infer_path = f"/v2/models/{slot.name}/infer"  # the usual route, matched before any splitting
 
     @property
+    def control(self) -> Control | None:
+        return self.plane.control
+
+    @control.setter
+    def control(self, value: Control | None) -> None:
+        self.plane.control = value
+
+    @property
+    def draining(self) -> bool:
+        return self.plane.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.plane.draining = value
+
+    @property
     def ready(self) -> bool:
-        return self.slot.current is not None and not self.draining
+        return self.plane.ready
 
     def body_limit(self, method: str, path: str) -> int | None:
         """The HTTP server asks before reading a body: infer bodies as large as the model's inputs can need."""
@@ -397,7 +427,7 @@ class App:
         return SMALL_BODY
 
     # The HTTP server calls this for every request.
-    def __call__(self, method: str, path: str, headers: dict, body: bytes):
+    def __call__(self, method: str, path: str, headers: Headers, body: Body) -> Reply:
         if path == self._infer_path and method == "POST":
             try:
                 return self._infer(self.slot.name, None, headers, body)
@@ -453,13 +483,13 @@ class App:
         except RequestError as e:
             return self._error(endpoint, e)
 
-    def _error(self, endpoint: str, e: RequestError):
+    def _error(self, endpoint: str, e: RequestError) -> Reply:
         if isinstance(e, MemoryRefused):
             self.metrics.count_refused("memory_budget")
         headers = JSON if e.status != 503 else [*JSON, ("Retry-After", "1")]
         return self._reply(endpoint, e.status, orjson.dumps({"error": e.message}), headers)
 
-    def _reply(self, endpoint: str, status: int, body: bytes, headers=JSON):
+    def _reply(self, endpoint: str, status: int, body: bytes, headers: list[tuple[str, str]] = JSON) -> Reply:
         self.metrics.count(endpoint, status)
         return status, headers, body
 
@@ -468,68 +498,27 @@ class App:
         if method not in allowed:
             raise RequestError(405, f"method {method} is not allowed here; use {' or '.join(allowed)}")
 
-    def model(self, name: str, version: str | None) -> LoadedModel:
+    def model(self, name: str, version: str | None) -> ServedModel:
         """The served model if ``name``/``version`` name it; RequestError 404 otherwise."""
-        return self._model(name, version)
+        return self.plane.model(name, version)
 
-    def _model(self, name: str, version: str | None) -> LoadedModel:
-        model = self.slot.current
-        if model is None or name != model.name:
-            served = model.name if model else self.slot.name
-            raise RequestError(404, f"unknown model '{name}'; this server serves '{served}'")
-        if version not in (None, "", model.version):
-            raise RequestError(
-                404, f"model '{name}' has no version '{version}'; the served version is '{model.version}'"
-            )
-        return model
+    _model = model
 
-    def run(self, model: LoadedModel, feeds: dict, output_names: list[str]) -> dict:
-        """Run the backend (REST and gRPC); RequestError 400 when it refuses inputs, 500 when it fails. Outputs
-        of the declared post-processing are computed from the model's."""
-        names = output_names
-        if model.transform is not None and model.transform.output is not None:
-            names = [n for n in output_names if n in model.model_outputs]
-            if model.transform.output not in names and len(names) < len(output_names):
-                names.append(model.transform.output)
-        try:
-            results = model.backend.run(feeds, names)
-        except Exception as e:  # the backend refused inputs that passed metadata checks
-            msg = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
-            status = 400 if "INVALID_ARGUMENT" in msg or "InvalidArgument" in type(e).__name__ else 500
-            if status == 500:
-                log.error("inference failed", extra={"model": model.name, "error": msg})
-            raise RequestError(status, f"inference failed: {msg}") from None
-        first = next(iter(feeds.values()))
-        self.metrics.batch.observe(first.shape[0] if first.ndim else 1)
-        if self.monitor is not None:
-            self.monitor.observe(model, feeds, results)
-        shadow = self.control.shadow if self.control is not None else None
-        if shadow is not None:
-            shadow.offer(feeds, results)
-        if model.transform is not None:
-            results = model.transform.finish(results, output_names)
-        return results
-
-    def _infer(self, name, version, headers, body):
+    def _infer(self, name: str, version: str | None, headers: Headers, body: Body) -> Reply:
         t0 = time.perf_counter()
-        model = self._model(name, version)  # one reference for the whole request: safe across a swap
+        model = self.plane.model(name, version)  # one reference for the whole request: safe across a swap
         hl = headers.get("inference-header-content-length")
         header_length = None if hl is None else header_int("Inference-Header-Content-Length", hl)
         enc = headers.get("content-encoding")
         if enc and enc.lower() != "identity":
             raise RequestError(415, f"Content-Encoding {enc!r} is not supported")
         content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        with Lease(self.budget) as lease:
-            if content_type.startswith("image/"):
-                req_id, feeds, wanted = None, self._image_body(model, content_type, body, lease), [
-                    (n, False) for n in model.outputs]
+        with self.plane.lease() as lease:
+            if content_type.startswith("image/"):  # an encoded image for the declared pre-processing
+                request = decode_image_request(body, content_type, model)
             else:
-                req_id, feeds, wanted = decode_infer_request(
-                    body, header_length, model.name, model.inputs, model.outputs, lease, model.encoded
-                )
-                self._decode_images(model, feeds, lease)
-            results = self.run(model, feeds, [n for n, _ in wanted])
-            out, json_len = encode_infer_response(model.name, model.version, req_id, results, wanted)
+                request = decode_rest_request(body, header_length, model, lease)
+            out, json_len = encode_rest_response(self.plane.infer(request, lease))
         self.metrics.latency.observe(time.perf_counter() - t0)
         if json_len is None:
             return self._reply("infer", 200, out)
@@ -540,56 +529,11 @@ class App:
             [("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", str(json_len))],
         )
 
-    @staticmethod
-    def _image_body(model: LoadedModel, content_type: str, body: bytes, lease: Lease) -> dict:
-        """An image/jpeg or image/png body: one image for the input the declared pre-processing feeds."""
-        if not model.encoded:
-            raise RequestError(415, f"model '{model.name}' declares no image pre-processing "
-                                    "(EdgeModel spec.preprocessing.image); send Open Inference Protocol JSON")
-        if content_type not in ("image/jpeg", "image/png"):
-            raise RequestError(415, f"Content-Type {content_type} is not supported; send image/jpeg or image/png")
-        name = next(iter(model.encoded))
-        return {name: _decode(model, [body], lease)}
-
-    @staticmethod
-    def _decode_images(model: LoadedModel, feeds: dict, lease: Lease) -> None:
-        """Encoded images (BYTES) given for an input with declared pre-processing -> the model's tensor."""
-        for name in model.encoded:
-            arr = feeds.get(name)
-            if arr is not None and arr.dtype == object:
-                feeds[name] = _decode(model, list(arr.ravel()), lease)
-
-    def _repository(self, method: str, rest: list[str], headers: dict, body: bytes):
+    def _repository(self, method: str, rest: list[str], headers: Headers, body: Body) -> Reply:
         if self.management is None:
             raise RequestError(404, OFF_MESSAGE)
         status, out_headers, out = self.management.handle(method, rest, headers, body)
         return self._reply("repository", status, out, out_headers)
-
-
-def _decode(model: LoadedModel, images: list, lease: Lease) -> np.ndarray:
-    """Decode and transform encoded images, each one's pixels charged to the memory budget before decoding;
-    RequestError 400 naming what is wrong with a refused image."""
-    assert model.transform is not None and model.transform.image is not None
-    image = model.transform.image
-    if not images:
-        raise RequestError(400, "no image given: send at least one encoded image")
-    if sum(len(b) if isinstance(b, bytes) else 0 for b in images) > image.max_encoded_bytes:
-        raise RequestError(413, f"the request's images are over maxEncodedBytes {image.max_encoded_bytes}")
-    out = []
-    for i, data in enumerate(images):
-        if not isinstance(data, bytes):
-            raise RequestError(400, f"image {i}: send encoded images as binary data (parameters.binary_data_size) "
-                                    "or as an image/jpeg or image/png body, not as JSON text")
-        try:
-            img = image.open(data)
-            charge(lease, img.size[0] * img.size[1] * 4, f"image {i} ({img.size[0]}x{img.size[1]} decoded)")
-            img.load()
-            out.append(image.from_image(img))
-        except ImageError as e:
-            raise RequestError(400, f"image {i}: {e}") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            raise RequestError(400, f"image {i}: corrupt image: {str(e)[:200]}") from None
-    return np.stack(out)
 
 
 class ManagementApp:
@@ -599,7 +543,7 @@ class ManagementApp:
         self.app = app
         self.management = management
 
-    def __call__(self, method: str, path: str, headers: dict, body: bytes):
+    def __call__(self, method: str, path: str, headers: Headers, body: Body) -> Reply:
         parts = path.split("?", 1)[0].strip("/").split("/")
         try:
             if parts[:2] != ["v2", "repository"]:

@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .backends import BACKENDS, EXECUTION_PROVIDERS
@@ -24,6 +24,11 @@ from .exitcodes import (  # noqa: F401 - re-exported: tests and callers read the
     EXIT_USAGE,
 )
 from .trtcache import PRECISIONS
+
+if TYPE_CHECKING:
+    from .config import Limits
+    from .preprocess import Transform
+    from .trust import Policy
 
 log = logging.getLogger("edgefleet_runtime")
 
@@ -172,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bench_arguments(sub) -> None:
+def _bench_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = sub.add_parser("bench", help="measure a model (and candidates) on this node with serve's backends; JSON out")
     b.add_argument("--model", required=True, help="the reference model file (accuracy and agreement are against it)")
     b.add_argument("--eval", required=True, help="evaluation data: .npz (input -> array, labels as y), .npy or dir")
@@ -207,7 +212,7 @@ def _transform_argument(s: argparse.ArgumentParser) -> None:
     )
 
 
-def _transform(args):
+def _transform(args: argparse.Namespace) -> Transform | None:
     """The parsed --transform, or None; ValueError (TransformError) naming the field."""
     if not args.transform:
         return None
@@ -240,29 +245,6 @@ def _monitoring_arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""), help="recorded with uploads ($NODE_NAME)")
 
 
-def _monitor(args, registry):
-    """The Monitor of the flags, registered on the metrics registry; None when monitoring is off."""
-    from .monitor import HardExamples, Monitor, read_reference
-
-    if not (args.monitoring or args.hard_examples_dir or args.drift_reference or args.drift_eval):
-        return None
-    reference = read_reference(args.drift_reference) if args.drift_reference else None
-    spool = None
-    if args.hard_examples_dir:
-        spool = HardExamples(
-            args.hard_examples_dir,
-            args.hard_examples_sample_rate,
-            args.hard_examples_max_count,
-            args.hard_examples_max_bytes,
-            args.hard_examples_below,
-        )
-    monitor = Monitor(
-        args.monitor_output, args.uncertain_below, reference, args.drift_window, args.drift_threshold, spool
-    )
-    registry.register(monitor)
-    return monitor
-
-
 def _trust_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trust (signed variants: edgefleet_runtime.trust)")
     g.add_argument(
@@ -279,7 +261,7 @@ def _trust_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _policy(args):
+def _policy(args: argparse.Namespace) -> Policy:
     """The trust policy of the flags; TrustError when a key file is unusable."""
     from .trust import Policy
 
@@ -288,7 +270,7 @@ def _policy(args):
 
 def _limit_arguments(s: argparse.ArgumentParser) -> None:
     """Limits against slow, large and many clients; the defaults fit a 1 GiB pod."""
-    from .httpserver import Limits
+    from .config import Limits
 
     d = Limits()
     g = s.add_argument_group("limits (defaults fit a 1 GiB pod)")
@@ -326,20 +308,13 @@ LIMIT_FLAGS = {
     "max_connections": "max_connections", "max_body_bytes": "max_body_bytes",
     "body_budget_bytes": "body_budget_bytes", "max_concurrency": "max_concurrency",
 }
-# ModelSlot keyword -> the flag's dest
-SLOT_FLAGS = {
-    "backend": "backend", "threads": "threads", "execution_provider": "execution_provider", "delegate": "delegate",
-    "cache_dir": "cache", "max_batch": "max_batch", "precision": "precision",
-}
-
-
-def _from_args(args, flags: dict[str, str]) -> dict:
+def _from_args(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
     """Keyword arguments from the parsed flags: keyword -> getattr(args, dest)."""
     return {keyword: getattr(args, dest) for keyword, dest in flags.items()}
 
 
-def _limits(args):
-    from .httpserver import Limits
+def _limits(args: argparse.Namespace) -> Limits:
+    from .config import Limits
 
     for name in ("max_body_bytes", "max_batch", "body_budget_bytes", "max_connections", "max_concurrency"):
         if getattr(args, name) < 1:
@@ -361,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args)
     if args.command == "pipeline":
-        from .pipeline.cli import run
+        from .pipeline.cli import run as run_pipeline
 
-        return run(args, _policy, _transform, _die)
+        return run_pipeline(args, _policy, _transform, _die)
     if args.command == "cache-driver":
         from .cachedriver import run
 
@@ -412,7 +387,7 @@ def _fail(command: str, code: int, text: str) -> int:
     return code
 
 
-def _fetch(args) -> int:
+def _fetch(args: argparse.Namespace) -> int:
     from .digest import DigestError
     from .fetch import DeltaSource, FetchError, RegistryUnreachable, fetch
     from .trust import TrustError
@@ -441,7 +416,7 @@ def _fetch(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
+def _bench(args: argparse.Namespace) -> int:
     """Exit 0: every model measured; 1: some candidate failed (named in the report); 2: bad input;
     4: the reference model failed; 5: the report could not be pushed."""
     import json
@@ -482,13 +457,14 @@ def _die(code: int, msg: str) -> int:
     return _fail("serve", code, msg)
 
 
-def _serve(args, argv: list[str]) -> int:
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     """Checks that need no model, then a supervisor (--workers N > 1) or the server itself."""
     from .digest import digest_from_cache_path
     from .workers import refusal, supervise, worker_index
 
-    if refusal(args):
-        return _die(EXIT_USAGE, refusal(args))
+    refused = refusal(args)
+    if refused:
+        return _die(EXIT_USAGE, refused)
     if not os.path.exists(args.model):
         return _die(EXIT_USAGE, f"--model {args.model}: no such file")
     digest = args.digest or digest_from_cache_path(args.model)
@@ -508,172 +484,40 @@ def _serve(args, argv: list[str]) -> int:
     return _serve_model(args, digest, limits, worker_index())
 
 
-def _serve_model(args, digest: str, limits, worker: int | None) -> int:
+def _serve_model(args: argparse.Namespace, digest: str, limits: Limits, worker: int | None) -> int:
+    """One serving process: the typed config of the flags, then the Server's lifecycle under this process's
+    signals (SIGHUP: reload the watched model now; SIGTERM/SIGINT: drain and exit)."""
     hup = threading.Event()  # a SIGHUP while the model loads is kept for the loop below, not fatal
     signal.signal(signal.SIGHUP, lambda _signum, _frame: hup.set())
-    from .app import App, Metrics, ModelSlot
-    from .backends import ModelLoadError
-    from .budget import MemoryBudget
-    from .digest import DigestError
-    from .management import ManagementError
-    from .trust import TrustError
+    from .config import ServeConfig
+    from .server import Server, StartupError
     from .workers import die_with_parent
 
-    die = _die
     if worker is not None:
         die_with_parent()
-        limits = limits.shared_by(args.workers)
-        args.grpc_port = args.grpc_port if worker == 0 else None  # gRPC in one worker only
     try:
-        policy = _policy(args)
-        transform = _transform(args)
-        metrics = Metrics()
-        monitor = _monitor(args, metrics.registry)
-    except ValueError as e:  # TrustError is a ValueError
-        return die(EXIT_USAGE, str(e))
-    slot = ModelSlot(args.name, metrics, policy=policy, transform=transform, **_from_args(args, SLOT_FLAGS))
+        config = ServeConfig.from_args(args, digest, limits, worker, _transform(args))
+    except ValueError as e:  # TransformError: --transform names the field
+        return _die(EXIT_USAGE, str(e))
+    server = Server(config)
     try:
-        management = _management(args, slot)
-    except ManagementError as e:
-        return die(EXIT_USAGE, str(e))
-    try:
-        slot.load(args.model, digest)
-    except TrustError as e:
-        code = EXIT_DECRYPT if e.reason in ("Encrypted", "BadDecryption") else EXIT_SIGNATURE
-        return die(code, f"refusing to serve ({e.reason}): {e}")
-    except DigestError as e:
-        return die(EXIT_DIGEST, f"refusing to serve: {e}")
-    except (ModelLoadError, OSError) as e:
-        return die(EXIT_LOAD, f"cannot load model: {e}")
-    slot.watch(args.model)
-    try:
-        uploader = _feedback(args, monitor, slot, metrics.registry)
-    except ValueError as e:
-        return die(EXIT_USAGE, str(e))
-
-    app = App(slot, metrics, management=management if args.management_port is None else None, monitor=monitor,
-              budget=MemoryBudget(limits.body_budget_bytes))
-    app.control = _control(args, slot, metrics, policy)
-    try:
-        servers = _listeners(args, app, management, limits)
-    except (OSError, RuntimeError) as e:
-        return die(EXIT_USAGE, f"cannot listen: {e}")
-    server = servers[0]
-    for s in servers:
-        s.start()
-    metrics.ready.set(1)
-    log.info(
-        "listening",
-        extra={
-            "worker": worker,
-            "host": args.host,
-            "port": server.port,
-            "grpc_port": args.grpc_port,
-            "model": args.name,
-            "digest": slot.current.digest,
-            "watch": args.watch,
-            "management": "off" if management is None else ("port" if args.management_port else "token"),
-        },
-    )
+        server.load()
+        server.start()
+    except StartupError as e:
+        return _die(e.code, e.message)
 
     stop = threading.Event()
 
-    def on_term(signum, _frame):
+    def on_term(signum: int, _frame: object) -> None:
         log.info("signal received; shutting down", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-
-    interval = args.watch_interval if args.watch and app.control is None else 0.5
-    while not stop.wait(interval):
-        if hup.is_set():
-            hup.clear()
-            threading.Thread(target=slot.check_watch, kwargs={"force": True}, daemon=True).start()
-        elif args.watch:
-            slot.check_watch()
-        if app.control is not None:
-            app.control.poll()
-
-    app.draining = True
-    metrics.ready.set(0)
-    if args.shutdown_delay > 0:
-        time.sleep(args.shutdown_delay)
-    drained = server.shutdown(args.drain_timeout)
-    for s in servers[1:]:  # gRPC and the management port: in-flight calls finish, new ones are refused
-        s.shutdown(args.drain_timeout)
-    if monitor is not None and monitor.hard_examples is not None:
-        monitor.hard_examples.flush()  # queued hard examples reach the disk before exit
-    if uploader is not None:
-        uploader.stop()
+    server.run_until(stop, hup)
+    drained = server.drain()
     log.info("stopped", extra={"drained": drained})
     return 0 if drained else 1
-
-
-def _feedback(args, monitor, slot, registry):
-    """The drift reference from --drift-eval (computed with the loaded model) and the hard-example uploader
-    (started; None without --hard-examples-upload)."""
-    from .feedback import Uploader, eval_reference
-
-    if args.drift_eval:
-        monitor.use_reference(eval_reference(slot.current.backend, args.drift_eval, args.monitor_output))
-    if not args.hard_examples_upload:
-        return None
-    if monitor is None or monitor.hard_examples is None:
-        raise ValueError("--hard-examples-upload needs --hard-examples-dir: the spool it uploads from")
-    meta = {"model": args.name, "model-digest": slot.current.digest, "node": args.node_name,
-            "class": os.environ.get("EDGEFLEET_RUNTIME_CLASS", "")}
-    uploader = Uploader(monitor.hard_examples, args.hard_examples_upload, meta, args.hard_examples_batch,
-                        args.hard_examples_upload_interval, args.hard_examples_insecure)
-    registry.register(uploader)
-    uploader.start()
-    return uploader
-
-
-def _control(args, slot, metrics, policy):
-    """The control folder's poller (serve --control-dir), or None."""
-    if not args.control_dir:
-        return None
-    from .app import Metrics, ModelSlot
-    from .control import Control
-    from .shadow import Shadow, ShadowMetrics
-
-    shadow_metrics = ShadowMetrics(metrics.registry)
-
-    def candidate(path: str, digest: str, rate: float) -> Shadow:
-        beside = ModelSlot(args.name, Metrics(), policy=policy, **_from_args(args, SLOT_FLAGS))  # its own metrics
-        return Shadow(beside.load(path, digest), rate, shadow_metrics)
-
-    control = Control(args.control_dir, args.cache, slot, metrics.registry, candidate, {"policy": policy})
-    control.poll()
-    return control
-
-
-def _listeners(args, app, management, limits) -> list:
-    """REST on --host:--port, then the loopback management port and gRPC when asked for."""
-    from .app import ManagementApp
-    from .httpserver import HTTPServer
-
-    refused = app.metrics.count_refused
-    servers = [HTTPServer(app, args.host, args.port, limits, refused, reuse_port=limits.workers > 1)]
-    if args.management_port is not None:
-        servers.append(HTTPServer(ManagementApp(app, management), "127.0.0.1", args.management_port, limits, refused,
-                                  budget=app.budget))
-    if args.grpc_port is not None:
-        from .grpcserver import GRPCServer
-
-        servers.append(GRPCServer(app, args.host, args.grpc_port, limits))
-    return servers
-
-
-def _management(args, slot):
-    """The Management of this server, or None when it is off (the default)."""
-    from .management import Management, read_token
-
-    if args.management_token_file is None and args.management_port is None:
-        return None
-    token = read_token(args.management_token_file) if args.management_token_file else None
-    return Management(slot, token, args.management_token_file)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ def parse_digest(digest: str) -> str:
     return m.group(1)
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def file_digest(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -40,7 +40,7 @@ def file_digest(path: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def verify_file(path: str | os.PathLike, expected: str) -> str:
+def verify_file(path: str | os.PathLike[str], expected: str) -> str:
     """Hash ``path`` and compare with ``expected``; return the digest or raise DigestError."""
     want = "sha256:" + parse_digest(expected)
     got = file_digest(path)
@@ -49,7 +49,7 @@ def verify_file(path: str | os.PathLike, expected: str) -> str:
     return got
 
 
-def digest_from_cache_path(path: str | os.PathLike) -> str | None:
+def digest_from_cache_path(path: str | os.PathLike[str]) -> str | None:
     """``…/sha256/<hex>`` (after resolving symlinks) -> ``sha256:<hex>``; anything else -> None."""
     real = Path(os.path.realpath(path))
     if real.parent.name == "sha256" and _HEX.match(real.name):
@@ -57,9 +57,9 @@ def digest_from_cache_path(path: str | os.PathLike) -> str | None:
     return None
 
 
-def blob_path(cache: str | os.PathLike, digest: str) -> Path:
+def blob_path(cache: str | os.PathLike[str], digest: str) -> Path:
     return Path(cache) / "sha256" / parse_digest(digest)
 
 
-def current_path(cache: str | os.PathLike, name: str) -> Path:
+def current_path(cache: str | os.PathLike[str], name: str) -> Path:
     return Path(cache) / "current" / name

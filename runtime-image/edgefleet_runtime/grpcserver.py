@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 over gRPC: ``inference.GRPCInferenceService`` as KServe and Triton serve it.
 
-A thin transport over the same data plane as REST (``App.model`` / ``App.run`` and the tensor checks of
-``protocol``). Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer
+A thin adapter over the data plane (``dataplane``): ModelInferRequest -> ``InferRequest`` (with the tensor checks
+REST uses, from ``tensors``), ``DataPlane.infer``, ``InferResponse`` -> ModelInferResponse.
+Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer
 (typed ``contents`` or ``raw_input_contents``; outputs always as ``raw_output_contents``). Other methods
 answer UNIMPLEMENTED.
 
@@ -24,26 +25,38 @@ import logging
 import math
 import threading
 import time
+import types
+from collections.abc import Callable
 from concurrent import futures
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from . import __version__
-from .backends import NP_TO_OIP
+from .backends import NP_TO_OIP, TensorSpec
 from .budget import Lease
-from .protocol import (
+from .dataplane import DataPlane, InferRequest, InferResponse, LoadedModel, RequestedOutput
+from .tensors import (
     BYTES_ELEMENT_COST,
     MemoryRefused,
     RequestError,
-    _bytes_tensor_to_binary,
-    _decode_bytes_tensor,
     charge,
     check_finite,
+    check_missing,
     check_outputs,
     check_tensor,
+    decode_bytes_tensor,
+    tensor_to_binary,
 )
+
+if TYPE_CHECKING:
+    from .config import Limits
+
+Message = Any  # a message class built from POOL at import: its fields are unknown to a type checker
+Context = Any  # grpc.ServicerContext (grpcio ships no type hints)
+Behavior = Callable[[Any, Context], Any]
 
 log = logging.getLogger("edgefleet_runtime.grpc")
 
@@ -58,7 +71,7 @@ _PARAMS = ("parameters", 4, "map", ".inference.InferParameter")
 _CONTENTS_TYPE = ".inference.InferTensorContents"
 _TENSOR = [("name", 1, "string"), ("datatype", 2, "string"), ("shape", 3, "repeated int64")]
 # message name -> fields (name, number, type[, message type]); nested messages as "Outer.Inner"
-MESSAGES: dict[str, list[tuple]] = {
+MESSAGES: dict[str, list[tuple[Any, ...]]] = {
     "ServerLiveRequest": [],
     "ServerLiveResponse": [("live", 1, "bool")],
     "ServerReadyRequest": [],
@@ -105,7 +118,7 @@ MESSAGES: dict[str, list[tuple]] = {
 }  # fmt: skip
 
 
-def _add_field(msg: descriptor_pb2.DescriptorProto, spec: tuple) -> None:
+def _add_field(msg: descriptor_pb2.DescriptorProto, spec: tuple[Any, ...]) -> None:
     name, number, kind = spec[:3]
     f = msg.field.add(name=name, number=number, label=F.LABEL_OPTIONAL)
     words = kind.split()
@@ -145,7 +158,7 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
     return fd
 
 
-def _qualify(msg, prefix: str) -> None:
+def _qualify(msg: descriptor_pb2.DescriptorProto, prefix: str) -> None:
     for f in msg.field:
         if f.type == F.TYPE_MESSAGE and not f.type_name.startswith("."):
             f.type_name = f"{prefix}.{f.type_name}"
@@ -155,7 +168,7 @@ def _qualify(msg, prefix: str) -> None:
 
 POOL = descriptor_pool.DescriptorPool()
 POOL.Add(_file())
-pb = type("pb", (), {})  # pb.ModelInferRequest, ... : message classes by name
+pb = types.SimpleNamespace()  # pb.ModelInferRequest, ... : message classes by name
 for _name in MESSAGES:
     if "." not in _name:
         setattr(pb, _name, message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"inference.{_name}")))
@@ -176,9 +189,10 @@ MESSAGE_EXPANSION = 2  # a message in memory: its bytes and the parsed message b
 MESSAGE_RECEIVE_COST = 3  # while it arrives: gRPC's buffer, then our bytes, then the parsed message
 
 
-def decode_request(req, model, lease: Lease | None = None) -> tuple[dict, list[str]]:
-    """``(feeds, output names)`` of a ModelInferRequest, with the same checks and messages as REST; decoded
-    BYTES are charged to ``lease``."""
+def decode_request(req: Message, model: LoadedModel, lease: Lease | None = None) -> InferRequest:
+    """A ModelInferRequest as the data plane's request, with the same checks and messages as REST; decoded
+    BYTES are charged to ``lease``. Encoded images (BYTES) for the input of the model's declared pre-processing
+    are left to the data plane, as REST's."""
     if not req.inputs:
         raise RequestError(400, "field 'inputs' must be a non-empty list of tensors")
     raw = req.raw_input_contents
@@ -189,19 +203,17 @@ def decode_request(req, model, lease: Lease | None = None) -> tuple[dict, list[s
     feeds: dict[str, np.ndarray] = {}
     for i, t in enumerate(req.inputs):
         shape = list(t.shape)
-        spec, count = check_tensor(t.name, t.datatype, shape, model.name, model.inputs, feeds)
+        spec, count = check_tensor(t.name, t.datatype, shape, model.name, model.inputs, feeds, model.encoded)
         arr = _raw_tensor(t.name, raw[i], spec, count, lease) if raw else _typed_tensor(t, spec, count, lease)
         feeds[t.name] = arr.reshape(shape)
-    missing = [n for n in model.inputs if n not in feeds]
-    if missing:
-        raise RequestError(400, f"missing input(s) for model '{model.name}': {', '.join(missing)}")
+    check_missing(model.name, model.inputs, feeds)
     names = check_outputs([o.name for o in req.outputs], model.name, model.outputs) or list(model.outputs)
-    return feeds, names
+    return InferRequest(model, feeds, [RequestedOutput(n) for n in names], req.id)
 
 
-def _raw_tensor(name: str, buf: bytes, spec, count: int, lease: Lease | None) -> np.ndarray:
+def _raw_tensor(name: str, buf: bytes, spec: TensorSpec, count: int, lease: Lease | None) -> np.ndarray:
     if spec.datatype == "BYTES":
-        return _decode_bytes_tensor(memoryview(buf), count, name, lease)
+        return decode_bytes_tensor(memoryview(buf), count, name, lease)
     want = count * spec.dtype.itemsize
     if len(buf) != want:
         raise RequestError(
@@ -210,7 +222,7 @@ def _raw_tensor(name: str, buf: bytes, spec, count: int, lease: Lease | None) ->
     return check_finite(name, np.frombuffer(buf, dtype=spec.dtype.newbyteorder("<")), spec.datatype)
 
 
-def _typed_tensor(t, spec, count: int, lease: Lease | None) -> np.ndarray:
+def _typed_tensor(t: Message, spec: TensorSpec, count: int, lease: Lease | None) -> np.ndarray:
     field = _CONTENTS.get(spec.datatype)
     if field is None:
         raise RequestError(400, f"input '{t.name}': {spec.datatype} has no typed contents; send raw_input_contents")
@@ -230,56 +242,54 @@ def _typed_tensor(t, spec, count: int, lease: Lease | None) -> np.ndarray:
     return check_finite(t.name, arr.astype(spec.dtype, copy=False), spec.datatype)
 
 
-def encode_response(model, req_id: str, results: dict, names: list[str]):
-    resp = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=req_id)
-    for n in names:
-        arr = results[n]
-        datatype = NP_TO_OIP.get(arr.dtype, "BYTES")
-        resp.outputs.add(name=n, datatype=datatype, shape=arr.shape)
-        if datatype == "BYTES":
-            resp.raw_output_contents.append(_bytes_tensor_to_binary(arr))
-        else:
-            resp.raw_output_contents.append(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
-    return resp
+def encode_response(resp: InferResponse) -> Message:
+    """The data plane's response as a ModelInferResponse: every output as raw_output_contents."""
+    out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id or "")
+    for o in resp.outputs:
+        datatype = NP_TO_OIP.get(o.data.dtype, "BYTES")
+        out.outputs.add(name=o.name, datatype=datatype, shape=o.data.shape)
+        out.raw_output_contents.append(tensor_to_binary(o.data, datatype))
+    return out
 
 
 class InferenceService:
-    """The service's methods; ``app`` is the REST App (one data plane, one model slot, one set of metrics)."""
+    """The service's methods over ``plane``, the data plane REST serves too (one model slot, one set of metrics)."""
 
-    def __init__(self, app, limits):
-        self.app = app
+    def __init__(self, plane: DataPlane, limits: Limits):
+        self.plane = plane
         self.limits = limits
         self._running = 0
         self._lock = threading.Lock()
 
-    def _fail(self, context, e: RequestError):
-        self.app.metrics.count("grpc", e.status)
+    def _fail(self, context: Context, e: RequestError) -> NoReturn:
+        self.plane.metrics.count("grpc", e.status)
         if isinstance(e, MemoryRefused):
-            self.app.metrics.count_refused("memory_budget")
+            self.plane.metrics.count_refused("memory_budget")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message)
         context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+        raise AssertionError("context.abort raises")  # grpcio's abort never returns
 
-    def ServerLive(self, request, context):
+    def ServerLive(self, request: Message, context: Context) -> Message:
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.app.ready)
+    def ServerReady(self, request: Message, context: Context) -> Message:
+        return pb.ServerReadyResponse(ready=self.plane.ready)
 
-    def ModelReady(self, request, context):
+    def ModelReady(self, request: Message, context: Context) -> Message:
         try:
-            self.app.model(request.name, request.version)
+            self.plane.model(request.name, request.version)
         except RequestError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.app.ready)
+        return pb.ModelReadyResponse(ready=self.plane.ready)
 
-    def ServerMetadata(self, request, context):
+    def ServerMetadata(self, request: Message, context: Context) -> Message:
         return pb.ServerMetadataResponse(
             name="edgefleet-runtime", version=__version__, extensions=["binary_tensor_data"]
         )
 
-    def ModelMetadata(self, request, context):
+    def ModelMetadata(self, request: Message, context: Context) -> Message:
         try:
-            m = self.app.model(request.name, request.version)
+            m = self.plane.model(request.name, request.version)
         except RequestError as e:
             return self._fail(context, e)
         resp = pb.ModelMetadataResponse(name=m.name, versions=[m.version], platform=m.backend.platform)
@@ -288,14 +298,14 @@ class InferenceService:
                 dst.add(name=t.name, datatype=t.datatype, shape=t.shape)
         return resp
 
-    def ModelInfer(self, raw: bytes, context):
+    def ModelInfer(self, raw: bytes, context: Context) -> Message:
         """``raw`` is the undecoded message: its size is checked against the model's limit before parsing."""
         with self._lock:
             over = self._running >= self.limits.max_concurrency
             if not over:
                 self._running += 1
         if over:
-            self.app.metrics.count_refused("concurrency")
+            self.plane.metrics.count_refused("concurrency")
             context.set_trailing_metadata((("retry-after", "1"),))
             return self._fail(context, RequestError(503, "the server is at its concurrency limit; retry after 1 s"))
         try:
@@ -306,34 +316,32 @@ class InferenceService:
             with self._lock:
                 self._running -= 1
 
-    def _infer(self, raw: bytes, context):
+    def _infer(self, raw: bytes, context: Context) -> Message:
         t0 = time.perf_counter()
-        current = self.app.slot.current
+        current = self.plane.slot.current
         limit = min(self.limits.max_body_bytes, (current.body_limit if current else None) or math.inf)
         if len(raw) > limit:
-            self.app.metrics.count_refused("body_too_large")
+            self.plane.metrics.count_refused("body_too_large")
             raise RequestError(413, f"message of {len(raw)} bytes is over the limit of {limit} bytes (what the "
                                     "model's inputs can need at --max-batch, capped by --max-body-bytes)")
-        with Lease(self.app.budget) as lease:
+        with self.plane.lease() as lease:
             charge(lease, len(raw) * MESSAGE_EXPANSION, f"a message of {len(raw)} bytes")
             try:
                 req = pb.ModelInferRequest.FromString(raw)
             except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between its implementations
                 raise RequestError(400, "malformed ModelInferRequest message") from None
-            model = self.app.model(req.model_name, req.model_version)
-            feeds, names = decode_request(req, model, lease)
-            results = self.app.run(model, feeds, names)
-            resp = encode_response(model, req.id, results, names)
-        self.app.metrics.count("grpc", 200)
-        self.app.metrics.latency.observe(time.perf_counter() - t0)
+            model = self.plane.model(req.model_name, req.model_version)
+            resp = encode_response(self.plane.infer(decode_request(req, model, lease), lease))
+        self.plane.metrics.count("grpc", 200)
+        self.plane.metrics.latency.observe(time.perf_counter() - t0)
         return resp
 
 
 _reached = threading.local()  # .value: this pool thread's call got as far as our method
 
 
-def _reaching(behavior):
-    def run(request, context):
+def _reaching(behavior: Behavior) -> Behavior:
+    def run(request: Any, context: Context) -> Any:
         _reached.value = True
         return behavior(request, context)
 
@@ -346,14 +354,14 @@ class _Pool(futures.ThreadPoolExecutor):
     ``grpc.max_receive_message_length``, i.e. --max-body-bytes), could not parse it, or its client went away
     before sending it."""
 
-    def __init__(self, refused, **kwargs):
+    def __init__(self, refused: Callable[[str], None], **kwargs: Any):
         super().__init__(**kwargs)
         self.refused = refused
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
         return super().submit(self._watched, fn, *args, **kwargs)
 
-    def _watched(self, fn, *args, **kwargs):
+    def _watched(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         _reached.value = False
         try:
             return fn(*args, **kwargs)
@@ -362,17 +370,17 @@ class _Pool(futures.ThreadPoolExecutor):
                 self.refused("grpc_message_refused")
 
 
-class _Handler(grpc.GenericRpcHandler):
+class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpcio ships no type hints
     """The service's methods. grpcio asks for them at the start of every call, just before it checks its own
     limit on calls in progress (``maximum_concurrent_rpcs``), under the same lock: a call over that limit is
     counted here as ``grpc_queue_full`` (grpcio answers it RESOURCE_EXHAUSTED without calling us)."""
 
-    def __init__(self, methods: dict, refused):
+    def __init__(self, methods: dict[str, Any], refused: Callable[[str], None]):
         self.methods = methods
         self.refused = refused
-        self.server = None  # set once the grpc server exists
+        self.server: Any = None  # set once the grpc server exists
 
-    def service(self, handler_call_details):
+    def service(self, handler_call_details: Any) -> Any:
         state = getattr(self.server, "_state", None)  # grpcio's own bookkeeping (private; absent: no count)
         limit = getattr(state, "maximum_concurrent_rpcs", None)
         if limit is not None and getattr(state, "active_rpc_count", 0) >= limit:
@@ -381,7 +389,7 @@ class _Handler(grpc.GenericRpcHandler):
 
 
 def _handler(service: InferenceService) -> _Handler:
-    def unary(method, request_type, response_type=None, raw=False):
+    def unary(method: str, request_type: Any, response_type: Any = None, raw: bool = False) -> Any:
         return grpc.unary_unary_rpc_method_handler(
             _reaching(getattr(service, method)),
             request_deserializer=None if raw else request_type.FromString,
@@ -399,18 +407,18 @@ def _handler(service: InferenceService) -> _Handler:
             "ModelInfer": unary("ModelInfer", None, pb.ModelInferResponse, raw=True),
         }.items()
     }
-    return _Handler(methods, service.app.metrics.count_refused)
+    return _Handler(methods, service.plane.metrics.count_refused)
 
 
-def message_limit(app, limits) -> int:
+def message_limit(plane: DataPlane, limits: Limits) -> int:
     """gRPC's own limit on a message (it refuses larger ones while they arrive): what the model served at start-up
     can need (``LoadedModel.body_limit``), capped by --max-body-bytes. A model swapped in later whose inputs need
     more is served larger messages only after a restart (the refusal says so)."""
-    current = app.slot.current
+    current = plane.slot.current
     return min(limits.max_body_bytes, (current.body_limit if current else None) or limits.max_body_bytes)
 
 
-def receivers(limits, largest: int) -> int:
+def receivers(limits: Limits, largest: int) -> int:
     """Pool threads: calls whose messages gRPC takes in at once (a call waiting for a thread is held back by HTTP/2
     flow control), a few beyond the concurrency limit so that refusals are answered, not queued; at most as many
     as the memory budget holds messages of the ``largest`` size while they arrive (MESSAGE_RECEIVE_COST each)."""
@@ -419,9 +427,9 @@ def receivers(limits, largest: int) -> int:
 
 
 class GRPCServer:
-    def __init__(self, app, host: str, port: int, limits):
-        self.service = InferenceService(app, limits)
-        largest = message_limit(app, limits)
+    def __init__(self, plane: DataPlane, host: str, port: int, limits: Limits):
+        self.service = InferenceService(plane, limits)
+        largest = message_limit(plane, limits)
         options = [
             ("grpc.max_receive_message_length", largest),
             ("grpc.max_send_message_length", -1),

@@ -26,17 +26,20 @@ keep-alive connections, and wait for busy ones up to a deadline.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
+from typing import NoReturn, cast
 
-from .budget import DEFAULT_BYTES, MemoryBudget
+from .budget import MemoryBudget
+from .config import Limits
+
+__all__ = ["HTTPServer", "Limits", "RequestParser"]  # Limits: where callers have always found it
 
 log = logging.getLogger("edgefleet_runtime.http")
 
@@ -56,47 +59,15 @@ BODY_PIECE = 65536  # bodies are read in pieces of this size, each one marking t
 _FRAMING = ("content-length", "transfer-encoding", "host", "inference-header-content-length")
 
 # app(method, path, headers(lowercase name -> value), body) -> (status, [(name, value)], body)
-App = Callable[[str, str, dict, bytes], tuple[int, list, bytes]]
-
-
-@dataclass(frozen=True)
-class Limits:
-    header_seconds: float = 10.0
-    """Deadline for the request line and all headers, from the first byte."""
-    body_seconds: float = 30.0
-    """Deadline for the whole body, from the end of the headers."""
-    idle_seconds: float = 75.0
-    """Keep-alive: close a connection that sends nothing for this long."""
-    write_seconds: float = 30.0
-    """Deadline for sending one response (a client that does not read)."""
-    max_connections: int = 256
-    max_body_bytes: int = 32 << 20
-    """No body is larger, whatever the route."""
-    body_budget_bytes: int = DEFAULT_BYTES
-    """All bodies in flight together (JSON counted JSON_EXPANSION times), and what decoding them takes: the
-    process's memory budget (``budget.MemoryBudget``), shared with gRPC."""
-    max_concurrency: int = max(16, 4 * (os.cpu_count() or 1))
-    """Requests with a body in the app at once; more get 503 with Retry-After."""
-    max_line_bytes: int = 8192
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    workers: int = 1
-    """Processes sharing the port (serve --workers); the caps above are this process's share."""
-
-    def shared_by(self, workers: int) -> Limits:
-        """This process's share when ``workers`` processes serve the port: the connection cap, the body budget
-        and the concurrency cap divided (at least 1 each); per-request limits and deadlines stay."""
-        return replace(
-            self,
-            workers=workers,
-            max_connections=max(1, self.max_connections // workers),
-            body_budget_bytes=max(1, self.body_budget_bytes // workers),
-            max_concurrency=max(1, self.max_concurrency // workers),
-        )
+Headers = dict[str, str]
+App = Callable[[str, str, Headers, bytes | bytearray], tuple[int, list[tuple[str, str]], bytes]]
+Reader = io.BufferedReader  # the socket's buffered reader
+Alive = Callable[[], None]
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, reason: str = "bad_request", headers=()):
+    def __init__(self, status: int, message: str, reason: str = "bad_request",
+                 headers: Sequence[tuple[str, str]] = ()):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -121,7 +92,7 @@ _TIMEOUT_REASON = {IDLE: "idle_timeout", HEAD: "header_timeout", BODY: "body_tim
 class _Conn:
     __slots__ = ("sock", "state", "since", "deadline", "closed_by", "heard")
 
-    def __init__(self, sock, idle_seconds: float):
+    def __init__(self, sock: socket.socket, idle_seconds: float):
         self.sock = sock
         self.state = IDLE
         self.since = self.heard = time.monotonic()
@@ -234,7 +205,8 @@ class HTTPServer:
                     self.refused(reason)
                 c.close(reason)
 
-    def _reject(self, sock, status, message, headers=()):
+    def _reject(self, sock: socket.socket, status: int, message: str,
+                headers: tuple[tuple[str, str], ...] = ()) -> None:
         try:
             sock.settimeout(1.0)
             body = _error_body(message)
@@ -276,7 +248,7 @@ class HTTPServer:
 
     # ------------------------------------------------------------------ per connection
     @staticmethod
-    def _head(status: int, headers: list, length: int, keep_alive: bool) -> bytes:
+    def _head(status: int, headers: list[tuple[str, str]], length: int, keep_alive: bool) -> bytes:
         lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
         lines.extend(f"{k}: {v}" for k, v in headers)
         lines.append(f"Content-Length: {length}")
@@ -288,7 +260,7 @@ class HTTPServer:
         sock = conn.sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            rfile = sock.makefile("rb", 65536)
+            rfile = cast(Reader, sock.makefile("rb", 65536))
             keep = True
             while keep and not self.stopping:
                 conn.enter(IDLE, self.limits.idle_seconds)
@@ -308,7 +280,7 @@ class HTTPServer:
             except OSError:
                 pass
 
-    def _one_request(self, conn: _Conn, rfile) -> bool:
+    def _one_request(self, conn: _Conn, rfile: Reader) -> bool:
         """Read one request, answer it; return keep-alive."""
         reserved = 0
         try:
@@ -329,7 +301,8 @@ class HTTPServer:
             if reserved:
                 self.budget.give(reserved)
 
-    def _answer(self, conn, method, path, version, headers, body) -> bool:
+    def _answer(self, conn: _Conn, method: str, path: str, version: bytes, headers: Headers,
+                body: bytes | bytearray) -> bool:
         conn_hdr = headers.get("connection", "").lower()
         keep = (version == b"HTTP/1.1" and "close" not in conn_hdr) or (
             version == b"HTTP/1.0" and "keep-alive" in conn_hdr
@@ -363,7 +336,7 @@ class HTTPServer:
         return keep
 
     @staticmethod
-    def _linger(sock, seconds: float = 1.0, limit: int = 1 << 20) -> None:
+    def _linger(sock: socket.socket, seconds: float = 1.0, limit: int = 1 << 20) -> None:
         """Discard a little of what the client is still sending so that it reads our error, not a reset."""
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -381,7 +354,8 @@ class HTTPServer:
         except OSError:
             pass
 
-    def _send(self, conn: _Conn, status, headers, body, keep, length=None):
+    def _send(self, conn: _Conn, status: int, headers: list[tuple[str, str]], body: bytes, keep: bool,
+              length: int | None = None) -> None:
         conn.enter(WRITE, self.limits.write_seconds)
         head = self._head(status, headers, len(body) if length is None else length, keep)
         try:
@@ -394,7 +368,7 @@ class HTTPServer:
             pass
 
     # ------------------------------------------------------------------ bodies
-    def _admit_body(self, method, path, version, headers) -> tuple[int, int]:
+    def _admit_body(self, method: str, path: str, version: bytes, headers: Headers) -> tuple[int, int]:
         """Check framing headers and limits before reading a byte of body; return (bytes reserved, body limit)."""
         chunked, size = self.parser.body_framing(version, headers)
         limit = self._limit_for(method, path)
@@ -430,7 +404,7 @@ class HTTPServer:
         return (f"request body of {size} bytes is over this route's limit of {limit} bytes (what the model's "
                 "inputs can need at --max-batch, capped by --max-body-bytes)")
 
-    def _read_body(self, conn: _Conn, rfile, headers, limit: int) -> bytes | bytearray:
+    def _read_body(self, conn: _Conn, rfile: Reader, headers: Headers, limit: int) -> bytes | bytearray:
         chunked = "transfer-encoding" in headers
         if not chunked and headers.get("content-length", "0") == "0":
             return b""
@@ -446,7 +420,7 @@ class RequestParser:
     def __init__(self, limits: Limits):
         self.limits = limits
 
-    def line(self, rfile, what: str, line: bytes | None = None) -> bytes:
+    def line(self, rfile: Reader, what: str, line: bytes | None = None) -> bytes:
         """One CRLF-terminated line without its CRLF (``line``: already read); 4xx or _Closed otherwise."""
         if line is None:
             line = rfile.readline(self.limits.max_line_bytes + 1)
@@ -463,7 +437,7 @@ class RequestParser:
             raise HTTPError(400, f"bare CR in {what}")
         return line[:-2]
 
-    def read_head(self, rfile):
+    def read_head(self, rfile: Reader) -> tuple[str, str, bytes, Headers]:
         raw = rfile.readline(self.limits.max_line_bytes + 1)
         m = _REQUEST_LINE.fullmatch(raw)
         if m is None:  # the slow path says exactly what is wrong (or skips leading empty lines)
@@ -475,7 +449,7 @@ class RequestParser:
             raise HTTPError(400, "HTTP/1.1 request without a Host header")
         return method.decode("ascii"), target.decode("ascii"), version, headers
 
-    def _request_line(self, rfile, raw: bytes):
+    def _request_line(self, rfile: Reader, raw: bytes) -> tuple[bytes, bytes, bytes]:
         line = self.line(rfile, "request line", raw)
         for _ in range(4):  # RFC 9112 2.2: ignore a few empty lines before the request line
             if line:
@@ -491,7 +465,7 @@ class RequestParser:
             raise HTTPError(400, "the request target must be a path of printable ASCII starting with /")
         return method, target, version
 
-    def read_fields(self, rfile, what: str) -> dict[str, str]:
+    def read_fields(self, rfile: Reader, what: str) -> dict[str, str]:
         fields: dict[str, str] = {}
         total = 0
         limit = self.limits.max_line_bytes + 1
@@ -505,6 +479,7 @@ class RequestParser:
                 if raw == b"\r\n":
                     return fields
                 self._bad_field(rfile, raw, what)
+                continue  # not reached: _bad_field raises
             name, value = m.groups()
             key = name.lower().decode("ascii")
             text = value.decode("latin-1").rstrip(" \t")
@@ -516,7 +491,7 @@ class RequestParser:
                 fields[key] = text
         raise HTTPError(431, f"more than {self.limits.max_headers} {what}s")
 
-    def _bad_field(self, rfile, raw: bytes, what: str):
+    def _bad_field(self, rfile: Reader, raw: bytes, what: str) -> NoReturn:
         """Raise the error that says what is wrong with a field line the fast pattern refused."""
         line = self.line(rfile, f"{what} line", raw)
         name, sep, value = line.partition(b":")
@@ -526,7 +501,7 @@ class RequestParser:
         raise HTTPError(400, f"{what} {name.decode()} has a control character in its value")
 
     @staticmethod
-    def body_framing(version: bytes, headers: dict) -> tuple[bool, int]:
+    def body_framing(version: bytes, headers: Headers) -> tuple[bool, int]:
         """(chunked, Content-Length or 0) after RFC 9112 6.1-6.3 checks; 400/501/417 otherwise."""
         te = headers.get("transfer-encoding")
         cl = headers.get("content-length")
@@ -544,14 +519,14 @@ class RequestParser:
             raise HTTPError(417, f"Expect {expect[:40]!r} is not supported")
         return te is not None, int(cl) if cl is not None else 0
 
-    def read_body(self, rfile, headers: dict, limit: int, alive=lambda: None) -> bytes | bytearray:
+    def read_body(self, rfile: Reader, headers: Headers, limit: int, alive: Alive = lambda: None) -> bytes | bytearray:
         """The body whose framing ``body_framing`` accepted (at most ``limit`` bytes); ``alive()`` after each
         piece that arrives."""
         if "transfer-encoding" in headers:
             return self.read_chunked(rfile, limit, alive)
         return _read_exact(rfile, int(headers.get("content-length", "0")), alive, "body")
 
-    def read_chunked(self, rfile, limit: int, alive=lambda: None) -> bytes:
+    def read_chunked(self, rfile: Reader, limit: int, alive: Alive = lambda: None) -> bytes:
         """RFC 9112 7.1: hex sizes only, each chunk's data followed by CRLF, trailers read and dropped."""
         body = bytearray()  # one buffer: tiny chunks cost no per-chunk objects
         while True:
@@ -578,7 +553,7 @@ class RequestParser:
                 raise HTTPError(400, f"chunk data is longer than its size {size} (no CRLF after it)")
 
 
-def _read_exact(rfile, n: int, alive, what: str) -> bytes | bytearray:
+def _read_exact(rfile: Reader, n: int, alive: Alive, what: str) -> bytes | bytearray:
     """``n`` bytes in pieces of BODY_PIECE, calling ``alive()`` after each; _Closed if the client stops short."""
     if n <= BODY_PIECE:
         data = rfile.read(n)

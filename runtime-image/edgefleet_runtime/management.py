@@ -15,13 +15,19 @@ import hmac
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import orjson
 
 from .backends import ModelLoadError
 from .digest import DigestError, blob_path, parse_digest
-from .protocol import RequestError
+from .tensors import RequestError
 from .trust import TrustError
+
+if TYPE_CHECKING:
+    from .app import ModelSlot
+
+Reply = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body
 
 log = logging.getLogger("edgefleet_runtime")
 
@@ -52,7 +58,7 @@ def read_token(path: str) -> bytes:
     return token
 
 
-def _file_version(path: str):
+def _file_version(path: str) -> tuple[int, int, int] | None:
     """What changes when the file is replaced or rewritten (a Secret update swaps a symlink): None if unreadable."""
     try:
         st = os.stat(path)
@@ -66,10 +72,11 @@ class Management:
     With ``token_file``, the token is read again whenever the file changes (a rotated Secret); a file that
     becomes unusable refuses every request (503 naming the problem) until it is fixed."""
 
-    def __init__(self, slot, token: bytes | None, token_file: str | None = None):
+    def __init__(self, slot: ModelSlot, token: bytes | None, token_file: str | None = None):
         if not slot.cache_dir:
             raise ManagementError("the management API needs --cache DIR: it loads only models in the node cache")
         self.slot = slot
+        self.cache_dir: str = slot.cache_dir
         self.token = token
         self.token_file = token_file
         self._token_version = _file_version(token_file) if token_file else None
@@ -92,7 +99,7 @@ class Management:
                 raise RequestError(503, f"the management API is unavailable: {self._token_error}")
             return self.token
 
-    def authorized(self, headers: dict) -> bool:
+    def authorized(self, headers: dict[str, str]) -> bool:
         token = self._current_token()
         if token is None:
             return True
@@ -101,7 +108,7 @@ class Management:
             return False
         return hmac.compare_digest(given.strip().encode("latin-1"), token)
 
-    def handle(self, method: str, rest: list[str], headers: dict, body: bytes) -> tuple[int, list, bytes]:
+    def handle(self, method: str, rest: list[str], headers: dict[str, str], body: bytes | bytearray) -> Reply:
         if not self.authorized(headers):
             raise RequestError(
                 401, "the management API needs the header Authorization: Bearer <token from --management-token-file>"
@@ -114,19 +121,19 @@ class Management:
             return self._load_or_unload(rest[1], rest[2], body)
         raise RequestError(404, f"no repository route /v2/repository/{'/'.join(rest)}")
 
-    def _index(self) -> list[dict]:
+    def _index(self) -> list[dict[str, str]]:
         m = self.slot.current
         if m is None:
             return []
         return [{"name": m.name, "version": m.version, "state": "READY", "reason": ""}]
 
-    def _load_or_unload(self, name: str, action: str, body: bytes) -> tuple[int, list, bytes]:
+    def _load_or_unload(self, name: str, action: str, body: bytes | bytearray) -> Reply:
         if name != self.slot.name:
             raise RequestError(404, f"unknown model '{name}'; this server serves '{self.slot.name}'")
         if action == "unload":
             raise RequestError(400, "unload is not supported: this server always serves one model")
         digest = _digest_parameter(body)
-        path = blob_path(self.slot.cache_dir, digest)
+        path = blob_path(self.cache_dir, digest)
         if not os.path.isfile(path):
             raise RequestError(
                 404, f"parameters.digest {digest} is not in the node cache; fetch it first (edgefleet-runtime fetch)"
@@ -144,7 +151,7 @@ class Management:
         return 200, JSON, orjson.dumps({"name": model.name, "version": model.version, "digest": model.digest})
 
 
-def _digest_parameter(body: bytes) -> str:
+def _digest_parameter(body: bytes | bytearray) -> str:
     try:
         req = orjson.loads(body) if body else {}
     except orjson.JSONDecodeError as e:

@@ -36,9 +36,11 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 log = logging.getLogger("edgefleet_runtime.monitor")
@@ -69,7 +71,7 @@ def input_means(first_input: np.ndarray) -> np.ndarray:
     return first_input.reshape(n, -1).astype(np.float64, copy=False).mean(1)
 
 
-def psi(actual: np.ndarray, expected: np.ndarray) -> float:
+def psi(actual: ArrayLike, expected: ArrayLike) -> float:
     """Population stability index of two count (or proportion) vectors of the same bins."""
     a = np.asarray(actual, np.float64)
     e = np.asarray(expected, np.float64)
@@ -198,7 +200,7 @@ class Monitor:
         self._low = 0
         self._output_name = output or ""
         self._input_edges = list(reference.get("inputEdges", [])) if reference else []
-        self.window = None
+        self.window: Window | None = None
         self.window_size = window
         if reference:
             self.use_reference(reference)
@@ -266,7 +268,10 @@ class Monitor:
             self._confidence[b] += 1
 
     def _add_window(self, classes: list[int], cbins: list[int], feeds: dict) -> None:
-        k = len(self.window.counts["classes"])
+        window = self.window
+        if window is None:  # no reference yet: nothing to compare
+            return
+        k = len(window.counts["classes"])
         ibins = [0] * len(classes)
         if self._input_edges and feeds:
             first = next(iter(feeds.values()))
@@ -276,11 +281,11 @@ class Monitor:
                 means = input_means(first).tolist()
             if len(means) == len(classes):
                 ibins = [bisect.bisect_right(self._input_edges, m) for m in means]
-        self.window.add({"classes": [min(c, k - 1) for c in classes], "confidence": cbins, "input": ibins})
+        window.add({"classes": [min(c, k - 1) for c in classes], "confidence": cbins, "input": ibins})
 
     def drift(self) -> dict[str, float]:
         """PSI per statistic of the current window against the reference ({} without a reference)."""
-        if self.window is None or self.window.filled == 0:
+        if self.window is None or self.window.filled == 0 or self.reference is None:
             return {}
         out = {}
         for k in ("classes", "confidence", "input"):
@@ -364,7 +369,8 @@ class HardExamples:
         self.dropped: dict[str, int] = {"full": 0, "queue_full": 0, "write_failed": 0}
         self._queue: queue.Queue = queue.Queue(self.QUEUE)
         self._lock = threading.Lock()
-        self.on_spooled = None  # called with the number of stored examples after each write (the uploader)
+        # called with the number of stored examples after each write (the uploader)
+        self.on_spooled: Callable[[int], None] | None = None
         self._writer = threading.Thread(target=self._write_loop, name="hard-examples", daemon=True)
         self._writer.start()
 

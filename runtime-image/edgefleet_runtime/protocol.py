@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 (REST) request decoding and response encoding.
+"""Open Inference Protocol v2 (REST) codec: infer bodies to the data plane's InferRequest, InferResponse to bodies.
 
 Supports JSON tensors (flat or nested ``data``) and the binary tensor data extension: the body is
 a JSON header of ``Inference-Header-Content-Length`` bytes followed by raw little-endian tensor
@@ -10,55 +10,31 @@ from __future__ import annotations
 
 import math
 import re
-import struct
-import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
 
 import numpy as np
 import orjson
 
-from .backends import NP_TO_OIP, OIP_TO_NP, TensorSpec
-from .budget import BudgetExceeded, Lease
+from .backends import NP_TO_OIP, TensorSpec
+from .budget import Lease
+from .dataplane import InferRequest, InferResponse, LoadedModel, RequestedOutput
+from .tensors import (  # noqa: F401 - RequestError and MemoryRefused are re-exported: callers catch them here
+    MemoryRefused,
+    RequestError,
+    bad,
+    check_finite,
+    check_missing,
+    check_output_count,
+    check_outputs,
+    check_tensor,
+    decode_bytes_tensor,
+    fmt_shape,
+    tensor_to_binary,
+)
 
-MAX_ELEMENTS = 1 << 25
-"""Elements in one input at most, zero-sized dimensions counted as 1 (the default --max-body-bytes cannot carry
-more, and an empty input must not make a backend allocate an output that large): every dimension is bounded too."""
 _ASCII_DIGITS = re.compile(r"[0-9]{1,18}")  # a str pattern: [0-9] is ASCII only (str.isdigit takes '\xb2')
-# values beyond a float type's range become inf on the cast (and inf + -inf NaN in the check that refuses them)
-warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
-warnings.filterwarnings("ignore", "invalid value encountered in reduce", RuntimeWarning, __name__)
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class MemoryRefused(RequestError):
-    """The process's memory budget cannot hold a request: 413 if it never could, else 503 (retry); gRPC answers
-    both RESOURCE_EXHAUSTED."""
-
-
-BYTES_ELEMENT_COST = 96  # a decoded BYTES element beside its bytes: object pointer, bytes header, backend string
-
-
-def charge(lease: Lease | None, n: int, what: str) -> None:
-    """Hold ``n`` more bytes of the memory budget for ``what``; MemoryRefused naming the fix otherwise."""
-    if lease is None:
-        return
-    try:
-        lease.charge(n)
-    except BudgetExceeded as e:
-        if e.full:
-            raise MemoryRefused(503, f"{what} needs {n} bytes of memory; the server has too many requests in "
-                                     "flight; retry after 1 s") from None
-        raise MemoryRefused(413, f"{what} needs {e.needed} bytes of memory, more than the server's memory "
-                                 f"budget of {e.capacity} (--body-budget-bytes): send less at once") from None
-
-
-def _bad(msg: str) -> RequestError:
-    return RequestError(400, msg)
+_bad = bad
 
 
 def header_int(name: str, value: str) -> int:
@@ -68,40 +44,7 @@ def header_int(name: str, value: str) -> int:
     return int(value)
 
 
-def _fmt_shape(shape) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
-
-
-def _decode_bytes_tensor(buf: memoryview, count: int, name: str, lease: Lease | None = None) -> np.ndarray:
-    """Binary BYTES (u32 length + bytes, per element), charged at its decoded size before it is decoded."""
-    charge(lease, count * BYTES_ELEMENT_COST + len(buf), f"input '{name}' ({count} BYTES elements decoded)")
-    out, pos = [], 0
-    for _ in range(count):
-        if pos + 4 > len(buf):
-            raise _bad(f"input '{name}': BYTES binary data is truncated")
-        (n,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if pos + n > len(buf):
-            raise _bad(f"input '{name}': BYTES element of {n} bytes runs past the binary data")
-        out.append(bytes(buf[pos : pos + n]))
-        pos += n
-    if pos != len(buf):
-        raise _bad(f"input '{name}': binary_data_size does not match its BYTES elements")
-    return np.array(out, dtype=object)
-
-
-def check_finite(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
-    """Float inputs hold no NaN or infinity, whatever the transport (JSON cannot carry them; binary data and gRPC
-    can): 400 naming the input. One float64 sum decides for FP16/FP32 (finite values cannot overflow it); FP64's
-    sum can, so an infinite sum is looked at element by element."""
-    if arr.dtype.kind != "f" or not arr.size or math.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
-        return arr
-    if arr.dtype.itemsize < 8 or not np.isfinite(arr).all():
-        raise _bad(f"input '{name}': data holds NaN or infinity; {datatype} inputs must be finite numbers")
-    return arr
-
-
-def _flat(data):
+def _flat(data: list[Any]) -> Iterator[Any]:
     for v in data:
         if isinstance(v, list):
             yield from _flat(v)
@@ -109,7 +52,7 @@ def _flat(data):
             yield v
 
 
-def _first_bad(data: list, ok) -> str:
+def _first_bad(data: list[Any], ok: Callable[[Any], bool]) -> str:
     """``data[i] is ...`` for the first flat element that ``ok`` refuses (only on the error path)."""
     for i, v in enumerate(_flat(data)):
         if not ok(v):
@@ -118,7 +61,9 @@ def _first_bad(data: list, ok) -> str:
     return "data has values of mixed types"
 
 
-def _json_values(name: str, data: list, datatype: str, dtype: np.dtype, has_bools: bool = True) -> np.ndarray:
+def _json_values(
+    name: str, data: list[Any], datatype: str, dtype: np.dtype[Any], has_bools: bool = True
+) -> np.ndarray:
     """The JSON ``data`` of one input as ``dtype``; 400 naming the input for null, strings, booleans where
     numbers belong, fractions or out-of-range values for integers, and values a float type cannot hold."""
     if datatype == "BYTES":
@@ -155,87 +100,54 @@ def _json_values(name: str, data: list, datatype: str, dtype: np.dtype, has_bool
         return arr.astype(dtype)
     if kind == "f" and dtype == arr.dtype:
         return arr  # FP64 from JSON: always finite (the parser refuses NaN and Infinity)
-    out = arr.astype(dtype)  # beyond FP32/FP16's range -> inf (numpy's RuntimeWarning is filtered below)
-    # one reduction: a float64 sum of finite halves/floats is finite, of anything with inf or NaN not
-    if not math.isfinite(np.add.reduce(out, axis=None, dtype=np.float64)):
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond FP32/FP16's range -> inf, refused just below
+        out = arr.astype(dtype)
+        # one reduction: a float64 sum of finite halves/floats is finite, of anything with inf or NaN not
+        total = np.add.reduce(out, axis=None, dtype=np.float64)
+    if not math.isfinite(total):
         raise _bad(f"input '{name}': data has values beyond {datatype}'s range (a finite number is needed)")
     return out
 
 
-def check_tensor(name: str, datatype, shape, model_name: str, inputs: dict[str, TensorSpec], feeds: dict,
-                 encoded: dict[str, TensorSpec] | None = None):
-    """One input's name, datatype and shape against the model (REST and gRPC): ``(spec, element count)``.
-    ``encoded``: inputs that also take encoded images as BYTES (the model's declared pre-processing)."""
-    spec = inputs.get(name)
-    if spec is None:
-        raise _bad(f"unexpected input '{name}' for model '{model_name}'; expected inputs: {', '.join(inputs)}")
-    if name in feeds:
-        raise _bad(f"input '{name}' is given more than once")
-    if encoded and datatype == "BYTES" and name in encoded:
-        spec = encoded[name]
-    if datatype != spec.datatype:
-        if not isinstance(datatype, str) or datatype not in OIP_TO_NP:
-            raise _bad(f"input '{name}': datatype {datatype!r} is not an Open Inference Protocol datatype")
-        raise _bad(f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
-    count = size = 1  # size: the elements with zero-sized dimensions counted as 1 (what an output can take)
-    if type(shape) is list and len(shape) == len(spec.shape):
-        for d, m in zip(shape, spec.shape, strict=True):  # a plain loop: this runs for every request
-            if type(d) is not int or d < 0 or (d != m and m != -1):
-                _shape_error(name, shape, spec)
-            if d > MAX_ELEMENTS:
-                raise _bad(f"input '{name}': shape {_fmt_shape(shape)} has a dimension over {MAX_ELEMENTS}")
-            count *= d
-            size *= d or 1
-    else:
-        _shape_error(name, shape, spec)
-    if size > MAX_ELEMENTS:
-        what = f"{count} elements" if count == size else f"{size} elements (zero-sized dimensions counted as 1)"
-        raise RequestError(413, f"input '{name}': shape {_fmt_shape(shape)} means {what}; this server accepts "
-                                f"at most {MAX_ELEMENTS} per input")
-    return spec, count
+def decode_rest_request(body: bytes | bytearray, header_length: int | None, model: LoadedModel,
+                        lease: Lease | None = None) -> InferRequest:
+    """An OIP REST infer body (JSON, or JSON + binary tensor data) as the data plane's request for ``model``.
+    Encoded images (BYTES) for the input of the model's declared pre-processing are left to the data plane."""
+    req_id, feeds, wanted = decode_infer_request(body, header_length, model.name, model.inputs, model.outputs, lease,
+                                                 model.encoded)
+    return InferRequest(model, feeds, [RequestedOutput(n, b) for n, b in wanted], req_id)
 
 
-def check_output_count(count: int, model_name: str, outputs: dict[str, TensorSpec]) -> None:
-    """No more outputs requested than the model has (checked before the request's list is read)."""
-    if count > len(outputs):
-        raise _bad(f"{count} outputs requested; model '{model_name}' has {len(outputs)}: "
-                   f"{', '.join(outputs)} (name each at most once)")
+IMAGE_TYPES = ("image/jpeg", "image/png")
 
 
-def check_outputs(names: list[str], model_name: str, outputs: dict[str, TensorSpec]) -> list[str]:
-    """The requested output names (REST and gRPC): known to the model, each at most once; ``names`` unchanged."""
-    check_output_count(len(names), model_name, outputs)
-    seen: set[str] = set()
-    for n in names:
-        if n not in outputs:
-            raise _bad(f"unknown output '{n}' for model '{model_name}'; outputs: {', '.join(outputs)}")
-        if n in seen:
-            raise _bad(f"output '{n}' is requested more than once")
-        seen.add(n)
-    return names
-
-
-def _shape_error(name: str, shape, spec: TensorSpec):
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    raise _bad(
-        f"input '{name}': shape {_fmt_shape(shape)} does not match the model's {_fmt_shape(spec.shape)} (-1 = any size)"
-    )
+def decode_image_request(body: bytes | bytearray, content_type: str, model: LoadedModel) -> InferRequest:
+    """An image/jpeg or image/png body: one encoded image for the input the declared pre-processing feeds (the
+    data plane decodes it), answered with every output as JSON; 415 naming the fix otherwise."""
+    if not model.encoded:
+        raise RequestError(415, f"model '{model.name}' declares no image pre-processing "
+                                "(EdgeModel spec.preprocessing.image); send Open Inference Protocol JSON")
+    if content_type not in IMAGE_TYPES:
+        raise RequestError(415, f"Content-Type {content_type} is not supported; send image/jpeg or image/png")
+    name = next(iter(model.encoded))
+    image = np.empty(1, dtype=object)
+    image[0] = bytes(body)
+    return InferRequest(model, {name: image}, [RequestedOutput(n) for n in model.outputs])
 
 
 def decode_infer_request(
-    body: bytes,
+    body: bytes | bytearray,
     header_length: int | None,
     model_name: str,
-    inputs: dict[str, TensorSpec],
-    outputs: dict[str, TensorSpec],
+    inputs: Mapping[str, TensorSpec],
+    outputs: Mapping[str, TensorSpec],
     lease: Lease | None = None,
-    encoded: dict[str, TensorSpec] | None = None,
-):
+    encoded: Mapping[str, TensorSpec] | None = None,
+) -> tuple[str | None, dict[str, np.ndarray], list[tuple[str, bool]]]:
     """Return ``(request_id, feeds, [(output_name, binary)])`` or raise RequestError. ``lease``: what decoding
     grows by (binary BYTES) is charged to it; ``encoded``: inputs that also take BYTES (encoded images)."""
     if header_length is None:
-        json_part, binary = body, memoryview(b"")
+        json_part, binary = memoryview(body), memoryview(b"")
     else:
         if header_length < 0 or header_length > len(body):
             raise _bad(f"header Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
@@ -269,6 +181,7 @@ def decode_infer_request(
             raise _bad(f"inputs[{i}].name must be a string")
         datatype, shape = t.get("datatype"), t.get("shape")
         spec, count = check_tensor(name, datatype, shape, model_name, inputs, feeds, encoded)
+        datatype, shape = spec.datatype, cast(list[int], shape)  # as checked
         dtype = spec.dtype
         tparams = t.get("parameters") or {}
         if not isinstance(tparams, dict):
@@ -285,11 +198,11 @@ def decode_infer_request(
             chunk = binary[offset : offset + bsize]
             offset += bsize
             if datatype == "BYTES":
-                arr = _decode_bytes_tensor(chunk, count, name, lease)
+                arr = decode_bytes_tensor(chunk, count, name, lease)
             else:
                 if bsize != count * dtype.itemsize:
                     raise _bad(
-                        f"input '{name}': binary_data_size {bsize} does not match shape {_fmt_shape(shape)} "
+                        f"input '{name}': binary_data_size {bsize} does not match shape {fmt_shape(shape)} "
                         f"of {datatype} ({count * dtype.itemsize} bytes)"
                     )
                 arr = check_finite(name, np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), spec.datatype)
@@ -303,13 +216,11 @@ def decode_infer_request(
                 has_bools = b"true" in json_text or (b"f" in json_text and b"false" in json_text)
             arr = _json_values(name, data, datatype, dtype, has_bools)
             if arr.size != count:
-                raise _bad(f"input '{name}': data has {arr.size} values but shape {_fmt_shape(shape)} needs {count}")
+                raise _bad(f"input '{name}': data has {arr.size} values but shape {fmt_shape(shape)} needs {count}")
         feeds[name] = arr.reshape(shape)
     if offset != len(binary):
         raise _bad(f"binary tensor data has {len(binary) - offset} bytes that no input claims")
-    missing = [n for n in inputs if n not in feeds]
-    if missing:
-        raise _bad(f"missing input(s) for model '{model_name}': {', '.join(missing)}")
+    check_missing(model_name, inputs, feeds)
 
     default_binary = params.get("binary_data_output", False) is True
     raw_outputs = req.get("outputs")
@@ -333,30 +244,16 @@ def decode_infer_request(
     return req_id, feeds, wanted
 
 
-def _bytes_tensor_to_binary(arr: np.ndarray) -> bytes:
-    parts = []
-    for item in arr.ravel():
-        b = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(struct.pack("<I", len(b)))
-        parts.append(b)
-    return b"".join(parts)
-
-
-def encode_infer_response(
-    model_name: str, model_version: str, req_id, results: dict[str, np.ndarray], wanted
-) -> tuple[bytes, int | None]:
-    """Return ``(body, json_header_length or None)``."""
+def encode_rest_response(resp: InferResponse) -> tuple[bytes, int | None]:
+    """Return ``(body, json_header_length or None)``: JSON, with binary outputs appended after it."""
     outs = []
     blobs: list[bytes] = []
-    for name, binary in wanted:
-        arr = results[name]
+    for o in resp.outputs:
+        arr = o.data
         datatype = NP_TO_OIP.get(arr.dtype, "BYTES")
-        entry = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        if binary:
-            if datatype == "BYTES":
-                blob = _bytes_tensor_to_binary(arr)
-            else:
-                blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        entry: dict[str, Any] = {"name": o.name, "datatype": datatype, "shape": list(arr.shape)}
+        if o.binary:
+            blob = tensor_to_binary(arr, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif datatype == "BYTES":
@@ -366,10 +263,10 @@ def encode_infer_response(
         else:
             entry["data"] = np.ascontiguousarray(arr).ravel()
         outs.append(entry)
-    resp = {"model_name": model_name, "model_version": model_version, "outputs": outs}
-    if req_id is not None:
-        resp["id"] = req_id
-    head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
+    out: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outs}
+    if resp.id is not None:
+        out["id"] = resp.id
+    head = orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
     if blobs:
         return head + b"".join(blobs), len(head)
     return head, None

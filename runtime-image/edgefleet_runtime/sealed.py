@@ -53,7 +53,7 @@ def open_sealed(key: bytes, binding: str, envelope: bytes) -> bytes:
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise ReportRejected("not a sealed report (no SealedReport envelope)")
     got, text, mac = doc.get("binding"), doc.get("report"), doc.get("mac")
-    if not all(isinstance(x, str) for x in (got, text, mac)):
+    if not (isinstance(got, str) and isinstance(text, str) and isinstance(mac, str)):
         raise ReportRejected("a sealed report needs string binding, report and mac")
     if not hmac.compare_digest(got, binding):
         raise ReportRejected(f"sealed for {got[:80]!r}, not for {binding!r} (a replayed report)")

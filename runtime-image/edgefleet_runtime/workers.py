@@ -18,6 +18,7 @@ N copies of the same command as workers (``EDGEFLEET_WORKER_INDEX`` set), and:
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("edgefleet_runtime")
@@ -46,7 +48,7 @@ def worker_index() -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-def refusal(args) -> str | None:
+def refusal(args: argparse.Namespace) -> str | None:
     """Why these serve flags cannot run with ``--workers``; None when they can."""
     if args.workers < 1:
         return "--workers must be at least 1"
@@ -102,7 +104,7 @@ def metrics_dir(given: str | None) -> tuple[Path, bool]:
     return path, False
 
 
-def supervise(args, argv: list[str]) -> int:
+def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     """Run ``args.workers`` workers of the serve command ``argv`` until they have all exited."""
     try:
         reserved = reserve_port(args.host, args.port)
@@ -116,7 +118,7 @@ def supervise(args, argv: list[str]) -> int:
     workers: dict[int, int] = {}
     stopping = [False]
 
-    def forward(signum, _frame=None):
+    def forward(signum: int, _frame: object = None) -> None:
         if signum != signal.SIGHUP:
             stopping[0] = True
         for pid in workers:
@@ -139,7 +141,7 @@ def supervise(args, argv: list[str]) -> int:
             shutil.rmtree(mp_dir, ignore_errors=True)
 
 
-def _wait(workers: dict[int, int], mp_dir: Path, stopping: list[bool], forward) -> int:
+def _wait(workers: dict[int, int], mp_dir: Path, stopping: list[bool], forward: Callable[[int], None]) -> int:
     from prometheus_client import multiprocess
 
     code = 0
@@ -149,7 +151,7 @@ def _wait(workers: dict[int, int], mp_dir: Path, stopping: list[bool], forward) 
         if index is None:
             continue
         rc = os.waitstatus_to_exitcode(status)
-        multiprocess.mark_process_dead(pid, str(mp_dir))  # its live gauges (ready, model info) stop counting
+        multiprocess.mark_process_dead(pid, str(mp_dir))  # type: ignore[no-untyped-call]  # its live gauges (ready, model info) stop counting
         if not stopping[0]:
             log.error("a worker exited; stopping the others", extra={"worker": index, "pid": pid, "code": rc})
             forward(signal.SIGTERM)

@@ -121,8 +121,8 @@ def _reply(client, server_msg, traffic: Traffic) -> ClientMessage | None:
         res = FitRes(Status(Code.OK, "Success"), ndarrays_to_parameters(params), n, metrics)
         msg = ClientMessage(fit_res=serde.fit_res_to_proto(res))
     elif kind == "evaluate_ins":
-        ins = serde.evaluate_ins_from_proto(server_msg.evaluate_ins)
-        loss, n, metrics = client.evaluate(decode(ins.parameters), ins.config)
+        eval_ins = serde.evaluate_ins_from_proto(server_msg.evaluate_ins)
+        loss, n, metrics = client.evaluate(decode(eval_ins.parameters), eval_ins.config)
         msg = ClientMessage(evaluate_res=serde.evaluate_res_to_proto(EvaluateRes(Status(Code.OK, "Success"),
                                                                                  float(loss), n, metrics)))
     elif kind == "reconnect_ins":
@@ -138,7 +138,7 @@ def run_client(address: str, client: NumPyClient, tls: Tls, traffic: Traffic | N
     """Join the server at `address` and answer until it says goodbye; returns what was sent."""
     traffic = traffic or Traffic()
     creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    options: list[tuple[str, int | str]] = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
@@ -256,7 +256,7 @@ def make_strategy(aggregation: str, *, min_clients: int, initial: Head, eval_x: 
     base = FedProx if aggregation == "FedProx" else FedAvg  # FedProx differs on the clients only
     limits = limits or Limits()
 
-    class Screening(base):
+    class Screening(base):  # type: ignore[valid-type,misc]  # FedAvg or FedProx, chosen above
         pending: dict = {}
         start: list[np.ndarray] = initial.parameters()
 

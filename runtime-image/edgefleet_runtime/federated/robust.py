@@ -119,7 +119,7 @@ def screen(updates: list[Update], start: list[np.ndarray], limits: Limits, round
 def fedavg(updates: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
     """Sample-weighted mean of parameter lists (FedAvg's and FedProx's server side)."""
     total = sum(n for _, n in updates)
-    return [sum(np.asarray(p[i], np.float64) * (n / total) for p, n in updates).astype(np.float32)
+    return [np.asarray(sum(np.asarray(p[i], np.float64) * (n / total) for p, n in updates), np.float32)
             for i in range(len(updates[0][0]))]
 
 

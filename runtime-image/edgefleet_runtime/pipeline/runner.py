@@ -178,7 +178,9 @@ class Pipeline:
                     self.cond.notify_all()
 
     def _infer(self, frame: sources.Frame) -> None:
-        bound, image = self.model.transform, self.model.transform.image
+        bound = self.model.transform
+        assert bound is not None and bound.image is not None and bound.input is not None  # checked in __init__
+        image = bound.image
         t0 = time.perf_counter()
         try:
             tensor = image.decode(frame.data) if frame.data is not None else image.from_image(frame.image)

@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from typing import Any
 
 from .config import Sink
 from .diskqueue import Item
@@ -24,7 +25,7 @@ class MqttSink:
         assert sink.mqtt is not None
         self.settings = sink.mqtt
         self.client_id = sink.mqtt.client_id or f"edgefleet-{pipeline}-{sink.name}-{uuid.uuid4().hex[:8]}"
-        self.client = None
+        self.client: Any = None  # a paho Client once connected
 
     def _connect(self):
         import paho.mqtt.client as mqtt

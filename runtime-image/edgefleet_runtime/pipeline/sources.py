@@ -87,7 +87,7 @@ def _files(src: Source, stop: threading.Event) -> Iterator[Frame | Bad]:
     else:
         try:
             with os.scandir(src.url) as it:
-                names = []
+                names: list[str] = []
                 for entry in it:
                     if len(names) >= MAX_DIRECTORY_FILES:
                         break
