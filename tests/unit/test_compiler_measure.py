@@ -20,3 +20,22 @@ def test_a_uniformly_slower_candidate_stays_slower():
 
 def test_few_runs_take_the_plain_median():
     assert _steady_p50([1.0, 3.0, 2.0]) == 2.0
+
+
+def test_a_fast_model_is_timed_for_at_least_min_seconds_and_a_slow_one_for_its_runs():
+    import time
+
+    from edgefleet.compiler import measure
+
+    class Sleeps:
+        def __init__(self, seconds: float):
+            self.seconds = seconds
+
+        def run(self, feed):
+            time.sleep(self.seconds)
+
+    started = time.perf_counter()
+    fast = measure._timed_runs(Sleeps(0.001), {}, 30)  # 30 runs: 30 ms
+    assert time.perf_counter() - started >= measure.MIN_SECONDS and len(fast) > 30
+    assert len(measure._timed_runs(Sleeps(0), {}, 30)) <= measure.MAX_RUNS  # a no-op ends at the cap
+    assert len(measure._timed_runs(Sleeps(0.02), {}, 20)) == 20  # 0.4 s > MIN_SECONDS: no more than asked
