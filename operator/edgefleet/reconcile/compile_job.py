@@ -35,7 +35,7 @@ from ..render.compile_job import (
     render_compile_job,
 )
 from ..settings import Settings
-from .model_jobs import ModelJob, follow, job_state
+from .model_jobs import ModelJob, follow, job_state, model_event_ref
 from .reports import ReportRejected, cache_key, content_binding, master_key, read_report, seal_into_store
 from .sources import config_map_bytes, without_none
 from .world import World
@@ -54,17 +54,17 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
         return [without_none(err.to_status_variant(t)) for t in targets]
     manifest = render_compile_job(req, settings)
     labels = compile_labels(req)
-    outcome = CompileOutcome(settings, master_key(kube, settings), content_key(req, settings), targets,
-                             f"{settings.namespace}/{manifest['metadata']['name']}")
+    master = master_key(kube, settings)
+    outcome = CompileOutcome(settings, master, content_key(req, settings), targets, manifest["metadata"]["name"])
     job: ModelJob[list[dict[str, Any]]] = ModelJob(
         "compile", manifest, lambda live: render_compile_inputs(req, live),
         {MODEL_NAMESPACE: labels[MODEL_NAMESPACE], MODEL_NAME: labels[MODEL_NAME]}, _event_on(em), outcome,
         before_start=lambda: _without_job(kube, settings, em, namespace, outcome))
-    return follow(kube, settings, job)
+    return follow(kube, settings, job, master)
 
 
 def _event_on(em: EdgeModel) -> dict[str, Any]:
-    return {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel", "metadata": em.metadata}
+    return model_event_ref(em.metadata["namespace"], em.metadata["name"], em.metadata.get("uid"))
 
 
 def _without_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, outcome: CompileOutcome
@@ -92,7 +92,9 @@ class CompileOutcome:
     Ready is sealed again by the operator into the compile cache (``compiled-<content key>``)."""
 
     def __init__(self, settings: Settings, master: bytes, content: str, targets: list[str], job: str):
-        self.settings, self.master, self.content, self.targets, self.job = settings, master, content, targets, job
+        self.settings, self.master, self.content, self.targets = settings, master, content, targets
+        self.ns, self.name = settings.namespace, job
+        self.job = f"{self.ns}/{job}"
         self.cache_ref = content_report_ref(settings.artifact_store, content)
 
     def running(self) -> list[dict[str, Any]]:
@@ -117,9 +119,8 @@ class CompileOutcome:
                         "compile again") for t in self.targets]
 
     def failed(self, message: str) -> list[dict[str, Any]]:
-        ns, name = self.job.split("/", 1)
         return [_failed(t, "CompileJobFailed", f"compile Job {self.job} failed: {message}. Fix: read its logs "
-                        f"(kubectl logs -n {ns} job/{name}) while it exists") for t in self.targets]
+                        f"(kubectl logs -n {self.ns} job/{self.name}) while it exists") for t in self.targets]
 
     def missing(self, ref: str) -> list[dict[str, Any]]:
         return [_failed(t, "CompileReportMissing", f"compile Job {self.job} completed but its report {ref} is not "

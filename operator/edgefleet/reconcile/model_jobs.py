@@ -25,7 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from ..kube import ApiError, Kube
 from ..render.compile_job import render_report_key, report_ref
 from ..settings import Settings
-from .reports import ReportRejected, job_key, master_key, read_report
+from .reports import ReportRejected, job_key, read_report
 
 log = logging.getLogger(__name__)
 REPORT_GRACE_SECONDS = 120.0
@@ -61,11 +61,11 @@ class ModelJob(Generic[T]):
         return str(self.manifest["metadata"]["name"])
 
 
-def follow(kube: Kube, settings: Settings, job: ModelJob[T]) -> T:
-    """The outcome of ``job`` now, starting it where needed."""
+def follow(kube: Kube, settings: Settings, job: ModelJob[T], master: bytes) -> T:
+    """The outcome of ``job`` now, starting it where needed; ``master`` is the operator's report key
+    (``reports.master_key``), read once per reconcile by the caller."""
     name, ns, out = job.name, settings.namespace, job.outcome
     ref = report_ref(settings.artifact_store, name)
-    master = master_key(kube, settings)
     _delete_stale(kube, ns, job)
     live = kube.find("Job", name, ns)
     if live is None:
@@ -122,6 +122,12 @@ def _delete_stale(kube: Kube, ns: str, job: ModelJob[Any]) -> None:
         if meta["name"] != job.name and job_state(other)[0] == "Running" and not meta.get("deletionTimestamp"):
             log.info("deleting stale %s Job %s/%s", job.what, ns, meta["name"])
             kube.delete("Job", meta["name"], ns)
+
+
+def model_event_ref(namespace: str, name: str, uid: str | None = None) -> dict[str, Any]:
+    """The EdgeModel a Job's refusals are reported on (an event's involvedObject)."""
+    return {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid}}
 
 
 def job_state(job: dict[str, Any]) -> tuple[str, str, str | None]:

@@ -38,7 +38,8 @@ from ..render.bench_job import (
 from ..render.compile_job import MODEL_NAME, MODEL_NAMESPACE
 from ..settings import Settings
 from .errors import as_permanent
-from .model_jobs import ModelJob, follow
+from .model_jobs import ModelJob, follow, model_event_ref
+from .reports import master_key
 from .sources import config_map_bytes
 from .world import World
 
@@ -149,45 +150,45 @@ def _follow_job(kube: Kube, settings: Settings, req: BenchJobRequest, v: dict[st
                 ) -> dict[str, Any]:
     manifest = render_bench_job(req, settings)
     labels = bench_labels(req)
-    outcome = BenchOutcome(v, req.node, f"{settings.namespace}/{manifest['metadata']['name']}", max_drop)
-    event_on = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
-                "metadata": {"name": req.model_name, "namespace": req.model_namespace}}
+    outcome = BenchOutcome(v, req.node, settings.namespace, manifest["metadata"]["name"], max_drop)
+    event_on = model_event_ref(req.model_namespace, req.model_name)
     job: ModelJob[dict[str, Any]] = ModelJob(
         "benchmark", manifest, lambda live: render_bench_inputs(req, live),
         {k: labels[k] for k in (MODEL_NAMESPACE, MODEL_NAME, PROFILE)}, event_on, outcome,
-        refused=lambda err: outcome.unavailable(err, settings.namespace))
-    return follow(kube, settings, job)
+        refused=outcome.unavailable)
+    return follow(kube, settings, job, master_key(kube, settings))
 
 
 class BenchOutcome:
     """What a bench Job's states mean for one Ready variant: the node's choice from its sealed report, else the
     compile host's choice naming why."""
 
-    def __init__(self, v: dict[str, Any], node: str, job: str, max_drop: float | None):
-        self.v, self.node, self.job, self.max_drop = v, node, job, max_drop
+    def __init__(self, v: dict[str, Any], node: str, ns: str, name: str, max_drop: float | None):
+        self.v, self.node, self.ns, self.name, self.max_drop = v, node, ns, name, max_drop
+        self.job = f"{ns}/{name}"
 
     def running(self) -> dict[str, Any]:
-        return _benchmarking(self.v, self.node, self.job.split("/", 1)[1])
+        return _benchmarking(self.v, self.node, self.name)
 
     def report(self, report: dict[str, Any], ref: str) -> dict[str, Any]:
-        return _from_report(self.v, report, self.job.split("/", 1)[1], self.max_drop)
+        return _from_report(self.v, report, self.name, self.max_drop)
 
     def rejected(self, ref: str, why: str) -> dict[str, Any]:
         return _host(self.v, "BenchReportRejected", f"the benchmark report {ref} was refused ({why}): something "
-                     f"other than benchmark Job {self.job.split('/', 1)[1]} wrote it")
+                     f"other than benchmark Job {self.name} wrote it")
 
     def failed(self, message: str) -> dict[str, Any]:
-        ns, name = self.job.split("/", 1)
         return _host(self.v, "BenchJobFailed", f"benchmark Job {self.job} on {self.node} failed: {message}. Fix: "
-                     f"read its logs (kubectl logs -n {ns} job/{name}) while it exists; it is retried after its TTL")
+                     f"read its logs (kubectl logs -n {self.ns} job/{self.name}) while it exists; it is retried after "
+                     "its TTL")
 
     def missing(self, ref: str) -> dict[str, Any]:
         return _host(self.v, "BenchReportMissing", f"benchmark Job {self.job} completed but its report {ref} is not "
                      "in the artifact store. Fix: check that the runtime image has `edgefleet-runtime bench` and "
                      "reaches the registry")
 
-    def unavailable(self, err: ApiError, ns: str) -> dict[str, Any] | None:
-        why = _refusal(err, ns, self.job.split("/", 1)[1])
+    def unavailable(self, err: ApiError) -> dict[str, Any] | None:
+        why = _refusal(err, self.ns, self.name)
         return None if why is None else _host(self.v, "BenchUnavailable", why)
 
 
