@@ -71,6 +71,15 @@ def _floats(d: dict, key: str, channels: int, where: str, positive: bool) -> tup
     return tuple(float(v) for v in value)
 
 
+def _known_fields(d: Any, keys: set[str] | frozenset[str], where: str) -> None:
+    """``d`` is an object whose fields are all in ``keys``; else TransformError naming ``where``."""
+    if not isinstance(d, dict):
+        raise TransformError(f"{where}: expected an object")
+    unknown = set(d) - keys
+    if unknown:
+        raise TransformError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     width: int
@@ -89,11 +98,7 @@ class ImageTransform:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "preprocessing.image") -> ImageTransform:
-        if not isinstance(d, dict):
-            raise TransformError(f"{where}: expected an object")
-        unknown = set(d) - IMAGE_KEYS
-        if unknown:
-            raise TransformError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        _known_fields(d, IMAGE_KEYS, where)
         color = _field(d, "color", str, "RGB", where, ("RGB", "BGR", "GRAY"))
         channels = 1 if color == "GRAY" else 3
         t = cls(
@@ -247,11 +252,7 @@ class Postprocess:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "postprocessing") -> Postprocess:
-        if not isinstance(d, dict):
-            raise TransformError(f"{where}: expected an object")
-        unknown = set(d) - POST_KEYS
-        if unknown:
-            raise TransformError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        _known_fields(d, POST_KEYS, where)
         labels = d.get("labels")
         if labels is not None and (not isinstance(labels, list) or len(labels) > 4096
                                    or not all(isinstance(v, str) and 0 < len(v) <= 128 for v in labels)):
