@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "operator": "edgefleet.handlers.cli:operator_command",
     "examples": "edgefleet.artifacts.examples:examples",
     "keygen": "edgefleet.signing:keygen_command",
+    "registry-token-server": "edgefleet.registry_token:registry_token_command",
     "sign": "edgefleet.signing:sign_command",
     "verify": "edgefleet.signing:verify_command",
 }

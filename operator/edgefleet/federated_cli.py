@@ -171,9 +171,9 @@ def server(model, eval_path, tls_dir, port, rounds, min_clients, expected_client
         sys.exit(EXIT_FAILED)
     published = None
     if store:
-        from .artifacts import open_store
+        from .artifacts import pod_store
 
-        ref = open_store(store).put(head_model.with_head(head), name=name, media_type=MEDIA_TYPE,
+        ref = pod_store(store).put(head_model.with_head(head), name=name, media_type=MEDIA_TYPE,
                                     annotations={"io.edgefleet.federated.accuracy": f"{acc:.6f}"},
                                     filename="model.onnx")
         published = {"ref": ref.ref, "digest": ref.digest, "sizeBytes": ref.sizeBytes}

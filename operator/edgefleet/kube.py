@@ -31,6 +31,7 @@ KINDS = {
     "Job": ("batch/v1", "jobs", True),
     "Pod": ("v1", "pods", True),
     "Secret": ("v1", "secrets", True),
+    "ServiceAccount": ("v1", "serviceaccounts", True),
     "FederatedTraining": (API_VERSION, "federatedtrainings", True),
 }
 

@@ -31,6 +31,17 @@ class Settings(BaseSettings):
     """Talk plain HTTP to the OCI registry (loopback and lab registries)."""
     artifact_username: str | None = None
     artifact_password: str | None = None
+    """Static credentials for the store; without them the operator logs in with the projected ServiceAccount
+    token at $EDGEFLEET_REGISTRY_TOKEN_FILE when the chart mounts one (``store_login``)."""
+    registry_token_audience: str = "edgefleet-registry"
+    """Audience of the projected ServiceAccount token that compile, bench and federated pods push with (the store's
+    token service, `edgefleet registry-token-server --service`); empty: those pods push anonymously."""
+    job_service_account: str = "edgefleet-jobs"
+    """ServiceAccount (in `namespace`, made by the operator when absent) of compile and bench Jobs: the identity
+    the store's token service lets push to the operator's repository."""
+    tenant_repository: str = "edgefleet/tenants"
+    """Under the store's registry, `<tenant_repository>/<namespace>` is where a namespace's own pods push
+    (FederatedTraining results); the token service gives a namespace's tokens nothing else."""
     results_key_secret: str = "edgefleet-results-key"
     """Secret (in `namespace`, key `key`, made by the operator when absent) whose key authenticates the reports of
     compile and bench Jobs; only the operator reads it."""
@@ -118,3 +129,14 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def store_login(settings: Settings) -> tuple[str | None, str | None]:
+    """(username, password) for the operator's own store: the static credentials when set, else the operator
+    pod's projected ServiceAccount token (edgefleet_runtime.fetch.pusher_login), else anonymous (None, None)."""
+    if settings.artifact_username:
+        return settings.artifact_username, settings.artifact_password
+    from edgefleet_runtime.fetch import pusher_login
+
+    return pusher_login() or (None, None)
+

@@ -395,7 +395,7 @@ def push_report(uri: str, data: bytes, insecure: bool = False) -> None:
     import tempfile
 
     from .bounded import Deadline, Limits
-    from .fetch import registry_client
+    from .fetch import pusher_login, registry_client
     from .sealed import seal_from_env
 
     data = seal_from_env(data)  # the operator accepts only a report sealed with this Job's key
@@ -404,7 +404,7 @@ def push_report(uri: str, data: bytes, insecure: bool = False) -> None:
     if not repo or ":" not in repo.rsplit("/", 1)[-1]:
         raise BenchError(f"--report {uri}: an oci:// report needs a tag, oci://HOST:PORT/REPO:TAG")
     limits = Limits(max_bytes=0, deadline_seconds=REPORT_PUSH_SECONDS)
-    client = registry_client(registry, insecure, limits, Deadline(limits.deadline_seconds))
+    client = registry_client(registry, insecure, limits, Deadline(limits.deadline_seconds), login=pusher_login())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "report.json"
         path.write_bytes(data)

@@ -149,11 +149,12 @@ class Uploader:
         return len(files)
 
     def _oras_push(self, files: list[Path], annotations: dict[str, str], tag: str) -> None:
-        from .fetch import registry_for
+        from .fetch import pusher_login, registry_for
 
         # the project's registry client: every request times out within PUSH_SECONDS, one try each (the upload
         # loop backs off itself between batches)
-        client = registry_for(self.destination.split("/", 1)[0], self.insecure, PUSH_SECONDS, attempts=1)
+        client = registry_for(self.destination.split("/", 1)[0], self.insecure, PUSH_SECONDS, attempts=1,
+                              login=pusher_login())
         paths = [f"{f}:{EXAMPLE_MEDIA_TYPE}" for f in files]  # each layer is titled with its file name
         # oras writes the empty config to $TMPDIR (an emptyDir at /tmp in the pod: the root filesystem is read-only)
         resp = client.push(target=f"{self.destination}:{tag}", files=paths, manifest_annotations=annotations,

@@ -151,11 +151,30 @@ def _short(error: Exception) -> str:
     return text[:200]
 
 
+TOKEN_FILE_ENV = "EDGEFLEET_REGISTRY_TOKEN_FILE"  # a projected ServiceAccount token the operator mounted for pushes
+SERVICE_ACCOUNT_USER = "serviceaccount"  # the username the store's token service expects with such a token
+
+
+def pusher_login() -> tuple[str, str] | None:
+    """The credentials this pod pushes to the store the operator named with: the projected ServiceAccount token
+    at $EDGEFLEET_REGISTRY_TOKEN_FILE, re-read on every call (the kubelet rotates it); None without one. Sources a
+    user names are never read with it."""
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise FetchError(f"${TOKEN_FILE_ENV} {path}: {e.strerror}; the pod's registry token volume is missing") from e
+    return (SERVICE_ACCOUNT_USER, token) if token else None
+
+
 def registry_client(host: str, plain_http: bool, limits: bounded.Limits, deadline: bounded.Deadline,
-                    attempts: int | None = None):
+                    attempts: int | None = None, login: tuple[str, str] | None = None):
     """An ORAS registry client whose requests end by ``deadline``, refuse redirects that lower security, and
     retry a bounded number of times (``attempts``; ORAS's own retry sleeps 3, 5, 11, 29, 83 s, silently, and its
-    requests have no timeout)."""
+    requests have no timeout). With ``login`` (user, password) the registry's token service gets those
+    credentials (nothing is written to a Docker config); without, tokens are requested anonymously."""
     import oras.provider
 
     def sleep(seconds: float) -> None:
@@ -168,14 +187,29 @@ def registry_client(host: str, plain_http: bool, limits: bounded.Limits, deadlin
 
     registry = Registry(hostname=host, insecure=plain_http)
     bounded.guard_session(registry.session, limits, deadline, allow_plain_http=plain_http)
+    if login:
+        registry.auth.set_basic_auth(*login)
+    _renew_token_on_401(registry.auth)
     return registry
 
 
-def registry_for(host: str, insecure: bool, seconds: float, attempts: int | None = None):
+def _renew_token_on_401(auth) -> None:
+    """ORAS keeps the first token it got and sends it again when the registry asks for more (a push after a pull
+    needs a token with the push scope): a 401 now always gets a token for the scope the registry names."""
+    plain = auth.authenticate_request
+
+    def authenticate(original, headers, refresh=False):
+        return plain(original, headers, refresh=refresh or original.status_code == 401)
+
+    auth.authenticate_request = authenticate
+
+
+def registry_for(host: str, insecure: bool, seconds: float, attempts: int | None = None,
+                 login: tuple[str, str] | None = None):
     """``registry_client`` for one operation of at most ``seconds``, with the one plain-HTTP rule: plain only when
     ``insecure`` is set or the registry is on loopback."""
     limits = bounded.Limits(max_bytes=0, deadline_seconds=seconds)
-    return registry_client(host, insecure or _is_loopback(host), limits, bounded.Deadline(seconds), attempts)
+    return registry_client(host, insecure or _is_loopback(host), limits, bounded.Deadline(seconds), attempts, login)
 
 
 def _is_loopback(netloc: str) -> bool:

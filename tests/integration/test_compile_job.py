@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from edgefleet.artifacts import OCIStore
-from edgefleet.render.compile_job import CACHE_DIR, INPUTS_DIR, REPORT_KEY_DIR, WORK_DIR
+from edgefleet.render.compile_job import CACHE_DIR, INPUTS_DIR, REGISTRY_TOKEN_DIR, REPORT_KEY_DIR, WORK_DIR
 from kube_helpers import apply, get, items, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -70,7 +70,8 @@ def running_operator(edgefleet_api, watched: list[str], operator_namespace: str)
 def run_like_kubelet(cluster, job: dict, tmp: Path) -> subprocess.CompletedProcess:
     """Run the Job's container as a local process. Substitutions, and only these: `edgefleet` is this
     interpreter's CLI; the mounted inputs ConfigMap and report-key Secret are written out from the API into local
-    directories; the emptyDir work directory (/tmp: cache, HOME, TMPDIR) is a local directory."""
+    directories, the projected registry token is one the API server makes for the Job's ServiceAccount; the
+    emptyDir work directory (/tmp: cache, HOME, TMPDIR) is a local directory."""
     (container,) = job["spec"]["template"]["spec"]["containers"]
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     cm = get(cluster, job["metadata"]["namespace"], "configmap", volumes["inputs"]["configMap"]["name"])
@@ -81,6 +82,11 @@ def run_like_kubelet(cluster, job: dict, tmp: Path) -> subprocess.CompletedProce
     for key, data in (cm.get("binaryData") or {}).items():
         (inputs / key).write_bytes(base64.b64decode(data))
     (keys / "key").write_bytes(base64.b64decode(secret["data"]["key"]))
+    pod = job["spec"]["template"]["spec"]
+    (token := tmp / "registry-token").mkdir()  # the projected token, from the Job's own ServiceAccount
+    audience = volumes["registry-token"]["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+    (token / "token").write_text(cluster.kubectl("create", "token", pod["serviceAccountName"], "-n",
+                                                 job["metadata"]["namespace"], f"--audience={audience}").stdout)
 
     def local(arg: str) -> str:
         return arg.replace(INPUTS_DIR, str(inputs)).replace(CACHE_DIR, str(work / "edgefleet-cache"))
@@ -88,7 +94,7 @@ def run_like_kubelet(cluster, job: dict, tmp: Path) -> subprocess.CompletedProce
     assert container["command"] == ["edgefleet", "compile"]
     argv = [sys.executable, "-m", "edgefleet.cli", "compile", *map(local, container["args"])]
     env = {**os.environ, **{e["name"]: e["value"].replace(WORK_DIR, str(work)).replace(REPORT_KEY_DIR, str(keys))
-                            for e in container["env"]},
+                            .replace(REGISTRY_TOKEN_DIR, str(token)) for e in container["env"]},
            "OMP_NUM_THREADS": "2"}  # keep CPU moderate on a shared machine
     env.pop("EDGEFLEET_CACHE", None)
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)

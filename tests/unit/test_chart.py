@@ -327,6 +327,7 @@ EXPECTED_CLUSTER_RULES = {
 EXPECTED_ROLE_RULES = {
     ("", "secrets"): {"get", "list", "watch"},
     ("", "configmaps"): {"create", "patch", "delete"},
+    ("", "serviceaccounts"): {"create"},  # the Jobs' own identity for the store (model_jobs._ensure_job_account)
 }
 
 

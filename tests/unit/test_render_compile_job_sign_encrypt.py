@@ -36,7 +36,20 @@ def test_job_without_trust_settings_has_no_trust_args_or_volumes():
     job = render_compile_job(_request(None), Settings(artifact_store="oci://r:5000/m"))
     pod = job["spec"]["template"]["spec"]
     assert not [a for a in pod["containers"][0]["args"] if "key-file" in a]
-    assert [v["name"] for v in pod["volumes"]] == ["inputs", "work", "report-key"]  # the report key is not trust
+    # the report key and the registry token are not signing or encryption
+    assert [v["name"] for v in pod["volumes"]] == ["inputs", "work", "report-key", "registry-token"]
+
+
+def test_boundary_job_pushes_as_its_own_service_account_with_a_token_for_the_store_only():
+    pod = render_compile_job(_request(None), Settings(artifact_store="oci://r:5000/m"))["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "edgefleet-jobs" and pod["automountServiceAccountToken"] is False
+    token = next(v for v in pod["volumes"] if v["name"] == "registry-token")["projected"]["sources"]
+    assert token == [{"serviceAccountToken": {"audience": "edgefleet-registry", "expirationSeconds": 3600,
+                                              "path": "token"}}]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["EDGEFLEET_REGISTRY_TOKEN_FILE"] == "/var/run/edgefleet/registry-token/token"
+    off = render_compile_job(_request(None), Settings(artifact_store="oci://r:5000/m", registry_token_audience=""))
+    assert "registry-token" not in [v["name"] for v in off["spec"]["template"]["spec"]["volumes"]]
 
 
 def test_job_signs_and_encrypts_and_its_args_run(tmp_path):

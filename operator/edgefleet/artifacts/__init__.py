@@ -11,6 +11,7 @@ Public API::
     OCIStore(registry: str, repository: str = "edgefleet/models", insecure: bool = True)
     open_store(spec: str) -> ArtifactStore                  # "oci://host:port/repo" or a directory
     own_store(spec, ref, insecure, username, password)      # the operator's store, its credentials: spec's host only
+    pod_store(spec)                                         # the store the operator named for a Job pod, its token
     ArtifactRef(ref: str, digest: str, sizeBytes: int, mediaType: str)
     publish_delta(store, name=, base_ref=, base_digest=, target_ref=, target_digest=) -> PublishedDelta | None
 
@@ -31,9 +32,10 @@ from .store import (
     open_store,
     own_store,
     parse_digest,
+    pod_store,
 )
 
 __all__ = [
     "ArtifactRef", "ArtifactStore", "DigestError", "LocalStore", "OCIStore", "PublishedDelta", "StoreError",
-    "open_store", "own_store", "parse_digest", "publish_delta",
+    "open_store", "own_store", "pod_store", "parse_digest", "publish_delta",
 ]

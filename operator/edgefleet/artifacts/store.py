@@ -144,10 +144,8 @@ class OCIStore:
         from edgefleet_runtime.fetch import registry_client
 
         limits = Limits(max_bytes=0, deadline_seconds=self.operation_seconds)
-        client = registry_client(self.registry, self.insecure, limits, Deadline(limits.deadline_seconds))
-        if self._login:
-            client.login(*self._login, tls_verify=not self.insecure, hostname=self.registry)
-        return client
+        return registry_client(self.registry, self.insecure, limits, Deadline(limits.deadline_seconds),
+                               login=self._login)
 
     def _target(self, suffix: str) -> str:
         return f"{self.registry}/{self.repository}{suffix}"
@@ -248,6 +246,14 @@ def open_store(spec: str | os.PathLike, insecure: bool = False, username: str | 
                     or os.environ.get("EDGEFLEET_OCI_INSECURE") == "1")
         return OCIStore(registry, repo, insecure=insecure, username=username, password=password)
     return LocalStore(s)
+
+
+def pod_store(spec: str) -> ArtifactStore:
+    """The store the operator named for this pod (``--out`` of a compile Job, ``--store`` of a federated run), with
+    the pod's registry token (edgefleet_runtime.fetch.pusher_login) when it has one."""
+    from edgefleet_runtime.fetch import pusher_login
+
+    return open_store(spec, False, *(pusher_login() or (None, None)))
 
 
 def own_store(spec: str, ref: str | None = None, insecure: bool = False, username: str | None = None,

@@ -60,7 +60,7 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
                     cache_dir, timing_runs, quiet, signing_key_file, encryption_key_file):
     """Compile SOURCE (.onnx/.tflite path, https:// or oci://) into one measured variant per profile."""
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice goes to the root logger
-    from ..artifacts import StoreError, open_store
+    from ..artifacts import StoreError, pod_store
     from .core import compile_model
     from .profiles import load_profiles
     from .shapes import parse_input_shape
@@ -109,7 +109,7 @@ def compile_command(source, profiles, profiles_file, quantization, sparsity, cal
         )
         request = CompileRequest(source=source, targets={n: all_profiles[n] for n in names}, policy=policy,
                                  digest=digest, name=name)
-        store = open_store(out)
+        store = pod_store(out)
         with shown:
             result = compile_model(request, store=store, cache_dir=cache_dir, progress=say,
                                    signing_key_file=signing_key_file,
@@ -184,11 +184,12 @@ def _encryption_key(path: str | None):
 def push_report(uri: str, data: bytes) -> None:
     """Push the report to ``oci://HOST:PORT/REPO:TAG``, sealed with the Job's key when the operator gave one
     (``edgefleet_runtime.sealed``); the registry and its plain-HTTP rule are those of ``--out``."""
+    from edgefleet_runtime.fetch import pusher_login
     from edgefleet_runtime.sealed import seal_from_env
 
     from ..artifacts.store import push_file
 
-    push_file(uri, seal_from_env(data), REPORT_MEDIA_TYPE)
+    push_file(uri, seal_from_env(data), REPORT_MEDIA_TYPE, False, *(pusher_login() or (None, None)))
 
 
 def _push_error(reports: tuple[str, ...], reason: str, message: str, fix: str) -> None:

@@ -251,7 +251,8 @@ def _run_secrets(kube: Kube, settings: Settings, ft: FederatedTraining, source: 
 def _report(kube: Kube, settings: Settings, ft: FederatedTraining) -> dict[str, Any] | None:
     """The server's report, sealed with the run's key for this FederatedTraining (reports.py); one that is not
     fails the run (nothing it says is acted on)."""
-    ref = r.report_ref(settings.artifact_store, ft)  # the same tag the server pushed, as the operator reaches it
+    # the same tag the server pushed, as the operator reaches it
+    ref = r.report_ref(r.tenant_store(settings.artifact_store, settings, ft), ft)
     binding = r.report_binding(ft)
     try:
         return read_report(settings, ref, job_key(master_key(kube, settings), binding), binding)

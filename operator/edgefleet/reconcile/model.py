@@ -18,7 +18,7 @@ from ..compiler import CompileError, compile_model
 from ..compiler.core import encryption_key_from_pem
 from ..kube import ApiError, Kube
 from ..render import resolve_nodes
-from ..settings import Settings
+from ..settings import Settings, store_login
 from . import on_target
 from .compile_job import compile_in_job
 from .conditions import COMPILED, DEGRADED, READY, flipped, set_condition, status_patch, without_times
@@ -148,8 +148,8 @@ def compile_isolated(request: CompileRequest, settings: Settings, encryption_pub
     signed with settings.signing_key_file and encrypted for ``encryption_public_key`` (PEM) when given."""
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
-        store = (settings.artifact_store, None, settings.artifact_insecure, settings.artifact_username,
-                 settings.artifact_password)  # own_store's arguments: the variants go to the operator's store
+        store = (settings.artifact_store, None, settings.artifact_insecure,
+                 *store_login(settings))  # own_store's arguments: the variants go to the operator's store
         signing = str(settings.signing_key_file) if settings.signing_key_file else None
         outcome = pool.submit(_compile_child, request, store, str(settings.compile_cache), signing,
                               encryption_public_key).result()

@@ -89,6 +89,21 @@ def follow(kube: Kube, settings: Settings, job: ModelJob[T], master: bytes) -> T
     return out.missing(ref)
 
 
+_accounts_made: set[tuple[str, str]] = set()  # (namespace, name) this process made sure of
+
+
+def _ensure_job_account(kube: Kube, settings: Settings) -> None:
+    """The Jobs' ServiceAccount (settings.job_service_account): the identity their pushes to the store carry.
+    Created without a token of its own; pods get a projected one for the store's audience only."""
+    key = (settings.namespace, settings.job_service_account)
+    if key in _accounts_made:
+        return
+    kube.create({"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+                 "metadata": {"name": key[1], "namespace": key[0],
+                              "labels": {"app.kubernetes.io/managed-by": "edgefleet"}}})
+    _accounts_made.add(key)
+
+
 def _start(kube: Kube, settings: Settings, job: ModelJob[T], ref: str, master: bytes) -> T:
     name, ns = job.name, settings.namespace
     try:
@@ -103,6 +118,7 @@ def _start(kube: Kube, settings: Settings, job: ModelJob[T], ref: str, master: b
     if early is not None:
         return early
     try:
+        _ensure_job_account(kube, settings)
         live = kube.apply(job.manifest)
         kube.create(render_report_key(live, job_key(master, name)))
         kube.apply(job.inputs(live))

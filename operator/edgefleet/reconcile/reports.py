@@ -20,7 +20,7 @@ from edgefleet_runtime.sealed import ReportRejected, derive, open_sealed, seal
 from ..artifacts import StoreError, own_store
 from ..artifacts.store import push_file
 from ..kube import Kube
-from ..settings import Settings
+from ..settings import Settings, store_login
 
 log = logging.getLogger(__name__)
 REPORT_MEDIA_TYPE = "application/vnd.edgefleet.compile-report+json"
@@ -63,8 +63,7 @@ def read_report(settings: Settings, ref: str, key: bytes, binding: str) -> dict[
     """The report at ``ref`` when it is sealed for ``binding`` with ``key``; None when nothing is there (yet).
     ReportRejected when something is there that does not verify."""
     try:
-        store = own_store(settings.artifact_store, ref, settings.artifact_insecure, settings.artifact_username,
-                          settings.artifact_password)
+        store = own_store(settings.artifact_store, ref, settings.artifact_insecure, *store_login(settings))
         raw = store.get(ref, "")
     except StoreError as err:
         log.debug("report %s not available: %s", ref, err)
@@ -84,7 +83,6 @@ def seal_into_store(settings: Settings, ref: str, master: bytes, content_key: st
     binding = content_binding(content_key)
     data = seal(cache_key(master, content_key), binding, json.dumps(report, sort_keys=True).encode())
     try:
-        push_file(ref, data, REPORT_MEDIA_TYPE, settings.artifact_insecure, settings.artifact_username,
-                  settings.artifact_password)
+        push_file(ref, data, REPORT_MEDIA_TYPE, settings.artifact_insecure, *store_login(settings))
     except StoreError as err:
         log.warning("could not store the accepted report %s: %s", ref, err)

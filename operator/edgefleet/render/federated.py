@@ -20,7 +20,7 @@ from typing import Any
 
 from ..api.federated import FederatedTraining
 from ..settings import Settings
-from .compile_job import report_key_secret, with_report_key
+from .compile_job import report_key_secret, with_registry_token, with_report_key
 from .workload import restricted_security_context
 
 MANAGED_BY = "edgefleet"
@@ -79,6 +79,15 @@ def report_ref(store: str, ft: FederatedTraining) -> str:
 def pod_store(settings: Settings) -> str:
     """The artifact store as the run's pods reach it (trainer_artifact_store, else the operator's own)."""
     return settings.trainer_artifact_store or settings.artifact_store
+
+
+def tenant_store(store: str, settings: Settings, ft: FederatedTraining) -> str:
+    """Where the run's pods push: ``store``'s registry, repository ``<tenant_repository>/<namespace>`` (the
+    namespace's ServiceAccount tokens may push there and nowhere else); a local ``store`` as it is."""
+    if not store.startswith("oci://"):
+        return store
+    registry = store[len("oci://"):].split("/", 1)[0]
+    return f"oci://{registry}/{settings.tenant_repository.strip('/')}/{ft.metadata['namespace']}"
 
 
 def labels(ft: FederatedTraining, component: str) -> dict[str, str]:
@@ -189,8 +198,9 @@ def render_server_job(ft: FederatedTraining, settings: Settings, node: str, clie
             f"--epochs={s.training.epochs}", f"--learning-rate={s.training.learning_rate}",
             f"--batch-size={s.training.batch_size}", f"--round-timeout={s.round_timeout_seconds}",
             f"--wait-seconds={s.round_timeout_seconds}",  # for the clients to connect, at the start and each round
-            f"--store={pod_store(settings)}", f"--name={ft.metadata['namespace']}-{ft.spec.target_model.name}",
-            f"--report={report_ref(pod_store(settings), ft)}"]
+            f"--store={tenant_store(pod_store(settings), settings, ft)}",
+            f"--name={ft.metadata['namespace']}-{ft.spec.target_model.name}",
+            f"--report={report_ref(tenant_store(pod_store(settings), settings, ft), ft)}"]
     optional = {"--proximal-mu": a.proximal_mu, "--trim-fraction": a.trim_fraction,
                 "--max-update-norm": a.max_update_norm, "--max-samples-per-client": a.max_samples_per_client}
     args += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
@@ -200,8 +210,9 @@ def render_server_job(ft: FederatedTraining, settings: Settings, node: str, clie
     container = _container(settings, ["server"] + args, _inputs_mounts(), env)
     container["ports"] = [{"name": "flower", "containerPort": PORT}]
     spec = _pod_spec(ft, node, container, _inputs_volumes(ft, "server", server_tls_secret(ft, tls_id)), "Never")
+    spec = with_report_key(spec, "trainer", report_key_secret(run_name(ft)), report_binding(ft))
     pod = {"metadata": {"labels": labels(ft, "server")},
-           "spec": with_report_key(spec, "trainer", report_key_secret(run_name(ft)), report_binding(ft))}
+           "spec": with_registry_token(spec, "trainer", settings.registry_token_audience)}
     meta = _meta(ft, run_name(ft), "server")
     meta["annotations"] = {TLS_ID: tls_id, CLIENTS: json.dumps([[c.node, c.index] for c in clients],
                                                                separators=(",", ":"))}
