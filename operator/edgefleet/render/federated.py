@@ -20,8 +20,8 @@ from typing import Any
 
 from ..api.federated import FederatedTraining
 from ..settings import Settings
-from .compile_job import report_key_secret, with_registry_token, with_report_key
-from .workload import restricted_security_context
+from .compile_job import report_key_secret, with_report_key
+from .workload import restricted_security_context, with_registry_token
 
 MANAGED_BY = "edgefleet"
 NAME = "edgefleet-federated"

@@ -14,6 +14,7 @@ import hashlib
 import json
 from typing import Any
 
+from edgefleet_runtime.fetch import TOKEN_FILE_ENV
 from pydantic import ValidationError
 
 from ..api import ConfigMapKeyRef, EdgeDeployment, HardwareProfile, Variant
@@ -406,16 +407,20 @@ def render_class(
     evaluation: ConfigMapKeyRef | None = None,
     cache_driver: bool = False,
     transform: str | None = None,
+    registry_token_audience: str = "",
 ) -> dict[str, Any]:
     """The DaemonSet (PerNode) or Deployment (Replicas; `replicas` for this class) serving `variant`;
     `evaluation`: the EdgeModel's evaluation data, mounted as the drift reference when spec.monitoring.drift.
     The node cache is the hostPath `node_cache`, or with `cache_driver` the namespace's own CSI volume of the
     node cache driver (then `node_cache` is unused). `transform`: the EdgeModel's declared pre- and
-    post-processing (model_transform), handed to the runtime as `--transform`."""
+    post-processing (model_transform), handed to the runtime as `--transform`. With hard examples to upload, the
+    runtime pushes them with a projected token of the namespace's ServiceAccount for `registry_token_audience`."""
     name = child_name(ed.metadata["name"], profile.metadata["name"])
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
     template = _pod_template(ed, profile, variant, profiles, node_cache, insecure, evaluation, cache_driver,
                              transform)
+    if ed.spec.feedback and ed.spec.feedback.hard_examples and registry_token_audience:
+        template["spec"] = with_registry_token(template["spec"], "runtime", registry_token_audience)
     max_unavailable = ed.spec.rollout.max_unavailable
     spec = {
         "selector": {"matchLabels": labels},
@@ -478,3 +483,28 @@ def split_replicas(total: int, nodes_per_class: dict[str, int]) -> dict[str, int
     for c in sorted(exact, key=lambda c: (share[c] - exact[c], c))[:left]:
         share[c] += 1
     return share
+
+
+REGISTRY_TOKEN_DIR = "/var/run/edgefleet/registry-token"  # a projected ServiceAccount token for the store
+REGISTRY_TOKEN_SECONDS = 3600
+
+
+def with_registry_token(pod: dict[str, Any], container: str, audience: str) -> dict[str, Any]:
+    """``pod`` with a projected token of its ServiceAccount for ``audience`` (the store's token service) mounted
+    into ``container`` and named to it (EDGEFLEET_REGISTRY_TOKEN_FILE, edgefleet_runtime.fetch.pusher_login);
+    ``pod`` unchanged without an audience. The kubelet rotates the token; nothing else in the pod gets one."""
+    if not audience:
+        return pod
+
+    def mounted(c: dict[str, Any]) -> dict[str, Any]:
+        if c["name"] != container:
+            return c
+        return {**c, "env": [*c.get("env", []), {"name": TOKEN_FILE_ENV, "value": f"{REGISTRY_TOKEN_DIR}/token"}],
+                "volumeMounts": [*c.get("volumeMounts", []),
+                                 {"name": "registry-token", "mountPath": REGISTRY_TOKEN_DIR, "readOnly": True}]}
+
+    source = {"serviceAccountToken": {"audience": audience, "expirationSeconds": REGISTRY_TOKEN_SECONDS,
+                                      "path": "token"}}
+    volume = {"name": "registry-token", "projected": {"sources": [source], "defaultMode": 0o440}}
+    return {**pod, "containers": [mounted(c) for c in pod["containers"]],
+            "volumes": [*pod.get("volumes", []), volume]}

@@ -14,12 +14,14 @@ import shutil
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from edgefleet import registry_token
 
 from .. import toolchain as components
 from ..net import POD_CIDR, SERVICE_CIDR, free_port
@@ -30,7 +32,26 @@ from .procs import ClusterError
 
 STAGES = Path(__file__).resolve().parent / "stages.yaml"
 # start order; each entry waits for the ones before it
-PROCESSES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "registry"]
+PROCESSES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "registry",
+             "registry-front"]
+REGISTRY_SERVICE = "edgefleet-registry"  # the token service's name: the audience of the pods' registry tokens
+# Who may push to the dev registry (edgefleet.registry_token; docs/security.md): anyone pulls; this machine (the
+# tests, the tooling, an operator run from a checkout) does anything; the chart's operator anything under
+# edgefleet/; the operator's compile and bench Jobs the model repository; any other pod on a node only its
+# namespace's tenant repositories.
+REGISTRY_POLICY = {
+    "anonymous": ["pull"],
+    "trustedAddresses": ["127.0.0.1", node.NODE_IP],
+    "rules": [
+        {"serviceAccount": "edgefleet-system/edgefleet", "repositories": ["edgefleet/*"],
+         "actions": ["pull", "push", "delete"]},
+        {"serviceAccount": "edgefleet-system/edgefleet-jobs", "repositories": ["edgefleet/models"],
+         "actions": ["pull", "push"]},
+        {"serviceAccount": "*/*", "requireNode": True,
+         "repositories": ["edgefleet/tenants/{namespace}", "edgefleet/tenants/{namespace}/*"],
+         "actions": ["pull", "push"]},
+    ],
+}
 
 
 def state_dir(name: str = "default") -> Path:
@@ -119,6 +140,14 @@ def _http_ok(url: str) -> bool:
         return resp.status == 200
 
 
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 # ---------------------------------------------------------------- configuration files
 
 
@@ -147,11 +176,19 @@ def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
         "clientConnection": {"kubeconfig": str(state / "scheduler.kubeconfig"), "qps": 300, "burst": 600},
         "leaderElection": {"leaderElect": False},
     }))
+    key = pki / "registry-token.key"
+    key.write_bytes(registry_token.new_key())
+    key.chmod(0o600)
+    (state / "registry-token.jwks").write_text(json.dumps(registry_token.jwks(key.read_bytes())))
+    (state / "registry-policy.yaml").write_text(yaml.safe_dump(REGISTRY_POLICY))
     (state / "registry.yaml").write_text(yaml.safe_dump({
         "version": 0.1,
         "log": {"level": "warn"},
         "storage": {"filesystem": {"rootdirectory": str(state / "registry")}, "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{ports['registry']}"},
+        "http": {"addr": f"127.0.0.1:{ports['registry-store']}"},  # only the front (registry_front.py) talks to it
+        "auth": {"token": {"realm": f"http://127.0.0.1:{ports['registry']}/token", "autoredirect": True,
+                           "autoredirectpath": "/token", "service": REGISTRY_SERVICE, "issuer": "edgefleet",
+                           "jwks": str(state / "registry-token.jwks")}},
     }))
     return {
         "etcd": [
@@ -198,6 +235,10 @@ def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
         "registry": ["serve", str(state / "registry.yaml")],
+        "registry-front": ["-m", "edgefleet_dev.devcluster.registry_front", f"--listen=127.0.0.1:{ports['registry']}",
+                           f"--upstream=127.0.0.1:{ports['registry-store']}", f"--key={key}",
+                           f"--policy={state / 'registry-policy.yaml'}", f"--service={REGISTRY_SERVICE}",
+                           f"--kubeconfig={state / 'kubeconfig'}"],
     }
 
 
@@ -325,7 +366,7 @@ def _start_all(state: Path, echo, timeout: float) -> Cluster:
     for sub in ("pids", "logs", "bin", "registry"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     pki = _write_pki(state)
-    ports = {k: free_port() for k in [*PROCESSES, "etcd-peer"]}
+    ports = {k: free_port() for k in [*PROCESSES, "etcd-peer", "registry-store"]}
     server = f"https://127.0.0.1:{ports['kube-apiserver']}"
     procs.write_kubeconfig(state / "kubeconfig", server, pki, "admin")
     procs.write_kubeconfig(state / "controller-manager.kubeconfig", server, pki, "controller-manager")
@@ -333,6 +374,7 @@ def _start_all(state: Path, echo, timeout: float) -> Cluster:
     for tool in ("kubectl", "helm"):
         (state / "bin" / tool).symlink_to(components.binary_path(tool))
     versions = {n: components.COMPONENTS[n].version for n in components.COMPONENTS}
+    versions["registry-front"] = "edgefleet"
     (state / "cluster.json").write_text(json.dumps({"ports": ports, "versions": versions}, indent=2))
     args = _args(state, ports)
     echo("starting etcd")
@@ -345,8 +387,12 @@ def _start_all(state: Path, echo, timeout: float) -> Cluster:
     for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
         procs.start(state, name, args[name])
     procs.start(state, "registry", args["registry"], env={"OTEL_TRACES_EXPORTER": "none"})
-    procs.wait("the OCI registry", lambda: _http_ok(f"http://127.0.0.1:{ports['registry']}/v2/"), timeout, state,
-          "registry")
+    procs.wait("the OCI registry", lambda: _http_status(f"http://127.0.0.1:{ports['registry-store']}/v2/") == 401,
+               timeout, state, "registry")
+    procs.start(state, "registry-front", args["registry-front"])
+    procs.wait("the registry's front (token service)",
+               lambda: _http_status(f"http://127.0.0.1:{ports['registry']}/v2/") == 401, timeout, state,
+               "registry-front")
     return Cluster(state)
 
 

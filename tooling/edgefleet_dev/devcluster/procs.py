@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +24,21 @@ class ClusterError(RuntimeError):
 # ---------------------------------------------------------------- process bookkeeping
 
 
+PYTHON_PROCESSES = {"registry-front"}  # run as `python -m ...` of this checkout, not a built binary
+
+
+def binary(name: str) -> Path:
+    """What a component's pid runs (its cmdline[0])."""
+    return Path(os.path.realpath(sys.executable)) if name in PYTHON_PROCESSES else components.binary_path(name)
+
+
 def pidfile(state: Path, name: str) -> Path:
     return state / "pids" / f"{name}.pid"
 
 
 def alive(state: Path, name: str) -> bool:
     pid = read_pid(state, name)
-    return pid is not None and pid_runs(pid, components.binary_path(name))
+    return pid is not None and pid_runs(pid, binary(name))
 
 
 def read_pid(state: Path, name: str) -> int | None:
@@ -61,10 +70,10 @@ def exited(state: Path, name: str) -> bool:
 
 def start(state: Path, name: str, args: list[str], env: dict | None = None) -> None:
     log = state / "logs" / f"{name}.log"
-    binary = components.binary_path(name)
+    program = binary(name)
     with log.open("ab") as fh:
         proc = subprocess.Popen(
-            [str(binary), *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [str(program), *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=state, start_new_session=True, env={**os.environ, **(env or {})},
         )
     children[name] = proc
@@ -73,14 +82,14 @@ def start(state: Path, name: str, args: list[str], env: dict | None = None) -> N
 
 def stop(state: Path, name: str, grace: float = 5.0) -> bool:
     pid = read_pid(state, name)
-    if pid is None or not pid_runs(pid, components.binary_path(name)):
+    if pid is None or not pid_runs(pid, binary(name)):
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and pid_runs(pid, components.binary_path(name)):
+    while time.monotonic() < deadline and pid_runs(pid, binary(name)):
         time.sleep(0.1)
-    if pid_runs(pid, components.binary_path(name)):
+    if pid_runs(pid, binary(name)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return True

@@ -10,6 +10,7 @@ from pathlib import Path
 import oras.oci
 import oras.provider
 
+from ..net import RegistryTokenAuth
 from .debian import Deb
 from .spec import LICENSE, SOURCE_URL, VERSION, ImageSpec
 
@@ -50,7 +51,9 @@ def _uuid_from(digest: str) -> str:
 
 
 def _registry(ref: str, insecure: bool) -> oras.provider.Registry:
-    return oras.provider.Registry(hostname=ref.split("/", 1)[0], insecure=insecure)
+    registry = oras.provider.Registry(hostname=ref.split("/", 1)[0], insecure=insecure)
+    registry.session.auth = RegistryTokenAuth()  # also for the raw HEAD/GET calls below
+    return registry
 
 
 def attach(subject_ref: str, document: dict, insecure: bool = True) -> None:

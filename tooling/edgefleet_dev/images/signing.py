@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import requests
 
+from ..net import RegistryTokenAuth
+
 PAYLOAD_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 PAYLOAD_TYPE = "cosign container image signature"
@@ -62,6 +64,7 @@ class Registry:
     def __init__(self, registry: str, insecure: bool):
         self.base = f"{'http' if insecure else 'https'}://{registry}/v2"
         self.session = requests.Session()
+        self.session.auth = RegistryTokenAuth()
 
     def _call(self, method: str, url: str, **kw) -> requests.Response:
         try:
