@@ -107,14 +107,15 @@ class Policy:
 
     def grant(self, who: Identity, scopes: list[str]) -> list[dict[str, Any]]:
         """The ``access`` claim for ``scopes`` (``repository:NAME:ACTIONS``): each repository with the requested
-        actions ``who`` may take; repositories with none are left out."""
+        actions ``who`` may take, and pull and push whenever ``who`` may take them there (ORAS keeps the first
+        token it gets and sends it again when a push follows a pull); repositories with none are left out."""
         access = []
         for scope in scopes[:MAX_SCOPES]:
             kind, _, rest = scope.partition(":")
             name, _, wanted = rest.rpartition(":")
             if kind != "repository" or not name:
                 continue
-            actions = sorted(set(wanted.split(",")) & self.allowed(who, name))
+            actions = sorted((set(wanted.split(",")) | {"pull", "push"}) & self.allowed(who, name))
             if actions:
                 access.append({"type": "repository", "name": name, "actions": actions})
         return access

@@ -45,14 +45,18 @@ def test_boundary_anonymous_callers_pull_and_never_push():
 def test_boundary_each_service_account_pushes_only_where_the_policy_names_it():
     assert POLICY.grant(JOBS, [PUSH])[0]["actions"] == ["pull", "push"]
     assert POLICY.grant(TENANT_POD, [PUSH])[0]["actions"] == ["pull"]  # a tenant's pod never the model store
-    assert POLICY.grant(TENANT_POD, ["repository:edgefleet/tenants/t:push"])[0]["actions"] == ["push"]
-    assert POLICY.grant(TENANT_POD, ["repository:edgefleet/tenants/other:push"]) == []  # nor another namespace's
+    # a token for a repository carries pull and push wherever the caller may take them (ORAS reuses its first)
+    assert POLICY.grant(TENANT_POD, ["repository:edgefleet/tenants/t:pull"])[0]["actions"] == ["pull", "push"]
+    other = POLICY.grant(TENANT_POD, ["repository:edgefleet/tenants/other:push"])
+    assert other[0]["actions"] == ["pull"]  # nor another namespace's: it reads there what anyone reads
     unbound = Identity(TENANT_POD.subject, "t", "default")  # a token not bound to a pod on a node
-    assert POLICY.grant(unbound, ["repository:edgefleet/tenants/t:push"]) == []
+    assert POLICY.grant(unbound, ["repository:edgefleet/tenants/t:push"])[0]["actions"] == ["pull"]
 
 
-def test_boundary_scopes_other_than_repositories_and_unknown_actions_get_nothing():
-    assert POLICY.grant(JOBS, ["registry:catalog:*", "repository:edgefleet/models:delete"]) == []
+def test_boundary_scopes_other_than_repositories_and_actions_not_granted_get_nothing():
+    assert POLICY.grant(JOBS, ["registry:catalog:*"]) == []
+    assert POLICY.grant(JOBS, ["repository:edgefleet/models:delete"])[0]["actions"] == ["pull", "push"]
+    assert POLICY.grant(ANONYMOUS, ["repository:edgefleet/models:delete"])[0]["actions"] == ["pull"]
 
 
 def test_boundary_token_review_decides_the_identity_and_refuses_what_does_not_verify():
