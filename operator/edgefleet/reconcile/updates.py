@@ -220,6 +220,24 @@ def _shadow(rollout: Rollout, record: dict[str, Any], shadowing: list[PodControl
     return "Pending", status, None
 
 
+def _reopened(rollout: Rollout, record: dict[str, Any], now: float) -> bool:
+    """Whether a shadow verdict that stopped the update no longer holds under the current spec (minAgreement
+    lowered, maxDurationSeconds raised, ...): the kept numbers decide; the update goes on (mutates ``record``)."""
+    failed, kept, spec = record.get("failed") or {}, record.get("shadow") or {}, rollout.shadow
+    if spec is None or failed.get("reason") not in ("ShadowDisagreement", "ShadowInconclusive"):
+        return False
+    samples, agreement = int(kept.get("samples", 0)), kept.get("agreement")
+    enough = samples >= spec.min_requests and agreement is not None
+    if enough and agreement >= spec.min_agreement:
+        record["shadow"] = {**kept, "verdict": "Pass"}
+    elif not enough and now - float(kept.get("since", now)) <= spec.max_duration_seconds:
+        record["shadow"] = {k: v for k, v in kept.items() if k != "verdict"}
+    else:
+        return False
+    del record["failed"]
+    return True
+
+
 def _kept_shadow(record: dict[str, Any]) -> dict[str, Any]:
     kept = record.get("shadow") or {}
     out = {"samples": int(kept.get("samples", 0)), "verdict": kept.get("verdict", "Pending")}
@@ -277,6 +295,8 @@ def plan_update(ed: EdgeDeployment, pinned: Ref, target: Ref, deltas: list[str],
     wanted: dict[str, dict[str, str | None]] = {p.name: {PREFETCH_ANNOTATION: order} for p in pods}
     done, prefetch = _prefetch(pods, target.digest)
     failed = record.get("failed")
+    if failed and _reopened(rollout, record, now):
+        failed = None
     if failed:  # stopped for good: every pod serves the pinned variant
         for p in pods:
             wanted[p.name] = {SHADOW_ANNOTATION: None, ACTIVE_ANNOTATION: pinned.digest
@@ -416,8 +436,10 @@ def deltas_for(settings: Any, ed: EdgeDeployment, profile: str, base: Ref | None
     flags: list[str] = []
     if base is not None and base.digest != target.digest:
         try:
-            store = own_store(settings.artifact_store, target.artifact, settings.artifact_insecure,
-                              settings.artifact_username, settings.artifact_password)
+            login = (settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
+            oci = str(settings.artifact_store).startswith("oci://")
+            own_store(settings.artifact_store, base.artifact if oci else None, *login)  # refuses another registry
+            store = own_store(settings.artifact_store, target.artifact if oci else None, *login)  # delta beside it
             published = publish_delta(store, name=f"{ed.spec.model_ref.name}-{profile}", base_ref=base.artifact,
                                       base_digest=base.digest, target_ref=target.artifact,
                                       target_digest=target.digest)
