@@ -501,7 +501,7 @@ def test_delta_published_once_and_rendered_for_the_fetch(tmp_path):
     from edgefleet_runtime import delta as runtime_delta
 
     patch = store.get(fields["ref"], fields["digest"])
-    assert runtime_delta.apply(base, patch, len(target)) == bytes(target)  # the published delta rebuilds the target exactly
+    assert runtime_delta.apply(base, patch, len(target)) == bytes(target)  # it rebuilds the target exactly
     before = json.dumps(workload["spec"]["template"], sort_keys=True)
     started = time.perf_counter()
     reconcile_deployment(kube, settings, NS, "digits", world)  # the record keeps the delta: not made again

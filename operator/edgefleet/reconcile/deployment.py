@@ -479,8 +479,8 @@ def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
     """(reason, message with the fix) of what the user must act on first, or None."""
     stopped = {p: d.problem for p, d in out.rollouts.items() if isinstance(d, ControlledDecision) and d.problem}
     if stopped:  # ShadowDisagreement, ShadowInconclusive, RolledBack (in place), RolloutFailed, PrefetchFailed
-        first = stopped[min(stopped)]
-        return first[0], "; ".join(f"{p}: {why[1]}" for p, why in sorted(stopped.items()))
+        reason = stopped[min(stopped)][0]
+        return reason, "; ".join(f"{p}: {why[1]}" for p, why in sorted(stopped.items()))
     back = {p: d.rolled_back for p, d in out.rollouts.items() if d.rolled_back}
     paused = {p: d.failed for p, d in out.rollouts.items() if d.failed}
     stuck = {p: h.stuck for p, h in out.health.items() if h.stuck}

@@ -228,7 +228,7 @@ def _reopened(rollout: Rollout, record: dict[str, Any], now: float) -> bool:
         return False
     samples, agreement = int(kept.get("samples", 0)), kept.get("agreement")
     enough = samples >= spec.min_requests and agreement is not None
-    if enough and agreement >= spec.min_agreement:
+    if enough and float(agreement or 0.0) >= spec.min_agreement:
         record["shadow"] = {**kept, "verdict": "Pass"}
     elif not enough and now - float(kept.get("since", now)) <= spec.max_duration_seconds:
         record["shadow"] = {k: v for k, v in kept.items() if k != "verdict"}
