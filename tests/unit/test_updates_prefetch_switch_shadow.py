@@ -498,6 +498,7 @@ def test_delta_published_once_and_rendered_for_the_fetch(tmp_path):
     assert len(flags) == 1 and flags[0].startswith(f"base={a.digest},")
     fields = dict(part.split("=", 1) for part in flags[0].split(","))
     assert int(fields["sizeBytes"]) < len(target) // 10  # a 40-byte change: the delta is far below the variant
+    assert kube.stored("DaemonSet", "digits-cpu-arm64", NS)["metadata"]["annotations"]["edgefleet.io/update"]
     from edgefleet_runtime import delta as runtime_delta
 
     patch = store.get(fields["ref"], fields["digest"])
@@ -507,3 +508,27 @@ def test_delta_published_once_and_rendered_for_the_fetch(tmp_path):
     reconcile_deployment(kube, settings, NS, "digits", world)  # the record keeps the delta: not made again
     assert time.perf_counter() - started < 5
     assert json.dumps(kube.stored("DaemonSet", "digits-cpu-arm64", NS)["spec"]["template"], sort_keys=True) == before
+
+
+def test_delta_is_not_made_from_a_file_outside_the_local_store(tmp_path):
+    """An EdgeModel status (writable by whoever may edit status) naming a file outside the store, even one whose
+    digest it states right: nothing is read from it, no delta; the nodes fetch the full variant."""
+    import hashlib
+
+    from edgefleet.artifacts import open_store
+    from edgefleet.reconcile.updates import deltas_for
+
+    store = open_store(str(tmp_path / "store"))
+    data = bytes(range(256)) * 100
+    target = store.put(data[:-1] + b"!", name="m", media_type="application/octet-stream")
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(data)
+    base = Ref("sha256:" + hashlib.sha256(data).hexdigest(), outside.as_uri())
+    settings = Settings(artifact_store=str(tmp_path / "store"))
+    record: dict = {}
+    assert deltas_for(settings, spec(), "cpu-arm64", base, Ref(target.digest, target.ref), record) == []
+    assert record["deltas"] == {"target": target.digest, "flags": []}
+    inside = store.put(data, name="m", media_type="application/octet-stream")  # the same bytes in the store
+    flags = deltas_for(settings, spec(), "cpu-arm64", Ref(inside.digest, inside.ref),
+                       Ref(target.digest, target.ref), {})
+    assert len(flags) == 1 and flags[0].startswith(f"base={inside.digest},")

@@ -439,6 +439,8 @@ def deltas_for(settings: Any, ed: EdgeDeployment, profile: str, base: Ref | None
             login = (settings.artifact_insecure, settings.artifact_username, settings.artifact_password)
             oci = str(settings.artifact_store).startswith("oci://")
             own_store(settings.artifact_store, base.artifact if oci else None, *login)  # refuses another registry
+            if not oci:
+                _inside_local(str(settings.artifact_store), base.artifact, target.artifact)
             store = own_store(settings.artifact_store, target.artifact if oci else None, *login)  # delta beside it
             published = publish_delta(store, name=f"{ed.spec.model_ref.name}-{profile}", base_ref=base.artifact,
                                       base_digest=base.digest, target_ref=target.artifact,
@@ -450,6 +452,16 @@ def deltas_for(settings: Any, ed: EdgeDeployment, profile: str, base: Ref | None
             log.warning("no delta %s -> %s for %s: %s", base.digest, target.digest, profile, e)
     record["deltas"] = {"target": target.digest, "flags": flags}
     return flags
+
+
+def _inside_local(root: str, *refs: str) -> None:
+    """A local store reads only its own blobs: a ref elsewhere (a status naming /dev/zero) is refused."""
+    from ..artifacts.store import LocalStore
+
+    prefix = LocalStore(root).root.as_uri() + "/sha256/"
+    for ref in refs:
+        if not ref.startswith(prefix) or "/" in ref[len(prefix):]:
+            raise StoreError(f"{ref} is not a blob of the operator's artifact store {root}")
 
 
 def plain_deltas(settings: Any, ed: EdgeDeployment, profile: str, existing: dict[str, Any] | None, variant: Variant
