@@ -894,6 +894,13 @@ class Rollout(Model):
             ".activation",
         ),
         Rule(
+            "!has(self.maxSurge) || !has(self.prefetch)",
+            "rollout.maxSurge does not go with rollout.prefetch (the operator switches or replaces the pods itself,"
+            " no pod is surged): remove maxSurge or prefetch",
+            lambda s: s.max_surge is None or s.prefetch is None,
+            ".maxSurge",
+        ),
+        Rule(
             "!has(self.shadow) || has(self.prefetch)",
             "rollout.shadow needs rollout.prefetch (the candidate runs from the node cache): add prefetch: {}"
             " or remove shadow",
