@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder (the pod's annotations through the downward API) with `active` (digest to switch to in "
         "place), `prefetch` and `shadow` (JSON): read every 0.5 s (edgefleet_runtime.control); needs --cache",
     )
+    s.add_argument("--prefetch-insecure", action="store_true",
+                   help="with --control-dir: plain http to a non-loopback registry for prefetch")
     s.add_argument("--cache", help="node cache dir (CACHE/sha256/<hex>): the only place the management API loads from")
     s.add_argument(
         "--management-token-file",

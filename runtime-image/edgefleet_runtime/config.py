@@ -115,6 +115,8 @@ class ServeConfig:
     watch_interval: float = 2.0
     control_dir: str | None = None
     """The pod's control folder (``control.Control``: in-place switch, prefetch, shadow); None: off."""
+    prefetch_insecure: bool = False
+    """Prefetch (control folder) may use plain http to a non-loopback registry."""
     management_token_file: str | None = None
     management_port: int | None = None
     shutdown_delay: float = 0.0
@@ -149,6 +151,7 @@ class ServeConfig:
                 args.hard_examples_insecure, args.node_name, os.environ.get("EDGEFLEET_RUNTIME_CLASS", ""),
             ),
             watch=args.watch, watch_interval=args.watch_interval, control_dir=args.control_dir,
+            prefetch_insecure=getattr(args, "prefetch_insecure", False),
             management_token_file=args.management_token_file,
             management_port=args.management_port, shutdown_delay=args.shutdown_delay,
             drain_timeout=args.drain_timeout, workers=args.workers, worker=worker,

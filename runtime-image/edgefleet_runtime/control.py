@@ -14,7 +14,9 @@ annotations) that ``serve --control-dir`` reads every poll.
 
 An empty or missing file means "nothing asked". Each file is read at most MAX_FILE_BYTES. Work that takes time
 (load, fetch) runs on one background thread at a time; a request that failed is retried after RETRY_SECONDS.
-The state is exported as ``edgefleet_runtime_control{kind,digest,state}`` (1 for the current state).
+The state is exported as ``edgefleet_runtime_control{kind,digest,state}`` (1 for the current state), and the
+reason of a failed or missing one as ``edgefleet_runtime_control_reason{kind,digest,reason}`` (what the
+operator shows in status).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ log = logging.getLogger("edgefleet_runtime.control")
 
 MAX_FILE_BYTES = 64 << 10
 RETRY_SECONDS = 30.0
+MAX_REASON = 200  # characters of a failure reason exported as a label
 STATES = ("pending", "done", "failed", "missing")
 
 
@@ -92,6 +95,10 @@ class Control:
         self.shadow = None
         self.state = Gauge("edgefleet_runtime_control", "State of what the control folder asks (1 = this state)",
                            ["kind", "digest", "state"], registry=registry)
+        self.reason = Gauge("edgefleet_runtime_control_reason", "Why what the control folder asks failed (1 for "
+                            "the current reason; cleared when the state changes)", ["kind", "digest", "reason"],
+                            registry=registry)
+        self._reason: dict[str, tuple[str, str]] = {}
         self._busy = threading.Lock()
         self._seen: dict[str, tuple[str, float]] = {}  # kind -> (what was last tried, when), for retries
         self._last_state: dict[str, tuple[str, str]] = {}
@@ -102,6 +109,12 @@ class Control:
             self.state.labels(kind, old[0], old[1]).set(0)
         self._last_state[kind] = (digest, state)
         self.state.labels(kind, digest, state).set(1)
+        stale = self._reason.pop(kind, None)
+        if stale is not None:
+            self.reason.remove(kind, *stale)
+        if reason:
+            self._reason[kind] = (digest, reason[:MAX_REASON])
+            self.reason.labels(kind, digest, reason[:MAX_REASON]).set(1)
         if state in ("failed", "missing"):
             log.warning(f"{kind} not done", extra={"kind": kind, "digest": digest, "state": state, "reason": reason})
 

@@ -231,7 +231,8 @@ def _control(c: ServeConfig, slot: ModelSlot, metrics: Metrics, policy: Policy) 
                            max_batch=o.max_batch, precision=o.precision)  # fmt: skip
         return Shadow(beside.load(path, digest), rate, shadow_metrics)
 
-    control = Control(c.control_dir, o.cache_dir or "", slot, metrics.registry, candidate, {"policy": policy})
+    control = Control(c.control_dir, o.cache_dir or "", slot, metrics.registry, candidate,
+                      {"policy": policy, "insecure": c.prefetch_insecure})
     control.poll()
     return control
 

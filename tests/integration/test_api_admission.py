@@ -54,6 +54,12 @@ FULL = [
                         "decryptionKeySecret": {"name": "full-kek", "key": "key"}}}},
     {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDeployment", "metadata": {"name": "waves"},
      "spec": {"modelRef": {"name": "full"}, "rollout": {"waves": [5, 25, 100], "maxUnavailable": "100%"}}},
+    {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDeployment", "metadata": {"name": "updates"},
+     "spec": {"modelRef": {"name": "full"}, "rollout": {
+         "canaryPercent": 10, "prefetch": {"deadlineSeconds": 600},
+         "activation": {"inPlace": True, "after": "2026-12-08T02:00:00Z", "manual": True, "approvedDigest": DIGEST},
+         "shadow": {"sampleRate": 0.2, "minRequests": 500, "minAgreement": 0.9, "maxDurationSeconds": 1800,
+                    "agreement": "cosine"}}}},
 ]
 
 

@@ -68,3 +68,16 @@ def test_golden_workload_with_a_pipeline_and_preprocessing():
     manifest = render_class(ed, PROFILES["cpu-amd64"], variant, list(PROFILES.values()), "/var/lib/edgefleet/cache",
                             cache_driver=True, transform=transform)
     assert_golden("workload_cpu-amd64_pipeline", manifest)
+
+
+def test_golden_workload_with_prefetch_in_place_switch_and_delta():
+    ed = EdgeDeployment.model_validate({
+        "metadata": {"name": "digits", "namespace": "shop", "uid": "uid-1", "generation": 3},
+        "spec": {"modelRef": {"name": "digits"}, "rollout": {"waves": [25, 100], "prefetch": {}, "shadow": {}}}})
+    variant = Variant(profile="cpu-amd64", state="Ready", digest="sha256:" + "a" * 64,
+                      artifact=f"oci://registry.local:5000/edgefleet/models/digits-cpu-amd64@sha256:{'a' * 64}")
+    delta = (f"base=sha256:{'b' * 64},digest=sha256:{'c' * 64},sizeBytes=37264,"
+             f"ref=oci://registry.local:5000/edgefleet/models/digits-cpu-amd64-delta@sha256:{'c' * 64}")
+    manifest = render_class(ed, PROFILES["cpu-amd64"], variant, list(PROFILES.values()), "/var/lib/edgefleet/cache",
+                            insecure=True, deltas=[delta])
+    assert_golden("workload_cpu-amd64_prefetch", manifest)

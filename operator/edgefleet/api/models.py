@@ -7,6 +7,7 @@ docstrings become `kubectl explain` text, `cel_rules` become `x-kubernetes-valid
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -768,6 +769,60 @@ class RolloutGate(Model):
     )
 
 
+class Prefetch(Model):
+    """Fetch a new variant into every node's cache (a delta where the node holds the variant it serves) while the
+    old one keeps serving, then activate it. The runtime pods read their orders from their annotations
+    (`serve --control-dir`, a downward-API volume): turning this on changes the pod template once (pods restart
+    once), later variants need no new pod template."""
+
+    deadline_seconds: Annotated[int, Field(ge=10, le=604800)] = 1800
+    """Seconds activation waits for every node to hold the new variant; after it, activation goes on with the
+    nodes that hold it (the others activate once they do). A node whose fetch failed is listed in the class's
+    status.classes[].prefetch with the reason."""
+
+
+class Activation(Model):
+    """When and how a prefetched variant becomes the served one (needs rollout.prefetch)."""
+
+    in_place: bool = True
+    """Switch inside the running runtime (loaded beside the old model, then swapped; requests in flight finish
+    on the old one; no pod restart). false: replace the pods, which start from the cached variant."""
+    after: datetime | None = None
+    """Hold activation until this time (RFC 3339, e.g. 2026-12-08T02:00:00Z); prefetch and shadow go on."""
+    manual: bool = False
+    """Hold activation until approvedDigest names the new variant's digest."""
+    approved_digest: Digest | None = None
+    """With manual: the variant digest (sha256:...) approved for activation (see status.classes[].prefetch)."""
+
+    cel_rules = (
+        Rule(
+            "!has(self.approvedDigest) || self.manual",
+            "rollout.activation.approvedDigest only applies with manual: true; set manual: true or remove it",
+            lambda s: s.approved_digest is None or s.manual,
+            ".approvedDigest",
+        ),
+    )
+
+
+class ShadowPhase(Model):
+    """Before activation, the runtimes on the first wave's nodes mirror a sample of live requests to the new
+    variant; clients get only the served model's answers. The rollout goes on only when the new variant agrees
+    with the served one on at least minAgreement of minRequests compared samples, else it stops with Degraded
+    reason ShadowDisagreement and the old variant keeps serving (needs rollout.prefetch)."""
+
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Share of requests mirrored to the new variant (0 < rate <= 1)."""
+    min_requests: Annotated[int, Field(ge=1, le=10_000_000)] = 200
+    """Compared samples (over the shadowing nodes) needed for a verdict."""
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.95
+    """Lowest agreement (over the model's outputs) that lets the rollout go on, from 0 to 1."""
+    max_duration_seconds: Annotated[int, Field(ge=10, le=604800)] = 3600
+    """Seconds to gather minRequests samples; fewer by then stops the rollout (reason ShadowInconclusive)."""
+    agreement: Literal["top1", "cosine"] = "top1"
+    """top1: share of samples with the same argmax; cosine: mean cosine similarity of the outputs."""
+
+
+
 class Rollout(Model):
     """How a new model variant reaches the fleet."""
 
@@ -802,6 +857,13 @@ class Rollout(Model):
     """Roll back to the last healthy variant when a wave fails its health gate."""
     gate: RolloutGate | None = None
     """On-target limits (latency, throughput, memory) a new variant must meet before a class rolls out."""
+    prefetch: Prefetch | None = None
+    """Fetch new variants to the nodes before activating them (and publish deltas); omitted: pods are replaced
+    and fetch at activation. PerNode mode with runtime.workers 1 only."""
+    activation: Activation | None = None
+    """When and how a prefetched variant is activated (in place by default); needs prefetch."""
+    shadow: ShadowPhase | None = None
+    """Compare the new variant with the served one on live traffic before activation; needs prefetch."""
 
     cel_rules = (
         Rule(
@@ -823,6 +885,27 @@ class Rollout(Model):
             lambda s: not s.waves
             or (all(a < b for a, b in zip(s.waves, s.waves[1:], strict=False)) and s.waves[-1] == 100),
             ".waves",
+        ),
+        Rule(
+            "!has(self.activation) || has(self.prefetch)",
+            "rollout.activation needs rollout.prefetch (a variant is activated once the nodes hold it): add"
+            " prefetch: {} or remove activation",
+            lambda s: s.activation is None or s.prefetch is not None,
+            ".activation",
+        ),
+        Rule(
+            "!has(self.maxSurge) || !has(self.prefetch)",
+            "rollout.maxSurge does not go with rollout.prefetch (the operator switches or replaces the pods itself,"
+            " no pod is surged): remove maxSurge or prefetch",
+            lambda s: s.max_surge is None or s.prefetch is None,
+            ".maxSurge",
+        ),
+        Rule(
+            "!has(self.shadow) || has(self.prefetch)",
+            "rollout.shadow needs rollout.prefetch (the candidate runs from the node cache): add prefetch: {}"
+            " or remove shadow",
+            lambda s: s.shadow is None or s.prefetch is not None,
+            ".shadow",
         ),
     )
 
@@ -1017,7 +1100,59 @@ class EdgeDeploymentSpec(Model):
             or (s.monitoring is None and not (s.feedback and s.feedback.hard_examples)),
             ".runtime.workers",
         ),
+        Rule(
+            "!has(self.rollout) || !has(self.rollout.prefetch) || self.mode == 'PerNode'",
+            "spec.rollout.prefetch needs mode PerNode (one runtime per node holds the node's cache): use mode"
+            " PerNode or remove rollout.prefetch",
+            lambda s: s.rollout.prefetch is None or s.mode == "PerNode",
+            ".rollout.prefetch",
+        ),
+        Rule(
+            "!has(self.rollout) || !has(self.rollout.prefetch) || !has(self.runtime) || !has(self.runtime.workers)"
+            " || self.runtime.workers == 1",
+            "spec.rollout.prefetch cannot be combined with spec.runtime.workers above 1 (a switch in place happens"
+            " in one server process): set runtime.workers to 1 or remove rollout.prefetch",
+            lambda s: s.rollout.prefetch is None or s.runtime.workers == 1,
+            ".rollout.prefetch",
+        ),
     )
+
+
+class NodeProblem(Model):
+    """A node that did not do what it was asked, and why."""
+
+    node: Annotated[str, Field(max_length=253)]
+    """The node."""
+    reason: ShortText
+    """What went wrong (from the runtime's metrics, or why they could not be read)."""
+
+
+class PrefetchProgress(Model):
+    """Prefetch of a new variant on the nodes of one class."""
+
+    digest: Digest
+    """The variant being prefetched."""
+    done: Annotated[int, Field(ge=0)] = 0
+    """Nodes that hold it, verified."""
+    pending: Annotated[int, Field(ge=0)] = 0
+    """Nodes still fetching it (or not reporting yet)."""
+    failed: Annotated[int, Field(ge=0)] = 0
+    """Nodes whose fetch failed (retried by the runtime every 30 s)."""
+    failures: Annotated[list[NodeProblem], Field(max_length=20)] = Field(default_factory=list)
+    """The first failed nodes (by name) with the reason."""
+
+
+class ShadowProgress(Model):
+    """The shadow phase of a new variant in one class."""
+
+    digest: Digest
+    """The candidate variant."""
+    samples: Annotated[int, Field(ge=0)] = 0
+    """Samples compared so far on the shadowing nodes."""
+    agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Agreement so far (the lowest over outputs; spec.rollout.shadow.agreement says which kind)."""
+    verdict: Literal["Pending", "Pass", "Fail"] = "Pending"
+    """Pending until minRequests samples are compared, then Pass or Fail."""
 
 
 class ClassStatus(Model):
@@ -1038,6 +1173,10 @@ class ClassStatus(Model):
     message: ShortText | None = None
     """Why this class is not fully served: its pods' state (e.g. `2/2 pods Pending: Insufficient
     nvidia.com/gpu`) or why its workload could not be applied; absent when nothing is wrong."""
+    prefetch: PrefetchProgress | None = None
+    """Where the prefetch of a new variant stands on the class's nodes (rollout.prefetch)."""
+    shadow: ShadowProgress | None = None
+    """What the shadow phase measured for the new variant (rollout.shadow)."""
 
 
 class EdgeDeploymentStatus(Model):

@@ -18,7 +18,7 @@ from ..render import child_labels, child_name, render_class, render_service, res
 from ..render.bench_job import gate_verdict
 from ..render.placement import PlacementError
 from ..render.tenancy import class_refusal
-from ..render.workload import model_transform
+from ..render.workload import controlled, model_transform
 from ..settings import Settings
 from .applied import apply_changed
 from .conditions import (
@@ -31,10 +31,11 @@ from .conditions import (
     status_patch,
     without_times,
 )
-from .drift import THROTTLE, missing_evaluation, read_pods, verdict
+from .drift import THROTTLE, missing_evaluation, read_pods, scrape, verdict
 from .errors import PermanentError, as_permanent, report_invalid_spec
 from .pods import ClassHealth, class_health
 from .rollout import Decision, decide
+from .updates import ControlledDecision, apply_patches, controlled_class, plain_deltas, with_record
 from .world import World
 
 Children = dict[tuple[str, str], dict[str, Any]]  # (kind, name) -> a workload the EdgeDeployment owns
@@ -266,14 +267,27 @@ def _apply_class(kube: Kube, settings: Settings, ed: EdgeDeployment, profile: Ha
                  evaluation: ConfigMapKeyRef | None = None, transform: str | None = None) -> dict[str, Any]:
     """Render and apply the workload of one class (a wave of a rollout); the live object."""
     profile_name = profile.metadata["name"]
-    manifest = render_class(ed, profile, variant, world.profiles, settings.node_cache, replicas,
-                            settings.artifact_insecure, evaluation, settings.node_cache_driver, transform,
+
+    def render(shown: Variant, deltas: list[str]) -> dict[str, Any]:
+        return render_class(ed, profile, shown, world.profiles, settings.node_cache, replicas,
+                            settings.artifact_insecure, evaluation, settings.node_cache_driver, transform, deltas,
                             settings.registry_token_audience)
-    decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
+
+    patches: dict[str, dict[str, str | None]] = {}
+    decision: Decision | None
+    if controlled(ed):  # rollout.prefetch: updates reach the pods through their annotations
+        manifest, decision, patches = controlled_class(kube, settings, ed, profile, variant, existing, render,
+                                                       scrape, time.time())
+    else:
+        deltas, record = plain_deltas(settings, ed, profile_name, existing, variant)
+        manifest = render(variant, deltas)
+        manifest = with_record(manifest, record) if record else manifest
+        decision = _decide(kube, ed, manifest, existing) if waves_of(ed) else None
     if decision is not None:
         rollouts[profile_name] = decision
         manifest = decision.manifest
     live = apply_changed(kube, manifest, existing)
+    apply_patches(kube, ed.metadata["namespace"], patches)
     for pod in decision.delete if decision else ():
         log.info("rollout %s/%s %s: replacing pod %s", ed.metadata["namespace"], ed.metadata["name"], profile_name,
                  pod)
@@ -400,6 +414,7 @@ def _write_status(kube: Kube, raw: dict[str, Any], ed: EdgeDeployment, out: Outc
             entry["digest"] = digest
         if profile_name in out.rollouts:
             entry["rollout"] = out.rollouts[profile_name].progress
+            entry.update(_update_status(out.rollouts[profile_name]))
         message = _class_message(out, profile_name)
         if message:
             entry["message"] = message[:1024]
@@ -414,7 +429,8 @@ def _write_status(kube: Kube, raw: dict[str, Any], ed: EdgeDeployment, out: Outc
                           "AllClassesReady" if complete and classes else "ClassesNotReady",
                           f"{ready}/{desired} pods ready across {len(classes)} hardware classes", generation)
     why = "; ".join(f"{c['profile']}: {c['message']}" for c in classes if c.get("message"))
-    done = complete and not out.gated and not surging  # a class held by the rollout gate is not up to date
+    updating = any(isinstance(d, ControlledDecision) and d.pending for d in out.rollouts.values())
+    done = complete and not out.gated and not surging and not updating  # held by a gate or an update: not done
     conds = set_condition(conds, PROGRESSING, not done,
                           "RollingOut" if not done else "RolloutComplete",
                           (why or "waiting for pods to be updated and ready") if not done
@@ -446,13 +462,26 @@ def _class_message(out: Outcome, profile_name: str) -> str | None:
     failure = out.failures.get(profile_name)
     health = out.health.get(profile_name)
     gate = out.gated.get(profile_name)
+    update = out.rollouts.get(profile_name)
+    waiting = update.waiting if isinstance(update, ControlledDecision) else None
     parts = [str(failure) if failure else None, health.message if health else None,
-             f"rollout gate: {'; '.join(gate[1])}" if gate else None]
+             f"rollout gate: {'; '.join(gate[1])}" if gate else None, f"update: {waiting}" if waiting else None]
     return "; ".join(p for p in parts if p) or None
+
+
+def _update_status(decision: Decision) -> dict[str, Any]:
+    """status.classes[] prefetch and shadow of a class under rollout.prefetch."""
+    if not isinstance(decision, ControlledDecision):
+        return {}
+    return {k: v for k, v in (("prefetch", decision.prefetch), ("shadow", decision.shadow)) if v}
 
 
 def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
     """(reason, message with the fix) of what the user must act on first, or None."""
+    stopped = {p: d.problem for p, d in out.rollouts.items() if isinstance(d, ControlledDecision) and d.problem}
+    if stopped:  # ShadowDisagreement, ShadowInconclusive, RolledBack (in place), RolloutFailed, PrefetchFailed
+        reason = stopped[min(stopped)][0]
+        return reason, "; ".join(f"{p}: {why[1]}" for p, why in sorted(stopped.items()))
     back = {p: d.rolled_back for p, d in out.rollouts.items() if d.rolled_back}
     paused = {p: d.failed for p, d in out.rollouts.items() if d.failed}
     stuck = {p: h.stuck for p, h in out.health.items() if h.stuck}

@@ -28,6 +28,12 @@ CACHE_DRIVER = "cache.edgefleet.io"  # the CSI driver of the node cache (CSIDriv
 MODELS_FOLDER = "models"  # the variants' folder in the namespace's part of the node cache
 DIGEST_ANNOTATION = "edgefleet.io/variant-digest"
 TEMPLATE_HASH = "edgefleet.io/template-hash"
+# rollout.prefetch: the pod annotations the runtime reads through a downward-API volume (serve --control-dir)
+ACTIVE_ANNOTATION = "edgefleet.io/active-digest"
+PREFETCH_ANNOTATION = "edgefleet.io/prefetch"
+SHADOW_ANNOTATION = "edgefleet.io/shadow"
+CONTROL_FILES = {"active": ACTIVE_ANNOTATION, "prefetch": PREFETCH_ANNOTATION, "shadow": SHADOW_ANNOTATION}
+CONTROL_MOUNT = "/etc/edgefleet/control"
 # On SIGTERM the runtime answers not-ready but keeps serving this long, so kube-proxy drops the pod from the
 # Service before it stops listening (the images have no shell for a preStop sleep).
 SHUTDOWN_DELAY_SECONDS = 5
@@ -189,6 +195,28 @@ def _feedback(ed: EdgeDeployment, evaluation: ConfigMapKeyRef | None, insecure: 
     return args, mounts, volumes, env
 
 
+def controlled(ed: EdgeDeployment) -> bool:
+    """Whether the runtime takes its updates from its pod's annotations (rollout.prefetch)."""
+    return ed.spec.rollout.prefetch is not None
+
+
+def in_place(ed: EdgeDeployment) -> bool:
+    """Whether a new variant is activated inside the running pods (prefetch, activation.inPlace)."""
+    activation = ed.spec.rollout.activation
+    return controlled(ed) and (activation is None or activation.in_place)
+
+
+def _control(ed: EdgeDeployment, insecure: bool) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(serve args, serve mounts, volumes) of rollout.prefetch: the pod's control annotations as files."""
+    if not controlled(ed):
+        return [], [], []
+    args = [f"--control-dir={CONTROL_MOUNT}", f"--cache={CACHE_MOUNT}"] + (["--prefetch-insecure"] if insecure else [])
+    items = [{"path": path, "fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}}
+             for path, key in CONTROL_FILES.items()]
+    volume = {"name": "control", "downwardAPI": {"items": items}}
+    return args, [{"name": "control", "mountPath": CONTROL_MOUNT, "readOnly": True}], [volume]
+
+
 def model_transform(spec: dict[str, Any] | None) -> str | None:
     """The EdgeModel's spec.preprocessing and spec.postprocessing as the runtime's `--transform` JSON (compact,
     sorted: the pod template's hash changes only when they do); None when it declares neither. An invalid one
@@ -230,7 +258,7 @@ def _prepare_cache(ed: EdgeDeployment, profile: HardwareProfile) -> dict[str, An
 
 def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, insecure: bool,
                 evaluation: ConfigMapKeyRef | None, cache_driver: bool,
-                transform: str | None = None) -> tuple[list[Any], list[Any]]:
+                transform: str | None = None, deltas: list[str] | None = None) -> tuple[list[Any], list[Any]]:
     model = ed.spec.model_ref.name
     port = ed.spec.runtime.port
     mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
@@ -241,7 +269,7 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
     ]
     trust_fetch, trust_serve, trust_fetch_mounts, trust_serve_mounts, _ = _trust(ed)
     fetch_args = ["fetch", f"--ref={variant.artifact}", f"--digest={variant.digest}", f"--cache={CACHE_MOUNT}",
-                  f"--name={model}", *trust_fetch]
+                  f"--name={model}", *trust_fetch, *(f"--delta={d}" for d in deltas or [])]
     if insecure:
         fetch_args.append("--insecure")
     init = {
@@ -259,6 +287,8 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
     feedback_args, feedback_mounts, _, feedback_env = _feedback(ed, evaluation, insecure, cache_driver)
     serve_args += feedback_args
+    control_args, control_mounts, _ = _control(ed, insecure)
+    serve_args += control_args
     if transform is not None:  # the same declared pre- and post-processing on every class
         serve_args.append(f"--transform={transform}")
     ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
@@ -279,8 +309,8 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": "http"}, "failureThreshold": 6},
         "resources": _resources(profile),
-        "volumeMounts": [{**m, "readOnly": True} for m in mounts] + trust_serve_mounts + device_mounts
-        + feedback_mounts + workers_mounts,
+        "volumeMounts": [{**m, "readOnly": not control_args} for m in mounts] + trust_serve_mounts + device_mounts
+        + feedback_mounts + workers_mounts + control_mounts,  # prefetch writes the cache
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}, *feedback_env],
     }
@@ -342,6 +372,7 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
     volumes += _feedback(ed, evaluation, False, cache_driver)[2]
     if ed.spec.runtime.workers > 1:
         volumes.append({"name": "runtime-metrics", "emptyDir": {"sizeLimit": "64Mi"}})
+    volumes += _control(ed, False)[2]
     if ed.spec.pipeline is not None:
         size = str(ed.spec.pipeline.queue.size_limit_bytes)
         volumes.append({"name": "pipeline-queue", "emptyDir": {"sizeLimit": size}})
@@ -351,9 +382,10 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
 
 def _pod_template(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, profiles: list[HardwareProfile],
                   node_cache: str, insecure: bool, evaluation: ConfigMapKeyRef | None,
-                  cache_driver: bool, transform: str | None = None) -> dict[str, Any]:
+                  cache_driver: bool, transform: str | None = None, deltas: list[str] | None = None,
+                  registry_token_audience: str = "") -> dict[str, Any]:
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
-    init, containers = _containers(ed, profile, variant, insecure, evaluation, cache_driver, transform)
+    init, containers = _containers(ed, profile, variant, insecure, evaluation, cache_driver, transform, deltas)
     affinity = node_affinity(
         [profile.spec.node_selector, ed.spec.node_selector],
         [p.spec.node_selector for p in higher_priority(profile, profiles)],
@@ -373,6 +405,8 @@ def _pod_template(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant
         spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": affinity}}
     if profile.spec.runtime_class_name:
         spec["runtimeClassName"] = profile.spec.runtime_class_name
+    if ed.spec.feedback and ed.spec.feedback.hard_examples and registry_token_audience:
+        spec = with_registry_token(spec, "runtime", registry_token_audience)
     template: dict[str, Any] = {"metadata": {"labels": labels, "annotations": {DIGEST_ANNOTATION: variant.digest}},
                                 "spec": spec}
     template["metadata"]["annotations"][TEMPLATE_HASH] = template_hash(template)
@@ -407,20 +441,27 @@ def render_class(
     evaluation: ConfigMapKeyRef | None = None,
     cache_driver: bool = False,
     transform: str | None = None,
+    deltas: list[str] | None = None,
     registry_token_audience: str = "",
 ) -> dict[str, Any]:
     """The DaemonSet (PerNode) or Deployment (Replicas; `replicas` for this class) serving `variant`;
     `evaluation`: the EdgeModel's evaluation data, mounted as the drift reference when spec.monitoring.drift.
     The node cache is the hostPath `node_cache`, or with `cache_driver` the namespace's own CSI volume of the
     node cache driver (then `node_cache` is unused). `transform`: the EdgeModel's declared pre- and
-    post-processing (model_transform), handed to the runtime as `--transform`. With hard examples to upload, the
-    runtime pushes them with a projected token of the namespace's ServiceAccount for `registry_token_audience`."""
+    post-processing (model_transform), handed to the runtime as `--transform`. `deltas`: the fetch's `--delta`
+    values (artifacts.deltas). With an in-place activation (rollout.prefetch) the template hash leaves the variant
+    out: a new variant reaches running pods through their annotations, a new template restarts them. With hard
+    examples to upload, the runtime pushes them with a projected token of the namespace's ServiceAccount for
+    `registry_token_audience`."""
     name = child_name(ed.metadata["name"], profile.metadata["name"])
     labels = child_labels(ed.metadata["name"], profile.metadata["name"])
     template = _pod_template(ed, profile, variant, profiles, node_cache, insecure, evaluation, cache_driver,
-                             transform)
-    if ed.spec.feedback and ed.spec.feedback.hard_examples and registry_token_audience:
-        template["spec"] = with_registry_token(template["spec"], "runtime", registry_token_audience)
+                             transform, deltas, registry_token_audience)
+    if in_place(ed):
+        blank = variant.model_copy(update={"digest": "sha256:" + "0" * 64, "artifact": "variant"})
+        template["metadata"]["annotations"][TEMPLATE_HASH] = _pod_template(
+            ed, profile, blank, profiles, node_cache, insecure, evaluation, cache_driver, transform,
+            registry_token_audience=registry_token_audience)["metadata"]["annotations"][TEMPLATE_HASH]
     max_unavailable = ed.spec.rollout.max_unavailable
     spec = {
         "selector": {"matchLabels": labels},
@@ -428,8 +469,8 @@ def render_class(
         "minReadySeconds": ed.spec.rollout.health_gate.min_ready_seconds,
         "revisionHistoryLimit": 5,
     }
-    if ed.spec.mode == "PerNode" and waves_of(ed):
-        spec["updateStrategy"] = {"type": "OnDelete"}  # the operator replaces pods wave by wave
+    if ed.spec.mode == "PerNode" and (waves_of(ed) or controlled(ed)):
+        spec["updateStrategy"] = {"type": "OnDelete"}  # the operator replaces (or switches) pods wave by wave
         kind = "DaemonSet"
     elif ed.spec.mode == "PerNode":
         surge = _surge(ed, profile)  # a DaemonSet takes maxSurge only with maxUnavailable 0
