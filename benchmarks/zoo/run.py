@@ -11,10 +11,10 @@ source, in points) or cosine vs the source, whether the fp16 candidate held (ran
 other candidates lost. ``.tflite`` sources are compiled for a LiteRT CPU target: cpu-amd64 takes ONNX only.
 Each model runs in its own process, killed after --timeout seconds (2-core hosts). Evaluation data: made by
 edgefleet_dev.zoo (128 samples for classifiers, 8 otherwise; calibration 8 others). --from-json F re-prints an
-earlier run's table; --merge F runs only --models and puts their rows into the earlier run F (same model: replaced,
-new: appended), writes F back and prints the whole table. The same compile also builds the nvidia-jetson class (fp16 on TensorRT, measured on this
-CPU as a stand-in): its column says what a GPU/Jetson node would serve; and a Core ML export (fp16 ML program,
-structure checked, not run: no Apple device here).
+earlier run's table; --merge F runs only --models and puts their rows into the earlier run F (same model:
+replaced, new: appended), writes F back and prints the whole table. The same compile also builds the nvidia-jetson
+class (fp16 on TensorRT, measured on this CPU as a stand-in): its column says what a GPU/Jetson node would serve;
+and a Core ML export (fp16 ML program, structure checked, not run: no Apple device here).
 """
 
 from __future__ import annotations

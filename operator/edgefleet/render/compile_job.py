@@ -278,7 +278,9 @@ def trainings(req: CompileJobRequest) -> dict[str, Any]:
 
 def compiler_image(req: CompileJobRequest, settings: Settings) -> str:
     """compiler_train_image for a compile that trains (when set), else compiler_image."""
-    return settings.compiler_train_image if trainings(req) and settings.compiler_train_image else settings.compiler_image
+    if trainings(req) and settings.compiler_train_image:
+        return settings.compiler_train_image
+    return settings.compiler_image
 
 
 def training_note(req: CompileJobRequest, job: str, settings: Settings) -> str | None:
