@@ -14,9 +14,12 @@ from edgefleet_dev import zoo
 
 
 def manifest_entry(m: zoo.ZooModel) -> dict:
-    return {"name": m.name, "task": m.task, "source": f"{m.wheel.requirement} (PyPI wheel) : {m.member}",
-            "wheelSha256": m.wheel.sha256, "license": m.wheel.license, "sha256": m.sha256, "format": m.format,
-            "inputs": {k: list(shape) for k, (shape, _) in m.inputs.items()}, "notes": m.notes}
+    entry = {"name": m.name, "task": m.task, "source": m.source,
+             "wheelSha256": m.wheel.sha256, "license": m.wheel.license, "sha256": m.sha256, "format": m.format,
+             "inputs": {k: list(shape) for k, (shape, _) in m.inputs.items()}, "notes": m.notes}
+    if m.export:  # the sha256 above is the weights'; the export's depends on the torch that made it
+        entry["exportSha256"] = zoo.sha256_file(zoo.fetch(m))
+    return entry
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 same run.
 
     python benchmarks/zoo/run.py [--models a,b] [--runs 30] [--timeout 400] [--json F] [--markdown docs/zoo.md]
+    python benchmarks/zoo/run.py --models minilm-l6-v2 --merge benchmarks/results/zoo.json --markdown docs/zoo.md
 
 Per model (cpu-amd64): the raw source's size and p50 (ONNX Runtime CPU, 1 thread; .tflite: LiteRT), the variant
 the compiler chose, its size ratio (source bytes / variant bytes) and speed ratio (source p50 / variant p50,
@@ -10,9 +11,10 @@ source, in points) or cosine vs the source, whether the fp16 candidate held (ran
 other candidates lost. ``.tflite`` sources are compiled for a LiteRT CPU target: cpu-amd64 takes ONNX only.
 Each model runs in its own process, killed after --timeout seconds (2-core hosts). Evaluation data: made by
 edgefleet_dev.zoo (128 samples for classifiers, 8 otherwise; calibration 8 others). --from-json F re-prints an
-earlier run's table. The same compile also builds the nvidia-jetson class (fp16 on TensorRT, measured on this
-CPU as a stand-in): its column says what a GPU/Jetson node would serve; and a Core ML export (fp16 ML program,
-structure checked, not run: no Apple device here).
+earlier run's table; --merge F runs only --models and puts their rows into the earlier run F (same model:
+replaced, new: appended), writes F back and prints the whole table. The same compile also builds the nvidia-jetson
+class (fp16 on TensorRT, measured on this CPU as a stand-in): its column says what a GPU/Jetson node would serve;
+and a Core ML export (fp16 ML program, structure checked, not run: no Apple device here).
 """
 
 from __future__ import annotations
@@ -163,6 +165,8 @@ def main() -> int:
     ap.add_argument("--markdown", default=None, help="write the table (markdown) into this file between the "
                     "<!-- zoo-table --> markers")
     ap.add_argument("--from-json", help="print (and --markdown) the table of an earlier run's --json, compile nothing")
+    ap.add_argument("--merge", help="an earlier run's --json: compile --models only, replace or add their rows "
+                    "there and write it back")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -183,6 +187,10 @@ def main() -> int:
                            {"model": name, "error": (p.stderr.strip().splitlines() or ["no output"])[-1]})
         except subprocess.TimeoutExpired:
             results.append({"model": name, "error": f"did not finish in {args.timeout} s (--timeout)"})
+    ran = results
+    if args.merge:
+        results = merged(json.loads(Path(args.merge).read_text()), results)
+        Path(args.merge).write_text(json.dumps(results, indent=1) + "\n")
     rows = [row(r) for r in results]
     widths = [max(len(x) for x in col) for col in zip(HEADER, *rows, strict=True)]
     for r in [HEADER, *rows]:
@@ -199,7 +207,14 @@ def main() -> int:
             return 2
         head, rest = text.split(start, 1)
         doc.write_text(head + start + "\n" + markdown(rows) + end + rest.split(end, 1)[1])
-    return 0 if all("error" not in r for r in results) else 1
+    return 0 if all("error" not in r for r in ran) else 1
+
+
+def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``earlier`` with each of ``new`` in place of the row of the same model, or appended (zoo order kept)."""
+    by_name = {r["model"]: r for r in earlier} | {r["model"]: r for r in new}
+    order = [n for n in zoo.MODELS if n in by_name] + [n for n in by_name if n not in zoo.MODELS]
+    return [by_name[n] for n in order]
 
 
 if __name__ == "__main__":

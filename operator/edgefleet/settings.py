@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     compile_resources: dict = Field(default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
                                                              "limits": {"memory": "4Gi"}})
     """Resources of each compile Job's container (JSON in EDGEFLEET_COMPILE_RESOURCES, as the chart sets it)."""
+    compiler_train_image: str = ""
+    """Image of the compile Jobs whose EdgeModel asks for optimization.pruning or .distillation: the compiler plus
+    the `train` extra (PyTorch, CPU use). Empty: those Jobs run compiler_image, which has no PyTorch, so their
+    pruned and student candidates fail with reason MissingExtra naming this setting (EDGEFLEET_COMPILER_TRAIN_IMAGE)
+    while the other candidates compile as usual."""
+    train_resources: dict = Field(default_factory=lambda: {"requests": {"cpu": "2", "memory": "4Gi"},
+                                                           "limits": {"memory": "8Gi"}})
+    """Resources of a compile Job that trains (JSON in EDGEFLEET_TRAIN_RESOURCES); the others get compile_resources.
+    Its deadline is compile_deadline_seconds plus each training's deadlineSeconds."""
     compile_node_selector: dict[str, str] = Field(default_factory=dict)
     """nodeSelector of the compile Jobs' pods (JSON in EDGEFLEET_COMPILE_NODE_SELECTOR): where compiles run."""
     compile_tolerations: list[dict] = Field(default_factory=list)

@@ -346,11 +346,10 @@ class OnnxRuntimeBackend(Backend):
             data = src.data if src.data is not None else Path(src.path).read_bytes()
             precision = trtcache.model_precision(data)
         stack = trtcache.detect()
-        opts = trtcache.provider_options(precision, cache_dir, variant_digest, stack)
-        trtcache.prepare(opts)
+        opts, off = trtcache.prepare(trtcache.provider_options(precision, cache_dir, variant_digest, stack))
         self.tensorrt = {"precision": precision, "stack": stack.__dict__,
-                         "engineCache": opts.get("trt_engine_cache_path", "off: needs --cache, the variant digest "
-                                                 "and a complete GPU stack")}
+                         "engineCache": off or opts.get("trt_engine_cache_path", "off: needs --cache, the variant "
+                                                        "digest and a complete GPU stack")}
         return opts
 
     def describe(self):

@@ -83,11 +83,27 @@ def provider_options(precision: str, cache_root: str | os.PathLike | None, varia
     return opts
 
 
-def prepare(opts: dict[str, str]) -> None:
-    """Create the cache folders the options name (TensorRT does not)."""
-    for k in ("trt_engine_cache_path", "trt_timing_cache_path"):
-        if k in opts:
+CACHE_OPTIONS = ("trt_engine_cache_enable", "trt_engine_cache_path", "trt_timing_cache_enable",
+                 "trt_timing_cache_path")
+
+
+def prepare(opts: dict[str, str]) -> tuple[dict[str, str], str]:
+    """Create the cache folders the options name (TensorRT does not). Serve pods mount the node cache read-only:
+    an engine folder that is there (the bench Job built it) is used as is; one that cannot be created turns the
+    caches off (the engine is built in memory), and the second value says why ("" when the caches are on)."""
+    if "trt_engine_cache_path" not in opts:
+        return opts, ""
+    engine = Path(opts["trt_engine_cache_path"])
+    if engine.is_dir():
+        return opts, ""
+    try:
+        for k in ("trt_engine_cache_path", "trt_timing_cache_path"):
             Path(opts[k]).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        off = {k: v for k, v in opts.items() if k not in CACHE_OPTIONS}
+        return off, (f"off: no engine for this key in {engine.parent} and it cannot be written "
+                     f"({e.strerror or type(e).__name__}); built in memory")
+    return opts, ""
 
 
 def model_precision(model_bytes: bytes) -> str:

@@ -60,7 +60,7 @@ def test_caches_live_under_the_node_cache_one_engine_folder_per_variant_and_gpu(
     assert len(engines) == 3
     assert other_model["trt_timing_cache_path"] == h100["trt_timing_cache_path"]  # tactic timings: per GPU stack
     assert orin["trt_timing_cache_path"] != h100["trt_timing_cache_path"]
-    trtcache.prepare(h100)
+    assert trtcache.prepare(h100) == (h100, "")
     assert engine.is_dir() and Path(h100["trt_timing_cache_path"]).is_dir()
 
 
@@ -173,3 +173,33 @@ def test_the_compilers_variants_read_as_what_they_are():
     assert trtcache.model_precision(src) == "fp32"
     assert trtcache.model_precision(onnx_passes.to_fp16(src, {"input": (1, 1, 8, 8)})) == "fp16"
     assert trtcache.model_precision(onnx_passes.static_int8(src, calib)) == "int8"
+
+
+def test_a_read_only_node_cache_serves_the_benchs_engine_and_builds_in_memory_without_one(tmp_path, given,
+                                                                                        monkeypatch):
+    """Serve pods mount the node cache read-only: the engine folder the bench Job built is used; with none there
+    and nowhere to write, TensorRT gets no cache options (it would fail writing) and the report says why."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny(TensorProto.FLOAT16))
+    digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
+    built, empty = tmp_path / "built", tmp_path / "empty"
+    (built / "tensorrt" / trtcache.engine_key(digest, ORIN)).mkdir(parents=True)  # the bench Job built it
+    empty.mkdir()
+
+    def read_only(self, *a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    b = backends.open_backend(str(model), execution_provider="tensorrt", digest=digest, data=model.read_bytes(),
+                              packaging="file", cache_dir=str(empty))
+    _, opts = given[0][0]
+    assert not any(k in opts for k in trtcache.CACHE_OPTIONS) and opts["trt_fp16_enable"] == "True"
+    assert b.describe()["tensorrt"]["engineCache"] == (
+        f"off: no engine for this key in {empty / 'tensorrt'} and it cannot be written (Read-only file system); "
+        "built in memory")
+    b = backends.open_backend(str(model), execution_provider="tensorrt", digest=digest, data=model.read_bytes(),
+                              packaging="file", cache_dir=str(built))
+    _, opts = given[1][0]
+    assert opts["trt_engine_cache_path"] == str(built / "tensorrt" / trtcache.engine_key(digest, ORIN))
+    assert opts["trt_engine_cache_enable"] == "True" and b.describe()["tensorrt"]["engineCache"] == \
+        opts["trt_engine_cache_path"]

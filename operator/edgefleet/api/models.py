@@ -611,6 +611,10 @@ class OnTargetResult(Model):
     """Top-1 accuracy on the evaluation data, measured on the node."""
     error: ShortText | None = None
     """Why the variant could not be measured on the node."""
+    tensorrt_engine_key: Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*$")] | None = None
+    """The TensorRT engine the benchmark built on the node: its folder under the node cache's tensorrt/, keyed by
+    variant digest + TensorRT + CUDA + GPU compute capability (+ JetPack). Serve pods on nodes with the same GPU
+    stack load it instead of building it; absent where TensorRT did not run or its cache was off."""
 
 
 class VariantCandidate(Model):

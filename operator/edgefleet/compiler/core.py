@@ -42,6 +42,7 @@ TFLITE_MEDIA = litert.TFLITE_MEDIA
 OPENVINO_MEDIA = "application/vnd.edgefleet.model.openvino-ir+zip"
 NOT_MEASURED_COREML = "not measured: no Apple device (Core ML runs on macOS/iOS only)"
 FP16_TRIES = 4  # fp16 conversions tried per model, each keeping more of the graph fp32
+INT8_KEEP_SHARES = (0.0, 1 / 12, 1 / 6)  # dynamic int8 tries: share of MatMul/Gemm kept fp32 (the most outlying)
 CANDIDATES = "candidates"  # cache entry folder: the bytes of the candidates inside the budget, by name
 
 
@@ -314,6 +315,7 @@ class _Session:
         self.measured: dict[tuple[str, str], Candidate] = {}
         self.checked: dict[str, list[np.ndarray]] = {}  # outputs on the evaluation data by candidate digest
         self.fp16_tries = ""  # what each fp16 try did, when none held
+        self.int8_tries = ""  # what each dynamic int8 try did, when none held
         self.work = 0
         self.normalization: dict = {}
         if fmt == "onnx":
@@ -477,7 +479,7 @@ class _Session:
         elif b == "fp16":
             out = self.fp16(base)
         elif b == "dynamic-int8":
-            out = onnx_passes.dynamic_int8(base)
+            out = self.dynamic_int8(base)
         elif b == "static-int8":
             if self.calib_feeds is None:
                 raise CompileError("NoCalibrationData", "static int8 needs calibration data (--calibration)")
@@ -583,6 +585,37 @@ class _Session:
                            "serve the fp32 variant on this class, or report the failing op to the converter "
                            "(onnxruntime.transformers float16)")
 
+    def dynamic_int8(self, base: bytes) -> bytes:
+        """Dynamic int8 that holds, decided by running it: try 1 quantizes every weight; a try off budget keeps
+        fp32 the MatMul/Gemm nodes whose input activations are most heavy-tailed (onnx_passes.activation_outliers,
+        on the calibration data: 1/12 of them, then 1/6). Returns the first try within budget, else the last one
+        (it loses on the budget; ``int8_tries`` says what each try did)."""
+        tries: list[str] = []
+        ranked: list[tuple[str, float]] | None = None
+        out = base
+        for attempt, share in enumerate(INT8_KEEP_SHARES):
+            keep: list[str] = []
+            if share:
+                if ranked is None:
+                    ranked = onnx_passes.activation_outliers(base, self.calib_feeds or self.eval_feeds)
+                keep = [n for n, _ in ranked[:max(1, math.ceil(len(ranked) * share))]]
+                if not keep:
+                    break  # no MatMul/Gemm to keep fp32: another try would build the same model
+            out = onnx_passes.dynamic_int8(base, keep)
+            got = run_all(open_runner("onnxruntime", out, default_threads()), self.eval_feeds)
+            self.checked["sha256:" + sha256_hex(out)] = got
+            ok, failure = self.gate(compare(self.ref_out, got, self.labels, self.synthetic))
+            kept = f"fp32 kept for {len(keep)} MatMul/Gemm with outlier inputs" if keep else "every weight int8"
+            if ok:
+                if attempt:
+                    self.say(f"dynamic-int8: holds on try {attempt + 1} ({kept}: {', '.join(keep)}); before: "
+                             + "; ".join(tries))
+                return out
+            tries.append(f"try {attempt + 1} ({kept}): off budget: {failure}")
+        self.int8_tries = "; ".join(tries)
+        self.say(f"dynamic-int8: no try within the accuracy budget: {self.int8_tries}")
+        return out
+
     # -- measuring
     def candidate(self, spec: Spec) -> Candidate:
         key = (spec.build, spec.runtime)
@@ -618,6 +651,8 @@ class _Session:
             c.withinBudget, c.budgetFailure = self.gate(c.metrics)
             if spec.build == "fp16" and not c.withinBudget and self.fp16_tries:
                 c.budgetFailure = f"{c.budgetFailure} (fp16 tries: {self.fp16_tries})"
+            if spec.build == "dynamic-int8" and not c.withinBudget and self.int8_tries:
+                c.budgetFailure = f"{c.budgetFailure} (dynamic-int8 tries: {self.int8_tries})"
         except CompileError as e:
             c.state, c.reason, c.why = "Failed", e.reason, e.message + (f" Fix: {e.fix}" if e.fix else "")
         except Exception as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .types import CompileError
 
@@ -250,15 +250,45 @@ def _forget_pinned_shapes(graph: onnx.GraphProto) -> None:
             vi.type.tensor_type.ClearField("shape")
 
 
-def dynamic_int8(data: bytes) -> bytes:
-    """Dynamic int8: int8 per-channel weights, activations quantized at run time."""
+def dynamic_int8(data: bytes, keep_nodes: list[str] | tuple[str, ...] = ()) -> bytes:
+    """Dynamic int8: int8 per-channel weights, activations quantized at run time; ``keep_nodes`` stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         src.write_bytes(data)
-        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=list(keep_nodes))
         return dst.read_bytes()
+
+
+OUTLIER_SAMPLES = 8
+
+
+def activation_outliers(data: bytes, feeds: dict[str, np.ndarray]) -> list[tuple[str, float]]:
+    """The MatMul/Gemm nodes with a constant weight, ranked by how heavy-tailed their input activation is on
+    ``feeds`` (first OUTLIER_SAMPLES samples): max |x| / rms(x). Dynamic int8 quantizes that activation with one
+    scale per tensor, so a few large values (a transformer's FFN after GELU) leave the rest a handful of levels."""
+    import onnxruntime as ort
+
+    model = onnx.load_from_string(data)
+    consts = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    nodes = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+             and n.input[1] in consts and n.input[0] not in consts]
+    for name in {n.input[0] for n in nodes} - outputs:
+        model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor it names
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(names, {k: v[:OUTLIER_SAMPLES] for k, v in feeds.items()}), strict=True))
+    scores = []
+    for n in nodes:
+        x = np.abs(np.asarray(got[n.input[0]], np.float64))
+        rms = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+        scores.append((n.name, float(x.max()) / rms if rms > 0 else 0.0))
+    return sorted(scores, key=lambda s: -s[1])
 
 
 class _Reader:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -54,14 +55,19 @@ def missing() -> str | None:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
-        return "pruned and distilled candidates need PyTorch; fix: pip install 'edgefleet[train]'"
+        return f"pruned and distilled candidates need PyTorch, which this compiler lacks; fix: {_fix()}"
     return None
+
+
+def _fix() -> str:
+    """In a compile Job the operator says which setting brings PyTorch (EDGEFLEET_TRAIN_FIX); elsewhere: pip."""
+    return os.environ.get("EDGEFLEET_TRAIN_FIX", "")[:400] or "pip install 'edgefleet[train]'"
 
 
 def _torch():
     why = missing()
     if why:
-        raise CompileError("MissingExtra", why.split("; fix: ")[0], "pip install 'edgefleet[train]'")
+        raise CompileError("MissingExtra", why.split("; fix: ")[0], _fix())
     import torch
 
     return torch

@@ -33,6 +33,7 @@ from ..render.compile_job import (
     inputs_size,
     render_compile_inputs,
     render_compile_job,
+    training_note,
 )
 from ..settings import Settings
 from .model_jobs import ModelJob, follow, job_state, model_event_ref
@@ -56,6 +57,7 @@ def compile_in_job(kube: Kube, settings: Settings, em: EdgeModel, namespace: str
     labels = compile_labels(req)
     master = master_key(kube, settings)
     outcome = CompileOutcome(settings, master, content_key(req, settings), targets, manifest["metadata"]["name"])
+    outcome.training = training_note(req, manifest["metadata"]["name"], settings)
     job: ModelJob[list[dict[str, Any]]] = ModelJob(
         "compile", manifest, lambda live: render_compile_inputs(req, live),
         {MODEL_NAMESPACE: labels[MODEL_NAMESPACE], MODEL_NAME: labels[MODEL_NAME]}, _event_on(em), outcome,
@@ -97,7 +99,12 @@ class CompileOutcome:
         self.job = f"{self.ns}/{job}"
         self.cache_ref = content_report_ref(settings.artifact_store, content)
 
+    training: str | None = None  # what the running Job trains (render.compile_job.training_note)
+
     def running(self) -> list[dict[str, Any]]:
+        if self.training:  # the variants say it while the Job runs; the Compiled condition repeats it
+            return [{"profile": t, "state": "Compiling", "reason": "Training", "message": self.training}
+                    for t in self.targets]
         return _compiling(self.targets)
 
     def report(self, report: dict[str, Any], ref: str) -> list[dict[str, Any]]:

@@ -199,7 +199,9 @@ def _conditions(raw: dict[str, Any], variants: list[dict[str, Any]], generation:
     failed = [v for v in variants if v.get("state") == "Failed"]
     ready = [v for v in variants if v.get("state") == "Ready"]
     if compiling:
-        conds = set_condition(conds, COMPILED, False, "Compiling", f"compiling {len(variants)} variants",
+        training = next((v["message"] for v in variants if v.get("reason") == "Training" and v.get("message")), None)
+        conds = set_condition(conds, COMPILED, False, "Training" if training else "Compiling",
+                              f"compiling {len(variants)} variants" + (f"; {training}" if training else ""),
                               generation)
         return set_condition(conds, READY, False, "Compiling", "variants are being compiled", generation)
     benchmarking = [v["profile"] for v in variants if v.get("state") == "Benchmarking"]

@@ -8,8 +8,12 @@ Contract with the operator (the reconciler side is not wired yet, see docs):
   name is a hash of those, so a restarted operator finds the running Job instead of starting another.
 - It runs where the class's pods run and as they run: pinned to ``req.node`` (node affinity on
   ``metadata.name``), the class's runtime image, resources (extended resources too), runtimeClassName,
-  tolerations, device mounts and security context. Nothing of the node is written: the candidates are
-  fetched (digest-verified) into an emptyDir by one ``fetch`` init container each.
+  tolerations, device mounts and security context. The candidates are fetched (digest-verified) into an
+  emptyDir by one ``fetch`` init container each. On a GPU class (TensorRT may run) with the hostPath node cache,
+  the node cache is mounted as serve pods mount it and ``bench --cache`` builds the TensorRT engines into
+  ``CACHE/tensorrt/<engine key>``, where ``serve --cache`` finds them (edgefleet_runtime.trtcache); nothing
+  else of the node is written. With the cache driver each namespace has its own folder of the cache, so the
+  bench (operator namespace) cannot build into the serving namespace's: there the bench builds in memory.
 - Like the compile Job it lives in the operator's namespace without an owner reference, its inputs
   ConfigMap (the evaluation data) owned by the Job; the JSON report is pushed to the artifact store, tag
   ``<job name>-report`` (``compile_job.report_ref``), and read back from there, never from pod logs.
@@ -26,7 +30,14 @@ from ..api import HardwareProfile
 from ..api.models import OnTargetResult, RolloutGate
 from ..settings import Settings
 from .compile_job import ModelJobPolicy, job_labels, model_job, report_ref
-from .workload import RUNTIME_UID, _resources, _restricted, restricted_security_context
+from .workload import (
+    CACHE_MOUNT,
+    RUNTIME_UID,
+    _resources,
+    _restricted,
+    prepare_cache_security,
+    restricted_security_context,
+)
 
 CONTAINER = "bench"
 BENCH_NAME = "edgefleet-bench"
@@ -40,6 +51,9 @@ MAX_CANDIDATES = 8
 BACKOFF_LIMIT = 1
 EXIT_NO_RETRY = [1, 2, 4]  # bench: a candidate failed (report pushed), bad input, reference unloadable
 WATCH_LABELS = {"app.kubernetes.io/managed-by": "edgefleet", "app.kubernetes.io/name": BENCH_NAME}
+ENGINES = "tensorrt"  # the node cache's folder of TensorRT engines (edgefleet_runtime.trtcache)
+TENSORRT_PROVIDERS = ("tensorrt", "cuda")  # a GPU runtime image opens TensorRT first where it has it
+ENGINE_KEY = r"[A-Za-z0-9][A-Za-z0-9.-]{0,127}"  # trtcache.engine_key: <digest12>-trt<v>-cuda<v>-sm<cc>-<hash>
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,25 @@ def _fetch(i: int, c: BenchCandidate, image: str, insecure: bool) -> dict[str, A
     }
 
 
+def builds_engines(req: BenchJobRequest, settings: Settings) -> bool:
+    """Whether the Job builds TensorRT engines into the node cache: a GPU class and the hostPath cache."""
+    return req.profile.spec.target.execution_provider in TENSORRT_PROVIDERS and not settings.node_cache_driver
+
+
+def _prepare_engine_cache(image: str) -> dict[str, Any]:
+    """Root init container: the hostPath cache is created root-owned; hand it (and its engines folder, created
+    here) to the runtime user, as the serve pods' prepare-cache does."""
+    return {
+        "name": "prepare-cache",
+        "image": image,
+        "command": ["edgefleet-runtime"],
+        "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}", f"--spool={ENGINES}"],
+        "volumeMounts": [{"name": "node-cache", "mountPath": CACHE_MOUNT}],
+        "securityContext": prepare_cache_security(),
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+
+
 def _bench(req: BenchJobRequest, settings: Settings, name: str) -> dict[str, Any]:
     args = ["bench", f"--model={_blob(req.candidates[0].digest)}", f"--eval={INPUTS_DIR}/{req.evaluation_file}",
             f"--candidates={CANDIDATES_DIR}", f"--runs={req.runs}", f"--out={WORK_DIR}/report.json",
@@ -126,6 +159,9 @@ def _bench(req: BenchJobRequest, settings: Settings, name: str) -> dict[str, Any
     mounts = [{"name": "candidates", "mountPath": CANDIDATES_DIR, "readOnly": True},
               {"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True},
               {"name": "work", "mountPath": WORK_DIR}]
+    if builds_engines(req, settings):  # engines into CACHE/tensorrt, where serve --cache finds them
+        args.append(f"--cache={CACHE_MOUNT}")  # only the engines folder is mounted: the variants stay out of reach
+        mounts.append({"name": "node-cache", "mountPath": f"{CACHE_MOUNT}/{ENGINES}", "subPath": ENGINES})
     mounts += [{"name": f"dev-{m.name}", "mountPath": m.mount_path, "readOnly": m.read_only}
                for m in profile.device_mounts or []]
     return {
@@ -154,6 +190,10 @@ def render_bench_job(req: BenchJobRequest, settings: Settings) -> dict[str, Any]
                {"name": "inputs", "configMap": {"name": name}},
                {"name": "work", "emptyDir": {"sizeLimit": "1Gi"}}]
     volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.device_mounts or []]
+    init = [_fetch(i, c, image, settings.artifact_insecure) for i, c in enumerate(req.candidates)]
+    if builds_engines(req, settings):
+        volumes.append({"name": "node-cache", "hostPath": {"path": settings.node_cache, "type": "DirectoryOrCreate"}})
+        init.insert(0, _prepare_engine_cache(image))
     pod = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -162,7 +202,7 @@ def render_bench_job(req: BenchJobRequest, settings: Settings) -> dict[str, Any]
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
             {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [req.node]}]}]}}},
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in profile.tolerations],
-        "initContainers": [_fetch(i, c, image, settings.artifact_insecure) for i, c in enumerate(req.candidates)],
+        "initContainers": init,
         "containers": [_bench(req, settings, name)],
         "volumes": volumes,
     }
@@ -205,9 +245,22 @@ def on_target_results(report: dict[str, Any]) -> dict[str, OnTargetResult]:
             threads=r.get("threadsN"), latency_p50_ms_n=r.get("p50MsN"), latency_p95_ms_n=r.get("p95MsN"),
             throughput_per_second=r.get("throughputPerSecond"), peak_memory_bytes=r.get("peakRssBytes"),
             load_seconds=r.get("loadSeconds"), accuracy=r.get("accuracy"),
-            error=str(r["error"])[:256] if r.get("error") else None,
+            error=str(r["error"])[:256] if r.get("error") else None, tensorrt_engine_key=engine_key_of(r),
         )
     return out
+
+
+def engine_key_of(result: dict[str, Any]) -> str | None:
+    """The TensorRT engine key from a bench result's ``tensorrt.engineCache`` (``.../tensorrt/<key>``); None when
+    TensorRT did not run or its cache was off. The report comes from a node: anything else is ignored."""
+    import re
+
+    trt = result.get("tensorrt")
+    path = trt.get("engineCache") if isinstance(trt, dict) else None
+    if not isinstance(path, str) or len(path) > 1024 or "/tensorrt/" not in path:
+        return None
+    key = path.rstrip("/").rsplit("/", 1)[-1]
+    return key if re.fullmatch(ENGINE_KEY, key) else None
 
 
 def serving_latency(result: OnTargetResult, threads: int | None) -> tuple[float | None, float | None]:

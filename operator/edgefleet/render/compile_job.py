@@ -132,7 +132,7 @@ def _key_blob(req: CompileJobRequest, settings: Settings) -> dict[str, Any]:
                    budget.min_cosine if budget else None],
         "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(req.files.items())},
         "roles": [in_inputs(r.source), in_inputs(policy.calibration), in_inputs(policy.evaluation)],
-        "image": settings.compiler_image, "store": settings.artifact_store,
+        "image": compiler_image(req, settings), "store": settings.artifact_store,
         "timingRuns": policy.timingRuns,
     }
     if policy.inputShapes:  # only when set: the Jobs of models without it keep their names
@@ -229,13 +229,16 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict[str, 
            {"name": "PYTHONUNBUFFERED", "value": "1"}]
     if settings.artifact_insecure:
         env.append({"name": "EDGEFLEET_OCI_INSECURE", "value": "1"})
+    trains = trainings(req)
+    if trains and not settings.compiler_train_image:  # the compiler image has no PyTorch: say what to set
+        env.append({"name": "EDGEFLEET_TRAIN_FIX", "value": TRAIN_FIX})
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": settings.compiler_image,
+        "image": compiler_image(req, settings),
         "command": ["edgefleet", "compile"],
         "args": _args(req, settings, name),
         "env": env,
-        "resources": settings.compile_resources,
+        "resources": settings.train_resources if trains else settings.compile_resources,
         "securityContext": restricted_security_context(COMPILER_UID),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True},
@@ -257,8 +260,39 @@ def render_compile_job(req: CompileJobRequest, settings: Settings) -> dict[str, 
         "volumes": volumes,
         **_placement(settings),
     }
+    deadline = settings.compile_deadline_seconds + sum(int(t.deadline_seconds) for t in trains.values())
     return model_job(name, settings, labels, req, {COMPILE_KEY: key}, pod,
-                     ModelJobPolicy(BACKOFF_LIMIT, settings.compile_deadline_seconds, CONTAINER, EXIT_NO_RETRY))
+                     ModelJobPolicy(BACKOFF_LIMIT, deadline, CONTAINER, EXIT_NO_RETRY))
+
+
+TRAIN_FIX = ("set the operator's compilerTrainImage (EDGEFLEET_COMPILER_TRAIN_IMAGE; chart value "
+             "compile.trainImage) to a compiler image with the train extra, or remove optimization.pruning and "
+             "optimization.distillation")
+
+
+def trainings(req: CompileJobRequest) -> dict[str, Any]:
+    """The trainings the compile asks for: {"pruning": ..., "distillation": ...} (each has epochs, deadline_seconds)."""
+    policy = req.request.policy
+    return {k: getattr(policy, k) for k in ("pruning", "distillation") if getattr(policy, k) is not None}
+
+
+def compiler_image(req: CompileJobRequest, settings: Settings) -> str:
+    """compiler_train_image for a compile that trains (when set), else compiler_image."""
+    if trainings(req) and settings.compiler_train_image:
+        return settings.compiler_train_image
+    return settings.compiler_image
+
+
+def training_note(req: CompileJobRequest, job: str, settings: Settings) -> str | None:
+    """What a running compile Job trains, its deadline and where epoch and loss are logged; None: no training."""
+    trains = trainings(req)
+    if not trains:
+        return None
+    what = ", ".join(f"{k} ({t.epochs} epochs, deadline {int(t.deadline_seconds)} s)" for k, t in trains.items())
+    where = f"kubectl logs -n {settings.namespace} job/{job}"
+    if not settings.compiler_train_image:
+        return f"training {what} asked, but compile Jobs run {settings.compiler_image} (no PyTorch): {TRAIN_FIX}"
+    return f"training {what} in {settings.compiler_train_image}; epoch and loss: {where}"
 
 
 @dataclass(frozen=True)

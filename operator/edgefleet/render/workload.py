@@ -247,12 +247,17 @@ def _prepare_cache(ed: EdgeDeployment, profile: HardwareProfile) -> dict[str, An
         "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}",
                  *([f"--spool={spool_path(ed)}"] if ed.spec.feedback and ed.spec.feedback.hard_examples else [])],
         "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
-        "securityContext": {
-            "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": prepare_cache_security(),
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+
+
+def prepare_cache_security() -> dict[str, Any]:
+    """prepare-cache runs as root with only CHOWN and FOWNER (it hands a root-owned hostPath to the runtime user)."""
+    return {
+        "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
@@ -285,6 +290,8 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
                   f"--name={model}", f"--port={port}", f"--shutdown-delay={SHUTDOWN_DELAY_SECONDS}", *trust_serve]
     if ed.spec.runtime.threads:
         serve_args.append(f"--threads={ed.spec.runtime.threads}")
+    if profile.spec.target.execution_provider in ("tensorrt", "cuda") and not cache_driver:
+        serve_args.append(f"--cache={CACHE_MOUNT}")  # TensorRT engines the bench Job built (trtcache), read-only
     feedback_args, feedback_mounts, _, feedback_env = _feedback(ed, evaluation, insecure, cache_driver)
     serve_args += feedback_args
     control_args, control_mounts, _ = _control(ed, insecure)
