@@ -298,3 +298,48 @@ def test_pipeline_webhook_sink_retries_a_failing_endpoint_in_order(tmp_path):
     assert state["failures"] > 0
     assert first_seen([r["frame"] for r in received]) == list(range(40))
     assert pipeline.metrics.sink_errors.labels("hook")._value.get() == state["failures"]
+
+
+SPEEDUP = 10  # the outage test below runs 10x faster than the issue's scenario: time, rate and backoff scaled
+
+
+def test_pipeline_broker_outage_of_60_s_at_25_fps_loses_nothing_time_scaled(tmp_path, broker, monkeypatch):
+    """The issue's 60 s broker outage at 25 frames/s, played 10x faster: 1500 frames at 250/s, the broker down for
+    6 s, the sink's backoff 10x shorter. Every result waits on disk, none is dropped, and all arrive in order once
+    the broker is back. (benchmarks/pipeline.py --outage-seconds 60 runs the real length.)"""
+    from edgefleet_runtime.pipeline import runner
+
+    monkeypatch.setattr(runner, "BACKOFF_FIRST", runner.BACKOFF_FIRST / SPEEDUP)
+    monkeypatch.setattr(runner, "BACKOFF_MAX", runner.BACKOFF_MAX / SPEEDUP)
+    outage, fps = 60 / SPEEDUP, 25 * SPEEDUP
+    count = int(60 * 25)  # a minute of frames at 25/s
+    digit_frames(tmp_path / "frames", count, size=(32, 24))
+    cfg = config(tmp_path, [{"name": "cam", "kind": "directory", "url": str(tmp_path / "frames"), "fps": fps}],
+                 broker.port, batch=64)
+    pipeline = Pipeline(parse(json.dumps(cfg)), loaded_model())
+    sub = Subscriber(broker.port, "edgefleet/test")
+    result: list[int] = []
+    runner_thread = threading.Thread(target=lambda: result.append(pipeline.run(threading.Event(), 60)))
+    runner_thread.start()
+    queue = pipeline.workers[0].queue
+    try:
+        assert len(set(sub.wait_for(5, 20))) >= 5
+        broker.stop()
+        down_at = time.monotonic()
+        deepest = 0
+        while time.monotonic() - down_at < outage:
+            deepest = max(deepest, len(queue))
+            time.sleep(0.05)
+        broker.start()
+        back_at = time.monotonic()
+        frames = sub.wait_for(count, 60)
+        caught_up = time.monotonic() - back_at
+        runner_thread.join(60)
+    finally:
+        sub.close()
+    print(f"outage {outage:g} s: deepest queue {deepest}, backlog delivered in {caught_up:.1f} s")
+    assert result == [0]
+    assert first_seen(frames) == list(range(count))  # none lost, in order
+    assert deepest >= outage * fps / 2  # the outage's results waited on disk (at least half the rate: a busy machine)
+    assert pipeline.metrics.queue_dropped.labels("broker")._value.get() == 0
+    assert caught_up < 30, f"the backlog took {caught_up:.1f} s to deliver"
