@@ -207,3 +207,20 @@ def test_pipeline_without_model_preprocessing_is_degraded_and_not_rendered():
     assert [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]] == ["runtime", "pipeline"]
     conditions = {c["type"]: c for c in kube.stored("EdgeDeployment", "digits", "shop")["status"]["conditions"]}
     assert conditions["Degraded"]["reason"] != "PipelineNeedsPreprocessing"
+
+
+def test_preprocess_detection_api_and_runtime_agree_and_it_needs_an_image_transform():
+    from edgefleet.api.preprocessing import Detection
+    from edgefleet_runtime.preprocess import DETECTION_KEYS
+
+    assert DETECTION_KEYS == {f.alias for f in Detection.model_fields.values()}
+    post = {"labels": ["face"], "detection": {"scoreThreshold": 0.4, "iouThreshold": 0.5, "maxDetections": 20}}
+    em = EdgeModel.model_validate(edgemodel({"image": {"width": 320, "height": 320}}, post))
+    t = Transform.from_json(model_transform(em.to_dict()["spec"]))
+    assert (t.post.detection.score_threshold, t.post.detection.iou_threshold, t.post.detection.max_detections) == (
+        0.4, 0.5, 20)
+    lines = errors(edgemodel(None, post))
+    assert any(line.startswith("spec.postprocessing.detection") and "needs spec.preprocessing.image" in line
+               for line in lines), lines
+    lines = errors(edgemodel({"image": {"width": 8, "height": 8}}, {"detection": {"maxDetections": 0}}))
+    assert any(line.startswith("spec.postprocessing.detection.maxDetections") for line in lines), lines

@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .. import detect
 from ..app import LoadedModel
 from ..preprocess import OUTPUT_INDICES, OUTPUT_LABELS, OUTPUT_SCORES, ImageError
 from . import sources
@@ -88,6 +89,16 @@ class Health:
     def _down_seconds(self, name: str) -> float:
         since = self.down_since.get(name)
         return round(time.monotonic() - since, 1) if since else 0.0
+
+
+def _detections(results: dict[str, np.ndarray]) -> list[dict]:
+    """One frame's boxes: [{box: [x1, y1, x2, y2] in fractions of the model's input, score, class, label}]."""
+    count = int(results[detect.OUTPUT_COUNT][0])
+    labels = results.get(detect.OUTPUT_LABELS)
+    return [{"box": [round(float(v), 4) for v in results[detect.OUTPUT_BOXES][0][k]],
+             "score": round(float(results[detect.OUTPUT_SCORES][0][k]), 4),
+             "class": int(results[detect.OUTPUT_CLASSES][0][k]),
+             **({"label": labels[0][k].decode()} if labels is not None else {})} for k in range(count)]
 
 
 class SinkWorker:
@@ -234,7 +245,7 @@ class Pipeline:
         except Exception as e:  # the backend refused this frame: count it, keep going
             self._bad(frame.source, "inference_failed", f"{type(e).__name__}: {str(e)[:300]}")
             return
-        results = bound.finish(results, [OUTPUT_INDICES])
+        results = bound.finish(results, [OUTPUT_INDICES, detect.OUTPUT_COUNT])
         self.metrics.inference.observe(time.perf_counter() - t0)
         body = orjson.dumps(self._record(frame, results), option=orjson.OPT_SERIALIZE_NUMPY)
         for w in self.workers:
@@ -251,6 +262,9 @@ class Pipeline:
     def _record(self, frame: sources.Frame, results: dict[str, np.ndarray]) -> dict:
         record = {"pipeline": self.config.name, "source": frame.source, "frame": frame.index,
                   "capturedAt": frame.captured, "model": self.model.name, "digest": self.model.digest}
+        if detect.OUTPUT_COUNT in results:
+            record["detections"] = _detections(results)
+            return record
         if OUTPUT_INDICES in results:
             labels = results.get(OUTPUT_LABELS)
             record["top"] = [{"index": int(i), "score": float(s),
