@@ -91,8 +91,8 @@ def batch(per_image: list[Detections], labels: tuple[str, ...] | None) -> dict[s
     for row, d in enumerate(per_image):
         m = len(d.scores)
         boxes[row, :m], scores[row, :m], classes[row, :m] = d.boxes, d.scores, d.classes
-    out = {OUTPUT_BOXES: boxes, OUTPUT_SCORES: scores, OUTPUT_CLASSES: classes,
-           OUTPUT_COUNT: np.array([len(d.scores) for d in per_image], np.int64)}
+    out: dict[str, np.ndarray] = {OUTPUT_BOXES: boxes, OUTPUT_SCORES: scores, OUTPUT_CLASSES: classes,
+                                  OUTPUT_COUNT: np.array([len(d.scores) for d in per_image], np.int64)}
     if labels is not None:
         out[OUTPUT_LABELS] = np.array([[(labels[c] if 0 <= c < len(labels) else ("" if c < 0 else str(c))).encode()
                                         for c in row] for row in classes], dtype=object).reshape(n, k)

@@ -307,11 +307,10 @@ class Postprocess:
         if len(spec.shape) != 3 or spec.datatype not in ("FP32", "FP16", "FP64"):
             raise TransformError(f"postprocessing.detection: output '{name}' is {spec.datatype} {list(spec.shape)}; "
                                  "a yolov8 head is float [N, 4 + classes, anchors]")
-        rows = 4 + len(self.labels) if self.labels is not None else None  # [N, 4 + C, A], or [N, A, 4 + C]
-        if rows is not None and spec.shape[1] >= 0 and spec.shape[1] != rows and spec.shape[2] != rows:
-            raise TransformError(f"postprocessing.labels: {len(self.labels)} labels, but output '{name}' "
-                                 f"{list(spec.shape)} has no axis of 4 box values + {len(self.labels)} classes; give "
-                                 "one label per class, in the model's order")
+        n = len(self.labels) if self.labels is not None else None  # [N, 4 + C, A], or [N, A, 4 + C]
+        if n is not None and spec.shape[1] >= 0 and spec.shape[1] != 4 + n and spec.shape[2] != 4 + n:
+            raise TransformError(f"postprocessing.labels: {n} labels, but output '{name}' {list(spec.shape)} has no "
+                                 f"axis of 4 box values + {n} classes; give one label per class, in the model's order")
         return name
 
     def specs(self) -> list[TensorSpec]:

@@ -204,14 +204,16 @@ class PipelineSink(Model):
 
 class PipelineQueue(Model):
     """The on-disk queue in front of each sink: results wait there while the uplink is down and are delivered in
-    order when it returns; when full, the oldest are dropped and counted."""
+    order when it returns, also by the next pod of a rollout; when full, the oldest are dropped and counted."""
 
     max_items: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     """Results kept per sink at most."""
     max_item_bytes: Annotated[int, Field(ge=1024, le=16 << 20)] = 256 << 10
     """Largest result kept."""
     size_limit_bytes: Annotated[int, Field(ge=1 << 20, le=1 << 40)] = 1 << 30
-    """Size limit of the queue's volume (an emptyDir: kept across container restarts, not pod replacement)."""
+    """Disk the queues may use on a node, all sinks together: each sink keeps at most its equal share of results
+    (the oldest are dropped beyond it). The queues lie in the node cache, one folder per EdgeDeployment, and
+    survive container restarts, pod replacement and rollouts."""
 
 
 class PipelineSpec(Model):

@@ -153,7 +153,8 @@ class Pipeline:
         self.metrics = metrics or PipelineMetrics()
         os.makedirs(config.queue.path, exist_ok=True)
         self.workers = [SinkWorker(s, DiskQueue(os.path.join(config.queue.path, f"{config.name}-{s.name}.sqlite"),
-                                                config.queue.max_items, config.queue.max_item_bytes),
+                                                config.queue.max_items, config.queue.max_item_bytes,
+                                                config.queue.max_bytes),
                                    config.name, self.metrics) for s in config.sinks]
         self.pending: collections.deque = collections.deque()
         self.cond = threading.Condition()
