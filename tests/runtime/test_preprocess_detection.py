@@ -128,18 +128,47 @@ def nudenet_labels() -> list[str]:
     raise AssertionError("nudenet.py has no __labels")
 
 
+def astronaut(folder) -> bytes:
+    with zipfile.ZipFile(zoo.wheel_file(SKIMAGE)) as z:
+        data = z.read("skimage/data/astronaut.png")
+    (folder / "astronaut.png").write_bytes(data)
+    return data
+
+
+def yolo_transform(**detection) -> dict:
+    return {"preprocessing": {"image": {"width": 320, "height": 320, "color": "RGB"}},
+            "postprocessing": {"labels": nudenet_labels(), "detection": detection}}
+
+
+def test_preprocess_detection_served_for_a_jpeg_body(start_server, tmp_path):
+    """serve with the detector's transform: a photograph as an image/jpeg body comes back as labelled boxes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(astronaut(tmp_path))).convert("RGB").save(buf, "JPEG", quality=90)
+    server = start_server(zoo.fetch(YOLO), "sha256:" + YOLO.sha256, "--transform",
+                          json.dumps(yolo_transform(scoreThreshold=0.4, maxDetections=5)), name="yolo")
+    status, _, out = server.request("POST", "/v2/models/yolo/infer", buf.getvalue(), {"Content-Type": "image/jpeg"})
+    assert status == 200, out
+    outs = {o["name"]: o for o in json.loads(out)["outputs"]}
+    assert {"detection_boxes", "detection_scores", "detection_classes", "detection_labels",
+            "detection_count"} <= set(outs)
+    count = outs["detection_count"]["data"][0]
+    assert 1 <= count <= 5 and outs["detection_boxes"]["shape"] == [1, count, 4]
+    assert outs["detection_labels"]["data"][0] == "FACE_FEMALE" and outs["detection_scores"]["data"][0] > 0.6
+
+
 def test_pipeline_yolov8n_puts_labelled_boxes_on_mqtt(tmp_path):
     yolo = zoo.fetch(YOLO)
-    with zipfile.ZipFile(zoo.wheel_file(SKIMAGE)) as z:
-        (tmp_path / "astronaut.png").write_bytes(z.read("skimage/data/astronaut.png"))
+    astronaut(tmp_path)
     video = tmp_path / "astronaut.mp4"  # 20 frames of the photograph, H.264, made by ffmpeg
     subprocess.run([need(FFMPEG, "ffmpeg"), "-v", "error", "-y", "-loop", "1", "-i", str(tmp_path / "astronaut.png"),
                     "-frames:v", "20", "-r", "10", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast",
                     str(video)], check=True, timeout=60)
-    labels = nudenet_labels()
-    assert len(labels) == 18
-    transform = {"preprocessing": {"image": {"width": 320, "height": 320, "color": "RGB"}},
-                 "postprocessing": {"labels": labels, "detection": {"scoreThreshold": 0.4, "maxDetections": 10}}}
+    assert len(nudenet_labels()) == 18
+    transform = yolo_transform(scoreThreshold=0.4, maxDetections=10)
     model = ModelSlot("yolo", Metrics(), threads=1, transform=Transform.from_json(json.dumps(transform))).load(
         str(yolo), "sha256:" + YOLO.sha256)
     broker = Broker(tmp_path).start()
