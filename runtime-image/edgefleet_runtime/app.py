@@ -191,12 +191,19 @@ class LoadedModel:
         )
 
 
-def _warmup(backend: Backend) -> None:
+def _warmup(backend: Backend, transform: Transform | None = None) -> None:
+    """One inference on zeros; the input an image transform feeds gets that transform's shape (a detector's
+    dynamic height and width would not run at 1x1), other dynamic dimensions 1."""
+    image = transform.image if transform is not None else None
+    fed = (image.input or (backend.inputs[0].name if len(backend.inputs) == 1 else None)) if image else None
     feeds = {}
     for t in backend.inputs:
         if t.datatype == "BYTES":
             return
-        feeds[t.name] = np.zeros([d if d >= 0 else 1 for d in t.shape], dtype=t.dtype)
+        shape = [d if d >= 0 else 1 for d in t.shape]
+        if image is not None and t.name == fed and len(shape) == 4:
+            shape = [shape[0], *(d if d >= 0 else w for d, w in zip(t.shape[1:], image.tensor_shape(), strict=True))]
+        feeds[t.name] = np.zeros(shape, dtype=t.dtype)
     backend.run(feeds, [t.name for t in backend.outputs])
 
 
@@ -253,7 +260,7 @@ class ModelSlot:
                     cache_dir=self.cache_dir,
                 )
                 try:
-                    _warmup(backend)
+                    _warmup(backend, self.transform)
                 except Exception as e:
                     raise ModelLoadError(f"warm-up inference failed on {path}: {e}") from e
                 bound = self._bind(backend)

@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(init container running as root with CHOWN; the images have no shell)")
     c.add_argument("--cache", required=True, help="the node cache (a hostPath volume)")
     c.add_argument("--uid", type=int, default=10001, help="user (and group) that fetch and serve run as")
-    c.add_argument("--spool", help="also create this folder under the cache (a hard-example spool, relative)")
+    c.add_argument("--spool", action="append", default=[],
+                   help="also create this folder under the cache (relative: a hard-example spool, a pipeline's "
+                   "queue; repeatable)")
     d = sub.add_parser("cache-driver", help="the node cache's CSI driver (cache.edgefleet.io): each namespace's "
                        "pods get their own folder of the cache (a DaemonSet in the operator's namespace)")
     d.add_argument("--root", default="/var/lib/edgefleet/cache", help="the node cache on the host")
@@ -348,18 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(args, argv)
 
 
-def _prepare_cache(cache: str, uid: int, spool: str | None = None) -> int:
-    """mkdir -p cache/{sha256,tmp,current[,SPOOL]} and chown -R uid:uid cache, without following symlinks."""
+def _prepare_cache(cache: str, uid: int, spools: list[str] | None = None) -> int:
+    """mkdir -p cache/{sha256,tmp,current,SPOOL...} and chown -R uid:uid cache, without following symlinks."""
     root = Path(cache)
-    if spool and (Path(spool).is_absolute() or ".." in Path(spool).parts):
-        return _fail("prepare-cache", EXIT_USAGE, f"--spool {spool}: give a path inside the cache, without '..'")
-    # without DAC_OVERRIDE this container may not create folders in ones it does not own: own the way to the spool
-    # while making it (a moment; the walk below hands everything back)
-    chain = [root, *(root.joinpath(*Path(spool).parts[:i]) for i in range(1, len(Path(spool).parts)))] if spool else []
+    spools = spools or []
+    for spool in spools:
+        if Path(spool).is_absolute() or ".." in Path(spool).parts:
+            return _fail("prepare-cache", EXIT_USAGE, f"--spool {spool}: give a path inside the cache, without '..'")
+    # without DAC_OVERRIDE this container may not create folders in ones it does not own: own the way to each
+    # spool while making it (a moment; the walk below hands everything back)
+    chain = list(dict.fromkeys([root, *(root.joinpath(*Path(spool).parts[:i]) for spool in spools
+                                        for i in range(1, len(Path(spool).parts)))]))
     for part in chain:
         if part.is_dir() and not part.is_symlink():
             os.chown(part, os.getuid(), os.getgid(), follow_symlinks=False)
-    for sub in ("sha256", "tmp", "current", *([spool] if spool else [])):
+    for sub in ("sha256", "tmp", "current", *spools):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for part in chain:
         os.chown(part, uid, uid, follow_symlinks=False)

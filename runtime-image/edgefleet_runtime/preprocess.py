@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import detect
 from .backends import TensorSpec
 
 FORMATS = ("JPEG", "PNG")
@@ -23,7 +24,8 @@ DTYPES = {"float32": ("FP32", np.float32), "float16": ("FP16", np.float16), "uin
           "int8": ("INT8", np.int8)}
 IMAGE_KEYS = {"input", "width", "height", "resize", "interpolation", "color", "layout", "dtype", "scale", "mean",
               "std", "maxPixels", "maxEncodedBytes"}
-POST_KEYS = {"output", "softmax", "topK", "labels"}
+POST_KEYS = {"output", "softmax", "topK", "labels", "detection"}
+DETECTION_KEYS = {"format", "scoreThreshold", "iouThreshold", "maxDetections"}
 OUTPUT_INDICES, OUTPUT_SCORES, OUTPUT_LABELS = "topk_indices", "topk_scores", "topk_labels"
 
 
@@ -244,11 +246,33 @@ def _missing(where: str, key: str):
 
 
 @dataclass(frozen=True)
+class Detection:
+    """Boxes from a detection head, after per-class NMS (edgefleet_runtime.detect)."""
+
+    format: str = "yolov8"
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.45
+    max_detections: int = 100
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "postprocessing.detection") -> Detection:
+        _known_fields(d, DETECTION_KEYS, where)
+        return cls(
+            format=_field(d, "format", str, "yolov8", where, ("yolov8",)),
+            score_threshold=_bounded(_field(d, "scoreThreshold", float, 0.25, where), 0.0, 1.0,
+                                     f"{where}.scoreThreshold"),
+            iou_threshold=_bounded(_field(d, "iouThreshold", float, 0.45, where), 0.0, 1.0, f"{where}.iouThreshold"),
+            max_detections=_bounded(_field(d, "maxDetections", int, 100, where), 1, 1000, f"{where}.maxDetections"),
+        )
+
+
+@dataclass(frozen=True)
 class Postprocess:
     output: str | None = None
     softmax: bool = False
     top_k: int = 1
     labels: tuple[str, ...] | None = None
+    detection: Detection | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "postprocessing") -> Postprocess:
@@ -262,6 +286,8 @@ class Postprocess:
             softmax=_field(d, "softmax", bool, False, where),
             top_k=_bounded(_field(d, "topK", int, 1, where), 1, 100, f"{where}.topK"),
             labels=tuple(labels) if labels is not None else None,
+            detection=Detection.from_dict(d["detection"], f"{where}.detection") if d.get("detection") is not None
+            else None,
         )
 
     def bind(self, outputs: list[TensorSpec]) -> str:
@@ -270,17 +296,45 @@ class Postprocess:
         if spec is None:
             raise TransformError(f"postprocessing.output: the model has no output '{name}'; "
                                  f"its outputs: {', '.join(t.name for t in outputs)}")
+        if self.detection is not None:
+            return self._bind_detection(name, spec)
         if len(spec.shape) != 2 or spec.datatype not in ("FP32", "FP16", "FP64"):
             raise TransformError(f"postprocessing.output: output '{name}' is {spec.datatype} {list(spec.shape)}; "
                                  "top-k needs float scores of shape [N, classes]")
         return name
 
+    def _bind_detection(self, name: str, spec: TensorSpec) -> str:
+        if len(spec.shape) != 3 or spec.datatype not in ("FP32", "FP16", "FP64"):
+            raise TransformError(f"postprocessing.detection: output '{name}' is {spec.datatype} {list(spec.shape)}; "
+                                 "a yolov8 head is float [N, 4 + classes, anchors]")
+        n = len(self.labels) if self.labels is not None else None  # [N, 4 + C, A], or [N, A, 4 + C]
+        if n is not None and spec.shape[1] >= 0 and spec.shape[1] != 4 + n and spec.shape[2] != 4 + n:
+            raise TransformError(f"postprocessing.labels: {n} labels, but output '{name}' {list(spec.shape)} has no "
+                                 f"axis of 4 box values + {n} classes; give one label per class, in the model's order")
+        return name
+
     def specs(self) -> list[TensorSpec]:
         """The outputs this adds to the model's."""
+        if self.detection is not None:
+            specs = [TensorSpec(detect.OUTPUT_BOXES, "FP32", (-1, -1, 4)),
+                     TensorSpec(detect.OUTPUT_SCORES, "FP32", (-1, -1)),
+                     TensorSpec(detect.OUTPUT_CLASSES, "INT64", (-1, -1)),
+                     TensorSpec(detect.OUTPUT_COUNT, "INT64", (-1,))]
+            if self.labels is not None:
+                specs.append(TensorSpec(detect.OUTPUT_LABELS, "BYTES", (-1, -1)))
+            return specs
         specs = [TensorSpec(OUTPUT_INDICES, "INT64", (-1, -1)), TensorSpec(OUTPUT_SCORES, "FP32", (-1, -1))]
         if self.labels is not None:
             specs.append(TensorSpec(OUTPUT_LABELS, "BYTES", (-1, -1)))
         return specs
+
+    def detect(self, head: np.ndarray, width: int, height: int) -> dict[str, np.ndarray]:
+        """Labelled boxes of a batch's detection head (``width`` x ``height``: the model's input)."""
+        d = self.detection
+        assert d is not None
+        classes = len(self.labels) if self.labels is not None else None
+        return detect.batch([detect.decode(image, width, height, d.score_threshold, d.iou_threshold,
+                                           d.max_detections, classes) for image in head], self.labels)
 
     def apply(self, scores: np.ndarray) -> dict[str, np.ndarray]:
         scores = scores.astype(np.float32, copy=False).reshape(scores.shape[0], -1)
@@ -316,8 +370,12 @@ class Transform:
         pre, post = d.get("preprocessing"), d.get("postprocessing")
         if pre is not None and (not isinstance(pre, dict) or set(pre) - {"image"} or "image" not in pre):
             raise TransformError("preprocessing: expected an object with image")
-        return cls(image=ImageTransform.from_dict(pre["image"]) if pre is not None else None,
-                   post=Postprocess.from_dict(post) if post is not None else None)
+        t = cls(image=ImageTransform.from_dict(pre["image"]) if pre is not None else None,
+                post=Postprocess.from_dict(post) if post is not None else None)
+        if t.post is not None and t.post.detection is not None and t.image is None:
+            raise TransformError("postprocessing.detection: needs preprocessing.image (boxes are fractions of the "
+                                 "model's input, whose size it gives); declare it on the EdgeModel")
+        return t
 
 
 @dataclass(frozen=True)
@@ -339,7 +397,10 @@ class Bound:
 
     def finish(self, results: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         """The model's results plus the post-processing outputs among ``wanted``."""
-        if self.post is None or self.output is None or not any(n in wanted for n in (OUTPUT_INDICES, OUTPUT_SCORES,
-                                                                                         OUTPUT_LABELS)):
+        ours = (OUTPUT_INDICES, OUTPUT_SCORES, OUTPUT_LABELS, *detect.OUTPUTS)
+        if self.post is None or self.output is None or not any(n in wanted for n in ours):
             return results
+        if self.post.detection is not None:
+            assert self.image is not None  # checked in of()
+            return {**results, **self.post.detect(results[self.output], self.image.width, self.image.height)}
         return {**results, **self.post.apply(results[self.output])}

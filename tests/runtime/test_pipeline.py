@@ -5,6 +5,7 @@ is stopped; a full queue drops its oldest and counts them; bad input is counted 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -298,3 +299,113 @@ def test_pipeline_webhook_sink_retries_a_failing_endpoint_in_order(tmp_path):
     assert state["failures"] > 0
     assert first_seen([r["frame"] for r in received]) == list(range(40))
     assert pipeline.metrics.sink_errors.labels("hook")._value.get() == state["failures"]
+
+
+SPEEDUP = 10  # the outage test below runs 10x faster than the issue's scenario: time, rate and backoff scaled
+
+
+def test_pipeline_broker_outage_of_60_s_at_25_fps_loses_nothing_time_scaled(tmp_path, broker, monkeypatch):
+    """The issue's 60 s broker outage at 25 frames/s, played 10x faster: 1500 frames at 250/s, the broker down for
+    6 s, the sink's backoff 10x shorter. Every result waits on disk, none is dropped, and all arrive in order once
+    the broker is back. (benchmarks/pipeline.py --outage-seconds 60 runs the real length.)"""
+    from edgefleet_runtime.pipeline import runner
+
+    monkeypatch.setattr(runner, "BACKOFF_FIRST", runner.BACKOFF_FIRST / SPEEDUP)
+    monkeypatch.setattr(runner, "BACKOFF_MAX", runner.BACKOFF_MAX / SPEEDUP)
+    outage, fps = 60 / SPEEDUP, 25 * SPEEDUP
+    count = int(60 * 25)  # a minute of frames at 25/s
+    digit_frames(tmp_path / "frames", count, size=(32, 24))
+    cfg = config(tmp_path, [{"name": "cam", "kind": "directory", "url": str(tmp_path / "frames"), "fps": fps}],
+                 broker.port, batch=64)
+    pipeline = Pipeline(parse(json.dumps(cfg)), loaded_model())
+    sub = Subscriber(broker.port, "edgefleet/test")
+    result: list[int] = []
+    runner_thread = threading.Thread(target=lambda: result.append(pipeline.run(threading.Event(), 60)))
+    runner_thread.start()
+    queue = pipeline.workers[0].queue
+    try:
+        assert len(set(sub.wait_for(5, 20))) >= 5
+        broker.stop()
+        down_at = time.monotonic()
+        deepest = 0
+        while time.monotonic() - down_at < outage:
+            deepest = max(deepest, len(queue))
+            time.sleep(0.05)
+        broker.start()
+        back_at = time.monotonic()
+        frames = sub.wait_for(count, 60)
+        caught_up = time.monotonic() - back_at
+        runner_thread.join(60)
+    finally:
+        sub.close()
+    print(f"outage {outage:g} s: deepest queue {deepest}, backlog delivered in {caught_up:.1f} s")
+    assert result == [0]
+    assert first_seen(frames) == list(range(count))  # none lost, in order
+    assert deepest >= outage * fps / 2  # the outage's results waited on disk (at least half the rate: a busy machine)
+    assert pipeline.metrics.queue_dropped.labels("broker")._value.get() == 0
+    assert caught_up < 30, f"the backlog took {caught_up:.1f} s to deliver"
+
+
+def test_pipeline_disk_queue_byte_bound_drops_the_oldest(tmp_path):
+    path = str(tmp_path / "q.sqlite")
+    q = DiskQueue(path, max_items=1000, max_item_bytes=16 << 10, max_bytes=64 << 10)
+    dropped = [q.put(bytes([i]) * (10 << 10), float(i)) for i in range(10)]  # 10 KiB each, 64 KiB allowed
+    assert sum(dropped) == 4 and q.dropped == 4 and len(q) == 6 and q.size == 60 << 10
+    assert [item.body[0] for item in q.peek(10)] == [4, 5, 6, 7, 8, 9]  # the newest six, in order
+    q.close()
+    again = DiskQueue(path, max_items=1000, max_item_bytes=16 << 10, max_bytes=64 << 10)
+    assert again.size == 60 << 10 and again.put(b"x" * (10 << 10), 10.0) == 1  # counted again from disk
+
+
+def test_pipeline_queue_folder_is_held_by_one_pipeline_at_a_time(tmp_path):
+    from edgefleet_runtime.pipeline.diskqueue import FolderLock
+
+    first, second = FolderLock(str(tmp_path)), FolderLock(str(tmp_path))
+    assert first.acquire(threading.Event())
+    waited = threading.Event()
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(second.acquire(threading.Event(), waited.set)))
+    waiter.start()
+    assert waited.wait(5) and not got  # the second (a surge pod's pipeline) waits
+    first.close()
+    waiter.join(5)
+    assert got == [True]
+    stop = threading.Event()
+    stop.set()
+    assert FolderLock(str(tmp_path)).acquire(stop) is False  # a stopped waiter gives up
+    second.close()
+
+
+def test_pipeline_next_pod_delivers_what_the_last_one_left(tmp_path):
+    """A pod replaced while the uplink is down (a rollout): the results its pipeline queued wait in the queue
+    folder (the node cache), and the next pipeline on that folder delivers them, in order."""
+    digit_frames(tmp_path / "frames", 20)
+    port = free_port()  # no broker: the first pod cannot deliver
+    cfg = config(tmp_path, [{"name": "cam", "kind": "directory", "url": str(tmp_path / "frames")}], port)
+    first = run_cli(tmp_path, cfg, "--drain-seconds", "1")
+    assert first.returncode == 1  # it ended with results undelivered
+    queue = DiskQueue(str(tmp_path / "queue" / "line-broker.sqlite"), max_items=100)
+    assert len(queue) == 20
+    queue.close()
+    (tmp_path / "none").mkdir()
+    broker = Broker(tmp_path, port).start()
+    sub = Subscriber(port, "edgefleet/test")
+    try:
+        cfg["sources"] = [{"name": "cam", "kind": "directory", "url": str(tmp_path / "none")}]
+        second = run_cli(tmp_path, cfg)
+        frames = sub.wait_for(20, 20)
+    finally:
+        sub.close()
+        broker.stop()
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert first_seen(frames) == list(range(20))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="prepare-cache hands folders to another user: needs root")
+def test_pipeline_prepare_cache_makes_the_queue_folder_beside_the_spool(tmp_path):
+    cache = tmp_path / "cache"
+    run = [sys.executable, "-m", "edgefleet_runtime.cli", "prepare-cache", f"--cache={cache}", "--uid=10001",
+           "--spool=hard-examples/shop/digits", "--spool=pipeline/shop/digits"]
+    assert subprocess.run(run, capture_output=True).returncode == 0
+    for folder in (cache / "hard-examples/shop/digits", cache / "pipeline", cache / "pipeline/shop/digits"):
+        assert (folder.stat().st_uid, folder.stat().st_gid) == (10001, 10001), folder

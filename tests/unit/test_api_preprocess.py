@@ -207,3 +207,70 @@ def test_pipeline_without_model_preprocessing_is_degraded_and_not_rendered():
     assert [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]] == ["runtime", "pipeline"]
     conditions = {c["type"]: c for c in kube.stored("EdgeDeployment", "digits", "shop")["status"]["conditions"]}
     assert conditions["Degraded"]["reason"] != "PipelineNeedsPreprocessing"
+
+
+def test_preprocess_detection_api_and_runtime_agree_and_it_needs_an_image_transform():
+    from edgefleet.api.preprocessing import Detection
+    from edgefleet_runtime.preprocess import DETECTION_KEYS
+
+    assert DETECTION_KEYS == {f.alias for f in Detection.model_fields.values()}
+    post = {"labels": ["face"], "detection": {"scoreThreshold": 0.4, "iouThreshold": 0.5, "maxDetections": 20}}
+    em = EdgeModel.model_validate(edgemodel({"image": {"width": 320, "height": 320}}, post))
+    t = Transform.from_json(model_transform(em.to_dict()["spec"]))
+    assert (t.post.detection.score_threshold, t.post.detection.iou_threshold, t.post.detection.max_detections) == (
+        0.4, 0.5, 20)
+    lines = errors(edgemodel(None, post))
+    assert any(line.startswith("spec.postprocessing.detection") and "needs spec.preprocessing.image" in line
+               for line in lines), lines
+    lines = errors(edgemodel({"image": {"width": 8, "height": 8}}, {"detection": {"maxDetections": 0}}))
+    assert any(line.startswith("spec.postprocessing.detection.maxDetections") for line in lines), lines
+
+
+@pytest.mark.parametrize("driver", [False, True])
+def test_pipeline_queue_lies_in_the_node_cache_and_outlives_a_rollout(driver):
+    """The queues are a folder of the node cache per EdgeDeployment (not an emptyDir): the pod of the next variant
+    finds what the last one could not deliver. The disk they may use is split between the sinks."""
+    from edgefleet.render.workload import PIPELINE_QUEUE_MOUNT, pipeline_queue_path
+    from edgefleet_runtime.pipeline import config as runtime_config
+
+    kube = FakeKube()
+    model = edgemodel({"image": {"width": 8, "height": 8, "color": "GRAY"}})
+    model["metadata"]["name"] = "digits"
+    kube.add(model)
+    pipeline = {"sources": [{"name": "cam", "kind": "video", "url": "rtsp://cam.local/s"}],
+                "sinks": [{"name": "b", "mqtt": {"host": "mqtt.local"}}, {"name": "h", "webhook": {"url": "http://h/"}}],
+                "queue": {"sizeLimitBytes": 1 << 30}}
+    kube.add({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDeployment",
+              "metadata": {"name": "digits", "namespace": "shop"},
+              "spec": {"modelRef": {"name": "digits"}, "pipeline": pipeline}})
+    world = World({"amd": {"kubernetes.io/arch": "amd64"}}, builtin_profiles())
+    seen = []
+    for digest in ("sha256:" + "ab" * 32, "sha256:" + "cd" * 32):  # a new variant: the pods are replaced
+        kube.set_status("EdgeModel", "digits", "shop", {"variants": [
+            {"profile": "cpu-amd64", "state": "Ready", "format": "onnx", "digest": digest,
+             "artifact": f"oci://r.local/m@{digest}"}]})
+        reconcile_deployment(kube, Settings(node_cache_driver=driver), "shop", "digits", world)
+        pod = kube.stored("DaemonSet", "digits-cpu-amd64", "shop")["spec"]["template"]
+        c = next(c for c in pod["spec"]["containers"] if c["name"] == "pipeline")
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == PIPELINE_QUEUE_MOUNT)
+        volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+        assert not mount.get("readOnly") and "emptyDir" not in volume
+        if driver:  # the namespace's own part of the cache, through the cache driver
+            assert volume["csi"]["volumeAttributes"]["folder"] == pipeline_queue_path(_ed(kube), True)
+            assert pipeline_queue_path(_ed(kube), True) == "pipeline/digits"
+        else:  # a subPath of the hostPath cache, made and handed to the runtime user by prepare-cache
+            assert volume["hostPath"]["path"] == Settings().node_cache
+            assert mount["subPath"] == "pipeline/shop/digits"
+            prepare = next(i for i in pod["spec"]["initContainers"] if i["name"] == "prepare-cache")
+            assert "--spool=pipeline/shop/digits" in prepare["args"]
+        config_arg = next(a for a in c["args"] if a.startswith("--config-json="))
+        queue = runtime_config.parse(config_arg.split("=", 1)[1]).queue
+        assert queue.path == PIPELINE_QUEUE_MOUNT and queue.max_bytes == (1 << 30) // 2
+        seen.append((pod["metadata"]["annotations"]["edgefleet.io/variant-digest"], mount, volume))
+    assert seen[0][0] != seen[1][0] and seen[0][1:] == seen[1][1:]  # another variant, the same queue
+
+
+def _ed(kube):
+    from edgefleet.api import EdgeDeployment
+
+    return EdgeDeployment.model_validate(kube.stored("EdgeDeployment", "digits", "shop"))

@@ -583,7 +583,18 @@ class EdgeModelSpec(Model):
     preprocessing: Preprocessing | None = None
     """How the runtime turns an encoded input (JPEG/PNG) into the model's tensor; the same on every class."""
     postprocessing: Postprocessing | None = None
-    """What the runtime adds to the model's answer (softmax, top-k with labels); the same on every class."""
+    """What the runtime adds to the model's answer (softmax, top-k with labels, or detection boxes); the same on
+    every class."""
+
+    cel_rules = (
+        Rule(
+            "!has(self.postprocessing) || !has(self.postprocessing.detection) || has(self.preprocessing)",
+            "spec.postprocessing.detection: needs spec.preprocessing.image (boxes are fractions of the model's "
+            "input, whose size it gives); declare it",
+            lambda s: s.postprocessing is None or s.postprocessing.detection is None or s.preprocessing is not None,
+            ".postprocessing.detection",
+        ),
+    )
 
 
 class OnTargetResult(Model):

@@ -83,9 +83,26 @@ class Preprocessing(Model):
     """Image decode, resize, colour order, layout, normalisation and dtype."""
 
 
+class Detection(Model):
+    """Boxes from a detection head: the best-scoring class per anchor, over scoreThreshold, per-class non-maximum
+    suppression, at most maxDetections per image. Extra outputs detection_boxes (x1, y1, x2, y2 in fractions of
+    the model's input), detection_scores, detection_classes, detection_labels (with labels) and detection_count.
+    Needs spec.preprocessing.image."""
+
+    format: Literal["yolov8"] = "yolov8"
+    """yolov8: one output [N, 4 + classes, anchors] (Ultralytics export): box centre x, y, width, height in input
+    pixels, then a probability per class."""
+    score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.25
+    """Boxes scoring below this are dropped."""
+    iou_threshold: Annotated[float, Field(ge=0, le=1)] = 0.45
+    """A box overlapping a better one of its class by more than this (intersection over union) is dropped."""
+    max_detections: Annotated[int, Field(ge=1, le=1000)] = 100
+    """Boxes kept per image at most."""
+
+
 class Postprocessing(Model):
-    """What the runtime adds to the model's answer: softmax and the top-k classes with their labels, as extra
-    outputs (topk_indices, topk_scores, topk_labels)."""
+    """What the runtime adds to the model's answer, as extra outputs: softmax and the top-k classes with their
+    labels (topk_indices, topk_scores, topk_labels), or with `detection` labelled boxes after NMS."""
 
     output: InputName | None = None
     """The model output holding the class scores (shape [N, classes]); omitted means the first output."""
@@ -94,7 +111,9 @@ class Postprocessing(Model):
     top_k: Annotated[int, Field(ge=1, le=100)] = 1
     """How many classes to return per input."""
     labels: Annotated[list[Label], Field(max_length=4096)] | None = None
-    """Class names, by index; topk_labels is returned when given."""
+    """Class names, by index; topk_labels (or detection_labels) is returned when given."""
+    detection: Detection | None = None
+    """Decode a detection head into boxes instead of ranking classes (softmax and topK are then unused)."""
 
 
 SinkName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
@@ -185,14 +204,16 @@ class PipelineSink(Model):
 
 class PipelineQueue(Model):
     """The on-disk queue in front of each sink: results wait there while the uplink is down and are delivered in
-    order when it returns; when full, the oldest are dropped and counted."""
+    order when it returns, also by the next pod of a rollout; when full, the oldest are dropped and counted."""
 
     max_items: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     """Results kept per sink at most."""
     max_item_bytes: Annotated[int, Field(ge=1024, le=16 << 20)] = 256 << 10
     """Largest result kept."""
     size_limit_bytes: Annotated[int, Field(ge=1 << 20, le=1 << 40)] = 1 << 30
-    """Size limit of the queue's volume (an emptyDir: kept across container restarts, not pod replacement)."""
+    """Disk the queues may use on a node, all sinks together: each sink keeps at most its equal share of results
+    (the oldest are dropped beyond it). The queues lie in the node cache, one folder per EdgeDeployment, and
+    survive container restarts, pod replacement and rollouts."""
 
 
 class PipelineSpec(Model):

@@ -33,6 +33,10 @@ from .conditions import (
 )
 from .drift import THROTTLE, missing_evaluation, read_pods, scrape, verdict
 from .errors import PermanentError, as_permanent, report_invalid_spec
+from .pipeline_health import READ_INTERVAL_SECONDS as PIPELINE_READ_SECONDS
+from .pipeline_health import THROTTLE as PIPELINE_THROTTLE
+from .pipeline_health import problem as pipeline_unreachable
+from .pipeline_health import read_pods as read_pipelines
 from .pods import ClassHealth, class_health
 from .rollout import Decision, decide
 from .updates import ControlledDecision, apply_patches, controlled_class, plain_deltas, with_record
@@ -80,6 +84,7 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     raw = kube.find("EdgeDeployment", name, namespace)
     if raw is None or raw["metadata"].get("deletionTimestamp"):
         POD_READS.forget(namespace, name)
+        PIPELINE_THROTTLE.forget(namespace, name)
         return None  # owner references let the garbage collector remove what we made
     try:
         ed = EdgeDeployment.model_validate(raw)
@@ -110,11 +115,14 @@ def reconcile_deployment(kube: Kube, settings: Settings, namespace: str, name: s
     _prune(kube, namespace, children, {(o["kind"], o["metadata"]["name"]) for o in applied.values()})
     health = _health(kube, namespace, name, applied, time.time())
     drift = _drift(kube, ed, model, applied)
+    pipelines = _pipelines(kube, rendered, applied)
     _write_status(kube, raw, ed, Outcome(applied, missing, unmatched, model is not None, rollouts, failures,
-                                         service, health, gated, drift, pipeline_problem))
+                                         service, health, gated, drift, pipeline_problem, pipelines))
     waits = [d.requeue for d in rollouts.values() if d.requeue]
     if drift is not None and ed.spec.monitoring and ed.spec.monitoring.drift:  # the only timer monitoring adds
         waits.append(float(ed.spec.monitoring.drift.interval_seconds))
+    if rendered.spec.pipeline is not None and applied:  # look at the pipelines' sources and sinks again
+        waits.append(PIPELINE_READ_SECONDS)
     waits += [h.recheck for h in health.values() if h.recheck]
     if any(_behind(o) for o in applied.values()) or any(h.not_ready for h in health.values()):
         waits.append(RECHECK_SECONDS)
@@ -219,6 +227,7 @@ class Outcome:
     gated: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # class -> (Wait | Fail, why)
     drift: tuple[bool | None, str, str] | None = None  # the Drifting condition; None: drift is off
     pipeline_problem: str | None = None  # why spec.pipeline is not rendered (the fix included)
+    pipelines: tuple[str, str] | None = None  # (reason, message): a pipeline source or sink is unreachable
 
 
 def _pipeline_problem(ed: EdgeDeployment, model: dict[str, Any] | None, transform: str | None) -> str | None:
@@ -236,6 +245,20 @@ def _pipeline_problem(ed: EdgeDeployment, model: dict[str, Any] | None, transfor
 
 def _without_pipeline(ed: EdgeDeployment) -> EdgeDeployment:
     return ed.model_copy(update={"spec": ed.spec.model_copy(update={"pipeline": None})})
+
+
+def _pipelines(kube: Kube, ed: EdgeDeployment, applied: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
+    """An unreachable pipeline source or sink, from the pods' pipeline /metrics (nothing read without a rendered
+    spec.pipeline)."""
+    if ed.spec.pipeline is None or not applied:
+        PIPELINE_THROTTLE.forget(ed.metadata["namespace"], ed.metadata["name"])
+        return None
+
+    def read() -> tuple[str, str] | None:
+        pods = kube.list("Pod", ed.metadata["namespace"], child_labels(ed.metadata["name"]))
+        return pipeline_unreachable(ed, read_pipelines(pods, ed))
+
+    return PIPELINE_THROTTLE.read(ed, read)
 
 
 def _evaluation(ed: EdgeDeployment, model: dict[str, Any] | None) -> ConfigMapKeyRef | None:
@@ -504,6 +527,8 @@ def _degraded(ed: EdgeDeployment, out: Outcome) -> tuple[str, str] | None:
         return stuck[min(stuck)].reason, why
     if out.pipeline_problem:
         return "PipelineNeedsPreprocessing", out.pipeline_problem
+    if out.pipelines:
+        return out.pipelines
     if not out.model_found:
         return "ModelNotFound", f"EdgeModel {ed.spec.model_ref.name!r} does not exist in this namespace"
     if out.missing:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from edgefleet_runtime import bounded
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +33,7 @@ SCRAPE_LIMITS = bounded.Limits(max_bytes=4 << 20, deadline_seconds=2.0, max_redi
 READ_DEADLINE_SECONDS = 5.0  # all pods of one deployment together
 WORKERS = 8  # pods read at once
 PROFILE_LABEL = "edgefleet.io/profile"
+T = TypeVar("T")
 
 
 @dataclass
@@ -84,7 +85,7 @@ def parse(text: str) -> tuple[dict[str, float], int]:
     return psi, samples
 
 
-def _ready(pod: dict[str, Any]) -> bool:
+def ready(pod: dict[str, Any]) -> bool:
     conds = pod.get("status", {}).get("conditions", [])
     return bool(pod.get("status", {}).get("podIP")) and not pod["metadata"].get("deletionTimestamp") and any(
         c["type"] == "Ready" and c["status"] == "True" for c in conds)
@@ -105,7 +106,7 @@ def read_pods(pods: list[dict[str, Any]], ed: EdgeDeployment, fetch: Callable[[s
     by_class: dict[str, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         profile = pod["metadata"].get("labels", {}).get(PROFILE_LABEL)
-        if profile and _ready(pod) and len(by_class.setdefault(profile, [])) < limit:
+        if profile and ready(pod) and len(by_class.setdefault(profile, [])) < limit:
             by_class[profile].append(pod)
 
     def one(pod: dict[str, Any]) -> PodDrift:
@@ -122,8 +123,14 @@ def read_pods(pods: list[dict[str, Any]], ed: EdgeDeployment, fetch: Callable[[s
 
 
 def _all(one: Callable[[dict[str, Any]], PodDrift], pods: list[dict[str, Any]]) -> dict[str, PodDrift]:
+    return read_all(one, pods, lambda pod, error: PodDrift(pod["metadata"]["name"], pod["spec"].get("nodeName", ""),
+                                                          error=error), "drift read")
+
+
+def read_all(one: Callable[[dict[str, Any]], T], pods: list[dict[str, Any]],
+             unread: Callable[[dict[str, Any], str], T], what: str) -> dict[str, T]:
     """``one(pod)`` for every pod, WORKERS at once, ending at READ_DEADLINE_SECONDS: a pod not read by then is
-    reported as such (its scrape ends at its own deadline, after this returns)."""
+    ``unread(pod, why)`` (its scrape ends at its own deadline, after this returns). Keyed by pod name."""
     pool = ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(pods))))
     futures = {p["metadata"]["name"]: pool.submit(one, p) for p in pods}
     wait(futures.values(), timeout=READ_DEADLINE_SECONDS)
@@ -131,9 +138,8 @@ def _all(one: Callable[[dict[str, Any]], PodDrift], pods: list[dict[str, Any]]) 
     read = {}
     for pod in pods:
         name, future = pod["metadata"]["name"], futures[pod["metadata"]["name"]]
-        read[name] = future.result() if future.done() and not future.cancelled() else PodDrift(
-            name, pod["spec"].get("nodeName", ""),
-            error=f"not read within the drift read's deadline of {READ_DEADLINE_SECONDS:g} s")
+        read[name] = future.result() if future.done() and not future.cancelled() else unread(
+            pod, f"not read within the {what}'s deadline of {READ_DEADLINE_SECONDS:g} s")
     return read
 
 
@@ -144,17 +150,19 @@ class Throttle:
     """At most one read per deployment per intervalSeconds, whatever else makes it reconcile (child events, a
     resync); a spec change (new generation) reads at once. In memory: a restarted operator reads once more."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 interval: Callable[[EdgeDeployment], float] | None = None):
         self.clock = clock
-        self._last: dict[tuple[str, str], tuple[float, int | None, Verdict]] = {}
+        self.interval = interval or (lambda ed: drift_of(ed).interval_seconds)
+        self._last: dict[tuple[str, str], tuple[float, int | None, Any]] = {}
 
-    def read(self, ed: EdgeDeployment, compute: Callable[[], Verdict]) -> Verdict:
+    def read(self, ed: EdgeDeployment, compute: Callable[[], T]) -> T:
         key = (ed.metadata["namespace"], ed.metadata["name"])
         generation = ed.metadata.get("generation")
         now = self.clock()
         last = self._last.get(key)
-        if last and last[1] == generation and now - last[0] < drift_of(ed).interval_seconds:
-            return last[2]
+        if last and last[1] == generation and now - last[0] < self.interval(ed):
+            return cast(T, last[2])
         result = compute()
         self._last[key] = (now, generation, result)
         return result

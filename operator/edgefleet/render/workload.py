@@ -239,13 +239,14 @@ def _blob(digest: str) -> str:
 
 def _prepare_cache(ed: EdgeDeployment, profile: HardwareProfile) -> dict[str, Any]:
     """The root init container of the hostPath cache: hostPath directories are created root-owned, so it hands
-    the cache (and the spool) to the runtime user. The cache driver makes it unnecessary."""
+    the cache (and the spool, and the pipeline's queues) to the runtime user. The cache driver makes it unnecessary."""
     return {
         "name": "prepare-cache",
         "image": profile.spec.runtime_image,
         "command": ["edgefleet-runtime"],
         "args": ["prepare-cache", f"--cache={CACHE_MOUNT}", f"--uid={RUNTIME_UID}",
-                 *([f"--spool={spool_path(ed)}"] if ed.spec.feedback and ed.spec.feedback.hard_examples else [])],
+                 *([f"--spool={spool_path(ed)}"] if ed.spec.feedback and ed.spec.feedback.hard_examples else []),
+                 *([f"--spool={pipeline_queue_path(ed)}"] if ed.spec.pipeline is not None else [])],
         "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
         "securityContext": prepare_cache_security(),
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
@@ -325,11 +326,19 @@ def _containers(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, 
     if ed.spec.pipeline is not None:
         containers.append(_pipeline_container(ed, profile, variant, transform, trust_serve,
                                               [{**m, "readOnly": True} for m in mounts] + trust_serve_mounts
-                                              + device_mounts))
+                                              + device_mounts, cache_driver))
     return ([] if cache_driver else [_prepare_cache(ed, profile)]) + [init], containers
 
 
-PIPELINE_QUEUE_MOUNT = "/var/lib/edgefleet/pipeline"  # the pipeline's on-disk queues (an emptyDir)
+PIPELINE_QUEUE_MOUNT = "/var/lib/edgefleet/pipeline"  # the pipeline's on-disk queues (a folder of the node cache)
+
+
+def pipeline_queue_path(ed: EdgeDeployment, cache_driver: bool = False) -> str:
+    """The pipeline's queue folder inside the node cache: one per EdgeDeployment and node, kept across pod
+    restarts and replacements (a rollout). With the cache driver it lies in the namespace's own part."""
+    if cache_driver:
+        return f"pipeline/{ed.metadata['name']}"
+    return f"pipeline/{ed.metadata['namespace']}/{ed.metadata['name']}"
 
 
 def pipeline_config(ed: EdgeDeployment) -> str:
@@ -337,16 +346,17 @@ def pipeline_config(ed: EdgeDeployment) -> str:
     spec = ed.spec.pipeline
     assert spec is not None
     dumped = spec.model_dump(by_alias=True, exclude_none=True)
-    queue = {"path": PIPELINE_QUEUE_MOUNT, "maxItems": spec.queue.max_items, "maxItemBytes": spec.queue.max_item_bytes}
+    queue = {"path": PIPELINE_QUEUE_MOUNT, "maxItems": spec.queue.max_items, "maxItemBytes": spec.queue.max_item_bytes,
+             "maxBytes": spec.queue.size_limit_bytes // len(spec.sinks)}  # each sink its share of the disk
     config = {"name": ed.metadata["name"], "sources": dumped["sources"], "sinks": dumped["sinks"], "queue": queue,
               "maxPendingFrames": spec.max_pending_frames}
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
 def _pipeline_container(ed: EdgeDeployment, profile: HardwareProfile, variant: Variant, transform: str | None,
-                        trust_args: list[str], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+                        trust_args: list[str], mounts: list[dict[str, Any]], cache_driver: bool) -> dict[str, Any]:
     """The pipeline beside the runtime: the same image, variant, trust flags, device mounts (cameras) and
-    transform, its queues on an emptyDir (kept across container restarts)."""
+    transform, its queues in a folder of the node cache (kept across pod restarts and rollouts)."""
     spec = ed.spec.pipeline
     assert spec is not None and variant.digest is not None
     args = ["pipeline", f"--model={_blob(variant.digest)}", f"--digest={variant.digest}",
@@ -363,7 +373,9 @@ def _pipeline_container(ed: EdgeDeployment, profile: HardwareProfile, variant: V
         "args": args,
         "ports": [{"name": "pipeline-metrics", "containerPort": spec.metrics_port, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
-        "volumeMounts": mounts + [{"name": "pipeline-queue", "mountPath": PIPELINE_QUEUE_MOUNT}],
+        "volumeMounts": mounts + [{"name": "pipeline-queue", "mountPath": PIPELINE_QUEUE_MOUNT} if cache_driver else
+                                  {"name": "model-cache", "mountPath": PIPELINE_QUEUE_MOUNT,
+                                   "subPath": pipeline_queue_path(ed)}],
         "securityContext": _restricted(profile.spec.privileged),
         "env": [{"name": "EDGEFLEET_RUNTIME_CLASS", "value": profile.metadata["name"]}],
     }
@@ -380,9 +392,8 @@ def _volumes(ed: EdgeDeployment, profile: HardwareProfile, node_cache: str,
     if ed.spec.runtime.workers > 1:
         volumes.append({"name": "runtime-metrics", "emptyDir": {"sizeLimit": "64Mi"}})
     volumes += _control(ed, False)[2]
-    if ed.spec.pipeline is not None:
-        size = str(ed.spec.pipeline.queue.size_limit_bytes)
-        volumes.append({"name": "pipeline-queue", "emptyDir": {"sizeLimit": size}})
+    if ed.spec.pipeline is not None and cache_driver:
+        volumes.append(cache_volume("pipeline-queue", pipeline_queue_path(ed, cache_driver)))
     volumes += [{"name": f"dev-{m.name}", "hostPath": {"path": m.host_path}} for m in profile.spec.device_mounts or []]
     return volumes
 

@@ -38,6 +38,7 @@ def run(args, policy_of, transform_of, die) -> int:
     from ..exitcodes import EXIT_LOAD, EXIT_USAGE
     from ..trust import TrustError
     from .config import ConfigError, parse
+    from .diskqueue import FolderLock
     from .runner import Pipeline, PipelineMetrics
 
     try:
@@ -56,6 +57,18 @@ def run(args, policy_of, transform_of, die) -> int:
     digest = args.digest or digest_from_cache_path(args.model)
     if not digest:
         return die(EXIT_USAGE, "--digest is required unless --model resolves into CACHE/sha256/<hex>")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    lock = FolderLock(config.queue.path)
+    try:
+        os.makedirs(config.queue.path, exist_ok=True)
+        if not lock.acquire(stop, lambda: log.info("another pipeline holds this queue (a rollout's other pod on "
+                                                     "this node); waiting for it to end",
+                                                     extra={"queue": config.queue.path})):
+            return 0
+    except OSError as e:
+        return die(EXIT_LOAD, f"queue folder {config.queue.path}: {e.strerror or e}")
     slot = ModelSlot(args.name, Metrics(), backend=args.backend, threads=args.threads, policy=policy,
                      transform=transform)
     try:
@@ -67,9 +80,6 @@ def run(args, policy_of, transform_of, die) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, args.metrics_host, registry=pipeline.metrics.registry)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     log.info("pipeline started", extra={"pipeline": config.name, "model": args.name, "digest": model.digest,
                                         "sources": [s.name for s in config.sources],
                                         "sinks": [s.name for s in config.sinks]})

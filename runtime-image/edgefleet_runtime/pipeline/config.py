@@ -60,6 +60,7 @@ class QueueSettings:
     path: str = "/var/lib/edgefleet/pipeline"
     max_items: int = 100_000
     max_item_bytes: int = 256 << 10
+    max_bytes: int | None = None  # results of one sink together (None: maxItems x maxItemBytes bounds it)
 
 
 @dataclass(frozen=True)
@@ -159,14 +160,15 @@ def parse(text: str | bytes) -> PipelineConfig:
         raise ConfigError("pipeline.sources: give 1 to 16 sources")
     if not isinstance(sinks, list) or not 1 <= len(sinks) <= 8:
         raise ConfigError("pipeline.sinks: give 1 to 8 sinks")
-    q = _obj(d.get("queue") or {}, "pipeline.queue", {"path", "maxItems", "maxItemBytes"})
+    q = _obj(d.get("queue") or {}, "pipeline.queue", {"path", "maxItems", "maxItemBytes", "maxBytes"})
     config = PipelineConfig(
         name=_name(d, "pipeline"),
         sources=[_source(s, f"pipeline.sources[{i}]") for i, s in enumerate(sources)],
         sinks=[_sink(s, f"pipeline.sinks[{i}]") for i, s in enumerate(sinks)],
         queue=QueueSettings(path=_get(q, "path", str, "pipeline.queue", "/var/lib/edgefleet/pipeline"),
                             max_items=_get(q, "maxItems", int, "pipeline.queue", 100_000, 1, 10_000_000),
-                            max_item_bytes=_get(q, "maxItemBytes", int, "pipeline.queue", 256 << 10, 1024, 16 << 20)),
+                            max_item_bytes=_get(q, "maxItemBytes", int, "pipeline.queue", 256 << 10, 1024, 16 << 20),
+                            max_bytes=_get(q, "maxBytes", int, "pipeline.queue", None, 1 << 16, 1 << 40)),
         max_pending_frames=_get(d, "maxPendingFrames", int, "pipeline", 8, 1, 1024),
     )
     for what, names in (("sources", [s.name for s in config.sources]), ("sinks", [s.name for s in config.sinks])):

@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .. import detect
 from ..app import LoadedModel
 from ..preprocess import OUTPUT_INDICES, OUTPUT_LABELS, OUTPUT_SCORES, ImageError
 from . import sources
@@ -52,6 +53,52 @@ class PipelineMetrics:
                                  registry=r)
         self.sink_errors = Counter("edgefleet_pipeline_sink_errors", "Failed deliveries (retried)", ["sink"],
                                    registry=r)
+        self.sources = Health("source", "the source cannot be opened or read", r)
+        self.sinks = Health("sink", "deliveries fail", r)
+
+
+class Health:
+    """Whether each source (or sink) works now, for the operator (EdgeDeployment Degraded) and alerts:
+    ``edgefleet_pipeline_<what>_up`` is 1 or 0, ``..._down_seconds`` how long it has failed (0 while up). A part
+    not tried yet has neither."""
+
+    def __init__(self, what: str, down: str, registry: CollectorRegistry):
+        self.up_gauge = Gauge(f"edgefleet_pipeline_{what}_up", f"1 when the {what} works, 0 while {down}", [what],
+                              registry=registry)
+        self.down_gauge = Gauge(f"edgefleet_pipeline_{what}_down_seconds", f"How long {down} (0 while it works)",
+                                [what], registry=registry)
+        self.down_since: dict[str, float | None] = {}
+        self._lock = threading.Lock()
+
+    def up(self, name: str) -> None:
+        self._set(name, None)
+
+    def down(self, name: str) -> None:
+        self._set(name, self.down_since.get(name) or time.monotonic())
+
+    def _set(self, name: str, since: float | None) -> None:
+        with self._lock:
+            first = name not in self.down_since
+            if not first and self.down_since[name] == since:
+                return
+            self.down_since[name] = since
+        self.up_gauge.labels(name).set(0 if since else 1)
+        if first:
+            self.down_gauge.labels(name).set_function(lambda: self._down_seconds(name))
+
+    def _down_seconds(self, name: str) -> float:
+        since = self.down_since.get(name)
+        return round(time.monotonic() - since, 1) if since else 0.0
+
+
+def _detections(results: dict[str, np.ndarray]) -> list[dict]:
+    """One frame's boxes: [{box: [x1, y1, x2, y2] in fractions of the model's input, score, class, label}]."""
+    count = int(results[detect.OUTPUT_COUNT][0])
+    labels = results.get(detect.OUTPUT_LABELS)
+    return [{"box": [round(float(v), 4) for v in results[detect.OUTPUT_BOXES][0][k]],
+             "score": round(float(results[detect.OUTPUT_SCORES][0][k]), 4),
+             "class": int(results[detect.OUTPUT_CLASSES][0][k]),
+             **({"label": labels[0][k].decode()} if labels is not None else {})} for k in range(count)]
 
 
 class SinkWorker:
@@ -75,6 +122,7 @@ class SinkWorker:
                 self.client.send(items)
             except Exception as e:  # SinkError, or a client library's surprise: the batch stays queued
                 self.metrics.sink_errors.labels(name).inc()
+                self.metrics.sinks.down(name)
                 if str(e) != self.last_error:
                     log.warning("sink unavailable; results wait on disk", extra={"sink": name, "error": str(e),
                                                                                  "queued": len(self.queue)})
@@ -82,6 +130,7 @@ class SinkWorker:
                 stop.wait(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
+            self.metrics.sinks.up(name)
             if self.last_error is not None:
                 log.info("sink back", extra={"sink": name, "queued": len(self.queue)})
                 self.last_error = None
@@ -104,7 +153,8 @@ class Pipeline:
         self.metrics = metrics or PipelineMetrics()
         os.makedirs(config.queue.path, exist_ok=True)
         self.workers = [SinkWorker(s, DiskQueue(os.path.join(config.queue.path, f"{config.name}-{s.name}.sqlite"),
-                                                config.queue.max_items, config.queue.max_item_bytes),
+                                                config.queue.max_items, config.queue.max_item_bytes,
+                                                config.queue.max_bytes),
                                    config.name, self.metrics) for s in config.sinks]
         self.pending: collections.deque = collections.deque()
         self.cond = threading.Condition()
@@ -119,6 +169,7 @@ class Pipeline:
             while not stop.is_set():
                 try:
                     for item in sources.frames(src, stop):
+                        self.metrics.sources.up(src.name)  # opened and read
                         if isinstance(item, sources.Bad):
                             self._bad(src.name, item.reason, item.message)
                         else:
@@ -127,10 +178,12 @@ class Pipeline:
                     if sources.finite(src) and not src.loop:
                         return
                 except sources.Unreachable as e:
+                    self.metrics.sources.down(src.name)
                     self._bad(src.name, "unreachable", str(e))
                     stop.wait(delay)
                     delay = min(delay * 2, src.retry_max_seconds)
                 except Exception as e:  # a decoder's surprise must not end the source: count, wait, reopen
+                    self.metrics.sources.down(src.name)
                     self._bad(src.name, "error", f"{type(e).__name__}: {e}")
                     stop.wait(delay)
                     delay = min(delay * 2, src.retry_max_seconds)
@@ -193,7 +246,7 @@ class Pipeline:
         except Exception as e:  # the backend refused this frame: count it, keep going
             self._bad(frame.source, "inference_failed", f"{type(e).__name__}: {str(e)[:300]}")
             return
-        results = bound.finish(results, [OUTPUT_INDICES])
+        results = bound.finish(results, [OUTPUT_INDICES, detect.OUTPUT_COUNT])
         self.metrics.inference.observe(time.perf_counter() - t0)
         body = orjson.dumps(self._record(frame, results), option=orjson.OPT_SERIALIZE_NUMPY)
         for w in self.workers:
@@ -210,6 +263,9 @@ class Pipeline:
     def _record(self, frame: sources.Frame, results: dict[str, np.ndarray]) -> dict:
         record = {"pipeline": self.config.name, "source": frame.source, "frame": frame.index,
                   "capturedAt": frame.captured, "model": self.model.name, "digest": self.model.digest}
+        if detect.OUTPUT_COUNT in results:
+            record["detections"] = _detections(results)
+            return record
         if OUTPUT_INDICES in results:
             labels = results.get(OUTPUT_LABELS)
             record["top"] = [{"index": int(i), "score": float(s),
