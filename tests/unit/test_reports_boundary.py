@@ -212,7 +212,7 @@ def test_boundary_a_federated_server_report_is_accepted_only_when_sealed_for_thi
                      "evaluation": {"data": {"configMap": {"name": "inputs", "key": "eval.npz"}}}}})
 
     ft, namesake = run("uid-now"), run("uid-before")
-    ref = r.report_ref(settings().artifact_store, ft)
+    ref = r.report_ref(r.tenant_store(settings().artifact_store, settings(), ft), ft)  # the namespace's own repository
     master = master_key(kube, settings())
     published = json.dumps({"state": "Succeeded", "published": {"digest": FORGED}}).encode()
     registry.tags[ref] = published  # unsealed
