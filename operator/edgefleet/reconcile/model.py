@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -144,28 +143,56 @@ def _compile(kube: Kube, settings: Settings, em: EdgeModel, namespace: str, targ
 def compile_isolated(request: CompileRequest, settings: Settings, encryption_public_key: str | None = None
                      ) -> list[dict[str, Any]]:
     """Compile in a short-lived child process: the toolchains' memory (ONNX Runtime, OpenVINO, calibration
-    data) goes back to the system when it exits instead of staying in the long-running operator. Variants are
-    signed with settings.signing_key_file and encrypted for ``encryption_public_key`` (PEM) when given."""
+    data) goes back to the system when it exits instead of staying in the long-running operator, and a compile
+    that runs past settings.compile_deadline_seconds is killed (CompileTimedOut). Variants are signed with
+    settings.signing_key_file and encrypted for ``encryption_public_key`` (PEM) when given."""
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
-        store = (settings.artifact_store, None, settings.artifact_insecure,
-                 *store_login(settings))  # own_store's arguments: the variants go to the operator's store
-        signing = str(settings.signing_key_file) if settings.signing_key_file else None
-        outcome = pool.submit(_compile_child, request, store, str(settings.compile_cache), signing,
-                              encryption_public_key).result()
+    store = (settings.artifact_store, None, settings.artifact_insecure,
+             *store_login(settings))  # own_store's arguments: the variants go to the operator's store
+    signing = str(settings.signing_key_file) if settings.signing_key_file else None
+    answers, sender = spawn.Pipe(duplex=False)
+    child = spawn.Process(target=_compile_child, args=(sender, request, store, str(settings.compile_cache), signing,
+                                                       encryption_public_key), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        outcome = _answer(answers, child, settings.compile_deadline_seconds)
+    finally:
+        child.kill()
+        child.join()
     if isinstance(outcome, tuple):
         raise CompileError(*outcome)
     return outcome
 
 
-def _compile_child(request: CompileRequest, store: tuple[Any, ...], cache_dir: str, signing_key_file: str | None = None,
-                   encryption_public_key: str | None = None) -> list[dict[str, Any]] | tuple[str, str, str]:
+def _answer(answers: Any, child: Any, seconds: float) -> list[dict[str, Any]] | tuple[str, str, str]:
+    """What the compile child sent within ``seconds``."""
+    if not answers.poll(seconds):
+        return ("CompileTimedOut", f"the compile ran past {seconds:g} s and was stopped",
+                "raise the operator's EDGEFLEET_COMPILE_DEADLINE_SECONDS or shrink the work (fewer targets, less "
+                "calibration data)")
+    try:
+        outcome = answers.recv()
+    except EOFError:  # the child died without an answer (killed for memory, a crash in a toolchain)
+        child.join(5)
+        return ("CompileFailed", f"the compile process ended without a result (exit code {child.exitcode})",
+                "see the operator's log; a compile that needs more memory than the operator has can run as a Job "
+                "(compile executor job)")
+    if isinstance(outcome, BaseException):
+        raise outcome  # not a compile error: the reconcile is retried
+    return outcome
+
+
+def _compile_child(answers: Any, request: CompileRequest, store: tuple[Any, ...], cache_dir: str,
+                   signing_key_file: str | None = None, encryption_public_key: str | None = None) -> None:
     try:
         key = encryption_key_from_pem(encryption_public_key) if encryption_public_key else None
-        return compile_model(request, own_store(*store), cache_dir, signing_key_file=signing_key_file,
-                             encryption_key=key).to_status()
+        answers.send(compile_model(request, own_store(*store), cache_dir, signing_key_file=signing_key_file,
+                                   encryption_key=key).to_status())
     except CompileError as err:
-        return (err.reason, err.message, err.fix)
+        answers.send((err.reason, err.message, err.fix))
+    except Exception as err:  # sent as it is: the parent raises it
+        answers.send(RuntimeError(f"the compile failed: {err!r}"))
 
 
 def _materialize(kube: Kube, namespace: str, ref: Source | DataRef, tmp: Path, stem: str) -> str | Path:
