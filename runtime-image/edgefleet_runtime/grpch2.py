@@ -1,0 +1,732 @@
+"""Unary gRPC over HTTP/2 on plain threads: the default gRPC transport of ``serve --grpc-port``.
+
+Why not grpcio's server: its own cost per call (polling thread, hand-off to a pool, condition variables) was above
+what REST costs for a whole inference (docs/runtime.md). Here HTTP/2 framing is ``h2`` (hyper-h2, a pure-Python
+state machine) on a thread per connection, as the REST server (``httpserver``) does; a complete call runs on the
+connection's thread when it is the connection's only open call (calls beside others go to a pool, so that
+multiplexing clients run in parallel and the connection keeps reading), decoded and answered by the same
+``grpcserver.InferenceService`` that grpcio serves (``--grpc-server grpcio``). Only unary methods are served.
+
+Limits (``Limits``), each refusal counted in ``refused_total``:
+
+* connections: at most ``max_connections``; at the cap a new one evicts the longest-idle connection (no call
+  open), else one still in its handshake, else one whose every open call has been silent STALL_SECONDS;
+* the client preface and SETTINGS within ``header_seconds``; a connection with no call open closes after
+  ``idle_seconds``; a response not written within ``write_seconds`` closes the connection;
+* a call's message: its length prefix is checked against the method's limit (ModelInfer: what the model can
+  need, capped by --max-body-bytes) and charged to the process's memory budget before any of it is kept;
+  flow-control credit beyond the first window is granted only for a charged message; the whole message must
+  arrive within ``body_seconds`` and the client's ``grpc-timeout``;
+* HTTP/2: MAX_CONCURRENT_STREAMS per connection, a header list of at most ``max_header_bytes`` (and h2's bound on
+  CONTINUATION frames), frames of at most 16 KiB; calls open in the whole process beyond ``calls_limit`` are
+  refused RESOURCE_EXHAUSTED, after evicting a call silent for STALL_SECONDS; streams reset by the client
+  (CVE-2023-44487 "rapid reset") and control frames (PING, SETTINGS, PRIORITY, empty DATA, unknown frames) are
+  rate-limited per connection: past the limit the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from hyperframe.frame import GoAwayFrame
+
+from .budget import Lease
+from .grpcserver import MESSAGE_EXPANSION, SERVICE, InferenceService, message_limit, pb, receivers
+from .tensors import MemoryRefused, charge
+
+if TYPE_CHECKING:
+    from .config import Limits
+    from .dataplane import DataPlane
+
+log = logging.getLogger("edgefleet_runtime.grpc")
+
+MAX_STREAMS = 64  # SETTINGS_MAX_CONCURRENT_STREAMS, as grpcio's server
+SMALL_MESSAGE = 64 << 10  # every method but ModelInfer takes a tiny request
+STALL_SECONDS = 2.0  # a call (or connection) silent this long may be evicted at a cap
+CONTROL_BURST, CONTROL_RATE = 400, 100.0  # control frames per connection: a bucket of 400, refilled 100/s
+RESET_BURST, RESET_RATE = 200, 20.0  # streams reset by the client per connection
+RECV_BYTES = 65536
+FIRST_WINDOW = 65535  # a stream's flow-control window before its message is admitted (HTTP/2's default)
+CONNECTION_WINDOW = 1 << 20  # connection-level credit: every byte taken in is charged or dropped at once
+_PREFIX = struct.Struct(">BI")
+_RESPONSE_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+_CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.PriorityUpdated,
+                   h2.events.UnknownFrameReceived)  # fmt: skip
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+PREFACE, OPEN, CLOSED = range(3)
+
+
+class Abort(Exception):
+    """A call ends with this status (``grpc.StatusCode``) and message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: list[tuple[str, str]] | None = None):
+        super().__init__(details)
+        self.code, self.details, self.trailers = code, details, trailers or []
+
+
+class Context:
+    """What ``InferenceService`` uses of grpcio's ServicerContext."""
+
+    def __init__(self) -> None:
+        self.trailers: list[tuple[str, str]] = []
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailers = [(str(k), str(v)) for k, v in metadata]
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Abort(code, details, self.trailers)
+
+
+class Bucket:
+    """A token bucket: ``take`` is False once more than ``burst`` events came faster than ``rate`` per second."""
+
+    def __init__(self, burst: int, rate: float):
+        self.burst, self.rate = burst, rate
+        self.tokens, self.at = float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        self.tokens -= 1
+        return self.tokens >= 0
+
+
+class Call:
+    """One stream: its method, deadline and message as it arrives (charged to ``lease`` once its size is known)."""
+
+    __slots__ = ("sid", "method", "deadline", "heard", "early", "buf", "need", "lease", "state", "conn", "slot",
+                 "waiting", "ended")
+
+    def __init__(self, conn: Conn, sid: int, method: str, deadline: float):
+        self.conn, self.sid, self.method, self.deadline = conn, sid, method, deadline
+        self.heard = time.monotonic()
+        self.early = bytearray()  # what arrives before the message is admitted (at most the first window)
+        self.buf = bytearray()
+        self.need = -1  # message bytes still to come; -1: not admitted yet
+        self.lease: Lease | None = None
+        self.slot = False  # holds one of the receive slots (messages over SMALL_MESSAGE)
+        self.waiting = False  # its length is known, it waits for a receive slot (no flow-control credit)
+        self.ended = False  # END_STREAM arrived
+        self.state = "receiving"  # -> "ready" (message complete) -> "running" -> "done"
+
+
+class Conn:
+    """One connection: the h2 state machine and the socket, both used under ``lock``."""
+
+    def __init__(self, sock: socket.socket, config: h2.config.H2Configuration, header_seconds: float):
+        self.sock = sock
+        self.h2 = h2.connection.H2Connection(config)
+        self.lock = threading.Lock()
+        self.calls: dict[int, Call] = {}
+        self.pending: dict[int, tuple[memoryview, list[tuple[bytes, bytes]]]] = {}  # sid -> output left, trailers
+        self.state = PREFACE
+        self.heard = time.monotonic()
+        self.deadline = self.heard + header_seconds  # PREFACE: the handshake's deadline; OPEN: idle deadline
+        self.writing_since = 0.0  # when a blocked write began (0: none)
+        self.closed_by: str | None = None
+        self.control = Bucket(CONTROL_BURST, CONTROL_RATE)
+        self.resets = Bucket(RESET_BURST, RESET_RATE)
+
+    def close(self, why: str) -> None:
+        """From any thread: unblock the connection's thread, which then closes the socket."""
+        if self.closed_by is None:
+            self.closed_by = why
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def flush(self) -> None:
+        """Send what h2 has queued (holding ``lock``); a write blocked past write_seconds is closed by the watchdog."""
+        data = self.h2.data_to_send()
+        if data:
+            self.writing_since = time.monotonic()
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.close("write_failed")
+            finally:
+                self.writing_since = 0.0
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """Seconds of a ``grpc-timeout`` header (1-8 ASCII digits and a unit); None when malformed."""
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit() or not digits.isascii():
+        return None
+    return int(digits) * unit
+
+
+def _percent(text: str) -> bytes:
+    """grpc-message encoding: printable ASCII but '%' as is, everything else %XX of its UTF-8."""
+    return b"".join(bytes([c]) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in text.encode())
+
+
+class GRPCH2Server:
+    def __init__(self, plane: DataPlane, host: str, port: int, limits: Limits):
+        self.plane = plane
+        self.limits = limits
+        self.service = InferenceService(plane, limits)
+        self.refused: Callable[[str], None] = plane.metrics.count_refused
+        self.pool_size = receivers(limits, message_limit(plane, limits))
+        self.calls_limit = self.pool_size * 4  # calls open in the process at once (grpcio's bound, same numbers)
+        self.pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="grpc")
+        self.methods = {
+            f"/{SERVICE}/{name}": (getattr(self.service, name), getattr(pb, f"{name}Request"))
+            for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata")
+        }
+        self.methods[f"/{SERVICE}/ModelInfer"] = (self.service.ModelInfer, None)  # parsed by the service
+        self.config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.settings = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        }
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = False
+        self._stopped = False
+        self._lock = threading.Lock()  # guards _conns and _open
+        self._conns: set[Conn] = set()
+        self._open: set[Call] = set()  # calls from their HEADERS until answered or reset
+        self._slots = 0  # receive slots held (of pool_size)
+        self._waiting: collections.deque[Call] = collections.deque()  # calls waiting for a receive slot
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        threading.Thread(target=self._accept_loop, name="grpc-accept", daemon=True).start()
+        threading.Thread(target=self._watchdog, name="grpc-watchdog", daemon=True).start()
+
+    def shutdown(self, timeout: float) -> bool:
+        """GOAWAY to every connection, wait for calls in progress up to ``timeout``, close everything."""
+        self.stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:  # GOAWAY by hand: h2's close_connection would refuse the answers still to come
+            with c.lock:
+                if c.state == OPEN and c.closed_by is None:
+                    goaway = GoAwayFrame(0, last_stream_id=c.h2.highest_inbound_stream_id, error_code=0)
+                    with contextlib.suppress(OSError):
+                        c.sock.sendall(c.h2.data_to_send() + goaway.serialize())
+        deadline = time.monotonic() + timeout
+        while self._open and time.monotonic() < deadline:
+            time.sleep(0.02)
+        drained = not self._open
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            c.close("shutdown")
+        self._stopped = True
+        self.pool.shutdown(wait=False)
+        return drained
+
+    def _accept_loop(self) -> None:
+        while not self.stopping:
+            try:
+                sock, _ = self.sock.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                time.sleep(0.01)
+                continue
+            conn = Conn(sock, self.config, self.limits.header_seconds)
+            with self._lock:
+                admitted = len(self._conns) < self.limits.max_connections or self._evict_conn()
+                if admitted:
+                    self._conns.add(conn)
+            if not admitted:
+                self.refused("connections")
+                sock.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="grpc-conn", daemon=True).start()
+
+    def _evict_conn(self) -> bool:
+        """At the connection cap (holding ``_lock``): close the longest-idle connection with no call open, else
+        the oldest still in its handshake, else one whose open calls have all been silent STALL_SECONDS."""
+        open_ = [c for c in self._conns if c.closed_by is None]
+        stalled_before = time.monotonic() - STALL_SECONDS
+        idle = [c for c in open_ if c.state == OPEN and not c.calls]
+        slow = [c for c in open_ if c.state == PREFACE]
+        stalled = [c for c in open_ if c.calls and c.heard < stalled_before
+                   and all(k.state == "receiving" and not k.waiting for k in list(c.calls.values()))]  # fmt: skip
+        for group, reason in ((idle, "evicted_idle"), (slow, "evicted_slow"), (stalled, "evicted_stalled_body")):
+            if group:
+                victim = min(group, key=lambda c: c.heard)
+                victim.close(reason)
+                self.refused(reason)
+                return True
+        return False
+
+    def _watchdog(self) -> None:
+        while not self._stopped:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self._conns)
+            for c in conns:
+                if c.closed_by is None:
+                    self._police(c, now)
+            self._admit_waiting()
+
+    def _police(self, c: Conn, now: float) -> None:
+        """Deadlines of one connection: handshake, idle, a blocked write, calls whose message is late."""
+        if c.writing_since and now - c.writing_since > self.limits.write_seconds:
+            self.refused("write_timeout")
+            c.close("write_timeout")
+        elif c.state == PREFACE and now > c.deadline:
+            self.refused("header_timeout")
+            c.close("header_timeout")
+        elif c.state == OPEN and not c.calls and now > c.deadline:
+            c.close("idle_timeout")
+        elif c.calls and c.lock.acquire(timeout=0.05):
+            try:
+                for call in [k for k in c.calls.values() if k.state == "receiving" and now > k.deadline]:
+                    self.refused("body_timeout")
+                    self._answer_error(call, Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                   "the request message did not arrive before the call's deadline "
+                                                   f"(grpc-timeout, at most --body-timeout {self.limits.body_seconds} s)"))
+                c.flush()
+            finally:
+                c.lock.release()
+
+    # ------------------------------------------------------------------ per connection
+    def _serve(self, c: Conn) -> None:
+        sock = c.sock
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with c.lock:
+                c.h2.initiate_connection()
+                c.h2.update_settings(self.settings)
+                c.h2.increment_flow_control_window(CONNECTION_WINDOW)
+                c.flush()
+            while c.closed_by is None:
+                try:
+                    data = sock.recv(RECV_BYTES)
+                except OSError:
+                    return
+                if not data:
+                    return
+                c.heard = time.monotonic()
+                ready = self._receive(c, data)
+                if len(ready) == 1 and len(c.calls) == 1:  # the connection's only call: run it here, as REST does
+                    self._run(ready[0])
+                else:  # calls beside others on this connection run in parallel, and reading goes on
+                    for call in ready:
+                        self.pool.submit(self._run, call)
+        finally:
+            c.state = CLOSED
+            with self._lock:
+                self._conns.discard(c)
+                self._open.difference_update(c.calls.values())
+            for call in list(c.calls.values()):
+                self._release(call)
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _receive(self, c: Conn, data: bytes) -> list[Call]:
+        """Feed bytes to h2, handle its events; return the calls whose message is complete."""
+        ready: list[Call] = []
+        with c.lock:
+            try:
+                events = c.h2.receive_data(data)
+                for ev in events:
+                    self._event(c, ev, ready)
+            except h2.exceptions.ProtocolError as e:
+                self._goaway(c, h2.errors.ErrorCodes.PROTOCOL_ERROR, "protocol_error", str(e))
+            except _Calm as e:
+                self._goaway(c, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, e.reason, e.reason)
+            c.flush()
+        return ready
+
+    def _goaway(self, c: Conn, code: int, reason: str, why: str) -> None:
+        self.refused(f"grpc_{reason}")
+        try:
+            c.h2.close_connection(code, why[:200].encode(errors="replace"))
+            c.flush()
+        except h2.exceptions.ProtocolError:
+            pass
+        c.close(reason)
+
+    def _event(self, c: Conn, ev: h2.events.Event, ready: list[Call]) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            call = c.calls.get(ev.stream_id)
+            if ev.flow_controlled_length:
+                self._credit(c, call, ev.flow_controlled_length, ev.stream_id)
+            if not ev.data:
+                self._control(c)
+            elif call is not None and call.state == "receiving":
+                self._data(call, ev.data)
+            if ev.stream_ended is not None and call is not None:
+                self._ended(call, ready)
+        elif isinstance(ev, h2.events.RequestReceived):
+            self._request(c, ev)
+            if ev.stream_ended is not None:
+                call = c.calls.get(ev.stream_id)
+                if call is not None:
+                    self._ended(call, ready)
+        elif isinstance(ev, h2.events.StreamReset):
+            if ev.remote_reset and not c.resets.take():
+                raise _Calm("rapid_reset")
+            self._forget(c, ev.stream_id)
+        elif isinstance(ev, h2.events.WindowUpdated):
+            if c.pending:
+                self._send_pending(c)
+            else:
+                self._control(c)
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            c.state = OPEN
+            c.deadline = time.monotonic() + self.limits.idle_seconds
+            self._control(c)
+        elif isinstance(ev, _CONTROL_EVENTS):
+            self._control(c)
+
+    @staticmethod
+    def _credit(c: Conn, call: Call | None, n: int, sid: int) -> None:
+        """Data taken in: the connection's window reopens at once (every byte is kept charged, or dropped); the
+        stream's only once its message is admitted (before that it has its first window at most)."""
+        if call is not None and call.need < 0:
+            c.h2.increment_flow_control_window(n)
+            return
+        try:
+            c.h2.acknowledge_received_data(n, sid)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def _control(self, c: Conn) -> None:
+        if not c.control.take():
+            raise _Calm("control_flood")
+
+    # ------------------------------------------------------------------ calls
+    def _request(self, c: Conn, ev: h2.events.RequestReceived) -> None:
+        headers = dict(ev.headers or [])
+        sid = ev.stream_id
+        timeout = self.limits.body_seconds
+        given = headers.get(b"grpc-timeout")
+        call = Call(c, sid, headers.get(b":path", b"").decode("latin-1"), 0.0)
+        if given is not None:
+            seconds = grpc_timeout(given)
+            if seconds is None:
+                return self._trailers_only(call, Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                                       f"malformed grpc-timeout {given[:20]!r}"))
+            timeout = min(timeout, seconds)
+        call.deadline = call.heard + timeout
+        error = self._check_headers(headers, call.method)
+        if self.stopping:
+            error = Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        if error is not None:
+            return self._trailers_only(call, error)
+        victim = None
+        with self._lock:
+            if len(self._open) >= self.calls_limit:
+                victim = self._stalled_call()
+            full = len(self._open) >= self.calls_limit
+            if not full:
+                self._open.add(call)
+        if victim is not None:
+            self._evict(c, victim)
+        if full:
+            self.refused("grpc_queue_full")
+            return self._trailers_only(call, Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                   "the server has too many calls in progress; retry after 1 s"))
+        c.calls[sid] = call
+        return None
+
+    def _check_headers(self, headers: dict[bytes, bytes], method: str) -> Abort | None:
+        if headers.get(b":method") != b"POST":
+            return Abort(grpc.StatusCode.UNIMPLEMENTED, "gRPC calls use POST")
+        if not headers.get(b"content-type", b"").startswith(b"application/grpc"):
+            return Abort(grpc.StatusCode.INVALID_ARGUMENT, "content-type must be application/grpc")
+        if headers.get(b"grpc-encoding", b"identity") != b"identity":
+            return Abort(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported (grpc-encoding)")
+        if method not in self.methods:
+            return Abort(grpc.StatusCode.UNIMPLEMENTED, f"method {method[:200]} is not served")
+        return None
+
+    def _stalled_call(self) -> Call | None:
+        """At the cap on open calls (holding ``_lock``): take out the call silent longest, if STALL_SECONDS."""
+        before = time.monotonic() - STALL_SECONDS
+        stalled = [k for k in self._open if k.state == "receiving" and not k.waiting and k.heard < before]
+        if not stalled:
+            return None
+        victim = min(stalled, key=lambda k: k.heard)
+        self._open.discard(victim)
+        return victim
+
+    def _evict(self, c: Conn, victim: Call) -> None:
+        """Answer an evicted call RESOURCE_EXHAUSTED (holding ``c.lock``); a connection whose lock is busy closes."""
+        self.refused("evicted_stalled_call")
+        error = Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "evicted: the call sent nothing for too long while the server was full")
+        if victim.conn is c:
+            return self._answer_error(victim, error)
+        if not victim.conn.lock.acquire(blocking=False):
+            return victim.conn.close("evicted_stalled_call")
+        try:
+            self._answer_error(victim, error)
+            victim.conn.flush()
+        finally:
+            victim.conn.lock.release()
+
+    def _data(self, call: Call, data: bytes) -> None:
+        call.heard = call.conn.heard
+        if call.need >= 0:
+            return self._fill(call, data)
+        call.early += data
+        if not call.waiting and len(call.early) >= 5:
+            self._admit(call)
+
+    def _fill(self, call: Call, data: bytes | bytearray) -> None:
+        if len(data) > call.need:
+            self.refused("grpc_message_refused")
+            return self._answer_error(call, Abort(grpc.StatusCode.UNIMPLEMENTED,
+                                                  "more than one request message in a unary call"))
+        got = len(call.buf) - call.need
+        call.buf[got : got + len(data)] = data
+        call.need -= len(data)
+        return None
+
+    def _admit(self, call: Call) -> None:
+        """The length prefix arrived: check it; a large message waits for a receive slot (holding back its data
+        under flow control) unless one is free."""
+        compressed, size = _PREFIX.unpack_from(call.early)
+        name = call.method.rsplit("/", 1)[-1]
+        limit = message_limit(self.plane, self.limits) if name == "ModelInfer" else SMALL_MESSAGE
+        if compressed:
+            self.refused("grpc_message_refused")
+            return self._answer_error(call, Abort(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported"))
+        if size > limit:
+            self.refused("grpc_message_refused")
+            return self._answer_error(call, Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                  f"Received message larger than max ({size} vs. {limit})"))
+        if size > SMALL_MESSAGE:
+            with self._lock:
+                call.slot = self._slots < self.pool_size
+                if call.slot:
+                    self._slots += 1
+                else:
+                    call.waiting = True
+                    self._waiting.append(call)
+            if call.waiting:
+                return None
+        return self._start(call, size)
+
+    def _start(self, call: Call, size: int) -> None:
+        """Charge the message to the memory budget, grant flow-control credit for it, take in what came early."""
+        lease = call.lease = self.plane.lease()
+        try:
+            charge(lease, size * MESSAGE_EXPANSION, f"a message of {size} bytes")
+        except MemoryRefused as e:
+            self.plane.metrics.count("grpc", e.status)
+            self.refused("memory_budget")
+            return self._answer_error(call, Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message))
+        call.need = size
+        call.buf = bytearray(size)  # charged above: filled in place as the message arrives
+        early, call.early = call.early[5:], bytearray()
+        extra = size + 5 - FIRST_WINDOW  # the stream's first window holds the rest: the rest of the message
+        if extra > 0:
+            call.conn.h2.increment_flow_control_window(extra, call.sid)
+        return self._fill(call, early)
+
+    def _admit_waiting(self) -> None:
+        """Give free receive slots to calls waiting for one (from threads that hold no connection's lock)."""
+        for _ in range(self.calls_limit):
+            with self._lock:
+                if not self._waiting or self._slots >= self.pool_size:
+                    return
+                call = self._waiting.popleft()
+                if call.state != "receiving" or call.conn.closed_by is not None:
+                    continue
+                self._slots += 1
+                call.slot, call.waiting = True, False
+            c = call.conn
+            if not c.lock.acquire(timeout=0.05):
+                self._release(call)
+                with self._lock:
+                    call.waiting = True
+                    self._waiting.appendleft(call)
+                return
+            try:
+                if c.calls.get(call.sid) is call:
+                    self._start(call, _PREFIX.unpack_from(call.early)[1])
+                    if call.ended and call.state == "receiving":
+                        ready: list[Call] = []
+                        self._ended(call, ready)
+                        for r in ready:
+                            self.pool.submit(self._run, r)
+                else:
+                    self._release(call)
+                c.flush()
+            finally:
+                c.lock.release()
+
+    def _ended(self, call: Call, ready: list[Call]) -> None:
+        call.ended = True
+        if call.state != "receiving" or call.waiting:
+            return
+        if call.need != 0:
+            self.refused("grpc_message_refused")
+            return self._answer_error(call, Abort(grpc.StatusCode.INTERNAL,
+                                                  "the call ended before its request message was complete"))
+        call.state = "ready"
+        ready.append(call)
+        return None
+
+    def _run(self, call: Call) -> None:
+        """Decode, run and answer one call whose message is complete (on the connection's thread or the pool)."""
+        c = call.conn
+        if call.state != "ready" or c.closed_by is not None:
+            return self._release(call)
+        call.state = "running"
+        behavior, request_type = self.methods[call.method]
+        context = Context()
+        try:
+            if request_type is None:  # ModelInfer: the service parses the message, charged here already
+                out = behavior(call.buf, context, call.lease)
+            else:
+                out = behavior(request_type.FromString(call.buf), context)
+            payload = out.SerializeToString()
+        except Abort as e:
+            with c.lock:
+                self._answer_error(call, e)
+                c.flush()
+            return
+        except Exception as e:  # noqa: BLE001 - a malformed small message (DecodeError) or a bug: the call fails
+            error = Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {call.method.rsplit('/', 1)[-1]} message")
+            if "DecodeError" not in type(e).__name__:
+                log.exception("grpc call failed", extra={"method": call.method})
+                error = Abort(grpc.StatusCode.INTERNAL, "internal error")
+            with c.lock:
+                self._answer_error(call, error)
+                c.flush()
+            return
+        finally:
+            self._release(call)
+        with c.lock:
+            self._answer(call, payload, context.trailers)
+            c.flush()
+        if self._waiting:
+            self._admit_waiting()
+
+    # ------------------------------------------------------------------ answers (holding the connection's lock)
+    def _answer(self, call: Call, payload: bytes, trailers: list[tuple[str, str]]) -> None:
+        c = call.conn
+        if call.sid not in c.calls or c.closed_by is not None:
+            return
+        try:
+            c.h2.send_headers(call.sid, _RESPONSE_HEADERS)
+            out = memoryview(_PREFIX.pack(0, len(payload)) + payload)
+            tail = [(b"grpc-status", b"0"), *((k.encode(), v.encode()) for k, v in trailers)]
+            c.pending[call.sid] = (out, tail)
+            self._send_pending(c)
+        except h2.exceptions.H2Error:  # the client reset or closed the stream meanwhile
+            self._forget(c, call.sid)
+
+    def _send_pending(self, c: Conn) -> None:
+        """Send what the client's windows allow of each pending response; trailers once a response is out."""
+        for sid, (out, tail) in list(c.pending.items()):
+            try:
+                while out:
+                    n = min(len(out), c.h2.local_flow_control_window(sid), c.h2.max_outbound_frame_size)
+                    if n <= 0:
+                        break
+                    c.h2.send_data(sid, out[:n].tobytes())
+                    out = out[n:]
+                if out:
+                    c.pending[sid] = (out, tail)
+                    continue
+                c.h2.send_headers(sid, tail, end_stream=True)
+            except h2.exceptions.H2Error:
+                pass
+            self._forget(c, sid)
+
+    def _answer_error(self, call: Call, e: Abort) -> None:
+        if call.state in ("receiving", "ready"):
+            self._trailers_only(call, e)
+        else:
+            self._trailers(call, e)
+        self._forget(call.conn, call.sid)
+
+    def _trailers_only(self, call: Call, e: Abort) -> None:
+        """A response of one HEADERS frame: the status and message (gRPC's Trailers-Only)."""
+        try:
+            call.conn.h2.send_headers(call.sid, [*_RESPONSE_HEADERS, *self._status(e)], end_stream=True)
+        except h2.exceptions.H2Error:
+            pass
+        self._forget(call.conn, call.sid)
+
+    def _trailers(self, call: Call, e: Abort) -> None:
+        try:
+            call.conn.h2.send_headers(call.sid, _RESPONSE_HEADERS)
+            call.conn.h2.send_headers(call.sid, self._status(e), end_stream=True)
+        except h2.exceptions.H2Error:
+            pass
+
+    @staticmethod
+    def _status(e: Abort) -> list[tuple[bytes, bytes]]:
+        out = [(b"grpc-status", str(e.code.value[0]).encode()), (b"grpc-message", _percent(e.details))]
+        return out + [(k.encode(), v.encode()) for k, v in e.trailers]
+
+    def _forget(self, c: Conn, sid: int) -> None:
+        """The stream is over (answered or reset): drop its call and what it holds."""
+        c.pending.pop(sid, None)
+        call = c.calls.pop(sid, None)
+        if call is not None:
+            if call.state != "running":
+                self._release(call)
+            call.state = "done"
+            with self._lock:
+                self._open.discard(call)
+        if not c.calls:
+            c.deadline = time.monotonic() + self.limits.idle_seconds
+        if c.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
+            try:
+                if c.h2.streams.get(sid) is not None and not c.h2.streams[sid].closed:
+                    c.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.H2Error:
+                pass
+
+    def _release(self, call: Call) -> None:
+        if call.lease is not None:
+            call.lease.release()
+        call.buf = call.early = bytearray()
+        if call.slot:
+            call.slot = False
+            with self._lock:
+                self._slots -= 1
+
+
+class _Calm(Exception):
+    """The client sends too many resets or control frames: GOAWAY ENHANCE_YOUR_CALM."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
