@@ -38,14 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-from hyperframe.frame import GoAwayFrame
 
+from . import http2
 from .budget import Lease
 from .grpcserver import MESSAGE_EXPANSION, SERVICE, InferenceService, message_limit, pb, receivers
 from .tensors import MemoryRefused, charge
@@ -60,14 +54,14 @@ MAX_STREAMS = 64  # SETTINGS_MAX_CONCURRENT_STREAMS, as grpcio's server
 SMALL_MESSAGE = 64 << 10  # every method but ModelInfer takes a tiny request
 STALL_SECONDS = 2.0  # a call (or connection) silent this long may be evicted at a cap
 CONTROL_BURST, CONTROL_RATE = 400, 100.0  # control frames per connection: a bucket of 400, refilled 100/s
+CONTROL_PER_CALL = 4  # and by this many per call (clients answer each response with WINDOW_UPDATE, PING)
 RESET_BURST, RESET_RATE = 200, 20.0  # streams reset by the client per connection
 RECV_BYTES = 65536
 FIRST_WINDOW = 65535  # a stream's flow-control window before its message is admitted (HTTP/2's default)
 CONNECTION_WINDOW = 1 << 20  # connection-level credit: every byte taken in is charged or dropped at once
 _PREFIX = struct.Struct(">BI")
-_RESPONSE_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-_CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.PriorityUpdated,
-                   h2.events.UnknownFrameReceived)  # fmt: skip
+_RESPONSE_HEADERS = b"\x88" + http2.literal(b"content-type", b"application/grpc")  # :status 200 is static 8
+_OK = http2.literal(b"grpc-status", b"0")
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 PREFACE, OPEN, CLOSED = range(3)
 
@@ -100,6 +94,9 @@ class Bucket:
         self.burst, self.rate = burst, rate
         self.tokens, self.at = float(burst), time.monotonic()
 
+    def add(self, n: int) -> None:
+        self.tokens = min(self.burst, self.tokens + n)
+
     def take(self) -> bool:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
@@ -130,12 +127,12 @@ class Call:
 class Conn:
     """One connection: the h2 state machine and the socket, both used under ``lock``."""
 
-    def __init__(self, sock: socket.socket, config: h2.config.H2Configuration, header_seconds: float):
+    def __init__(self, sock: socket.socket, header_bytes: int, header_seconds: float):
         self.sock = sock
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = http2.Connection(MAX_STREAMS, header_bytes)
         self.lock = threading.Lock()
         self.calls: dict[int, Call] = {}
-        self.pending: dict[int, tuple[memoryview, list[tuple[bytes, bytes]]]] = {}  # sid -> output left, trailers
+        self.pending: dict[int, tuple[memoryview, bytes]] = {}  # sid -> output left, trailers block
         self.state = PREFACE
         self.heard = time.monotonic()
         self.deadline = self.heard + header_seconds  # PREFACE: the handshake's deadline; OPEN: idle deadline
@@ -155,7 +152,7 @@ class Conn:
 
     def flush(self) -> None:
         """Send what h2 has queued (holding ``lock``); a write blocked past write_seconds is closed by the watchdog."""
-        data = self.h2.data_to_send()
+        data = self.h2.take_out()
         if data:
             self.writing_since = time.monotonic()
             try:
@@ -194,11 +191,10 @@ class GRPCH2Server:
             for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata")
         }
         self.methods[f"/{SERVICE}/ModelInfer"] = (self.service.ModelInfer, None)  # parsed by the service
-        self.config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.settings = {
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            http2.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            http2.SETTINGS_MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+            http2.SETTINGS_ENABLE_PUSH: 0,
         }
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -232,9 +228,9 @@ class GRPCH2Server:
         for c in conns:  # GOAWAY by hand: h2's close_connection would refuse the answers still to come
             with c.lock:
                 if c.state == OPEN and c.closed_by is None:
-                    goaway = GoAwayFrame(0, last_stream_id=c.h2.highest_inbound_stream_id, error_code=0)
+                    c.h2.close(http2.NO_ERROR)
                     with contextlib.suppress(OSError):
-                        c.sock.sendall(c.h2.data_to_send() + goaway.serialize())
+                        c.sock.sendall(c.h2.take_out())
         deadline = time.monotonic() + timeout
         while self._open and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -256,7 +252,7 @@ class GRPCH2Server:
                     return
                 time.sleep(0.01)
                 continue
-            conn = Conn(sock, self.config, self.limits.header_seconds)
+            conn = Conn(sock, self.limits.max_header_bytes, self.limits.header_seconds)
             with self._lock:
                 admitted = len(self._conns) < self.limits.max_connections or self._evict_conn()
                 if admitted:
@@ -309,9 +305,9 @@ class GRPCH2Server:
             try:
                 for call in [k for k in c.calls.values() if k.state == "receiving" and now > k.deadline]:
                     self.refused("body_timeout")
-                    self._answer_error(call, Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                   "the request message did not arrive before the call's deadline "
-                                                   f"(grpc-timeout, at most --body-timeout {self.limits.body_seconds} s)"))
+                    late = Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request message did not arrive before the "
+                                 f"call's deadline (grpc-timeout, at most --body-timeout {self.limits.body_seconds} s)")
+                    self._answer_error(call, late)
                 c.flush()
             finally:
                 c.lock.release()
@@ -322,9 +318,7 @@ class GRPCH2Server:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with c.lock:
-                c.h2.initiate_connection()
-                c.h2.update_settings(self.settings)
-                c.h2.increment_flow_control_window(CONNECTION_WINDOW)
+                c.h2.start(self.settings, CONNECTION_WINDOW)
                 c.flush()
             while c.closed_by is None:
                 try:
@@ -357,78 +351,65 @@ class GRPCH2Server:
         ready: list[Call] = []
         with c.lock:
             try:
-                events = c.h2.receive_data(data)
-                for ev in events:
+                for ev in c.h2.receive(data):
                     self._event(c, ev, ready)
-            except h2.exceptions.ProtocolError as e:
-                self._goaway(c, h2.errors.ErrorCodes.PROTOCOL_ERROR, "protocol_error", str(e))
+            except http2.ProtocolError as e:
+                self._goaway(c, e.code, "protocol_error", e.message)
             except _Calm as e:
-                self._goaway(c, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, e.reason, e.reason)
+                self._goaway(c, http2.ENHANCE_YOUR_CALM, e.reason, e.reason)
             c.flush()
         return ready
 
     def _goaway(self, c: Conn, code: int, reason: str, why: str) -> None:
         self.refused(f"grpc_{reason}")
-        try:
-            c.h2.close_connection(code, why[:200].encode(errors="replace"))
-            c.flush()
-        except h2.exceptions.ProtocolError:
-            pass
+        c.h2.close(code, why[:200].encode(errors="replace"))
+        c.flush()
         c.close(reason)
 
-    def _event(self, c: Conn, ev: h2.events.Event, ready: list[Call]) -> None:
-        if isinstance(ev, h2.events.DataReceived):
-            call = c.calls.get(ev.stream_id)
-            if ev.flow_controlled_length:
-                self._credit(c, call, ev.flow_controlled_length, ev.stream_id)
-            if not ev.data:
-                self._control(c)
-            elif call is not None and call.state == "receiving":
+    def _event(self, c: Conn, ev: http2.Event, ready: list[Call]) -> None:
+        kind = ev.kind
+        if kind == "data":
+            call = c.calls.get(ev.sid)
+            c.h2.give_back(ev.size)
+            if not ev.data and not ev.end:
+                self._control(c)  # empty DATA frames cost work and carry nothing
+            elif call is not None and call.state == "receiving" and ev.data:
                 self._data(call, ev.data)
-            if ev.stream_ended is not None and call is not None:
+            if ev.end and call is not None:
                 self._ended(call, ready)
-        elif isinstance(ev, h2.events.RequestReceived):
+        elif kind == "headers":
             self._request(c, ev)
-            if ev.stream_ended is not None:
-                call = c.calls.get(ev.stream_id)
-                if call is not None:
-                    self._ended(call, ready)
-        elif isinstance(ev, h2.events.StreamReset):
-            if ev.remote_reset and not c.resets.take():
+            call = c.calls.get(ev.sid)
+            if ev.end and call is not None:
+                self._ended(call, ready)
+        elif kind == "reset":
+            if not c.resets.take():
                 raise _Calm("rapid_reset")
-            self._forget(c, ev.stream_id)
-        elif isinstance(ev, h2.events.WindowUpdated):
+            self._forget(c, ev.sid)
+        elif kind == "window":
+            self._control(c)
             if c.pending:
                 self._send_pending(c)
-            else:
-                self._control(c)
-        elif isinstance(ev, h2.events.RemoteSettingsChanged):
-            c.state = OPEN
-            c.deadline = time.monotonic() + self.limits.idle_seconds
+        elif kind == "settings":
+            if c.state == PREFACE:
+                c.state = OPEN
+                c.deadline = time.monotonic() + self.limits.idle_seconds
             self._control(c)
-        elif isinstance(ev, _CONTROL_EVENTS):
+        elif kind == "refused":  # over MAX_CONCURRENT_STREAMS: reset by http2, counted as a reset
+            if not c.resets.take():
+                raise _Calm("rapid_reset")
+        else:  # ping, priority, goaway, unknown frames, DATA on streams that are over
             self._control(c)
-
-    @staticmethod
-    def _credit(c: Conn, call: Call | None, n: int, sid: int) -> None:
-        """Data taken in: the connection's window reopens at once (every byte is kept charged, or dropped); the
-        stream's only once its message is admitted (before that it has its first window at most)."""
-        if call is not None and call.need < 0:
-            c.h2.increment_flow_control_window(n)
-            return
-        try:
-            c.h2.acknowledge_received_data(n, sid)
-        except h2.exceptions.StreamClosedError:
-            pass
 
     def _control(self, c: Conn) -> None:
         if not c.control.take():
             raise _Calm("control_flood")
 
     # ------------------------------------------------------------------ calls
-    def _request(self, c: Conn, ev: h2.events.RequestReceived) -> None:
+    def _request(self, c: Conn, ev: http2.Event) -> None:
         headers = dict(ev.headers or [])
-        sid = ev.stream_id
+        sid = ev.sid
+        c.control.add(CONTROL_PER_CALL)
         timeout = self.limits.body_seconds
         given = headers.get(b"grpc-timeout")
         call = Call(c, sid, headers.get(b":path", b"").decode("latin-1"), 0.0)
@@ -522,7 +503,7 @@ class GRPCH2Server:
         limit = message_limit(self.plane, self.limits) if name == "ModelInfer" else SMALL_MESSAGE
         if compressed:
             self.refused("grpc_message_refused")
-            return self._answer_error(call, Abort(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported"))
+            return self._answer_error(call, Abort(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not served"))
         if size > limit:
             self.refused("grpc_message_refused")
             return self._answer_error(call, Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -551,9 +532,7 @@ class GRPCH2Server:
         call.need = size
         call.buf = bytearray(size)  # charged above: filled in place as the message arrives
         early, call.early = call.early[5:], bytearray()
-        extra = size + 5 - FIRST_WINDOW  # the stream's first window holds the rest: the rest of the message
-        if extra > 0:
-            call.conn.h2.increment_flow_control_window(extra, call.sid)
+        call.conn.h2.grant(call.sid, size + 5 - FIRST_WINDOW)  # its first window held the prefix and maybe more
         return self._fill(call, early)
 
     def _admit_waiting(self) -> None:
@@ -641,59 +620,44 @@ class GRPCH2Server:
         c = call.conn
         if call.sid not in c.calls or c.closed_by is not None:
             return
-        try:
-            c.h2.send_headers(call.sid, _RESPONSE_HEADERS)
-            out = memoryview(_PREFIX.pack(0, len(payload)) + payload)
-            tail = [(b"grpc-status", b"0"), *((k.encode(), v.encode()) for k, v in trailers)]
-            c.pending[call.sid] = (out, tail)
-            self._send_pending(c)
-        except h2.exceptions.H2Error:  # the client reset or closed the stream meanwhile
-            self._forget(c, call.sid)
+        c.h2.send_headers(call.sid, _RESPONSE_HEADERS)
+        out = memoryview(_PREFIX.pack(0, len(payload)) + payload)
+        tail = _OK + b"".join(http2.literal(k.encode(), v.encode()) for k, v in trailers)
+        c.pending[call.sid] = (out, tail)
+        self._send_pending(c)
 
     def _send_pending(self, c: Conn) -> None:
         """Send what the client's windows allow of each pending response; trailers once a response is out."""
         for sid, (out, tail) in list(c.pending.items()):
-            try:
-                while out:
-                    n = min(len(out), c.h2.local_flow_control_window(sid), c.h2.max_outbound_frame_size)
-                    if n <= 0:
-                        break
-                    c.h2.send_data(sid, out[:n].tobytes())
-                    out = out[n:]
-                if out:
-                    c.pending[sid] = (out, tail)
-                    continue
-                c.h2.send_headers(sid, tail, end_stream=True)
-            except h2.exceptions.H2Error:
-                pass
+            if sid not in c.h2.answering:  # reset by the client meanwhile
+                self._forget(c, sid)
+                continue
+            out = out[c.h2.send_data(sid, out) :]
+            if out:
+                c.pending[sid] = (out, tail)
+                continue
+            c.h2.send_headers(sid, tail, end=True)
             self._forget(c, sid)
 
     def _answer_error(self, call: Call, e: Abort) -> None:
-        if call.state in ("receiving", "ready"):
-            self._trailers_only(call, e)
-        else:
-            self._trailers(call, e)
-        self._forget(call.conn, call.sid)
+        """A response of one HEADERS frame with the status (gRPC's Trailers-Only), or trailers after a response
+        began; then the stream is over (reset NO_ERROR if the client is still sending)."""
+        c = call.conn
+        if call.sid in c.h2.answering:
+            if call.sid in c.pending:
+                c.h2.send_headers(call.sid, self._status(e), end=True)
+            else:
+                c.h2.send_headers(call.sid, _RESPONSE_HEADERS + self._status(e), end=True)
+        self._forget(c, call.sid)
 
     def _trailers_only(self, call: Call, e: Abort) -> None:
-        """A response of one HEADERS frame: the status and message (gRPC's Trailers-Only)."""
-        try:
-            call.conn.h2.send_headers(call.sid, [*_RESPONSE_HEADERS, *self._status(e)], end_stream=True)
-        except h2.exceptions.H2Error:
-            pass
-        self._forget(call.conn, call.sid)
-
-    def _trailers(self, call: Call, e: Abort) -> None:
-        try:
-            call.conn.h2.send_headers(call.sid, _RESPONSE_HEADERS)
-            call.conn.h2.send_headers(call.sid, self._status(e), end_stream=True)
-        except h2.exceptions.H2Error:
-            pass
+        self._answer_error(call, e)
 
     @staticmethod
-    def _status(e: Abort) -> list[tuple[bytes, bytes]]:
-        out = [(b"grpc-status", str(e.code.value[0]).encode()), (b"grpc-message", _percent(e.details))]
-        return out + [(k.encode(), v.encode()) for k, v in e.trailers]
+    def _status(e: Abort) -> bytes:
+        block = http2.literal(b"grpc-status", str(e.code.value[0]).encode())
+        block += http2.literal(b"grpc-message", _percent(e.details))
+        return block + b"".join(http2.literal(k.encode(), v.encode()) for k, v in e.trailers)
 
     def _forget(self, c: Conn, sid: int) -> None:
         """The stream is over (answered or reset): drop its call and what it holds."""
@@ -707,12 +671,8 @@ class GRPCH2Server:
                 self._open.discard(call)
         if not c.calls:
             c.deadline = time.monotonic() + self.limits.idle_seconds
-        if c.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
-            try:
-                if c.h2.streams.get(sid) is not None and not c.h2.streams[sid].closed:
-                    c.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
-            except h2.exceptions.H2Error:
-                pass
+        if sid in c.h2.open:  # the client still sends: stop it
+            c.h2.reset(sid, http2.NO_ERROR)
 
     def _release(self, call: Call) -> None:
         if call.lease is not None:
