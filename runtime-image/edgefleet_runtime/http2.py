@@ -324,7 +324,7 @@ class Connection:
         self.answering.add(sid)
         self.stream_recv[sid] = DEFAULT_WINDOW
         self.stream_send[sid] = self.peer_initial
-        events.append(Event("headers", sid, list(headers), b"", end))  # type: ignore[arg-type]
+        events.append(Event("headers", sid, list(headers), b"", end))
 
     def _settings(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
         if sid != 0:

@@ -15,9 +15,8 @@ import h2.events
 import numpy as np
 import pytest
 from conftest import free_port
-from test_attacks import PeakRss, metric
-
 from edgefleet_runtime.grpcserver import pb
+from test_attacks import PeakRss, metric
 
 SERVICE = "/inference.GRPCInferenceService"
 ENHANCE_YOUR_CALM, REFUSED_STREAM, PROTOCOL_ERROR = 0xB, 0x7, 0x1
