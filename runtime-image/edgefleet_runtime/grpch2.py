@@ -1,8 +1,9 @@
 """Unary gRPC over HTTP/2 on plain threads: the default gRPC transport of ``serve --grpc-port``.
 
 Why not grpcio's server: its own cost per call (polling thread, hand-off to a pool, condition variables) was above
-what REST costs for a whole inference (docs/runtime.md). Here HTTP/2 framing is ``h2`` (hyper-h2, a pure-Python
-state machine) on a thread per connection, as the REST server (``httpserver``) does; a complete call runs on the
+what REST costs for a whole inference (docs/runtime.md), and ``h2`` (hyper-h2) cost as much. Here HTTP/2 framing
+is the project's ``http2`` (the server side unary gRPC needs) on a thread per connection, as the REST server
+(``httpserver``) does; a complete call runs on the
 connection's thread when it is the connection's only open call (calls beside others go to a pool, so that
 multiplexing clients run in parallel and the connection keeps reading), decoded and answered by the same
 ``grpcserver.InferenceService`` that grpcio serves (``--grpc-server grpcio``). Only unary methods are served.
@@ -17,11 +18,14 @@ Limits (``Limits``), each refusal counted in ``refused_total``:
   need, capped by --max-body-bytes) and charged to the process's memory budget before any of it is kept;
   flow-control credit beyond the first window is granted only for a charged message; the whole message must
   arrive within ``body_seconds`` and the client's ``grpc-timeout``;
-* HTTP/2: MAX_CONCURRENT_STREAMS per connection, a header list of at most ``max_header_bytes`` (and h2's bound on
-  CONTINUATION frames), frames of at most 16 KiB; calls open in the whole process beyond ``calls_limit`` are
+* HTTP/2 (``http2``): MAX_CONCURRENT_STREAMS per connection (a stream over it is reset REFUSED_STREAM), a header
+  block of at most ``max_header_bytes`` in at most 32 CONTINUATION frames, frames of at most 16 KiB; calls open in the whole process beyond ``calls_limit`` are
   refused RESOURCE_EXHAUSTED, after evicting a call silent for STALL_SECONDS; streams reset by the client
   (CVE-2023-44487 "rapid reset") and control frames (PING, SETTINGS, PRIORITY, empty DATA, unknown frames) are
-  rate-limited per connection: past the limit the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed.
+  rate-limited per connection (token buckets; each call adds a few control tokens, as clients answer responses
+  with WINDOW_UPDATE and PING): past the limit the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed;
+* large messages (over 64 KiB) are taken in by at most ``receivers()`` calls at once (grpcio's pool size, from
+  the memory budget); the others wait without flow-control credit, so what they send is bounded by one window.
 """
 
 from __future__ import annotations
