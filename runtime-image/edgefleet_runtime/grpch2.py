@@ -19,11 +19,13 @@ Limits (``Limits``), each refusal counted in ``refused_total``:
   flow-control credit beyond the first window is granted only for a charged message; the whole message must
   arrive within ``body_seconds`` and the client's ``grpc-timeout``;
 * HTTP/2 (``http2``): MAX_CONCURRENT_STREAMS per connection (a stream over it is reset REFUSED_STREAM), a header
-  block of at most ``max_header_bytes`` in at most 32 CONTINUATION frames, frames of at most 16 KiB; calls open in the whole process beyond ``calls_limit`` are
-  refused RESOURCE_EXHAUSTED, after evicting a call silent for STALL_SECONDS; streams reset by the client
-  (CVE-2023-44487 "rapid reset") and control frames (PING, SETTINGS, PRIORITY, empty DATA, unknown frames) are
-  rate-limited per connection (token buckets; each call adds a few control tokens, as clients answer responses
-  with WINDOW_UPDATE and PING): past the limit the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed;
+  block of at most ``max_header_bytes`` in at most 32 CONTINUATION frames, frames of at most 16 KiB; calls open
+  in the whole process beyond ``calls_limit`` are refused RESOURCE_EXHAUSTED, after evicting a call silent for
+  STALL_SECONDS; streams reset by the client (CVE-2023-44487 "rapid reset") and control frames (PING, SETTINGS,
+  PRIORITY, empty DATA, unknown frames) are rate-limited per connection (token buckets; each call adds a few
+  control tokens, as clients answer responses with WINDOW_UPDATE and PING): past the limit the connection gets
+  GOAWAY ENHANCE_YOUR_CALM and is closed; a response the client gives no window for is reset after
+  ``write_seconds``;
 * large messages (over 64 KiB) are taken in by at most ``receivers()`` calls at once (grpcio's pool size, from
   the memory budget); the others wait without flow-control credit, so what they send is bounded by one window.
 """
@@ -136,7 +138,7 @@ class Conn:
         self.h2 = http2.Connection(MAX_STREAMS, header_bytes)
         self.lock = threading.Lock()
         self.calls: dict[int, Call] = {}
-        self.pending: dict[int, tuple[memoryview, bytes]] = {}  # sid -> output left, trailers block
+        self.pending: dict[int, tuple[memoryview, bytes, float]] = {}  # sid -> output left, trailers, deadline
         self.state = PREFACE
         self.heard = time.monotonic()
         self.deadline = self.heard + header_seconds  # PREFACE: the handshake's deadline; OPEN: idle deadline
@@ -229,7 +231,7 @@ class GRPCH2Server:
         self.sock.close()
         with self._lock:
             conns = list(self._conns)
-        for c in conns:  # GOAWAY by hand: h2's close_connection would refuse the answers still to come
+        for c in conns:  # GOAWAY NO_ERROR: the calls already open are still answered
             with c.lock:
                 if c.state == OPEN and c.closed_by is None:
                     c.h2.close(http2.NO_ERROR)
@@ -312,6 +314,10 @@ class GRPCH2Server:
                     late = Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request message did not arrive before the "
                                  f"call's deadline (grpc-timeout, at most --body-timeout {self.limits.body_seconds} s)")
                     self._answer_error(call, late)
+                for sid in [sid for sid, p in c.pending.items() if now > p[2]]:  # the client gives no window
+                    self.refused("write_timeout")
+                    c.h2.reset(sid, http2.CANCEL)
+                    self._forget(c, sid)
                 c.flush()
             finally:
                 c.lock.release()
@@ -627,18 +633,18 @@ class GRPCH2Server:
         c.h2.send_headers(call.sid, _RESPONSE_HEADERS)
         out = memoryview(_PREFIX.pack(0, len(payload)) + payload)
         tail = _OK + b"".join(http2.literal(k.encode(), v.encode()) for k, v in trailers)
-        c.pending[call.sid] = (out, tail)
+        c.pending[call.sid] = (out, tail, time.monotonic() + self.limits.write_seconds)
         self._send_pending(c)
 
     def _send_pending(self, c: Conn) -> None:
         """Send what the client's windows allow of each pending response; trailers once a response is out."""
-        for sid, (out, tail) in list(c.pending.items()):
+        for sid, (out, tail, deadline) in list(c.pending.items()):
             if sid not in c.h2.answering:  # reset by the client meanwhile
                 self._forget(c, sid)
                 continue
             out = out[c.h2.send_data(sid, out) :]
             if out:
-                c.pending[sid] = (out, tail)
+                c.pending[sid] = (out, tail, deadline)
                 continue
             c.h2.send_headers(sid, tail, end=True)
             self._forget(c, sid)
