@@ -29,6 +29,7 @@ DEFAULT_WINDOW = 65535
 MAX_WINDOW = (1 << 31) - 1
 MAX_FRAME = 16384  # what we accept (the protocol's default; we do not raise it)
 MAX_CONTINUATIONS = 32
+DECODED_KEPT = 16  # header blocks remembered per connection (``Connection._decode``)
 _HEAD = struct.Struct(">HBBBI")  # length as 16 + 8 bits, type, flags, stream id
 _U32 = struct.Struct(">I")
 
@@ -97,6 +98,7 @@ class Connection:
         self._block: tuple[int, bool, bytearray, int] | None = None  # HEADERS awaiting CONTINUATION
         self.goaway = False
         self.window_target = DEFAULT_WINDOW
+        self.decoded: dict[tuple[tuple[int, int, int, int], bytes], list[tuple[bytes, bytes]]] = {}
         self.unacked = 0
 
     # ------------------------------------------------------------------ out
@@ -304,10 +306,7 @@ class Connection:
         self._block = None
         if len(block) > self.max_header_bytes:
             raise ProtocolError(ENHANCE_YOUR_CALM, f"header block over {self.max_header_bytes} bytes")
-        try:
-            headers = self.decoder.decode(bytes(block), raw=True)
-        except Exception as e:  # noqa: BLE001 - hpack's errors: a broken or oversized block breaks the connection
-            raise ProtocolError(PROTOCOL_ERROR, f"header block: {e}") from None
+        headers = self._decode(bytes(block))
         if sid in self.open:  # trailers from the client: must end the stream
             if not end:
                 raise ProtocolError(PROTOCOL_ERROR, "trailers without END_STREAM")
@@ -324,7 +323,31 @@ class Connection:
         self.answering.add(sid)
         self.stream_recv[sid] = DEFAULT_WINDOW
         self.stream_send[sid] = self.peer_initial
-        events.append(Event("headers", sid, list(headers), b"", end))
+        events.append(Event("headers", sid, headers, b"", end))
+
+    def _table(self) -> tuple[int, int, int, int]:
+        """What identifies the decoder's dynamic table: entries are only added at the front and dropped at the
+        back, so the same first entry (alive, hence a unique id), count, size and limit mean the same table."""
+        t = self.decoder.header_table
+        first = id(t.dynamic_entries[0]) if t.dynamic_entries else 0
+        return first, len(t.dynamic_entries), t._current_size, t.maxsize
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The block's headers. Clients repeat the same blocks call after call; a block that left the dynamic
+        table as it was decodes the same way while the table stays so: those are kept (DECODED_KEPT at most)."""
+        table = self._table()
+        known = self.decoded.get((table, block))
+        if known is not None:
+            return known
+        try:
+            headers = [(bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True)]
+        except Exception as e:  # noqa: BLE001 - hpack's errors: a broken or oversized block breaks the connection
+            raise ProtocolError(PROTOCOL_ERROR, f"header block: {e}") from None
+        if self._table() == table:
+            if len(self.decoded) >= DECODED_KEPT:
+                self.decoded.clear()
+            self.decoded[(table, block)] = headers
+        return headers
 
     def _settings(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
         if sid != 0:
