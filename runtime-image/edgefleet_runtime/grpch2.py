@@ -630,9 +630,12 @@ class GRPCH2Server:
         c = call.conn
         if call.sid not in c.calls or c.closed_by is not None:
             return
+        data = _PREFIX.pack(0, len(payload)) + payload
+        tail = _OK + b"".join(http2.literal(k.encode(), v.encode()) for k, v in trailers) if trailers else _OK
+        if c.h2.send_whole(call.sid, _RESPONSE_HEADERS, data, tail):  # the usual case: one write of three frames
+            return self._forget(c, call.sid)
         c.h2.send_headers(call.sid, _RESPONSE_HEADERS)
-        out = memoryview(_PREFIX.pack(0, len(payload)) + payload)
-        tail = _OK + b"".join(http2.literal(k.encode(), v.encode()) for k, v in trailers)
+        out = memoryview(data)
         c.pending[call.sid] = (out, tail, time.monotonic() + self.limits.write_seconds)
         self._send_pending(c)
 

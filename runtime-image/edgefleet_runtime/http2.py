@@ -133,6 +133,18 @@ class Connection:
         if end:
             self._ended(sid)
 
+    def send_whole(self, sid: int, head: bytes, data: bytes, tail: bytes) -> bool:
+        """A whole response (headers, one DATA frame, trailers) if the windows allow it at once; else nothing."""
+        n = len(data)
+        if n > self.send_window or n > self.stream_send.get(sid, 0) or n > self.peer_max_frame:
+            return False
+        self.out += b"".join((frame(HEADERS, END_HEADERS, sid, head), frame(DATA, 0, sid, data),
+                              frame(HEADERS, END_HEADERS | END_STREAM, sid, tail)))  # fmt: skip
+        self.send_window -= n
+        self.stream_send[sid] -= n
+        self._ended(sid)
+        return True
+
     def send_data(self, sid: int, data: memoryview) -> int:
         """Send what the windows allow of ``data``; return how many bytes went."""
         sent = 0
