@@ -1,5 +1,9 @@
 """Open Inference Protocol v2 over gRPC: ``inference.GRPCInferenceService`` as KServe and Triton serve it.
 
+``InferenceService`` (the methods) and the message classes serve both transports: ``grpch2`` (the default, unary
+HTTP/2 on the REST server's thread model) and ``GRPCServer`` below, grpcio's sync server (``--grpc-server
+grpcio``). The limits described at the end of this docstring are the grpcio server's; ``grpch2`` lists its own.
+
 A thin adapter over the data plane (``dataplane``): ModelInferRequest -> ``InferRequest`` (with the tensor checks
 REST uses, from ``tensors``), ``DataPlane.infer``, ``InferResponse`` -> ModelInferResponse.
 Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer

@@ -268,3 +268,13 @@ def test_grpc_drain_finishes_calls_and_refuses_new_connections(grpc_h2):
     assert s.stop() == 0
     ended = c.goaway(5)
     assert ended is not None and ended.error_code == 0, ended
+
+
+def test_grpc_server_flag_selects_the_grpcio_fallback(grpc_h2):
+    """--grpc-server grpcio serves the same service on grpcio (its own UNIMPLEMENTED text tells them apart)."""
+    s = grpc_h2("--grpc-server", "grpcio")
+    with grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}") as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            ch.unary_unary(f"{SERVICE}/RepositoryIndex")(b"", timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "RepositoryIndex" not in err.value.details()
+    _served(s.grpc_port)
