@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_int("EDGEFLEET_GRPC_PORT", 0) or None,
         help="also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService) on this port",
     )
+    s.add_argument(
+        "--grpc-server",
+        choices=("h2", "grpcio"),
+        default=os.environ.get("EDGEFLEET_GRPC_SERVER", "h2"),
+        help="gRPC transport: h2 (default: unary HTTP/2 on the REST server's thread model, the fastest measured) "
+        "or grpcio (grpcio's sync server)",
+    )
     s.add_argument("--threads", type=int, default=0, help="intra-op threads per inference (0 = backend default)")
     s.add_argument(
         "--backend",

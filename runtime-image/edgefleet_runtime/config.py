@@ -105,6 +105,8 @@ class ServeConfig:
     host: str = "0.0.0.0"
     port: int = 8080
     grpc_port: int | None = None
+    grpc_server: str = "h2"
+    """gRPC transport: ``h2`` (``grpch2``) or ``grpcio`` (``grpcserver.GRPCServer``)."""
     limits: Limits = Limits()
     model_options: ModelOptions = ModelOptions()
     transform: Transform | None = None
@@ -139,6 +141,7 @@ class ServeConfig:
         return cls(
             model=args.model, digest=digest, name=args.name, host=args.host, port=args.port,
             grpc_port=args.grpc_port if worker in (None, 0) else None, limits=limits,
+            grpc_server=getattr(args, "grpc_server", "h2"),
             model_options=ModelOptions(args.backend, args.threads, args.execution_provider, args.delegate,
                                        args.cache, args.max_batch, args.precision),
             transform=transform,

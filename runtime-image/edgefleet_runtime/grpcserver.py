@@ -1,5 +1,9 @@
 """Open Inference Protocol v2 over gRPC: ``inference.GRPCInferenceService`` as KServe and Triton serve it.
 
+``InferenceService`` (the methods) and the message classes serve both transports: ``grpch2`` (the default, unary
+HTTP/2 on the REST server's thread model) and ``GRPCServer`` below, grpcio's sync server (``--grpc-server
+grpcio``). The limits described at the end of this docstring are the grpcio server's; ``grpch2`` lists its own.
+
 A thin adapter over the data plane (``dataplane``): ModelInferRequest -> ``InferRequest`` (with the tensor checks
 REST uses, from ``tensors``), ``DataPlane.infer``, ``InferResponse`` -> ModelInferResponse.
 Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer
@@ -298,8 +302,9 @@ class InferenceService:
                 dst.add(name=t.name, datatype=t.datatype, shape=t.shape)
         return resp
 
-    def ModelInfer(self, raw: bytes, context: Context) -> Message:
-        """``raw`` is the undecoded message: its size is checked against the model's limit before parsing."""
+    def ModelInfer(self, raw: bytes | bytearray, context: Context, lease: Lease | None = None) -> Message:
+        """``raw`` is the undecoded message: its size is checked against the model's limit before parsing.
+        ``lease``: the transport charged the message to the memory budget already (``grpch2``)."""
         with self._lock:
             over = self._running >= self.limits.max_concurrency
             if not over:
@@ -309,14 +314,14 @@ class InferenceService:
             context.set_trailing_metadata((("retry-after", "1"),))
             return self._fail(context, RequestError(503, "the server is at its concurrency limit; retry after 1 s"))
         try:
-            return self._infer(raw, context)
+            return self._infer(raw, lease)
         except RequestError as e:
             return self._fail(context, e)
         finally:
             with self._lock:
                 self._running -= 1
 
-    def _infer(self, raw: bytes, context: Context) -> Message:
+    def _infer(self, raw: bytes | bytearray, held: Lease | None) -> Message:
         t0 = time.perf_counter()
         current = self.plane.slot.current
         limit = min(self.limits.max_body_bytes, (current.body_limit if current else None) or math.inf)
@@ -324,8 +329,9 @@ class InferenceService:
             self.plane.metrics.count_refused("body_too_large")
             raise RequestError(413, f"message of {len(raw)} bytes is over the limit of {limit} bytes (what the "
                                     "model's inputs can need at --max-batch, capped by --max-body-bytes)")
-        with self.plane.lease() as lease:
-            charge(lease, len(raw) * MESSAGE_EXPANSION, f"a message of {len(raw)} bytes")
+        with held or self.plane.lease() as lease:
+            if held is None:
+                charge(lease, len(raw) * MESSAGE_EXPANSION, f"a message of {len(raw)} bytes")
             try:
                 req = pb.ModelInferRequest.FromString(raw)
             except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between its implementations

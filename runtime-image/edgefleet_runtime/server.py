@@ -105,9 +105,7 @@ class Server:
                 self.listeners.append(HTTPServer(ManagementApp(app, self.management), "127.0.0.1", c.management_port,
                                                  c.limits, refused, budget=plane.budget))  # fmt: skip
             if c.grpc_port is not None:
-                from .grpcserver import GRPCServer
-
-                self.listeners.append(GRPCServer(plane, c.host, c.grpc_port, c.limits))
+                self.listeners.append(_grpc_server(c, plane))
         except (OSError, RuntimeError) as e:
             raise StartupError(EXIT_USAGE, f"cannot listen: {e}") from None
         for s in self.listeners:
@@ -164,6 +162,16 @@ class Server:
         if self.plane is None:
             raise RuntimeError("Server.load() must run first")
         return self.plane
+
+
+def _grpc_server(c: ServeConfig, plane: DataPlane) -> Listener:
+    if c.grpc_server == "grpcio":
+        from .grpcserver import GRPCServer
+
+        return GRPCServer(plane, c.host, c.grpc_port or 0, c.limits)
+    from .grpch2 import GRPCH2Server
+
+    return GRPCH2Server(plane, c.host, c.grpc_port or 0, c.limits)
 
 
 def _load_model(slot: ModelSlot, path: str, digest: str) -> None:
