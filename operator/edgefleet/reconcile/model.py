@@ -6,7 +6,7 @@ import logging
 import multiprocessing
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -180,7 +180,7 @@ def _answer(answers: Any, child: Any, seconds: float) -> list[dict[str, Any]] | 
                 "(compile executor job)")
     if isinstance(outcome, BaseException):
         raise outcome  # not a compile error: the reconcile is retried
-    return outcome
+    return cast(list[dict[str, Any]] | tuple[str, str, str], outcome)
 
 
 def _compile_child(answers: Any, request: CompileRequest, store: tuple[Any, ...], cache_dir: str,
