@@ -225,29 +225,29 @@ def score(host: str, port: int, x: np.ndarray, y: np.ndarray, keep_alive: bool =
 
 
 def registry_up(cluster) -> bool:
+    import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"http://{cluster.registry}/v2/", timeout=2) as r:
             return r.status == 200
+    except urllib.error.HTTPError as err:
+        return err.code == 401  # it answers: with its token challenge
     except OSError:
         return False
 
 
 @contextlib.contextmanager
 def registry_stopped(cluster):
-    """The cluster's registry process stopped (the node is offline from its artifact store), then started
-    again on the same port and storage."""
-    from edgefleet_dev.devcluster import cluster as dc
-    from edgefleet_dev.devcluster import procs
+    """The cluster's artifact store stopped (the node is offline from it), then started again on the same port and
+    storage."""
+    from edgefleet_dev.devcluster import start_registry, stop_registry
 
-    state = cluster.state
-    assert procs.stop(state, "registry"), "the cluster's registry was not running"
+    stop_registry(cluster)
     try:
         yield
     finally:
-        procs.start(state, "registry", dc._args(state, cluster.info["ports"])["registry"],
-                  env={"OTEL_TRACES_EXPORTER": "none"})
+        start_registry(cluster)
         wait_for(lambda: registry_up(cluster), 30, 0.2, "the registry to answer again")
 
 

@@ -165,17 +165,16 @@ def _write_pki(state: Path) -> Path:
     return pki
 
 
-def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
-    pki = state / "pki"
-    etcd_url = f"http://127.0.0.1:{ports['etcd']}"
-    peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+def _write_configs(state: Path, ports: dict[str, int]) -> None:
+    """The components' configuration files and the registry's token key, once per cluster (``_args`` only reads
+    them, so a component restarted later finds the same)."""
     (state / "scheduler.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kubescheduler.config.k8s.io/v1",
         "kind": "KubeSchedulerConfiguration",
         "clientConnection": {"kubeconfig": str(state / "scheduler.kubeconfig"), "qps": 300, "burst": 600},
         "leaderElection": {"leaderElect": False},
     }))
-    key = pki / "registry-token.key"
+    key = state / "pki" / "registry-token.key"
     key.write_bytes(registry_token.new_key())
     key.chmod(0o600)
     (state / "registry-token.jwks").write_text(json.dumps(registry_token.jwks(key.read_bytes())))
@@ -189,6 +188,12 @@ def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
                            "autoredirectpath": "/token", "service": REGISTRY_SERVICE, "issuer": "edgefleet",
                            "jwks": str(state / "registry-token.jwks")}},
     }))
+
+
+def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+    pki = state / "pki"
+    etcd_url = f"http://127.0.0.1:{ports['etcd']}"
+    peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
     return {
         "etcd": [
             "--name=default", f"--data-dir={state / 'etcd'}", f"--listen-client-urls={etcd_url}",
@@ -235,7 +240,7 @@ def _args(state: Path, ports: dict[str, int]) -> dict[str, list[str]]:
         ],
         "registry": ["serve", str(state / "registry.yaml")],
         "registry-front": ["-m", "edgefleet_dev.devcluster.registry_front", f"--listen=127.0.0.1:{ports['registry']}",
-                           f"--upstream=127.0.0.1:{ports['registry-store']}", f"--key={key}",
+                           f"--upstream=127.0.0.1:{ports['registry-store']}", f"--key={pki / 'registry-token.key'}",
                            f"--policy={state / 'registry-policy.yaml'}", f"--service={REGISTRY_SERVICE}",
                            f"--kubeconfig={state / 'kubeconfig'}"],
     }
@@ -375,6 +380,7 @@ def _start_all(state: Path, echo, timeout: float) -> Cluster:
     versions = {n: components.COMPONENTS[n].version for n in components.COMPONENTS}
     versions["registry-front"] = "edgefleet"
     (state / "cluster.json").write_text(json.dumps({"ports": ports, "versions": versions}, indent=2))
+    _write_configs(state, ports)
     args = _args(state, ports)
     echo("starting etcd")
     procs.start(state, "etcd", args["etcd"])
@@ -388,11 +394,32 @@ def _start_all(state: Path, echo, timeout: float) -> Cluster:
     procs.start(state, "registry", args["registry"], env={"OTEL_TRACES_EXPORTER": "none"})
     procs.wait("the OCI registry", lambda: _http_status(f"http://127.0.0.1:{ports['registry-store']}/v2/") == 401,
                timeout, state, "registry")
-    procs.start(state, "registry-front", args["registry-front"])
+    _start_front(state, ports, timeout)
+    return Cluster(state)
+
+
+def _start_front(state: Path, ports: dict[str, int], timeout: float) -> None:
+    procs.start(state, "registry-front", _args(state, ports)["registry-front"])
     procs.wait("the registry's front (token service)",
                lambda: _http_status(f"http://127.0.0.1:{ports['registry']}/v2/") == 401, timeout, state,
                "registry-front")
-    return Cluster(state)
+
+
+def stop_registry(cluster: Cluster) -> None:
+    """Stop the artifact store (its front and the registry): clients are refused as by a registry that is down."""
+    for name in ("registry-front", "registry"):
+        if not procs.stop(cluster.state, name):
+            raise ClusterError(f"the cluster's {name} was not running")
+
+
+def start_registry(cluster: Cluster, timeout: float = 30) -> None:
+    """Start the artifact store again on the same ports and storage."""
+    ports = cluster.info["ports"]
+    procs.start(cluster.state, "registry", _args(cluster.state, ports)["registry"],
+                env={"OTEL_TRACES_EXPORTER": "none"})
+    procs.wait("the OCI registry", lambda: _http_status(f"http://127.0.0.1:{ports['registry-store']}/v2/") == 401,
+               timeout, cluster.state, "registry")
+    _start_front(cluster.state, ports, timeout)
 
 
 def _create_fleet(cluster: Cluster, objects: list[dict], echo, timeout: float) -> None:
