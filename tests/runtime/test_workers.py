@@ -245,7 +245,8 @@ def test_port_zero_gives_all_workers_one_port(digits):
         assert c.getresponse().status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        code = proc.wait(15)
+        assert code == 0, f"exit {code} after SIGTERM; the server said: {proc.stdout.read()[-3000:]}"
 
 
 
