@@ -145,7 +145,9 @@ def report(fl, name: str) -> dict | None:
     from edgefleet.artifacts import StoreError, open_store
 
     uid = get(fl["cluster"], fl["ns"], "federatedtraining", name)["metadata"]["uid"][:8]
-    ref = f"{fl['store']}:fl-{name}-{uid}-report"
+    # the run's pods push to the namespace's tenant repository (render.federated.tenant_store)
+    registry = fl["store"][len("oci://"):].split("/", 1)[0]
+    ref = f"oci://{registry}/edgefleet/tenants/{fl['ns']}:fl-{name}-{uid}-report"
     try:
         envelope = json.loads(open_store(ref, True).get(ref, ""))  # sealed by the server (edgefleet_runtime.sealed)
         return json.loads(envelope["report"])
