@@ -36,6 +36,9 @@ def publish_delta(store: ArtifactStore, *, name: str, base_ref: str, base_digest
     """Make the smallest delta from the base to the target (both read back from ``store`` and verified) and
     push it; None when it would be larger than ``max_ratio`` of the target. StoreError when a variant
     cannot be read or no delta method is installed."""
+    if not (methods or delta.available()):  # before reading two variants for nothing
+        raise StoreError(f"cannot make a delta {base_digest} -> {target_digest}: no delta method is available: "
+                         "install the delta extra (zstandard, bsdiff4) in the operator's image")
     base = store.get(base_ref, base_digest)
     target = store.get(target_ref, target_digest)
     try:
