@@ -526,7 +526,8 @@ def controlled_class(kube: Any, settings: Any, ed: EdgeDeployment, profile: Hard
         d.manifest, d.delete, progress, d.rolled_back, d.failed,
         None if done else min(d.requeue or REQUEUE_SECONDS, REQUEUE_SECONDS), prefetch=None if done else plan.prefetch,
         shadow=None if done else plan.shadow, problem=None if done else plan.problem,
-        waiting=None if done else plan.waiting, pending=not done and plan.problem is None)
+        waiting=None if done else plan.waiting, pending=not done and not record.get("failed"))  # a problem the
+    # nodes can still get past (PrefetchFailed: the runtime retries) keeps the update pending; a stop does not
     return d.manifest, decision, ({} if done else plan.patches)
 
 
