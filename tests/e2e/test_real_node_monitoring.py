@@ -153,7 +153,9 @@ def monitored(cluster, real_node, registry, hard_registry):  # noqa: F811
     try:
         with _kept_class(cluster, profile, real_node), KopfRunner(
                 ["run", "--standalone", "-n", namespace, "-m", "edgefleet.handlers"], timeout=60):
-            yield _serve(cluster, namespace, profile, f"oci://{hard_registry.address}/{namespace}/hard")
+            # the pods push with their namespace's token: the store lets them push under its tenant repository only
+            yield _serve(cluster, namespace, profile,
+                         f"oci://{hard_registry.address}/edgefleet/tenants/{namespace}/hard")
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -36,16 +36,16 @@ PROCESSES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-schedule
              "registry-front"]
 REGISTRY_SERVICE = "edgefleet-registry"  # the token service's name: the audience of the pods' registry tokens
 # Who may push to the dev registry (edgefleet.registry_token; docs/security.md): anyone pulls; this machine (the
-# tests, the tooling, an operator run from a checkout) does anything; the operator's ServiceAccount and its Jobs'
-# (the chart's namespace, and the op-* namespaces the integration tests run an operator in) push the stores the
-# tests choose; any other pod on a node only its namespace's tenant repositories.
+# tests, the tooling, an operator run from a checkout) does anything; the chart's operator, and the Jobs'
+# ServiceAccount of any operator namespace (tests run operators in namespaces of their own; a real policy names
+# the one operator namespace) push the stores the tests choose; any other pod on a node only its namespace's
+# tenant repositories.
 REGISTRY_POLICY = {
     "anonymous": ["pull"],
     "trustedAddresses": ["127.0.0.1", node.NODE_IP],
     "rules": [
         {"serviceAccount": "edgefleet-system/edgefleet", "repositories": ["*"], "actions": ["pull", "push", "delete"]},
-        {"serviceAccount": "edgefleet-system/edgefleet-jobs", "repositories": ["*"], "actions": ["pull", "push"]},
-        {"serviceAccount": "op-*/edgefleet-jobs", "repositories": ["*"], "actions": ["pull", "push"]},
+        {"serviceAccount": "*/edgefleet-jobs", "repositories": ["*"], "actions": ["pull", "push"]},
         {"serviceAccount": "*/*", "requireNode": True,
          "repositories": ["edgefleet/tenants/{namespace}", "edgefleet/tenants/{namespace}/*"],
          "actions": ["pull", "push"]},
