@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +21,11 @@ REPO_FIXTURES = models.REPO / "tests" / "fixtures" / "models"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (a port 0 bind hands out one that any client connection's source
+    port may take before the server binds it: "Address already in use" under load)."""
+    from edgefleet_dev.net import free_port as below_ephemeral
+
+    return below_ephemeral()
 
 
 class Server:
