@@ -11,20 +11,11 @@ import json
 import pytest
 from kube_helpers import apply, condition, get, items, wait_for
 from operator_helpers import quickstart_into
+from test_rollout import arm_class, arm_pods  # the quickstart's Raspberry Pi class, as the rollout tests read it
 
 pytestmark = pytest.mark.cluster
 PREFETCH = "edgefleet.io/prefetch"
 ACTIVE = "edgefleet.io/active-digest"
-
-
-def arm_pods(cluster, namespace):
-    return [p for p in items(cluster, namespace, "pods", "-l", "edgefleet.io/profile=cpu-arm64")
-            if not p["metadata"].get("deletionTimestamp")]
-
-
-def arm_class(cluster, namespace) -> dict:
-    ed = get(cluster, namespace, "edgedeployment", "digits")
-    return next((c for c in ed.get("status", {}).get("classes", []) if c["profile"] == "cpu-arm64"), {})
 
 
 def template(cluster, namespace) -> dict:
