@@ -134,11 +134,6 @@ def _https_ok(url: str, state: Path) -> bool:
         return resp.status == 200
 
 
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        return resp.status == 200
-
-
 def _http_status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -384,7 +379,8 @@ def _start_all(state: Path, echo, timeout: float) -> Cluster:
     args = _args(state, ports)
     echo("starting etcd")
     procs.start(state, "etcd", args["etcd"])
-    procs.wait("etcd /health", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"), timeout, state, "etcd")
+    procs.wait("etcd /health", lambda: _http_status(f"http://127.0.0.1:{ports['etcd']}/health") == 200, timeout,
+               state, "etcd")
     echo("starting kube-apiserver")
     procs.start(state, "kube-apiserver", args["kube-apiserver"])
     procs.wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", state), timeout, state, "kube-apiserver")
